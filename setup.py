@@ -1,0 +1,22 @@
+"""Build the optional native hashing kernel; all package metadata lives in pyproject.toml.
+
+``optional=True``: without a C compiler the install still succeeds and ``engram.hashing``
+falls back to its vectorised torch path (``engram.hashing.NATIVE_KERNEL_AVAILABLE`` says which).
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+_args = ["/O2"] if sys.platform == "win32" else ["-O3"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "engram._hashkernel",
+            sources=["src/engram/_hashkernel.c"],
+            extra_compile_args=_args,
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,205 @@
+/*
+ * Optional native CPU kernel for Engram's multi-head N-gram hashing (see engram/hashing.py).
+ *
+ * One pass over the tokens computes every layer, order and head, so the input is read once
+ * and the ids are validated and compressed on the fly. The int64 modulo, which dominates the
+ * numpy/torch paths, is replaced by a Barrett reduction: q = mulhi64(x, floor((2^64-1)/p)) is
+ * never more than one below floor(x/p) for any x < 2^64, so one conditional subtraction gives
+ * the exact remainder. Arithmetic is done in uint64 so wrap-around is defined behaviour.
+ *
+ * Shapes (all int64, C-contiguous): ids [B,T]; lookup [V] or None; prefix [B,N-1] or None
+ * (compressed history, oldest first); multipliers [L,N]; primes [L,N-1,K]; out [L,B,T,(N-1)*K].
+ * Returns -1 on success, else the flat index into ids of the first id outside [0, V).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ENGRAM_MAX_NGRAM 64
+
+#if defined(__GNUC__) || defined(__clang__)
+#define ENGRAM_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define ENGRAM_INLINE __forceinline
+#else
+#define ENGRAM_INLINE inline
+#endif
+
+#if defined(__SIZEOF_INT128__)
+__extension__ typedef unsigned __int128 engram_u128;
+static inline uint64_t mulhi64(uint64_t a, uint64_t b) {
+    return (uint64_t)(((engram_u128)a * b) >> 64);
+}
+#define ENGRAM_HAVE_BARRETT 1
+#else
+#define ENGRAM_HAVE_BARRETT 0
+#endif
+
+static inline uint64_t mod_p(uint64_t x, uint64_t p, uint64_t inv) {
+#if ENGRAM_HAVE_BARRETT
+    uint64_t r = x - mulhi64(x, inv) * p;
+    return r >= p ? r - p : r;
+#else
+    (void)inv; /* no 128-bit multiply on this compiler: plain division is still exact */
+    return x % p;
+#endif
+}
+
+/* Get an int64 C-contiguous buffer; ndim must match. */
+static int get_i64(PyObject *obj, const char *name, int ndim, int writable, Py_buffer *view) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
+    const char *f = view->format ? view->format : "B";
+    char c = f[strlen(f) - 1];
+    if (view->itemsize != 8 || !(c == 'q' || (c == 'l' && sizeof(long) == 8)) || view->ndim != ndim) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected a C-contiguous int64 array with %d dims, got format '%s', "
+                     "itemsize %zd, %d dims; convert with numpy.ascontiguousarray(x, dtype=numpy.int64)",
+                     name, ndim, f, view->itemsize, view->ndim);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+struct job {
+    const int64_t *x, *lk, *pf;
+    const uint64_t *m, *p, *inv;
+    int64_t *out;
+    long long vocab, pad;
+    Py_ssize_t B, T, L;
+};
+
+/* The whole hash for every layer; returns -1 or the flat index of the first bad id. */
+static ENGRAM_INLINE long long run(const struct job *J, const Py_ssize_t N, const Py_ssize_t K) {
+    const Py_ssize_t B = J->B, T = J->T, L = J->L, O = N - 1, H = O * K;
+    const Py_ssize_t layer_stride = B * T * H;
+    uint64_t h[ENGRAM_MAX_NGRAM]; /* h[k] = compressed id k positions back */
+    for (Py_ssize_t b = 0; b < B; b++) {
+        /* Seed the history so that, after the first shift, h[k] holds position -k. */
+        for (Py_ssize_t k = 0; k < N - 1; k++)
+            h[k] = J->pf ? (uint64_t)J->pf[b * (N - 1) + (N - 2 - k)] : (uint64_t)J->pad;
+        for (Py_ssize_t t = 0; t < T; t++) {
+            const Py_ssize_t i = b * T + t;
+            const int64_t v = J->x[i];
+            if (v < 0 || v >= J->vocab) return (long long)i;
+            for (Py_ssize_t k = N - 1; k > 0; k--) h[k] = h[k - 1];
+            h[0] = J->lk ? (uint64_t)J->lk[v] : (uint64_t)v;
+            for (Py_ssize_t l = 0; l < L; l++) {
+                const uint64_t *ml = J->m + l * N;
+                const uint64_t *pl = J->p + l * H, *il = J->inv + l * H;
+                int64_t *row = J->out + l * layer_stride + i * H;
+                uint64_t mix = h[0] * ml[0];
+                for (Py_ssize_t o = 0; o < O; o++) {
+                    mix ^= h[o + 1] * ml[o + 1]; /* mix of order n = o + 2 */
+                    for (Py_ssize_t j = 0; j < K; j++)
+                        row[o * K + j] = (int64_t)mod_p(mix, pl[o * K + j], il[o * K + j]);
+                }
+            }
+        }
+    }
+    return -1;
+}
+
+static PyObject *hash_ids(PyObject *self, PyObject *args) {
+    PyObject *o_ids, *o_lookup, *o_prefix, *o_mult, *o_primes, *o_out;
+    long long vocab, pad;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOLLOOOO", &o_ids, &o_lookup, &vocab, &pad, &o_prefix, &o_mult,
+                          &o_primes, &o_out))
+        return NULL;
+
+    Py_buffer ids = {0}, lookup = {0}, prefix = {0}, mult = {0}, primes = {0}, out = {0};
+    int have_lookup = o_lookup != Py_None, have_prefix = o_prefix != Py_None;
+    PyObject *result = NULL;
+    uint64_t *inv = NULL;
+
+    if (get_i64(o_ids, "ids", 2, 0, &ids)) goto done;
+    if (have_lookup && get_i64(o_lookup, "lookup", 1, 0, &lookup)) goto done;
+    if (have_prefix && get_i64(o_prefix, "prefix", 2, 0, &prefix)) goto done;
+    if (get_i64(o_mult, "multipliers", 2, 0, &mult)) goto done;
+    if (get_i64(o_primes, "primes", 3, 0, &primes)) goto done;
+    if (get_i64(o_out, "out", 4, 1, &out)) goto done;
+
+    const Py_ssize_t B = ids.shape[0], T = ids.shape[1];
+    const Py_ssize_t L = mult.shape[0], N = mult.shape[1];
+    const Py_ssize_t O = primes.shape[1], K = primes.shape[2], H = O * K;
+    if (N < 2 || N > ENGRAM_MAX_NGRAM || primes.shape[0] != L || O != N - 1 ||
+        out.shape[0] != L || out.shape[1] != B || out.shape[2] != T || out.shape[3] != H ||
+        (have_lookup && lookup.shape[0] != vocab) ||
+        (have_prefix && (prefix.shape[0] != B || prefix.shape[1] != N - 1))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "hash_ids: inconsistent shapes; expected ids [B,T], lookup [V], prefix "
+                        "[B,N-1], multipliers [L,N] with 2 <= N <= 64, primes [L,N-1,K], "
+                        "out [L,B,T,(N-1)*K]");
+        goto done;
+    }
+
+    const int64_t *pr = (const int64_t *)primes.buf;
+    for (Py_ssize_t i = 0; i < L * H; i++) {
+        if (pr[i] < 1) {
+            PyErr_Format(PyExc_ValueError, "hash_ids: table size %lld must be >= 1", (long long)pr[i]);
+            goto done;
+        }
+    }
+    inv = (uint64_t *)PyMem_Malloc((size_t)(L * H + 1) * sizeof(uint64_t));
+    if (!inv) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < L * H; i++) inv[i] = UINT64_MAX / (uint64_t)pr[i];
+
+    struct job J = {
+        .x = (const int64_t *)ids.buf,
+        .lk = have_lookup ? (const int64_t *)lookup.buf : NULL,
+        .pf = have_prefix ? (const int64_t *)prefix.buf : NULL,
+        .m = (const uint64_t *)mult.buf,
+        .p = (const uint64_t *)primes.buf,
+        .inv = inv,
+        .out = (int64_t *)out.buf,
+        .vocab = vocab, .pad = pad, .B = B, .T = T, .L = L,
+    };
+    long long bad;
+    Py_BEGIN_ALLOW_THREADS
+    /* Constant N and K for the common shapes let the compiler unroll the inner loops. */
+    if (N == 3 && K == 8) bad = run(&J, 3, 8);
+    else if (N == 3 && K == 4) bad = run(&J, 3, 4);
+    else if (N == 3 && K == 2) bad = run(&J, 3, 2);
+    else bad = run(&J, N, K);
+    Py_END_ALLOW_THREADS
+
+    result = PyLong_FromLongLong(bad);
+
+done:
+    PyMem_Free(inv);
+    if (ids.obj) PyBuffer_Release(&ids);
+    if (lookup.obj) PyBuffer_Release(&lookup);
+    if (prefix.obj) PyBuffer_Release(&prefix);
+    if (mult.obj) PyBuffer_Release(&mult);
+    if (primes.obj) PyBuffer_Release(&primes);
+    if (out.obj) PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"hash_ids", hash_ids, METH_VARARGS,
+     "hash_ids(ids, lookup, vocab_size, pad_id, prefix, multipliers, primes, out) -> int\n\n"
+     "Fill out[L,B,T,H] with the hash ids of every layer; return -1, or the flat index of the "
+     "first id outside [0, vocab_size)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_hashkernel",
+    "Native CPU kernel for Engram N-gram hashing (optional; engram.hashing falls back to torch).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__hashkernel(void) {
+    PyObject *mod = PyModule_Create(&module);
+    if (!mod) return NULL;
+    if (PyModule_AddIntConstant(mod, "MAX_NGRAM", ENGRAM_MAX_NGRAM) ||
+        PyModule_AddIntConstant(mod, "BARRETT", ENGRAM_HAVE_BARRETT)) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

@@ -1,0 +1,240 @@
+"""The ``engram`` command line.
+
+    engram demo                          the main job: data, two small models, comparison, sample
+    engram tokenizer report              compression statistics of a tokenizer
+    engram data prepare                  token shards from the built-in corpus and/or your files
+    engram train / eval / generate       the model life cycle
+    engram bench hash                    hashing throughput against the reference algorithm
+
+Errors that come from bad input (``ValueError`` and subclasses) are printed as one line
+``engram: error: ...`` with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .config import ConfigError, ModelConfig, TrainConfig, preset, PRESETS
+
+
+# ----------------------------------------------------------------------------- config plumbing
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # bare strings such as ffn=moe
+
+
+def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
+                  overrides: Sequence[str]) -> tuple[ModelConfig, TrainConfig]:
+    """Preset, then a JSON file {"model": {...}, "train": {...}}, then ``--set section.key=value``."""
+    model = preset(preset_name, vocab_size).to_dict()
+    train = TrainConfig().to_dict()
+    if config_file:
+        try:
+            data = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e}") from None
+        unknown = sorted(set(data) - {"model", "train"})
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown section(s) {unknown}; use 'model' and 'train'")
+        model.update(data.get("model", {}))
+        train.update(data.get("train", {}))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in ("model", "train", "engram"):
+            raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE, engram.KEY=VALUE or train.KEY=VALUE")
+        if section == "engram":
+            if model.get("engram") is None:
+                raise ConfigError(f"--set {item!r}: preset {preset_name!r} has no Engram; pick an engram-* preset")
+            model["engram"][name] = _parse_value(value)
+        else:
+            target = model if section == "model" else train
+            if name not in target:
+                raise ConfigError(f"--set {item!r}: unknown {section} key {name!r}; known: {sorted(target)}")
+            target[name] = _parse_value(value)
+    model["vocab_size"] = vocab_size
+    return ModelConfig.from_dict(model), TrainConfig.from_dict(train)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_tokenizer_report(args) -> int:
+    from .compression import report
+    from .tokenizer import load_deepseek_tokenizer, load_tokenizer
+
+    tok = load_deepseek_tokenizer() if args.tokenizer == "deepseek" else load_tokenizer(args.tokenizer)
+    rep = report(tok)
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    print(f"vocab size      {rep['vocab_size']:,}")
+    print(f"compressed size {rep['compressed_size']:,}")
+    print(f"reduction       {rep['reduction']:.2%}")
+    print("largest merge groups (normalised key: ids merged):")
+    for key, n in rep["largest_groups"]:
+        print(f"  {key!r:>12}: {n}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from .data import prepare_builtin
+
+    meta = prepare_builtin(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                           files=args.files or None, builtin=not args.no_builtin,
+                           val_fraction=args.val_fraction)
+    print(json.dumps({k: meta[k] for k in meta if k != "sources"}, indent=2, default=str))
+    return 0
+
+
+def _dataset_vocab(data_dir: str) -> int:
+    from .data import load_dataset
+
+    return int(load_dataset(data_dir).meta["vocab_size"])
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    model_cfg, train_cfg = build_configs(args.preset, _dataset_vocab(args.data), args.config, args.set)
+    summary = train(model_cfg, train_cfg, args.data, args.out, resume=args.resume,
+                    progress=not args.quiet, max_seconds=args.max_seconds)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,
+                          seq_len=args.seq_len, max_batches=args.max_batches)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .generate import SamplingConfig, generate
+    from .tokenizer import load_tokenizer
+
+    model, meta = load_model(args.ckpt)
+    tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise ValueError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    out = generate(model, torch.tensor([ids]), sampling)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_bench_hash(args) -> int:
+    from .bench_hash import bench_hash
+
+    result = bench_hash(batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
+                        threads=args.threads)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"hash: {result['tokens_per_s']:,.0f} tokens/s vs reference "
+              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(workdir=args.workdir, minutes=args.minutes, quiet=args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engram", description="Engram conditional memory for language models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job: prepare data, train Engram and a same-size baseline, sample")
+    d.add_argument("--workdir", default="engram-demo", help="where data and runs go (default: ./engram-demo)")
+    d.add_argument("--minutes", type=float, default=3.0, help="training budget per model (default: 3)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="sub", required=True)
+    r = t.add_parser("report", help="vocab size, compressed size, reduction, largest merge groups")
+    r.add_argument("--tokenizer", default="deepseek", help="'deepseek' or a tokenizer.json path")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_tokenizer_report)
+
+    dp = sub.add_parser("data", help="datasets").add_subparsers(dest="sub", required=True)
+    pr = dp.add_parser("prepare", help="tokenize the built-in corpus and/or files into shards")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument("--files", nargs="*", help=".txt or .jsonl (field 'text') files to add")
+    pr.add_argument("--no-builtin", action="store_true", help="use only --files")
+    pr.add_argument("--tokenizer", default="bpe", help="'bpe' (trained here), 'deepseek', or a tokenizer.json path")
+    pr.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    pr.add_argument("--val-fraction", type=float, default=0.05)
+    pr.set_defaults(fn=cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="train a model")
+    tr.add_argument("--data", required=True, help="dataset directory from `engram data prepare`")
+    tr.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    tr.add_argument("--preset", default="engram-moe", choices=sorted(PRESETS))
+    tr.add_argument("--config", help="JSON file with optional 'model' and 'train' sections")
+    tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one value, e.g. --set train.steps=500 --set engram.layer_ids=[1,2]")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and tokens/s of a checkpoint")
+    ev.add_argument("--ckpt", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--split", default="val", choices=["train", "val"])
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--seq-len", type=int, default=128)
+    ev.add_argument("--max-batches", type=int)
+    ev.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--ckpt", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
+    bh = b.add_parser("hash", help="N-gram hashing throughput vs the reference algorithm")
+    bh.add_argument("--json", action="store_true")
+    bh.add_argument("--batch-size", type=int, default=8)
+    bh.add_argument("--seq-len", type=int, default=4096)
+    bh.add_argument("--repeats", type=int, default=5)
+    bh.add_argument("--threads", type=int, default=1)
+    bh.set_defaults(fn=cmd_bench_hash)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"engram: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("engram: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""N-gram hashing: conformance with DeepSeek's reference, agreement of the three paths,
+incremental hashing, input errors and the fingerprint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engram import hashing
+from engram.bench_hash import bench_hash
+from engram.config import EngramConfig
+from engram.hashing import NgramHasher, find_table_sizes, is_prime
+
+CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+needs_native = pytest.mark.skipif(not hashing.NATIVE_KERNEL_AVAILABLE,
+                                  reason="native kernel not built (no C compiler at install time)")
+BACKENDS = ["torch"] + (["native"] if hashing.NATIVE_KERNEL_AVAILABLE else [])
+
+
+def make_cfg(**kw) -> EngramConfig:
+    """EngramConfig whose embedding width always divides by the head count (irrelevant to hashing)."""
+    kw.setdefault("n_embed_per_ngram", 16 * kw.get("n_head_per_ngram", 8))
+    return EngramConfig(**kw)
+
+
+def as_lists(out: dict) -> dict[str, list]:
+    return {str(k): (v.cpu().numpy() if isinstance(v, torch.Tensor) else v).tolist()
+            for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- conformance
+def _load_cases() -> list[dict]:
+    path = CONFORMANCE / "hash_vectors.json"
+    if not path.is_file():
+        pytest.fail(f"conformance data missing: expected {path} (the read-only shared/conformance "
+                    f"folder next to the repository); hashing cannot be checked without it",
+                    pytrace=False)
+    return json.loads(path.read_text())["cases"]
+
+
+def _case_hasher(case: dict) -> NgramHasher:
+    c = dict(case["config"])
+    vocab = c.pop("tokenizer_vocab_size")
+    c.pop("compressed_vocab_size")
+    if "compression_lookup" in case:
+        lookup = np.asarray(case["compression_lookup"], dtype=np.int64)
+    elif case.get("compression_lookup_note", "identity") != "identity":
+        lookup = np.load(CONFORMANCE / case["compression_lookup_note"], allow_pickle=False)
+    else:
+        lookup = None
+    return NgramHasher(make_cfg(**c), vocab, lookup)
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[dict]:
+    return _load_cases()
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_conformance_case(cases, index):
+    case = cases[index]
+    hasher = _case_hasher(case)
+    assert hasher.compressed_vocab_size == case["config"]["compressed_vocab_size"]
+    assert hasher.compressed_pad_id == case["compressed_pad_id"]
+    assert as_lists(hasher.layer_multipliers) == case["layer_multipliers"]
+    assert {str(k): v for k, v in hasher.table_sizes.items()} == case["table_sizes"]
+    assert {str(k): v for k, v in find_table_sizes(hasher.cfg).items()} == case["table_sizes"]
+
+    ids = np.asarray(case["input_ids"], dtype=np.int64)
+    assert hasher.compress(ids).tolist() == case["compressed_ids"]
+    assert hasher.compress(torch.from_numpy(ids)).tolist() == case["compressed_ids"]
+    assert as_lists(hasher.hash_reference(ids)) == case["hash_ids"]
+    for backend in BACKENDS:
+        assert as_lists(hasher.hash(torch.from_numpy(ids), backend=backend)) == case["hash_ids"], backend
+    assert as_lists(hasher.hash(ids)) == case["hash_ids"]  # numpy input, auto backend
+
+
+def test_conformance_has_three_cases(cases):
+    assert len(cases) == 3
+
+
+# ----------------------------------------------------------------------------- primes
+def test_is_prime_matches_sieve():
+    n = 20000
+    sieve = np.ones(n, dtype=bool)
+    sieve[:2] = False
+    for i in range(2, int(n ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = False
+    assert [i for i in range(n) if is_prime(i)] == np.flatnonzero(sieve).tolist()
+
+
+def test_is_prime_large():
+    assert is_prime(2 ** 61 - 1) and is_prime(2 ** 64 - 59) and is_prime(646403)
+    # Carmichael numbers and a strong pseudoprime to several bases
+    for composite in (561, 41041, 3215031751, 2 ** 64 - 1, 3825123056546413051):
+        assert not is_prime(composite)
+
+
+def test_table_sizes_distinct_and_above_targets():
+    cfg = make_cfg(engram_vocab_size=(211, 211, 212), max_ngram_size=4, n_head_per_ngram=5,
+                   layer_ids=(0, 2, 9))
+    sizes = find_table_sizes(cfg)
+    flat = [p for layer in sizes.values() for order in layer for p in order]
+    assert len(flat) == len(set(flat)) == 3 * 3 * 5
+    assert all(is_prime(p) for p in flat)
+    # the search starts at target - 1 (a prime target is taken) and skips primes already used
+    assert sizes[0] == [[211, 223, 227, 229, 233], [239, 241, 251, 257, 263],
+                        [269, 271, 277, 281, 283]]
+    assert sizes[2][0][0] == 293
+
+
+def test_head_sizes_order_major():
+    h = NgramHasher(make_cfg(engram_vocab_size=(100, 200), n_head_per_ngram=2, layer_ids=(3,)), 50)
+    assert h.head_sizes(3) == [101, 103, 211, 223]
+    with pytest.raises(ValueError, match="layer_id=4"):
+        h.head_sizes(4)
+
+
+# ----------------------------------------------------------------------------- agreement
+@needs_native
+@given(x=st.lists(st.integers(0, 2 ** 63 - 1), min_size=1, max_size=16),
+       p=st.lists(st.one_of(st.sampled_from([1, 2, 3, 211, 646403, 2 ** 31 - 1, 2 ** 62 + 1,
+                                             2 ** 63 - 1]),
+                            st.integers(1, 2 ** 63 - 1)), min_size=1, max_size=4))
+@settings(max_examples=200, deadline=None)
+def test_native_modulo_exact(x, p):
+    # One position per row with a 1-token history h: mix = id * 2 ^ h * 1. With id = x >> 1 and
+    # h = x & 1 the mix is x itself, so the kernel's Barrett reduction is checked against
+    # Python's % on any 63-bit value.
+    xs = np.array(x, dtype=np.int64)
+    out = np.empty((1, len(x), 1, len(p)), dtype=np.int64)
+    bad = hashing._native.hash_ids((xs >> 1)[:, None], None, 2 ** 62, 0, (xs & 1)[:, None],
+                                   np.array([[2, 1]], np.int64), np.array([[p]], np.int64), out)
+    assert bad == -1
+    assert out[0, :, 0].tolist() == [[v % q for q in p] for v in x]
+
+
+@st.composite
+def hasher_and_ids(draw):
+    max_n = draw(st.integers(2, 5))
+    sizes = tuple(draw(st.one_of(st.sampled_from([2, 3, 211, 307, 646400]), st.integers(2, 5000)))
+                  for _ in range(max_n - 1))
+    layers = draw(st.lists(st.integers(0, 30), min_size=1, max_size=3, unique=True))
+    vocab = draw(st.one_of(st.integers(1, 3000), st.sampled_from([129280, 2 ** 31, 2 ** 62])))
+    pad = draw(st.integers(0, vocab - 1))
+    compression = None
+    if vocab <= 3000 and draw(st.booleans()):
+        # a small compressed vocab means huge multipliers: mixes close to 2^63
+        n_new = draw(st.integers(1, vocab))
+        compression = np.random.default_rng(draw(st.integers(0, 2 ** 32))).integers(0, n_new, vocab)
+    cfg = make_cfg(engram_vocab_size=sizes, max_ngram_size=max_n,
+                   n_head_per_ngram=draw(st.integers(1, 4)), layer_ids=tuple(layers), pad_id=pad,
+                   seed=draw(st.integers(0, 2 ** 20)), use_compression=compression is not None)
+    B, T = draw(st.integers(1, 3)), draw(st.integers(0, 24))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32)))
+    ids = rng.integers(0, vocab, size=(B, T), dtype=np.int64)
+    if T:  # the edges of the vocabulary
+        ids[0, 0], ids[-1, -1] = vocab - 1, 0
+    return NgramHasher(cfg, vocab, compression), ids
+
+
+@given(hasher_and_ids())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_paths_agree(case):
+    hasher, ids = case
+    want = as_lists(hasher.hash_reference(ids))
+    for backend in BACKENDS:
+        got = hasher.hash(torch.from_numpy(ids), backend=backend)
+        for layer_id, t in got.items():
+            assert t.dtype == torch.int64 and t.shape == (*ids.shape, hasher.num_heads)
+            assert (t >= 0).all() and (t < torch.tensor(hasher.head_sizes(layer_id))).all()
+        assert as_lists(got) == want, backend
+
+
+@given(hasher_and_ids())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_hash_step_matches_batch(case):
+    hasher, ids = case
+    full = hasher.hash(torch.from_numpy(ids), backend="torch")
+    ids_t = torch.from_numpy(ids)
+    for backend in BACKENDS:
+        state = hasher.init_state(ids.shape[0])
+        for t in range(ids.shape[1]):
+            step, state = hasher.hash_step(state, ids_t[:, t], backend=backend)
+            for layer_id, v in step.items():
+                assert torch.equal(v, full[layer_id][:, t]), (backend, t)
+            assert torch.equal(state, hasher.state_from_ids(ids_t[:, :t + 1]))
+
+
+def test_prompt_then_steps_matches_full():
+    hasher = NgramHasher(make_cfg(engram_vocab_size=(211, 307, 401), max_ngram_size=4,
+                                  n_head_per_ngram=2, layer_ids=(0, 1), pad_id=1), 500,
+                         np.arange(500) // 3)
+    ids = torch.randint(0, 500, (3, 12), generator=torch.Generator().manual_seed(0))
+    full = hasher.hash(ids)
+    state = hasher.state_from_ids(ids[:, :5])
+    assert state.shape == (3, 3)
+    for t in range(5, 12):
+        step, state = hasher.hash_step(state, ids[:, t])
+        for layer_id in full:
+            assert torch.equal(step[layer_id], full[layer_id][:, t])
+    # a prompt shorter than the history keeps pad in front
+    short = hasher.state_from_ids(ids[:, :1])
+    assert short[:, :2].eq(hasher.compressed_pad_id).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    hasher = NgramHasher(make_cfg(), 129280, np.arange(129280) // 2)
+    ids = torch.randint(0, 129280, (4, 300))
+    cpu = hasher.hash(ids)
+    gpu = hasher.hash(ids.cuda())
+    for layer_id in cpu:
+        assert gpu[layer_id].is_cuda and torch.equal(gpu[layer_id].cpu(), cpu[layer_id])
+    state = hasher.init_state(4, device="cuda")
+    step, state = hasher.hash_step(state, ids[:, 0].cuda())
+    assert state.is_cuda and torch.equal(step[1].cpu(), cpu[1][:, 0])
+
+
+def test_numpy_input_and_dtypes():
+    hasher = NgramHasher(make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2), 1000)
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 9))
+    want = hasher.hash(torch.from_numpy(ids))
+    for variant in (ids.astype(np.int32), ids.astype(np.uint16), ids.T.copy().T, ids.tolist()):
+        got = hasher.hash(variant)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    readonly = ids.copy()
+    readonly.setflags(write=False)
+    assert torch.equal(hasher.hash(readonly)[1], want[1])
+    assert torch.equal(hasher.hash(torch.from_numpy(ids).int())[15], want[15])
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.fixture(scope="module")
+def small_hasher() -> NgramHasher:
+    return NgramHasher(make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2, layer_ids=(0,),
+                                pad_id=0), 100, np.arange(100) // 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [-1, 100, 10 ** 12])
+def test_out_of_range_ids(small_hasher, backend, bad):
+    ids = torch.zeros((2, 5), dtype=torch.int64)
+    ids[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"input_ids\[1, 3\] = {bad} .*\[0, 100\)"):
+        small_hasher.hash(ids, backend=backend)
+    with pytest.raises(ValueError, match=rf"new_ids\[1\] = {bad} "):
+        small_hasher.hash_step(small_hasher.init_state(2), ids[:, 3], backend=backend)
+
+
+def test_out_of_range_reference_and_compress(small_hasher):
+    ids = np.zeros((1, 4), dtype=np.int64)
+    ids[0, 2] = 100
+    with pytest.raises(ValueError, match=r"\[0, 2\] = 100 "):
+        small_hasher.hash_reference(ids)
+    with pytest.raises(ValueError, match="= 100 "):
+        small_hasher.compress(ids)
+    with pytest.raises(ValueError, match="= 100 "):
+        small_hasher.compress(torch.from_numpy(ids))
+
+
+def test_bad_inputs(small_hasher):
+    with pytest.raises(ValueError, match="backend"):
+        small_hasher.hash(torch.zeros((1, 2), dtype=torch.int64), backend="cuda")
+    with pytest.raises(ValueError, match=r"\[batch, time\]"):
+        small_hasher.hash(torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="integer"):
+        small_hasher.hash(torch.zeros((1, 2)))
+    with pytest.raises(ValueError, match="state"):
+        small_hasher.hash_step(torch.zeros((2, 3), dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="state holds"):
+        small_hasher.hash_step(torch.full((2, 2), 50), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="B=2"):
+        small_hasher.hash_step(small_hasher.init_state(2), torch.zeros(3, dtype=torch.int64))
+
+
+def test_empty_input(small_hasher):
+    for backend in BACKENDS:
+        for shape in ((0, 4), (2, 0)):
+            out = small_hasher.hash(torch.zeros(shape, dtype=torch.int64), backend=backend)
+            assert out[0].shape == (*shape, 4)
+
+
+def test_native_backend_forced():
+    cfg = make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2)
+    hasher = NgramHasher(cfg, 100)
+    if not hashing.NATIVE_KERNEL_AVAILABLE:
+        with pytest.raises(ValueError, match="not built"):
+            hasher.hash(torch.zeros((1, 2), dtype=torch.int64), backend="native")
+    elif torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CPU-only"):
+            hasher.hash(torch.zeros((1, 2), dtype=torch.int64, device="cuda"), backend="native")
+
+
+def test_constructor_validation():
+    cfg = make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2, pad_id=5)
+    with pytest.raises(ValueError, match=r"pad_id=5 .*\[0, 5\)"):
+        NgramHasher(cfg, 5)
+    with pytest.raises(ValueError, match=r"shape \(9,\), expected \(10,\)"):
+        NgramHasher(cfg, 10, np.zeros(9, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"lookup\[3\] = 10 "):
+        NgramHasher(cfg, 10, np.array([0, 1, 2, 10, 0, 0, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"lookup\[0\] = -1 "):
+        NgramHasher(cfg, 10, np.array([-1] + [0] * 9))
+    with pytest.raises(ValueError, match="dtype float64"):
+        NgramHasher(cfg, 10, np.zeros(10))
+    with pytest.raises(ValueError, match="tokenizer_vocab_size=0"):
+        NgramHasher(cfg, 0)
+
+
+def test_compression_disabled_is_ignored():
+    lookup = np.arange(300) // 2
+    on = NgramHasher(make_cfg(n_head_per_ngram=2, pad_id=3), 300, lookup)
+    off = NgramHasher(make_cfg(n_head_per_ngram=2, pad_id=3, use_compression=False), 300, lookup)
+    assert on.compressed_vocab_size == 150 and on.compressed_pad_id == 1
+    assert off.compressed_vocab_size == 300 and off.compressed_pad_id == 3 and off.lookup is None
+
+
+# ----------------------------------------------------------------------------- fingerprint
+def test_fingerprint():
+    cfg = make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2)
+    lookup = np.arange(400) // 2
+    base = NgramHasher(cfg, 400, lookup)
+    fp = base.fingerprint()
+    assert len(fp) == 64 and fp == NgramHasher(cfg, 400, lookup.copy()).fingerprint()
+    other_lookup = lookup.copy()
+    other_lookup[7] = 0
+    changed = [
+        NgramHasher(make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2, seed=1), 400, lookup),
+        NgramHasher(cfg, 400, other_lookup),
+        NgramHasher(cfg, 400),
+        NgramHasher(cfg, 401, np.arange(401) // 2),
+        NgramHasher(make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2, layer_ids=(1,)), 400, lookup),
+    ]
+    fps = [h.fingerprint() for h in changed]
+    assert fp not in fps and len(set(fps)) == len(fps)
+    # an explicit identity lookup hashes like no lookup, so it fingerprints the same
+    assert NgramHasher(cfg, 400, np.arange(400)).fingerprint() == NgramHasher(cfg, 400).fingerprint()
+    desc = base.describe()
+    assert json.loads(json.dumps(desc)) == desc and desc["fingerprint"] == fp
+    assert desc["compressed_vocab_size"] == 200 and desc["config"]["seed"] == 0
+
+
+def test_bench_hash_smoke():
+    r = bench_hash(batch_size=1, seq_len=64, repeats=1)
+    assert {"bench", "tokens_per_s", "baseline_tokens_per_s", "ratio"} <= set(r)
+    assert r["bench"] == "hash" and r["tokens_per_s"] > 0 and r["ratio"] > 0
+    json.dumps(r)
+
+
+def test_fallback_without_native(monkeypatch, small_hasher):
+    # what an install without a C compiler sees: auto silently uses torch, native is refused
+    monkeypatch.setattr(hashing, "NATIVE_KERNEL_AVAILABLE", False)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    got = small_hasher.hash(ids)
+    assert as_lists(got) == as_lists(small_hasher.hash_reference(ids.numpy()))
+    step, _ = small_hasher.hash_step(small_hasher.init_state(2), ids[:, 0])
+    assert torch.equal(step[0], got[0][:, 0])
+    with pytest.raises(ValueError, match="not built"):
+        small_hasher.hash(ids, backend="native")

@@ -1,0 +1,143 @@
+"""The Engram layer against DeepSeek's reference forward, and the backbone's invariants."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from engram.config import EngramConfig, ModelConfig, preset
+from engram.layer import EngramLayer
+from engram.model import EngramLM
+from engram.moe import DeepSeekMoE
+
+
+def _reference_layer(conformance_dir):
+    path = conformance_dir / "engram_forward.safetensors"
+    tensors = load_file(str(path))
+    meta = safe_open(str(path), "pt").metadata()
+    cfg = EngramConfig(
+        engram_vocab_size=json.loads(meta["engram_vocab_size"]),
+        max_ngram_size=int(meta["max_ngram_size"]),
+        n_embed_per_ngram=int(meta["n_embed_per_ngram"]),
+        n_head_per_ngram=int(meta["n_head_per_ngram"]),
+        layer_ids=(int(meta["layer_id"]),),
+        pad_id=int(meta["pad_id"]),
+        kernel_size=int(meta["kernel_size"]),
+        conv_zero_init=False,
+    )
+    offsets = tensors["param.multi_head_embedding.offsets"].tolist()
+    total = tensors["param.multi_head_embedding.embedding.weight"].shape[0]
+    sizes = [b - a for a, b in zip(offsets, offsets[1:] + [total])]
+    layer = EngramLayer(cfg, cfg.layer_ids[0], int(meta["hidden_size"]), int(meta["hc_mult"]), sizes)
+    layer.load_state_dict({k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
+    return layer, tensors, cfg, meta
+
+
+def test_engram_layer_matches_reference_forward(conformance_dir):
+    layer, t, _, _ = _reference_layer(conformance_dir)
+    layer.record_gates = True
+    out, _ = layer(t["input.hidden_states"], t["expected.hash_ids"])
+    torch.testing.assert_close(layer.last_gates, t["expected.gates"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, t["expected.output"], atol=1e-5, rtol=0)
+
+
+def test_engram_layer_hashes_match_reference(conformance_dir):
+    from engram.hashing import NgramHasher
+
+    layer, t, cfg, meta = _reference_layer(conformance_dir)
+    lookup = t["input.compression_lookup"].numpy()
+    hasher = NgramHasher(cfg, int(meta["tokenizer_vocab_size"]), lookup)
+    assert hasher.head_sizes(cfg.layer_ids[0]) == layer.multi_head_embedding.head_sizes
+    ids = hasher.hash(t["input.input_ids"])[cfg.layer_ids[0]]
+    assert torch.equal(ids, t["expected.hash_ids"])
+
+
+def test_engram_layer_conv_state_matches_full_sequence(conformance_dir):
+    layer, t, _, _ = _reference_layer(conformance_dir)
+    h, ids = t["input.hidden_states"], t["expected.hash_ids"]
+    full, _ = layer(h, ids)
+    state, parts = None, []
+    for s in range(0, h.shape[1], 7):  # uneven chunks exercise the rolling conv state
+        out, state = layer(h[:, s:s + 7], ids[:, s:s + 7], state)
+        parts.append(out)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+def test_zero_init_conv_and_disabled_layer(conformance_dir):
+    layer, t, cfg, meta = _reference_layer(conformance_dir)
+    layer.short_conv.zero_init = True
+    layer.short_conv.reset_parameters()
+    out, _ = layer(t["input.hidden_states"], t["expected.hash_ids"])
+    v = t["expected.gates"].unsqueeze(-1)  # with a zero conv the output is the gated value alone
+    e = layer.multi_head_embedding(t["expected.hash_ids"]).flatten(-2)
+    torch.testing.assert_close(out, v * layer.value_proj(e).unsqueeze(2), atol=1e-5, rtol=0)
+    layer.enabled = False
+    out, _ = layer(t["input.hidden_states"], t["expected.hash_ids"])
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("name,hc", [("tiny", 1), ("tiny", 4), ("tiny-dense", 1), ("tiny-dense", 2)])
+def test_kv_cache_decoding_matches_full_forward(name, hc):
+    torch.manual_seed(0)
+    cfg = preset(name, 300)
+    cfg.hc_mult = hc
+    model = EngramLM(ModelConfig.from_dict(cfg.to_dict())).eval()
+    for e in model.engram_layers:  # non-zero conv so the rolling state matters
+        torch.nn.init.normal_(e.short_conv.conv.weight, std=0.3)
+    ids = torch.randint(0, 300, (2, 23))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2)
+        parts = [model(ids[:, :9], cache=cache).logits]
+        parts += [model(ids[:, t:t + 1], cache=cache).logits for t in range(9, 17)]
+        parts.append(model(ids[:, 17:], cache=cache).logits)  # a multi-token chunk after decode
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_hc_mult_one_is_a_plain_residual_stream():
+    model = EngramLM(preset("tiny", 300))
+    assert all(b.hc_attn is None and b.hc_ffn is None for b in model.layers)
+    assert not any("hc_" in n for n, _ in model.named_parameters())
+
+
+def test_moe_bias_moves_load_towards_balance():
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(16, 8, n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=1,
+                      bias_update_speed=0.02)
+    with torch.no_grad():
+        moe.router.weight.normal_(std=0.3)
+        moe.router.weight[0] += 0.3  # expert 0 wins for most inputs (they have a positive sum)
+    x = torch.rand(512, 16) + 0.1
+    moe.train()
+    moe(x)
+    first = moe.update_bias()
+    assert first.argmax() == 0 and first[0] > 0.5 * 512
+    assert moe.expert_bias[0] < 0 < moe.expert_bias[1]
+    loads = []
+    for _ in range(200):
+        moe(x)
+        loads.append(moe.update_bias())
+    late = torch.stack(loads[-50:]).mean(0)
+    assert late.max() < 0.5 * first.max()  # the bias alone spread the load
+    assert late.min() > 0
+
+
+def test_moe_matches_dense_loop():
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(16, 8, n_routed_experts=5, num_experts_per_tok=2, n_shared_experts=1,
+                      bias_update_speed=0.0).eval()
+    x = torch.randn(3, 7, 16)
+    idx, w = moe.route(x.reshape(-1, 16))
+    want = torch.stack([sum(w[n, j] * moe.experts[int(idx[n, j])](x.reshape(-1, 16)[n])
+                            for j in range(2)) for n in range(21)]) + moe.shared(x.reshape(-1, 16))
+    torch.testing.assert_close(moe(x).reshape(-1, 16), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_token_ids_are_refused():
+    model = EngramLM(preset("tiny", 300))
+    with pytest.raises(ValueError, match="outside the model vocabulary"):
+        model(torch.tensor([[1, 2, 300]]))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
