@@ -87,7 +87,13 @@ def cmd_data_prepare(args) -> int:
     meta = prepare_builtin(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                            files=args.files or None, builtin=not args.no_builtin,
                            val_fraction=args.val_fraction)
-    print(json.dumps({k: meta[k] for k in meta if k != "sources"}, indent=2, default=str))
+    ent = meta["train_unigram_entropy"]
+    print(f"wrote {args.out}: vocab {meta['vocab_size']:,}, "
+          f"train {meta['tokens']['train']:,} tokens / val {meta['tokens']['val']:,} tokens "
+          f"({meta['documents']['train']} / {meta['documents']['val']} documents)")
+    print(f"sources: {', '.join(meta['sources']) or '-'}; user files: {len(meta['user_files'])}")
+    print(f"unigram entropy of train: {ent['nats_per_token']:.3f} nats/token "
+          f"({ent['bits_per_token']:.2f} bits)")
     return 0
 
 
@@ -198,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ckpt", required=True)
     ev.add_argument("--data", required=True)
     ev.add_argument("--split", default="val", choices=["train", "val"])
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--seq-len", type=int, default=128)
+    ev.add_argument("--batch-size", type=int, help="default: the run's training batch size")
+    ev.add_argument("--seq-len", type=int, help="default: the run's training sequence length")
     ev.add_argument("--max-batches", type=int)
     ev.set_defaults(fn=cmd_eval)
 

@@ -42,7 +42,7 @@ def run_demo(workdir: str = "engram-demo", minutes: float = 3.0, quiet: bool = F
         print(f"[1/4] reusing prepared data in {data_dir}", flush=True)
     ds = load_dataset(str(data_dir))
     vocab = int(ds.meta["vocab_size"])
-    unigram = float(ds.meta["unigram_entropy_nats"])
+    unigram = float(ds.meta["train_unigram_entropy"]["nats_per_token"])
 
     steps = _steps_for(minutes)
     results = {}
