@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--repeats", type=int, default=5)
     bh.add_argument("--threads", type=int, default=1)
     bh.set_defaults(fn=cmd_bench_hash)
+
+    import importlib
+
+    from .commands import COMMAND_MODULES
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub, b)
     return p
 
 

@@ -37,7 +37,7 @@ def run_demo(workdir: str = "engram-demo", minutes: float = 3.0, quiet: bool = F
     t0 = time.time()
     if not (data_dir / "meta.json").exists():
         print(f"[1/4] preparing the built-in corpus into {data_dir} ...", flush=True)
-        prepare_builtin(str(data_dir), tokenizer="bpe", vocab_size=4096)
+        prepare_builtin(str(data_dir), tokenizer="bpe", vocab_size=4096, progress=not quiet)
     else:
         print(f"[1/4] reusing prepared data in {data_dir}", flush=True)
     ds = load_dataset(str(data_dir))

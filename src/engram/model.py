@@ -130,7 +130,7 @@ class EngramLM(nn.Module):
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith("multi_head_embedding.embedding.weight"):
-                continue  # tables keep nn.Embedding's N(0, 1), as in the reference
+                nn.init.normal_(p, std=self.cfg.engram.table_init_std)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=std / (2 * self.cfg.num_layers) ** 0.5)  # residual outputs
             elif p.dim() == 2 and "hc_" not in name and not name.endswith(".A"):
