@@ -157,7 +157,7 @@ def cmd_bench_hash(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(workdir=args.workdir, minutes=args.minutes, quiet=args.quiet)
+    run_demo(workdir=args.workdir, steps=args.steps, quiet=args.quiet)
     return 0
 
 
@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: prepare data, train Engram and a same-size baseline, sample")
     d.add_argument("--workdir", default="engram-demo", help="where data and runs go (default: ./engram-demo)")
-    d.add_argument("--minutes", type=float, default=3.0, help="training budget per model (default: 3)")
+    d.add_argument("--steps", type=int, default=480,
+                   help="optimizer steps per model (default 480: about 3 min each on 2 CPU cores)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
 

@@ -17,13 +17,7 @@ DEMO_TRAIN = dict(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_eve
                   eval_batches=20, save_every=100, log_every=10)
 
 
-def _steps_for(minutes: float) -> int:
-    # Measured on the reference 2-core machine: ~4-5 optimizer steps/s for engram-moe at
-    # batch 16 x 128 (see README). The wall-clock cap in train() is the safety net.
-    return max(20, int(minutes * 60 * 3))
-
-
-def run_demo(workdir: str = "engram-demo", minutes: float = 3.0, quiet: bool = False) -> dict:
+def run_demo(workdir: str = "engram-demo", steps: int = 480, quiet: bool = False) -> dict:
     from .checkpoint import load_model
     from .data import load_dataset, prepare_builtin
     from .generate import SamplingConfig, generate
@@ -44,14 +38,16 @@ def run_demo(workdir: str = "engram-demo", minutes: float = 3.0, quiet: bool = F
     vocab = int(ds.meta["vocab_size"])
     unigram = float(ds.meta["train_unigram_entropy"]["nats_per_token"])
 
-    steps = _steps_for(minutes)
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
     results = {}
     for i, name in enumerate(("moe", "engram-moe"), start=2):
         cfg = preset(name, vocab)
         tcfg = TrainConfig(steps=steps, **DEMO_TRAIN)
-        print(f"[{i}/4] training {name} for {steps} steps (cap {minutes:g} min) ...", flush=True)
+        print(f"[{i}/4] training {name} for {steps} steps ...", flush=True)
+        # No wall-clock cap: both models must see exactly the same batches.
         summary = train(cfg, tcfg, str(data_dir), str(work / "runs" / name), resume=False,
-                        progress=not quiet, max_seconds=minutes * 60 * 1.5)
+                        progress=not quiet)
         results[name] = summary
 
     print("[4/4] sampling from the Engram model", flush=True)

@@ -1,0 +1,67 @@
+"""The command line end to end on a tiny dataset: prepare, train, resume, eval, generate."""
+
+import json
+
+import pytest
+
+from engram.cli import main
+
+TEXT = ("The capital of France is Paris. The capital of Spain is Madrid. "
+        "To be, or not to be, that is the question. In the beginning was the Word. ") * 40
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    for i in range(4):
+        (root / f"doc{i}.txt").write_text(TEXT + f" Document number {i}.")
+    data = root / "data"
+    assert main(["data", "prepare", "--out", str(data), "--no-builtin", "--vocab-size", "300",
+                 "--files", *[str(root / f"doc{i}.txt") for i in range(4)], "--val-fraction", "0.3"]) == 0
+    return root, data
+
+
+def test_prepare_train_eval_generate(prepared, capsys):
+    root, data = prepared
+    run = root / "run"
+    common = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--quiet",
+              "--set", "train.batch_size=4", "--set", "train.seq_len=32", "--set", "train.eval_every=5",
+              "--set", "train.eval_batches=2", "--set", "train.save_every=5"]
+    assert main(common + ["--set", "train.steps=5"]) == 0
+    assert main(common + ["--set", "train.steps=10", "--resume"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex("{\n  \""):])  # the second (resumed) summary
+    assert summary["steps"] == 10 and summary["resumed_from"] == 5
+
+    assert main(["eval", "--ckpt", str(run), "--data", str(data), "--max-batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] > 0 and result["perplexity"] > 1
+
+    assert main(["generate", "--ckpt", str(run), "--prompt", "The capital of", "--max-new-tokens", "8",
+                 "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("The capital of")
+    main(["generate", "--ckpt", str(run), "--prompt", "The capital of", "--max-new-tokens", "8", "--seed", "3"])
+    assert capsys.readouterr().out == first  # seeded sampling is reproducible
+
+
+def test_bad_inputs_give_one_line_errors(prepared, tmp_path, capsys):
+    root, data = prepared
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--set", "model.hidden_sise=3"]) == 2
+    assert "unknown model key 'hidden_sise'" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("engram: error:")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    assert main(["data", "prepare", "--out", str(tmp_path / "d"), "--no-builtin",
+                 "--files", str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_bench_hash_json(capsys):
+    assert main(["bench", "hash", "--json", "--batch-size", "1", "--seq-len", "256", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bench"] == "hash"
+    assert set(result) >= {"tokens_per_s", "baseline_tokens_per_s", "ratio"}
+    assert result["ratio"] == pytest.approx(result["tokens_per_s"] / result["baseline_tokens_per_s"])
