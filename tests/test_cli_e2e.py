@@ -65,3 +65,14 @@ def test_bench_hash_json(capsys):
     assert result["bench"] == "hash"
     assert set(result) >= {"tokens_per_s", "baseline_tokens_per_s", "ratio"}
     assert result["ratio"] == pytest.approx(result["tokens_per_s"] / result["baseline_tokens_per_s"])
+
+
+def test_training_into_an_existing_run_needs_resume_or_overwrite(prepared, capsys):
+    root, data = prepared
+    args = ["train", "--data", str(data), "--out", str(root / "run2"), "--preset", "tiny-dense", "--quiet",
+            "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.seq_len=16",
+            "--set", "train.eval_batches=1"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0

@@ -108,7 +108,7 @@ def cmd_train(args) -> int:
 
     model_cfg, train_cfg = build_configs(args.preset, _dataset_vocab(args.data), args.config, args.set)
     summary = train(model_cfg, train_cfg, args.data, args.out, resume=args.resume,
-                    progress=not args.quiet, max_seconds=args.max_seconds)
+                    progress=not args.quiet, max_seconds=args.max_seconds, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one value, e.g. --set train.steps=500 --set engram.layer_ids=[1,2]")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
     tr.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(fn=cmd_train)

@@ -47,7 +47,7 @@ def run_demo(workdir: str = "engram-demo", steps: int = 480, quiet: bool = False
         print(f"[{i}/4] training {name} for {steps} steps ...", flush=True)
         # No wall-clock cap: both models must see exactly the same batches.
         summary = train(cfg, tcfg, str(data_dir), str(work / "runs" / name), resume=False,
-                        progress=not quiet)
+                        progress=not quiet, overwrite=True)
         results[name] = summary
 
     print("[4/4] sampling from the Engram model", flush=True)

@@ -165,11 +165,11 @@ def _to_tensor(batch: Iterable[Any], device: torch.device) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------- train
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, run_dir: PathLike,
           resume: bool = False, progress: bool = True, max_seconds: Optional[float] = None,
-          *, device: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+          *, device: Union[str, torch.device] = "cpu", overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume) a model on a prepared dataset; returns a JSON-able summary.
 
-    ``resume=False`` starts from scratch (an existing checkpoint and metrics.jsonl in
-    ``run_dir`` are overwritten). ``max_seconds`` caps the wall-clock time: when it runs out the
+    ``resume=False`` starts from scratch; a ``run_dir`` that already holds a checkpoint is
+    refused unless ``overwrite=True`` (then its checkpoint and metrics.jsonl are replaced). ``max_seconds`` caps the wall-clock time: when it runs out the
     loop stops after the current step, evaluates, and saves, so the run can be resumed.
     Summary keys: steps, target_steps, final_val_loss, final_val_ppl, best_val_loss,
     tokens_per_s, tokens_seen, train_s, elapsed_s, stopped_early, resumed_from, param_counts,
@@ -185,6 +185,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
         raise ValueError(f"train seq_len={train_cfg.seq_len} exceeds max_seq_len={model_cfg.max_seq_len}; "
                          f"lower TrainConfig.seq_len or raise ModelConfig.max_seq_len")
 
+    if not resume and not overwrite and (run / ckpt.CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run} already holds a checkpoint; pass resume=True (--resume) to "
+                              f"continue it or overwrite=True (--overwrite) to start over")
     if resume:
         if not (run / ckpt.CONFIG_FILE).is_file():
             raise CheckpointError(f"resume=True but {run} holds no checkpoint ({ckpt.CONFIG_FILE} is "
