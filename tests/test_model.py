@@ -141,3 +141,13 @@ def test_bad_token_ids_are_refused():
         model(torch.tensor([[1, 2, 300]]))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_table_init_std_is_applied():
+    cfg = preset("tiny", 300)
+    cfg.engram.table_init_std = 0.5
+    torch.manual_seed(0)
+    model = EngramLM(cfg)
+    table = model.table_parameters()[0]
+    assert 0.45 < table.std().item() < 0.55
+    assert all(torch.count_nonzero(e.short_conv.conv.weight) == 0 for e in model.engram_layers)

@@ -131,15 +131,15 @@ class EngramLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("multi_head_embedding.embedding.weight"):
                 nn.init.normal_(p, std=self.cfg.engram.table_init_std)
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=std / (2 * self.cfg.num_layers) ** 0.5)  # residual outputs
             elif p.dim() == 2 and "hc_" not in name and not name.endswith(".A"):
                 nn.init.normal_(p, std=std)
             elif name.endswith((".bias",)) and "engram" in name:
                 nn.init.zeros_(p)
-        for m in self.modules():
-            if hasattr(m, "reset_parameters") and m.__class__.__name__ == "ShortConv":
-                m.reset_parameters()
+        for e in self.engram_layers:  # the generic 2-D init above must not undo the zero conv
+            if e.short_conv is not None:
+                e.short_conv.reset_parameters()
 
     @property
     def engram_layers(self) -> list[EngramLayer]:
