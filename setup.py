@@ -1,4 +1,4 @@
-"""Build the optional native hashing kernel; all package metadata lives in pyproject.toml.
+"""Build the optional native kernels (hashing, N-gram index search); all package metadata lives in pyproject.toml.
 
 ``optional=True``: without a C compiler the install still succeeds and ``engram.hashing``
 falls back to its vectorised torch path (``engram.hashing.NATIVE_KERNEL_AVAILABLE`` says which).
@@ -17,6 +17,13 @@ setup(
             sources=["src/engram/_hashkernel.c"],
             extra_compile_args=_args,
             optional=True,
-        )
+        ),
+        # Suffix-array searches of the N-gram index (engram.ngram); pure-Python fallback.
+        Extension(
+            "engram._ngramkernel",
+            sources=["src/engram/_ngramkernel.c"],
+            extra_compile_args=_args,
+            optional=True,
+        ),
     ]
 )

@@ -238,6 +238,8 @@ def unflatten_optimizers(tensors: Mapping[str, torch.Tensor], meta: Mapping[str,
 
 def _check_state_shapes(name: str, opt: torch.optim.Optimizer, sd: Mapping[str, Any], source: str) -> None:
     """torch does not check moment shapes on load; a mismatch would only fail at the next step."""
+    if getattr(opt, "row_sparse_state", False):
+        return  # state covers touched rows only ([n, Dh]); SparseRowAdam.load_state_dict checks it
     params = [p for g in opt.param_groups for p in g["params"]]
     saved_ids = [i for g in sd["param_groups"] for i in g.get("params", [])]
     index = dict(zip(saved_ids, params))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -107,36 +108,51 @@ def cmd_train(args) -> int:
     from .train import train
 
     model_cfg, train_cfg = build_configs(args.preset, _dataset_vocab(args.data), args.config, args.set)
+    if args.prefetch is not None:  # --prefetch / --no-prefetch override train.prefetch
+        train_cfg.prefetch = args.prefetch
     summary = train(model_cfg, train_cfg, args.data, args.out, resume=args.resume,
-                    progress=not args.quiet, max_seconds=args.max_seconds, overwrite=args.overwrite)
+                    progress=not args.quiet, max_seconds=args.max_seconds, overwrite=args.overwrite,
+                    tables_from=args.table)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def cmd_eval(args) -> int:
+    if getattr(args, "ngram", None):  # mixture with the N-gram memory (commands/ngram.py)
+        from .commands.ngram import cmd_eval_ngram
+
+        return cmd_eval_ngram(args)
+    from .commands.table import storage_from_args
     from .evaluate import evaluate_run
 
     result = evaluate_run(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,
-                          seq_len=args.seq_len, max_batches=args.max_batches)
+                          seq_len=args.seq_len, max_batches=args.max_batches,
+                          storage=storage_from_args(args))
     print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_generate(args) -> int:
+    if getattr(args, "ngram", None):  # mixture with the N-gram memory (commands/ngram.py)
+        from .commands.ngram import cmd_generate_ngram
+
+        return cmd_generate_ngram(args)
     import torch
 
-    from .checkpoint import load_model
+    from .commands.table import load_for_generation, report_generation
     from .generate import SamplingConfig, generate
     from .tokenizer import load_tokenizer
 
-    model, meta = load_model(args.ckpt)
+    model, meta = load_for_generation(args.ckpt, args)  # load_model, or tables per --table/--storage
     tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise ValueError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    t0 = time.perf_counter()
     out = generate(model, torch.tensor([ids]), sampling)
+    report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)  # tokens/s, hit rate
     print(tok.decode(out[0].tolist()))
     return 0
 
@@ -162,7 +178,15 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _ngram_args(p: argparse.ArgumentParser, scoring: bool) -> None:
+    from .commands.ngram import add_mixture_args  # --ngram INDEX [--gate DIR | --ngram-lambda X]
+
+    add_mixture_args(p, scoring)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .commands.table import add_storage_arguments, add_train_table_arguments
+
     p = argparse.ArgumentParser(prog="engram", description="Engram conditional memory for language models")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -200,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
     tr.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
     tr.add_argument("--quiet", action="store_true")
+    add_train_table_arguments(tr)
     tr.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="loss, perplexity and tokens/s of a checkpoint")
@@ -209,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, help="default: the run's training batch size")
     ev.add_argument("--seq-len", type=int, help="default: the run's training sequence length")
     ev.add_argument("--max-batches", type=int)
+    add_storage_arguments(ev)
+    _ngram_args(ev, scoring=True)
     ev.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
@@ -219,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
+    add_storage_arguments(g)
+    _ngram_args(g, scoring=False)
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)

@@ -149,10 +149,16 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     engram: Optional[EngramConfig] = None
+    # Input-side N-gram baseline (bigram hash / OverEncoding); engram.baselines.InputNgramConfig.
+    input_ngram: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.engram, dict):
             self.engram = EngramConfig.from_dict(self.engram)
+        if isinstance(self.input_ngram, dict):
+            from .baselines import InputNgramConfig  # local: baselines imports hashing -> config
+
+            self.input_ngram = InputNgramConfig.from_dict(self.input_ngram)
         _check(self.vocab_size >= 2, f"vocab_size={self.vocab_size} must be >= 2")
         _check(self.num_layers >= 1, f"num_layers={self.num_layers} must be >= 1")
         _check(
@@ -190,6 +196,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["engram"] = self.engram.to_dict() if self.engram is not None else None
+        d["input_ngram"] = self.input_ngram.to_dict() if self.input_ngram is not None else None
         return d
 
     @classmethod
@@ -220,9 +227,16 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 10
     seed: int = 1234
+    # Engram tables: "adam" (dense, every row every step) or "sparse_adam" (row-wise lazy Adam:
+    # state and updates only for touched rows; engram.sparse_adam). prefetch builds the next
+    # batch and its row ids on a background thread (same numbers, less waiting).
+    table_optimizer: str = "adam"
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        _check(self.table_optimizer in ("adam", "sparse_adam"),
+               f"table_optimizer={self.table_optimizer!r} must be 'adam' or 'sparse_adam'")
         _check(self.steps >= 1, f"steps={self.steps} must be >= 1")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         _check(self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2")

@@ -9,15 +9,19 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from . import data
 from .model import EngramLM
+from .offload import table_runtime
 
 PathLike = Union[str, Path]
+
+if TYPE_CHECKING:
+    from .storage import StorageConfig
 
 
 class DatasetMismatchError(ValueError):
@@ -49,6 +53,9 @@ def evaluate(model: EngramLM, shard: "data.Shard", batch_size: int, seq_len: int
     t0 = time.perf_counter()
     try:
         batches = data.iter_eval_batches(shard, batch_size, seq_len, max_batches)
+        runtime = table_runtime(model)
+        if runtime is not None:  # offloaded tables: fetch the next batches' rows during this one
+            batches = runtime.prefetch_batches(batches)
         n_batches = -(-data.num_eval_windows(shard, seq_len) // batch_size)
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
@@ -104,17 +111,23 @@ def check_dataset_for_model(vocab_size: int, recorded_fingerprint: Optional[str]
 def evaluate_run(run_dir: PathLike, data_dir: PathLike, split: str = "val",
                  batch_size: Optional[int] = None, seq_len: Optional[int] = None,
                  max_batches: Optional[int] = None, progress: bool = False,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu", storage: Optional["StorageConfig"] = None) -> dict[str, Any]:
     """Evaluate a saved run on a prepared dataset's ``split`` ("train" or "val").
 
     Batch size and sequence length default to the run's training config; ``max_batches=None``
-    evaluates the whole split.
+    evaluates the whole split. ``storage`` (``engram.storage.StorageConfig``) serves the Engram
+    tables from a table file / storage tier with prefetch; the result then has a ``tables``
+    entry with the tiers' hit rates, bytes read and stall time.
     """
     from .checkpoint import load_model  # local: checkpoint imports the model stack
+    from .offload import load_model_with_tables
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose 'train' or 'val'")
-    model, meta = load_model(run_dir, device=device)
+    if storage is not None and not storage.is_default:  # --table / --storage / --prefetch
+        model, meta = load_model_with_tables(run_dir, storage, device=device)
+    else:
+        model, meta = load_model(run_dir, device=device)
     ds = data.load_dataset(data_dir)
     check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, data_dir,
                             f"run {run_dir}")
@@ -122,6 +135,10 @@ def evaluate_run(run_dir: PathLike, data_dir: PathLike, split: str = "val",
     batch_size = batch_size or (tcfg.batch_size if tcfg else 8)
     seq_len = seq_len or (tcfg.seq_len if tcfg else model.cfg.max_seq_len)
     result: dict[str, Any] = evaluate(model, getattr(ds, split), batch_size, seq_len, max_batches, progress)
+    runtime = table_runtime(model)
+    if runtime is not None:
+        result["tables"] = runtime.stats()
+        runtime.close()
     result.update(split=split, step=meta.step, run_dir=str(run_dir), batch_size=batch_size,
                   seq_len=seq_len, param_counts=model.param_counts())
     unigram = unigram_entropy_nats(ds.meta)

@@ -55,6 +55,7 @@ class InferenceCache:
     kv: list[KVCache]
     conv: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # engram layer -> conv state
     hash_state: Optional[torch.Tensor] = None  # [B, max_n - 1] compressed token history
+    ngram_hist: Optional[torch.Tensor] = None  # input N-gram baseline: last ids [B, n - 1]
 
 
 @dataclass
@@ -115,6 +116,11 @@ class EngramLM(nn.Module):
             self.hasher = NgramHasher(cfg.engram, cfg.vocab_size,
                                       compression if cfg.engram.use_compression else None)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.input_ngram = None  # bigram-hash / OverEncoding baselines (engram.baselines)
+        if cfg.input_ngram is not None:
+            from .baselines import InputNgramEmbedding
+
+            self.input_ngram = InputNgramEmbedding(cfg.input_ngram, cfg.hidden_size, cfg.vocab_size)
         self.layers = nn.ModuleList(Block(cfg, i, self.hasher) for i in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -140,6 +146,8 @@ class EngramLM(nn.Module):
         for e in self.engram_layers:  # the generic 2-D init above must not undo the zero conv
             if e.short_conv is not None:
                 e.short_conv.reset_parameters()
+        if self.input_ngram is not None:
+            self.input_ngram.reset_parameters()
 
     @property
     def engram_layers(self) -> list[EngramLayer]:
@@ -147,7 +155,10 @@ class EngramLM(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         """The Engram embedding tables (sparse, large; trained with their own Adam settings)."""
-        return [e.multi_head_embedding.embedding.weight for e in self.engram_layers]
+        tables = [e.multi_head_embedding.embedding.weight for e in self.engram_layers]
+        if self.input_ngram is not None:
+            tables.append(self.input_ngram.embedding.weight)
+        return tables
 
     def param_counts(self) -> dict[str, int]:
         tables = sum(p.numel() for p in self.table_parameters())
@@ -205,7 +216,12 @@ class EngramLM(nn.Module):
             hash_ids = (self._hash_for_cache(input_ids, cache) if cache is not None
                         else self.hasher.hash(input_ids))
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        h = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)  # [B,T,M,D]
+        x = self.embed(input_ids)
+        if self.input_ngram is not None:
+            x, hist = self.input_ngram(input_ids, x, cache.ngram_hist if cache is not None and cache.pos else None)
+            if cache is not None:
+                cache.ngram_hist = hist
+        h = x.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)  # [B,T,M,D]
         for block in self.layers:
             ids = hash_ids[block.layer_id] if block.engram is not None else None
             h = block(h, cos, sin, ids, cache)

@@ -42,12 +42,13 @@ from .compression import CompressionMap, build_compression
 from .config import ModelConfig, TrainConfig
 from .evaluate import check_dataset_for_model, dataset_identity, evaluate, perplexity
 from .model import EngramLM
+from .sparse_adam import clip_grad_norm_  # torch's own unless the tables have sparse gradients
 
 PathLike = Union[str, Path]
 METRICS_FILE = "metrics.jsonl"
 # Train-config fields that may change on resume: they do not alter the trajectory up to the
 # resumed step (``steps`` reshapes the cosine tail, which is what extending a run means).
-RESUME_MUTABLE = {"steps", "eval_every", "eval_batches", "save_every", "log_every"}
+RESUME_MUTABLE = {"steps", "eval_every", "eval_batches", "save_every", "log_every", "prefetch"}
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -88,7 +89,15 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim
         "backbone": torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas),
     }
     tables = model.table_parameters()
-    if tables:
+    if tables and cfg.table_optimizer == "sparse_adam":
+        # Row-wise lazy Adam on sparse gradients: no table-sized gradient or moments.
+        from .sparse_adam import SparseRowAdam, use_sparse_table_grads
+
+        use_sparse_table_grads(model)
+        opts["tables"] = SparseRowAdam(
+            [{"params": tables, "lr_mult": cfg.table_lr_mult}],
+            lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas, weight_decay=cfg.table_weight_decay)
+    elif tables:
         opts["tables"] = torch.optim.Adam(
             [{"params": tables, "lr_mult": cfg.table_lr_mult}],
             lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas, weight_decay=cfg.table_weight_decay)
@@ -165,12 +174,15 @@ def _to_tensor(batch: Iterable[Any], device: torch.device) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------- train
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, run_dir: PathLike,
           resume: bool = False, progress: bool = True, max_seconds: Optional[float] = None,
-          *, device: Union[str, torch.device] = "cpu", overwrite: bool = False) -> dict[str, Any]:
+          *, device: Union[str, torch.device] = "cpu", overwrite: bool = False,
+          tables_from: Optional[PathLike] = None) -> dict[str, Any]:
     """Train (or resume) a model on a prepared dataset; returns a JSON-able summary.
 
     ``resume=False`` starts from scratch; a ``run_dir`` that already holds a checkpoint is
     refused unless ``overwrite=True`` (then its checkpoint and metrics.jsonl are replaced). ``max_seconds`` caps the wall-clock time: when it runs out the
     loop stops after the current step, evaluates, and saves, so the run can be resumed.
+    ``tables_from``: a table file (``engram table convert``) whose rows initialise the Engram
+    tables of a fresh run (its hash fingerprint must match the model config).
     Summary keys: steps, target_steps, final_val_loss, final_val_ppl, best_val_loss,
     tokens_per_s, tokens_seen, train_s, elapsed_s, stopped_early, resumed_from, param_counts,
     run_dir.
@@ -199,6 +211,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
 
     torch.manual_seed(train_cfg.seed)  # deterministic initialisation
     model = EngramLM(model_cfg, _dataset_compression(model_cfg, ds, data_dir)).to(device)
+    if tables_from is not None:
+        if resume:
+            raise ValueError("tables_from (--table) initialises a fresh run; a resumed run already "
+                             "has its tables in the checkpoint, drop one of the two")
+        from .offload import load_tables_into
+
+        load_tables_into(model, tables_from, progress=progress)
     optimizers = build_optimizers(model, train_cfg)
     state: dict[str, Any] = {"step": 0, "best_val_loss": None, "data_seed": train_cfg.seed,
                              "log_loss_sum": 0.0, "log_loss_count": 0, "train_s": 0.0,
@@ -220,7 +239,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
                              tokenizer_path if tokenizer_path.is_file() else None,
                              tokenizer_fingerprint=tok_fp)
 
-    stopped_early = loop.run(save, t_start, max_seconds)
+    try:
+        stopped_early = loop.run(save, t_start, max_seconds)
+    finally:
+        if loop.batches is not None:
+            loop.batches.close()
     final = loop.final_eval()
     save()
     return {
@@ -261,6 +284,13 @@ class _Loop:
         self.grad_norm = float("nan")
         self.params = _grad_params(optimizers)
         self._interval_tokens, self._interval_s = 0, 0.0
+        self.batches = None  # TrainConfig.prefetch: next batch and row ids built in the background
+        if cfg.prefetch:
+            from .offload import BatchPrefetcher
+
+            self.batches = BatchPrefetcher(
+                lambda s: data.get_batch(ds.train, cfg.batch_size, cfg.seq_len, s, cfg.seed),
+                model.hasher, device)
 
     STATE_KEYS = ("step", "best_val_loss", "data_seed", "log_loss_sum", "log_loss_count",
                   "train_s", "tokens_seen")
@@ -306,15 +336,19 @@ class _Loop:
         t0 = time.perf_counter()
         lr = lr_at(self.step, cfg)
         set_lr(self.optimizers, lr)
-        x, y = _to_tensor(data.get_batch(self.ds.train, cfg.batch_size, cfg.seq_len, self.step, cfg.seed),
-                          self.device)
+        if self.batches is not None:  # built (and hashed) on a background thread during the last step
+            x, y, hash_ids = self.batches.get(self.step)
+        else:
+            x, y = _to_tensor(data.get_batch(self.ds.train, cfg.batch_size, cfg.seq_len, self.step,
+                                             cfg.seed), self.device)
+            hash_ids = None
         model.train()
-        loss = model(x, y).loss
+        loss = model(x, y, hash_ids=hash_ids).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {float(loss)} at step {self.step}; lower "
                                      f"TrainConfig.lr (now {cfg.lr}) or enable grad_clip")
         loss.backward()
-        self.grad_norm = (float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        self.grad_norm = (float(clip_grad_norm_(self.params, cfg.grad_clip))
                           if cfg.grad_clip > 0 else float("nan"))
         for opt in self.optimizers.values():
             opt.step()

@@ -5,4 +5,9 @@ top-level ``engram`` subparsers object and ``bench`` the ``engram bench`` one. A
 stored with ``set_defaults(fn=...)``, takes the parsed args and returns an exit status.
 """
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "engram.commands.inspect",  # inspect, serve, analyze {gates,zipf,ablate}
+    "engram.commands.table",  # table {inspect,convert,stats}, bench {offload,large-table}
+    "engram.commands.sweep",  # sweep {run,plan,summary,account}
+    "engram.commands.ngram",  # ngram {build,add,remove,compact,query,stats,train-gate}, bench {ngram,ngram-mix}
+)

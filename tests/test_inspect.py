@@ -1,0 +1,253 @@
+"""`engram inspect` and the analyses: gates, n-grams and rows are the model's own, renders are clean."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _inspect_run import tiny_run
+from engram.analysis import (AnalysisError, Sample, ablation, ablation_categories, gate_statistics,
+                             plot_zipf, score_samples, unigram_logprobs, zipf_statistics)
+from engram.checkpoint import load_model
+from engram.cli import main
+from engram.config import preset
+from engram.inspection import (PAD_TOKEN_ID, InspectError, gate_rgb, inspect_text, render_html,
+                               render_terminal, scale_values, tokenize)
+from engram.model import EngramLM
+from engram.tokenizer import load_tokenizer
+
+TEXT = "the Prince of Wales rode to the Tower of London."
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    model, _ = load_model(run[0])
+    return model, load_tokenizer(run[0])
+
+
+def test_gates_rows_and_ngrams_are_the_models(loaded) -> None:
+    model, tok = loaded
+    ins = inspect_text(model, tok, TEXT)
+    ids = tok.encode(TEXT).ids
+    assert [t.id for t in ins.tokens] == ids
+    assert "".join(t.display for t in ins.tokens) == TEXT
+    assert [l.layer_id for l in ins.layers] == [0, 1]
+
+    x = torch.tensor([ids])
+    hashes = model.hasher.hash(x)
+    for layer in model.engram_layers:
+        layer.record_gates = True
+    with torch.no_grad():
+        model(x)
+        _check_layers(model, ins, ids, hashes)
+
+
+def _check_layers(model, ins, ids, hashes) -> None:
+    for layer, li in zip(model.engram_layers, ins.layers):
+        layer.record_gates = False
+        assert li.num_branches == 2 and len(li.gates) == len(ids)
+        assert torch.equal(torch.tensor(li.gates), layer.last_gates[0])  # exact, same pass
+        rows = layer.multi_head_embedding.rows(hashes[layer.layer_id])[0]
+        assert [[h.row for h in r] for r in li.heads] == rows.tolist()
+        assert li.head_orders == [2, 2, 3, 3]
+        # contributions: per-head slices of W_V add up to W_V e (bias aside)
+        t = 5
+        e = layer.multi_head_embedding.embedding.weight[rows[t]]  # [H, Dh]
+        w = layer.value_proj.weight.reshape(-1, 4, e.shape[1])
+        per_head = torch.einsum("hd,Dhd->hD", e, w)
+        assert [h.contribution for h in li.heads[t]] == pytest.approx(per_head.norm(dim=-1).tolist(), rel=1e-5)
+        torch.testing.assert_close(per_head.sum(0) + layer.value_proj.bias,
+                                   layer.value_proj(e.reshape(-1)), atol=1e-5, rtol=0)
+        assert li.value_norm[t] == pytest.approx(float(layer.value_proj(e.reshape(-1)).norm()), rel=1e-5)
+        # n-grams end at t and are padded before the text
+        h3 = li.heads[1][3]
+        assert h3.n == 3 and h3.ngram == (PAD_TOKEN_ID, ids[0], ids[1])
+        assert li.heads[t][0].ngram == (ids[t - 1], ids[t])
+    assert all(not l.record_gates for l in model.engram_layers)
+
+
+def test_inspect_leaves_the_model_as_it_was(loaded) -> None:
+    model, tok = loaded
+    for layer in model.engram_layers:
+        layer.last_gates = None
+    model.train()
+    try:
+        inspect_text(model, tok, "the king")
+        assert model.training
+        assert all(not l.record_gates and l.last_gates is None for l in model.engram_layers)
+    finally:
+        model.eval()
+
+
+def test_bad_texts_and_models_are_refused(loaded) -> None:
+    model, tok = loaded
+    with pytest.raises(InspectError, match="no tokens"):
+        inspect_text(model, tok, "")
+    with pytest.raises(InspectError, match="max_seq_len is 64; shorten"):
+        inspect_text(model, tok, "the king " * 80)
+    with pytest.raises(InspectError, match="no Engram layers"):
+        inspect_text(EngramLM(preset("tiny-dense", tok.get_vocab_size())), tok, "the king")
+
+
+def test_multibyte_characters_are_shown_once(loaded) -> None:
+    _, tok = loaded
+    text = "Éire 日本 🙂 end"
+    tokens = tokenize(tok, text)
+    assert "".join(t.display for t in tokens) == text
+    assert any(t.display == "" and re.fullmatch(r"(<[0-9a-f]{2}>)+", t.piece) for t in tokens)
+
+
+def test_colour_helpers() -> None:
+    assert gate_rgb(0.0) == (232, 237, 245) and gate_rgb(1.0) == (165, 0, 38)
+    assert gate_rgb(-3) == gate_rgb(0) and gate_rgb(7) == gate_rgb(1)
+    assert scale_values([0.2, 0.4, 0.3], "relative") == pytest.approx([0.0, 1.0, 0.5])
+    assert scale_values([0.2, 0.4], "absolute") == [0.2, 0.4]
+    assert scale_values([0.9, 0.1, 0.5, 0.5], "rank") == [1.0, 0.0, 0.5, 0.5]  # ties: mean rank
+    assert scale_values([0.3], "rank") == [0.5]
+    with pytest.raises(InspectError, match="scale="):
+        scale_values([0.1], "log")
+
+
+def test_cli_inspect_writes_terminal_html_and_json(run, loaded, tmp_path, capsys) -> None:
+    model, tok = loaded
+    html, js = tmp_path / "g.html", tmp_path / "g.json"
+    assert main(["inspect", "--ckpt", str(run[0]), "--text", TEXT, "--html", str(html),
+                 "--json", str(js), "--color", "truecolor", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[48;2;" in out and "layer 1 branch 1" in out and "row " in out
+    data = json.loads(js.read_text())
+    assert data == json.loads(json.dumps(inspect_text(model, tok, TEXT).to_dict()))
+    assert data["format"] == "engram.inspect/1" and len(data["summary"]) == 4
+    page = html.read_text()
+    assert '"live": false' in page and "Prince" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing external
+    assert "@import" not in page and "url(" not in page
+
+    assert main(["inspect", "--ckpt", str(run[0]), "--text", "the king", "--color", "256"]) == 0
+    assert "\x1b[48;5;" in capsys.readouterr().out
+    assert main(["inspect", "--ckpt", str(run[0]), "--text", "the king", "--color", "none"]) == 0
+    plain = capsys.readouterr().out
+    assert "\x1b[" not in plain and re.search(r"king\[0\.\d\d\]", plain)
+    assert main(["inspect", "--ckpt", str(run[0])]) == 2  # neither --text nor --file
+    assert "exactly one of --text" in capsys.readouterr().err
+
+
+def test_html_escapes_script_breakers(loaded) -> None:
+    model, tok = loaded
+    page = render_html(inspect_text(model, tok, "a </script><b>x"))
+    assert page.count("</script>") == 1  # only the real one closes the element
+
+
+def test_terminal_render_validates(loaded) -> None:
+    model, tok = loaded
+    ins = inspect_text(model, tok, "the king")
+    with pytest.raises(InspectError, match="resolve 'auto'"):
+        render_terminal(ins, "auto")
+    with pytest.raises(InspectError, match="top_k"):
+        render_terminal(ins, "none", top_k=-1)
+
+
+# ----------------------------------------------------------------------------- analyses
+def test_gate_statistics_counts_only_masked_positions(loaded) -> None:
+    model, tok = loaded
+    ids = tuple(tok.encode("the prince of wales").ids)
+    cats = {"a": [Sample((1, *ids), (False,) + (True,) * len(ids))],
+            "b": [Sample((1, *ids), (False, True) + (False,) * (len(ids) - 1))]}
+    rows = gate_statistics(model, cats)
+    assert {(r["category"], r["layer_id"], r["branch"]) for r in rows} == {
+        (c, l, m) for c in "ab" for l in (0, 1) for m in (0, 1)}
+    a = [r for r in rows if r["category"] == "a"]
+    assert all(r["count"] == len(ids) and 0 < r["mean"] < 1 for r in a)
+    direct = inspect_text(model, tok, "the prince of wales")  # no eos before it: compare b's token 1
+    b00 = next(r for r in rows if r["category"] == "b" and r["layer_id"] == 0 and r["branch"] == 0)
+    assert b00["count"] == 1 and 0 < b00["mean"] < 1
+    assert len(direct.tokens) == len(ids)
+
+
+def test_zipf_counts_every_access(run, loaded, tmp_path) -> None:
+    model, _ = loaded
+    from engram.data import load_dataset
+
+    tokens = np.asarray(load_dataset(run[1]).train.tokens[:3000])
+    res = zipf_statistics(model, tokens, chunk=1000)
+    for lid, orders in res.row_counts.items():
+        for n, c in orders.items():
+            assert c.sum() == tokens.size * 2  # 2 heads per order
+            assert np.all(np.diff(c) <= 0)
+    assert res.ngram_counts[2].sum() == tokens.size - 1
+    s = res.summary["rows"]["0"]["2"]
+    assert 0 < s["top_share"]["1%"] <= s["top_share"]["10%"] <= 1
+    png = tmp_path / "z.png"
+    plot_zipf(res, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(AnalysisError, match="top_percents"):
+        zipf_statistics(model, tokens, top_percents=(0,))
+
+
+def test_ablation_zeroes_engram_and_restores_it(loaded) -> None:
+    model, tok = loaded
+    ids = tuple(tok.encode("the prince of wales rode with the king of france").ids)
+    cats = {"x": [Sample((1, *ids), (False,) + (True,) * len(ids))]}
+    logp = np.full(model.cfg.vocab_size, -20.0)  # a baseline far worse than the model
+    assert unigram_logprobs(np.array(ids), model.cfg.vocab_size).shape == logp.shape
+    before = score_samples(model, cats["x"])
+    [row] = ablation(model, cats, logp)
+    assert all(l.enabled for l in model.engram_layers)
+    assert row["loss_full"] == pytest.approx(before.loss)
+    assert row["loss_ablated"] != pytest.approx(row["loss_full"], abs=1e-6)  # Engram did something
+    u = row["unigram_loss"]
+    assert row["retained_loss"] == pytest.approx((u - row["loss_ablated"]) / (u - row["loss_full"]))
+
+
+def test_ablation_needs_builtin_validation_documents(loaded) -> None:
+    _, tok = loaded
+    with pytest.raises(AnalysisError, match="built-in corpus"):
+        ablation_categories(tok, ["doc3"], window=32, max_tokens=100)
+
+
+def test_cli_analyze_zipf(run, tmp_path, capsys) -> None:
+    out = tmp_path / "z.json"
+    assert main(["analyze", "zipf", "--ckpt", str(run[0]), "--data", str(run[1]), "--max-tokens",
+                 "2000", "--plot", str(tmp_path / "z.png"), "--json", str(out)]) == 0
+    assert "layer 1 n=3" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["tokens"] == 2000 and set(data["rows"]) == {"0", "1"}
+    assert (tmp_path / "z.png").is_file()
+
+
+def test_gate_categories_and_frequency_bins(run, loaded) -> None:
+    from engram.analysis import gate_by_frequency, gate_categories
+    from engram.corpus import Fact
+    from engram.data import load_dataset
+
+    model, tok = loaded
+    facts = [Fact("Prince of Wales", "title", "the king", "The Prince of Wales rode with the king."),
+             Fact("Tower of London", "place", "the queen", "The Tower of London held the queen.")]
+    cats = gate_categories(tok, n=2, facts=facts, narrative=["the bird sang near an old tree"])
+    assert set(cats) >= {"fact sentences", "name last tokens", "shuffled fact tokens", "random tokens"}
+    sent, shuffled = cats["fact sentences"][0], cats["shuffled fact tokens"][0]
+    assert sorted(sent.ids) == sorted(shuffled.ids) and sent.ids[0] == shuffled.ids[0] == 1  # eos first
+    enc = tok.encode(facts[0].sentence)
+    name_tokens = [i for i, (a, b) in enumerate(enc.offsets) if a < 19 and b > 4]  # "Prince of Wales"
+    last = gate_categories(tok, n=1, facts=facts[:1], narrative=[])["name last tokens"][0].mask
+    assert sum(last) == 1 and last[1 + name_tokens[-1]]  # + 1: the eos in front
+    assert sum(cats["word last pieces"][0].mask) == sum(cats["word first pieces"][0].mask)
+    assert len(cats["random tokens"][0].ids) == len(sent.ids)
+    rows = gate_statistics(model, {k: cats[k] for k in ("word last pieces", "random tokens")})
+    assert all(0 < r["mean"] < 1 for r in rows if r["count"])
+
+    tokens = np.asarray(load_dataset(run[1]).train.tokens[:400])
+    freq = gate_by_frequency(model, tokens, tokens, window=32)
+    l0 = [r for r in freq if r["layer_id"] == 0 and r["branch"] == 0]
+    assert sum(r["count"] for r in l0) == (400 - 1) // 32 * 31  # positions 2..32 of each window
+    assert next(r for r in l0 if r["bin"] == "0")["count"] == 0  # every evaluated 3-gram is in train

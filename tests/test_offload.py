@@ -1,0 +1,216 @@
+"""Offloaded tables in the model: same numbers as in memory, prefetch, loading, CLI switches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engram.checkpoint import load_model
+from engram.cli import main
+from engram.config import TrainConfig
+from engram.data import load_dataset
+from engram.evaluate import evaluate
+from engram.generate import SamplingConfig, generate
+from engram.offload import (OffloadedEmbedding, attach_tables, build_model_without_tables,
+                            load_model_with_tables, table_runtime)
+from engram.storage import CachedStorage, MemoryStorage, MmapStorage, StorageConfig
+from engram.tablefile import TableMismatchError, read_header, read_layer, save_model_tables
+from engram.train import train
+
+from _table_helpers import VOCAB, compression, prepare_tiny_dataset, save_tiny_run, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model()
+    with torch.no_grad():
+        for e in m.engram_layers:
+            e.multi_head_embedding.embedding.weight.normal_()  # make rows matter for the output
+    return m
+
+
+@pytest.fixture(scope="module")
+def table_file(tmp_path_factory, model):
+    return save_model_tables(model, tmp_path_factory.mktemp("t") / "tiny.engt")
+
+
+def _offloaded(model, header, kind: str, prefetch: bool, capacity: int = 64):
+    m = build_model_without_tables(model.cfg, compression())
+    m.load_state_dict({k: v for k, v in model.state_dict().items()
+                       if "multi_head_embedding.embedding" not in k}, strict=False)
+    storages = {}
+    for lid in header.layers:
+        base = MmapStorage(header, lid, io_threads=2)
+        storages[lid] = base if kind == "mmap" else CachedStorage(base, capacity, "lru")
+    attach_tables(m, storages, prefetch=prefetch)
+    return m.eval()
+
+
+@pytest.mark.parametrize("kind", ["mmap", "cached"])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_offloaded_model_is_bit_identical(model, table_file, kind, prefetch):
+    m = _offloaded(model, table_file, kind, prefetch)
+    rt = table_runtime(m)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randint(0, VOCAB, (2, 24), generator=gen)
+            assert torch.equal(m(x).logits, model(x).logits)
+        if kind == "cached":
+            prompt = torch.randint(0, VOCAB, (2, 5), generator=gen)
+            s = SamplingConfig(max_new_tokens=6, temperature=0.9, seed=3)
+            assert torch.equal(generate(m, prompt, s), generate(model, prompt, s))  # incremental hash
+    st = rt.stats()
+    assert st["lookups"] > 0 and st["stall_s"] > 0 and st["prefetch"] is prefetch
+    assert (st["fetches"] > 0) is prefetch  # without prefetch every fetch is synchronous
+    rt.close()
+
+
+def test_prefetch_batches_run_ahead(model, table_file):
+    m = _offloaded(model, table_file, "cached", True)
+    rt = table_runtime(m)
+    batches = [(torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))) for _ in range(4)]
+    seen = []
+    with torch.no_grad():
+        for (x, y), (bx, by) in zip(rt.prefetch_batches(batches), batches):
+            assert x is bx and y is by  # yielded unchanged, so the forward finds its ticket
+            seen.append(m(x, y).loss)
+            assert not rt._current.futures  # every layer took its prefetched rows
+    want = [model(x, y).loss for x, y in batches]
+    assert all(torch.equal(a, b) for a, b in zip(seen, want))
+    assert rt.fetches == 4  # one per batch: nothing fetched twice
+    rt.close()
+
+
+def test_evaluate_uses_prefetch_and_matches(tmp_path, model, table_file):
+    data_dir = prepare_tiny_dataset(tmp_path / "data", vocab_size=VOCAB)
+    shard = load_dataset(data_dir).val
+    m = _offloaded(model, table_file, "cached", True)
+    a = evaluate(model, shard, 2, 16, 4)
+    b = evaluate(m, shard, 2, 16, 4)
+    assert a["loss"] == b["loss"]
+    assert table_runtime(m).fetches == 4
+    table_runtime(m).close()
+
+
+def test_placeholder_model_allocates_no_table(model):
+    m = build_model_without_tables(model.cfg, compression())
+    emb = m.engram_layers[0].multi_head_embedding.embedding
+    assert isinstance(emb, OffloadedEmbedding) and emb.weight.is_meta
+    assert m.param_counts() == model.param_counts()
+    assert m.hasher.fingerprint() == model.hasher.fingerprint()
+    with pytest.raises(RuntimeError, match="--table FILE"):
+        m(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_runtime_refuses_wrong_storage_shapes(model, table_file):
+    m = build_model_without_tables(model.cfg, compression())
+    with pytest.raises(ValueError, match="storages for layers"):
+        attach_tables(m, {}, prefetch=False)
+    with pytest.raises(ValueError, match="needs"):
+        attach_tables(m, {1: MemoryStorage(torch.zeros(3, model.cfg.engram.head_dim))}, prefetch=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_side_stream_prefetch(model, table_file):
+    m = _offloaded(model, table_file, "cached", True).to("cuda")
+    rt = attach_tables(m, {l: CachedStorage(MmapStorage(table_file, l), 64) for l in table_file.layers},
+                       prefetch=True, device="cuda")
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        ref = model(x).logits
+        out = m(x.cuda()).logits.cpu()
+        batches = [(x, x)]
+        for bx, by in rt.prefetch_batches(batches):
+            assert bx.is_cuda
+            m(bx, by)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    rt.close()
+
+
+# ----------------------------------------------------------------------------- checkpoints + CLI
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    data_dir = prepare_tiny_dataset(d / "data", vocab_size=VOCAB)
+    run_dir = d / "run"
+    save_tiny_run(run_dir, data_dir)
+    return d, data_dir, run_dir
+
+
+def test_cli_convert_inspect_eval_generate(run, capsys):
+    d, data_dir, run_dir = run
+    table = d / "tiny.engt"
+    assert main(["table", "convert", str(run_dir), str(table), "--quiet"]) == 0
+    assert main(["table", "inspect", str(table), "--verify", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["verified"] == {"1": True} and info["dtype"] == "fp32"
+
+    base = ["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--max-batches", "3"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    for extra in (["--table", str(table)], ["--table", str(table), "--storage", "mmap", "--no-prefetch"],
+                  ["--table", str(table), "--storage", "memory"], ["--prefetch"]):
+        assert main(base + extra + ["--cache-rows", "100"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["loss"] == plain["loss"], extra
+    assert res["tables"]["storage"] == "memory"
+
+    gen = ["generate", "--ckpt", str(run_dir), "--prompt", "the cat", "--max-new-tokens", "8",
+           "--temperature", "0"]
+    assert main(gen) == 0
+    text = capsys.readouterr().out
+    assert main(gen + ["--table", str(table), "--cache-rows", "50"]) == 0
+    out = capsys.readouterr()
+    assert out.out == text and "hit rate" in out.err and "tokens/s" in out.err
+
+
+def test_cli_table_round_trips(run, capsys):
+    d, data_dir, run_dir = run
+    table, half = d / "rt.engt", d / "rt-bf16.engt"
+    assert main(["table", "convert", str(run_dir), str(table), "--quiet"]) == 0
+    assert main(["table", "convert", str(table), str(half), "--dtype", "bf16", "--quiet"]) == 0
+    h, hb = read_header(table), read_header(half)
+    assert hb.dtype == "bf16" and hb.fingerprint == h.fingerprint
+    assert hb.file_bytes < 0.6 * h.file_bytes
+    assert torch.equal(read_layer(hb, 1), read_layer(h, 1).bfloat16().float())
+    out_run = d / "from-bf16"
+    assert main(["table", "convert", str(half), str(out_run), "--base", str(run_dir), "--quiet"]) == 0
+    m, _ = load_model(out_run)
+    assert torch.equal(m.engram_layers[0].multi_head_embedding.embedding.weight, read_layer(hb, 1))
+    assert main(["table", "convert", str(half), str(out_run), "--base", str(run_dir), "--quiet"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_mismatched_table_is_refused(run, tmp_path, capsys):
+    d, data_dir, run_dir = run
+    other = tiny_model(seed=1)  # same shapes, other hash (its compression differs from the dataset's)
+    bad = save_model_tables(other, tmp_path / "other.engt")
+    with pytest.raises(TableMismatchError, match="hash configuration"):
+        load_model_with_tables(run_dir, StorageConfig(path=str(bad.path), kind="cached"))
+    rc = main(["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--table", str(bad.path)])
+    assert rc == 2 and "wrong places" in capsys.readouterr().err
+
+
+def test_train_prefetch_and_table_init(run, tmp_path):
+    d, data_dir, run_dir = run
+    from engram.config import preset
+
+    cfg = preset("tiny", VOCAB)
+    tc = dict(steps=3, batch_size=2, seq_len=16, warmup_steps=1, eval_every=3, eval_batches=1,
+              save_every=3, log_every=1, seed=3)
+    a = train(cfg, TrainConfig(**tc), data_dir, tmp_path / "a", progress=False)
+    b = train(cfg, TrainConfig(**tc, prefetch=True), data_dir, tmp_path / "b", progress=False)
+    la = [json.loads(l)["loss"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert la == lb and a["final_val_loss"] == b["final_val_loss"]  # prefetch changes only timing
+
+    table = d / "init.engt"
+    main(["table", "convert", str(run_dir), str(table), "--quiet"])
+    c = train(cfg, TrainConfig(**{**tc, "steps": 1}), data_dir, tmp_path / "c", progress=False,
+              tables_from=table)
+    assert c["steps"] == 1
+    with pytest.raises(ValueError, match="fresh run"):
+        train(cfg, TrainConfig(**tc), data_dir, tmp_path / "c", progress=False, resume=True, tables_from=table)
