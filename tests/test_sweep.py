@@ -63,6 +63,8 @@ def test_paired_t():
     assert r["mean_diff"] == pytest.approx(0.5)
     assert r["n"] == 3 and 0 < r["p"] < 0.05
     assert math.isnan(paired_t([1.0], [0.0])["p"])
+    assert math.isnan(paired_t([1.0, 2.0], [0.5, 1.5])["p"])  # identical differences: t undefined
+    assert paired_t([1.0, 2.0], [1.0, 2.0])["p"] == 1.0
 
 
 # ----------------------------------------------------------------------------- budgets

@@ -460,8 +460,11 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
         return {"n": n, "mean_diff": mean, "se": float("nan"), "t": float("nan"), "p": float("nan")}
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     se = sd / math.sqrt(n)
-    t = mean / se if se > 0 else (math.inf if mean != 0 else float("nan"))
-    return {"n": n, "mean_diff": mean, "se": se, "t": t, "p": t_sf_two_sided(t, n - 1) if se > 0 or mean != 0 else 1.0}
+    if se <= 1e-12 * max(1.0, abs(mean)):  # every seed moved by the same amount: t is undefined
+        return {"n": n, "mean_diff": mean, "se": 0.0, "t": float("nan"),
+                "p": 1.0 if mean == 0 else float("nan")}
+    t = mean / se
+    return {"n": n, "mean_diff": mean, "se": se, "t": t, "p": t_sf_two_sided(t, n - 1)}
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:

@@ -74,7 +74,14 @@ def cmd_plan(args) -> int:
 def cmd_summary(args) -> int:
     from ..sweep import write_summary
 
+    from ..sweep import SweepSpec
+
     spec = _spec(args)
+    if args.only:  # summarise a subset (the reference is always kept: it anchors the paired tests)
+        keep = set(args.only.split(",")) | {spec.reference}
+        d = spec.to_dict()
+        d["configs"] = [c for c in d["configs"] if c["name"] in keep]
+        spec = SweepSpec.from_dict(d)
     out = Path(args.out)
     s = write_summary(spec, Path(args.runs) if args.runs else out / "runs", out, plots=not args.no_plots)
     _print_summary(s)
@@ -124,6 +131,7 @@ def register(sub, bench) -> None:
     spec_args(s)
     s.add_argument("--out", required=True)
     s.add_argument("--runs")
+    s.add_argument("--only", help="comma-separated config names to summarise (plus the reference)")
     s.add_argument("--no-plots", action="store_true")
     s.set_defaults(fn=cmd_summary)
 
