@@ -57,7 +57,7 @@ def details(summary: dict) -> list[str]:
 def main(root: str) -> None:
     base = Path(root)
     for name, cmp in (("rho", ["rho=1.00", "rho=0.875", "rho=0.75", "rho=0.625", "rho=0.5"]),
-                      ("baselines", ["engram", "bigram-hash", "overencoding", "moe"]),
+                      ("baselines", ["engram", "bigram-hash", "bigram-hash-lr1", "overencoding", "moe", "engram-no-gate", "engram-no-conv", "engram-lr1"]),
                       ("table-size", ["moe", "slots=2^9", "slots=2^11", "slots=2^13", "slots=2^15"])):
         for sub in ("", "knowledge"):
             f = base / sub / f"{name}_summary.json"
