@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: prepare data, train Engram and a same-size baseline, sample")
     d.add_argument("--workdir", default="engram-demo", help="where data and runs go (default: ./engram-demo)")
-    d.add_argument("--steps", type=int, default=480,
-                   help="optimizer steps per model (default 480: about 3 min each on 2 CPU cores)")
+    d.add_argument("--steps", type=int, default=540,
+                   help="optimizer steps per model (default 540: 4-6 min each on 2 CPU cores)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
 

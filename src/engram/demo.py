@@ -17,7 +17,7 @@ DEMO_TRAIN = dict(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_eve
                   eval_batches=20, save_every=100, log_every=10)
 
 
-def run_demo(workdir: str = "engram-demo", steps: int = 480, quiet: bool = False) -> dict:
+def run_demo(workdir: str = "engram-demo", steps: int = 540, quiet: bool = False) -> dict:
     from .checkpoint import load_model
     from .data import load_dataset, prepare_builtin
     from .generate import SamplingConfig, generate
