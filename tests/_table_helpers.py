@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from engram.checkpoint import save_checkpoint
@@ -18,6 +19,16 @@ from engram.tokenizer import train_bpe
 VOCAB = 300
 WORDS = ("the cat sat on a mat while the dog ran far away from the big red house near an old "
          "tree and the bird sang").split()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine two
+    OpenMP threads per op can be many times slower; restored afterwards."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 def compression(vocab: int = VOCAB) -> np.ndarray:

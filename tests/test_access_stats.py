@@ -11,7 +11,9 @@ import torch
 from engram.access_stats import rank_frequency, simulate_cache, simulate_static
 from engram.cli import main
 
-from _table_helpers import VOCAB, prepare_tiny_dataset
+from _table_helpers import VOCAB, one_thread, prepare_tiny_dataset  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_zipf_exponent_is_recovered():

@@ -84,7 +84,12 @@ def test_mixture_log_probs_and_gate_roundtrip(world, tmp_path):
         assert lp.shape == (1, 40, index.vocab_size)
         assert torch.allclose(lp.exp().sum(-1), torch.ones(1, 40), atol=1e-5)
     gate = train_gate(collect(lm, index, world["ds"].val.tokens, seq_len=32, kn_order=3, progress=False),
-                      GateConfig(kn_order=3, hidden_size=model.cfg.hidden_size), steps=20, progress=False)[0]
+                      GateConfig(kn_order=3, hidden_size=model.cfg.hidden_size, hidden_bound=0.5),
+                      steps=20, progress=False)[0]
+    f = torch.randn(64, len(gate.cfg.features))
+    with torch.no_grad():
+        shift = gate.logits(f, 50 * torch.randn(64, model.cfg.hidden_size)) - gate.logits(f, torch.zeros(64, model.cfg.hidden_size))
+    assert float(shift.abs().max()) <= 2 * 0.5 + 1e-6  # the hidden state moves a logit by at most the bound
     save_gate(gate, tmp_path / "g", {"note": "test"})
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["gate.json", "gate.safetensors"]
     loaded, meta = load_gate(tmp_path / "g")

@@ -19,7 +19,10 @@ from engram.storage import CachedStorage, MemoryStorage, MmapStorage, StorageCon
 from engram.tablefile import TableMismatchError, read_header, read_layer, save_model_tables
 from engram.train import train
 
-from _table_helpers import VOCAB, compression, prepare_tiny_dataset, save_tiny_run, tiny_model
+from _table_helpers import (VOCAB, compression, one_thread, prepare_tiny_dataset,  # noqa: F401
+                            save_tiny_run, tiny_model)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +151,11 @@ def test_cli_convert_inspect_eval_generate(run, capsys):
     info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert info["verified"] == {"1": True} and info["dtype"] == "fp32"
 
-    base = ["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--max-batches", "3"]
+    base = ["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--max-batches", "2"]
     assert main(base) == 0
     plain = json.loads(capsys.readouterr().out)
-    for extra in (["--table", str(table)], ["--table", str(table), "--storage", "mmap", "--no-prefetch"],
+    for extra in (["--table", str(table)],  # cached tier in a helper process, prefetch on
+                  ["--table", str(table), "--storage", "mmap", "--no-prefetch", "--no-fetch-process"],
                   ["--table", str(table), "--storage", "memory"], ["--prefetch"]):
         assert main(base + extra + ["--cache-rows", "100"]) == 0
         res = json.loads(capsys.readouterr().out)

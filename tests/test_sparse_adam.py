@@ -13,7 +13,9 @@ from engram.config import TrainConfig, preset
 from engram.sparse_adam import SparseRowAdam, clip_grad_norm_, use_sparse_table_grads
 from engram.train import build_optimizers, train
 
-from _table_helpers import VOCAB, prepare_tiny_dataset, tiny_model
+from _table_helpers import VOCAB, one_thread, prepare_tiny_dataset, tiny_model  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 R, D = 120, 8
 

@@ -9,10 +9,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engram.fetchproc import ProcessStorage
 from engram.rowindex import RowIndex
 from engram.storage import (CachedStorage, MemoryStorage, MmapStorage, StorageConfig, StorageError,
                             StorageKind, open_layer_storage)
 from engram.tablefile import write_table
+from _table_helpers import one_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROWS, DIM = 700, 6
 
@@ -117,8 +121,10 @@ def _reference_lru(batches, capacity):
 @given(batches=st.lists(st.lists(st.integers(0, 80), max_size=40), min_size=1, max_size=30),
        capacity=st.integers(1, 60))
 def test_lru_is_exact(files, batches, capacity):
-    c = CachedStorage(MmapStorage(files["fp32"], 3), capacity, "lru")
-    c._LOG_SLACK = 1  # noqa: SLF001 - compact often to exercise it
+    class Tight(CachedStorage):  # the smallest touch log: compacts often
+        _LOG_SLACK, _LOG_MIN = 2, 0
+
+    c = Tight(MmapStorage(files["fp32"], 3), capacity, "lru")
     for rows in batches:
         c.lookup(torch.tensor(rows, dtype=torch.int64), torch.empty(len(rows), DIM))
     assert c.stats.hits == _reference_lru(batches, capacity)
@@ -167,10 +173,43 @@ def test_storage_config_validation(files):
         StorageConfig(path="x", kind="cached", cache_rows=0)
     with pytest.raises(StorageError, match="cache_policy"):
         StorageConfig(path="x", kind="cached", cache_policy="fifo")
-    cfg = StorageConfig(path=str(files["fp32"].path), kind="cached", cache_rows=10)
+    cfg = StorageConfig(path=str(files["fp32"].path), kind="cached", cache_rows=10, process=False)
     assert cfg.kind is StorageKind.CACHED and not cfg.is_default and StorageConfig(prefetch=False).is_default
     tier = open_layer_storage(cfg, files["fp32"], 3)
     assert isinstance(tier, CachedStorage) and [n for n, _ in tier.tiers()] == ["cached", "mmap"]
+    tier.close()
+
+
+def test_process_tier_equals_memory_and_reports_stats(files, table):
+    cfg = StorageConfig(path=str(files["bf16"].path), kind="cached", cache_rows=50, io_threads=2)
+    tier = open_layer_storage(cfg, files["bf16"], 3)
+    assert isinstance(tier, ProcessStorage)
+    ref = _ref(table, "bf16")
+    g = torch.Generator().manual_seed(3)
+    try:
+        for n in (10, 300, 70_000):  # the last one outgrows the first shared buffer
+            rows = torch.randint(0, ROWS, (n,), generator=g)
+            out = torch.empty(n, DIM)
+            tier.lookup(rows, out)
+            assert torch.equal(out, ref[rows])
+        names = [n for n, _ in tier.tiers()]
+        assert names == ["cached", "mmap"] and tier.stats.hits + tier.stats.misses == tier.stats.unique_rows
+        assert tier.stats.misses == dict(tier.tiers())["mmap"].unique_rows > 0
+        tier.reset_stats()
+        assert tier.stats.unique_rows == 0
+        with pytest.raises(StorageError, match=r"rows \[0, 700\)"):
+            tier.lookup(torch.tensor([700]), torch.empty(1, DIM))
+    finally:
+        tier.close()
+    assert tier._proc.poll() is not None  # the helper exited
+
+
+def test_process_tier_reports_a_dead_helper(files):
+    tier = ProcessStorage(StorageConfig(path=str(files["fp32"].path), kind="mmap"), files["fp32"], 3)
+    tier._proc.kill()
+    tier._proc.wait()
+    with pytest.raises(StorageError, match="died"):
+        tier.lookup(torch.tensor([1]), torch.empty(1, DIM))
     tier.close()
 
 

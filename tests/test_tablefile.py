@@ -18,7 +18,9 @@ from engram.tablefile import (ALIGN, TableFileError, TableMismatchError, TableWr
                               check_compatible, open_table, read_header, read_layer, save_model_tables,
                               verify_checksums, write_table)
 
-from _table_helpers import VOCAB, compression, tiny_model
+from _table_helpers import VOCAB, compression, one_thread, tiny_model  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -141,6 +141,18 @@ def access_report(hasher: NgramHasher, shard: "data.Shard", *, batch_size: int =
                   policies: Sequence[str] = CACHE_POLICIES, progress: bool = False,
                   seed: int = 0) -> dict[str, Any]:
     """Rank-frequency and cache hit rates for every Engram layer on ``shard`` (see module docstring)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops per batch: one thread is faster, and immune to busy cores
+    try:
+        return _access_report(hasher, shard, batch_size, seq_len, max_tokens, order, capacities,
+                              policies, progress, seed)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _access_report(hasher: NgramHasher, shard: "data.Shard", batch_size: int, seq_len: int,
+                   max_tokens: Optional[int], order: str, capacities: Sequence[int],
+                   policies: Sequence[str], progress: bool, seed: int) -> dict[str, Any]:
     bad = [p for p in policies if p not in CACHE_POLICIES]
     if bad:
         raise ValueError(f"policies {bad} unknown; choose from {CACHE_POLICIES}")

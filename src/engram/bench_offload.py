@@ -16,7 +16,8 @@ The forward is evaluation's (``model(x, y)`` under ``no_grad``, prefetch via
 mapped with ``MADV_RANDOM`` and, after every read, its pages are dropped from the mapping
 (``MADV_DONTNEED``) and from the page cache (``POSIX_FADV_DONTNEED``), so every cache miss is a
 disk read. The pools start in steady state: they are first filled by replaying the row lookups
-of the ``warm_batches`` batches that precede the timed ones in the stream (no forward), and the
+of the ``warm_batches`` batches that precede the timed ones in the stream (no forward; read
+through the page cache because it is not timed, which is then dropped again), and the
 no-prefetch pool gets a copy of the prefetch pool. Round 0 of the timed loop is not timed
 either (allocators, threads). ``overhead = 1 - offload / in_memory``.
 
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig, preset
 from .offload import attach_tables, build_model_without_tables, table_runtime
-from .storage import CachedStorage, MemoryStorage, MmapStorage
+from .storage import CachedStorage, MemoryStorage, MmapStorage, StorageConfig, open_layer_storage
 from .tablefile import TableWriter, open_table, save_model_tables
 
 COLD_METHOD = ("mmap with MADV_RANDOM; after every read the layer's pages are dropped from the "
@@ -65,6 +66,24 @@ def _compression(cfg: ModelConfig, data_dir: Path):
     return _dataset_compression(cfg, load_dataset(data_dir), data_dir)
 
 
+def _set_cold(st: Any, cold: bool) -> None:
+    """Switch a cached tier's file reads between cold (pages dropped after reads) and cached."""
+    if hasattr(st, "set_cold"):  # served by a helper process
+        st.set_cold(cold)
+    elif isinstance(st, CachedStorage) and isinstance(st.backing, MmapStorage):
+        st.backing.cold = cold
+        if cold:
+            st.backing.drop_page_cache()
+
+
+def _read_through(path: Path, chunk: int = 64 << 20) -> None:
+    """Read a file once so that its pages are in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        while f.readinto(buf):
+            pass
+
+
 def bench_config(vocab_size: int, table_rows_per_order: int) -> ModelConfig:
     """The ``engram-moe`` preset with bigger tables (rows per head ~ ``table_rows_per_order``)."""
     cfg = preset("engram-moe", vocab_size)
@@ -81,11 +100,12 @@ def _loadavg() -> list[float]:
 
 
 def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_len: int = 256,
-                  rounds: int = 4, batches_per_round: int = 6, warm_batches: int = 100,
+                  rounds: int = 4, batches_per_round: int = 6, warm_batches: int = 200,
                   cache_rows: int = 1 << 20,
                   table_rows_per_order: int = 409_600, policy: str = "lru", io_threads: int = 16,
                   dtype: str = "fp32", cold: bool = True, workdir: Optional[str] = None,
-                  threads: Optional[int] = 1, progress: bool = False, seed: int = 0) -> dict[str, Any]:
+                  threads: Optional[int] = 1, process: bool = True, progress: bool = False,
+                  seed: int = 0) -> dict[str, Any]:
     """Tokens/s of the three modes (see the module docstring) and the offload overhead.
 
     ``threads`` sets torch's intra-op threads for the run (restored afterwards; None keeps
@@ -130,8 +150,9 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
                 storages = {e.layer_id: MemoryStorage(e.multi_head_embedding.embedding.weight)
                             for e in mem.engram_layers}
             else:
-                storages = {lid: CachedStorage(MmapStorage(header, lid, io_threads=io_threads, cold=cold),
-                                               cache_rows, policy) for lid in header.layers}
+                scfg = StorageConfig(path=str(table_path), kind="cached", cache_rows=cache_rows,
+                                     cache_policy=policy, io_threads=io_threads, cold=cold, process=process)
+                storages = {lid: open_layer_storage(scfg, header, lid) for lid in header.layers}
             attach_tables(m, storages, prefetch=prefetch)
             return m.eval()
 
@@ -144,24 +165,28 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
             raise ValueError(f"the dataset has only {len(batches)} batches of {batch_size} x {seq_len}; "
                              f"lower warm_batches, rounds or batches_per_round")
         warm, batches = batches[:warm_batches], batches[warm_batches:]
-        with torch.no_grad():  # same numbers from all three (checked bit for bit)
-            ref = mem(*batches[0]).logits
-            equal = all(torch.equal(ref, m(*batches[0]).logits) for k, m in models.items() if k != "in_memory")
-        # Steady state: fill the pools from the stream's first `warm_batches` batches (lookups
-        # only, no forward), then give the no-prefetch runtime an identical copy.
+        # Steady state: both pools replay the row lookups of the stream's first `warm_batches`
+        # batches (no forward; through the page cache, since this is not timed), then go cold.
         pf_rt, np_rt = table_runtime(models["offload"]), table_runtime(models["no_prefetch"])
         assert pf_rt is not None and np_rt is not None
         t_warm = time.perf_counter()
-        for st in pf_rt.storages.values():
-            st.clear()
+        for rt in (pf_rt, np_rt):
+            for st in rt.storages.values():
+                _set_cold(st, False)
+        _read_through(table_path)
         for x, _ in tqdm(warm, desc="warm pools", disable=not progress, leave=False):
             hashed = mem.hasher.hash(x)
-            for lid, ids in hashed.items():
-                pf_rt._fetch(lid, ids)
-        for lid, st in np_rt.storages.items():
-            st.copy_state_from(pf_rt.storages[lid])
+            for rt in (pf_rt, np_rt):
+                for lid, ids in hashed.items():
+                    rt._fetch(lid, ids)
+        for rt in (pf_rt, np_rt):
+            for st in rt.storages.values():
+                _set_cold(st, cold)  # measured reads start cold (pages dropped)
         warm_s = time.perf_counter() - t_warm
         warm_hit_rate = pf_rt.stats()["hit_rate"]
+        with torch.no_grad():  # same numbers from all four (checked bit for bit) on round 0's batch
+            ref = mem(*batches[0]).logits
+            equal = all(torch.equal(ref, m(*batches[0]).logits) for k, m in models.items() if k != "in_memory")
         for rt in (pf_rt, np_rt):
             rt.reset_stats()
         setup_s = time.perf_counter() - t_setup
@@ -197,7 +222,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
         assert pf is not None and npf is not None
         st_pf, st_np = pf.stats(), npf.stats()
         file_bytes = header.file_bytes
-        pool_bytes = sum(s.nbytes for s in pf.storages.values())
+        pool_bytes = len(header.layers) * CachedStorage.ram_bytes(cache_rows, header.dim, header.itemsize, policy)
         result = {
             "bench": "offload",
             "in_memory_tokens_per_s": tps["in_memory"],
@@ -218,7 +243,8 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
             "bytes_read": {"offload": sum(l["mmap"]["bytes_read"] for l in st_pf["layers"].values())},
             "table": {"file_bytes": file_bytes, "rows": header.rows, "dim": header.dim, "dtype": dtype,
                       "pool_rows_per_layer": cache_rows, "pool_bytes": pool_bytes,
-                      "file_to_pool": file_bytes / pool_bytes, "policy": policy, "io_threads": io_threads},
+                      "file_to_pool": file_bytes / pool_bytes, "policy": policy, "io_threads": io_threads,
+                      "fetch_process": process},
             "cold_storage": COLD_METHOD if cold else "warm page cache (cold=False)",
             "batch_size": batch_size, "seq_len": seq_len, "rounds": rounds,
             "batches_per_round": batches_per_round, "warmup_rounds": 1,
@@ -356,11 +382,13 @@ def bench_large_table(data_dir: Optional[str] = None, *, size_gib: float = 32.0,
 # ----------------------------------------------------------------------------- table optimizers
 def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, batch_size: int = 16,
                           seq_len: int = 128, preset_name: str = "engram-moe", rounds: int = 3,
-                          workdir: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
+                          threads: Optional[int] = 1, workdir: Optional[str] = None,
+                          progress: bool = False) -> dict[str, Any]:
     """Training step time with dense Adam vs SparseRowAdam on the tables (same model, same batches).
 
     Both runs start from the same weights; steps alternate between them in rounds so machine
     noise hits both alike. Also reports the tables' optimizer-state bytes for each.
+    ``threads``: torch intra-op threads (restored afterwards; None = torch's default).
     """
     from .config import TrainConfig
     from .data import get_batch, load_dataset
@@ -369,7 +397,10 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
     from .train import build_optimizers
 
     tmp = Path(tempfile.mkdtemp(prefix="engram-bench-", dir=workdir))
+    prev_threads = torch.get_num_threads()
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         data_path = _prepare_data(data_dir, tmp, progress)
         ds = load_dataset(data_path)
         cfg = preset(preset_name, int(ds.meta["vocab_size"]))
@@ -397,7 +428,7 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
                         o.step()
                         o.zero_grad(set_to_none=True)
                     model.update_moe_bias()
-                    losses[name].append(float(loss))
+                    losses[name].append(float(loss.detach()))
                 if r > 0:  # round 0 warms up allocators and the sparse state
                     times[name].append(time.perf_counter() - t0)
             step += steps
@@ -409,10 +440,14 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
             "speedup": sps["sparse_adam"] / sps["adam"],
             "adam_table_state_bytes": dense_state,
             "sparse_adam_table_state_bytes": runs["sparse_adam"][1]["tables"].state_nbytes(),
+            "sparse_adam_rows_with_state": sum(runs["sparse_adam"][1]["tables"].state_rows(p)
+                                               for p in runs["sparse_adam"][0].table_parameters()),
+            "table_rows": sum(p.shape[0] for p in runs["adam"][0].table_parameters()),
             "table_bytes": sum(p.numel() * p.element_size() for p in runs["adam"][0].table_parameters()),
             "final_loss": {k: statistics.mean(v[-steps:]) for k, v in losses.items()},
             "steps_timed": {k: steps * len(v) for k, v in times.items()},
             "torch_threads": torch.get_num_threads(), "loadavg": _loadavg(),
         }
     finally:
+        torch.set_num_threads(prev_threads)
         shutil.rmtree(tmp, ignore_errors=True)

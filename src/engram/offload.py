@@ -32,7 +32,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -43,7 +43,8 @@ import torch.nn as nn
 from .config import ModelConfig
 from .hashing import NgramHasher
 from .layer import MultiHeadEmbedding
-from .storage import MemoryStorage, StorageConfig, StorageError, StorageKind, TableStorage, open_layer_storage
+from .storage import (MemoryStorage, StorageConfig, StorageError, StorageKind, TableStorage,
+                      open_layer_storage, worker_pool)
 from .tablefile import TableHeader, open_table, read_layer
 
 PathLike = Union[str, Path]
@@ -117,7 +118,7 @@ class TableRuntime:
             if st.num_rows != rows or st.dim != self.dims[lid]:
                 raise StorageError(f"layer {lid}: storage holds [{st.num_rows}, {st.dim}] but the layer "
                                    f"needs [{rows}, {self.dims[lid]}]")
-        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="engram-prefetch") if prefetch else None)
+        self._pool = worker_pool(1, "engram-prefetch") if prefetch else None
         self._pending: deque[_Ticket] = deque(maxlen=8)  # submitted by prefetch_batches
         self._current: Optional[_Ticket] = None  # the ticket of the forward now running
         self._hook = None
@@ -136,15 +137,24 @@ class TableRuntime:
     def _fetch_rows(self, layer_id: int, rows: torch.Tensor) -> Any:
         """Global table rows [B,T,H] (CPU) -> [B,T,H,Dh]: dedupe, one lookup, expand."""
         ids = rows
-        uniq, inv = torch.unique(rows.reshape(-1), return_inverse=True)  # [U], [B*T*H]
         dim = self.dims[layer_id]
-        vals = torch.empty(uniq.numel(), dim, dtype=self.out_dtype)
-        self.storages[layer_id].lookup(uniq, vals, unique=True)
         shape = (*ids.shape, dim)
+        storage = self.storages[layer_id]
+        if getattr(storage, "dedupes", False):  # a helper process dedupes and expands itself
+            vals = torch.empty(rows.numel(), dim, dtype=self.out_dtype)
+            storage.lookup(rows.reshape(-1), vals)
+            inv = None
+        else:
+            uniq, inv = torch.unique(rows.reshape(-1), return_inverse=True)  # [U], [B*T*H]
+            vals = torch.empty(uniq.numel(), dim, dtype=self.out_dtype)
+            storage.lookup(uniq, vals, unique=True)
         if not self._cuda:
-            return vals[inv].view(shape)
-        host = torch.empty(inv.numel(), dim, dtype=self.out_dtype, pin_memory=True)
-        torch.index_select(vals, 0, inv, out=host)
+            return (vals if inv is None else vals[inv]).view(shape)
+        host = torch.empty(rows.numel(), dim, dtype=self.out_dtype, pin_memory=True)
+        if inv is None:
+            host.copy_(vals)
+        else:
+            torch.index_select(vals, 0, inv, out=host)
         with torch.cuda.stream(self._stream):
             dev = host.view(shape).to(self.device, non_blocking=True)
             event = torch.cuda.Event()
@@ -284,8 +294,11 @@ class TableRuntime:
     def reset_stats(self) -> None:
         self.stall_s, self.fetches = 0.0, 0
         for st in self.storages.values():
+            if hasattr(st, "reset_stats"):  # a helper process keeps the real counters
+                st.reset_stats()
             for _, s in st.tiers():
                 s.reset()
+            st.stats.reset()
 
     def close(self) -> None:
         if self._hook is not None:
@@ -477,7 +490,7 @@ class BatchPrefetcher:
     def __init__(self, make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
                  hasher: Optional[NgramHasher], device: Union[str, torch.device] = "cpu") -> None:
         self.make_batch, self.hasher, self.device = make_batch, hasher, torch.device(device)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-batches")
+        self._pool = worker_pool(1, "engram-batches")
         self._next: Optional[tuple[int, Future]] = None
         self.wait_s = 0.0
 

@@ -3,7 +3,7 @@
 Both the row cache (``storage.CachedStorage``: row -> pool slot) and the sparse optimizer
 (``sparse_adam.SparseRowAdam``: row -> state slot) need "where is row r?" for a few thousand
 rows per step out of up to billions. A dense ``[rows]`` array would cost memory proportional to
-the table; this map costs ~32 bytes per entry instead. It is open addressing with linear
+the table; this map costs 24-48 bytes per entry instead (12 bytes per hash slot). It is open addressing with linear
 probing over power-of-two arrays (load factor <= 1/2), and every operation works on a whole
 batch of rows at once with torch ops, one probe round per loop iteration (a handful of rounds
 at this load factor), so the Python overhead is per batch, not per row.
@@ -27,16 +27,16 @@ _MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: Fibonacci hashing
 
 
 class RowIndex:
-    """Map int64 row ids (>= 0) to int64 values (slots). ``capacity``: live entries it must hold.
+    """Map int64 row ids (>= 0) to slots (values < 2^31). ``capacity``: live entries it must hold.
 
-    ``grow=True`` lets :meth:`insert` go past ``capacity`` by doubling (the sparse optimizer);
-    a cache uses a fixed capacity.
+    ``grow=True`` lets :meth:`insert` go past ``capacity`` by doubling, up to ``limit`` entries
+    if given (the sparse optimizer: at most the table's rows); a cache uses a fixed capacity.
     """
 
-    def __init__(self, capacity: int, grow: bool = False) -> None:
+    def __init__(self, capacity: int, grow: bool = False, limit: Optional[int] = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity={capacity} must be >= 1")
-        self.grow = grow
+        self.grow, self.limit = grow, limit
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
@@ -45,7 +45,7 @@ class RowIndex:
         self.bits = bits
         self.mask = (1 << bits) - 1
         self.keys = torch.full((1 << bits,), _EMPTY, dtype=torch.int64)  # [S]
-        self.vals = torch.zeros(1 << bits, dtype=torch.int64)  # [S]
+        self.vals = torch.zeros(1 << bits, dtype=torch.int32)  # [S] slots (< 2^31)
         self.count = 0
         self.tombs = 0
 
@@ -54,7 +54,12 @@ class RowIndex:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.numel() * 16
+        return self.keys.numel() * 12
+
+    @staticmethod
+    def nbytes_for(capacity: int) -> int:
+        """Bytes of an index built for ``capacity`` entries."""
+        return (1 << max(4, (2 * capacity - 1).bit_length())) * 12
 
     def _home(self, rows: torch.Tensor) -> torch.Tensor:
         # Multiply-shift: the top `bits` bits of rows * golden ratio, well spread even for
@@ -78,7 +83,7 @@ class RowIndex:
             hit = k == r
             if bool(hit.any()):
                 hp = pos[hit]
-                vals[active[hit]] = self.vals[hp]
+                vals[active[hit]] = self.vals[hp].long()
                 where[active[hit]] = hp
             go = ~hit & (k != _EMPTY)  # a tombstone or another key: keep probing
             active, r, pos = active[go], r[go], (pos[go] + 1) & self.mask
@@ -88,7 +93,7 @@ class RowIndex:
     def insert(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Add rows [U] (distinct, not present) with values [U]."""
         rows = rows.reshape(-1)
-        values = values.reshape(-1).to(torch.int64)
+        values = values.reshape(-1).to(torch.int32)
         n = rows.numel()
         if n == 0:
             return
@@ -96,12 +101,14 @@ class RowIndex:
             if not self.grow:
                 raise ValueError(f"RowIndex is full: {self.count} + {n} rows exceed capacity "
                                  f"{self.capacity}; evict first or build it with grow=True")
-            self._rebuild(max(2 * self.capacity, self.count + n))
+            new = max(2 * self.capacity, self.count + n)
+            self._rebuild(new if self.limit is None else max(min(new, self.limit), self.count + n))
         elif self.count + self.tombs + n > (3 << self.bits) // 4:
             self._rebuild(self.capacity)  # too many tombstones: probe chains get long
         self._place(rows, values)
 
     def _place(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        values = values.to(torch.int32)
         active = torch.arange(rows.numel())
         pos = self._home(rows)
         while active.numel():
@@ -138,12 +145,12 @@ class RowIndex:
         self.remove_at(where[where >= 0])
 
     def set_values_at(self, positions: torch.Tensor, values: torch.Tensor) -> None:
-        self.vals[positions] = values.to(torch.int64)
+        self.vals[positions] = values.to(torch.int32)
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, values) of every live entry, in slot order."""
         live = self.keys >= 0
-        return self.keys[live].clone(), self.vals[live].clone()
+        return self.keys[live].clone(), self.vals[live].to(torch.int64)
 
     def _rebuild(self, capacity: Optional[int] = None) -> None:
         rows, vals = self.items()

@@ -39,9 +39,11 @@ from .rowindex import RowIndex
 class _RowState:
     """Moments and step counts of the touched rows of one [R, Dh] parameter."""
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, capacity: int = 1024) -> None:
-        self.dim, self.dtype, self.device = dim, dtype, device
-        self.index = RowIndex(capacity, grow=True)
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, max_rows: int,
+                 capacity: int = 1024) -> None:
+        self.dim, self.dtype, self.device, self.max_rows = dim, dtype, device, max_rows
+        capacity = max(1, min(capacity, max_rows))
+        self.index = RowIndex(capacity, grow=True, limit=max_rows)
         self.rows = torch.empty(capacity, dtype=torch.int64)  # [cap] row held by each slot
         self.exp_avg = torch.zeros(capacity, dim, dtype=dtype, device=device)  # [cap, Dh]
         self.exp_avg_sq = torch.zeros(capacity, dim, dtype=dtype, device=device)  # [cap, Dh]
@@ -52,7 +54,7 @@ class _RowState:
         cap = self.rows.numel()
         if need <= cap:
             return
-        new = max(2 * cap, need)
+        new = min(max(2 * cap, need), max(self.max_rows, need))  # doubling, but never past the table
         for name in ("rows", "steps"):
             old = getattr(self, name)
             t = torch.zeros(new, dtype=old.dtype)
@@ -112,7 +114,7 @@ class SparseRowAdam(torch.optim.Optimizer):
     def _state(self, p: torch.Tensor) -> _RowState:
         st = self._rows.get(p)
         if st is None:
-            st = self._rows[p] = _RowState(p.shape[1], p.dtype, p.device)
+            st = self._rows[p] = _RowState(p.shape[1], p.dtype, p.device, p.shape[0])
         return st
 
     @staticmethod
@@ -230,7 +232,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                                  f"{tuple(entry['steps'].shape)} do not fit {n} rows of width {p.shape[1]}")
             if n and (int(rows.min()) < 0 or int(rows.max()) >= p.shape[0]):
                 raise ValueError(f"SparseRowAdam state {idx}: row ids outside the table's {p.shape[0]} rows")
-            st = _RowState(p.shape[1], p.dtype, p.device, capacity=max(1024, n))
+            st = _RowState(p.shape[1], p.dtype, p.device, p.shape[0], capacity=max(1024, n))
             if n:
                 st.slots_for(rows)  # slots 0..n-1 in order: rows are distinct
                 st.exp_avg[:n] = entry["exp_avg"].to(p.dtype)

@@ -74,6 +74,8 @@ class StorageConfig:
     ``prefetch``: fetch rows on a background thread ahead of the layer that needs them.
     ``io_threads``: parallel reads from a mapped file. ``cold``: drop the file's pages from the
     page cache after every read (honest cold-storage benchmarks; slow for real use).
+    ``process``: run file-backed tiers in a helper process (``engram.fetchproc``) so their
+    bookkeeping does not contend with the model for the GIL (see docs/storage.md).
     """
 
     path: Optional[str] = None
@@ -83,6 +85,7 @@ class StorageConfig:
     prefetch: bool = True
     io_threads: int = 8
     cold: bool = False
+    process: bool = True
 
     def __post_init__(self) -> None:
         self.kind = StorageKind.parse(self.kind)
@@ -135,6 +138,32 @@ class TierStats:
         d = asdict(self)
         d["hit_rate"] = self.hit_rate
         return d
+
+
+def _set_threads(n: int) -> None:
+    torch.get_num_threads()  # finish torch's lazy per-thread set-up, or it would undo the next line
+    torch.set_num_threads(n)
+
+
+def single_thread_worker(default: int) -> None:
+    """``ThreadPoolExecutor`` initializer: torch ops on this worker thread use one core.
+
+    Prefetch and I/O workers run small gathers next to the model's own parallel ops; giving
+    each worker its own OpenMP team oversubscribes the cores (on a busy 2-core machine the
+    cache bookkeeping ran 40x slower with two threads than with one). ``set_num_threads``
+    also changes the count that threads created later start with, so ``default`` (the
+    creating thread's count) is put back from a short-lived helper thread.
+    """
+    _set_threads(1)
+    helper = threading.Thread(target=_set_threads, args=(default,))
+    helper.start()
+    helper.join()
+
+
+def worker_pool(n: int, name: str) -> ThreadPoolExecutor:
+    """A pool of ``n`` single-torch-thread workers (see :func:`single_thread_worker`)."""
+    return ThreadPoolExecutor(n, thread_name_prefix=name, initializer=single_thread_worker,
+                              initargs=(torch.get_num_threads(),))
 
 
 def _check_rows(rows: torch.Tensor, num_rows: int, out: torch.Tensor, dim: int) -> torch.Tensor:
@@ -255,7 +284,7 @@ class MmapStorage(TableStorage):
             torch.index_select(self.view, 0, rows, out=out)
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="engram-io")
+            self._pool = worker_pool(self.io_threads, "engram-io")
         bounds = [n * i // k for i in range(k + 1)]
 
         def part(i: int) -> None:
@@ -315,7 +344,8 @@ class CachedStorage(TableStorage):
     """
 
     kind = StorageKind.CACHED
-    _LOG_SLACK = 4  # log entries per pool slot before compaction
+    _LOG_SLACK = 2  # log entries per pool slot before compaction (>= 2: one lookup adds <= capacity)
+    _LOG_MIN = 1024
 
     def __init__(self, backing: TableStorage, capacity: int, policy: str = "lru") -> None:
         if capacity < 1:
@@ -328,13 +358,13 @@ class CachedStorage(TableStorage):
         self.pool = torch.empty(self.capacity, self.dim, dtype=self.dtype)  # [C, Dh] hot rows
         self.slot_row = torch.full((self.capacity,), -1, dtype=torch.int64)  # row held by each slot
         self.last_used = torch.zeros(self.capacity, dtype=torch.int64)  # tick of last use
-        self.freq = torch.zeros(self.capacity, dtype=torch.int64)  # uses since admission (lfu)
+        self.freq = torch.zeros(self.capacity, dtype=torch.int32)  # uses since admission (lfu)
         self.index = RowIndex(self.capacity)
         self.used = 0  # slots filled so far (they fill in order, then stay full)
         self.tick = 0
-        n_log = self._LOG_SLACK * self.capacity + 1024 if policy == "lru" else 0
-        self._log_slot = torch.empty(n_log, dtype=torch.int64)  # lru: touched slots, oldest first
-        self._log_tick = torch.empty(n_log, dtype=torch.int64)  # ... and the tick of each touch
+        n_log = self._LOG_SLACK * self.capacity + self._LOG_MIN if policy == "lru" else 0
+        self._log_slot = torch.empty(n_log, dtype=torch.int32)  # lru: touched slots, oldest first
+        self._log_tick = torch.empty(n_log, dtype=torch.int32)  # ... and the tick of each touch
         self._head = self._tail = 0
 
     def _lookup(self, rows: torch.Tensor, out: torch.Tensor, unique: bool) -> None:
@@ -392,7 +422,7 @@ class CachedStorage(TableStorage):
         self._log(slots_t)
 
     def _lfu_victims(self, need: int, used: int) -> torch.Tensor:
-        score = self.freq[:used] * (1 << 32) + self.last_used[:used]  # frequency, then age
+        score = self.freq[:used].to(torch.int64) * (1 << 32) + self.last_used[:used]  # frequency, then age
         score[self.last_used[:used] == self.tick] = torch.iinfo(torch.int64).max
         return torch.topk(score, need, largest=False, sorted=False).indices
 
@@ -429,11 +459,11 @@ class CachedStorage(TableStorage):
             ok = torch.nonzero((self.last_used[s] == t) & (t != self.tick)).reshape(-1)
             k = need - got
             if ok.numel() >= k:
-                out.append(s[ok[:k]])
+                out.append(s[ok[:k]].long())
                 got = need
                 self._head += int(ok[k - 1]) + 1
             else:
-                out.append(s[ok])
+                out.append(s[ok].long())
                 got += ok.numel()
                 current = torch.nonzero(t == self.tick).reshape(-1)
                 if current.numel():  # reached this lookup's touches: nothing older is left
@@ -477,8 +507,14 @@ class CachedStorage(TableStorage):
 
     @property
     def nbytes(self) -> int:
-        """RAM of the fast tier: the pool, its per-slot bookkeeping and the index."""
-        return self.pool.numel() * self.pool.element_size() + self.capacity * 24 + self.index.nbytes
+        """RAM of the fast tier: rows, per-slot bookkeeping, index and LRU log."""
+        return self.ram_bytes(self.capacity, self.dim, self.pool.element_size(), self.policy)
+
+    @classmethod
+    def ram_bytes(cls, capacity: int, dim: int, itemsize: int, policy: str = "lru") -> int:
+        """RAM a pool of ``capacity`` rows needs: rows + 20 B/slot + index + (lru) touch log."""
+        log = (cls._LOG_SLACK * capacity + cls._LOG_MIN) * 8 if policy == "lru" else 0
+        return capacity * dim * itemsize + capacity * 20 + RowIndex.nbytes_for(capacity) + log
 
     def tiers(self) -> list[tuple[str, TierStats]]:
         return [(self.kind.value, self.stats), *self.backing.tiers()]
@@ -500,6 +536,10 @@ def open_layer_storage(cfg: StorageConfig, header: Optional[TableHeader], layer_
         return MemoryStorage(memory_table)
     if header is None:
         raise StorageError(f"storage={cfg.kind.value!r} needs a table file (--table FILE)")
+    if cfg.process:
+        from .fetchproc import ProcessStorage
+
+        return ProcessStorage(cfg, header, layer_id)
     backing = MmapStorage(header, layer_id, io_threads=cfg.io_threads, cold=cfg.cold)
     if cfg.kind == StorageKind.MMAP:
         return backing

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 GATES_DIR = "gates"
 
@@ -313,7 +313,7 @@ def cmd_train_gate(args) -> int:
     fit = collect(lm, index, tokens, parity="even", **kw)
     test = collect(lm, index, tokens, parity="odd", **kw)
     cfg = GateConfig(estimator=args.estimator, kn_order=args.kn_order,
-                     hidden_size=0 if args.no_hidden else model.cfg.hidden_size)
+                     hidden_size=model.cfg.hidden_size if args.hidden else 0, hidden_bound=args.hidden_bound)
     gate, info = train_gate(fit, cfg, steps=args.steps, seed=args.seed, progress=not args.quiet)
     lam_f, mu_f, _ = best_fixed(fit, args.estimator)
     lam_o, mu_o, loss_o = best_fixed(test, args.estimator)
@@ -417,7 +417,10 @@ def register(sub, bench) -> None:
     g.add_argument("--estimator", default="both", choices=["both", "kn", "infgram"],
                    help="N-gram side: both = gated blend of infgram and KN (default), or one of them")
     g.add_argument("--kn-order", type=int, default=5)
-    g.add_argument("--no-hidden", action="store_true", help="features only (ignore the LM hidden state)")
+    g.add_argument("--hidden", action="store_true",
+                   help="also feed the LM's hidden state (better perplexity, weaker recall of new facts)")
+    g.add_argument("--hidden-bound", type=float, default=0.5,
+                   help="with --hidden: max shift of a gate logit by the hidden state (0 = unbounded)")
     g.add_argument("--steps", type=int, default=400)
     g.add_argument("--seq-len", type=int)
     g.add_argument("--batch-size", type=int, default=16)

@@ -39,6 +39,8 @@ def add_storage_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io-threads", type=int, default=8, help="parallel reads from the file (default 8)")
     g.add_argument("--cold", action="store_true",
                    help="drop the file's pages from the page cache after every read (benchmarks)")
+    g.add_argument("--fetch-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve mmap/cached tiers from a helper process, off the model's GIL (default on)")
 
 
 def add_train_table_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +63,7 @@ def storage_from_args(args: argparse.Namespace) -> Optional[StorageConfig]:
         kind = "cached" if table is not None else "memory"
     return StorageConfig(path=table, kind=kind, cache_rows=args.cache_rows, cache_policy=args.cache_policy,
                          prefetch=True if prefetch is None else prefetch, io_threads=args.io_threads,
-                         cold=args.cold)
+                         cold=args.cold, process=args.fetch_process)
 
 
 def load_for_generation(ckpt: str, args: argparse.Namespace):
@@ -181,6 +183,12 @@ def _hasher_for(args: argparse.Namespace, ds: Any):
         from ..train import _dataset_compression
 
         cfg = preset(args.preset, int(ds.meta["vocab_size"]))
+        if args.table_rows and cfg.engram is not None:  # e.g. the offload benchmark's bigger tables
+            import dataclasses
+
+            eng = dataclasses.replace(cfg.engram, engram_vocab_size=(args.table_rows,) * len(
+                cfg.engram.engram_vocab_size))
+            cfg = dataclasses.replace(cfg, engram=eng)
         compression = _dataset_compression(cfg, ds, Path(args.data))
     if cfg.engram is None:
         raise ValueError(f"{args.ckpt or args.preset} has no Engram layers; pick an engram-* preset or run")
@@ -216,7 +224,8 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
                         cache_rows=args.cache_rows,
                         table_rows_per_order=args.table_rows, policy=args.policy,
                         io_threads=args.io_threads, dtype=args.dtype, cold=not args.warm,
-                        workdir=args.workdir, threads=args.threads, progress=not args.json)
+                        workdir=args.workdir, threads=args.threads, process=args.fetch_process,
+                        progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -246,7 +255,8 @@ def cmd_bench_table_optimizer(args: argparse.Namespace) -> int:
     from ..bench_offload import bench_table_optimizer
 
     res = bench_table_optimizer(args.data, steps=args.steps, batch_size=args.batch_size,
-                                seq_len=args.seq_len, rounds=args.rounds, progress=not args.json)
+                                seq_len=args.seq_len, rounds=args.rounds, threads=args.threads,
+                                progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -281,6 +291,7 @@ def register(sub: Any, bench: Any) -> None:
     src = s.add_mutually_exclusive_group()
     src.add_argument("--ckpt", help="use this run's hashing configuration")
     src.add_argument("--preset", default="engram-moe", help="or a preset's (default engram-moe)")
+    s.add_argument("--table-rows", type=int, help="with --preset: engram_vocab_size per order (bigger tables)")
     s.add_argument("--split", choices=["train", "val"], default="train")
     s.add_argument("--tokens", type=int, default=1_000_000, help="tokens of the stream (default 1M)")
     s.add_argument("--batch-size", type=int, default=16)
@@ -301,7 +312,7 @@ def register(sub: Any, bench: Any) -> None:
     o.add_argument("--seq-len", type=int, default=256)
     o.add_argument("--rounds", type=int, default=4, help="timed rounds (plus one warm-up)")
     o.add_argument("--batches", type=int, default=6, help="batches per round and mode")
-    o.add_argument("--warm-batches", type=int, default=100,
+    o.add_argument("--warm-batches", type=int, default=200,
                    help="batches of the stream replayed into the pools first (steady state)")
     o.add_argument("--cache-rows", type=int, default=1 << 20, help="pool rows per layer")
     o.add_argument("--table-rows", type=int, default=409_600, help="engram_vocab_size per order")
@@ -309,6 +320,8 @@ def register(sub: Any, bench: Any) -> None:
     o.add_argument("--io-threads", type=int, default=16)
     o.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     o.add_argument("--warm", action="store_true", help="keep the page cache (default: cold reads)")
+    o.add_argument("--fetch-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the cached tier in a helper process (default) or on a thread")
     o.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the model (default 1: the other core serves I/O)")
     o.add_argument("--workdir", help="where the temporary table file goes (default: $TMPDIR)")
@@ -322,6 +335,7 @@ def register(sub: Any, bench: Any) -> None:
     to.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
     to.add_argument("--batch-size", type=int, default=16)
     to.add_argument("--seq-len", type=int, default=128)
+    to.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     to.set_defaults(fn=cmd_bench_table_optimizer)
 
     lt = bench.add_parser("large-table", help="a table larger than RAM (default 32 GiB, deleted after): "

@@ -251,7 +251,7 @@ def _markdown_vs(rec: dict[str, Any]) -> str:
              f"Queries sampled from the val split: {rec['queries']['count']} count (n = 1, 2, 3, 5, 8), "
              f"{rec['queries']['ntd']} ntd contexts (n = 1, 2, 3, 5; seen in train), {rec['queries']['infgram']} "
              f"infgram contexts (16 tokens); {rec['repeats']} passes, our caches cleared before each pass.", "",
-             "Command: `engram bench ngram --data DATA --workdir WORK`", ""]
+             f"Command: `{rec.get('command', 'engram bench ngram --data DATA --workdir WORK')}`", ""]
     if "error" in t:
         lines += [f"infini-gram could not run: `{t['error']}`", ""]
         t = {}
@@ -309,7 +309,8 @@ def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
     runs: dict[str, Any] = {}
     gates: dict[str, Any] = {}
 
-    def evaluate_lm(name: str, lm: LMAdapter, hidden_options: tuple[bool, ...]) -> None:
+    def evaluate_lm(name: str, lm: LMAdapter, variants: dict[str, tuple[str, ...]]) -> None:
+        """variants: estimator -> gate variants to train ("features", "hidden_bounded", "hidden")."""
         kw = dict(seq_len=128, batch_size=16, max_windows=max_windows, progress=progress, what="val split")
         t0 = time.perf_counter()
         fit = collect(lm, index, val, parity="even", **kw)
@@ -317,7 +318,7 @@ def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
         res: dict[str, Any] = {"fit_tokens": len(fit), "test_tokens": len(test),
                                "collect_s": time.perf_counter() - t0, "seconds": test.seconds,
                                "model_loss": float(-test.lm_logp.mean())}
-        for est in ESTIMATORS:
+        for est, kinds in variants.items():
             lam_f, mu_f, _ = best_fixed(fit, est)
             lam_o, mu_o, loss_o = best_fixed(test, est)
             p = test.ngram_p(est, mu_f)
@@ -329,28 +330,31 @@ def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
                 "oracle_fixed_lambda": lam_o, "oracle_fixed_mu": mu_o, "oracle_fixed_loss": loss_o,
                 "fixed_sweep_test_at_fit_mu": fixed_lambda_sweep(test, est, mu=mu_f),
             }
-            for hidden in hidden_options:
-                cfg = GateConfig(estimator=est, hidden_size=lm.hidden_size if hidden else 0)
+            for kind in kinds:
+                cfg = GateConfig(estimator=est, hidden_size=(lm.hidden_size or 0) if kind != "features" else 0,
+                                 hidden_bound=HIDDEN_BOUND if kind == "hidden_bounded" else 0.0)
                 t1 = time.perf_counter()
                 gate, info = train_gate(fit, cfg, progress=progress)
                 lam, mu = gate_weights(gate, test)
-                key = "gate_hidden" if hidden else "gate_features_only"
+                key = f"gate_{kind}"
                 q = torch.tensor([0.1, 0.5, 0.9])
                 e[key] = {"loss": float(gate_nll(gate, test).mean()), "mean_lambda": float(lam.mean()),
                           "mean_mu": float(mu.mean()),
                           "lambda_p10_p50_p90": [float(v) for v in torch.quantile(lam, q)],
                           "train_s": time.perf_counter() - t1, "best_step": info["best_step"]}
-                gates[(name, est, hidden)] = gate
+                gates[(name, est, kind)] = gate
             res[est] = e
         runs[name] = res
 
-    evaluate_lm("engram-moe", LMAdapter(model, name=str(ckpt)), (True, False))
+    evaluate_lm("engram-moe", LMAdapter(model, name=str(ckpt)),
+                {"both": GATE_KINDS, "kn": ("features",), "infgram": ("features",)})
     if baseline_ckpt is not None:
         base, _ = load_model(baseline_ckpt)
         fn = lambda ids: base(ids).logits  # noqa: E731  a plain callable: ids -> logits
         evaluate_lm("callable:" + Path(baseline_ckpt).name,
-                    LMAdapter(fn, vocab_size=base.cfg.vocab_size, max_seq_len=base.cfg.max_seq_len), (False,))
-    best_gate = gates[("engram-moe", "both", True)]
+                    LMAdapter(fn, vocab_size=base.cfg.vocab_size, max_seq_len=base.cfg.max_seq_len),
+                    {"both": ("features",), "kn": ("features",), "infgram": ("features",)})
+    best_gate = gates[("engram-moe", "both", "features")]
     gate_dir = idx_dir / "gates" / Path(ckpt).resolve().name
     save_gate(best_gate, gate_dir, {"fit": {"data_fingerprint": ds.meta["tokenizer_fingerprint"], "split": "val",
                                             "parity": "even", "data_tokens": int(val.size)},
@@ -359,6 +363,7 @@ def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
     # ---- instant update with invented facts
     lm = LMAdapter(model)
     mix_gate = NgramMixture(lm, index, best_gate)
+    mix_hidden = {k: NgramMixture(lm, index, gates[("engram-moe", "both", k)]) for k in GATE_KINDS[1:]}
     fx = runs["engram-moe"]["both"]
     mix_fixed = NgramMixture(lm, index, fx["fixed_lambda"], GateConfig(estimator="both"), mu=fx["fixed_mu"])
     facts = invented_facts(n_countries, seed=0, index=index)
@@ -372,8 +377,9 @@ def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
                 "lm": recall(cs, mix_gate, ds.eos_id, mode="lm"),
                 "kn": recall(cs, mix_gate, ds.eos_id, mode="kn"),
                 "infgram": recall(cs, mix_gate, ds.eos_id, mode="infgram"),
-                "mixture_gate": recall(cs, mix_gate, ds.eos_id, mode="mixture"),
                 "mixture_fixed": recall(cs, mix_fixed, ds.eos_id, mode="mixture"),
+                "mixture_gate": recall(cs, mix_gate, ds.eos_id, mode="mixture"),
+                **{f"mixture_gate_{k}": recall(cs, m, ds.eos_id, mode="mixture") for k, m in mix_hidden.items()},
             }
         return out
 
@@ -411,6 +417,8 @@ def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
 
 
 ESTIMATORS = ("both", "kn", "infgram")
+GATE_KINDS = ("features", "hidden_bounded", "hidden")
+HIDDEN_BOUND = 0.5
 
 
 def _mu(est: str, mu: float) -> str:
@@ -433,9 +441,13 @@ def _mix_summary(rec: dict[str, Any]) -> dict[str, Any]:
     f = rec["facts"]
     return {"model_ppl": _ppl(r["model_loss"]), "kn5_alone_ppl": _ppl(r["kn"]["ngram_alone_loss"]),
             "fixed_lambda": k["fixed_lambda"], "fixed_mu": k["fixed_mu"], "fixed_ppl": _ppl(k["fixed_loss"]),
-            "oracle_fixed_ppl": _ppl(k["oracle_fixed_loss"]), "gate_ppl": _ppl(k["gate_hidden"]["loss"]),
+            "oracle_fixed_ppl": _ppl(k["oracle_fixed_loss"]), "gate_ppl": _ppl(k["gate_features"]["loss"]),
+            "gate_hidden_bounded_ppl": _ppl(k["gate_hidden_bounded"]["loss"]),
+            "gate_hidden_ppl": _ppl(k["gate_hidden"]["loss"]),
             "facts_top1_before": f["before"]["same_phrasing"]["mixture_gate"]["top1"],
             "facts_top1_after": f["after_add"]["same_phrasing"]["mixture_gate"]["top1"],
+            "facts_top1_after_hidden_bounded": f["after_add"]["same_phrasing"]["mixture_gate_hidden_bounded"]["top1"],
+            "facts_top1_after_hidden": f["after_add"]["same_phrasing"]["mixture_gate_hidden"]["top1"],
             "facts_top1_after_remove": f["after_remove"]["same_phrasing"]["mixture_gate"]["top1"],
             "add_s": f["add_s"], "model_untouched": f["model_untouched"],
             "restored_exactly": f["restored_exactly_after_remove"]}
@@ -450,20 +462,19 @@ def _markdown_mix(rec: dict[str, Any]) -> str:
          f"{rec['index_build_s']:.1f} s). Held-out text = the val split in 128-token windows: even windows fit "
          "the gate and choose the fixed lambda, odd windows report. KN order 5. N-gram side \"both\" = "
          "μ·P_∞gram + (1-μ)·P_KN (μ gated, or fixed and tuned on the fit windows); \"kn\" and \"infgram\" alone.", "",
-         "Command: `engram bench ngram-mix --ckpt RUN --data DATA --workdir WORK`", "",
+         f"Command: `{rec.get('command', 'engram bench ngram-mix --ckpt RUN --data DATA --workdir WORK')}`", "",
          "## Held-out perplexity (odd val windows)", "",
-         "| LM | N-gram side | model alone | N-gram alone | fixed λ (tuned on fit) | best fixed λ on test (oracle) | learned gate (hidden + features) | learned gate (features only) |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| LM | N-gram side | model alone | N-gram alone | fixed λ (tuned on fit) | best fixed λ on test (oracle) | learned gate: features (default) | + hidden state, bounded ±0.5 | + hidden state, unbounded |",
+         "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rec["runs"].items():
         for est in ESTIMATORS:
             e = r[est]
-            gh = e.get("gate_hidden")
-            gf = e.get("gate_features_only")
+            gf, gb, gh = (e.get(f"gate_{k}") for k in GATE_KINDS)
             L.append(f"| {name} | {est} | {_ppl(r['model_loss']):.2f} | {_ppl(e['ngram_alone_loss']):.2f}"
                      f"{' (%.0f%% zeros)' % (100 * e['ngram_zero_prob_fraction']) if e['ngram_zero_prob_fraction'] else ''} "
                      f"| {_ppl(e['fixed_loss']):.2f} (λ={e['fixed_lambda']:.2f}{_mu(est, e['fixed_mu'])}) "
                      f"| {_ppl(e['oracle_fixed_loss']):.2f} (λ={e['oracle_fixed_lambda']:.2f}{_mu(est, e['oracle_fixed_mu'])}) "
-                     f"| {_gate_cell(gh)} | {_gate_cell(gf)} |")
+                     f"| {_gate_cell(gf)} | {_gate_cell(gb)} | {_gate_cell(gh)} |")
     f = rec["facts"]
     L += ["", "## Instant update: invented facts", "",
           f"{f['facts']} facts about {f['countries']} invented countries (capital, currency, language, continent), "
@@ -474,7 +485,8 @@ def _markdown_mix(rec: dict[str, Any]) -> str:
           "(teacher-forced exact match of the whole answer in brackets).", "",
           "| query | predictor | before add | after add | after remove |", "|---|---|---|---|---|"]
     for cname in ("same_phrasing", "paraphrase"):
-        for m in ("lm", "kn", "infgram", "mixture_fixed", "mixture_gate"):
+        for m in ("lm", "kn", "infgram", "mixture_fixed", "mixture_gate", "mixture_gate_hidden_bounded",
+                  "mixture_gate_hidden"):
             cells = []
             for stage in ("before", "after_add", "after_remove"):
                 x = f[stage][cname][m]

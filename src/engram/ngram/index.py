@@ -46,7 +46,6 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from engram import __version__
 from engram.tokenizer import atomic_write, load_tokenizer, save_tokenizer, tokenizer_fingerprint

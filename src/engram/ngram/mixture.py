@@ -8,11 +8,11 @@ Shape legend
 infinity-gram sees an arbitrarily long context (a rare name ten tokens back), so both matter.
 
 ``lambda`` (and ``mu``) are either fixed or given per position by :class:`LambdaGate`, a small
-MLP over the LM's final hidden state (optional) and features of the distributions: the
-infinity-gram suffix length, its count and number of distinct continuations, entropies and peak
-probabilities of the infinity-gram, Kneser-Ney and LM distributions, and how much LM mass falls on
-the N-gram's guesses. It is trained on held-out text with the LM frozen (only the gate's few
-thousand parameters learn), by minimising the mixture's cross-entropy.
+MLP over features of the distributions — the infinity-gram suffix length, its count and number
+of distinct continuations, entropies and peak probabilities of the infinity-gram, Kneser-Ney and
+LM distributions — and, optionally, the LM's final hidden state (see :class:`GateConfig` for why
+that is not the default). It is trained on held-out text with the LM frozen (only the gate's
+few thousand parameters learn), by minimising the mixture's cross-entropy.
 
 Any causal LM works through :class:`LMAdapter`: an :class:`~engram.model.EngramLM` (logits and
 the final hidden state, read with a forward hook) or a plain callable ``ids [B,T] -> logits
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from engram.tokenizer import atomic_write
 
-from .index import DEFAULT_KN_ORDER, NgramBatch, NgramIndex, NgramIndexError
+from .index import DEFAULT_KN_ORDER, NgramBatch, NgramIndex
 
 PathLike = Union[str, Path]
 GATE_FORMAT = "engram-ngram-gate"
@@ -54,6 +54,10 @@ FEATURES = (
     "inf_entropy", "inf_max", "kn_entropy", "kn_max", "lm_entropy", "lm_max",
     "lm_mass_on_inf", "lm_mass_on_kn", "lm_logp_of_inf_argmax",
 )
+# The default leaves out how much the LM agrees with the N-gram: on held-out text disagreement
+# predicts N-gram errors, but newly indexed knowledge is exactly what the LM disagrees with.
+AGREEMENT_FEATURES = ("lm_mass_on_inf", "lm_mass_on_kn", "lm_logp_of_inf_argmax")
+DEFAULT_FEATURES = tuple(f for f in FEATURES if f not in AGREEMENT_FEATURES)
 _EPS = 1e-12
 LAMBDA_MARGIN = 1e-4
 
@@ -120,14 +124,22 @@ class LMAdapter:
 # ----------------------------------------------------------------------------- configuration
 @dataclass
 class GateConfig:
-    """What the gate mixes and sees. ``hidden_size`` 0: features only (any callable LM)."""
+    """What the gate mixes and sees.
+
+    ``hidden_size`` 0: features only (the default, and the only choice for a callable LM). With
+    the LM hidden state, ``hidden_bound`` > 0 caps how far it can move each gate logit
+    (``bound * tanh(.)``); 0 lets it enter the MLP freely. The hidden state buys held-out
+    perplexity but learns topic-wise distrust that also overrides newly indexed facts
+    (docs/ngram.md, "Which gate").
+    """
 
     estimator: str = "both"  # the N-gram side: "both" (gated blend), "kn" or "infgram"
     kn_order: int = DEFAULT_KN_ORDER
     hidden_size: int = 0
     hidden_proj: int = 16
+    hidden_bound: float = 0.0
     width: int = 32
-    features: tuple[str, ...] = FEATURES
+    features: tuple[str, ...] = DEFAULT_FEATURES
 
     def __post_init__(self) -> None:
         self.features = tuple(self.features)
@@ -135,6 +147,8 @@ class GateConfig:
             raise MixtureError(f"estimator={self.estimator!r}; choose one of {ESTIMATORS}")
         if self.kn_order < 1:
             raise MixtureError(f"kn_order={self.kn_order} must be >= 1")
+        if self.hidden_bound < 0:
+            raise MixtureError(f"hidden_bound={self.hidden_bound} must be >= 0 (0 = unbounded)")
         for name in ("hidden_size", "hidden_proj", "width"):
             if getattr(self, name) < 0 or (name == "width" and self.width < 1):
                 raise MixtureError(f"{name}={getattr(self, name)} must be >= {1 if name == 'width' else 0}")
@@ -161,9 +175,11 @@ class LambdaGate(nn.Module):
         self.register_buffer("feat_mean", torch.zeros(F_))
         self.register_buffer("feat_std", torch.ones(F_))
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_proj) if cfg.hidden_size else None
-        d_in = F_ + (cfg.hidden_proj if cfg.hidden_size else 0)
+        self.bounded = bool(cfg.hidden_size and cfg.hidden_bound > 0)
+        d_in = F_ + (cfg.hidden_proj if cfg.hidden_size and not self.bounded else 0)
         self.outputs = 2 if cfg.estimator == "both" else 1
         self.mlp = nn.Sequential(nn.Linear(d_in, cfg.width), nn.GELU(), nn.Linear(cfg.width, self.outputs))
+        self.hidden_head = nn.Linear(cfg.hidden_proj, self.outputs) if self.bounded else None
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
         with torch.no_grad():
@@ -176,6 +192,8 @@ class LambdaGate(nn.Module):
             if hidden is None:
                 raise MixtureError("this gate was trained with the LM's hidden state; use an EngramLM "
                                    "adapter, or train a features-only gate (hidden_size=0)")
+            if self.bounded:
+                return self.mlp(z) + self.cfg.hidden_bound * torch.tanh(self.hidden_head(self.proj(hidden)))
             z = torch.cat([z, self.proj(hidden)], dim=-1)
         return self.mlp(z)
 
