@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -218,3 +219,22 @@ def test_train_prefetch_and_table_init(run, tmp_path):
     assert c["steps"] == 1
     with pytest.raises(ValueError, match="fresh run"):
         train(cfg, TrainConfig(**tc), data_dir, tmp_path / "c", progress=False, resume=True, tables_from=table)
+
+
+def test_bench_offload_runs_end_to_end_on_tiny_sizes(tmp_path):
+    """The benchmark's four modes agree bit for bit and it reports what the docs say it does."""
+    from engram.bench_offload import bench_offload
+
+    data = prepare_tiny_dataset(tmp_path / "data")
+    before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    res = bench_offload(str(data), batch_size=2, seq_len=32, rounds=1, batches_per_round=2,
+                        warm_batches=2, cache_rows=64, table_rows_per_order=256, io_threads=2,
+                        workdir=str(tmp_path), process=True)
+    assert res["outputs_equal"] is True
+    assert res["table"]["file_to_pool"] >= 2  # the file is bigger than the pool
+    assert 0 <= res["hit_rate"] <= 1 and res["in_memory_tokens_per_s"] > 0
+    assert res["overhead"] == pytest.approx(1 - res["offload_tokens_per_s"] / res["in_memory_tokens_per_s"])
+    if before is not None:
+        assert os.sched_getaffinity(0) == before  # the pinning is undone
+        assert (res["cpu_pinning"] is None) == (len(before) < 2)
+    assert not list(tmp_path.glob("engram-bench-*"))  # the temporary table is gone

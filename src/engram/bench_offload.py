@@ -33,6 +33,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -84,6 +85,48 @@ def _read_through(path: Path, chunk: int = 64 << 20) -> None:
             pass
 
 
+def _pin_cpus(models: dict[str, torch.nn.Module]) -> Optional[dict[str, Any]]:
+    """Model on the first CPU, everything that serves rows on the others; None on one CPU.
+
+    The calling (main) thread runs the forwards. Every other thread of this process (the
+    prefetch worker, I/O threads) and every thread of the fetch helper processes move to the
+    remaining CPUs, so the scheduler never parks I/O work on the model's core or migrates the
+    model between cores mid-forward. Linux affinity is per thread, hence the walk over tasks.
+    """
+    if not hasattr(os, "sched_setaffinity"):  # pragma: no cover - not Linux
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    compute, serve = {cpus[0]}, set(cpus[1:])
+    pids = [os.getpid()]
+    for m in models.values():
+        rt = table_runtime(m)
+        for st in (rt.storages.values() if rt is not None else ()):
+            proc = getattr(st, "_proc", None)  # engram.fetchproc.ProcessStorage
+            if proc is not None:
+                pids.append(proc.pid)
+    main = threading.get_native_id()
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            tid = int(task.name)
+            try:
+                os.sched_setaffinity(tid, compute if tid == main else serve)
+            except OSError:  # a thread that ended meanwhile
+                pass
+    return {"model_cpu": cpus[0], "serving_cpus": sorted(serve), "all": cpus}
+
+
+def _unpin_cpus(pinned: Optional[dict[str, Any]]) -> None:
+    if pinned is None:
+        return
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), set(pinned["all"]))
+        except OSError:
+            pass
+
+
 def bench_config(vocab_size: int, table_rows_per_order: int) -> ModelConfig:
     """The ``engram-moe`` preset with bigger tables (rows per head ~ ``table_rows_per_order``)."""
     cfg = preset("engram-moe", vocab_size)
@@ -100,12 +143,12 @@ def _loadavg() -> list[float]:
 
 
 def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_len: int = 256,
-                  rounds: int = 4, batches_per_round: int = 6, warm_batches: int = 200,
+                  rounds: int = 12, batches_per_round: int = 8, warm_batches: int = 200,
                   cache_rows: int = 1 << 20,
                   table_rows_per_order: int = 409_600, policy: str = "lru", io_threads: int = 16,
                   dtype: str = "fp32", cold: bool = True, workdir: Optional[str] = None,
-                  threads: Optional[int] = 1, process: bool = True, progress: bool = False,
-                  seed: int = 0) -> dict[str, Any]:
+                  threads: Optional[int] = 1, process: bool = True, pin: bool = True,
+                  progress: bool = False, seed: int = 0) -> dict[str, Any]:
     """Tokens/s of the three modes (see the module docstring) and the offload overhead.
 
     ``threads`` sets torch's intra-op threads for the run (restored afterwards; None keeps
@@ -191,6 +234,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
             rt.reset_stats()
         setup_s = time.perf_counter() - t_setup
 
+        pinned = _pin_cpus(models) if pin else None
         times: dict[str, list[float]] = {k: [] for k in models}
         load_before = _loadavg()
         order = list(models)
@@ -214,6 +258,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
                 bar.update(1)
         bar.close()
         load_after = _loadavg()
+        _unpin_cpus(pinned)
 
         tokens_per_round = batch_size * seq_len * batches_per_round
         tps = {k: tokens_per_round * len(v) / sum(v) for k, v in times.items()}
@@ -252,7 +297,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
             "warm_s": warm_s, "warm_hit_rate": warm_hit_rate,
             "model": "engram-moe backbone, engram_vocab_size per order "
                      f"{table_rows_per_order}, {header.rows:,} table rows x {header.dim}",
-            "torch_threads": torch.get_num_threads(), "loadavg_before": load_before,
+            "torch_threads": torch.get_num_threads(), "cpu_pinning": pinned, "loadavg_before": load_before,
             "loadavg_after": load_after, "setup_s": setup_s,
         }
         for m in models.values():
@@ -383,8 +428,12 @@ def bench_large_table(data_dir: Optional[str] = None, *, size_gib: float = 32.0,
 def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, batch_size: int = 16,
                           seq_len: int = 128, preset_name: str = "engram-moe", rounds: int = 3,
                           threads: Optional[int] = 1, workdir: Optional[str] = None,
+                          table_rows_per_order: Optional[int] = None,
                           progress: bool = False) -> dict[str, Any]:
     """Training step time with dense Adam vs SparseRowAdam on the tables (same model, same batches).
+
+    ``table_rows_per_order`` enlarges the ``engram-moe`` tables (as in :func:`bench_config`):
+    dense Adam's cost and state grow with the table, the sparse one's with the rows touched.
 
     Both runs start from the same weights; steps alternate between them in rounds so machine
     noise hits both alike. Also reports the tables' optimizer-state bytes for each.
@@ -404,6 +453,10 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
         data_path = _prepare_data(data_dir, tmp, progress)
         ds = load_dataset(data_path)
         cfg = preset(preset_name, int(ds.meta["vocab_size"]))
+        if table_rows_per_order is not None:
+            if preset_name != "engram-moe":
+                raise ValueError(f"table_rows_per_order applies to the engram-moe preset, not {preset_name!r}")
+            cfg = bench_config(int(ds.meta["vocab_size"]), table_rows_per_order)
         compression = _compression(cfg, data_path)
         runs = {}
         for name in ("adam", "sparse_adam"):

@@ -14,6 +14,10 @@ file yields its stored values widened to ``out.dtype``):
               tier; misses are read from the backing tier and admitted, evicting the coldest
     ========  ============================================================================
 
+``open_layer_storage`` runs file-backed tiers in a helper process by default
+(``engram.fetchproc.ProcessStorage``, same interface) so that their bookkeeping does not
+compete with the model for this process's GIL.
+
 Each tier counts :class:`TierStats`: lookups (rows requested, duplicates included), unique rows,
 hits / misses (unique rows served from this tier's fast memory / read from behind it), bytes
 read from the slower side, time inside lookups, and time a consumer stalled waiting for rows

@@ -225,7 +225,7 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
                         table_rows_per_order=args.table_rows, policy=args.policy,
                         io_threads=args.io_threads, dtype=args.dtype, cold=not args.warm,
                         workdir=args.workdir, threads=args.threads, process=args.fetch_process,
-                        progress=not args.json)
+                        pin=args.pin, progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -256,7 +256,7 @@ def cmd_bench_table_optimizer(args: argparse.Namespace) -> int:
 
     res = bench_table_optimizer(args.data, steps=args.steps, batch_size=args.batch_size,
                                 seq_len=args.seq_len, rounds=args.rounds, threads=args.threads,
-                                progress=not args.json)
+                                table_rows_per_order=args.table_rows, progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -310,8 +310,8 @@ def register(sub: Any, bench: Any) -> None:
     o.add_argument("--data", help="prepared dataset (default: build the built-in one, ~15 s)")
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--seq-len", type=int, default=256)
-    o.add_argument("--rounds", type=int, default=4, help="timed rounds (plus one warm-up)")
-    o.add_argument("--batches", type=int, default=6, help="batches per round and mode")
+    o.add_argument("--rounds", type=int, default=12, help="timed rounds (plus one warm-up)")
+    o.add_argument("--batches", type=int, default=8, help="batches per round and mode")
     o.add_argument("--warm-batches", type=int, default=200,
                    help="batches of the stream replayed into the pools first (steady state)")
     o.add_argument("--cache-rows", type=int, default=1 << 20, help="pool rows per layer")
@@ -324,6 +324,9 @@ def register(sub: Any, bench: Any) -> None:
                    help="run the cached tier in a helper process (default) or on a thread")
     o.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the model (default 1: the other core serves I/O)")
+    o.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin the model's thread to the first CPU and all row serving to the others "
+                        "(default on with 2+ CPUs)")
     o.add_argument("--workdir", help="where the temporary table file goes (default: $TMPDIR)")
     o.set_defaults(fn=cmd_bench_offload)
 
@@ -333,6 +336,7 @@ def register(sub: Any, bench: Any) -> None:
     to.add_argument("--data", help="prepared dataset (default: build the built-in one)")
     to.add_argument("--steps", type=int, default=12, help="steps per round and optimizer")
     to.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
+    to.add_argument("--table-rows", type=int, help="engram_vocab_size per order (default: the preset's)")
     to.add_argument("--batch-size", type=int, default=16)
     to.add_argument("--seq-len", type=int, default=128)
     to.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
