@@ -12,7 +12,8 @@ import torch
 
 from _inspect_run import tiny_run
 from engram.analysis import (AnalysisError, Sample, ablation, ablation_categories, gate_statistics,
-                             plot_zipf, score_samples, unigram_logprobs, zipf_statistics)
+                             plot_zipf, sample_gates, score_samples, token_matched_contrast,
+                             unigram_logprobs, zipf_statistics)
 from engram.checkpoint import load_model
 from engram.cli import main
 from engram.config import preset
@@ -174,6 +175,24 @@ def test_gate_statistics_counts_only_masked_positions(loaded) -> None:
     assert len(direct.tokens) == len(ids)
 
 
+def test_token_matched_contrast_pairs_the_same_ids(loaded) -> None:
+    model, tok = loaded
+    ids = tuple(tok.encode("the prince of wales").ids)
+    a = [Sample((1, *ids), (False,) + (True,) * len(ids))]
+    shifted = [Sample((1, 7, *ids), (False, False) + (True,) * len(ids))]  # same ids, other context
+    other = [Sample((1, *ids[::-1]), (False, True) + (False,) * (len(ids) - 1))]  # only ids[-1]
+    ga, gs = sample_gates(model, a), sample_gates(model, shifted)
+    for r in token_matched_contrast(model, a, shifted):
+        assert r["tokens"] == len(set(ids))
+        want = np.mean([ga[r["layer_id"]][np.array(ids) == t, r["branch"]].mean()
+                        - gs[r["layer_id"]][np.array(ids) == t, r["branch"]].mean() for t in set(ids)])
+        assert r["mean_diff"] == pytest.approx(want, abs=1e-6)
+    for r in token_matched_contrast(model, a, a):  # against itself: every difference is 0
+        assert r["mean_diff"] == 0.0 and r["positive_fraction"] == 0.0
+    one = token_matched_contrast(model, a, other)
+    assert all(r["tokens"] == 1 and np.isnan(r["sem"]) for r in one)  # only ids[-1] is shared
+
+
 def test_zipf_counts_every_access(run, loaded, tmp_path) -> None:
     model, _ = loaded
     from engram.data import load_dataset
@@ -241,6 +260,14 @@ def test_gate_categories_and_frequency_bins(run, loaded) -> None:
     name_tokens = [i for i, (a, b) in enumerate(enc.offsets) if a < 19 and b > 4]  # "Prince of Wales"
     last = gate_categories(tok, n=1, facts=facts[:1], narrative=[])["name last tokens"][0].mask
     assert sum(last) == 1 and last[1 + name_tokens[-1]]  # + 1: the eos in front
+    assert "unigram random tokens" not in cats
+    counts = np.zeros(tok.get_vocab_size())
+    counts[[5, 9]] = [3, 1]  # only two ids can be drawn
+    uni = gate_categories(tok, n=2, facts=facts, narrative=[], unigram=counts)["unigram random tokens"]
+    assert [len(u.ids) for u in uni] == [len(s.ids) for s in cats["fact sentences"]]
+    assert all(u.ids[0] == 1 and set(u.ids[1:]) <= {5, 9} for u in uni)
+    with pytest.raises(AnalysisError, match="non-negative counts"):
+        gate_categories(tok, n=1, facts=facts, narrative=[], unigram=np.ones(3))
     assert sum(cats["word last pieces"][0].mask) == sum(cats["word first pieces"][0].mask)
     assert len(cats["random tokens"][0].ids) == len(sent.ids)
     rows = gate_statistics(model, {k: cats[k] for k in ("word last pieces", "random tokens")})
@@ -251,3 +278,16 @@ def test_gate_categories_and_frequency_bins(run, loaded) -> None:
     l0 = [r for r in freq if r["layer_id"] == 0 and r["branch"] == 0]
     assert sum(r["count"] for r in l0) == (400 - 1) // 32 * 31  # positions 2..32 of each window
     assert next(r for r in l0 if r["bin"] == "0")["count"] == 0  # every evaluated 3-gram is in train
+
+
+def test_cli_analyze_gates_with_controls(run, tmp_path, capsys) -> None:
+    out = tmp_path / "g.json"
+    assert main(["analyze", "gates", "--ckpt", str(run[0]), "--n", "4", "--data", str(run[1]),
+                 "--freq-tokens", "600", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "token-matched" in text and "unigram random tokens" in text
+    data = json.loads(out.read_text())
+    assert {r["category"] for r in data["rows"]} >= {"fact sentences", "random tokens", "unigram random tokens"}
+    assert {c["b"] for c in data["token_matched"]} == {"random tokens", "unigram random tokens",
+                                                      "shuffled fact tokens"}
+    assert data["by_frequency"] and all(0 <= r["mean"] <= 1 for r in data["by_frequency"] if r["count"])

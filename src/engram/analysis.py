@@ -6,9 +6,14 @@
     names split into 2+ tokens, and of any word split into 2+ tokens in fact and narrative
     text (the paper's gates peak at the *end* of stereotyped spans); narrative lines
     (Shakespeare, Bible); the fact sentences with their words, or their very tokens,
-    shuffled (same unigram content, broken n-grams); and uniformly random token ids. Every
+    shuffled (same unigram content, broken n-grams); uniformly random token ids, and (given the
+    training unigram counts) ids drawn from the unigram distribution. Every
     sample starts after an eos token (a document boundary, as in training); that eos position
     is not counted.
+
+``token_matched_contrast``
+    The gate of a token id in one category minus that same id's gate in another, averaged over
+    ids: the context's effect with the token's own gate level held fixed.
 
 ``gate_by_frequency``
     Mean gate binned by how often the n-gram ending at each position occurred in the training
@@ -115,8 +120,14 @@ def _facts_sample(facts: Sequence[Fact], n: int, seed: int) -> list[Fact]:
 
 def gate_categories(tok: Tokenizer, n: int = 300, seed: int = 0,
                     facts: Optional[Sequence[Fact]] = None,
-                    narrative: Optional[Sequence[str]] = None) -> dict[str, list[Sample]]:
-    """The default categories of :func:`gate_statistics` (see the module docstring)."""
+                    narrative: Optional[Sequence[str]] = None,
+                    unigram: Optional[np.ndarray] = None) -> dict[str, list[Sample]]:
+    """The default categories of :func:`gate_statistics` (see the module docstring).
+
+    ``unigram`` (token counts or probabilities, [V]) adds "unigram random tokens": ids drawn
+    independently from that distribution, so common and rare tokens appear at their natural
+    rates (uniform ids are nearly all rare word pieces).
+    """
     if n < 1:
         raise AnalysisError(f"n={n} must be >= 1 samples per category")
     _, eos = special_ids(tok)
@@ -156,6 +167,19 @@ def gate_categories(tok: Tokenizer, n: int = 300, seed: int = 0,
             if i not in specials:
                 ids.append(i)
         cats["random tokens"].append(Sample((eos, *ids), (False,) + (True,) * k))
+    if unigram is not None:
+        p = np.asarray(unigram, dtype=np.float64).copy()
+        if p.shape != (vocab,) or (p < 0).any():
+            raise AnalysisError(f"unigram has shape {p.shape} (or negative entries); give {vocab} "
+                                f"non-negative counts, one per token id")
+        p[list(specials)] = 0.0
+        if p.sum() <= 0:
+            raise AnalysisError("unigram has no mass outside the special tokens")
+        draw = np.random.default_rng(seed + 2)
+        cats["unigram random tokens"] = [
+            Sample((eos, *map(int, draw.choice(vocab, size=len(w.ids) - 1, p=p / p.sum()))),
+                   (False,) + (True,) * (len(w.ids) - 1))
+            for w in cats["fact sentences"]]
     cats["narrative"] = [_text_sample(tok, eos, line) for line in narrative]
     for text in [f.sentence for f in facts] + list(narrative):  # words split into 2+ tokens
         words = [m.span() for m in _WORD.finditer(text)]
@@ -244,6 +268,43 @@ def gate_statistics(model: EngramLM, categories: dict[str, list[Sample]], pad_id
     return rows
 
 
+def _masked_ids(samples: Sequence[Sample], cap: int) -> np.ndarray:
+    """Token ids of the counted positions, in the order :func:`sample_gates` returns gates."""
+    out = [np.asarray(s.ids[:cap], dtype=np.int64)[np.asarray(s.mask[:cap], dtype=bool)] for s in samples]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def token_matched_contrast(model: EngramLM, a: Sequence[Sample], b: Sequence[Sample],
+                           min_count: int = 1) -> list[dict[str, Any]]:
+    """Mean gate of a token in ``a`` minus the mean gate of the *same token id* in ``b``.
+
+    Gate levels differ a lot from token to token (punctuation low, word endings high), so two
+    categories with different token mixes can differ for that reason alone. Here each token id
+    seen at least ``min_count`` times in both categories contributes its own difference of
+    means; the result is the average over those ids, with a standard error across ids. Only the
+    context around the token differs between the two sides of each difference.
+    Rows {layer_id, branch, tokens (ids compared), mean_diff, sem, positive_fraction}.
+    """
+    cap = model.cfg.max_seq_len
+    ids_a, ids_b = _masked_ids(a, cap), _masked_ids(b, cap)
+    ga, gb = sample_gates(model, a), sample_gates(model, b)
+    rows = []
+    for lid in ga:
+        for m in range(ga[lid].shape[1]):
+            diffs = []
+            for t in np.intersect1d(ids_a, ids_b):
+                va, vb = ga[lid][ids_a == t, m], gb[lid][ids_b == t, m]
+                if va.size >= min_count and vb.size >= min_count:
+                    diffs.append(float(va.mean()) - float(vb.mean()))
+            d = np.asarray(diffs, dtype=np.float64)
+            k = int(d.size)
+            rows.append({"layer_id": lid, "branch": m, "tokens": k,
+                         "mean_diff": float(d.mean()) if k else float("nan"),
+                         "sem": float(d.std(ddof=1) / math.sqrt(k)) if k > 1 else float("nan"),
+                         "positive_fraction": float((d > 0).mean()) if k else float("nan")})
+    return rows
+
+
 FREQ_BINS: tuple[tuple[int, Optional[int]], ...] = (
     (0, 0), (1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, None))
 
@@ -272,6 +333,10 @@ def gate_by_frequency(model: EngramLM, eval_tokens: np.ndarray, train_tokens: np
     n = n or model.cfg.engram.max_ngram_size
     if n < 1 or window < n:
         raise AnalysisError(f"n={n} must be >= 1 and window={window} >= n")
+    if window + 1 > model.cfg.max_seq_len:  # a window is window + 1 tokens (one of context)
+        raise AnalysisError(f"window={window} needs sequences of {window + 1} tokens but the model "
+                            f"takes at most max_seq_len={model.cfg.max_seq_len}; pass "
+                            f"window <= {model.cfg.max_seq_len - 1}")
     train_c = np.asarray(model.hasher.compress(np.asarray(train_tokens, dtype=np.int64)))
     eval_c = np.asarray(model.hasher.compress(np.asarray(eval_tokens, dtype=np.int64)))
     base = int(max(train_c.max(initial=0), eval_c.max(initial=0))) + 1

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 
 def _load(ckpt: str):
     from ..checkpoint import load_model
@@ -76,27 +78,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- analyze
 def cmd_analyze_gates(args: argparse.Namespace) -> int:
-    from ..analysis import gate_categories, gate_statistics
+    from ..analysis import gate_categories, gate_statistics, token_matched_contrast
     from ..tokenizer import special_ids
 
     model, tok, meta = _load(args.ckpt)
-    cats = gate_categories(tok, n=args.n, seed=args.seed)
-    rows = gate_statistics(model, cats, pad_id=special_ids(tok)[0])
-    print(f"{'category':<22} {'layer':>5} {'branch':>6} {'tokens':>7} {'mean gate':>10} "
-          f"{'std':>7} {'s.e.m.':>7}")
-    for r in rows:
-        print(f"{r['category']:<22} {r['layer_id']:>5} {r['branch']:>6} {r['count']:>7} "
-              f"{_fmt(r['mean']):>10} {_fmt(r['std'], 3):>7} {_fmt(r['sem'], 4):>7}")
-    result: dict[str, Any] = {"ckpt": args.ckpt, "n": args.n, "seed": args.seed, "rows": rows}
+    ds = None
     if args.data:
-        from ..analysis import gate_by_frequency
         from ..data import load_dataset
         from ..evaluate import check_dataset_for_model
 
         ds = load_dataset(args.data)
         check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data,
                                 f"run {args.ckpt}")
-        window = min(128, model.cfg.max_seq_len)
+    unigram = (np.bincount(np.asarray(ds.train.tokens, dtype=np.int64), minlength=model.cfg.vocab_size)
+               if ds is not None else None)
+    cats = gate_categories(tok, n=args.n, seed=args.seed, unigram=unigram)
+    rows = gate_statistics(model, cats, pad_id=special_ids(tok)[0])
+    print(f"{'category':<24} {'layer':>5} {'branch':>6} {'tokens':>7} {'mean gate':>10} "
+          f"{'std':>7} {'s.e.m.':>7}")
+    for r in rows:
+        print(f"{r['category']:<24} {r['layer_id']:>5} {r['branch']:>6} {r['count']:>7} "
+              f"{_fmt(r['mean']):>10} {_fmt(r['std'], 3):>7} {_fmt(r['sem'], 4):>7}")
+    result: dict[str, Any] = {"ckpt": args.ckpt, "n": args.n, "seed": args.seed, "rows": rows}
+    # Same token ids, different context: fact sentences against the random-token controls.
+    contrasts = []
+    print("\ntoken-matched: mean gate of a token in fact sentences minus the same token's mean gate in")
+    print(f"{'control':<24} {'layer':>5} {'branch':>6} {'ids':>7} {'difference':>10} {'s.e.m.':>7} {'ids > 0':>7}")
+    for control in ("random tokens", "unigram random tokens", "shuffled fact tokens"):
+        if control not in cats:
+            continue
+        for r in token_matched_contrast(model, cats["fact sentences"], cats[control]):
+            contrasts.append({"a": "fact sentences", "b": control, **r})
+            print(f"{control:<24} {r['layer_id']:>5} {r['branch']:>6} {r['tokens']:>7} "
+                  f"{r['mean_diff']:>+10.4f} {_fmt(r['sem'], 4):>7} {r['positive_fraction']:>7.0%}")
+    result["token_matched"] = contrasts
+    if ds is not None:
+        from ..analysis import gate_by_frequency
+
+        window = min(128, model.cfg.max_seq_len - 1)
         freq = gate_by_frequency(model, ds.val.tokens[: args.freq_tokens], ds.train.tokens,
                                  window=window)
         print(f"\nmean gate by training count of the {freq[0]['n']}-gram ending at the token "
