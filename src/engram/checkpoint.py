@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ConfigError, ModelConfig, TrainConfig
+from .fsutil import fsync_dir
 from .model import EngramLM
 
 PathLike = Union[str, Path]
@@ -85,20 +86,6 @@ class CheckpointMeta:
 
 
 # ----------------------------------------------------------------------------- small file helpers
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames themselves durable; not supported everywhere (e.g. Windows), so best effort.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -360,7 +347,7 @@ def save_checkpoint(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
         _write_json(stage / CONFIG_FILE, _config_record(model, train_cfg, tokenizer_fingerprint, manifest))
         for name in [*written, CONFIG_FILE]:  # config.json last: it commits the manifest
             os.replace(stage / name, run / name)
-        _fsync_dir(run)
+        fsync_dir(run)
         for name in STALE_FILES:  # left by an older checkpoint, they would contradict this one
             if name not in written and (run / name).exists():
                 (run / name).unlink()

@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .fsutil import fsync_dir
 
 PathLike = Union[str, Path]
 
@@ -224,19 +225,6 @@ def _remove_stale_tmp(path: Path) -> None:
                     p.unlink()
                 except OSError:
                     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -425,7 +413,7 @@ class TableWriter:
         except OSError as e:
             self.abort()
             raise self._write_error(e) from e
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._done = True
         return read_header(self.path)
 

@@ -27,6 +27,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .fsutil import fsync_dir
+
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
 BPE_SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN)  # their position in this tuple is their id
@@ -192,23 +194,13 @@ def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> N
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported everywhere (e.g. Windows), so best effort.
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def save_tokenizer(tok: Tokenizer, path: Union[str, Path]) -> None:
