@@ -10,4 +10,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engram.commands.table",  # table {inspect,convert,stats}, bench {offload,large-table}
     "engram.commands.sweep",  # sweep {run,plan,summary,account}
     "engram.commands.ngram",  # ngram {build,add,remove,compact,query,stats,train-gate}, bench {ngram,ngram-mix}
+    "engram.commands.patch",  # patch {train,apply,revert,list,info}, bench patch
 )
