@@ -12,7 +12,7 @@ import torch
 
 from _inspect_run import tiny_run
 from engram.analysis import (AnalysisError, Sample, ablation, ablation_categories, gate_statistics,
-                             plot_zipf, sample_gates, score_samples, token_matched_contrast,
+                             memory_swap_contrast, plot_zipf, sample_gates, score_samples, token_matched_contrast,
                              unigram_logprobs, zipf_statistics)
 from engram.checkpoint import load_model
 from engram.cli import main
@@ -193,6 +193,38 @@ def test_token_matched_contrast_pairs_the_same_ids(loaded) -> None:
     assert all(r["tokens"] == 1 and np.isnan(r["sem"]) for r in one)  # only ids[-1] is shared
 
 
+def test_memory_swap_contrast_isolates_the_memory(loaded) -> None:
+    model, tok = loaded
+    ids = tuple(tok.encode("the prince of wales rode to the tower of london").ids)
+    samples = [Sample((1, *ids), (False,) + (True,) * len(ids)),
+               Sample((1, *ids[::-1]), (False, False) + (True,) * (len(ids) - 1))]
+    n = 2 * len(ids) - 1
+    stats = gate_statistics(model, {"a": samples})
+    rows = memory_swap_contrast(model, samples, seed=3)
+    assert {(r["layer_id"], r["branch"]) for r in rows} == {(l, m) for l in (0, 1) for m in (0, 1)}
+    for r in rows:  # the own-memory gate is the model's gate at the same positions
+        s = next(x for x in stats if (x["layer_id"], x["branch"]) == (r["layer_id"], r["branch"]))
+        assert r["tokens"] == n and r["gate"] == pytest.approx(s["mean"], abs=1e-6)
+        assert r["mean_diff"] == pytest.approx(r["gate"] - r["gate_swapped"], abs=1e-9)
+    assert any(abs(r["mean_diff"]) > 1e-4 for r in rows)  # a trained key reads the memory
+    assert memory_swap_contrast(model, samples, seed=3) == rows  # the derangement is seeded
+    layer = model.engram_layers[0]
+    saved = [k.weight.detach().clone() for k in layer.key_projs]
+    try:  # a key that ignores the memory (W_K = 0, bias only): swapping changes nothing
+        with torch.no_grad():
+            for k in layer.key_projs:
+                k.weight.zero_()
+        blind = [r for r in memory_swap_contrast(model, samples) if r["layer_id"] == layer.layer_id]
+        assert blind and all(r["mean_diff"] == 0.0 for r in blind)
+    finally:
+        with torch.no_grad():
+            for k, w in zip(layer.key_projs, saved):
+                k.weight.copy_(w)
+    assert all(not l.record_gate_inputs and l.last_gate_inputs is None for l in model.engram_layers)
+    with pytest.raises(AnalysisError, match="at least 2"):
+        memory_swap_contrast(model, [Sample((1, ids[0]), (False, True))])
+
+
 def test_zipf_counts_every_access(run, loaded, tmp_path) -> None:
     model, _ = loaded
     from engram.data import load_dataset
@@ -290,4 +322,7 @@ def test_cli_analyze_gates_with_controls(run, tmp_path, capsys) -> None:
     assert {r["category"] for r in data["rows"]} >= {"fact sentences", "random tokens", "unigram random tokens"}
     assert {c["b"] for c in data["token_matched"]} == {"random tokens", "unigram random tokens",
                                                       "shuffled fact tokens"}
+    assert "memory swap" in text
+    assert {r["category"] for r in data["memory_swap"]} >= {"fact sentences", "random tokens",
+                                                           "unigram random tokens"}
     assert data["by_frequency"] and all(0 <= r["mean"] <= 1 for r in data["by_frequency"] if r["count"])

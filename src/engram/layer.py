@@ -120,6 +120,9 @@ class EngramLayer(nn.Module):
         )
         self.record_gates = False  # set by inspection tools; keeps the last gates in .last_gates
         self.last_gates: Optional[torch.Tensor] = None
+        # set by analysis tools; keeps the gate's inputs (hidden_states, e) of the last forward
+        self.record_gate_inputs = False
+        self.last_gate_inputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.enabled = True  # ablation switch: False makes the layer output zeros
 
     def gates(self, hidden_states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -149,6 +152,8 @@ class EngramLayer(nn.Module):
         alpha = self.gates(hidden_states, e)  # [B,T,M]
         if self.record_gates:
             self.last_gates = alpha.detach()
+        if self.record_gate_inputs:
+            self.last_gate_inputs = (hidden_states.detach(), e.detach())
         value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(2)  # [B,T,M,D]
         new_state = None
         if self.short_conv is not None:

@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- analyze
 def cmd_analyze_gates(args: argparse.Namespace) -> int:
-    from ..analysis import gate_categories, gate_statistics, token_matched_contrast
+    from ..analysis import gate_categories, gate_statistics, memory_swap_contrast, token_matched_contrast
     from ..tokenizer import special_ids
 
     model, tok, meta = _load(args.ckpt)
@@ -112,6 +112,22 @@ def cmd_analyze_gates(args: argparse.Namespace) -> int:
             print(f"{control:<24} {r['layer_id']:>5} {r['branch']:>6} {r['tokens']:>7} "
                   f"{r['mean_diff']:>+10.4f} {_fmt(r['sem'], 4):>7} {r['positive_fraction']:>7.0%}")
     result["token_matched"] = contrasts
+    # Same hidden state, different memory: does the key recognise the memory of its own context?
+    swaps = []
+    print("\nmemory swap: gate with the position's own N-gram memory minus the gate with the memory of a")
+    print("random other position of the same category (same hidden state, so same token and context)")
+    print(f"{'category':<24} {'layer':>5} {'branch':>6} {'tokens':>7} {'own':>7} {'swapped':>7} "
+          f"{'difference':>10} {'s.e.m.':>7} {'> 0':>5}")
+    for name in ("fact sentences", "name last tokens", "narrative", "shuffled fact tokens",
+                 "random tokens", "unigram random tokens"):
+        if name not in cats:
+            continue
+        for r in memory_swap_contrast(model, cats[name], pad_id=special_ids(tok)[0], seed=args.seed):
+            swaps.append({"category": name, **r})
+            print(f"{name:<24} {r['layer_id']:>5} {r['branch']:>6} {r['tokens']:>7} {_fmt(r['gate']):>7} "
+                  f"{_fmt(r['gate_swapped']):>7} {r['mean_diff']:>+10.4f} {_fmt(r['sem'], 4):>7} "
+                  f"{r['positive_fraction']:>5.0%}")
+    result["memory_swap"] = swaps
     if ds is not None:
         from ..analysis import gate_by_frequency
 
