@@ -219,6 +219,22 @@ def _batches(samples: Sequence[Sample], batch_size: int) -> Iterable[list[int]]:
 
 
 @torch.no_grad()
+def _padded_batches(model: EngramLM, samples: Sequence[Sample], pad_id: int, batch_size: int
+                    ) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(sample indices, ids [b, T], counted-position mask [b, T]) per batch, right-padded and
+    cut at ``max_seq_len``; the model is causal, so padding after a sample cannot change it."""
+    cap = model.cfg.max_seq_len
+    for batch in _batches(samples, batch_size):
+        T = min(cap, max(len(samples[j].ids) for j in batch))
+        x = torch.full((len(batch), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.bool)
+        for i, j in enumerate(batch):
+            k = min(T, len(samples[j].ids))
+            x[i, :k] = torch.tensor(samples[j].ids[:k])
+            mask[i, :k] = torch.tensor(samples[j].mask[:k])
+        yield batch, x, mask
+
+
 def sample_gates(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0,
                  batch_size: int = 32) -> dict[int, np.ndarray]:
     """Gates of the counted positions of all samples, in sample order: {layer_id: [N, M]}.
@@ -228,7 +244,6 @@ def sample_gates(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0,
     """
     _need_engram(model)
     layers = model.engram_layers
-    cap = model.cfg.max_seq_len
     per_sample: dict[int, list[Optional[np.ndarray]]] = {l.layer_id: [None] * len(samples) for l in layers}
     saved = [l.record_gates for l in layers]
     was_training = model.training
@@ -236,14 +251,7 @@ def sample_gates(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0,
     try:
         for l in layers:
             l.record_gates = True
-        for batch in _batches(samples, batch_size):
-            T = min(cap, max(len(samples[j].ids) for j in batch))
-            x = torch.full((len(batch), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.bool)
-            for i, j in enumerate(batch):
-                k = min(T, len(samples[j].ids))
-                x[i, :k] = torch.tensor(samples[j].ids[:k])
-                mask[i, :k] = torch.tensor(samples[j].mask[:k])
+        for batch, x, mask in _padded_batches(model, samples, pad_id, batch_size):
             model(x.to(model.embed.weight.device))
             for l in layers:
                 g = l.last_gates.cpu()
@@ -317,7 +325,6 @@ def _gate_inputs(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0, ba
     """The gate's inputs at the counted positions: {layer_id: (hidden [N, M, D], memory e [N, E])}."""
     _need_engram(model)
     layers = model.engram_layers
-    cap = model.cfg.max_seq_len
     hs: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
     es: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
     saved = [l.record_gate_inputs for l in layers]
@@ -327,14 +334,7 @@ def _gate_inputs(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0, ba
         for l in layers:
             l.record_gate_inputs = True
         with torch.no_grad():
-            for batch in _batches(samples, batch_size):
-                T = min(cap, max(len(samples[j].ids) for j in batch))
-                x = torch.full((len(batch), T), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), T), dtype=torch.bool)
-                for i, j in enumerate(batch):
-                    k = min(T, len(samples[j].ids))
-                    x[i, :k] = torch.tensor(samples[j].ids[:k])
-                    mask[i, :k] = torch.tensor(samples[j].mask[:k])
+            for _, x, mask in _padded_batches(model, samples, pad_id, batch_size):
                 model(x.to(model.embed.weight.device))
                 for l in layers:
                     h, e = l.last_gate_inputs

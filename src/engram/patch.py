@@ -189,15 +189,22 @@ def list_patches(table: PathLike) -> dict[str, Any]:
             "patches": [{k: v for k, v in e.items() if k != "rows"} for e in chain]}
 
 
-def apply_patch(table: PathLike, patch: Union[TablePatch, PathLike], *, chunk_rows: int = CHUNK_ROWS,
-                progress: bool = False) -> dict[str, Any]:
-    """Apply ``patch`` to table file ``table`` atomically; returns a report (rows, seconds)."""
-    t0 = time.perf_counter()
+def _open_for(table: PathLike, patch: Union[TablePatch, PathLike]
+              ) -> tuple[TablePatch, TableHeader, str, list[dict[str, Any]]]:
+    """Load the patch and the table's header, check they are for the same hashing, dtype and
+    shapes; returns (patch, header, the table's path as text, its applied chain)."""
     patch = _as_patch(patch)
     header = read_header(table)
     where = str(header.path)
     _check_target(patch, where, header.fingerprint, header.hasher, header.dtype, _shapes(header))
-    chain = table_chain(header)
+    return patch, header, where, table_chain(header)
+
+
+def apply_patch(table: PathLike, patch: Union[TablePatch, PathLike], *, chunk_rows: int = CHUNK_ROWS,
+                progress: bool = False) -> dict[str, Any]:
+    """Apply ``patch`` to table file ``table`` atomically; returns a report (rows, seconds)."""
+    t0 = time.perf_counter()
+    patch, header, where, chain = _open_for(table, patch)
     _check_base(patch, where, table_fingerprint(header), chain)
     new_chain = chain + [_chain_entry(patch)]
     tdt = header.torch_dtype
@@ -213,11 +220,7 @@ def revert_patch(table: PathLike, patch: Union[TablePatch, PathLike], *, chunk_r
                  progress: bool = False) -> dict[str, Any]:
     """Write ``patch``'s old rows back into ``table`` atomically (chain rule in the module docstring)."""
     t0 = time.perf_counter()
-    patch = _as_patch(patch)
-    header = read_header(table)
-    where = str(header.path)
-    _check_target(patch, where, header.fingerprint, header.hasher, header.dtype, _shapes(header))
-    chain = table_chain(header)
+    patch, header, where, chain = _open_for(table, patch)
     i = _revert_position(patch, where, chain)
     # Only when the table still holds exactly this patch's result is the reverted content known
     # in advance (its base); after an out-of-order revert the touched rows are still checked.

@@ -53,6 +53,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
+from .fsutil import fsync_dir
 from .tablefile import DTYPE_NAMES, DTYPES
 
 PathLike = Union[str, Path]
@@ -321,22 +322,9 @@ def save_patch(patch: TablePatch, path: PathLike) -> Path:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise PatchFileError(f"cannot write {p}: {e}; the previous {p.name} (if any) is untouched") from e
-    _fsync_dir(p.parent)
+    fsync_dir(p.parent)
     patch.path = p
     return p
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_patch(path: PathLike) -> TablePatch:
