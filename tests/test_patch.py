@@ -389,13 +389,40 @@ def test_rehearsal_keeps_the_patch_to_allowed_rows(tiny_run):
     assert len(set(orig_rows.tolist()) - set(torch.nonzero(allowed).flatten().tolist())) > 0
 
 
+def _loss_on(model, tokens: np.ndarray, n: int = 8, T: int = 32) -> float:
+    starts = np.linspace(0, tokens.size - T - 1, n).astype(int)
+    w = torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64))
+    model.eval()
+    with torch.no_grad():
+        return float(model(w[:, :-1], w[:, 1:]).loss)
+
+
+def test_rehearsal_is_automatic_and_holds_the_original_loss(tiny_run):
+    model, tokens, original, counts, _, _ = _new_text_setup(tiny_run)
+    before = _loss_on(model, original)
+    cfg = PatchTrainConfig(steps=30, batch_size=4, seq_len=32, warmup_steps=1, lr=5e-2)
+    assert cfg.rehearsal is None and cfg.protect_min_count == 0  # the defaults
+    _, rep = train_patch(model, tokens, cfg, original_tokens=original, row_counts=counts, progress=False)
+    assert rep["rehearsal"] == 1.0 and rep["protect_min_count"] == 0  # original corpus given: rehearse
+    with_rehearsal = _loss_on(model, original)
+    plain, _ = _new_text_setup(tiny_run)[:2]
+    _, rep0 = train_patch(plain, tokens, cfg, progress=False)
+    assert rep0["rehearsal"] == 0.0 and "loss_orig_last" not in rep0  # no corpus: nothing to rehearse
+    without = _loss_on(plain, original)
+    # the same steps on the new text leave the original corpus better off when it is rehearsed
+    assert with_rehearsal < without - 0.01, (before, with_rehearsal, without)
+
+
 def test_protection_and_rehearsal_config_errors(tiny_run, tmp_path, capsys):
     from engram.commands import patch as patch_cmd
     from engram.patch_bench import BenchConfig, parse_variant
     from engram.patch_train import DEFAULT_PROTECT_MIN_COUNT
     from engram.patchfile import PatchError
 
+    from engram.patch_train import DEFAULT_REHEARSAL
+
     assert patch_cmd.DEFAULT_PROTECT_MIN_COUNT == DEFAULT_PROTECT_MIN_COUNT
+    assert patch_cmd.DEFAULT_REHEARSAL == DEFAULT_REHEARSAL
     with pytest.raises(PatchError, match=r"protect_min_count=-1 must be an integer >= 0 \(0 disables"):
         PatchTrainConfig(protect_min_count=-1)
     with pytest.raises(PatchError, match=r"rehearsal=-0.5 must be >= 0 \(0 disables"):
@@ -403,7 +430,7 @@ def test_protection_and_rehearsal_config_errors(tiny_run, tmp_path, capsys):
     with pytest.raises(PatchError, match=r"rehearsal_batch_size=-2 must be >= 0"):
         PatchTrainConfig(rehearsal_batch_size=-2)
     model, tokens, _, _, _, _ = _new_text_setup(tiny_run)
-    with pytest.raises(PatchError, match=r"rehearsal=1.0 needs the original corpus: pass --protect-data DIR"):
+    with pytest.raises(PatchError, match=r"rehearsal=1.0 needs the original corpus: pass --original-data DIR"):
         train_patch(model, tokens, PatchTrainConfig(steps=1, seq_len=32, rehearsal=1.0), progress=False)
     assert parse_variant("steps=600, rehearsal=1") == {"steps": 600, "rehearsal": 1.0}
     with pytest.raises(PatchError, match=r"'bogus=1' is not KEY=VALUE with KEY one of"):
@@ -418,10 +445,15 @@ def test_protection_and_rehearsal_config_errors(tiny_run, tmp_path, capsys):
             str(tmp_path / "p.engp"), "--steps", "2", "--batch-size", "2", "--seq-len", "32"]
     capsys.readouterr()
     assert main(args + ["--rehearsal", "0.5"]) == 2
-    assert "rehearsal=0.5 needs the original corpus: pass --protect-data DIR" in capsys.readouterr().err
-    assert main(args + ["--protect-data", str(tmp_path / "nowhere")]) == 2
-    assert "--protect-data" in capsys.readouterr().err
-    assert main(args + ["--protect-data", str(data), "--protect-min-count", "2", "--rehearsal", "0.5", "--json"]) == 0
+    assert "rehearsal=0.5 needs the original corpus: pass --original-data DIR" in capsys.readouterr().err
+    assert main(args + ["--original-data", str(tmp_path / "nowhere")]) == 2
+    assert "--original-data" in capsys.readouterr().err
+    assert main(args + ["--original-data", str(data), "--protect-min-count", "2", "--rehearsal", "0.5", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["protected_rows"]["1"] > 0 and rep["protect_min_count"] == 2 and rep["rehearsal"] == 0.5
-    assert load_patch(tmp_path / "p.engp").meta["provenance"]["protect_data"] == str(data)
+    assert load_patch(tmp_path / "p.engp").meta["provenance"]["original_data"] == str(data)
+    assert main(args + ["--original-data", str(data), "--json"]) == 0  # rehearsal by default
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rehearsal"] == 1.0 and rep["protect_min_count"] == 0
+    assert main(args + ["--quiet"]) == 0
+    assert "the original corpus was not given" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """The knowledge-patch experiment: held-out facts, a patch, and the two cheaper alternatives.
 
-    engram bench patch --workdir patch-bench [--held-out 40 --base-steps 400 --patch-steps 300]
+    engram bench patch --workdir patch-bench [--held-out 40 --base-steps 400 --patch-steps 1000]
 
 1. Data: the built-in corpus with both documents ("profile" and "almanac") of ``held_out``
    countries removed (chosen by a stable hash of the name), so their capital, currency,
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .knowledge import FactItem, FactSet, evaluate_facts
-from .patch_train import DEFAULT_PROTECT_MIN_COUNT, PatchTrainConfig
+from .patch_train import DEFAULT_PROTECT_MIN_COUNT, DEFAULT_REHEARSAL, PatchTrainConfig
 from .patchfile import PatchError
 
 _VARIANT_KEYS = {"steps", "lr", "table_lr_mult", "batch_size", "anchor", "protect_min_count", "rehearsal",
@@ -49,13 +49,13 @@ class BenchConfig:
     workdir: str = "patch-bench"
     held_out: int = 40
     base_steps: int = 400
-    patch_steps: int = 300
+    patch_steps: int = 1000
     patch_lr: float = 3e-3
     patch_batch_size: int = 8
     table_lr_mult: float = 5.0
     anchor: float = 0.0
     protect_min_count: int = DEFAULT_PROTECT_MIN_COUNT  # rows the original corpus reads >= this often are frozen
-    rehearsal: float = 0.0
+    rehearsal: float = DEFAULT_REHEARSAL  # beta x original-corpus loss; 0 disables
     variants: tuple[str, ...] = ()  # extra patch settings "key=value,key=value" (PatchTrainConfig fields)
     ngram_lambda: float = 0.5
     preset: str = "engram-moe"
@@ -268,7 +268,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     patch_path = wd / "facts.engp"
     pcfg = cfg.patch_config()
     trained_patch = train_patch_from_run(run, [new_text], patch_path, pcfg, table=table, name="held-out-facts",
-                                         protect_data=data_dir, row_counts=row_counts, progress=progress)
+                                         original_data=data_dir, row_counts=row_counts, progress=progress)
     timings["patch_train_s"] = time.perf_counter() - t0
     patched = wd / "patched.engt"
     shutil.copyfile(table, patched)
@@ -314,7 +314,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         t0 = time.perf_counter()
         vpath = wd / "variant.engp"
         rep = train_patch_from_run(run, [new_text], vpath, cfg.patch_config(**over), table=table,
-                                   name=f"variant {v}", protect_data=data_dir, row_counts=row_counts,
+                                   name=f"variant {v}", original_data=data_dir, row_counts=row_counts,
                                    progress=progress)
         apply_to_model(model_m, vpath)
         m = measure(model_m)

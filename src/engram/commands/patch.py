@@ -29,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                            rehearsal_batch_size=args.rehearsal_batch_size,
                            quantization=args.quantize, seed=args.seed)
     res = train_patch_from_run(args.ckpt, args.data, args.out, cfg, table=args.table, name=args.name or "",
-                               dtype=args.dtype, protect_data=args.protect_data,
+                               dtype=args.dtype, original_data=args.original_data,
                                progress=not (args.quiet or args.json))
     rows = sum(res["changed_rows"].values())
     text = (f"wrote {res['patch']} (patch {res['patch_id']}, parent {res['parent'] or '-'}): {rows:,} rows "
@@ -41,10 +41,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         text += (f"; {sum(res['protected_rows'].values()):,} rows protected (read >= {res['protect_min_count']} "
                  f"times by the original corpus), {sum(res['touched_protected_rows'].values()):,} of the "
                  f"{sum(res['touched_rows'].values()):,} rows the new text touched kept frozen")
-    elif args.protect_data is None:
-        text += "; no row protection (pass --protect-data DIR, the base run's dataset, to freeze shared rows)"
     if res["rehearsal"]:
         text += f"; rehearsal {res['rehearsal']} (original-corpus loss {res['loss_orig_first']:.3f} -> {res['loss_orig_last']:.3f})"
+    elif args.original_data is None:
+        text += ("; the original corpus was not given, so nothing held its loss: pass --original-data DIR "
+                 "(the base run's dataset) to rehearse it")
     if res["trainable_gate_params"]:
         text += (f" and {res['trainable_gate_params']:,} gate/projection parameters (NOT in the patch: "
                  f"the patch alone does not reproduce them)")
@@ -121,7 +122,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_PROTECT_MIN_COUNT = 64  # = patch_train.DEFAULT_PROTECT_MIN_COUNT (not imported: keeps the CLI start light)
+# = patch_train.DEFAULT_PROTECT_MIN_COUNT / DEFAULT_REHEARSAL (not imported: keeps the CLI start light)
+DEFAULT_PROTECT_MIN_COUNT = 0
+DEFAULT_REHEARSAL = 1.0
 
 
 def register(sub: Any, bench: Any) -> None:
@@ -133,22 +136,22 @@ def register(sub: Any, bench: Any) -> None:
     t.add_argument("--out", required=True, help="the patch file to write (e.g. facts.engp)")
     t.add_argument("--table", help="start from this table file (stacks on the patches applied to it)")
     t.add_argument("--name", help="a label shown by `engram patch list`")
-    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=128)
     t.add_argument("--lr", type=float, default=3e-3, help="base lr; tables train at lr x --table-lr-mult")
     t.add_argument("--table-lr-mult", type=float, default=5.0)
     t.add_argument("--warmup-steps", type=int, default=10)
     t.add_argument("--anchor", type=float, default=0.0, help="L2 pull of changed rows towards their old values")
-    t.add_argument("--protect-data", metavar="DIR",
-                   help="the base run's prepared dataset (engram data prepare): the original corpus whose "
-                   "frequently read rows are frozen (--protect-min-count) and which --rehearsal replays")
+    t.add_argument("--original-data", metavar="DIR",
+                   help="the base run's prepared dataset (engram data prepare): the original corpus, replayed "
+                   "during training (--rehearsal) so that its loss stays put")
     t.add_argument("--protect-min-count", type=int, default=DEFAULT_PROTECT_MIN_COUNT,
-                   help="with --protect-data: freeze rows the original corpus reads at least this often "
-                   f"(0 disables; default {DEFAULT_PROTECT_MIN_COUNT})")
-    t.add_argument("--rehearsal", type=float, default=0.0,
-                   help="with --protect-data: add BETA x the loss on original-corpus batches (only rows the "
-                   "new text touches still move); 0 disables")
+                   help="with --original-data: freeze rows the original corpus reads at least this often "
+                   f"(0 disables; default {DEFAULT_PROTECT_MIN_COUNT}; rehearsal works better, docs/patches.md)")
+    t.add_argument("--rehearsal", type=float, default=None,
+                   help="add BETA x the loss on original-corpus batches (only rows the new text touches still "
+                   f"move); default {DEFAULT_REHEARSAL} with --original-data, else 0; 0 disables")
     t.add_argument("--rehearsal-batch-size", type=int, default=0, help="original-corpus windows per step (0 = --batch-size)")
     t.add_argument("--train-gates", action="store_true",
                    help="also train the Engram gate/value projections (reported; not in the patch)")
@@ -188,13 +191,14 @@ def register(sub: Any, bench: Any) -> None:
     b.add_argument("--workdir", default="patch-bench", help="data, run, table and patch go here")
     b.add_argument("--held-out", type=int, default=40, help="countries whose documents are held out")
     b.add_argument("--base-steps", type=int, default=400)
-    b.add_argument("--patch-steps", type=int, default=300)
+    b.add_argument("--patch-steps", type=int, default=1000)
     b.add_argument("--patch-lr", type=float, default=3e-3)
     b.add_argument("--table-lr-mult", type=float, default=5.0)
     b.add_argument("--anchor", type=float, default=0.0)
     b.add_argument("--protect-min-count", type=int, default=DEFAULT_PROTECT_MIN_COUNT,
                    help="freeze rows the original corpus (the bench's training split) reads this often; 0 disables")
-    b.add_argument("--rehearsal", type=float, default=0.0, help="beta x original-corpus loss during patch training")
+    b.add_argument("--rehearsal", type=float, default=DEFAULT_REHEARSAL,
+                   help="beta x original-corpus loss during patch training (0 disables)")
     b.add_argument("--variant", action="append", metavar="K=V,...",
                    help="also train and measure a patch with these settings (e.g. steps=600,rehearsal=1); repeatable")
     b.add_argument("--ngram-lambda", type=float, default=0.5)
