@@ -52,9 +52,10 @@ from __future__ import annotations
 import math
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -219,6 +220,24 @@ def _batches(samples: Sequence[Sample], batch_size: int) -> Iterable[list[int]]:
 
 
 @torch.no_grad()
+@contextmanager
+def _recording(model: EngramLM, flag: str) -> Iterator[None]:
+    """Eval mode and ``flag`` (an ``EngramLayer`` recording switch) on for every Engram layer;
+    both restored afterwards, also on error."""
+    layers = model.engram_layers
+    saved = [getattr(l, flag) for l in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for l in layers:
+            setattr(l, flag, True)
+        yield
+    finally:
+        for l, rec in zip(layers, saved):
+            setattr(l, flag, rec)
+        model.train(was_training)
+
+
 def _padded_batches(model: EngramLM, samples: Sequence[Sample], pad_id: int, batch_size: int
                     ) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(sample indices, ids [b, T], counted-position mask [b, T]) per batch, right-padded and
@@ -245,22 +264,13 @@ def sample_gates(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0,
     _need_engram(model)
     layers = model.engram_layers
     per_sample: dict[int, list[Optional[np.ndarray]]] = {l.layer_id: [None] * len(samples) for l in layers}
-    saved = [l.record_gates for l in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for l in layers:
-            l.record_gates = True
+    with _recording(model, "record_gates"):
         for batch, x, mask in _padded_batches(model, samples, pad_id, batch_size):
             model(x.to(model.embed.weight.device))
             for l in layers:
                 g = l.last_gates.cpu()
                 for i, j in enumerate(batch):
                     per_sample[l.layer_id][j] = g[i][mask[i]].numpy()
-    finally:
-        for l, rec in zip(layers, saved):
-            l.record_gates = rec
-        model.train(was_training)
     M = model.cfg.hc_mult
     return {lid: (np.concatenate(v) if v else np.zeros((0, M))) for lid, v in per_sample.items()}
 
@@ -327,24 +337,16 @@ def _gate_inputs(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0, ba
     layers = model.engram_layers
     hs: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
     es: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
-    saved = [l.record_gate_inputs for l in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for l in layers:
-            l.record_gate_inputs = True
-        with torch.no_grad():
-            for _, x, mask in _padded_batches(model, samples, pad_id, batch_size):
-                model(x.to(model.embed.weight.device))
-                for l in layers:
-                    h, e = l.last_gate_inputs
-                    m = mask.to(h.device)
-                    hs[l.layer_id].append(h[m].cpu())
-                    es[l.layer_id].append(e[m].cpu())
-    finally:
-        for l, rec in zip(layers, saved):
-            l.record_gate_inputs, l.last_gate_inputs = rec, None
-        model.train(was_training)
+    with _recording(model, "record_gate_inputs"), torch.no_grad():
+        for _, x, mask in _padded_batches(model, samples, pad_id, batch_size):
+            model(x.to(model.embed.weight.device))
+            for l in layers:
+                h, e = l.last_gate_inputs
+                m = mask.to(h.device)
+                hs[l.layer_id].append(h[m].cpu())
+                es[l.layer_id].append(e[m].cpu())
+    for l in layers:
+        l.last_gate_inputs = None  # large tensors: do not keep them on the model
     return {lid: (torch.cat(hs[lid]), torch.cat(es[lid])) for lid in hs if hs[lid]}
 
 
