@@ -216,6 +216,7 @@ def test_memory_swap_contrast_isolates_the_memory(loaded) -> None:
                 k.weight.zero_()
         blind = [r for r in memory_swap_contrast(model, samples) if r["layer_id"] == layer.layer_id]
         assert blind and all(r["mean_diff"] == 0.0 for r in blind)
+        assert all(r["gate_no_memory"] == pytest.approx(r["gate"], abs=1e-6) for r in blind)
     finally:
         with torch.no_grad():
             for k, w in zip(layer.key_projs, saved):

@@ -358,7 +358,10 @@ def memory_swap_contrast(model: EngramLM, samples: Sequence[Sample], pad_id: int
     vector ``e`` of position ``perm[i] != i`` (a random derangement over the N positions, fixed
     by ``seed``). The difference is 0 for a gate that ignores the memory (its key reads only the
     bias), and positive where the key recognises the memory that belongs to this context.
-    Rows {layer_id, branch, tokens, gate, gate_swapped, mean_diff, sem, positive_fraction}.
+    ``gate_no_memory`` is the mean gate with ``e = 0`` (the key is its bias alone): the level
+    the hidden state sets by itself.
+    Rows {layer_id, branch, tokens, gate, gate_swapped, gate_no_memory, mean_diff, sem,
+    positive_fraction}.
     """
     rows = []
     layers = {l.layer_id: l for l in model.engram_layers}
@@ -375,10 +378,12 @@ def memory_swap_contrast(model: EngramLM, samples: Sequence[Sample], pad_id: int
         with torch.no_grad():
             own = layer.gates(h[None].to(dev), e[None].to(dev))[0].double().cpu()  # [N, M]
             other = layer.gates(h[None].to(dev), e[torch.from_numpy(perm)][None].to(dev))[0].double().cpu()
+            blank = layer.gates(h[None].to(dev), torch.zeros_like(e)[None].to(dev))[0].double().cpu()
         for m in range(own.shape[1]):
             d = (own[:, m] - other[:, m]).numpy()
             rows.append({"layer_id": lid, "branch": m, "tokens": n,
                          "gate": float(own[:, m].mean()), "gate_swapped": float(other[:, m].mean()),
+                         "gate_no_memory": float(blank[:, m].mean()),
                          "mean_diff": float(d.mean()), "sem": float(d.std(ddof=1) / math.sqrt(n)),
                          "positive_fraction": float((d > 0).mean())})
     return rows

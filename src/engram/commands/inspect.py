@@ -115,9 +115,10 @@ def cmd_analyze_gates(args: argparse.Namespace) -> int:
     # Same hidden state, different memory: does the key recognise the memory of its own context?
     swaps = []
     print("\nmemory swap: gate with the position's own N-gram memory minus the gate with the memory of a")
-    print("random other position of the same category (same hidden state, so same token and context)")
+    print("random other position of the same category (same hidden state, so same token and context);")
+    print("e = 0: the gate with no memory at all (the key is its bias), the level the hidden state sets")
     print(f"{'category':<24} {'layer':>5} {'branch':>6} {'tokens':>7} {'own':>7} {'swapped':>7} "
-          f"{'difference':>10} {'s.e.m.':>7} {'> 0':>5}")
+          f"{'difference':>10} {'s.e.m.':>7} {'> 0':>5} {'e = 0':>7}")
     for name in ("fact sentences", "name last tokens", "narrative", "shuffled fact tokens",
                  "random tokens", "unigram random tokens"):
         if name not in cats:
@@ -126,7 +127,7 @@ def cmd_analyze_gates(args: argparse.Namespace) -> int:
             swaps.append({"category": name, **r})
             print(f"{name:<24} {r['layer_id']:>5} {r['branch']:>6} {r['tokens']:>7} {_fmt(r['gate']):>7} "
                   f"{_fmt(r['gate_swapped']):>7} {r['mean_diff']:>+10.4f} {_fmt(r['sem'], 4):>7} "
-                  f"{r['positive_fraction']:>5.0%}")
+                  f"{r['positive_fraction']:>5.0%} {_fmt(r['gate_no_memory']):>7}")
     result["memory_swap"] = swaps
     if ds is not None:
         from ..analysis import gate_by_frequency
