@@ -26,7 +26,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers
 from tokenizers.normalizers import NFD, NFKC, Lowercase, Replace, Strip, StripAccents
 
-from engram.tokenizer import atomic_write
+from engram.fsutil import atomic_write
 
 try:  # torch is a hard dependency of the package, but keep this module usable without it
     import torch

@@ -40,8 +40,8 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from engram.corpus import Document, builtin_documents, corpus_stats, read_user_files
+from engram.fsutil import atomic_write
 from engram.tokenizer import (
-    atomic_write,
     load_deepseek_tokenizer,
     load_tokenizer,
     save_tokenizer,

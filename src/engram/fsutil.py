@@ -4,9 +4,11 @@ then fsyncs the directory so that the rename itself survives a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Callable, Union
 
 
 def fsync_dir(path: Union[str, Path]) -> None:
@@ -22,3 +24,30 @@ def fsync_dir(path: Union[str, Path]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
+    """Create/replace ``path`` atomically: write a temp file in the same directory, fsync it,
+    then rename over ``path``. Readers see the old file or the complete new one, never a
+    partial write; on any error the temp file is removed and ``path`` is left untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

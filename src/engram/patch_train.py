@@ -142,7 +142,7 @@ def _batch(tokens: np.ndarray, cfg: PatchTrainConfig, gen: torch.Generator,
     return w[:, :-1], w[:, 1:]
 
 
-def load_protect_tokens(data_dir: PathLike, tokenizer_fingerprint: Optional[str] = None) -> np.ndarray:
+def load_original_tokens(data_dir: PathLike, tokenizer_fingerprint: Optional[str] = None) -> np.ndarray:
     """The training split of a prepared dataset (``engram data prepare``), checked against the run."""
     from .data import DataError, load_dataset
 
@@ -356,12 +356,9 @@ def train_patch_from_run(ckpt: PathLike, data: Sequence[PathLike], out: PathLike
                          f"like the training data. Re-save the run with its dataset's tokenizer")
     tok = load_tokenizer(tok_path)
     tokens = encode_texts(read_patch_texts(data), tok, tokenizer_info(tok).eos_id)
-    if (cfg.rehearsal or 0) > 0 and original_data is None:
-        raise PatchError(f"rehearsal={cfg.rehearsal} needs the original corpus: pass --original-data DIR "
-                         f"(the base run's dataset directory) or set --rehearsal 0")
     original = None
     if original_data is not None:
-        original = load_protect_tokens(original_data, ckpt_mod.read_config(ckpt).tokenizer_fingerprint)
+        original = load_original_tokens(original_data, ckpt_mod.read_config(ckpt).tokenizer_fingerprint)
     parent = None
     if table is not None:
         from .offload import load_tables_into

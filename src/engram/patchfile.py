@@ -38,7 +38,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import struct
 import time
 import zlib
@@ -53,7 +52,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .fsutil import fsync_dir
+from .fsutil import atomic_write
 from .tablefile import DTYPE_NAMES, DTYPES
 
 PathLike = Union[str, Path]
@@ -303,26 +302,18 @@ def make_patch(base: Mapping[int, torch.Tensor], new: Mapping[int, torch.Tensor]
 
 # ----------------------------------------------------------------------------- file I/O
 def save_patch(patch: TablePatch, path: PathLike) -> Path:
-    """Write ``patch`` atomically (temp file beside the target, fsync, ``os.replace``)."""
+    """Write ``patch`` atomically (:func:`engram.fsutil.atomic_write`)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     try:
         text = json.dumps(patch.meta, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise PatchError(f"cannot write {p}: the patch metadata is not plain JSON ({e}); "
                          f"pass JSON-able provenance") from e
     blob = st_save(_tensors(patch.layers), metadata={_META_KEY: text})
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        atomic_write(p, lambda f: f.write(blob))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise PatchFileError(f"cannot write {p}: {e}; the previous {p.name} (if any) is untouched") from e
-    fsync_dir(p.parent)
     patch.path = p
     return p
 

@@ -15,19 +15,16 @@ Special ids
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 import importlib.util
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Union
+from typing import Iterable, Iterator, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .fsutil import fsync_dir
+from .fsutil import atomic_write
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
@@ -174,33 +171,6 @@ def tokenizer_info(tok: Tokenizer) -> TokenizerInfo:
         eos_id=eos,
         fingerprint=tokenizer_fingerprint(tok),
     )
-
-
-def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
-    """Create/replace ``path`` atomically: write a temp file in the same directory, fsync it,
-    then rename over ``path``. Readers see the old file or the complete new one, never a
-    partial write; on any error the temp file is removed and ``path`` is left untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_tokenizer(tok: Tokenizer, path: Union[str, Path]) -> None:

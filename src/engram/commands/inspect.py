@@ -93,7 +93,8 @@ def cmd_analyze_gates(args: argparse.Namespace) -> int:
     unigram = (np.bincount(np.asarray(ds.train.tokens, dtype=np.int64), minlength=model.cfg.vocab_size)
                if ds is not None else None)
     cats = gate_categories(tok, n=args.n, seed=args.seed, unigram=unigram)
-    rows = gate_statistics(model, cats, pad_id=special_ids(tok)[0])
+    pad_id = special_ids(tok)[0]
+    rows = gate_statistics(model, cats, pad_id=pad_id)
     print(f"{'category':<24} {'layer':>5} {'branch':>6} {'tokens':>7} {'mean gate':>10} "
           f"{'std':>7} {'s.e.m.':>7}")
     for r in rows:
@@ -123,7 +124,7 @@ def cmd_analyze_gates(args: argparse.Namespace) -> int:
                  "random tokens", "unigram random tokens"):
         if name not in cats:
             continue
-        for r in memory_swap_contrast(model, cats[name], pad_id=special_ids(tok)[0], seed=args.seed):
+        for r in memory_swap_contrast(model, cats[name], pad_id=pad_id, seed=args.seed):
             swaps.append({"category": name, **r})
             print(f"{name:<24} {r['layer_id']:>5} {r['branch']:>6} {r['tokens']:>7} {_fmt(r['gate']):>7} "
                   f"{_fmt(r['gate_swapped']):>7} {r['mean_diff']:>+10.4f} {_fmt(r['sem'], 4):>7} "

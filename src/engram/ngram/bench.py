@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from engram.tokenizer import atomic_write
+from engram.fsutil import atomic_write
 
 from .index import NgramIndex, UnseenContextError
 

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from engram import __version__
-from engram.tokenizer import atomic_write, load_tokenizer, save_tokenizer, tokenizer_fingerprint
+from engram.fsutil import atomic_write
+from engram.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 from . import kn as kn_mod
 from .segment import (
