@@ -14,7 +14,7 @@ from engram.baselines import InputNgramConfig, InputNgramError
 from engram.config import ModelConfig, preset
 from engram.knowledge import FactItem, FactSet, evaluate_facts
 from engram.model import EngramLM
-from engram.sweep import (SweepError, SweepSpec, builtin_sweep, collect, paired_t, plan, resolve,
+from engram.sweep import (SweepError, SweepSpec, builtin_sweep, paired_t, plan, resolve,
                           run_sweep, summary_table, t_sf_two_sided, write_summary)
 
 

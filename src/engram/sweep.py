@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from .accounting import account, check_budget, format_account
-from .config import ConfigError, ModelConfig, TrainConfig, preset
+from .config import ModelConfig, TrainConfig, preset
 
 PathLike = Union[str, Path]
 RESULT_FILE = "result.json"
@@ -352,8 +352,6 @@ def run_sweep(spec: SweepSpec, data_dir: PathLike, runs_root: PathLike, workers:
     import multiprocessing as mp
 
     from tqdm.auto import tqdm
-
-    from .data import load_dataset
 
     t0 = time.perf_counter()
     resolved, plans = plan(spec, runs_root)

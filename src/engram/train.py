@@ -40,7 +40,7 @@ from . import data
 from .checkpoint import CheckpointError
 from .compression import CompressionMap, build_compression
 from .config import ModelConfig, TrainConfig
-from .evaluate import check_dataset_for_model, dataset_identity, evaluate, perplexity
+from .evaluate import check_dataset_for_model, dataset_identity, evaluate
 from .model import EngramLM
 from .sparse_adam import clip_grad_norm_  # torch's own unless the tables have sparse gradients
 
