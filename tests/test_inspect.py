@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from _inspect_run import tiny_run
-from engram.analysis import (AnalysisError, Sample, ablation, ablation_categories, gate_statistics,
+from engram.analysis import (AnalysisError, Sample, ablation, ablation_categories, facts_vs_random,
+                             gate_statistics,
                              memory_swap_contrast, plot_zipf, sample_gates, score_samples, token_matched_contrast,
                              unigram_logprobs, zipf_statistics)
 from engram.checkpoint import load_model
@@ -327,3 +328,39 @@ def test_cli_analyze_gates_with_controls(run, tmp_path, capsys) -> None:
     assert {r["category"] for r in data["memory_swap"]} >= {"fact sentences", "random tokens",
                                                            "unigram random tokens"}
     assert data["by_frequency"] and all(0 <= r["mean"] <= 1 for r in data["by_frequency"] if r["count"])
+    verdicts = data["facts_vs_random"]
+    assert {(r["control"], r["measure"]) for r in verdicts} == {
+        (c, m) for c in ("random tokens", "unigram random tokens")
+        for m in ("raw", "token-matched", "memory swap")}
+    raw = next(r for r in verdicts if r["control"] == "random tokens" and r["measure"] == "raw"
+               and r["branch"] == 0)
+    means = {r["category"]: r["mean"] for r in data["rows"] if r["branch"] == 0
+             and r["layer_id"] == raw["layer_id"]}
+    assert raw["difference"] == pytest.approx(means["fact sentences"] - means["random tokens"])
+    assert "fact sentences against random-token text" in text
+
+
+def test_facts_vs_random_verdicts() -> None:
+    def row(cat, mean, sem):
+        return {"category": cat, "layer_id": 1, "branch": 0, "mean": mean, "sem": sem}
+
+    rows = [row("fact sentences", 0.80, 0.003), row("random tokens", 0.70, 0.004),
+            row("unigram random tokens", 0.795, 0.004), row("narrative", 0.1, 0.01)]
+    matched = [{"a": "fact sentences", "b": "random tokens", "layer_id": 1, "branch": 0,
+                "mean_diff": -0.05, "sem": 0.01},
+               {"a": "narrative", "b": "unigram random tokens", "layer_id": 1, "branch": 0,
+                "mean_diff": 9.0, "sem": 0.01}]  # not about facts: ignored
+    swaps = [{"category": "fact sentences", "layer_id": 1, "branch": 0, "mean_diff": 0.03, "sem": 0.003},
+             {"category": "random tokens", "layer_id": 1, "branch": 0, "mean_diff": 0.0, "sem": 0.004}]
+    got = {(r["control"], r["measure"]): r for r in facts_vs_random(rows, matched, swaps)}
+    assert set(got) == {("random tokens", "raw"), ("random tokens", "token-matched"),
+                        ("random tokens", "memory swap"), ("unigram random tokens", "raw")}
+    assert got[("random tokens", "raw")]["verdict"] == "higher"
+    assert got[("random tokens", "raw")]["se"] == pytest.approx(0.005)
+    assert got[("random tokens", "token-matched")]["verdict"] == "lower"
+    assert got[("random tokens", "memory swap")]["difference"] == pytest.approx(0.03)
+    assert got[("random tokens", "memory swap")]["verdict"] == "higher"
+    assert got[("unigram random tokens", "raw")]["verdict"] == "no difference"  # 0.005 < 2 * 0.005
+    assert facts_vs_random(rows[1:]) == []  # no fact rows: nothing to compare
+    with pytest.raises(AnalysisError, match="z=0"):
+        facts_vs_random(rows, z=0)

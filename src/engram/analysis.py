@@ -22,6 +22,12 @@
     of the gate that reads the memory: does the key recognise the N-gram memory that belongs to
     this context better than someone else's?
 
+``facts_vs_random``
+    One verdict row per layer, branch, random-token control and measure, answering "are gates
+    higher on fact sentences than on random-token text?" three ways: raw means, token-matched,
+    and the memory swap of facts minus that of the control. "higher" / "lower" needs the
+    difference to exceed twice its standard error; otherwise "no difference".
+
 ``gate_by_frequency``
     Mean gate binned by how often the n-gram ending at each position occurred in the training
     split: does the model reach for memory more on stereotyped (frequent) n-grams?
@@ -387,6 +393,58 @@ def memory_swap_contrast(model: EngramLM, samples: Sequence[Sample], pad_id: int
                          "mean_diff": float(d.mean()), "sem": float(d.std(ddof=1) / math.sqrt(n)),
                          "positive_fraction": float((d > 0).mean())})
     return rows
+
+
+RANDOM_CONTROLS = ("random tokens", "unigram random tokens")
+
+
+def _verdict(diff: float, se: float, z: float) -> str:
+    if diff > z * se:
+        return "higher"
+    if diff < -z * se:
+        return "lower"
+    return "no difference"
+
+
+def facts_vs_random(rows: Sequence[dict[str, Any]], token_matched: Sequence[dict[str, Any]] = (),
+                    memory_swap: Sequence[dict[str, Any]] = (), facts: str = "fact sentences",
+                    controls: Sequence[str] = RANDOM_CONTROLS, z: float = 2.0) -> list[dict[str, Any]]:
+    """Facts against each random-token control, per layer and branch, by three measures.
+
+    Inputs are the rows of :func:`gate_statistics`, :func:`token_matched_contrast` (with keys
+    ``a``/``b`` naming the categories) and :func:`memory_swap_contrast` (with ``category``).
+    ``raw``: mean gate of facts minus the control's, s.e. sqrt(sem_a^2 + sem_b^2).
+    ``token-matched``: as computed, facts minus control for the same ids.
+    ``memory swap``: the facts' own-minus-swapped difference minus the control's.
+    A measure whose inputs are missing is left out. Rows {layer_id, branch, control, measure,
+    difference, se, verdict}.
+    """
+    if z <= 0:
+        raise AnalysisError(f"z={z} must be > 0 (the verdict threshold, in standard errors)")
+    means = {(r["category"], r["layer_id"], r["branch"]): r for r in rows}
+    matched = {(r["b"], r["layer_id"], r["branch"]): r for r in token_matched if r.get("a") == facts}
+    swaps = {(r["category"], r["layer_id"], r["branch"]): r for r in memory_swap}
+    out = []
+    for (cat, lid, m), a in sorted(means.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        if cat != facts:
+            continue
+        for control in controls:
+            measures = []
+            b = means.get((control, lid, m))
+            if b is not None:
+                measures.append(("raw", a["mean"] - b["mean"], math.hypot(a["sem"], b["sem"])))
+            t = matched.get((control, lid, m))
+            if t is not None:
+                measures.append(("token-matched", t["mean_diff"], t["sem"]))
+            sa, sb = swaps.get((facts, lid, m)), swaps.get((control, lid, m))
+            if sa is not None and sb is not None:
+                measures.append(("memory swap", sa["mean_diff"] - sb["mean_diff"],
+                                 math.hypot(sa["sem"], sb["sem"])))
+            for name, diff, se in measures:
+                out.append({"layer_id": lid, "branch": m, "control": control, "measure": name,
+                            "difference": float(diff), "se": float(se),
+                            "verdict": _verdict(diff, se, z)})
+    return out
 
 
 FREQ_BINS: tuple[tuple[int, Optional[int]], ...] = (

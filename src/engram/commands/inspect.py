@@ -78,7 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- analyze
 def cmd_analyze_gates(args: argparse.Namespace) -> int:
-    from ..analysis import gate_categories, gate_statistics, memory_swap_contrast, token_matched_contrast
+    from ..analysis import (facts_vs_random, gate_categories, gate_statistics, memory_swap_contrast,
+                            token_matched_contrast)
     from ..tokenizer import special_ids
 
     model, tok, meta = _load(args.ckpt)
@@ -143,6 +144,13 @@ def cmd_analyze_gates(args: argparse.Namespace) -> int:
             print(f"{r['bin']:<15} {r['layer_id']:>5} {r['branch']:>6} {r['count']:>7} "
                   f"{_fmt(r['mean']):>10} {_fmt(r['sem']):>7}")
         result.update(data=args.data, freq_tokens=args.freq_tokens, by_frequency=freq)
+    verdicts = facts_vs_random(rows, contrasts, swaps)
+    print("\nfact sentences against random-token text (higher / lower: beyond 2 standard errors)")
+    print(f"{'control':<24} {'layer':>5} {'branch':>6} {'measure':<14} {'difference':>10} {'s.e.':>7}  verdict")
+    for r in verdicts:
+        print(f"{r['control']:<24} {r['layer_id']:>5} {r['branch']:>6} {r['measure']:<14} "
+              f"{r['difference']:>+10.4f} {_fmt(r['se'], 4):>7}  {r['verdict']}")
+    result["facts_vs_random"] = verdicts
     _write_json(args.json, result)
     return 0
 
