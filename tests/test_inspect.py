@@ -176,6 +176,24 @@ def test_gate_statistics_counts_only_masked_positions(loaded) -> None:
     assert len(direct.tokens) == len(ids)
 
 
+def test_gate_passes_run_without_autograd_and_restore_the_model(loaded) -> None:
+    model, tok = loaded
+    ids = tuple(tok.encode("the prince of wales").ids)
+    samples = [Sample((1, *ids), (False,) + (True,) * len(ids))] * 2
+    grad_on: list[bool] = []
+    hook = model.engram_layers[0].register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
+    model.train()
+    try:
+        sample_gates(model, samples)
+        memory_swap_contrast(model, samples)
+        assert model.training and torch.is_grad_enabled()  # both restored afterwards
+    finally:
+        hook.remove()
+        model.eval()
+    assert grad_on and not any(grad_on)  # no autograd graph is built for a read-only pass
+    assert all(not l.record_gates and not l.record_gate_inputs for l in model.engram_layers)
+
+
 def test_token_matched_contrast_pairs_the_same_ids(loaded) -> None:
     model, tok = loaded
     ids = tuple(tok.encode("the prince of wales").ids)

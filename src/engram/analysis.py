@@ -225,11 +225,10 @@ def _batches(samples: Sequence[Sample], batch_size: int) -> Iterable[list[int]]:
         yield order[b:b + batch_size]
 
 
-@torch.no_grad()
 @contextmanager
 def _recording(model: EngramLM, flag: str) -> Iterator[None]:
-    """Eval mode and ``flag`` (an ``EngramLayer`` recording switch) on for every Engram layer;
-    both restored afterwards, also on error."""
+    """No autograd, eval mode and ``flag`` (an ``EngramLayer`` recording switch) on for every
+    Engram layer; all restored afterwards, also on error."""
     layers = model.engram_layers
     saved = [getattr(l, flag) for l in layers]
     was_training = model.training
@@ -237,7 +236,8 @@ def _recording(model: EngramLM, flag: str) -> Iterator[None]:
     try:
         for l in layers:
             setattr(l, flag, True)
-        yield
+        with torch.no_grad():
+            yield
     finally:
         for l, rec in zip(layers, saved):
             setattr(l, flag, rec)
@@ -343,7 +343,7 @@ def _gate_inputs(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0, ba
     layers = model.engram_layers
     hs: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
     es: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
-    with _recording(model, "record_gate_inputs"), torch.no_grad():
+    with _recording(model, "record_gate_inputs"):
         for _, x, mask in _padded_batches(model, samples, pad_id, batch_size):
             model(x.to(model.embed.weight.device))
             for l in layers:
