@@ -315,7 +315,7 @@ def test_cli_end_to_end(tiny_run, tmp_path, capsys):
 def _new_text_setup(tiny_run):
     from engram.checkpoint import load_model
     from engram.data import load_dataset
-    from engram.patch_train import row_access_counts
+    from engram.analysis import row_access_counts
     from engram.tokenizer import load_tokenizer, tokenizer_info
 
     root, data, _ = tiny_run
@@ -334,7 +334,7 @@ def _new_text_setup(tiny_run):
 
 
 def test_row_access_counts_match_the_layer_lookup(tiny_run):
-    from engram.patch_train import row_access_counts
+    from engram.analysis import row_access_counts
 
     model, tokens, _, _, _, _ = _new_text_setup(tiny_run)
     counts = row_access_counts(model, tokens, chunk=50)  # chunking restarts the pad prefix

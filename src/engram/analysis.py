@@ -539,6 +539,28 @@ def top_share(counts: np.ndarray, total_rows: int, percent: float) -> float:
     return float(counts[:k].sum() / s) if s else float("nan")
 
 
+def table_rows(model: EngramLM, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The global table rows each Engram layer reads for ``ids`` [B, T]: {layer_id: int64 [B, T, H]}
+    (per-head hash ids plus the head offsets, as the layer's lookup computes them)."""
+    hashed = model.hasher.hash(ids)
+    return {l.layer_id: l.multi_head_embedding.rows(hashed[l.layer_id].to(l.multi_head_embedding.offsets.device))
+            for l in model.engram_layers}
+
+
+def row_access_counts(model: EngramLM, tokens: np.ndarray, chunk: int = 1 << 18) -> dict[int, np.ndarray]:
+    """How often each table row is read over ``tokens`` (1-D ids): {layer_id: int64 [R]}.
+
+    The stream is hashed in chunks (each chunk's first N-1 positions see the pad prefix, as at
+    the start of a window).
+    """
+    tokens = np.asarray(tokens, dtype=np.int64).ravel()
+    counts = {l.layer_id: np.zeros(l.multi_head_embedding.num_rows, dtype=np.int64) for l in model.engram_layers}
+    for a in range(0, tokens.size, chunk):
+        for lid, rows in table_rows(model, torch.from_numpy(tokens[a:a + chunk])[None]).items():
+            counts[lid] += np.bincount(rows.reshape(-1).cpu().numpy(), minlength=counts[lid].size)
+    return counts
+
+
 def zipf_statistics(model: EngramLM, tokens: np.ndarray, compress: Optional[Callable] = None,
                     top_percents: Sequence[float] = (0.1, 1.0, 10.0),
                     chunk: int = 1 << 18) -> ZipfResult:
@@ -554,22 +576,16 @@ def zipf_statistics(model: EngramLM, tokens: np.ndarray, compress: Optional[Call
     cfg = model.cfg.engram
     K = cfg.n_head_per_ngram
     layers = model.engram_layers
-    row_counts = {l.layer_id: np.zeros(l.multi_head_embedding.num_rows, dtype=np.int64) for l in layers}
-    for a in range(0, tokens.size, chunk):
-        ids = torch.from_numpy(tokens[a:a + chunk])[None]
-        for l in layers:
-            rows = l.multi_head_embedding.rows(hasher.hash(ids)[l.layer_id])  # [1,T,H]
-            row_counts[l.layer_id] += np.bincount(rows.reshape(-1).numpy(),
-                                                  minlength=row_counts[l.layer_id].size)
+    row_counts = row_access_counts(model, tokens, chunk)
     per_order: dict[int, dict[int, np.ndarray]] = {}
-    table_rows: dict[int, dict[int, int]] = {}
+    order_rows: dict[int, dict[int, int]] = {}
     for l in layers:
         offs = l.multi_head_embedding.offsets.tolist() + [l.multi_head_embedding.num_rows]
-        per_order[l.layer_id], table_rows[l.layer_id] = {}, {}
+        per_order[l.layer_id], order_rows[l.layer_id] = {}, {}
         for o, n in enumerate(range(2, cfg.max_ngram_size + 1)):
             lo, hi = offs[o * K], offs[(o + 1) * K]
             per_order[l.layer_id][n] = np.sort(row_counts[l.layer_id][lo:hi])[::-1]
-            table_rows[l.layer_id][n] = hi - lo
+            order_rows[l.layer_id][n] = hi - lo
     c = np.asarray(hasher.compress(tokens))  # n-grams as the hash sees them (compressed ids)
     ngram_counts = {}
     for n in range(2, cfg.max_ngram_size + 1):
@@ -577,7 +593,7 @@ def zipf_statistics(model: EngramLM, tokens: np.ndarray, compress: Optional[Call
         _, counts = np.unique(win, axis=0, return_counts=True)
         ngram_counts[n] = np.sort(counts)[::-1]
     res = ZipfResult(tokens=int(tokens.size), ngram_counts=ngram_counts, row_counts=per_order,
-                     table_rows=table_rows, top_percents=tuple(top_percents))
+                     table_rows=order_rows, top_percents=tuple(top_percents))
     res.summary = _zipf_summary(res, K)
     return res
 

@@ -252,7 +252,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     # the original corpus's row reads, once (row protection for every patch below)
     t0 = time.perf_counter()
     model, _ = ckpt.load_model(run)
-    from .patch_train import protected_masks, row_access_counts
+    from .analysis import row_access_counts
+    from .patch_train import protected_masks
 
     row_counts = row_access_counts(model, np.asarray(ds.train.tokens))
     timings["row_count_s"] = time.perf_counter() - t0

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .analysis import row_access_counts, table_rows
 from .patchfile import QUANTIZATIONS, PatchError, TablePatch, make_patch, save_patch
 
 PathLike = Union[str, Path]
@@ -157,22 +158,6 @@ def load_original_tokens(data_dir: PathLike, tokenizer_fingerprint: Optional[str
     return np.asarray(ds.train.tokens)
 
 
-def row_access_counts(model: Any, tokens: np.ndarray, chunk: int = 1 << 18) -> dict[int, np.ndarray]:
-    """How often each table row is read over ``tokens`` (1-D ids): {layer_id: int64 [R]}.
-
-    The stream is hashed in chunks (each chunk's first N-1 positions see the pad prefix, as at
-    the start of a window); rows = per-head hash ids + the head offsets, as the layer reads them.
-    """
-    tokens = np.asarray(tokens, dtype=np.int64).ravel()
-    counts = {e.layer_id: np.zeros(e.multi_head_embedding.num_rows, dtype=np.int64) for e in model.engram_layers}
-    for a in range(0, tokens.size, chunk):
-        hashed = model.hasher.hash(torch.from_numpy(tokens[a:a + chunk])[None])
-        for e in model.engram_layers:
-            rows = e.multi_head_embedding.rows(hashed[e.layer_id].to(e.multi_head_embedding.offsets.device))
-            counts[e.layer_id] += np.bincount(rows.reshape(-1).cpu().numpy(), minlength=counts[e.layer_id].size)
-    return counts
-
-
 def protected_masks(counts: dict[int, np.ndarray], min_count: int) -> dict[int, torch.Tensor]:
     """{layer_id: bool [R]}: rows read at least ``min_count`` times (none when ``min_count`` is 0)."""
     return {lid: torch.from_numpy(c >= min_count) if min_count > 0 else torch.zeros(c.size, dtype=torch.bool)
@@ -181,10 +166,7 @@ def protected_masks(counts: dict[int, np.ndarray], min_count: int) -> dict[int, 
 
 def _touched(model: Any, x: torch.Tensor) -> dict[int, torch.Tensor]:
     """{layer_id: int64 rows} read by the windows ``x`` [B, T]."""
-    hashed = model.hasher.hash(x)
-    return {e.layer_id: e.multi_head_embedding.rows(hashed[e.layer_id].to(e.multi_head_embedding.offsets.device)
-                                                    ).reshape(-1).unique()
-            for e in model.engram_layers}
+    return {lid: rows.reshape(-1).unique() for lid, rows in table_rows(model, x).items()}
 
 
 # ----------------------------------------------------------------------------- training
