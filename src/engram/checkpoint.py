@@ -26,7 +26,6 @@ tensors. Every problem is a :class:`CheckpointError` naming the file and the fix
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -42,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ConfigError, ModelConfig, TrainConfig
-from .fsutil import fsync_dir
+from .fsutil import file_sha256, fsync_dir
 from .model import EngramLM
 
 PathLike = Union[str, Path]
@@ -103,11 +102,7 @@ def _write_json(path: Path, data: Any, indent: Optional[int] = 2) -> None:
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _read_json(path: Path) -> Any:

@@ -5,6 +5,7 @@ then fsyncs the directory so that the rename itself survives a crash."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,15 @@ def fsync_dir(path: Union[str, Path]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks (no whole-file copy in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:

@@ -52,7 +52,8 @@ from tqdm.auto import tqdm
 
 from .patchfile import (PatchChainError, PatchError, PatchMismatchError, TablePatch, content_fingerprint,
                         decode_rows, encode_rows, load_patch, same_bits, tables_fingerprint)
-from .tablefile import (DTYPES, TableHeader, TableWriter, _hasher_diff, iter_layer_chunks, read_header)
+from .tablefile import (DTYPES, TableHeader, TableWriter, _hasher_diff, as_bytes, iter_layer_chunks, layer_crc32,
+                        read_header)
 
 PathLike = Union[str, Path]
 CHAIN_KEY = "patches"
@@ -151,11 +152,7 @@ def table_fingerprint(header: TableHeader) -> str:
     """Content fingerprint of a table file (from the header's CRCs; a layer without one is read)."""
     layers = {}
     for lid, info in header.layers.items():
-        crc = info.crc32
-        if crc is None:
-            crc = 0
-            for _, chunk in iter_layer_chunks(header, lid):
-                crc = zlib.crc32(memoryview(chunk.view(torch.uint8).numpy()).cast("B"), crc)
+        crc = info.crc32 if info.crc32 is not None else layer_crc32(header, lid)
         layers[lid] = (info.rows, info.dim, crc)
     return content_fingerprint(header.fingerprint, header.dtype, layers)
 
@@ -257,7 +254,7 @@ def _rewrite(header: TableHeader, targets: Mapping[int, tuple[torch.Tensor, torc
             rows, expected, values = targets.get(lid, (None, None, None))
             old_crc, new_crc = 0, 0
             for start, chunk in iter_layer_chunks(header, lid, chunk_rows):
-                old_crc = zlib.crc32(memoryview(chunk.view(torch.uint8).numpy()).cast("B"), old_crc)
+                old_crc = zlib.crc32(as_bytes(chunk), old_crc)
                 if rows is not None:
                     n = chunk.shape[0]
                     lo, hi = np.searchsorted(rows.numpy(), [start, start + n])
@@ -269,7 +266,7 @@ def _rewrite(header: TableHeader, targets: Mapping[int, tuple[torch.Tensor, torc
                                 f"not hold the values the patch expects; the table was changed outside "
                                 f"the patch chain. Nothing was written; restore the table")
                         chunk[local] = values[lo:hi]
-                new_crc = zlib.crc32(memoryview(chunk.view(torch.uint8).numpy()).cast("B"), new_crc)
+                new_crc = zlib.crc32(as_bytes(chunk), new_crc)
                 w.write(lid, start, chunk)
                 bar.update(chunk.shape[0])
                 if first and pause > 0:

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .fsutil import file_sha256
 from .knowledge import FactItem, FactSet, evaluate_facts
 from .patch_train import DEFAULT_PROTECT_MIN_COUNT, DEFAULT_REHEARSAL, PatchTrainConfig
 from .patchfile import PatchError
@@ -143,21 +144,13 @@ def _items(tok: Any, facts: Sequence[Any], context: bool = False, in_train: bool
     return out
 
 
-def _acc(model: Any, items: list[FactItem]) -> float:
-    return float(evaluate_facts(model, FactSet(items, {"train": len(items)}, 0))["accuracy"])
-
-
 def _acc_by_relation(model: Any, items: list[FactItem]) -> tuple[float, dict[str, float]]:
     r = evaluate_facts(model, FactSet(items, {"train": len(items)}, 0))
     return float(r["accuracy"]), {k: float(v) for k, v in r["accuracy_by_relation"].items()}
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _acc(model: Any, items: list[FactItem]) -> float:
+    return _acc_by_relation(model, items)[0]
 
 
 def _read_json(path: Path) -> Any:
@@ -225,9 +218,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         train(mcfg, tcfg, data_dir, run, progress=progress, overwrite=True)
     timings["base_train_s"] = time.perf_counter() - t0
     model_sha = ckpt.read_config(run).files[ckpt.MODEL_FILE]["sha256"]
-    if cache.get("model_sha256") != model_sha or not table.is_file() or cache.get("table_sha256") != _sha(table):
+    if cache.get("model_sha256") != model_sha or not table.is_file() or cache.get("table_sha256") != file_sha256(table):
         export_checkpoint_tables(run, table)  # a retrained run needs its table re-exported
-        cache = {"model_sha256": model_sha, "table_sha256": _sha(table)}
+        cache = {"model_sha256": model_sha, "table_sha256": file_sha256(table)}
     cache["base_key"] = cfg.base_key()
     cache_path.write_text(json.dumps(cache, indent=2) + "\n")
 

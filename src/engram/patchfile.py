@@ -53,7 +53,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .fsutil import atomic_write
-from .tablefile import DTYPE_NAMES, DTYPES
+from .tablefile import DTYPE_NAMES, DTYPES, as_bytes
 
 PathLike = Union[str, Path]
 
@@ -94,7 +94,7 @@ def content_fingerprint(hash_fingerprint: str, dtype: str,
 
 def tensor_crc(t: torch.Tensor, dtype: str) -> int:
     """CRC-32 of ``t``'s bytes in storage dtype ``dtype`` (as a table file would hold them)."""
-    return zlib.crc32(_raw(t.detach().cpu().to(DTYPES[dtype]).contiguous()))
+    return zlib.crc32(as_bytes(t, DTYPES[dtype]))
 
 
 def tables_fingerprint(tables: Mapping[int, torch.Tensor], dtype: str, hash_fingerprint: str) -> str:
@@ -103,13 +103,9 @@ def tables_fingerprint(tables: Mapping[int, torch.Tensor], dtype: str, hash_fing
         lid: (int(t.shape[0]), int(t.shape[1]), tensor_crc(t, dtype)) for lid, t in tables.items()})
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (``torch.equal`` would call NaN != NaN and -0.0 == 0.0)."""
-    return a.dtype == b.dtype and a.shape == b.shape and bytes(_raw(a)) == bytes(_raw(b))
+    return a.dtype == b.dtype and a.shape == b.shape and bytes(as_bytes(a)) == bytes(as_bytes(b))
 
 
 def rows_changed(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -232,7 +228,7 @@ def _checksum(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> s
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}\x1f{t.dtype}\x1f{tuple(t.shape)}\x1f".encode())
-        h.update(_raw(t))
+        h.update(as_bytes(t))
     body = {k: v for k, v in meta.items() if k not in ("checksum", "patch_id")}
     h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()

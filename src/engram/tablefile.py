@@ -46,7 +46,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -235,12 +235,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _as_bytes(values: torch.Tensor, dtype: torch.dtype) -> memoryview:
-    """Rows in the storage dtype as raw little-endian bytes (no copy when already fitting)."""
+def as_bytes(values: torch.Tensor, dtype: Optional[torch.dtype] = None) -> memoryview:
+    """A tensor as raw little-endian bytes, in ``dtype`` (default: its own); no copy when it is
+    already a contiguous CPU tensor of that dtype."""
     t = values.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.to(dtype).contiguous()
+    t = t.to(dtype or t.dtype).contiguous()
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
@@ -327,7 +328,7 @@ class TableWriter:
         if not 0 <= start_row <= info.rows - n:
             raise TableFileError(f"layer {layer_id}: rows [{start_row}, {start_row + n}) fall outside "
                                  f"[0, {info.rows})")
-        data = _as_bytes(values, self.dtype)
+        data = as_bytes(values, self.dtype)
         if self._crc_valid[i] and start_row == self._next_row[i]:
             self._crc[i] = zlib.crc32(data, self._crc[i])
             self._next_row[i] += n
@@ -350,7 +351,7 @@ class TableWriter:
         self._crc_valid[i] = False
         order = torch.argsort(rows)
         rows, values = rows[order], values[order]
-        data = _as_bytes(values, self.dtype)
+        data = as_bytes(values, self.dtype)
         row_bytes = info.dim * self.itemsize
         # Coalesce runs of consecutive rows into one write each.
         r = rows.numpy()
@@ -652,6 +653,18 @@ def read_layer(header: TableHeader, layer_id: int, dtype: torch.dtype = torch.fl
     return out
 
 
+def layer_crc32(header: TableHeader, layer_id: int,
+                on_bytes: Optional[Callable[[int], Any]] = None) -> int:
+    """CRC-32 of one layer's data as stored, streamed in chunks; ``on_bytes(n)`` after each."""
+    crc = 0
+    for _, chunk in iter_layer_chunks(header, layer_id):
+        data = as_bytes(chunk)
+        crc = zlib.crc32(data, crc)
+        if on_bytes is not None:
+            on_bytes(len(data))
+    return crc
+
+
 def verify_checksums(header: TableHeader, progress: bool = False) -> dict[int, Optional[bool]]:
     """Re-read every layer and compare its CRC-32: {layer_id: True, or None when none was stored}.
 
@@ -665,11 +678,7 @@ def verify_checksums(header: TableHeader, progress: bool = False) -> dict[int, O
                 result[lid] = None
                 bar.update(info.nbytes)
                 continue
-            crc = 0
-            for _, chunk in iter_layer_chunks(header, lid):
-                data = memoryview(chunk.view(torch.uint8).numpy()).cast("B")
-                crc = zlib.crc32(data, crc)
-                bar.update(len(data))
+            crc = layer_crc32(header, lid, on_bytes=bar.update)
             if crc != info.crc32:
                 raise TableFileError(f"{header.path}: layer {lid} data checksum mismatch (stored "
                                      f"{info.crc32:#010x}, computed {crc:#010x}); the file is damaged, "
