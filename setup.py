@@ -1,7 +1,7 @@
 """Build the optional native kernels (hashing, N-gram index search); all package metadata lives in pyproject.toml.
 
 ``optional=True``: without a C compiler the install still succeeds and ``engram.hashing``
-falls back to its vectorised torch path (``engram.hashing.NATIVE_KERNEL_AVAILABLE`` says which).
+falls back to its vectorised torch path (``engram.hashing.hasher.NATIVE_KERNEL_AVAILABLE`` says which).
 """
 
 import sys
@@ -13,15 +13,15 @@ _args = ["/O2"] if sys.platform == "win32" else ["-O3"]
 setup(
     ext_modules=[
         Extension(
-            "engram._hashkernel",
-            sources=["src/engram/_hashkernel.c"],
+            "engram.hashing._hashkernel",
+            sources=["src/engram/hashing/_hashkernel.c"],
             extra_compile_args=_args,
             optional=True,
         ),
         # Suffix-array searches of the N-gram index (engram.ngram); pure-Python fallback.
         Extension(
-            "engram._ngramkernel",
-            sources=["src/engram/_ngramkernel.c"],
+            "engram.ngram._ngramkernel",
+            sources=["src/engram/ngram/_ngramkernel.c"],
             extra_compile_args=_args,
             optional=True,
         ),

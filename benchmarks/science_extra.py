@@ -13,7 +13,7 @@ import sys
 from itertools import combinations
 from pathlib import Path
 
-from engram.sweep import _fmt_p, mean_std, paired_t
+from engram.science.sweep import _fmt_p, mean_std, paired_t
 
 
 def pairs(summary: dict, names: list[str]) -> list[str]:

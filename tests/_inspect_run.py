@@ -11,10 +11,10 @@ import random
 from pathlib import Path
 
 from engram.config import TrainConfig, preset
-from engram.corpus import Document
-from engram.data import prepare_dataset
-from engram.tokenizer import train_bpe
-from engram.train import train
+from engram.data.corpus import Document
+from engram.data.shards import prepare_dataset
+from engram.data.tokenizer import train_bpe
+from engram.training.trainer import train
 
 WORDS = ("the prince of wales rode with the king of france to the tower of london while the "
          "queen sang").split()

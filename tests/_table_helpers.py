@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from engram.checkpoint import save_checkpoint
 from engram.config import TrainConfig, preset
-from engram.corpus import Document
-from engram.data import prepare_dataset
-from engram.model import EngramLM
-from engram.tokenizer import train_bpe
+from engram.data.corpus import Document
+from engram.data.shards import prepare_dataset
+from engram.data.tokenizer import train_bpe
+from engram.model.checkpoint import save_checkpoint
+from engram.model.lm import EngramLM
 
 VOCAB = 300
 WORDS = ("the cat sat on a mat while the dog ran far away from the big red house near an old "
@@ -57,8 +57,8 @@ def prepare_tiny_dataset(out: Path, seed: int = 0, vocab_size: int = 300, n_docs
 
 def save_tiny_run(run: Path, data_dir: Path, seed: int = 0) -> EngramLM:
     """A weights-only checkpoint of an untrained tiny model for the dataset's tokenizer."""
-    from engram.data import load_dataset
-    from engram.train import _dataset_compression
+    from engram.data.shards import load_dataset
+    from engram.training.trainer import _dataset_compression
 
     ds = load_dataset(data_dir)
     vocab = int(ds.meta["vocab_size"])

@@ -1,14 +1,14 @@
-"""Shared test fixtures: the conformance data that sits beside the repository."""
+"""Shared test fixtures."""
 
 from pathlib import Path
 
 import pytest
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+CONFORMANCE = Path(__file__).resolve().parent / "data" / "conformance"
 
 
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
-    if not CONFORMANCE.is_dir():
-        pytest.fail(f"conformance data not found at {CONFORMANCE}; the tests expect ../shared beside the repo")
+    """DeepSeek-reference conformance vectors, kept in the repository (tests/data/conformance/README.md)."""
+    assert CONFORMANCE.is_dir(), f"conformance data missing at {CONFORMANCE}; restore tests/data/conformance from git"
     return CONFORMANCE

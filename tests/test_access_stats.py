@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from engram.access_stats import rank_frequency, simulate_cache, simulate_static
-from engram.cli import main
-
 from _table_helpers import VOCAB, one_thread, prepare_tiny_dataset  # noqa: F401 - fixture
+from engram.cli.main import main
+from engram.tables.access import rank_frequency, simulate_cache, simulate_static
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from _inspect_run import tiny_run
-from engram.checkpoint import load_model
-from engram.cli import main
-from engram.inspection import gate_rgb, scale_values
-from engram.serve import InspectService, make_server, serve_in_thread
-from engram.tokenizer import load_tokenizer
+from engram.cli.main import main
+from engram.data.tokenizer import load_tokenizer
+from engram.inspect.heatmap import gate_rgb, scale_values
+from engram.inspect.server import InspectService, make_server, serve_in_thread
+from engram.model.checkpoint import load_model
 
 TEXT = "the Prince of Wales rode to the Tower"
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import engram.checkpoint as ckpt
-from engram.checkpoint import CheckpointError, load_for_resume, load_model, save_checkpoint
+import engram.model.checkpoint as ckpt
 from engram.config import TrainConfig, preset
-from engram.model import EngramLM
-from engram.train import build_optimizers
+from engram.model.checkpoint import CheckpointError, load_for_resume, load_model, save_checkpoint
+from engram.model.lm import EngramLM
+from engram.training.trainer import build_optimizers
 
 VOCAB = 300
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engram.cli import main
+from engram.cli.main import main
 
 TEXT = ("The capital of France is Paris. The capital of Spain is Madrid. "
         "To be, or not to be, that is the question. In the beginning was the Word. ") * 40

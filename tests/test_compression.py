@@ -12,22 +12,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
 
-from engram.compression import CompressionMap, build_compression, report
-from engram.tokenizer import deepseek_tokenizer_path, load_deepseek_tokenizer
-
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+from engram.data.tokenizer import deepseek_tokenizer_path, load_deepseek_tokenizer
+from engram.hashing.compression import CompressionMap, build_compression, report
 
 
 @pytest.fixture(scope="module")
-def conformance() -> dict:
-    spec = CONFORMANCE / "deepseek_v3_compression.json"
-    lookup = CONFORMANCE / "deepseek_v3_compression_lookup.npy"
-    for f in (spec, lookup):
-        if not f.is_file():
-            pytest.fail(
-                f"conformance file {f} is missing: the repo expects DeepSeek's reference data in "
-                f"{CONFORMANCE} (a sibling 'shared/' of the repository root)"
-            )
+def conformance(conformance_dir) -> dict:
+    spec = conformance_dir / "deepseek_v3_compression.json"
+    lookup = conformance_dir / "deepseek_v3_compression_lookup.npy"
     data = json.loads(spec.read_text())
     data["lookup"] = np.load(lookup, allow_pickle=False)
     return data

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from engram.cli import build_configs, main
-from engram.config import PRESETS, ConfigError, EngramConfig, ModelConfig, TrainConfig, preset
+from engram.cli.main import main
+from engram.config import PRESETS, ConfigError, EngramConfig, ModelConfig, TrainConfig, build_configs, preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

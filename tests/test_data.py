@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram import data as data_mod
-from engram.corpus import (
+from engram.data import shards as data_mod
+from engram.data.corpus import (
     SOURCES,
     CorpusError,
     Document,
@@ -26,7 +26,7 @@ from engram.corpus import (
     fact_records,
     read_user_files,
 )
-from engram.data import (
+from engram.data.shards import (
     HEADER_SIZE,
     DataError,
     Shard,
@@ -39,7 +39,7 @@ from engram.data import (
     unigram_entropy,
     write_shard,
 )
-from engram.tokenizer import (
+from engram.data.tokenizer import (
     TokenizerError,
     load_deepseek_tokenizer,
     load_tokenizer,

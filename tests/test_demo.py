@@ -2,7 +2,7 @@
 
 import json
 
-from engram.demo import run_demo
+from engram.cli.demo import run_demo
 
 
 def test_demo_smoke(tmp_path, capsys):

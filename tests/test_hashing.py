@@ -12,12 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram import hashing
-from engram.bench_hash import bench_hash
+from engram.bench.hash import bench_hash
 from engram.config import EngramConfig
-from engram.hashing import NgramHasher, find_table_sizes, is_prime
+from engram.hashing import hasher as hashing
+from engram.hashing.hasher import NgramHasher, find_table_sizes, is_prime
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 needs_native = pytest.mark.skipif(not hashing.NATIVE_KERNEL_AVAILABLE,
                                   reason="native kernel not built (no C compiler at install time)")
 BACKENDS = ["torch"] + (["native"] if hashing.NATIVE_KERNEL_AVAILABLE else [])
@@ -35,37 +34,28 @@ def as_lists(out: dict) -> dict[str, list]:
 
 
 # ----------------------------------------------------------------------------- conformance
-def _load_cases() -> list[dict]:
-    path = CONFORMANCE / "hash_vectors.json"
-    if not path.is_file():
-        pytest.fail(f"conformance data missing: expected {path} (the read-only shared/conformance "
-                    f"folder next to the repository); hashing cannot be checked without it",
-                    pytrace=False)
-    return json.loads(path.read_text())["cases"]
-
-
-def _case_hasher(case: dict) -> NgramHasher:
+def _case_hasher(case: dict, conformance_dir: Path) -> NgramHasher:
     c = dict(case["config"])
     vocab = c.pop("tokenizer_vocab_size")
     c.pop("compressed_vocab_size")
     if "compression_lookup" in case:
         lookup = np.asarray(case["compression_lookup"], dtype=np.int64)
     elif case.get("compression_lookup_note", "identity") != "identity":
-        lookup = np.load(CONFORMANCE / case["compression_lookup_note"], allow_pickle=False)
+        lookup = np.load(conformance_dir / case["compression_lookup_note"], allow_pickle=False)
     else:
         lookup = None
     return NgramHasher(make_cfg(**c), vocab, lookup)
 
 
 @pytest.fixture(scope="module")
-def cases() -> list[dict]:
-    return _load_cases()
+def cases(conformance_dir) -> list[dict]:
+    return json.loads((conformance_dir / "hash_vectors.json").read_text())["cases"]
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
-def test_conformance_case(cases, index):
+def test_conformance_case(cases, index, conformance_dir):
     case = cases[index]
-    hasher = _case_hasher(case)
+    hasher = _case_hasher(case, conformance_dir)
     assert hasher.compressed_vocab_size == case["config"]["compressed_vocab_size"]
     assert hasher.compressed_pad_id == case["compressed_pad_id"]
     assert as_lists(hasher.layer_multipliers) == case["layer_multipliers"]

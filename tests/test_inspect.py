@@ -11,17 +11,36 @@ import pytest
 import torch
 
 from _inspect_run import tiny_run
-from engram.analysis import (AnalysisError, Sample, ablation, ablation_categories, facts_vs_random,
-                             gate_statistics,
-                             memory_swap_contrast, plot_zipf, sample_gates, score_samples, token_matched_contrast,
-                             unigram_logprobs, zipf_statistics)
-from engram.checkpoint import load_model
-from engram.cli import main
+from engram.cli.main import main
 from engram.config import preset
-from engram.inspection import (PAD_TOKEN_ID, InspectError, gate_rgb, inspect_text, render_html,
-                               render_terminal, scale_values, tokenize)
-from engram.model import EngramLM
-from engram.tokenizer import load_tokenizer
+from engram.data.tokenizer import load_tokenizer
+from engram.inspect.analysis import (
+    AnalysisError,
+    Sample,
+    ablation,
+    ablation_categories,
+    facts_vs_random,
+    gate_statistics,
+    memory_swap_contrast,
+    plot_zipf,
+    sample_gates,
+    score_samples,
+    token_matched_contrast,
+    unigram_logprobs,
+    zipf_statistics,
+)
+from engram.inspect.heatmap import (
+    PAD_TOKEN_ID,
+    InspectError,
+    gate_rgb,
+    inspect_text,
+    render_html,
+    render_terminal,
+    scale_values,
+    tokenize,
+)
+from engram.model.checkpoint import load_model
+from engram.model.lm import EngramLM
 
 TEXT = "the Prince of Wales rode to the Tower of London."
 
@@ -247,7 +266,7 @@ def test_memory_swap_contrast_isolates_the_memory(loaded) -> None:
 
 def test_zipf_counts_every_access(run, loaded, tmp_path) -> None:
     model, _ = loaded
-    from engram.data import load_dataset
+    from engram.data.shards import load_dataset
 
     tokens = np.asarray(load_dataset(run[1]).train.tokens[:3000])
     res = zipf_statistics(model, tokens, chunk=1000)
@@ -297,9 +316,9 @@ def test_cli_analyze_zipf(run, tmp_path, capsys) -> None:
 
 
 def test_gate_categories_and_frequency_bins(run, loaded) -> None:
-    from engram.analysis import gate_by_frequency, gate_categories
-    from engram.corpus import Fact
-    from engram.data import load_dataset
+    from engram.data.corpus import Fact
+    from engram.data.shards import load_dataset
+    from engram.inspect.analysis import gate_by_frequency, gate_categories
 
     model, tok = loaded
     facts = [Fact("Prince of Wales", "title", "the king", "The Prince of Wales rode with the king."),

@@ -8,9 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engram.config import EngramConfig, ModelConfig, preset
-from engram.layer import EngramLayer
-from engram.model import EngramLM
-from engram.moe import DeepSeekMoE
+from engram.model.layer import EngramLayer
+from engram.model.lm import EngramLM
+from engram.model.moe import DeepSeekMoE
 
 
 def _reference_layer(conformance_dir):
@@ -44,7 +44,7 @@ def test_engram_layer_matches_reference_forward(conformance_dir):
 
 
 def test_engram_layer_hashes_match_reference(conformance_dir):
-    from engram.hashing import NgramHasher
+    from engram.hashing.hasher import NgramHasher
 
     layer, t, cfg, meta = _reference_layer(conformance_dir)
     lookup = t["input.compression_lookup"].numpy()

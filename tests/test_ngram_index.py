@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ngram_reference as ref
-from engram.ngram import (LeakageError, NgramIndex, NgramIndexError, SegmentError, UnseenContextError,
-                          build_suffix_array)
+from engram.ngram import LeakageError, NgramIndex, NgramIndexError, SegmentError, UnseenContextError, build_suffix_array
 from engram.ngram import suffix_array as sam
 from engram.ngram.segment import HEADER_SIZE, open_segment
 
@@ -219,7 +218,7 @@ def test_add_remove_compact(tmp_path):
 
 
 def test_add_texts_uses_the_index_tokenizer(tmp_path):
-    from engram.tokenizer import tokenizer_fingerprint, train_bpe
+    from engram.data.tokenizer import tokenizer_fingerprint, train_bpe
 
     texts = ["the cat sat on the mat"] * 20 + ["a dog ran far away"] * 20
     tok = train_bpe(texts, 300)
@@ -300,7 +299,7 @@ def test_counts_and_ntd_match_the_infinigram_package(tmp_path):
 
     from infini_gram.engine import InfiniGramEngine
 
-    from engram.ngram.bench import _write_infinigram_input
+    from engram.bench.ngram import _write_infinigram_input
 
     rng = np.random.default_rng(0)
     toks = rng.choice(np.arange(2, 40), size=20_000, p=np.r_[[0.3], np.full(37, 0.7 / 37)])

@@ -12,20 +12,33 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram import cli
+from engram.cli import main as cli
 from engram.config import TrainConfig, preset
-from engram.corpus import Document
-from engram.data import load_dataset, prepare_dataset
-from engram.generate import SamplingConfig
-from engram.model import EngramLM
+from engram.data.corpus import Document
+from engram.data.shards import load_dataset, prepare_dataset
+from engram.data.tokenizer import train_bpe
+from engram.model.generation import SamplingConfig
+from engram.model.lm import EngramLM
 from engram.ngram import LeakageError, NgramIndex
-from engram.ngram.facts import (facts_documents, invented_facts, model_digest, paraphrase, recall,
-                                tokenize_cases)
-from engram.ngram.mixture import (FEATURES, Collected, GateConfig, LMAdapter, MixtureError, NgramMixture,
-                                  collect, fixed_lambda_sweep, gate_lambda, generate_mixed, load_gate,
-                                  mix_logprobs, mixture_nll, save_gate, train_gate)
-from engram.tokenizer import train_bpe
-from engram.train import train
+from engram.ngram.facts import facts_documents, invented_facts, model_digest, paraphrase, recall, tokenize_cases
+from engram.ngram.mixture import (
+    FEATURES,
+    Collected,
+    GateConfig,
+    LMAdapter,
+    MixtureError,
+    NgramMixture,
+    collect,
+    fixed_lambda_sweep,
+    gate_lambda,
+    generate_mixed,
+    load_gate,
+    mix_logprobs,
+    mixture_nll,
+    save_gate,
+    train_gate,
+)
+from engram.training.trainer import train
 
 WORDS = ("the cat sat on a mat while the dog ran far away from the big red house near an old "
          "tree and the bird sang").split()
@@ -56,7 +69,7 @@ def world(tmp_path_factory):
 
 
 def _model(world) -> EngramLM:
-    from engram.checkpoint import load_model
+    from engram.model.checkpoint import load_model
 
     return load_model(world["run"])[0]
 

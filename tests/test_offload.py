@@ -8,20 +8,23 @@ import os
 import pytest
 import torch
 
-from engram.checkpoint import load_model
-from engram.cli import main
+from _table_helpers import VOCAB, compression, one_thread, prepare_tiny_dataset, save_tiny_run, tiny_model  # noqa: F401
+from engram.cli.main import main
 from engram.config import TrainConfig
-from engram.data import load_dataset
-from engram.evaluate import evaluate
-from engram.generate import SamplingConfig, generate
-from engram.offload import (OffloadedEmbedding, attach_tables, build_model_without_tables,
-                            load_model_with_tables, table_runtime)
-from engram.storage import CachedStorage, MemoryStorage, MmapStorage, StorageConfig
-from engram.tablefile import TableMismatchError, read_header, read_layer, save_model_tables
-from engram.train import train
-
-from _table_helpers import (VOCAB, compression, one_thread, prepare_tiny_dataset,  # noqa: F401
-                            save_tiny_run, tiny_model)
+from engram.data.shards import load_dataset
+from engram.model.checkpoint import load_model
+from engram.model.generation import SamplingConfig, generate
+from engram.tables.runtime import (
+    OffloadedEmbedding,
+    attach_tables,
+    build_model_without_tables,
+    load_model_with_tables,
+    table_runtime,
+)
+from engram.tables.tablefile import TableMismatchError, read_header, read_layer, save_model_tables
+from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig
+from engram.training.evaluation import evaluate
+from engram.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,7 +226,7 @@ def test_train_prefetch_and_table_init(run, tmp_path):
 
 def test_bench_offload_runs_end_to_end_on_tiny_sizes(tmp_path):
     """The benchmark's four modes agree bit for bit and it reports what the docs say it does."""
-    from engram.bench_offload import bench_offload
+    from engram.bench.offload import bench_offload
 
     data = prepare_tiny_dataset(tmp_path / "data")
     before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None

@@ -15,17 +15,28 @@ import numpy as np
 import pytest
 import torch
 
-from engram.cli import main
-from engram.hashing import NgramHasher
-from engram.patch import (PAUSE_ENV, apply_patch, apply_to_model, list_patches, model_patches,
-                          revert_from_model, revert_patch)
-from engram.patchfile import (PatchChainError, PatchFileError, PatchMismatchError, load_patch,
-                              make_patch, save_patch)
-from engram.patch_train import PatchTrainConfig, encode_texts, train_patch
-from engram.tablefile import read_header, read_layer, save_model_tables, write_table
-
-from _table_helpers import (VOCAB, compression, one_thread, prepare_tiny_dataset, save_tiny_run,  # noqa: F401
-                            tiny_model)
+from _table_helpers import VOCAB, compression, one_thread, prepare_tiny_dataset, save_tiny_run, tiny_model  # noqa: F401
+from engram.cli.main import main
+from engram.hashing.hasher import NgramHasher
+from engram.patches.apply import (
+    PAUSE_ENV,
+    apply_patch,
+    apply_to_model,
+    list_patches,
+    model_patches,
+    revert_from_model,
+    revert_patch,
+)
+from engram.patches.patchfile import (
+    PatchChainError,
+    PatchFileError,
+    PatchMismatchError,
+    load_patch,
+    make_patch,
+    save_patch,
+)
+from engram.patches.trainer import PatchTrainConfig, encode_texts, train_patch
+from engram.tables.tablefile import read_header, read_layer, save_model_tables, write_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,7 +197,7 @@ def test_stacking_and_the_chain_rule(tmp_path, setup):
 # ----------------------------------------------------------------------------- crash safety
 _SLOW_APPLY = textwrap.dedent("""
     import sys
-    from engram.patch import apply_patch
+    from engram.patches.apply import apply_patch
     apply_patch(sys.argv[1], sys.argv[2], chunk_rows=64)
 """)
 
@@ -232,8 +243,8 @@ NEW_TEXT = "Zorbia is a country whose capital is Quexa and whose currency is the
 
 
 def test_patch_train_changes_only_rows_the_new_text_hits(tiny_run):
-    from engram.checkpoint import load_model
-    from engram.tokenizer import load_tokenizer, tokenizer_info
+    from engram.data.tokenizer import load_tokenizer, tokenizer_info
+    from engram.model.checkpoint import load_model
 
     root, data, _ = tiny_run
     model, _ = load_model(root / "run")
@@ -261,8 +272,8 @@ def test_patch_train_changes_only_rows_the_new_text_hits(tiny_run):
 
 
 def test_patch_train_with_gates_reports_them_separately(tiny_run):
-    from engram.checkpoint import load_model
-    from engram.tokenizer import load_tokenizer
+    from engram.data.tokenizer import load_tokenizer
+    from engram.model.checkpoint import load_model
 
     root, _, _ = tiny_run
     model, _ = load_model(root / "run")
@@ -313,10 +324,10 @@ def test_cli_end_to_end(tiny_run, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- protection / rehearsal
 def _new_text_setup(tiny_run):
-    from engram.checkpoint import load_model
-    from engram.data import load_dataset
-    from engram.analysis import row_access_counts
-    from engram.tokenizer import load_tokenizer, tokenizer_info
+    from engram.data.shards import load_dataset
+    from engram.data.tokenizer import load_tokenizer, tokenizer_info
+    from engram.model.checkpoint import load_model
+    from engram.tables.access import row_access_counts
 
     root, data, _ = tiny_run
     model, _ = load_model(root / "run")
@@ -334,7 +345,7 @@ def _new_text_setup(tiny_run):
 
 
 def test_row_access_counts_match_the_layer_lookup(tiny_run):
-    from engram.analysis import row_access_counts
+    from engram.tables.access import row_access_counts
 
     model, tokens, _, _, _, _ = _new_text_setup(tiny_run)
     counts = row_access_counts(model, tokens, chunk=50)  # chunking restarts the pad prefix
@@ -414,12 +425,10 @@ def test_rehearsal_is_automatic_and_holds_the_original_loss(tiny_run):
 
 
 def test_protection_and_rehearsal_config_errors(tiny_run, tmp_path, capsys):
-    from engram.commands import patch as patch_cmd
-    from engram.patch_bench import BenchConfig, parse_variant
-    from engram.patch_train import DEFAULT_PROTECT_MIN_COUNT
-    from engram.patchfile import PatchError
-
-    from engram.patch_train import DEFAULT_REHEARSAL
+    from engram.bench.patch import BenchConfig, parse_variant
+    from engram.cli import patch as patch_cmd
+    from engram.patches.patchfile import PatchError
+    from engram.patches.trainer import DEFAULT_PROTECT_MIN_COUNT, DEFAULT_REHEARSAL
 
     assert patch_cmd.DEFAULT_PROTECT_MIN_COUNT == DEFAULT_PROTECT_MIN_COUNT
     assert patch_cmd.DEFAULT_REHEARSAL == DEFAULT_REHEARSAL

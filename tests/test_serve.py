@@ -13,11 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from _inspect_run import tiny_run
-from engram.checkpoint import load_model
-from engram.inspection import inspect_text
-from engram.serve import (InspectService, ServeConfigError, ServeLimits, is_loopback, make_server,
-                          serve_in_thread)
-from engram.tokenizer import load_tokenizer
+from engram.data.tokenizer import load_tokenizer
+from engram.inspect.heatmap import inspect_text
+from engram.inspect.server import (
+    InspectService,
+    ServeConfigError,
+    ServeLimits,
+    is_loopback,
+    make_server,
+    serve_in_thread,
+)
+from engram.model.checkpoint import load_model
 
 HOST = "127.0.0.1"
 

@@ -9,11 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.config import TrainConfig, preset
-from engram.sparse_adam import SparseRowAdam, clip_grad_norm_, use_sparse_table_grads
-from engram.train import build_optimizers, train
-
 from _table_helpers import VOCAB, one_thread, prepare_tiny_dataset, tiny_model  # noqa: F401
+from engram.config import TrainConfig, preset
+from engram.training.sparse_adam import SparseRowAdam, clip_grad_norm_, use_sparse_table_grads
+from engram.training.trainer import build_optimizers, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,12 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram.fetchproc import ProcessStorage
-from engram.rowindex import RowIndex
-from engram.storage import (CachedStorage, MemoryStorage, MmapStorage, StorageConfig, StorageError,
-                            StorageKind, open_layer_storage)
-from engram.tablefile import write_table
 from _table_helpers import one_thread  # noqa: F401 - fixture
+from engram.tables.process import ProcessStorage, open_layer_storage
+from engram.tables.rowindex import RowIndex
+from engram.tables.tablefile import write_table
+from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig, StorageError, StorageKind
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

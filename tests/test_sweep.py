@@ -9,13 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram.accounting import AccountingError, account, check_budget
-from engram.baselines import InputNgramConfig, InputNgramError
-from engram.config import ModelConfig, preset
-from engram.knowledge import FactItem, FactSet, evaluate_facts
-from engram.model import EngramLM
-from engram.sweep import (SweepError, SweepSpec, builtin_sweep, paired_t, plan, resolve,
-                          run_sweep, summary_table, t_sf_two_sided, write_summary)
+from engram.config import InputNgramConfig, InputNgramError, ModelConfig, preset
+from engram.model.lm import EngramLM
+from engram.science.accounting import AccountingError, account, check_budget
+from engram.science.knowledge import FactItem, FactSet, evaluate_facts
+from engram.science.sweep import (
+    SweepError,
+    SweepSpec,
+    builtin_sweep,
+    paired_t,
+    plan,
+    resolve,
+    run_sweep,
+    summary_table,
+    t_sf_two_sided,
+    write_summary,
+)
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -167,7 +176,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def test_smoke_sweep_is_resumable_and_exact(tiny_data, tmp_path):
-    from engram.sweep import _execute
+    from engram.science.sweep import _execute
 
     spec = builtin_sweep("smoke", 300, steps=6)
     runs = tmp_path / "runs"
@@ -205,7 +214,7 @@ def test_smoke_sweep_is_resumable_and_exact(tiny_data, tmp_path):
 
 
 def test_cli_sweep_plan_and_account(capsys):
-    from engram.cli import main
+    from engram.cli.main import main
 
     assert main(["sweep", "plan", "--name", "rho"]) == 0
     out = capsys.readouterr().out

@@ -13,12 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram.hashing import NgramHasher
-from engram.tablefile import (ALIGN, TableFileError, TableMismatchError, TableWriteError, TableWriter,
-                              check_compatible, open_table, read_header, read_layer, save_model_tables,
-                              verify_checksums, write_table)
-
 from _table_helpers import VOCAB, compression, one_thread, tiny_model  # noqa: F401 - fixture
+from engram.hashing.hasher import NgramHasher
+from engram.tables.tablefile import (
+    ALIGN,
+    TableFileError,
+    TableMismatchError,
+    TableWriteError,
+    TableWriter,
+    check_compatible,
+    open_table,
+    read_header,
+    read_layer,
+    save_model_tables,
+    verify_checksums,
+    write_table,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,7 +185,7 @@ def test_exception_inside_writer_aborts(tmp_path, model):
 
 _SLOW_WRITER = textwrap.dedent("""
     import sys, time, torch
-    from engram.tablefile import TableWriter
+    from engram.tables.tablefile import TableWriter
     path = sys.argv[1]
     with TableWriter(path, [(1, 4096, ())], 64, fingerprint="new") as w:
         for i in range(4096 // 64):

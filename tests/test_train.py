@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import engram.data as data
-from engram.checkpoint import CheckpointError, load_model
+import engram.data.shards as data
 from engram.config import TrainConfig, preset
-from engram.corpus import Document
-from engram.data import load_dataset, prepare_dataset
-from engram.evaluate import DatasetMismatchError, evaluate, evaluate_run
-from engram.model import EngramLM
-from engram.tokenizer import train_bpe
-from engram.train import build_optimizers, lr_at, train
+from engram.data.corpus import Document
+from engram.data.shards import load_dataset, prepare_dataset
+from engram.data.tokenizer import train_bpe
+from engram.model.checkpoint import CheckpointError, load_model
+from engram.model.lm import EngramLM
+from engram.training.evaluation import DatasetMismatchError, evaluate, evaluate_run
+from engram.training.trainer import build_optimizers, lr_at, train
 
 WORDS = ("the cat sat on a mat while the dog ran far away from the big red house near an old "
          "tree and the bird sang").split()

@@ -16,11 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the value and the fix."""
+from engram.errors import ConfigError
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -124,6 +123,56 @@ class EngramConfig:
         return _from_dict(cls, data, "EngramConfig")
 
 
+INPUT_NGRAM_KINDS = ("bigram", "overencoding")
+
+
+class InputNgramError(ConfigError):
+    """An input N-gram baseline setting is invalid; the message names the value and the fix."""
+
+
+@dataclass
+class InputNgramConfig:
+    """Hashed N-gram embeddings added to (``bigram``) or averaged into (``overencoding``) the input."""
+
+    kind: str = "bigram"
+    table_size: int = 8192  # rows per order (rounded up to a prime)
+    max_ngram_size: int = 2  # bigram: must be 2; overencoding: orders 2..max_ngram_size
+    pad_id: int = 0
+    seed: int = 0
+    init_std: float = 0.02
+    # bigram only: modded-nanogpt starts the bigram table at zero so the model starts as the
+    # plain backbone; averaging (overencoding) needs non-zero rows or it just shrinks the input.
+    zero_init: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in INPUT_NGRAM_KINDS:
+            raise InputNgramError(f"input_ngram.kind={self.kind!r}; choose one of {list(INPUT_NGRAM_KINDS)}")
+        if self.table_size < 2:
+            raise InputNgramError(f"input_ngram.table_size={self.table_size} must be >= 2")
+        if self.max_ngram_size < 2:
+            raise InputNgramError(f"input_ngram.max_ngram_size={self.max_ngram_size} must be >= 2")
+        if self.kind == "bigram" and self.max_ngram_size != 2:
+            raise InputNgramError(f"input_ngram.max_ngram_size={self.max_ngram_size} with kind='bigram'; "
+                                  f"use 2, or kind='overencoding' for longer N-grams")
+        if self.init_std <= 0:
+            raise InputNgramError(f"input_ngram.init_std={self.init_std} must be > 0")
+
+    @property
+    def orders(self) -> tuple[int, ...]:
+        return tuple(range(2, self.max_ngram_size + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InputNgramConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputNgramError(f"InputNgramConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
 @dataclass
 class ModelConfig:
     """Decoder-only transformer backbone (RMSNorm, RoPE attention, SwiGLU or DeepSeekMoE)."""
@@ -149,15 +198,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     engram: Optional[EngramConfig] = None
-    # Input-side N-gram baseline (bigram hash / OverEncoding); engram.baselines.InputNgramConfig.
-    input_ngram: Optional[Any] = None
+    # Input-side N-gram baseline (bigram hash / OverEncoding); engram.model.input_ngram.
+    input_ngram: Optional[InputNgramConfig] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.engram, dict):
             self.engram = EngramConfig.from_dict(self.engram)
         if isinstance(self.input_ngram, dict):
-            from .baselines import InputNgramConfig  # local: baselines imports hashing -> config
-
             self.input_ngram = InputNgramConfig.from_dict(self.input_ngram)
         _check(self.vocab_size >= 2, f"vocab_size={self.vocab_size} must be >= 2")
         _check(self.num_layers >= 1, f"num_layers={self.num_layers} must be >= 1")
@@ -228,7 +275,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1234
     # Engram tables: "adam" (dense, every row every step) or "sparse_adam" (row-wise lazy Adam:
-    # state and updates only for touched rows; engram.sparse_adam). prefetch builds the next
+    # state and updates only for touched rows; engram.training.sparse_adam). prefetch builds the next
     # batch and its row ids on a background thread (same numbers, less waiting).
     table_optimizer: str = "adam"
     prefetch: bool = False
@@ -308,3 +355,44 @@ PRESETS = {
     "tiny-dense": lambda v: ModelConfig(vocab_size=v, hidden_size=64, num_layers=2, num_heads=2,
                                         max_seq_len=64, ffn="dense", intermediate_size=128),
 }
+
+
+# ----------------------------------------------------------------------------- resolving a run's configs
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # bare strings such as ffn=moe
+
+
+def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
+                  overrides: Sequence[str]) -> tuple[ModelConfig, TrainConfig]:
+    """Preset, then a JSON file {"model": {...}, "train": {...}}, then ``--set section.key=value``."""
+    model = preset(preset_name, vocab_size).to_dict()
+    train = TrainConfig().to_dict()
+    if config_file:
+        try:
+            data = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e}") from None
+        unknown = sorted(set(data) - {"model", "train"})
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown section(s) {unknown}; use 'model' and 'train'")
+        model.update(data.get("model", {}))
+        train.update(data.get("train", {}))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in ("model", "train", "engram"):
+            raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE, engram.KEY=VALUE or train.KEY=VALUE")
+        if section == "engram":
+            if model.get("engram") is None:
+                raise ConfigError(f"--set {item!r}: preset {preset_name!r} has no Engram; pick an engram-* preset")
+            model["engram"][name] = _parse_value(value)
+        else:
+            target = model if section == "model" else train
+            if name not in target:
+                raise ConfigError(f"--set {item!r}: unknown {section} key {name!r}; known: {sorted(target)}")
+            target[name] = _parse_value(value)
+    model["vocab_size"] = vocab_size
+    return ModelConfig.from_dict(model), TrainConfig.from_dict(train)

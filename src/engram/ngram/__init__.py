@@ -11,7 +11,7 @@ See docs/ngram.md. Modules: :mod:`.suffix_array` (construction, search, document
 :mod:`.kn` (modified Kneser-Ney), :mod:`.mixture` (lambda gate, scoring, generation).
 """
 
-from .index import (
+from engram.ngram.index import (
     DEFAULT_KN_ORDER,
     InfgramResult,
     LeakageError,
@@ -20,8 +20,8 @@ from .index import (
     SegmentInfo,
     UnseenContextError,
 )
-from .segment import NgramIndexError, SegmentError
-from .suffix_array import NATIVE_KERNEL_AVAILABLE, build_suffix_array
+from engram.ngram.segment import NgramIndexError, SegmentError
+from engram.ngram.suffix_array import NATIVE_KERNEL_AVAILABLE, build_suffix_array
 
 __all__ = [
     "DEFAULT_KN_ORDER", "InfgramResult", "LeakageError", "NgramBatch", "NgramIndex", "NgramIndexError",

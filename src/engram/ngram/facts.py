@@ -5,7 +5,7 @@ Shape legend
 
 :func:`invented_facts` makes countries that do not exist (names checked to be absent from the
 index) with a capital, currency, main language and continent, rendered with the built-in
-corpus's own templates (:data:`engram.corpus.COUNTRY_TEMPLATES`): phrasing 0 is what gets
+corpus's own templates (:data:`engram.data.corpus.COUNTRY_TEMPLATES`): phrasing 0 is what gets
 indexed, phrasing 1 is a paraphrase used only as a query. :func:`recall` measures, for each fact,
 whether the first answer token is the top-1 prediction after the prompt, its probability, and
 whether every answer token is top-1 given the gold prefix (teacher-forced exact match).
@@ -21,10 +21,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from engram.corpus import COUNTRY_TEMPLATES, Fact
-
-from .index import NgramIndex
-from .mixture import NgramMixture
+from engram.data.corpus import COUNTRY_TEMPLATES, Fact
+from engram.errors import EngramError
+from engram.ngram.index import NgramIndex
+from engram.ngram.mixture import NgramMixture
 
 CONTINENTS = ("Africa", "Asia", "Europe", "North America", "South America", "Oceania")
 RELATIONS = ("capital", "currency", "language", "continent")
@@ -34,7 +34,7 @@ _VOWELS = ("a", "e", "i", "o", "u", "ae", "ou", "y")
 _CODAS = ("", "", "n", "r", "l", "s", "th", "m", "x")
 
 
-class FactsError(ValueError):
+class FactsError(EngramError):
     """Bad settings for the invented-facts experiment; the message names the value."""
 
 

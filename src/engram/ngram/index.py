@@ -48,11 +48,11 @@ import numpy as np
 import torch
 
 from engram import __version__
+from engram.data.shards import load_dataset
+from engram.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 from engram.fsutil import atomic_write
-from engram.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
-
-from . import kn as kn_mod
-from .segment import (
+from engram.ngram import kn as kn_mod
+from engram.ngram.segment import (
     BIG_RANGE,
     NgramIndexError,
     Segment,
@@ -182,8 +182,6 @@ class NgramIndex:
     @classmethod
     def from_dataset(cls, path: PathLike, data_dir: PathLike, split: str = "train", **kw) -> "NgramIndex":
         """Index one split of a prepared dataset (``engram data prepare``), tokenizer included."""
-        from engram.data import load_dataset
-
         if split not in ("train", "val"):
             raise NgramIndexError(f"split={split!r}; choose 'train' or 'val'")
         ds = load_dataset(data_dir)

@@ -22,11 +22,13 @@ from typing import Sequence
 
 import torch
 
+from engram.errors import EngramError
+
 DEFAULT_DISCOUNTS = (0.5, 1.0, 1.5)  # used when the count-of-counts are too thin to estimate
 MIN_DISCOUNT = 0.01
 
 
-class DiscountError(ValueError):
+class DiscountError(EngramError):
     """Discounts outside their valid range; the message names the value."""
 
 

@@ -40,9 +40,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from engram.tokenizer import atomic_write
-
-from .index import DEFAULT_KN_ORDER, NgramBatch, NgramIndex
+from engram.data.tokenizer import atomic_write
+from engram.errors import EngramError
+from engram.model.generation import filter_logits
+from engram.model.lm import EngramLM
+from engram.ngram.index import DEFAULT_KN_ORDER, NgramBatch, NgramIndex
 
 PathLike = Union[str, Path]
 GATE_FORMAT = "engram-ngram-gate"
@@ -62,7 +64,7 @@ _EPS = 1e-12
 LAMBDA_MARGIN = 1e-4
 
 
-class MixtureError(ValueError):
+class MixtureError(EngramError):
     """Bad mixture settings or a gate that does not fit the model / index; names the fix."""
 
 
@@ -82,8 +84,6 @@ class LMAdapter:
 
     def __init__(self, lm: Any, vocab_size: Optional[int] = None, max_seq_len: Optional[int] = None,
                  name: str = ""):
-        from engram.model import EngramLM
-
         self.model: Optional[EngramLM] = lm if isinstance(lm, EngramLM) else None
         self.fn: Callable[[torch.Tensor], Any] = lm
         self.name = name
@@ -571,8 +571,6 @@ def generate_mixed(mix: NgramMixture, prompt_ids: torch.Tensor, sampling, eos_id
     With an EngramLM the LM side runs on a KV cache; a callable LM is re-run on the whole
     sequence each step. The N-gram side reads the whole history (cut at its last eos).
     """
-    from engram.generate import filter_logits
-
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
     B, T0 = prompt_ids.shape

@@ -40,9 +40,9 @@ from typing import Any, Optional, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from engram.tokenizer import atomic_write
-
-from . import suffix_array as sa_mod
+from engram.data.tokenizer import atomic_write
+from engram.errors import EngramError
+from engram.ngram import suffix_array as sa_mod
 
 MAGIC = b"ENGRAMNG"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ _CACHE_ENTRIES = 65536
 PathLike = Union[str, Path]
 
 
-class NgramIndexError(ValueError):
+class NgramIndexError(EngramError):
     """An N-gram index is missing, corrupt, or does not match what it is used with."""
 
 

@@ -33,8 +33,10 @@ from typing import Optional
 
 import numpy as np
 
+from engram.errors import EngramError
+
 try:  # built by setup.py when a C compiler is available; optional by design
-    from engram import _ngramkernel as _native
+    from engram.ngram import _ngramkernel as _native
 except ImportError:  # pragma: no cover - depends on the build environment
     _native = None
 
@@ -42,7 +44,7 @@ NATIVE_KERNEL_AVAILABLE: bool = _native is not None
 """True when the native search kernel was built and imported."""
 
 
-class SuffixArrayError(ValueError):
+class SuffixArrayError(EngramError):
     """Bad input to suffix-array construction or search; the message names the value."""
 
 

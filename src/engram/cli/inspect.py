@@ -1,0 +1,281 @@
+"""``engram inspect``, ``engram serve`` and ``engram analyze {gates,zipf,ablate}``.
+
+    engram inspect --ckpt RUN --text "the Prince of Wales" [--html out.html] [--json out.json]
+    engram serve   --ckpt RUN [--host 127.0.0.1] [--port 8765]
+    engram analyze gates  --ckpt RUN [--n 300] [--json out.json]
+    engram analyze zipf   --ckpt RUN --data DATA [--split train] [--plot zipf.png] [--json out.json]
+    engram analyze ablate --ckpt RUN --data DATA [--max-tokens 40000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+
+def _load(ckpt: str):
+    from engram.data.tokenizer import load_tokenizer
+    from engram.model.checkpoint import load_model
+
+    model, meta = load_model(ckpt)
+    return model, load_tokenizer(Path(ckpt) / "tokenizer.json"), meta
+
+
+def _write_json(path: Optional[str], obj: Any) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from engram.inspect.heatmap import inspect_text, print_inspection, write_outputs
+
+    if (args.text is None) == (args.file is None):
+        raise ValueError("give the text with exactly one of --text TEXT or --file PATH")
+    text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
+    model, tok, _ = _load(args.ckpt)
+    ins = inspect_text(model, tok, text)
+    write_outputs(ins, args.html, args.json)
+    if not args.quiet:
+        print_inspection(ins, color=args.color, scale=args.scale, top_k=args.top_k)
+        for what, path in (("HTML", args.html), ("JSON", args.json)):
+            if path:
+                print(f"wrote {what} to {path}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engram.inspect.server import InspectService, ServeLimits, is_loopback, make_server
+
+    model, tok, _ = _load(args.ckpt)
+    limits = ServeLimits(max_chars=args.max_chars, max_inflight=args.max_inflight)
+    server = make_server(InspectService(model, tok, limits), args.host, args.port, quiet=args.quiet)
+    host, port = server.server_address[:2]
+    if not is_loopback(args.host):
+        print(f"engram serve: warning: listening on {host}, reachable from other machines; "
+              f"there is no authentication", file=sys.stderr)
+    print(f"engram serve: http://{host}:{port}/  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+# ----------------------------------------------------------------------------- analyze
+def cmd_analyze_gates(args: argparse.Namespace) -> int:
+    from engram.data.tokenizer import special_ids
+    from engram.inspect.analysis import (
+        facts_vs_random,
+        gate_categories,
+        gate_statistics,
+        memory_swap_contrast,
+        token_matched_contrast,
+    )
+
+    model, tok, meta = _load(args.ckpt)
+    ds = None
+    if args.data:
+        from engram.data.shards import load_dataset
+        from engram.training.evaluation import check_dataset_for_model
+
+        ds = load_dataset(args.data)
+        check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data,
+                                f"run {args.ckpt}")
+    unigram = (np.bincount(np.asarray(ds.train.tokens, dtype=np.int64), minlength=model.cfg.vocab_size)
+               if ds is not None else None)
+    cats = gate_categories(tok, n=args.n, seed=args.seed, unigram=unigram)
+    pad_id = special_ids(tok)[0]
+    rows = gate_statistics(model, cats, pad_id=pad_id)
+    print(f"{'category':<24} {'layer':>5} {'branch':>6} {'tokens':>7} {'mean gate':>10} "
+          f"{'std':>7} {'s.e.m.':>7}")
+    for r in rows:
+        print(f"{r['category']:<24} {r['layer_id']:>5} {r['branch']:>6} {r['count']:>7} "
+              f"{_fmt(r['mean']):>10} {_fmt(r['std'], 3):>7} {_fmt(r['sem'], 4):>7}")
+    result: dict[str, Any] = {"ckpt": args.ckpt, "n": args.n, "seed": args.seed, "rows": rows}
+    # Same token ids, different context: fact sentences against the random-token controls.
+    contrasts = []
+    print("\ntoken-matched: mean gate of a token in fact sentences minus the same token's mean gate in")
+    print(f"{'control':<24} {'layer':>5} {'branch':>6} {'ids':>7} {'difference':>10} {'s.e.m.':>7} {'ids > 0':>7}")
+    for control in ("random tokens", "unigram random tokens", "shuffled fact tokens"):
+        if control not in cats:
+            continue
+        for r in token_matched_contrast(model, cats["fact sentences"], cats[control]):
+            contrasts.append({"a": "fact sentences", "b": control, **r})
+            print(f"{control:<24} {r['layer_id']:>5} {r['branch']:>6} {r['tokens']:>7} "
+                  f"{r['mean_diff']:>+10.4f} {_fmt(r['sem'], 4):>7} {r['positive_fraction']:>7.0%}")
+    result["token_matched"] = contrasts
+    # Same hidden state, different memory: does the key recognise the memory of its own context?
+    swaps = []
+    print("\nmemory swap: gate with the position's own N-gram memory minus the gate with the memory of a")
+    print("random other position of the same category (same hidden state, so same token and context);")
+    print("e = 0: the gate with no memory at all (the key is its bias), the level the hidden state sets")
+    print(f"{'category':<24} {'layer':>5} {'branch':>6} {'tokens':>7} {'own':>7} {'swapped':>7} "
+          f"{'difference':>10} {'s.e.m.':>7} {'> 0':>5} {'e = 0':>7}")
+    for name in ("fact sentences", "name last tokens", "narrative", "shuffled fact tokens",
+                 "random tokens", "unigram random tokens"):
+        if name not in cats:
+            continue
+        for r in memory_swap_contrast(model, cats[name], pad_id=pad_id, seed=args.seed):
+            swaps.append({"category": name, **r})
+            print(f"{name:<24} {r['layer_id']:>5} {r['branch']:>6} {r['tokens']:>7} {_fmt(r['gate']):>7} "
+                  f"{_fmt(r['gate_swapped']):>7} {r['mean_diff']:>+10.4f} {_fmt(r['sem'], 4):>7} "
+                  f"{r['positive_fraction']:>5.0%} {_fmt(r['gate_no_memory']):>7}")
+    result["memory_swap"] = swaps
+    if ds is not None:
+        from engram.inspect.analysis import gate_by_frequency
+
+        window = min(128, model.cfg.max_seq_len - 1)
+        freq = gate_by_frequency(model, ds.val.tokens[: args.freq_tokens], ds.train.tokens,
+                                 window=window)
+        print(f"\nmean gate by training count of the {freq[0]['n']}-gram ending at the token "
+              f"(val split, {args.freq_tokens:,} tokens)")
+        print(f"{'count in train':<15} {'layer':>5} {'branch':>6} {'tokens':>7} {'mean gate':>10} {'s.e.m.':>7}")
+        for r in freq:
+            print(f"{r['bin']:<15} {r['layer_id']:>5} {r['branch']:>6} {r['count']:>7} "
+                  f"{_fmt(r['mean']):>10} {_fmt(r['sem']):>7}")
+        result.update(data=args.data, freq_tokens=args.freq_tokens, by_frequency=freq)
+    verdicts = facts_vs_random(rows, contrasts, swaps)
+    print("\nfact sentences against random-token text (higher / lower: beyond 2 standard errors)")
+    print(f"{'control':<24} {'layer':>5} {'branch':>6} {'measure':<14} {'difference':>10} {'s.e.':>7}  verdict")
+    for r in verdicts:
+        print(f"{r['control']:<24} {r['layer_id']:>5} {r['branch']:>6} {r['measure']:<14} "
+              f"{r['difference']:>+10.4f} {_fmt(r['se'], 4):>7}  {r['verdict']}")
+    result["facts_vs_random"] = verdicts
+    _write_json(args.json, result)
+    return 0
+
+
+def cmd_analyze_zipf(args: argparse.Namespace) -> int:
+    from engram.data.shards import load_dataset
+    from engram.inspect.analysis import plot_zipf, zipf_statistics
+    from engram.training.evaluation import check_dataset_for_model
+
+    model, _, meta = _load(args.ckpt)
+    ds = load_dataset(args.data)
+    check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data,
+                            f"run {args.ckpt}")
+    shard = getattr(ds, args.split)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens {args.max_tokens} must be >= 1")
+    tokens = shard.tokens[: args.max_tokens] if args.max_tokens else shard.tokens
+    res = zipf_statistics(model, tokens, top_percents=tuple(args.top_percent))
+    if args.plot:
+        plot_zipf(res, args.plot, f"{args.split} split, {res.tokens:,} tokens - {Path(args.ckpt).name}")
+    s = res.summary
+    print(f"{res.tokens:,} tokens of the {args.split} split")
+    for n, d in s["ngrams"].items():
+        shares = ", ".join(f"top {k}: {v:.1%}" for k, v in d["top_share"].items())
+        print(f"  {n}-grams: {d['distinct']:,} distinct, Zipf s = {d['zipf_exponent_rank_1_1000']:.2f}; {shares}")
+    for lid, orders in s["rows"].items():
+        for n, d in orders.items():
+            shares = ", ".join(f"top {k} rows: {v:.1%}" for k, v in d["top_share"].items())
+            print(f"  layer {lid} n={n}: {d['rows_touched']:,}/{d['table_rows']:,} rows hit "
+                  f"({d['fraction_touched']:.1%}), s = {d['zipf_exponent_rank_1_1000']:.2f}; {shares}")
+    if args.plot:
+        print(f"plot: {args.plot}")
+    _write_json(args.json, {"ckpt": args.ckpt, "data": args.data, "split": args.split, **s})
+    return 0
+
+
+def cmd_analyze_ablate(args: argparse.Namespace) -> int:
+    from engram.data.shards import load_dataset
+    from engram.data.tokenizer import special_ids
+    from engram.inspect.analysis import ablation, ablation_categories, unigram_logprobs
+    from engram.training.evaluation import check_dataset_for_model
+
+    model, tok, meta = _load(args.ckpt)
+    ds = load_dataset(args.data)
+    check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data,
+                            f"run {args.ckpt}")
+    window = args.seq_len or (meta.train_config.seq_len if meta.train_config else 128)
+    window = min(window, model.cfg.max_seq_len)
+    cats = ablation_categories(tok, ds.meta.get("val_titles", []), window, args.max_tokens,
+                               max_facts=args.max_facts)
+    rows = ablation(model, cats, unigram_logprobs(ds.train.tokens, model.cfg.vocab_size),
+                    pad_id=special_ids(tok)[0])
+    print(f"{'category':<32} {'tokens':>7} {'unigram':>8} {'loss on':>8} {'loss off':>8} "
+          f"{'acc on':>7} {'acc off':>7} {'ret.loss':>8} {'ret.acc':>8}")
+    for r in rows:
+        print(f"{r['category']:<32} {r['tokens']:>7} {r['unigram_loss']:>8.3f} {r['loss_full']:>8.3f} "
+              f"{r['loss_ablated']:>8.3f} {r['accuracy_full']:>7.3f} {r['accuracy_ablated']:>7.3f} "
+              f"{_fmt(r['retained_loss'], 3):>8} {_fmt(r['retained_accuracy'], 3):>8}")
+    print("retained loss = (unigram - loss off) / (unigram - loss on); "
+          "retained acc = acc off / acc on")
+    _write_json(args.json, {"ckpt": args.ckpt, "data": args.data, "window": window,
+                            "max_tokens": args.max_tokens, "rows": rows})
+    return 0
+
+
+# ----------------------------------------------------------------------------- parsers
+def register(sub: Any, bench: Any) -> None:
+    from engram.inspect.heatmap import COLOR_MODES, SCALES
+
+    i = sub.add_parser("inspect", help="per-token Engram gates as a terminal heatmap, HTML and JSON")
+    i.add_argument("--ckpt", required=True, help="run directory")
+    i.add_argument("--text", help="text to inspect")
+    i.add_argument("--file", help="read the text from this file instead")
+    i.add_argument("--html", help="also write a standalone HTML heatmap here")
+    i.add_argument("--json", help="also write the full inspection as JSON here")
+    i.add_argument("--top-k", type=int, default=3, help="heads listed per position (0: none)")
+    i.add_argument("--color", default="auto", choices=COLOR_MODES,
+                   help="auto: 24-bit if COLORTERM says so, else 256; none when not a terminal")
+    i.add_argument("--scale", default="rank", choices=SCALES,
+                   help="rank: by rank within this text (default); relative: min..max of this "
+                        "text; absolute: 0..1")
+    i.add_argument("--quiet", action="store_true", help="only write --html/--json")
+    i.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("serve", help="local web page: tokens shaded by gate as you type")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    s.add_argument("--max-chars", type=int, default=2000, help="longest text accepted")
+    s.add_argument("--max-inflight", type=int, default=8, help="concurrent requests before 503")
+    s.add_argument("--quiet", action="store_true", help="no request log")
+    s.set_defaults(fn=cmd_serve)
+
+    a = sub.add_parser("analyze", help="gate statistics, Zipf statistics, Engram ablation"
+                       ).add_subparsers(dest="sub", required=True)
+    g = a.add_parser("gates", help="mean gate on fact sentences, entities, narrative, shuffled, random tokens")
+    g.add_argument("--ckpt", required=True)
+    g.add_argument("--n", type=int, default=300, help="samples per category")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data", help="also bin gates by n-gram training count on this dataset's val split")
+    g.add_argument("--freq-tokens", type=int, default=60_000, help="val tokens for --data")
+    g.add_argument("--json")
+    g.set_defaults(fn=cmd_analyze_gates)
+
+    z = a.add_parser("zipf", help="rank-frequency of n-grams and table-row accesses over a shard")
+    z.add_argument("--ckpt", required=True)
+    z.add_argument("--data", required=True, help="dataset directory (the run's tokenizer)")
+    z.add_argument("--split", default="train", choices=["train", "val"])
+    z.add_argument("--max-tokens", type=int, default=1_000_000, help="first N tokens of the split")
+    z.add_argument("--top-percent", type=float, nargs="+", default=[0.1, 1.0, 10.0],
+                   help="report the share of accesses of the top k%% rows")
+    z.add_argument("--plot", help="write a log-log PNG here")
+    z.add_argument("--json")
+    z.set_defaults(fn=cmd_analyze_zipf)
+
+    b = a.add_parser("ablate", help="loss/accuracy with Engram zeroed, per kind of held-out text")
+    b.add_argument("--ckpt", required=True)
+    b.add_argument("--data", required=True, help="dataset the run was trained on (val titles, unigram)")
+    b.add_argument("--max-tokens", type=int, default=40_000, help="tokens per category")
+    b.add_argument("--max-facts", type=int, default=500, help="fact sentences for 'fact answers only'")
+    b.add_argument("--seq-len", type=int, help="window length (default: the run's training seq_len)")
+    b.add_argument("--json")
+    b.set_defaults(fn=cmd_analyze_ablate)

@@ -1,0 +1,243 @@
+"""The ``engram`` command line.
+
+    engram demo                          the main job: data, two small models, comparison, sample
+    engram tokenizer report              compression statistics of a tokenizer
+    engram data prepare                  token shards from the built-in corpus and/or your files
+    engram train / eval / generate       the model life cycle
+    engram bench hash                    hashing throughput against the reference algorithm
+
+Errors that come from bad input (``ValueError`` and subclasses) are printed as one line
+``engram: error: ...`` with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from engram.config import PRESETS, build_configs
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_tokenizer_report(args) -> int:
+    from engram.data.tokenizer import load_deepseek_tokenizer, load_tokenizer
+    from engram.hashing.compression import report
+
+    tok = load_deepseek_tokenizer() if args.tokenizer == "deepseek" else load_tokenizer(args.tokenizer)
+    rep = report(tok)
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    print(f"vocab size      {rep['vocab_size']:,}")
+    print(f"compressed size {rep['compressed_size']:,}")
+    print(f"reduction       {rep['reduction']:.2%}")
+    print("largest merge groups (normalised key: ids merged):")
+    for key, n in rep["largest_groups"]:
+        print(f"  {key!r:>12}: {n}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from engram.data.shards import prepare_builtin
+
+    meta = prepare_builtin(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                           files=args.files or None, builtin=not args.no_builtin,
+                           val_fraction=args.val_fraction)
+    ent = meta["train_unigram_entropy"]
+    print(f"wrote {args.out}: vocab {meta['vocab_size']:,}, "
+          f"train {meta['tokens']['train']:,} tokens / val {meta['tokens']['val']:,} tokens "
+          f"({meta['documents']['train']} / {meta['documents']['val']} documents)")
+    print(f"sources: {', '.join(meta['sources']) or '-'}; user files: {len(meta['user_files'])}")
+    print(f"unigram entropy of train: {ent['nats_per_token']:.3f} nats/token "
+          f"({ent['bits_per_token']:.2f} bits)")
+    return 0
+
+
+def _dataset_vocab(data_dir: str) -> int:
+    from engram.data.shards import load_dataset
+
+    return int(load_dataset(data_dir).meta["vocab_size"])
+
+
+def cmd_train(args) -> int:
+    from engram.training.trainer import train
+
+    model_cfg, train_cfg = build_configs(args.preset, _dataset_vocab(args.data), args.config, args.set)
+    if args.prefetch is not None:  # --prefetch / --no-prefetch override train.prefetch
+        train_cfg.prefetch = args.prefetch
+    summary = train(model_cfg, train_cfg, args.data, args.out, resume=args.resume,
+                    progress=not args.quiet, max_seconds=args.max_seconds, overwrite=args.overwrite,
+                    tables_from=args.table)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if getattr(args, "ngram", None):  # mixture with the N-gram memory (commands/ngram.py)
+        from engram.cli.ngram import cmd_eval_ngram
+
+        return cmd_eval_ngram(args)
+    from engram.cli.table import storage_from_args
+    from engram.training.evaluation import evaluate_run
+
+    result = evaluate_run(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,
+                          seq_len=args.seq_len, max_batches=args.max_batches,
+                          storage=storage_from_args(args))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if getattr(args, "ngram", None):  # mixture with the N-gram memory (commands/ngram.py)
+        from engram.cli.ngram import cmd_generate_ngram
+
+        return cmd_generate_ngram(args)
+    import torch
+
+    from engram.cli.table import load_for_generation, report_generation
+    from engram.data.tokenizer import load_tokenizer
+    from engram.model.generation import SamplingConfig, generate
+
+    model, meta = load_for_generation(args.ckpt, args)  # load_model, or tables per --table/--storage
+    tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise ValueError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    t0 = time.perf_counter()
+    out = generate(model, torch.tensor([ids]), sampling)
+    report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)  # tokens/s, hit rate
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_bench_hash(args) -> int:
+    from engram.bench.hash import bench_hash
+
+    result = bench_hash(batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
+                        threads=args.threads)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"hash: {result['tokens_per_s']:,.0f} tokens/s vs reference "
+              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from engram.cli.demo import run_demo
+
+    run_demo(workdir=args.workdir, steps=args.steps, quiet=args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _ngram_args(p: argparse.ArgumentParser, scoring: bool) -> None:
+    from engram.cli.ngram import add_mixture_args  # --ngram INDEX [--gate DIR | --ngram-lambda X]
+
+    add_mixture_args(p, scoring)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engram.cli.table import add_storage_arguments, add_train_table_arguments
+
+    p = argparse.ArgumentParser(prog="engram", description="Engram conditional memory for language models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job: prepare data, train Engram and a same-size baseline, sample")
+    d.add_argument("--workdir", default="engram-demo", help="where data and runs go (default: ./engram-demo)")
+    d.add_argument("--steps", type=int, default=540,
+                   help="optimizer steps per model (default 540: 4-6 min each on 2 CPU cores)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="sub", required=True)
+    r = t.add_parser("report", help="vocab size, compressed size, reduction, largest merge groups")
+    r.add_argument("--tokenizer", default="deepseek", help="'deepseek' or a tokenizer.json path")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_tokenizer_report)
+
+    dp = sub.add_parser("data", help="datasets").add_subparsers(dest="sub", required=True)
+    pr = dp.add_parser("prepare", help="tokenize the built-in corpus and/or files into shards")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument("--files", nargs="*", help=".txt or .jsonl (field 'text') files to add")
+    pr.add_argument("--no-builtin", action="store_true", help="use only --files")
+    pr.add_argument("--tokenizer", default="bpe", help="'bpe' (trained here), 'deepseek', or a tokenizer.json path")
+    pr.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    pr.add_argument("--val-fraction", type=float, default=0.05)
+    pr.set_defaults(fn=cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="train a model")
+    tr.add_argument("--data", required=True, help="dataset directory from `engram data prepare`")
+    tr.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    tr.add_argument("--preset", default="engram-moe", choices=sorted(PRESETS))
+    tr.add_argument("--config", help="JSON file with optional 'model' and 'train' sections")
+    tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one value, e.g. --set train.steps=500 --set engram.layer_ids=[1,2]")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
+    tr.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
+    tr.add_argument("--quiet", action="store_true")
+    add_train_table_arguments(tr)
+    tr.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and tokens/s of a checkpoint")
+    ev.add_argument("--ckpt", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--split", default="val", choices=["train", "val"])
+    ev.add_argument("--batch-size", type=int, help="default: the run's training batch size")
+    ev.add_argument("--seq-len", type=int, help="default: the run's training sequence length")
+    ev.add_argument("--max-batches", type=int)
+    add_storage_arguments(ev)
+    _ngram_args(ev, scoring=True)
+    ev.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--ckpt", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    add_storage_arguments(g)
+    _ngram_args(g, scoring=False)
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
+    bh = b.add_parser("hash", help="N-gram hashing throughput vs the reference algorithm")
+    bh.add_argument("--json", action="store_true")
+    bh.add_argument("--batch-size", type=int, default=8)
+    bh.add_argument("--seq-len", type=int, default=4096)
+    bh.add_argument("--repeats", type=int, default=5)
+    bh.add_argument("--threads", type=int, default=1)
+    bh.set_defaults(fn=cmd_bench_hash)
+
+    import importlib
+
+    from engram.cli.commands import COMMAND_MODULES
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub, b)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"engram: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("engram: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

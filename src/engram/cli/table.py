@@ -1,0 +1,358 @@
+"""``engram table ...`` and ``engram bench offload|large-table``, plus the storage switches of
+``engram train / eval / generate`` (``--table``, ``--storage``, ``--cache-rows``, ``--prefetch``).
+
+    engram table inspect FILE [--verify] [--json]       header, layers, fingerprint; --verify CRCs
+    engram table convert SRC DST [--dtype bf16]         checkpoint -> file, file -> file
+    engram table convert FILE OUT_RUN --base RUN        file -> new checkpoint (base run's model)
+    engram table stats --data DIR (--ckpt RUN | --preset P)   Zipf curve + simulated hit rates
+    engram bench offload [--json]                       in-memory vs offloaded (+/- prefetch)
+    engram bench large-table [--size-gib 32]            a table larger than RAM, eval + generate
+    engram bench table-optimizer                        dense vs row-sparse Adam: steps/s, state
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from engram.tables.tiers import CACHE_POLICIES, StorageConfig, StorageKind
+
+
+# ----------------------------------------------------------------------------- shared switches
+def add_storage_arguments(p: argparse.ArgumentParser) -> None:
+    """Switches of ``eval`` and ``generate``: where the Engram tables come from."""
+    g = p.add_argument_group("Engram table storage (docs/storage.md)")
+    g.add_argument("--table", metavar="FILE", help="serve the Engram tables from this table file "
+                   "(`engram table convert RUN FILE`) instead of the checkpoint")
+    g.add_argument("--storage", choices=[k.value for k in StorageKind],
+                   help="memory: load the tables into RAM; mmap: map the file; cached: a pool of hot "
+                        "rows in front of the mapped file (default with --table: cached)")
+    g.add_argument("--cache-rows", type=int, default=1 << 20,
+                   help="rows per Engram layer in the cached tier's pool (default 1,048,576)")
+    g.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="fetch rows on a background thread ahead of the layer (default: on with "
+                        "--table/--storage, off otherwise)")
+    g.add_argument("--io-threads", type=int, default=8, help="parallel reads from the file (default 8)")
+    g.add_argument("--cold", action="store_true",
+                   help="drop the file's pages from the page cache after every read (benchmarks)")
+    g.add_argument("--fetch-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve mmap/cached tiers from a helper process, off the model's GIL (default on)")
+
+
+def add_train_table_arguments(p: argparse.ArgumentParser) -> None:
+    """Switches of ``train``: initial tables from a file, and background batch prefetch."""
+    g = p.add_argument_group("Engram tables (docs/storage.md)")
+    g.add_argument("--table", metavar="FILE", help="initialise the Engram tables of a fresh run from "
+                   "this table file (its hash fingerprint must match the config)")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="build the next batch and its row ids on a background thread "
+                        "(sets train.prefetch)")
+
+
+def storage_from_args(args: argparse.Namespace) -> Optional[StorageConfig]:
+    """The StorageConfig the switches ask for, or None for the plain in-memory model."""
+    table, kind = getattr(args, "table", None), getattr(args, "storage", None)
+    prefetch = getattr(args, "prefetch", None)
+    if table is None and kind in (None, "memory") and not prefetch and not getattr(args, "cold", False):
+        return None
+    if kind is None:
+        kind = "cached" if table is not None else "memory"
+    return StorageConfig(path=table, kind=kind, cache_rows=args.cache_rows, cache_policy=args.cache_policy,
+                         prefetch=True if prefetch is None else prefetch, io_threads=args.io_threads,
+                         cold=args.cold, process=args.fetch_process)
+
+
+def load_for_generation(ckpt: str, args: argparse.Namespace):
+    """(model, meta) for ``engram generate``: ``load_model`` unless a table switch is given."""
+    from engram.model.checkpoint import load_model
+    from engram.tables.runtime import load_model_with_tables
+
+    storage = storage_from_args(args)
+    if storage is None:
+        return load_model(ckpt)
+    return load_model_with_tables(ckpt, storage)
+
+
+def report_generation(model: Any, tokens: int, seconds: float) -> None:
+    """One stderr line with tokens/s and the tables' hit rate when they are offloaded."""
+    from engram.tables.runtime import table_runtime
+
+    rt = table_runtime(model)
+    if rt is None:
+        return
+    st = rt.stats()
+    print(f"engram: {tokens} new tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):,.1f} tokens/s); "
+          f"tables: {st['storage']}, prefetch {'on' if st['prefetch'] else 'off'}, hit rate "
+          f"{st['hit_rate']:.1%}, stalled {st['stall_s']:.3f} s", file=sys.stderr)
+    rt.close()
+
+
+# ----------------------------------------------------------------------------- table commands
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from engram.tables.tablefile import read_header, verify_checksums
+
+    h = read_header(args.file)
+    info = h.summary()
+    if args.verify:
+        info["verified"] = {str(k): v for k, v in verify_checksums(h, progress=not args.json).items()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{h.path}: engram table v{h.version}, {h.dtype}, {h.rows:,} rows x {h.dim} "
+          f"({h.file_bytes / 2**20:,.1f} MiB)")
+    print(f"hash fingerprint {h.fingerprint}")
+    for l in h.layers.values():
+        crc = "none" if l.crc32 is None else f"{l.crc32:#010x}"
+        print(f"  layer {l.layer_id}: {l.rows:,} rows, {len(l.head_sizes)} heads, offset {l.offset:,}, "
+              f"{l.nbytes / 2**20:,.1f} MiB, crc32 {crc}")
+    if args.verify:
+        ok = [k for k, v in info["verified"].items() if v]
+        skipped = [k for k, v in info["verified"].items() if v is None]
+        print(f"verified layers {ok}" + (f"; no checksum stored for {skipped}" if skipped else ""))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from engram.tables.convert import convert_table, export_checkpoint_tables, import_table_into_checkpoint
+
+    src = Path(args.src)
+    if src.is_dir():
+        if args.base:
+            raise ValueError("--base is for importing a table file into a checkpoint; SRC is a run directory")
+        h = export_checkpoint_tables(src, args.dst, dtype=args.dtype or "fp32", progress=not args.quiet)
+        print(f"wrote {h.path}: {h.rows:,} rows x {h.dim} {h.dtype} ({h.file_bytes / 2**20:,.1f} MiB) "
+              f"from {src}")
+    elif args.base:
+        if args.dtype:
+            raise ValueError("--dtype does not apply when writing a checkpoint (its tables are fp32)")
+        res = import_table_into_checkpoint(src, args.base, args.dst, progress=not args.quiet)
+        print(f"wrote checkpoint {res['checkpoint']}: {args.base}'s model with tables from {src}")
+    else:
+        h = convert_table(src, args.dst, dtype=args.dtype, progress=not args.quiet)
+        print(f"wrote {h.path}: {h.rows:,} rows x {h.dim} {h.dtype} ({h.file_bytes / 2**20:,.1f} MiB)")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from engram.data.shards import load_dataset
+    from engram.tables.access import access_report
+
+    ds = load_dataset(args.data)
+    hasher = _hasher_for(args, ds)
+    caps = [int(c) for c in str(args.cache_rows).split(",")]
+    policies = [p for p in str(args.policy).split(",") if p]
+    rep = access_report(hasher, getattr(ds, args.split), batch_size=args.batch_size, seq_len=args.seq_len,
+                        max_tokens=args.tokens, order=args.order, capacities=caps, policies=policies,
+                        progress=not args.json)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rep, indent=2))
+    if args.plot:
+        _plot(rep, args.plot)
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    print(f"{rep['tokens']:,} tokens ({args.split}, {args.order}), {rep['heads_per_layer']} heads per layer")
+    for lid, l in rep["layers"].items():
+        share = ", ".join(f"{k.replace('top_', 'top ')}: {v:.1%}" for k, v in l["traffic_share"].items())
+        z = l["zipf_exponent"]
+        print(f"layer {lid}: {l['accesses']:,} accesses, {l['distinct_rows']:,} distinct of "
+              f"{l['table_rows']:,} rows ({l['singletons']:,} seen once); Zipf s = "
+              f"{'n/a' if z is None else f'{z:.2f}'}; traffic share {share}")
+        print(f"  {'cache rows':>12} {'policy':>7} {'hit rate':>9} {'per access':>11}")
+        for c in l["caches"]:
+            hr = "" if "hit_rate" not in c else f"{c['hit_rate']:.1%}"
+            print(f"  {c['capacity']:>12,} {c['policy']:>7} {hr:>9} {c['access_hit_rate']:>11.1%}")
+    return 0
+
+
+def _hasher_for(args: argparse.Namespace, ds: Any):
+    from engram.hashing.hasher import NgramHasher
+
+    if args.ckpt:
+        from engram.model import checkpoint as ckpt
+
+        meta = ckpt.read_config(args.ckpt)
+        cfg = meta.model_config
+        compression = ckpt.load_compression_file(meta.run_dir, meta)
+    else:
+        from engram.config import preset
+        from engram.training.trainer import _dataset_compression
+
+        cfg = preset(args.preset, int(ds.meta["vocab_size"]))
+        if args.table_rows and cfg.engram is not None:  # e.g. the offload benchmark's bigger tables
+            import dataclasses
+
+            eng = dataclasses.replace(cfg.engram, engram_vocab_size=(args.table_rows,) * len(
+                cfg.engram.engram_vocab_size))
+            cfg = dataclasses.replace(cfg, engram=eng)
+        compression = _dataset_compression(cfg, ds, Path(args.data))
+    if cfg.engram is None:
+        raise ValueError(f"{args.ckpt or args.preset} has no Engram layers; pick an engram-* preset or run")
+    return NgramHasher(cfg.engram, cfg.vocab_size, compression if cfg.engram.use_compression else None)
+
+
+def _plot(rep: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib); use --out for the JSON") from None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for lid, l in rep["layers"].items():
+        r, c = zip(*l["curve"])
+        ax.loglog(r, c, marker=".", label=f"layer {lid} (s = {l['zipf_exponent'] or float('nan'):.2f})")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("accesses")
+    ax.set_title(f"Engram row accesses, {rep['tokens']:,} tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def cmd_bench_offload(args: argparse.Namespace) -> int:
+    from engram.bench.offload import bench_offload
+
+    res = bench_offload(args.data, batch_size=args.batch_size, seq_len=args.seq_len, rounds=args.rounds,
+                        batches_per_round=args.batches, warm_batches=args.warm_batches,
+                        cache_rows=args.cache_rows,
+                        table_rows_per_order=args.table_rows, policy=args.policy,
+                        io_threads=args.io_threads, dtype=args.dtype, cold=not args.warm,
+                        workdir=args.workdir, threads=args.threads, process=args.fetch_process,
+                        pin=args.pin, progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"in memory   {res['in_memory_tokens_per_s']:>10,.0f} tokens/s")
+    print(f"offload     {res['offload_tokens_per_s']:>10,.0f} tokens/s  (prefetch; overhead "
+          f"{res['overhead']:+.1%}, hit rate {res['hit_rate']:.1%})")
+    print(f"no prefetch {res['no_prefetch_tokens_per_s']:>10,.0f} tokens/s  (overhead "
+          f"{res['no_prefetch_overhead']:+.1%}); prefetch speed-up {res['prefetch_speedup']:.2f}x")
+    t = res["table"]
+    print(f"table {t['file_bytes'] / 2**20:,.0f} MiB on disk, pool {t['pool_bytes'] / 2**20:,.0f} MiB "
+          f"({t['file_to_pool']:.1f}x smaller); storage: {res['cold_storage']}")
+    return 0
+
+
+def cmd_bench_large(args: argparse.Namespace) -> int:
+    from engram.bench.offload import bench_large_table
+
+    res = bench_large_table(args.data, size_gib=args.size_gib, cache_rows=args.cache_rows, policy=args.policy,
+                            io_threads=args.io_threads, eval_batches=args.eval_batches,
+                            gen_tokens=args.gen_tokens, workdir=args.workdir, keep=args.keep,
+                            threads=args.threads, progress=not args.json)
+    print(json.dumps(res, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_bench_table_optimizer(args: argparse.Namespace) -> int:
+    from engram.bench.offload import bench_table_optimizer
+
+    res = bench_table_optimizer(args.data, steps=args.steps, batch_size=args.batch_size,
+                                seq_len=args.seq_len, rounds=args.rounds, threads=args.threads,
+                                table_rows_per_order=args.table_rows, progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"adam        {res['adam_steps_per_s']:.2f} steps/s, table state "
+          f"{res['adam_table_state_bytes'] / 2**20:,.1f} MiB")
+    print(f"sparse_adam {res['sparse_adam_steps_per_s']:.2f} steps/s, table state "
+          f"{res['sparse_adam_table_state_bytes'] / 2**20:,.1f} MiB ({res['speedup']:.2f}x)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- registration
+def register(sub: Any, bench: Any) -> None:
+    t = sub.add_parser("table", help="Engram table files: inspect, convert, access statistics"
+                       ).add_subparsers(dest="sub", required=True)
+    i = t.add_parser("inspect", help="header, layers and fingerprint of a table file")
+    i.add_argument("file")
+    i.add_argument("--verify", action="store_true", help="re-read all data and check the CRC-32s")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    c = t.add_parser("convert", help="checkpoint -> table file, table file -> table file, or "
+                     "table file -> checkpoint (with --base)")
+    c.add_argument("src", help="a run directory or a table file")
+    c.add_argument("dst", help="a table file, or with --base a new run directory")
+    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="storage dtype of the written table")
+    c.add_argument("--base", metavar="RUN", help="write a checkpoint: RUN's model with SRC's tables")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_convert)
+
+    s = t.add_parser("stats", help="rank-frequency (Zipf) of row accesses and simulated cache hit rates")
+    s.add_argument("--data", required=True, help="dataset directory from `engram data prepare`")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", help="use this run's hashing configuration")
+    src.add_argument("--preset", default="engram-moe", help="or a preset's (default engram-moe)")
+    s.add_argument("--table-rows", type=int, help="with --preset: engram_vocab_size per order (bigger tables)")
+    s.add_argument("--split", choices=["train", "val"], default="train")
+    s.add_argument("--tokens", type=int, default=1_000_000, help="tokens of the stream (default 1M)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--order", choices=["sequential", "random"], default="sequential")
+    s.add_argument("--cache-rows", default="1000,10000,100000", help="comma-separated pool sizes")
+    s.add_argument("--policy", default="lru,lfu", help="comma-separated: lru, lfu")
+    s.add_argument("--out", help="also write the JSON report here")
+    s.add_argument("--plot", help="write the rank-frequency curve as a PNG (needs matplotlib)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_stats)
+
+    o = bench.add_parser("offload", help="tokens/s with the tables in RAM vs in a file behind a cache, "
+                         "with and without prefetch")
+    o.add_argument("--json", action="store_true")
+    o.add_argument("--data", help="prepared dataset (default: build the built-in one, ~15 s)")
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--seq-len", type=int, default=256)
+    o.add_argument("--rounds", type=int, default=12, help="timed rounds (plus one warm-up)")
+    o.add_argument("--batches", type=int, default=8, help="batches per round and mode")
+    o.add_argument("--warm-batches", type=int, default=200,
+                   help="batches of the stream replayed into the pools first (steady state)")
+    o.add_argument("--cache-rows", type=int, default=1 << 20, help="pool rows per layer")
+    o.add_argument("--table-rows", type=int, default=409_600, help="engram_vocab_size per order")
+    o.add_argument("--policy", choices=CACHE_POLICIES, default="lru")
+    o.add_argument("--io-threads", type=int, default=16)
+    o.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    o.add_argument("--warm", action="store_true", help="keep the page cache (default: cold reads)")
+    o.add_argument("--fetch-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the cached tier in a helper process (default) or on a thread")
+    o.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for the model (default 1: the other core serves I/O)")
+    o.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin the model's thread to the first CPU and all row serving to the others "
+                        "(default on with 2+ CPUs)")
+    o.add_argument("--workdir", help="where the temporary table file goes (default: $TMPDIR)")
+    o.set_defaults(fn=cmd_bench_offload)
+
+    to = bench.add_parser("table-optimizer", help="training steps/s and table state: dense Adam vs "
+                          "row-sparse Adam (train.table_optimizer)")
+    to.add_argument("--json", action="store_true")
+    to.add_argument("--data", help="prepared dataset (default: build the built-in one)")
+    to.add_argument("--steps", type=int, default=12, help="steps per round and optimizer")
+    to.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
+    to.add_argument("--table-rows", type=int, help="engram_vocab_size per order (default: the preset's)")
+    to.add_argument("--batch-size", type=int, default=16)
+    to.add_argument("--seq-len", type=int, default=128)
+    to.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    to.set_defaults(fn=cmd_bench_table_optimizer)
+
+    lt = bench.add_parser("large-table", help="a table larger than RAM (default 32 GiB, deleted after): "
+                          "eval and generation tokens/s and hit rates")
+    lt.add_argument("--json", action="store_true")
+    lt.add_argument("--data", help="prepared dataset (default: build the built-in one)")
+    lt.add_argument("--size-gib", type=float, default=32.0)
+    lt.add_argument("--cache-rows", type=int, default=1 << 21, help="pool rows per layer")
+    lt.add_argument("--policy", choices=CACHE_POLICIES, default="lru")
+    lt.add_argument("--io-threads", type=int, default=16)
+    lt.add_argument("--eval-batches", type=int, default=20)
+    lt.add_argument("--gen-tokens", type=int, default=128)
+    lt.add_argument("--workdir", help="where the table goes (default: $TMPDIR)")
+    lt.add_argument("--keep", action="store_true", help="keep the table file afterwards (a later run reuses it)")
+    lt.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    lt.set_defaults(fn=cmd_bench_large)

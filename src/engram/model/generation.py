@@ -1,0 +1,84 @@
+"""Autoregressive sampling with a KV cache and incremental N-gram hashing.
+
+The prompt is processed in one call (batch hashing); each new token then costs one forward of
+one position: attention reads the cache, and Engram hashes the token from a tiny rolling state
+of the last (max_ngram_size - 1) compressed ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from engram.model.lm import EngramLM
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [B,V] -> logits with the tokens outside top-k / the top-p nucleus set to -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(model: EngramLM, prompt_ids: torch.Tensor, sampling: SamplingConfig,
+             eos_id: Optional[int] = None) -> torch.Tensor:
+    """prompt_ids [B,T0] -> [B, T0 + n] (stops early once every row has produced ``eos_id``)."""
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    B, T0 = prompt_ids.shape
+    if T0 == 0:
+        raise ValueError("the prompt is empty; give at least one token")
+    total = T0 + sampling.max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({T0} tokens) + max_new_tokens ({sampling.max_new_tokens}) = {total} exceeds "
+            f"the model's max_seq_len={model.cfg.max_seq_len}; shorten one of them"
+        )
+    model.eval()
+    gen = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
+    cache = model.new_cache(B, total)
+    logits = model(prompt_ids, cache=cache).logits[:, -1]
+    out = [prompt_ids]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    for _ in range(sampling.max_new_tokens):
+        if sampling.temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        out.append(nxt.unsqueeze(1))
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        logits = model(nxt.unsqueeze(1), cache=cache).logits[:, -1]
+    return torch.cat(out, dim=1)

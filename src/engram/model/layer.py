@@ -1,0 +1,164 @@
+"""The Engram layer: hashed N-gram memory fused into the residual stream by a context-aware gate.
+
+Shape legend
+    B  batch            T  sequence positions (new positions when decoding with a cache)
+    M  hc_mult branches (hyper-connections; 1 = plain residual stream)
+    D  backbone hidden size
+    H  hash heads per layer = (max_ngram_size - 1) * n_head_per_ngram
+    Dh head_dim = n_embed_per_ngram / n_head_per_ngram
+    E  engram_hidden_size = H * Dh (the concatenated memory vector e_t)
+
+Forward, per branch m (paper Sec. 2, DeepSeek's reference demo):
+    e      = concat_h table[offset_h + hash_h]                      [B,T,E]
+    k_m    = RMSNorm_m(W_K^m e + b)       q_m = RMSNorm'_m(h_m)       [B,T,D]
+    g_m    = <k_m, q_m> / sqrt(D);  g_m = sign(g_m) sqrt(|g_m|);  alpha_m = sigmoid(g_m)
+    v_m    = alpha_m * (W_V e + b)                                    (W_V shared by branches)
+    out_m  = v_m + SiLU(CausalDepthwiseConv(RMSNorm''_m(v)))          kernel 4, dilation max_n
+The caller adds ``out`` to the residual stream. Parameter names match the reference so its
+weights load directly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engram.config import EngramConfig
+
+
+class MultiHeadEmbedding(nn.Module):
+    """All hash heads of one layer in one flat table; head h owns rows [offset_h, offset_h + N_h)."""
+
+    def __init__(self, head_sizes: list[int], head_dim: int):
+        super().__init__()
+        offsets = [0]
+        for n in head_sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.head_sizes = list(head_sizes)
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long))
+        self.embedding = nn.Embedding(sum(head_sizes), head_dim)
+
+    @property
+    def num_rows(self) -> int:
+        return self.embedding.num_embeddings
+
+    def rows(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        """Global table rows for per-head hash ids: [..., H] -> [..., H]."""
+        return hash_ids + self.offsets
+
+    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # [B,T,H] -> [B,T,H,Dh]
+        return self.embedding(self.rows(hash_ids))
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, then a causal depthwise conv over time across all M*D channels, then SiLU.
+
+    ``state`` (for decoding) holds the last ``(kernel_size - 1) * dilation`` normed inputs.
+    """
+
+    def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int,
+                 norm_eps: float, zero_init: bool):
+        super().__init__()
+        self.hc_mult, self.hidden_size = hc_mult, hidden_size
+        self.kernel_size, self.dilation = kernel_size, dilation
+        channels = hidden_size * hc_mult
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
+                              dilation=dilation, padding=0)
+        self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult))
+        self.zero_init = zero_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.zero_init:
+            nn.init.zeros_(self.conv.weight)
+
+    @property
+    def receptive(self) -> int:
+        return (self.kernel_size - 1) * self.dilation
+
+    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B,T,M,D] -> (y [B,T,M,D], new state [B, receptive, M*D])."""
+        B, T, M, D = x.shape
+        normed = torch.cat([self.norms[m](x[:, :, m]) for m in range(M)], dim=-1)  # [B,T,M*D]
+        if state is None:
+            state = normed.new_zeros(B, self.receptive, M * D)  # causal zero padding
+        seq = torch.cat([state, normed], dim=1)  # [B, receptive + T, M*D]
+        y = F.silu(self.conv(seq.transpose(1, 2))).transpose(1, 2)  # [B,T,M*D]
+        new_state = seq[:, seq.shape[1] - self.receptive:]
+        return y.reshape(B, T, M, D), new_state
+
+
+class EngramLayer(nn.Module):
+    """One Engram module. ``head_sizes`` are the prime table sizes of this layer's hash heads."""
+
+    def __init__(self, cfg: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int,
+                 head_sizes: list[int]):
+        super().__init__()
+        if len(head_sizes) != cfg.num_heads_total:
+            raise ValueError(
+                f"EngramLayer(layer_id={layer_id}) got {len(head_sizes)} head sizes but the config "
+                f"has {cfg.num_heads_total} heads ((max_ngram_size-1) * n_head_per_ngram)"
+            )
+        self.cfg, self.layer_id = cfg, layer_id
+        self.hidden_size, self.hc_mult = hidden_size, hc_mult
+        self.multi_head_embedding = MultiHeadEmbedding(head_sizes, cfg.head_dim)
+        E = cfg.engram_hidden_size
+        self.value_proj = nn.Linear(E, hidden_size)
+        self.key_projs = nn.ModuleList(nn.Linear(E, hidden_size) for _ in range(hc_mult))
+        # eps=None: torch's float32 machine epsilon, as in the reference.
+        self.norm1 = nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(hc_mult))  # keys
+        self.norm2 = nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(hc_mult))  # queries
+        self.short_conv = (
+            ShortConv(hidden_size, hc_mult, cfg.kernel_size, cfg.max_ngram_size,
+                      cfg.conv_norm_eps, cfg.conv_zero_init)
+            if cfg.use_short_conv else None
+        )
+        self.record_gates = False  # set by inspection tools; keeps the last gates in .last_gates
+        self.last_gates: Optional[torch.Tensor] = None
+        # set by analysis tools; keeps the gate's inputs (hidden_states, e) of the last forward
+        self.record_gate_inputs = False
+        self.last_gate_inputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.enabled = True  # ablation switch: False makes the layer output zeros
+
+    def gates(self, hidden_states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """hidden_states [B,T,M,D], e [B,T,E] -> alpha [B,T,M]."""
+        B, T, M, _ = hidden_states.shape
+        if not self.cfg.use_gate:
+            return hidden_states.new_ones(B, T, M)
+        out = []
+        for m in range(M):
+            k = self.norm1[m](self.key_projs[m](e))
+            q = self.norm2[m](hidden_states[:, :, m])
+            g = (k * q).sum(dim=-1) / math.sqrt(self.hidden_size)
+            g = g.abs().clamp_min(1e-6).sqrt() * g.sign()  # signed sqrt keeps gradients tame
+            out.append(g.sigmoid())
+        return torch.stack(out, dim=-1)
+
+    def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
+                conv_state: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """hidden_states [B,T,M,D], hash_ids [B,T,H] -> (out [B,T,M,D], new conv state or None)."""
+        if hidden_states.dim() != 4 or hidden_states.shape[2] != self.hc_mult:
+            raise ValueError(
+                f"EngramLayer expects hidden_states [B,T,{self.hc_mult},{self.hidden_size}], "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        e = self.multi_head_embedding(hash_ids).flatten(start_dim=-2)  # [B,T,E]
+        alpha = self.gates(hidden_states, e)  # [B,T,M]
+        if self.record_gates:
+            self.last_gates = alpha.detach()
+        if self.record_gate_inputs:
+            self.last_gate_inputs = (hidden_states.detach(), e.detach())
+        value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(2)  # [B,T,M,D]
+        new_state = None
+        if self.short_conv is not None:
+            y, new_state = self.short_conv(value, conv_state)
+            value = value + y
+        if not self.enabled:
+            value = torch.zeros_like(value)
+        return value, new_state

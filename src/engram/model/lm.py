@@ -1,0 +1,233 @@
+"""Decoder-only language model with Engram conditional memory at chosen layers.
+
+Shape legend
+    B batch   T positions   M hc_mult residual branches   D hidden   V vocab   H hash heads
+
+Residual stream: [B,T,M,D]. With M = 1 it is the ordinary residual stream. With M > 1 it is a
+static hyper-connection stream: each sublayer reads a learned mix of the branches
+(``alpha`` [M]), and its output is written back to every branch with learned weights
+(``beta`` [M]) while branches mix through ``A`` [M,M] (identity at init). Engram reads all
+branches (one gate per branch) and adds its [B,T,M,D] output directly, as in the paper.
+
+Block order (as in DeepSeek's reference): Engram (if this layer has one) -> attention -> FFN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engram.config import ModelConfig
+from engram.hashing.hasher import NgramHasher
+from engram.model.attention import CausalSelfAttention, KVCache, rope_tables
+from engram.model.input_ngram import InputNgramEmbedding
+from engram.model.layer import EngramLayer
+from engram.model.moe import DeepSeekMoE, SwiGLU
+
+
+class HyperConnection(nn.Module):
+    """Static hyper-connection around one sublayer (only used when M > 1)."""
+
+    def __init__(self, hc_mult: int, layer_index: int):
+        super().__init__()
+        alpha = torch.zeros(hc_mult)
+        alpha[layer_index % hc_mult] = 1.0  # each sublayer starts by reading one branch
+        self.alpha = nn.Parameter(alpha)
+        self.beta = nn.Parameter(torch.ones(hc_mult))
+        self.A = nn.Parameter(torch.eye(hc_mult))
+
+    def read(self, h: torch.Tensor) -> torch.Tensor:  # [B,T,M,D] -> [B,T,D]
+        return torch.einsum("btmd,m->btd", h, self.alpha)
+
+    def write(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # -> [B,T,M,D]
+        return torch.einsum("btmd,mn->btnd", h, self.A) + self.beta[:, None] * y.unsqueeze(2)
+
+
+@dataclass
+class InferenceCache:
+    """Everything incremental decoding carries between calls."""
+
+    pos: int
+    kv: list[KVCache]
+    conv: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # engram layer -> conv state
+    hash_state: Optional[torch.Tensor] = None  # [B, max_n - 1] compressed token history
+    ngram_hist: Optional[torch.Tensor] = None  # input N-gram baseline: last ids [B, n - 1]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, hasher: Optional[NgramHasher]):
+        super().__init__()
+        self.layer_id = layer_id
+        D, M = cfg.hidden_size, cfg.hc_mult
+        self.engram = None
+        if cfg.engram is not None and layer_id in cfg.engram.layer_ids:
+            assert hasher is not None
+            self.engram = EngramLayer(cfg.engram, layer_id, D, M, hasher.head_sizes(layer_id))
+        self.attn_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(D, cfg.num_heads)
+        self.ffn_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+        if cfg.ffn == "moe" and layer_id >= cfg.first_k_dense:
+            self.ffn = DeepSeekMoE(D, cfg.moe_intermediate_size, cfg.n_routed_experts,
+                                   cfg.num_experts_per_tok, cfg.n_shared_experts,
+                                   cfg.bias_update_speed, cfg.routed_scaling_factor)
+        else:
+            self.ffn = SwiGLU(D, cfg.intermediate_size)
+        self.hc_attn = HyperConnection(M, 2 * layer_id) if M > 1 else None
+        self.hc_ffn = HyperConnection(M, 2 * layer_id + 1) if M > 1 else None
+
+    def _sublayer(self, h, hc, fn):
+        if hc is None:  # plain residual: h is [B,T,1,D]
+            return h + fn(h[:, :, 0]).unsqueeze(2)
+        return hc.write(h, fn(hc.read(h)))
+
+    def forward(self, h: torch.Tensor, cos, sin, hash_ids: Optional[torch.Tensor],
+                cache: Optional[InferenceCache]) -> torch.Tensor:
+        if self.engram is not None:
+            conv_state = cache.conv.get(self.layer_id) if cache is not None else None
+            out, new_state = self.engram(h, hash_ids, conv_state)
+            if cache is not None:
+                cache.conv[self.layer_id] = new_state
+            h = h + out
+        kv = cache.kv[self.layer_id] if cache is not None else None
+        pos = cache.pos if cache is not None else 0
+        h = self._sublayer(h, self.hc_attn, lambda x: self.attn(self.attn_norm(x), cos, sin, kv, pos))
+        h = self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
+        return h
+
+
+class EngramLM(nn.Module):
+    """The whole model. ``compression`` is the tokenizer's old->new id map (saved with the model)."""
+
+    def __init__(self, cfg: ModelConfig, compression: Optional[np.ndarray] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.hasher: Optional[NgramHasher] = None
+        if cfg.engram is not None:
+            self.hasher = NgramHasher(cfg.engram, cfg.vocab_size,
+                                      compression if cfg.engram.use_compression else None)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.input_ngram = None  # bigram-hash / OverEncoding baselines (engram.model.input_ngram)
+        if cfg.input_ngram is not None:
+            self.input_ngram = InputNgramEmbedding(cfg.input_ngram, cfg.hidden_size, cfg.vocab_size)
+        self.layers = nn.ModuleList(Block(cfg, i, self.hasher) for i in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    # ------------------------------------------------------------------ parameters
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("multi_head_embedding.embedding.weight"):
+                nn.init.normal_(p, std=self.cfg.engram.table_init_std)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=std / (2 * self.cfg.num_layers) ** 0.5)  # residual outputs
+            elif p.dim() == 2 and "hc_" not in name and not name.endswith(".A"):
+                nn.init.normal_(p, std=std)
+            elif name.endswith((".bias",)) and "engram" in name:
+                nn.init.zeros_(p)
+        for e in self.engram_layers:  # the generic 2-D init above must not undo the zero conv
+            if e.short_conv is not None:
+                e.short_conv.reset_parameters()
+        if self.input_ngram is not None:
+            self.input_ngram.reset_parameters()
+
+    @property
+    def engram_layers(self) -> list[EngramLayer]:
+        return [b.engram for b in self.layers if b.engram is not None]
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        """The Engram embedding tables (sparse, large; trained with their own Adam settings)."""
+        tables = [e.multi_head_embedding.embedding.weight for e in self.engram_layers]
+        if self.input_ngram is not None:
+            tables.append(self.input_ngram.embedding.weight)
+        return tables
+
+    def param_counts(self) -> dict[str, int]:
+        tables = sum(p.numel() for p in self.table_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "tables": tables, "backbone": total - tables}
+
+    @torch.no_grad()
+    def update_moe_bias(self) -> None:
+        """Auxiliary-loss-free balancing: call once after every optimizer step."""
+        for b in self.layers:
+            if isinstance(b.ffn, DeepSeekMoE):
+                b.ffn.update_bias()
+
+    # ------------------------------------------------------------------ forward
+    def compute_hash_ids(self, input_ids: torch.Tensor) -> Optional[dict[int, torch.Tensor]]:
+        """Row ids depend only on tokens, so they can be computed (and prefetched) ahead of time."""
+        return self.hasher.hash(input_ids) if self.hasher is not None else None
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> InferenceCache:
+        max_len = max_len or self.cfg.max_seq_len
+        dev = self.embed.weight.device
+        kv = [KVCache(batch_size, self.cfg.num_heads, max_len, self.cfg.head_dim, device=dev)
+              for _ in range(self.cfg.num_layers)]
+        return InferenceCache(pos=0, kv=kv)
+
+    def _hash_for_cache(self, input_ids: torch.Tensor, cache: InferenceCache) -> dict[int, torch.Tensor]:
+        """Hash new tokens given the history in the cache, advancing it."""
+        assert self.hasher is not None
+        if cache.pos == 0 or cache.hash_state is None:
+            hash_ids = self.hasher.hash(input_ids)
+            cache.hash_state = self.hasher.state_from_ids(input_ids)
+            return hash_ids
+        steps = []
+        for t in range(input_ids.shape[1]):  # incremental: O(1) per token from a tiny state
+            ids_t, cache.hash_state = self.hasher.hash_step(cache.hash_state, input_ids[:, t])
+            steps.append(ids_t)
+        return {lid: torch.stack([s[lid] for s in steps], dim=1) for lid in steps[0]}
+
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                hash_ids: Optional[dict[int, torch.Tensor]] = None,
+                cache: Optional[InferenceCache] = None) -> ModelOutput:
+        """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy if targets are given)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        V = self.cfg.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+            bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
+            raise ValueError(f"token id {bad} is outside the model vocabulary [0, {V}); "
+                             f"was the data tokenized with another tokenizer?")
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+        if self.hasher is not None and hash_ids is None:
+            hash_ids = (self._hash_for_cache(input_ids, cache) if cache is not None
+                        else self.hasher.hash(input_ids))
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.embed(input_ids)
+        if self.input_ngram is not None:
+            x, hist = self.input_ngram(input_ids, x, cache.ngram_hist if cache is not None and cache.pos else None)
+            if cache is not None:
+                cache.ngram_hist = hist
+        h = x.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)  # [B,T,M,D]
+        for block in self.layers:
+            ids = hash_ids[block.layer_id] if block.engram is not None else None
+            h = block(h, cos, sin, ids, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(h.sum(dim=2)))  # branches are summed back into one stream
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+        return ModelOutput(logits=logits, loss=loss)

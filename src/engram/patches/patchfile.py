@@ -1,0 +1,379 @@
+"""Engram table patches: the rows a knowledge update changed, in a small self-checking file.
+
+A patch (``.engp``) is a safetensors file (never pickle) holding, for every Engram layer it
+touches, the row ids, the new values and the *old* values of those rows, so that applying it
+and reverting it need no other file and revert is bit-exact. Tensors::
+
+    layer{L}.rows    int64 [n]        row ids into layer L's table (sorted, unique)
+    layer{L}.new     [n, Dh]          new values: the table dtype, or bf16 / int8 (quantised)
+    layer{L}.scale   fp32 [n]         only with int8: per-row scale, new = int8 * scale
+    layer{L}.old     [n, Dh]          old values, always in the table's storage dtype (exact)
+
+The safetensors metadata holds one key, ``engram_patch``: JSON with ``format``
+("engram-table-patch"), ``version``, ``patch_id`` (first 16 hex digits of ``checksum``),
+``parent`` (the patch id this one was made on top of, or null: the version chain), ``name``,
+``dtype`` (the table storage dtype it was made for), ``quantization`` ("none" | "bf16" |
+"int8"), ``hash_fingerprint`` and ``hasher`` (the hash configuration of the table),
+``base_fingerprint`` (the table *content* it applies to) and ``result_fingerprint`` (the
+content after applying it), ``layers`` (``{L: {rows, dim, changed}}``), ``created_at``,
+``provenance`` (free JSON: steps, data, losses) and ``checksum``: sha256 over every tensor
+(name, dtype, shape, bytes, in name order) and the metadata without ``checksum``. Writes are
+atomic (temp file, fsync, ``os.replace``, directory fsync); loading validates everything and
+raises a :class:`PatchFileError` (a ``ValueError``) that names the file, the value and the fix.
+
+Content fingerprint
+    ``sha256(json{hash fingerprint, dtype, per layer (rows, dim, CRC-32 of its bytes in the
+    storage dtype)})``. A table file's header already carries each layer's CRC-32 (written
+    sequentially by :class:`~engram.tables.tablefile.TableWriter`), so checking a patch's base costs
+    no data read; an in-memory model's tables are CRC'd in the patch's dtype. Because the
+    dtype is part of it, a patch made from fp32 tables is refused by a bf16 copy of the table
+    (its content differs), instead of being applied to rows it was not made for.
+
+Shape legend
+    n rows changed in one layer    Dh row width (head_dim)    R rows of one layer
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from engram import __version__
+from engram.errors import EngramError
+from engram.fsutil import atomic_write
+from engram.tables.tablefile import DTYPE_NAMES, DTYPES, as_bytes
+
+PathLike = Union[str, Path]
+
+FORMAT_NAME = "engram-table-patch"
+FORMAT_VERSION = 1
+SUFFIX = ".engp"
+QUANTIZATIONS = ("none", "bf16", "int8")
+_META_KEY = "engram_patch"
+_META_KEYS = {"format", "version", "patch_id", "parent", "name", "dtype", "quantization",
+              "hash_fingerprint", "hasher", "base_fingerprint", "result_fingerprint", "layers",
+              "created_at", "created_by", "provenance", "checksum"}
+
+
+class PatchError(EngramError):
+    """A patch cannot be made, read, applied or reverted; the message names the value and the fix."""
+
+
+class PatchFileError(PatchError):
+    """A patch file is missing, not a patch, corrupt or truncated."""
+
+
+class PatchMismatchError(PatchError):
+    """A patch was made for another table (content, hash configuration, shape or dtype)."""
+
+
+class PatchChainError(PatchError):
+    """The version chain forbids this apply or revert (already applied, blocked by a later patch)."""
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def content_fingerprint(hash_fingerprint: str, dtype: str,
+                        layers: Mapping[int, tuple[int, int, int]]) -> str:
+    """sha256 hex of (hash config, dtype, per layer (rows, dim, crc32)): what a table holds."""
+    rec = {"hash": hash_fingerprint, "dtype": dtype,
+           "layers": {str(lid): list(map(int, v)) for lid, v in sorted(layers.items())}}
+    return hashlib.sha256(json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def tensor_crc(t: torch.Tensor, dtype: str) -> int:
+    """CRC-32 of ``t``'s bytes in storage dtype ``dtype`` (as a table file would hold them)."""
+    return zlib.crc32(as_bytes(t, DTYPES[dtype]))
+
+
+def tables_fingerprint(tables: Mapping[int, torch.Tensor], dtype: str, hash_fingerprint: str) -> str:
+    """Content fingerprint of in-memory tables ``{layer_id: [R, Dh]}`` stored as ``dtype``."""
+    return content_fingerprint(hash_fingerprint, dtype, {
+        lid: (int(t.shape[0]), int(t.shape[1]), tensor_crc(t, dtype)) for lid, t in tables.items()})
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (``torch.equal`` would call NaN != NaN and -0.0 == 0.0)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bytes(as_bytes(a)) == bytes(as_bytes(b))
+
+
+def rows_changed(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Ids of the rows whose bits differ: old, new [R, Dh] of one dtype -> int64 [n]."""
+    w = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[old.element_size()]
+    diff = (old.contiguous().view(w) != new.contiguous().view(w)).any(dim=1)
+    return torch.nonzero(diff).flatten().to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- compact row sets
+def encode_rows(rows: Union[torch.Tensor, np.ndarray]) -> str:
+    """Sorted row ids -> short text (base64 of zlib'd uint32 deltas), for a table header's meta."""
+    r = np.unique(np.asarray(rows, dtype=np.int64))
+    deltas = np.diff(r, prepend=0).astype("<u4")
+    return base64.b64encode(zlib.compress(deltas.tobytes(), 9)).decode("ascii")
+
+
+def decode_rows(text: str) -> np.ndarray:
+    """Inverse of :func:`encode_rows`."""
+    try:
+        deltas = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<u4")
+    except (ValueError, zlib.error) as e:
+        raise PatchError(f"a recorded row set is damaged ({e}); the table header's meta was edited") from e
+    return np.cumsum(deltas.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- the patch
+@dataclass
+class LayerPatch:
+    """One layer's changed rows: ids [n], new values [n, Dh] (maybe quantised), old [n, Dh]."""
+
+    rows: torch.Tensor
+    new: torch.Tensor
+    old: torch.Tensor
+    scale: Optional[torch.Tensor] = None  # int8 only: [n] fp32
+
+    def __post_init__(self) -> None:
+        n = int(self.rows.numel())
+        if self.rows.dtype != torch.int64 or self.rows.dim() != 1:
+            raise PatchError(f"rows must be int64 [n], got {self.rows.dtype} {tuple(self.rows.shape)}")
+        if self.new.shape[0] != n or self.old.shape[0] != n or self.new.shape != self.old.shape:
+            raise PatchError(f"new {tuple(self.new.shape)} and old {tuple(self.old.shape)} values "
+                             f"must both be [{n}, Dh] for {n} row ids")
+        if (self.new.dtype == torch.int8) != (self.scale is not None):
+            raise PatchError("int8 values need a per-row scale, and only int8 values have one")
+        if n > 1 and not bool((self.rows[1:] > self.rows[:-1]).all()):
+            raise PatchError("row ids must be sorted and unique")
+
+    @property
+    def dim(self) -> int:
+        return int(self.old.shape[1])
+
+    def new_values(self, dtype: torch.dtype) -> torch.Tensor:
+        """The new rows dequantised and cast to ``dtype`` (what an apply writes)."""
+        if self.scale is not None:
+            return (self.new.float() * self.scale[:, None]).to(dtype)
+        return self.new.to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.new, self.old)
+                   ) + (0 if self.scale is None else self.scale.numel() * 4)
+
+
+@dataclass
+class TablePatch:
+    """A loaded or freshly made patch: per-layer rows and its metadata (see the module docstring)."""
+
+    layers: dict[int, LayerPatch]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Optional[Path] = None
+
+    @property
+    def patch_id(self) -> str:
+        return str(self.meta["patch_id"])
+
+    @property
+    def parent(self) -> Optional[str]:
+        return self.meta.get("parent")
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or "")
+
+    @property
+    def dtype(self) -> str:
+        return str(self.meta["dtype"])
+
+    @property
+    def changed_rows(self) -> int:
+        return sum(int(lp.rows.numel()) for lp in self.layers.values())
+
+    def label(self) -> str:
+        return f"{self.patch_id}" + (f" ({self.name})" if self.name else "")
+
+    def summary(self) -> dict[str, Any]:
+        m = self.meta
+        return {"patch_id": self.patch_id, "name": self.name, "parent": self.parent, "dtype": self.dtype,
+                "quantization": m["quantization"], "changed_rows": self.changed_rows,
+                "layers": m["layers"], "base_fingerprint": m["base_fingerprint"],
+                "result_fingerprint": m["result_fingerprint"], "hash_fingerprint": m["hash_fingerprint"],
+                "created_at": m["created_at"], "provenance": m.get("provenance") or {},
+                "payload_bytes": sum(lp.nbytes() for lp in self.layers.values()),
+                **({"file": str(self.path), "file_bytes": self.path.stat().st_size}
+                   if self.path is not None and self.path.is_file() else {})}
+
+
+def _tensors(layers: Mapping[int, LayerPatch]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for lid, lp in sorted(layers.items()):
+        out[f"layer{lid}.rows"] = lp.rows.contiguous()
+        out[f"layer{lid}.new"] = lp.new.contiguous()
+        out[f"layer{lid}.old"] = lp.old.contiguous()
+        if lp.scale is not None:
+            out[f"layer{lid}.scale"] = lp.scale.contiguous()
+    return out
+
+
+def _checksum(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}\x1f{t.dtype}\x1f{tuple(t.shape)}\x1f".encode())
+        h.update(as_bytes(t))
+    body = {k: v for k, v in meta.items() if k not in ("checksum", "patch_id")}
+    h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def _quantize(values: torch.Tensor, how: str, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if how == "none":
+        return values.to(dtype), None
+    if how == "bf16":
+        return values.to(torch.bfloat16), None
+    # int8, symmetric per row: new ~= q * scale with |q| <= 127 (a zero row keeps scale 1)
+    v = values.float()
+    amax = v.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(v / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.to(torch.float32)
+
+
+def make_patch(base: Mapping[int, torch.Tensor], new: Mapping[int, torch.Tensor], *,
+               hash_fingerprint: str, hasher: Optional[Mapping[str, Any]] = None, dtype: str = "fp32",
+               quantization: str = "none", parent: Optional[str] = None, name: str = "",
+               provenance: Optional[Mapping[str, Any]] = None) -> TablePatch:
+    """The patch turning tables ``base`` into ``new`` ({layer_id: [R, Dh]}), for a ``dtype`` table.
+
+    Only rows whose bits differ in ``dtype`` are kept. ``quantization`` compresses the new
+    values ("bf16", or "int8" with a per-row scale); the old values are kept exactly, so a
+    revert is bit-exact either way. ``result_fingerprint`` is computed from what an apply will
+    really write (the dequantised values in ``dtype``), so an apply can check its own result.
+    """
+    if dtype not in DTYPES:
+        raise PatchError(f"dtype={dtype!r} is not a table storage dtype; choose one of {sorted(DTYPES)}")
+    if quantization not in QUANTIZATIONS:
+        raise PatchError(f"quantization={quantization!r}; choose one of {list(QUANTIZATIONS)}")
+    if set(base) != set(new):
+        raise PatchError(f"base layers {sorted(base)} and new layers {sorted(new)} differ")
+    tdt = DTYPES[dtype]
+    layers: dict[int, LayerPatch] = {}
+    result: dict[int, torch.Tensor] = {}
+    for lid in sorted(base):
+        b = base[lid].detach().cpu().to(tdt)
+        n = new[lid].detach().cpu().to(tdt)
+        if b.shape != n.shape or b.dim() != 2:
+            raise PatchError(f"layer {lid}: base {tuple(b.shape)} and new {tuple(n.shape)} must be one [R, Dh]")
+        rows = rows_changed(b, n)
+        q, scale = _quantize(n[rows], quantization, tdt)
+        lp = LayerPatch(rows, q, b[rows].clone(), scale)
+        after = b.clone()
+        after[rows] = lp.new_values(tdt)
+        result[lid] = after
+        layers[lid] = lp
+    meta: dict[str, Any] = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "parent": parent, "name": str(name),
+        "dtype": dtype, "quantization": quantization, "hash_fingerprint": hash_fingerprint,
+        "hasher": dict(hasher) if hasher is not None else None,
+        "base_fingerprint": tables_fingerprint(base, dtype, hash_fingerprint),
+        "result_fingerprint": tables_fingerprint(result, dtype, hash_fingerprint),
+        "layers": {str(lid): {"rows": int(base[lid].shape[0]), "dim": int(base[lid].shape[1]),
+                              "changed": int(lp.rows.numel())} for lid, lp in layers.items()},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_by": f"engram-lm {__version__}", "provenance": dict(provenance or {}),
+    }
+    meta["checksum"] = _checksum(_tensors(layers), meta)
+    meta["patch_id"] = meta["checksum"][:16]
+    return TablePatch(layers, meta)
+
+
+# ----------------------------------------------------------------------------- file I/O
+def save_patch(patch: TablePatch, path: PathLike) -> Path:
+    """Write ``patch`` atomically (:func:`engram.fsutil.atomic_write`)."""
+    p = Path(path)
+    try:
+        text = json.dumps(patch.meta, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise PatchError(f"cannot write {p}: the patch metadata is not plain JSON ({e}); "
+                         f"pass JSON-able provenance") from e
+    blob = st_save(_tensors(patch.layers), metadata={_META_KEY: text})
+    try:
+        atomic_write(p, lambda f: f.write(blob))
+    except OSError as e:
+        raise PatchFileError(f"cannot write {p}: {e}; the previous {p.name} (if any) is untouched") from e
+    patch.path = p
+    return p
+
+
+def load_patch(path: PathLike) -> TablePatch:
+    """Read and validate a patch file: structure, metadata, shapes and the sha256 checksum."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"patch file {p} not found; make one with `engram patch train`")
+    data = p.read_bytes()
+
+    def bad(msg: str) -> PatchFileError:
+        return PatchFileError(f"{p}: {msg}")
+
+    if len(data) < 8:
+        raise bad(f"only {len(data)} bytes: not an Engram patch (truncated?); re-copy or re-make it")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > len(data) - 8:
+        raise bad(f"header of {hlen:,} bytes in a {len(data):,}-byte file: the file is truncated "
+                  f"(an interrupted copy?); re-copy it or re-make the patch")
+    try:
+        header = json.loads(data[8:8 + hlen].decode("utf-8"))
+        meta = json.loads(header["__metadata__"][_META_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise bad(f"not an Engram patch (no valid {_META_KEY!r} metadata: {e!r}); pass a file "
+                  f"written by `engram patch train`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise bad(f"format is {meta.get('format') if isinstance(meta, dict) else meta!r}, not "
+                  f"{FORMAT_NAME!r}; pass a file written by `engram patch train`")
+    if not isinstance(meta.get("version"), int) or not 1 <= meta["version"] <= FORMAT_VERSION:
+        raise bad(f"patch format version {meta.get('version')!r}; this engram-lm reads versions "
+                  f"1..{FORMAT_VERSION}, upgrade engram-lm")
+    missing = sorted(_META_KEYS - set(meta))
+    if missing:
+        raise bad(f"metadata lacks {missing}; the file is damaged, re-make the patch")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise bad(f"not a complete safetensors file ({e}); it is truncated or damaged, re-copy it "
+                  f"or re-make the patch") from e
+    got = _checksum(tensors, meta)
+    if got != meta["checksum"] or meta["patch_id"] != meta["checksum"][:16]:
+        raise bad(f"checksum mismatch (stored {str(meta['checksum'])[:16]}..., computed {got[:16]}...): "
+                  f"the file is corrupted; re-copy it or re-make the patch")
+    if meta["dtype"] not in DTYPES or meta["quantization"] not in QUANTIZATIONS:
+        raise bad(f"dtype {meta['dtype']!r} / quantization {meta['quantization']!r} unknown")
+    layers: dict[int, LayerPatch] = {}
+    for key, info in meta["layers"].items():
+        lid = int(key)
+        try:
+            lp = LayerPatch(tensors[f"layer{lid}.rows"], tensors[f"layer{lid}.new"],
+                            tensors[f"layer{lid}.old"], tensors.get(f"layer{lid}.scale"))
+        except KeyError as e:
+            raise bad(f"layer {lid} lacks tensor {e}; re-make the patch") from None
+        except PatchError as e:
+            raise bad(f"layer {lid}: {e}") from None
+        if lp.old.dtype != DTYPES[meta["dtype"]] or lp.dim != int(info["dim"]) or \
+                lp.rows.numel() != int(info["changed"]) or \
+                (lp.rows.numel() and (int(lp.rows[0]) < 0 or int(lp.rows[-1]) >= int(info["rows"]))):
+            raise bad(f"layer {lid}: tensors disagree with the metadata (dtype {DTYPE_NAMES.get(lp.old.dtype)}, "
+                      f"dim {lp.dim}, {lp.rows.numel()} rows); re-make the patch")
+        layers[lid] = lp
+    extra = sorted(set(tensors) - set(_tensors(layers)))
+    if extra:
+        raise bad(f"unexpected tensors {extra[:5]}; re-make the patch")
+    return TablePatch(layers, meta, p)

@@ -1,0 +1,11 @@
+"""Engram tables outside the model: the ``.engt`` file, storage tiers, prefetch, conversion.
+
+``tablefile`` (the page-aligned, fingerprinted file format), ``tiers`` (``StorageKind``: MEMORY /
+MMAP / CACHED behind one ``lookup``), ``process`` (file-backed tiers in a helper process),
+``runtime`` (attach tiers to a model and fetch rows ahead of the layer), ``convert`` (checkpoint
+<-> file), ``access`` (row-access counts, the Zipf statistic, simulated cache hit rates) and
+``rowindex`` (an open-addressing map from row id to slot, shared with the sparse optimizer).
+
+May import: ``engram.model``, ``engram.hashing``, ``engram.data`` and the base modules. Training
+sits above this package so that it can train and evaluate models whose tables live in a tier.
+"""

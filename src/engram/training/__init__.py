@@ -1,0 +1,9 @@
+"""Training and evaluation: the one training loop, its optimizers and schedule, evaluation.
+
+``trainer`` (``train``: resumable, deterministic batches, metrics.jsonl, checkpoints),
+``evaluation`` (loss / perplexity on a split, dataset-model checks) and ``sparse_adam``
+(row-wise lazy Adam for the tables).
+
+May import: ``engram.tables``, ``engram.model``, ``engram.hashing``, ``engram.data`` and the base
+modules.
+"""
