@@ -11,8 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
+PathLike = Union[str, Path]
+"""What every function that takes a file or directory accepts."""
 
-def fsync_dir(path: Union[str, Path]) -> None:
+
+def fsync_dir(path: PathLike) -> None:
     """Make the renames inside ``path`` durable. Best effort: some platforms (Windows) and file
     systems cannot open or fsync a directory, and there the rename is as durable as it gets."""
     try:
@@ -27,7 +30,7 @@ def fsync_dir(path: Union[str, Path]) -> None:
         os.close(fd)
 
 
-def file_sha256(path: Union[str, Path]) -> str:
+def file_sha256(path: PathLike) -> str:
     """sha256 hex digest of a file's bytes, read in 1 MiB blocks (no whole-file copy in memory)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -36,7 +39,7 @@ def file_sha256(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Create/replace ``path`` atomically: write a temp file in the same directory, fsync it,
     then rename over ``path``. Readers see the old file or the complete new one, never a
     partial write; on any error the temp file is removed and ``path`` is left untouched."""

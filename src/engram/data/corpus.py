@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from engram.fsutil import PathLike
 from engram.errors import EngramError
 
 SOURCES = ("shakespeare", "bible", "countries", "cities")
@@ -484,7 +485,7 @@ def corpus_stats(documents: Iterable[Document]) -> dict[str, dict[str, int]]:
     return stats
 
 
-def read_user_files(paths: Iterable[Union[str, Path]], text_field: str = "text") -> list[Document]:
+def read_user_files(paths: Iterable[PathLike], text_field: str = "text") -> list[Document]:
     """Documents from user files: .txt (one per file) and .jsonl (one per line, field ``text``).
 
     A directory contributes its .txt/.jsonl files, recursively, in sorted order. A .jsonl line

@@ -50,6 +50,7 @@ from engram.data.tokenizer import (
     train_bpe,
 )
 from engram.errors import EngramError
+from engram.fsutil import PathLike
 
 MAGIC = b"ENGRAMTK"
 FORMAT_VERSION = 1
@@ -61,8 +62,6 @@ _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 
 TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE = "train.bin", "val.bin", "tokenizer.json", "meta.json"
-PathLike = Union[str, Path]
-
 
 class DataError(EngramError):
     """A data file is missing, corrupt or does not match the tokenizer/model."""

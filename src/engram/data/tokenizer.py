@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from engram.fsutil import PathLike
 from engram.fsutil import atomic_write
 from engram.errors import EngramError
 
@@ -174,13 +175,13 @@ def tokenizer_info(tok: Tokenizer) -> TokenizerInfo:
     )
 
 
-def save_tokenizer(tok: Tokenizer, path: Union[str, Path]) -> None:
+def save_tokenizer(tok: Tokenizer, path: PathLike) -> None:
     """Write ``tok`` as tokenizer.json atomically."""
     data = tok.to_str(pretty=False).encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
 
 
-def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
+def load_tokenizer(path: PathLike) -> Tokenizer:
     """Read a tokenizer.json, with errors that say which file and what to do."""
     path = Path(path)
     if path.is_dir():

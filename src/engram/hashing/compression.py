@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, normalizers
 from tokenizers.normalizers import NFD, NFKC, Lowercase, Replace, Strip, StripAccents
 
-from engram.fsutil import atomic_write
+from engram.fsutil import PathLike, atomic_write
 
 REPLACEMENT_CHAR = "\ufffd"
 _SENTINEL = "\ue000"  # private-use char: survives Strip, so a lone space stays " "
@@ -133,13 +133,13 @@ class CompressionMap:
                 "was the compression built for a different tokenizer?"
             )
 
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: PathLike) -> None:
         """Write the lookup as a .npy file, atomically (no half-written file on failure)."""
         lookup = np.ascontiguousarray(self.lookup, dtype=np.int64)
         atomic_write(path, lambda f: np.save(f, lookup, allow_pickle=False))
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "CompressionMap":
+    def load(cls, path: PathLike) -> "CompressionMap":
         """Read a lookup written by :meth:`save`, checking it is a valid dense map."""
         path = Path(path)
         if not path.is_file():

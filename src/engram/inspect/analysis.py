@@ -61,7 +61,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,10 +71,10 @@ from tokenizers import Tokenizer
 from engram.data.corpus import Document, Fact, builtin_documents, fact_records
 from engram.data.tokenizer import special_ids
 from engram.errors import EngramError
+from engram.fsutil import PathLike
 from engram.model.lm import EngramLM
 from engram.tables.access import row_access_counts
 
-PathLike = Union[str, Path]
 NARRATIVE_SOURCES = ("shakespeare", "bible")
 FACT_SOURCES = ("countries", "cities")
 

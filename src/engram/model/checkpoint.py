@@ -42,10 +42,9 @@ from safetensors.torch import load_file, save_file
 from engram import __version__
 from engram.config import ConfigError, ModelConfig, TrainConfig
 from engram.errors import EngramError
-from engram.fsutil import file_sha256, fsync_dir
+from engram.fsutil import PathLike, file_sha256, fsync_dir
 from engram.model.lm import EngramLM
 
-PathLike = Union[str, Path]
 Optimizers = Union[torch.optim.Optimizer, Mapping[str, torch.optim.Optimizer], None]
 
 FORMAT_NAME = "engram-lm-checkpoint"

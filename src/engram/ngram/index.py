@@ -42,7 +42,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ import torch
 from engram import __version__
 from engram.data.shards import load_dataset
 from engram.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
-from engram.fsutil import atomic_write
+from engram.fsutil import PathLike, atomic_write
 from engram.ngram import kn as kn_mod
 from engram.ngram.segment import (
     BIG_RANGE,
@@ -71,8 +71,6 @@ DEFAULT_KN_ORDER = 5
 DEFAULT_STATS_ORDER = 6
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ROWS_PER_CHUNK = 1024  # dense [rows, V] work is done in chunks of this many positions
-PathLike = Union[str, Path]
-
 
 class UnseenContextError(NgramIndexError):
     """An MLE query on a context that never occurs (with a continuation) in the index."""

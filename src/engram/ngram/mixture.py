@@ -42,11 +42,11 @@ from tqdm.auto import tqdm
 
 from engram.data.tokenizer import atomic_write
 from engram.errors import EngramError
+from engram.fsutil import PathLike
 from engram.model.generation import filter_logits
 from engram.model.lm import EngramLM
 from engram.ngram.index import DEFAULT_KN_ORDER, NgramBatch, NgramIndex
 
-PathLike = Union[str, Path]
 GATE_FORMAT = "engram-ngram-gate"
 GATE_VERSION = 1
 GATE_WEIGHTS, GATE_CONFIG = "gate.safetensors", "gate.json"

@@ -35,13 +35,14 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from engram.data.tokenizer import atomic_write
 from engram.errors import EngramError
+from engram.fsutil import PathLike
 from engram.ngram import suffix_array as sa_mod
 
 MAGIC = b"ENGRAMNG"
@@ -54,8 +55,6 @@ _TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _SA_DTYPES = {4: np.dtype("<u4"), 8: np.dtype("<i8")}
 BIG_RANGE = 4096  # ranges above this are counted one by one and cached; below, in one batch
 _CACHE_ENTRIES = 65536
-PathLike = Union[str, Path]
-
 
 class NgramIndexError(EngramError):
     """An N-gram index is missing, corrupt, or does not match what it is used with."""

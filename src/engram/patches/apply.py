@@ -43,13 +43,13 @@ import os
 import sys
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engram.fsutil import PathLike
 from engram.patches.patchfile import (
     PatchChainError,
     PatchError,
@@ -73,7 +73,6 @@ from engram.tables.tablefile import (
     read_header,
 )
 
-PathLike = Union[str, Path]
 CHAIN_KEY = "patches"
 MODEL_ATTR = "engram_patches"
 PAUSE_ENV = "ENGRAM_PATCH_PAUSE_S"

@@ -53,10 +53,8 @@ from safetensors.torch import save as st_save
 
 from engram import __version__
 from engram.errors import EngramError
-from engram.fsutil import atomic_write
+from engram.fsutil import PathLike, atomic_write
 from engram.tables.tablefile import DTYPE_NAMES, DTYPES, as_bytes
-
-PathLike = Union[str, Path]
 
 FORMAT_NAME = "engram-table-patch"
 FORMAT_VERSION = 1

@@ -42,7 +42,7 @@ import hashlib
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,14 +52,13 @@ from engram.config import TrainConfig
 from engram.data.corpus import read_user_files
 from engram.data.shards import DataError, load_dataset
 from engram.data.tokenizer import load_tokenizer, tokenizer_info
+from engram.fsutil import PathLike
 from engram.model import checkpoint as ckpt_mod
 from engram.patches.apply import table_chain, table_fingerprint
 from engram.patches.patchfile import QUANTIZATIONS, PatchError, TablePatch, make_patch, save_patch, tables_fingerprint
 from engram.tables.access import row_access_counts, table_rows
 from engram.tables.runtime import load_tables_into
 from engram.training.trainer import lr_at
-
-PathLike = Union[str, Path]
 
 DEFAULT_PROTECT_MIN_COUNT = 0  # off: it lost to rehearsal on held-out facts (docs/patches.md)
 DEFAULT_REHEARSAL = 1.0  # used whenever the original corpus is given (rehearsal=None)

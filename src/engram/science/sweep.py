@@ -53,12 +53,12 @@ from engram.config import PRESETS, ModelConfig, TrainConfig, preset
 from engram.data import shards as data
 from engram.data.shards import load_dataset
 from engram.errors import EngramError
+from engram.fsutil import PathLike
 from engram.model.checkpoint import load_model
 from engram.science.accounting import account, check_budget, format_account
 from engram.science.knowledge import FactSet, build_fact_set, evaluate_facts
 from engram.training.trainer import train
 
-PathLike = Union[str, Path]
 RESULT_FILE = "result.json"
 BUDGET_TOL = 0.005  # relative: prime table sizes make totals land a few rows off
 

@@ -13,16 +13,16 @@ Every direction checks the hash fingerprint first and writes atomically (``table
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from engram.fsutil import PathLike
 from engram.model import checkpoint as ckpt
 from engram.tables.runtime import _table_keys, build_model_without_tables, load_tables_into
 from engram.tables.tablefile import TableFileError, TableHeader, TableWriter, iter_layer_chunks, open_table, read_header
 
-PathLike = Union[str, Path]
 CHUNK_ROWS = 1 << 18
 
 

@@ -33,7 +33,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from engram.config import ModelConfig
+from engram.fsutil import PathLike
 from engram.hashing.hasher import NgramHasher
 from engram.model import checkpoint as ckpt
 from engram.model.layer import MultiHeadEmbedding
@@ -50,7 +50,6 @@ from engram.tables.process import open_layer_storage
 from engram.tables.tablefile import TableHeader, open_table, read_layer
 from engram.tables.tiers import MemoryStorage, StorageConfig, StorageError, StorageKind, TableStorage, worker_pool
 
-PathLike = Union[str, Path]
 _RUNTIME_ATTR = "_engram_table_runtime"
 
 

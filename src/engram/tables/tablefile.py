@@ -46,7 +46,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -54,9 +54,7 @@ from tqdm.auto import tqdm
 
 from engram import __version__
 from engram.errors import EngramError
-from engram.fsutil import fsync_dir
-
-PathLike = Union[str, Path]
+from engram.fsutil import PathLike, fsync_dir
 
 MAGIC = b"ENGRAMTB"
 FORMAT_NAME = "engram-table"

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from engram.data import shards as data
 from engram.errors import EngramError
+from engram.fsutil import PathLike
 from engram.model.checkpoint import load_model
 from engram.model.lm import EngramLM
 from engram.tables.runtime import load_model_with_tables, table_runtime
 from engram.tables.tiers import StorageConfig
-
-PathLike = Union[str, Path]
 
 
 class DatasetMismatchError(EngramError):

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from engram.config import ModelConfig, TrainConfig
 from engram.data import shards as data
+from engram.fsutil import PathLike
 from engram.hashing.compression import CompressionMap, build_compression
 from engram.model import checkpoint as ckpt
 from engram.model.checkpoint import CheckpointError
@@ -49,7 +50,6 @@ from engram.training.sparse_adam import (
     use_sparse_table_grads,
 )
 
-PathLike = Union[str, Path]
 METRICS_FILE = "metrics.jsonl"
 # Train-config fields that may change on resume: they do not alter the trajectory up to the
 # resumed step (``steps`` reshapes the cosine tail, which is what extending a run means).
