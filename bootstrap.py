@@ -3,6 +3,7 @@
 
     python3 bootstrap.py demo     # create .venv, install engram-lm, run the main job
     python3 bootstrap.py test     # create .venv, install engram-lm, run the test suite
+    python3 bootstrap.py lint     # ruff, and import-linter's layer contracts (pyproject.toml)
 
 Anything after the command is passed on (``python3 bootstrap.py test -m slow``). The
 virtual environment is rebuilt only when pyproject.toml or setup.py change.
@@ -43,7 +44,7 @@ def ensure_env() -> None:
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test", "install"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test", "lint", "install"):
         print(__doc__)
         return 2
     ensure_env()
@@ -52,6 +53,10 @@ def main() -> int:
         return subprocess.call([str(BIN / "engram"), "demo", *rest], cwd=ROOT)
     if cmd == "test":
         return subprocess.call([str(BIN / "python"), "-m", "pytest", "-q", *rest], cwd=ROOT)
+    if cmd == "lint":
+        ruff = subprocess.call([str(BIN / "ruff"), "check", "src", "tests", "benchmarks", *rest], cwd=ROOT)
+        layers = subprocess.call([str(BIN / "lint-imports")], cwd=ROOT)
+        return ruff or layers
     return 0
 
 
