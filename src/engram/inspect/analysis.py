@@ -228,21 +228,15 @@ def _batches(samples: Sequence[Sample], batch_size: int) -> Iterable[list[int]]:
 
 
 @contextmanager
-def _recording(model: EngramLM, flag: str) -> Iterator[None]:
-    """No autograd, eval mode and ``flag`` (an ``EngramLayer`` recording switch) on for every
-    Engram layer; all restored afterwards, also on error."""
-    layers = model.engram_layers
-    saved = [getattr(l, flag) for l in layers]
+def _read_only_pass(model: EngramLM) -> Iterator[None]:
+    """No autograd and eval mode for passes that only read gates; the mode is restored
+    afterwards, also on error."""
     was_training = model.training
     model.eval()
     try:
-        for l in layers:
-            setattr(l, flag, True)
         with torch.no_grad():
             yield
     finally:
-        for l, rec in zip(layers, saved):
-            setattr(l, flag, rec)
         model.train(was_training)
 
 
@@ -272,11 +266,11 @@ def sample_gates(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0,
     _need_engram(model)
     layers = model.engram_layers
     per_sample: dict[int, list[Optional[np.ndarray]]] = {l.layer_id: [None] * len(samples) for l in layers}
-    with _recording(model, "record_gates"):
+    with _read_only_pass(model):
         for batch, x, mask in _padded_batches(model, samples, pad_id, batch_size):
-            model(x.to(model.embed.weight.device))
+            gates = model(x.to(model.embed.weight.device), output_gates=True).gates
             for l in layers:
-                g = l.last_gates.cpu()
+                g = gates[l.layer_id].cpu()
                 for i, j in enumerate(batch):
                     per_sample[l.layer_id][j] = g[i][mask[i]].numpy()
     M = model.cfg.hc_mult
@@ -345,16 +339,14 @@ def _gate_inputs(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0, ba
     layers = model.engram_layers
     hs: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
     es: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
-    with _recording(model, "record_gate_inputs"):
+    with _read_only_pass(model):
         for _, x, mask in _padded_batches(model, samples, pad_id, batch_size):
-            model(x.to(model.embed.weight.device))
+            inputs = model(x.to(model.embed.weight.device), output_gate_inputs=True).gate_inputs
             for l in layers:
-                h, e = l.last_gate_inputs
+                h, e = inputs[l.layer_id]
                 m = mask.to(h.device)
                 hs[l.layer_id].append(h[m].cpu())
                 es[l.layer_id].append(e[m].cpu())
-    for l in layers:
-        l.last_gate_inputs = None  # large tensors: do not keep them on the model
     return {lid: (torch.cat(hs[lid]), torch.cat(es[lid])) for lid in hs if hs[lid]}
 
 

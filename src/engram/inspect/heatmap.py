@@ -1,6 +1,6 @@
 """Seeing inside an Engram model: per-token gates, the n-grams each hash head read, the rows hit.
 
-:func:`inspect_text` runs one forward pass with ``EngramLayer.record_gates`` on and returns an
+:func:`inspect_text` runs one forward pass with ``output_gates=True`` and returns an
 :class:`Inspection`: for every Engram layer the gate ``alpha[t, m]`` of every token ``t`` and
 residual branch ``m``, and for every hash head ``h`` of that token the n-gram it hashed (the
 ``n`` tokens ending at ``t``, oldest first; positions before the text are the pad id), the
@@ -231,18 +231,13 @@ def inspect_ids(model: EngramLM, ids: Sequence[int]) -> list[LayerInspection]:
     x = torch.tensor([list(ids)], dtype=torch.long, device=device)
     hash_ids = model.compute_hash_ids(x)
     layers = model.engram_layers
-    saved = [(l.record_gates, l.last_gates) for l in layers]
     was_training = model.training
     model.eval()
     try:
-        for l in layers:
-            l.record_gates = True
-        model(x, hash_ids=hash_ids)
-        gates = {l.layer_id: l.last_gates[0].float().cpu() for l in layers}  # [T,M]
+        gates = model(x, hash_ids=hash_ids, output_gates=True).gates
     finally:
-        for l, (rec, last) in zip(layers, saved):
-            l.record_gates, l.last_gates = rec, last
         model.train(was_training)
+    gates = {lid: g[0].float().cpu() for lid, g in gates.items()}  # [T,M]
     out = []
     for layer in layers:
         out.append(_layer_detail(model, layer, hash_ids[layer.layer_id][0], gates[layer.layer_id],

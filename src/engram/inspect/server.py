@@ -9,8 +9,8 @@ Routes
 Bad requests get a JSON ``{"error": ...}`` with a 4xx status: 400 bad JSON / missing or
 mistyped field, 404 unknown route, 405 wrong method, 411 no Content-Length, 413 body or text
 too long, 415 not ``application/json``; 503 when ``max_inflight`` requests are being answered
-and no slot frees up within ``queue_wait_s`` (callers retry). The model runs under one lock: a forward pass flips per-layer
-recording flags, and two at once on 2 cores would only be slower. stdlib ``http.server``
+and no slot frees up within ``queue_wait_s`` (callers retry). The model runs under one lock: two forward passes at
+once on 2 cores would only be slower. stdlib ``http.server``
 (``ThreadingHTTPServer``) is enough for a local tool; no framework is needed.
 """
 
