@@ -41,6 +41,7 @@ from engram.inspect.heatmap import (
 )
 from engram.model.checkpoint import load_model
 from engram.model.lm import EngramLM
+from engram.tables.access import ZIPF_EXPONENT_DEFINITION, rank_frequency
 
 TEXT = "the Prince of Wales rode to the Tower of London."
 
@@ -270,6 +271,11 @@ def test_zipf_counts_every_access(run, loaded, tmp_path) -> None:
     assert res.ngram_counts[2].sum() == tokens.size - 1
     s = res.summary["rows"]["0"]["2"]
     assert 0 < s["top_share"]["1%"] <= s["top_share"]["10%"] <= 1
+    # the exponent `engram table stats` reports for the same counts (its rows are the touched ones)
+    touched = res.row_counts[0][2][res.row_counts[0][2] > 0]
+    assert s["zipf_exponent"] is not None and s["zipf_exponent"] == rank_frequency(touched)["zipf_exponent"]
+    assert res.summary["ngrams"]["3"]["zipf_exponent"] == rank_frequency(res.ngram_counts[3])["zipf_exponent"]
+    assert res.summary["zipf_exponent_definition"] == ZIPF_EXPONENT_DEFINITION
     png = tmp_path / "z.png"
     plot_zipf(res, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -305,6 +311,7 @@ def test_cli_analyze_zipf(run, tmp_path, capsys) -> None:
     assert "layer 1 n=3" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["tokens"] == 2000 and set(data["rows"]) == {"0", "1"}
+    assert data["zipf_exponent_definition"] == ZIPF_EXPONENT_DEFINITION  # as `engram table stats`
     assert (tmp_path / "z.png").is_file()
 
 

@@ -34,7 +34,8 @@
 
 ``zipf_statistics``
     Hash every position of a shard and count (a) distinct n-grams per order and (b) accesses per
-    table row per layer and order. Rank-frequency curves, a fitted Zipf exponent, and the share
+    table row per layer and order. Rank-frequency curves, the Zipf exponent (fitted as
+    ``engram table stats`` fits it: :func:`engram.tables.access.zipf_exponent`), and the share
     of accesses that the most-accessed k% of rows receive. A shard is hashed in chunks; each
     chunk starts from pad history, which touches at most ``max_ngram_size - 1`` positions per
     chunk.
@@ -73,7 +74,7 @@ from engram.data.tokenizer import special_ids
 from engram.errors import EngramError
 from engram.fsutil import PathLike
 from engram.model.lm import EngramLM
-from engram.tables.access import row_access_counts
+from engram.tables.access import ZIPF_EXPONENT_DEFINITION, row_access_counts, zipf_exponent
 
 NARRATIVE_SOURCES = ("shakespeare", "bible")
 FACT_SOURCES = ("countries", "cities")
@@ -515,17 +516,6 @@ class ZipfResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def zipf_exponent(counts: np.ndarray, lo: int = 1, hi: int = 1000) -> float:
-    """Least-squares slope s of log f = c - s log r over ranks lo..hi of descending counts."""
-    c = counts[counts > 0]
-    hi = min(hi, c.size)
-    if hi - lo < 2:
-        return float("nan")
-    r = np.arange(lo, hi + 1, dtype=np.float64)
-    slope = np.polyfit(np.log(r), np.log(c[lo - 1:hi].astype(np.float64)), 1)[0]
-    return float(-slope)
-
-
 def top_share(counts: np.ndarray, total_rows: int, percent: float) -> float:
     """Share of all accesses that go to the most-accessed ``percent``% of ``total_rows`` rows."""
     k = max(1, int(round(total_rows * percent / 100.0)))
@@ -572,7 +562,7 @@ def zipf_statistics(model: EngramLM, tokens: np.ndarray, compress: Optional[Call
 
 def _zipf_summary(res: ZipfResult, heads_per_order: int) -> dict[str, Any]:
     ngrams = {str(n): {"distinct": int(c.size), "occurrences": int(c.sum()),
-                       "zipf_exponent_rank_1_1000": zipf_exponent(c),
+                       "zipf_exponent": zipf_exponent(c),
                        "top_share": {f"{p:g}%": top_share(c, c.size, p) for p in res.top_percents}}
               for n, c in res.ngram_counts.items()}
     rows: dict[str, Any] = {}
@@ -583,9 +573,10 @@ def _zipf_summary(res: ZipfResult, heads_per_order: int) -> dict[str, Any]:
             rows[str(lid)][str(n)] = {
                 "table_rows": total, "heads": heads_per_order, "accesses": int(c.sum()),
                 "rows_touched": int((c > 0).sum()), "fraction_touched": float((c > 0).sum() / total),
-                "zipf_exponent_rank_1_1000": zipf_exponent(c),
+                "zipf_exponent": zipf_exponent(c),
                 "top_share": {f"{p:g}%": top_share(c, total, p) for p in res.top_percents}}
     return {"tokens": res.tokens, "ngrams": ngrams, "rows": rows,
+            "zipf_exponent_definition": ZIPF_EXPONENT_DEFINITION,
             "top_share_definition": "share of accesses (n-gram occurrences) received by the most "
                                     "accessed k% of all table rows (of all distinct n-grams)"}
 
