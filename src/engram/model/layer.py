@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram.config import EngramConfig
+from engram.hashing.hasher import head_offsets
 
 
 class GateInputs(NamedTuple):
@@ -52,11 +53,8 @@ class MultiHeadEmbedding(nn.Module):
 
     def __init__(self, head_sizes: list[int], head_dim: int):
         super().__init__()
-        offsets = [0]
-        for n in head_sizes[:-1]:
-            offsets.append(offsets[-1] + n)
         self.head_sizes = list(head_sizes)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long))
+        self.register_buffer("offsets", torch.tensor(head_offsets(head_sizes), dtype=torch.long))
         self.embedding = nn.Embedding(sum(head_sizes), head_dim)
 
     @property

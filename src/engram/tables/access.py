@@ -47,11 +47,6 @@ class _NullStorage(TableStorage):
         self.stats.misses += rows.numel()
 
 
-def _offsets(hasher: NgramHasher, layer_id: int) -> torch.Tensor:
-    sizes = hasher.head_sizes(layer_id)
-    return torch.tensor(np.concatenate([[0], np.cumsum(sizes[:-1])]), dtype=torch.int64)
-
-
 def iter_row_batches(hasher: NgramHasher, shard: "data.Shard", batch_size: int, seq_len: int,
                      max_tokens: Optional[int] = None, order: str = "sequential", seed: int = 0
                      ) -> Iterator[dict[int, torch.Tensor]]:
@@ -62,7 +57,7 @@ def iter_row_batches(hasher: NgramHasher, shard: "data.Shard", batch_size: int, 
     """
     if order not in ("sequential", "random"):
         raise ValueError(f"order={order!r}; choose 'sequential' or 'random'")
-    offsets = {lid: _offsets(hasher, lid) for lid in hasher.cfg.layer_ids}
+    offsets = {lid: torch.tensor(hasher.head_offsets(lid), dtype=torch.int64) for lid in hasher.cfg.layer_ids}
     per_batch = batch_size * seq_len
     n_batches = max(1, (max_tokens or shard.num_tokens) // per_batch)
     if order == "sequential":
