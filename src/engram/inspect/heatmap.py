@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 from tokenizers import Tokenizer
 
-from engram.errors import EngramError
+from engram.errors import EngramError, RequestTooLargeError
 from engram.inspect.page import PAGE
 from engram.model.lm import EngramLM
 
@@ -50,6 +50,10 @@ RAMP: tuple[tuple[float, tuple[int, int, int]], ...] = (
 
 class InspectError(EngramError):
     """Text or model that cannot be inspected; the message names the value and the fix."""
+
+
+class TextTooLongError(InspectError, RequestTooLargeError):
+    """The text encodes to more tokens than the model's max_seq_len (HTTP 413 when served)."""
 
 
 # ----------------------------------------------------------------------------- data model
@@ -225,7 +229,7 @@ def inspect_ids(model: EngramLM, ids: Sequence[int]) -> list[LayerInspection]:
     if T == 0:
         raise InspectError("the text encodes to no tokens; give some text")
     if T > model.cfg.max_seq_len:
-        raise InspectError(f"the text encodes to {T} tokens but the model's max_seq_len is "
+        raise TextTooLongError(f"the text encodes to {T} tokens but the model's max_seq_len is "
                            f"{model.cfg.max_seq_len}; shorten the text")
     device = model.embed.weight.device
     x = torch.tensor([list(ids)], dtype=torch.long, device=device)

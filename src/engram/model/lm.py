@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram.config import ModelConfig
+from engram.errors import RequestTooLargeError
 from engram.hashing.hasher import NgramHasher
 from engram.model.attention import CausalSelfAttention, KVCache, rope_tables
 from engram.model.input_ngram import InputNgramEmbedding
@@ -226,7 +227,7 @@ class EngramLM(nn.Module):
                              f"was the data tokenized with another tokenizer?")
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+            raise RequestTooLargeError(f"sequence of {pos + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
         if self.hasher is not None and hash_ids is None:
             hash_ids = (self._hash_for_cache(input_ids, cache) if cache is not None
                         else self.hasher.hash(input_ids))
