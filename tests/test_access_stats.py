@@ -10,7 +10,13 @@ import torch
 
 from _table_helpers import VOCAB, one_thread, prepare_tiny_dataset  # noqa: F401 - fixture
 from engram.cli.main import main
-from engram.tables.access import rank_frequency, simulate_cache, simulate_static
+from engram.tables.access import (
+    ZIPF_EXPONENT_DEFINITION,
+    rank_frequency,
+    simulate_cache,
+    simulate_static,
+    zipf_exponent,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,6 +28,19 @@ def test_zipf_exponent_is_recovered():
     assert abs(rf["zipf_exponent"] - 1.1) < 0.05
     assert rf["distinct_rows"] == 20000 and rf["curve"][0] == [1, int(counts[0])]
     assert rf["traffic_share"]["top_0.01"] > 0.5
+
+
+def test_zipf_exponent_fits_ranks_10_to_a_tenth_of_the_distinct_rows():
+    ranks = np.arange(1, 3001)
+    counts = np.round(1e5 * ranks ** -0.8).astype(np.int64) + 1
+    counts[:9] = 10 ** 7  # the head outside the fitted range does not move the exponent
+    counts[300:] = 1  # nor does the tail past U // 10 = 300
+    assert zipf_exponent(counts) == pytest.approx(0.8, abs=0.01)
+    shuffled = np.random.default_rng(0).permutation(np.concatenate([counts, np.zeros(500, np.int64)]))
+    assert zipf_exponent(shuffled) == zipf_exponent(counts)  # any order; unread rows are ignored
+    assert rank_frequency(counts)["zipf_exponent"] == zipf_exponent(counts)
+    assert zipf_exponent(counts[:199]) is None and zipf_exponent(counts[:200]) is not None
+    assert "10 .. U // 10" in ZIPF_EXPONENT_DEFINITION
 
 
 def test_cache_simulation_bounds():
@@ -55,3 +74,4 @@ def test_cli_stats(tmp_path, capsys):
     assert set(caches) == {(p, c) for p in ("static", "lru", "lfu") for c in (50, 500)}
     assert caches[("lru", 500)]["hit_rate"] >= caches[("lru", 50)]["hit_rate"]
     assert json.loads(out.read_text()) == rep
+    assert rep["zipf_exponent_definition"] == ZIPF_EXPONENT_DEFINITION

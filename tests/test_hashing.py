@@ -113,6 +113,27 @@ def test_head_sizes_order_major():
         h.head_sizes(4)
 
 
+def test_head_offsets_are_where_each_head_starts_everywhere():
+    from types import SimpleNamespace
+
+    from engram.config import preset
+    from engram.model.lm import EngramLM
+    from engram.tables.access import iter_row_batches, table_rows
+
+    h = NgramHasher(make_cfg(engram_vocab_size=(100, 200), n_head_per_ngram=2, layer_ids=(3,)), 50)
+    assert h.head_offsets(3) == [0, 101, 204, 415] and hashing.head_offsets([]) == []
+    model = EngramLM(preset("tiny", 300))
+    ids = torch.randint(0, 300, (1, 12))
+    shard = SimpleNamespace(tokens=np.append(ids[0].numpy(), 0), num_tokens=13)  # one window + target
+    streamed = next(iter_row_batches(model.hasher, shard, 1, 12))
+    for layer in model.engram_layers:  # the layer's lookup and the access statistics agree
+        offs = model.hasher.head_offsets(layer.layer_id)
+        assert layer.multi_head_embedding.offsets.tolist() == offs
+        want = model.hasher.hash(ids)[layer.layer_id] + torch.tensor(offs)
+        assert torch.equal(table_rows(model, ids)[layer.layer_id], want)
+        assert torch.equal(streamed[layer.layer_id], want.reshape(-1))
+
+
 # ----------------------------------------------------------------------------- agreement
 @needs_native
 @given(x=st.lists(st.integers(0, 2 ** 63 - 1), min_size=1, max_size=16),

@@ -41,6 +41,7 @@ from engram.inspect.heatmap import (
 )
 from engram.model.checkpoint import load_model
 from engram.model.lm import EngramLM
+from engram.tables.access import ZIPF_EXPONENT_DEFINITION, rank_frequency
 
 TEXT = "the Prince of Wales rode to the Tower of London."
 
@@ -66,18 +67,15 @@ def test_gates_rows_and_ngrams_are_the_models(loaded) -> None:
 
     x = torch.tensor([ids])
     hashes = model.hasher.hash(x)
-    for layer in model.engram_layers:
-        layer.record_gates = True
     with torch.no_grad():
-        model(x)
-        _check_layers(model, ins, ids, hashes)
+        gates = model(x, output_gates=True).gates
+        _check_layers(model, ins, ids, hashes, gates)
 
 
-def _check_layers(model, ins, ids, hashes) -> None:
+def _check_layers(model, ins, ids, hashes, gates) -> None:
     for layer, li in zip(model.engram_layers, ins.layers):
-        layer.record_gates = False
         assert li.num_branches == 2 and len(li.gates) == len(ids)
-        assert torch.equal(torch.tensor(li.gates), layer.last_gates[0])  # exact, same pass
+        assert torch.equal(torch.tensor(li.gates), gates[layer.layer_id][0])  # exact, same pass
         rows = layer.multi_head_embedding.rows(hashes[layer.layer_id])[0]
         assert [[h.row for h in r] for r in li.heads] == rows.tolist()
         assert li.head_orders == [2, 2, 3, 3]
@@ -94,20 +92,18 @@ def _check_layers(model, ins, ids, hashes) -> None:
         h3 = li.heads[1][3]
         assert h3.n == 3 and h3.ngram == (PAD_TOKEN_ID, ids[0], ids[1])
         assert li.heads[t][0].ngram == (ids[t - 1], ids[t])
-    assert all(not l.record_gates for l in model.engram_layers)
 
 
 def test_inspect_leaves_the_model_as_it_was(loaded) -> None:
     model, tok = loaded
-    for layer in model.engram_layers:
-        layer.last_gates = None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     try:
         inspect_text(model, tok, "the king")
         assert model.training
-        assert all(not l.record_gates and l.last_gates is None for l in model.engram_layers)
     finally:
         model.eval()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_bad_texts_and_models_are_refused(loaded) -> None:
@@ -210,7 +206,6 @@ def test_gate_passes_run_without_autograd_and_restore_the_model(loaded) -> None:
         hook.remove()
         model.eval()
     assert grad_on and not any(grad_on)  # no autograd graph is built for a read-only pass
-    assert all(not l.record_gates and not l.record_gate_inputs for l in model.engram_layers)
 
 
 def test_token_matched_contrast_pairs_the_same_ids(loaded) -> None:
@@ -259,7 +254,6 @@ def test_memory_swap_contrast_isolates_the_memory(loaded) -> None:
         with torch.no_grad():
             for k, w in zip(layer.key_projs, saved):
                 k.weight.copy_(w)
-    assert all(not l.record_gate_inputs and l.last_gate_inputs is None for l in model.engram_layers)
     with pytest.raises(AnalysisError, match="at least 2"):
         memory_swap_contrast(model, [Sample((1, ids[0]), (False, True))])
 
@@ -277,6 +271,11 @@ def test_zipf_counts_every_access(run, loaded, tmp_path) -> None:
     assert res.ngram_counts[2].sum() == tokens.size - 1
     s = res.summary["rows"]["0"]["2"]
     assert 0 < s["top_share"]["1%"] <= s["top_share"]["10%"] <= 1
+    # the exponent `engram table stats` reports for the same counts (its rows are the touched ones)
+    touched = res.row_counts[0][2][res.row_counts[0][2] > 0]
+    assert s["zipf_exponent"] is not None and s["zipf_exponent"] == rank_frequency(touched)["zipf_exponent"]
+    assert res.summary["ngrams"]["3"]["zipf_exponent"] == rank_frequency(res.ngram_counts[3])["zipf_exponent"]
+    assert res.summary["zipf_exponent_definition"] == ZIPF_EXPONENT_DEFINITION
     png = tmp_path / "z.png"
     plot_zipf(res, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -312,6 +311,7 @@ def test_cli_analyze_zipf(run, tmp_path, capsys) -> None:
     assert "layer 1 n=3" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["tokens"] == 2000 and set(data["rows"]) == {"0", "1"}
+    assert data["zipf_exponent_definition"] == ZIPF_EXPONENT_DEFINITION  # as `engram table stats`
     assert (tmp_path / "z.png").is_file()
 
 

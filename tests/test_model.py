@@ -37,10 +37,11 @@ def _reference_layer(conformance_dir):
 
 def test_engram_layer_matches_reference_forward(conformance_dir):
     layer, t, _, _ = _reference_layer(conformance_dir)
-    layer.record_gates = True
-    out, _ = layer(t["input.hidden_states"], t["expected.hash_ids"])
-    torch.testing.assert_close(layer.last_gates, t["expected.gates"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out, t["expected.output"], atol=1e-5, rtol=0)
+    res = layer(t["input.hidden_states"], t["expected.hash_ids"], output_gates=True)
+    torch.testing.assert_close(res.gates, t["expected.gates"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.output, t["expected.output"], atol=1e-5, rtol=0)
+    plain = layer(t["input.hidden_states"], t["expected.hash_ids"])
+    assert plain.gates is None and plain.gate_inputs is None and torch.equal(plain.output, res.output)
 
 
 def test_engram_layer_hashes_match_reference(conformance_dir):
@@ -57,11 +58,12 @@ def test_engram_layer_hashes_match_reference(conformance_dir):
 def test_engram_layer_conv_state_matches_full_sequence(conformance_dir):
     layer, t, _, _ = _reference_layer(conformance_dir)
     h, ids = t["input.hidden_states"], t["expected.hash_ids"]
-    full, _ = layer(h, ids)
+    full = layer(h, ids).output
     state, parts = None, []
     for s in range(0, h.shape[1], 7):  # uneven chunks exercise the rolling conv state
-        out, state = layer(h[:, s:s + 7], ids[:, s:s + 7], state)
-        parts.append(out)
+        res = layer(h[:, s:s + 7], ids[:, s:s + 7], state)
+        state = res.conv_state
+        parts.append(res.output)
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
 
 
@@ -69,12 +71,12 @@ def test_zero_init_conv_and_disabled_layer(conformance_dir):
     layer, t, cfg, meta = _reference_layer(conformance_dir)
     layer.short_conv.zero_init = True
     layer.short_conv.reset_parameters()
-    out, _ = layer(t["input.hidden_states"], t["expected.hash_ids"])
+    out = layer(t["input.hidden_states"], t["expected.hash_ids"]).output
     v = t["expected.gates"].unsqueeze(-1)  # with a zero conv the output is the gated value alone
     e = layer.multi_head_embedding(t["expected.hash_ids"]).flatten(-2)
     torch.testing.assert_close(out, v * layer.value_proj(e).unsqueeze(2), atol=1e-5, rtol=0)
     layer.enabled = False
-    out, _ = layer(t["input.hidden_states"], t["expected.hash_ids"])
+    out = layer(t["input.hidden_states"], t["expected.hash_ids"]).output
     assert torch.count_nonzero(out) == 0
 
 
@@ -94,6 +96,56 @@ def test_kv_cache_decoding_matches_full_forward(name, hc):
         parts += [model(ids[:, t:t + 1], cache=cache).logits for t in range(9, 17)]
         parts.append(model(ids[:, 17:], cache=cache).logits)  # a multi-token chunk after decode
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def _trained_like(hc: int = 2) -> EngramLM:
+    """A tiny model whose gate keys and conv are not at init, so gates vary by position."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", 300)
+    cfg.hc_mult = hc
+    cfg.engram.layer_ids = (0, 1)
+    model = EngramLM(cfg).eval()
+    for e in model.engram_layers:
+        torch.nn.init.normal_(e.short_conv.conv.weight, std=0.3)
+    return model
+
+
+def test_output_gates_are_the_gates_each_layer_computes():
+    model = _trained_like()
+    ids = torch.randint(0, 300, (2, 19))
+    seen: dict[int, tuple] = {}  # what each layer received, taken by a hook, not by the model
+    hooks = [e.register_forward_hook(lambda mod, args, out: seen.__setitem__(mod.layer_id, args))
+             for e in model.engram_layers]
+    with torch.no_grad():
+        plain = model(ids)
+        out = model(ids, output_gates=True, output_gate_inputs=True)
+    for h in hooks:
+        h.remove()
+    assert plain.gates is None and plain.gate_inputs is None  # only when asked for
+    assert torch.equal(plain.logits, out.logits)  # asking changes nothing else
+    assert set(out.gates) == set(out.gate_inputs) == {0, 1}
+    for e in model.engram_layers:
+        hidden, hash_ids = seen[e.layer_id][:2]
+        with torch.no_grad():
+            want = e.gates(hidden, e.multi_head_embedding(hash_ids).flatten(-2))
+        assert out.gates[e.layer_id].shape == (2, 19, 2)
+        assert torch.equal(out.gates[e.layer_id], want)
+        h, mem = out.gate_inputs[e.layer_id]
+        assert torch.equal(h, hidden) and torch.equal(e.gates(h, mem), want)
+    dense = EngramLM(preset("tiny-dense", 300))
+    assert dense(ids, output_gates=True).gates == {}  # no Engram layers: no gates
+
+
+def test_output_gates_with_the_kv_cache_cover_the_new_positions():
+    model = _trained_like()
+    ids = torch.randint(0, 300, (2, 15))
+    with torch.no_grad():
+        full = model(ids, output_gates=True).gates
+        cache = model.new_cache(2)
+        parts = [model(ids[:, :9], cache=cache, output_gates=True).gates]
+        parts += [model(ids[:, t:t + 1], cache=cache, output_gates=True).gates for t in range(9, 15)]
+    for lid, g in full.items():
+        torch.testing.assert_close(torch.cat([p[lid] for p in parts], 1), g, atol=1e-5, rtol=1e-5)
 
 
 def test_hc_mult_one_is_a_plain_residual_stream():

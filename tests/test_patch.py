@@ -286,6 +286,31 @@ def test_patch_train_with_gates_reports_them_separately(tiny_run):
         PatchTrainConfig(quantization="int4")
 
 
+def test_patch_train_uses_the_main_loops_schedule_and_step(tiny_run, monkeypatch):
+    from engram.data.tokenizer import load_tokenizer
+    from engram.model.checkpoint import load_model
+    from engram.patches import trainer as patch_trainer
+    from engram.training.optimization import lr_at, optimizer_step
+
+    root, _, _ = tiny_run
+    model, _ = load_model(root / "run")
+    tok = load_tokenizer(root / "run" / "tokenizer.json")
+    seen = []
+
+    def spy(optimizers, params, grad_clip):
+        seen.append(({k: [g["lr"] for g in o.param_groups] for k, o in optimizers.items()}, grad_clip))
+        return optimizer_step(optimizers, params, grad_clip)
+
+    monkeypatch.setattr(patch_trainer, "optimizer_step", spy)
+    cfg = PatchTrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=2, lr=1e-2, table_lr_mult=3.0,
+                           min_lr_ratio=0.2, grad_clip=0.5, train_gates=True)
+    train_patch(model, encode_texts([NEW_TEXT], tok, 0), cfg, progress=False)
+    assert len(seen) == 4
+    for step, (lrs, clip) in enumerate(seen):
+        lr = lr_at(step, lr=1e-2, warmup_steps=2, steps=4, min_lr_ratio=0.2)
+        assert lrs == {"tables": [lr * 3.0], "gates": [lr]} and clip == 0.5
+
+
 def test_cli_end_to_end(tiny_run, tmp_path, capsys):
     root, data, _ = tiny_run
     run = root / "run"

@@ -11,10 +11,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from _inspect_run import tiny_run
 from engram.data.tokenizer import load_tokenizer
-from engram.inspect.heatmap import inspect_text
+from engram.errors import EngramError, NotFoundError, RequestTooLargeError
+from engram.inspect import server as server_module
+from engram.inspect.heatmap import InspectError, TextTooLongError, inspect_text
 from engram.inspect.server import (
     InspectService,
     ServeConfigError,
@@ -98,6 +101,58 @@ def test_answers_match_inspect(server, loaded) -> None:
 def test_bad_requests_get_clear_4xx(server, body, ctype, status, message) -> None:
     got, data = _request(server, "POST", "/api/inspect", body, ctype)
     assert got == status and message in data["error"] and data["status"] == status
+
+
+@pytest.mark.parametrize("error, status", [
+    (EngramError("bad value; fix it"), 400),
+    (InspectError("the text mentions max_seq_len but is fine"), 400),  # the wording does not matter
+    (NotFoundError("no such thing"), 404),
+    (RequestTooLargeError("too big"), 413),
+    (TextTooLongError("too many tokens"), 413),
+])
+def test_status_is_chosen_by_error_type(loaded, monkeypatch, error, status) -> None:
+    model, tok = loaded
+
+    def refuse(*_args):
+        raise error
+
+    monkeypatch.setattr(server_module, "inspect_text", refuse)
+    srv = make_server(InspectService(model, tok, ServeLimits(cache_entries=0)), HOST, 0, quiet=True)
+    thread = serve_in_thread(srv)
+    try:
+        got, data = _request(srv, "POST", "/api/inspect", {"text": "the king"})
+        assert (got, data) == (status, {"error": str(error), "status": status})
+        assert _request(srv, "GET", "/healthz")[0] == 200  # still up
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+def test_every_error_class_of_the_package_is_an_engram_error() -> None:
+    """So a server, or the command line, can answer any of them by type."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import engram
+
+    classes = []
+    for info in pkgutil.walk_packages(engram.__path__, "engram."):
+        if info.name == "engram.__main__":  # running it parses sys.argv
+            continue
+        module = importlib.import_module(info.name)
+        classes += [obj for obj in vars(module).values() if inspect.isclass(obj)
+                    and issubclass(obj, BaseException) and obj.__module__ == module.__name__]
+    assert len(classes) > 20
+    assert [c.__qualname__ for c in classes if not issubclass(c, EngramError)] == []
+
+
+def test_too_long_sequences_are_request_too_large_errors(loaded) -> None:
+    model, tok = loaded
+    with pytest.raises(RequestTooLargeError, match="exceeds max_seq_len=64") as e:
+        model(torch.zeros(1, 65, dtype=torch.long))
+    assert e.value.http_status == 413 and isinstance(e.value, ValueError)  # callers catching ValueError still do
 
 
 def test_routes_and_methods(server) -> None:

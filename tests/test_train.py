@@ -19,7 +19,8 @@ from engram.data.tokenizer import train_bpe
 from engram.model.checkpoint import CheckpointError, load_model
 from engram.model.lm import EngramLM
 from engram.training.evaluation import DatasetMismatchError, evaluate, evaluate_run
-from engram.training.trainer import build_optimizers, lr_at, train
+from engram.training.optimization import lr_at
+from engram.training.trainer import build_optimizers, train
 
 WORDS = ("the cat sat on a mat while the dog ran far away from the big red house near an old "
          "tree and the bird sang").split()
@@ -240,11 +241,11 @@ def test_param_groups_hyper_connections_not_decayed() -> None:
 
 
 def test_lr_schedule() -> None:
-    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1)
-    assert lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0)
-    assert lr_at(55, cfg) == pytest.approx(0.55)
-    assert lr_at(100, cfg) == pytest.approx(0.1)
-    lrs = [lr_at(s, cfg) for s in range(10, 101)]
+    sched = dict(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, **sched) == pytest.approx(0.1)
+    assert lr_at(9, **sched) == pytest.approx(1.0)
+    assert lr_at(10, **sched) == pytest.approx(1.0)
+    assert lr_at(55, **sched) == pytest.approx(0.55)
+    assert lr_at(100, **sched) == pytest.approx(0.1)
+    lrs = [lr_at(s, **sched) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))

@@ -31,3 +31,9 @@ class NotFoundError(EngramError, FileNotFoundError):
 
 class ConfigError(EngramError):
     """A configuration value is invalid; the message names the value and the fix."""
+
+
+class RequestTooLargeError(EngramError):
+    """The input is larger than a limit allows, e.g. more tokens than the model's max_seq_len."""
+
+    http_status = 413

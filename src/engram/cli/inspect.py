@@ -180,12 +180,12 @@ def cmd_analyze_zipf(args: argparse.Namespace) -> int:
     print(f"{res.tokens:,} tokens of the {args.split} split")
     for n, d in s["ngrams"].items():
         shares = ", ".join(f"top {k}: {v:.1%}" for k, v in d["top_share"].items())
-        print(f"  {n}-grams: {d['distinct']:,} distinct, Zipf s = {d['zipf_exponent_rank_1_1000']:.2f}; {shares}")
+        print(f"  {n}-grams: {d['distinct']:,} distinct, Zipf s = {_fmt(d['zipf_exponent'], 2)}; {shares}")
     for lid, orders in s["rows"].items():
         for n, d in orders.items():
             shares = ", ".join(f"top {k} rows: {v:.1%}" for k, v in d["top_share"].items())
             print(f"  layer {lid} n={n}: {d['rows_touched']:,}/{d['table_rows']:,} rows hit "
-                  f"({d['fraction_touched']:.1%}), s = {d['zipf_exponent_rank_1_1000']:.2f}; {shares}")
+                  f"({d['fraction_touched']:.1%}), s = {_fmt(d['zipf_exponent'], 2)}; {shares}")
     if args.plot:
         print(f"plot: {args.plot}")
     _write_json(args.json, {"ckpt": args.ckpt, "data": args.data, "split": args.split, **s})

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -60,6 +60,16 @@ def layer_multipliers(cfg: EngramConfig, compressed_vocab_size: int) -> dict[int
         r = rng.integers(0, half_bound, size=cfg.max_ngram_size, dtype=np.int64)
         out[layer_id] = r * 2 + 1
     return out
+
+
+def head_offsets(head_sizes: Sequence[int]) -> list[int]:
+    """Start row of each head in a table that concatenates the heads' tables in order:
+    ``[0, N_0, N_0 + N_1, ...]``; head h owns rows ``[offset_h, offset_h + N_h)``."""
+    offsets, start = [], 0
+    for n in head_sizes:
+        offsets.append(start)
+        start += int(n)
+    return offsets
 
 
 # ----------------------------------------------------------------------------- hasher
@@ -108,6 +118,10 @@ class NgramHasher:
             raise ValueError(f"layer_id={layer_id} has no Engram tables; Engram layers are "
                              f"{list(self.cfg.layer_ids)}")
         return [p for order in self.table_sizes[layer_id] for p in order]
+
+    def head_offsets(self, layer_id: int) -> list[int]:
+        """Start row of each of the layer's H heads in its concatenated table."""
+        return head_offsets(self.head_sizes(layer_id))
 
     def _tensors(self, device: torch.device) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(lookup [V] or None, primes [L,O,K]) on ``device``, built once per device."""

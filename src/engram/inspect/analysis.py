@@ -34,7 +34,8 @@
 
 ``zipf_statistics``
     Hash every position of a shard and count (a) distinct n-grams per order and (b) accesses per
-    table row per layer and order. Rank-frequency curves, a fitted Zipf exponent, and the share
+    table row per layer and order. Rank-frequency curves, the Zipf exponent (fitted as
+    ``engram table stats`` fits it: :func:`engram.tables.access.zipf_exponent`), and the share
     of accesses that the most-accessed k% of rows receive. A shard is hashed in chunks; each
     chunk starts from pad history, which touches at most ``max_ngram_size - 1`` positions per
     chunk.
@@ -73,7 +74,7 @@ from engram.data.tokenizer import special_ids
 from engram.errors import EngramError
 from engram.fsutil import PathLike
 from engram.model.lm import EngramLM
-from engram.tables.access import row_access_counts
+from engram.tables.access import ZIPF_EXPONENT_DEFINITION, row_access_counts, zipf_exponent
 
 NARRATIVE_SOURCES = ("shakespeare", "bible")
 FACT_SOURCES = ("countries", "cities")
@@ -228,21 +229,15 @@ def _batches(samples: Sequence[Sample], batch_size: int) -> Iterable[list[int]]:
 
 
 @contextmanager
-def _recording(model: EngramLM, flag: str) -> Iterator[None]:
-    """No autograd, eval mode and ``flag`` (an ``EngramLayer`` recording switch) on for every
-    Engram layer; all restored afterwards, also on error."""
-    layers = model.engram_layers
-    saved = [getattr(l, flag) for l in layers]
+def _read_only_pass(model: EngramLM) -> Iterator[None]:
+    """No autograd and eval mode for passes that only read gates; the mode is restored
+    afterwards, also on error."""
     was_training = model.training
     model.eval()
     try:
-        for l in layers:
-            setattr(l, flag, True)
         with torch.no_grad():
             yield
     finally:
-        for l, rec in zip(layers, saved):
-            setattr(l, flag, rec)
         model.train(was_training)
 
 
@@ -272,11 +267,11 @@ def sample_gates(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0,
     _need_engram(model)
     layers = model.engram_layers
     per_sample: dict[int, list[Optional[np.ndarray]]] = {l.layer_id: [None] * len(samples) for l in layers}
-    with _recording(model, "record_gates"):
+    with _read_only_pass(model):
         for batch, x, mask in _padded_batches(model, samples, pad_id, batch_size):
-            model(x.to(model.embed.weight.device))
+            gates = model(x.to(model.embed.weight.device), output_gates=True).gates
             for l in layers:
-                g = l.last_gates.cpu()
+                g = gates[l.layer_id].cpu()
                 for i, j in enumerate(batch):
                     per_sample[l.layer_id][j] = g[i][mask[i]].numpy()
     M = model.cfg.hc_mult
@@ -345,16 +340,14 @@ def _gate_inputs(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0, ba
     layers = model.engram_layers
     hs: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
     es: dict[int, list[torch.Tensor]] = {l.layer_id: [] for l in layers}
-    with _recording(model, "record_gate_inputs"):
+    with _read_only_pass(model):
         for _, x, mask in _padded_batches(model, samples, pad_id, batch_size):
-            model(x.to(model.embed.weight.device))
+            inputs = model(x.to(model.embed.weight.device), output_gate_inputs=True).gate_inputs
             for l in layers:
-                h, e = l.last_gate_inputs
+                h, e = inputs[l.layer_id]
                 m = mask.to(h.device)
                 hs[l.layer_id].append(h[m].cpu())
                 es[l.layer_id].append(e[m].cpu())
-    for l in layers:
-        l.last_gate_inputs = None  # large tensors: do not keep them on the model
     return {lid: (torch.cat(hs[lid]), torch.cat(es[lid])) for lid in hs if hs[lid]}
 
 
@@ -523,17 +516,6 @@ class ZipfResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def zipf_exponent(counts: np.ndarray, lo: int = 1, hi: int = 1000) -> float:
-    """Least-squares slope s of log f = c - s log r over ranks lo..hi of descending counts."""
-    c = counts[counts > 0]
-    hi = min(hi, c.size)
-    if hi - lo < 2:
-        return float("nan")
-    r = np.arange(lo, hi + 1, dtype=np.float64)
-    slope = np.polyfit(np.log(r), np.log(c[lo - 1:hi].astype(np.float64)), 1)[0]
-    return float(-slope)
-
-
 def top_share(counts: np.ndarray, total_rows: int, percent: float) -> float:
     """Share of all accesses that go to the most-accessed ``percent``% of ``total_rows`` rows."""
     k = max(1, int(round(total_rows * percent / 100.0)))
@@ -580,7 +562,7 @@ def zipf_statistics(model: EngramLM, tokens: np.ndarray, compress: Optional[Call
 
 def _zipf_summary(res: ZipfResult, heads_per_order: int) -> dict[str, Any]:
     ngrams = {str(n): {"distinct": int(c.size), "occurrences": int(c.sum()),
-                       "zipf_exponent_rank_1_1000": zipf_exponent(c),
+                       "zipf_exponent": zipf_exponent(c),
                        "top_share": {f"{p:g}%": top_share(c, c.size, p) for p in res.top_percents}}
               for n, c in res.ngram_counts.items()}
     rows: dict[str, Any] = {}
@@ -591,9 +573,10 @@ def _zipf_summary(res: ZipfResult, heads_per_order: int) -> dict[str, Any]:
             rows[str(lid)][str(n)] = {
                 "table_rows": total, "heads": heads_per_order, "accesses": int(c.sum()),
                 "rows_touched": int((c > 0).sum()), "fraction_touched": float((c > 0).sum() / total),
-                "zipf_exponent_rank_1_1000": zipf_exponent(c),
+                "zipf_exponent": zipf_exponent(c),
                 "top_share": {f"{p:g}%": top_share(c, total, p) for p in res.top_percents}}
     return {"tokens": res.tokens, "ngrams": ngrams, "rows": rows,
+            "zipf_exponent_definition": ZIPF_EXPONENT_DEFINITION,
             "top_share_definition": "share of accesses (n-gram occurrences) received by the most "
                                     "accessed k% of all table rows (of all distinct n-grams)"}
 

@@ -1,6 +1,6 @@
 """Seeing inside an Engram model: per-token gates, the n-grams each hash head read, the rows hit.
 
-:func:`inspect_text` runs one forward pass with ``EngramLayer.record_gates`` on and returns an
+:func:`inspect_text` runs one forward pass with ``output_gates=True`` and returns an
 :class:`Inspection`: for every Engram layer the gate ``alpha[t, m]`` of every token ``t`` and
 residual branch ``m``, and for every hash head ``h`` of that token the n-gram it hashed (the
 ``n`` tokens ending at ``t``, oldest first; positions before the text are the pad id), the
@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 from tokenizers import Tokenizer
 
-from engram.errors import EngramError
+from engram.errors import EngramError, RequestTooLargeError
 from engram.inspect.page import PAGE
 from engram.model.lm import EngramLM
 
@@ -50,6 +50,10 @@ RAMP: tuple[tuple[float, tuple[int, int, int]], ...] = (
 
 class InspectError(EngramError):
     """Text or model that cannot be inspected; the message names the value and the fix."""
+
+
+class TextTooLongError(InspectError, RequestTooLargeError):
+    """The text encodes to more tokens than the model's max_seq_len (HTTP 413 when served)."""
 
 
 # ----------------------------------------------------------------------------- data model
@@ -225,24 +229,19 @@ def inspect_ids(model: EngramLM, ids: Sequence[int]) -> list[LayerInspection]:
     if T == 0:
         raise InspectError("the text encodes to no tokens; give some text")
     if T > model.cfg.max_seq_len:
-        raise InspectError(f"the text encodes to {T} tokens but the model's max_seq_len is "
+        raise TextTooLongError(f"the text encodes to {T} tokens but the model's max_seq_len is "
                            f"{model.cfg.max_seq_len}; shorten the text")
     device = model.embed.weight.device
     x = torch.tensor([list(ids)], dtype=torch.long, device=device)
     hash_ids = model.compute_hash_ids(x)
     layers = model.engram_layers
-    saved = [(l.record_gates, l.last_gates) for l in layers]
     was_training = model.training
     model.eval()
     try:
-        for l in layers:
-            l.record_gates = True
-        model(x, hash_ids=hash_ids)
-        gates = {l.layer_id: l.last_gates[0].float().cpu() for l in layers}  # [T,M]
+        gates = model(x, hash_ids=hash_ids, output_gates=True).gates
     finally:
-        for l, (rec, last) in zip(layers, saved):
-            l.record_gates, l.last_gates = rec, last
         model.train(was_training)
+    gates = {lid: g[0].float().cpu() for lid, g in gates.items()}  # [T,M]
     out = []
     for layer in layers:
         out.append(_layer_detail(model, layer, hash_ids[layer.layer_id][0], gates[layer.layer_id],

@@ -9,8 +9,10 @@ Routes
 Bad requests get a JSON ``{"error": ...}`` with a 4xx status: 400 bad JSON / missing or
 mistyped field, 404 unknown route, 405 wrong method, 411 no Content-Length, 413 body or text
 too long, 415 not ``application/json``; 503 when ``max_inflight`` requests are being answered
-and no slot frees up within ``queue_wait_s`` (callers retry). The model runs under one lock: a forward pass flips per-layer
-recording flags, and two at once on 2 cores would only be slower. stdlib ``http.server``
+and no slot frees up within ``queue_wait_s`` (callers retry). The status is the error's type's
+``http_status`` (:class:`~engram.errors.EngramError`: 400 unless a subclass says otherwise,
+e.g. 413 for :class:`~engram.errors.RequestTooLargeError`), never read from the message. The model runs under one lock: two forward passes at
+once on 2 cores would only be slower. stdlib ``http.server``
 (``ThreadingHTTPServer``) is enough for a local tool; no framework is needed.
 """
 
@@ -60,13 +62,13 @@ class ServeLimits:
             raise ServeConfigError(f"cache_entries={self.cache_entries} must be >= 0 (0 disables)")
 
 
-class RequestError(Exception):
-    """A request the server refuses, with its HTTP status."""
+class RequestError(EngramError):
+    """A request the server refuses for HTTP reasons (route, method, headers, body), with the
+    status it answers."""
 
     def __init__(self, status: HTTPStatus, message: str):
         super().__init__(message)
-        self.status = status
-        self.message = message
+        self.http_status = int(status)
 
 
 class InspectService:
@@ -116,12 +118,7 @@ class InspectService:
                 self._cache.move_to_end(text)
                 self.requests_served += 1
                 return hit
-            try:
-                ins = inspect_text(self.model, self.tokenizer, text)
-            except InspectError as e:
-                status = (HTTPStatus.REQUEST_ENTITY_TOO_LARGE if "max_seq_len" in str(e)
-                          else HTTPStatus.BAD_REQUEST)
-                raise RequestError(status, str(e)) from None
+            ins = inspect_text(self.model, self.tokenizer, text)  # an EngramError carries its status
             body = json.dumps(ins.to_dict(), ensure_ascii=False).encode("utf-8")
             if self.limits.cache_entries:
                 self._cache[text] = body
@@ -156,10 +153,10 @@ def _handler_class(service: InspectService, quiet: bool) -> type[BaseHTTPRequest
         def _json(self, status: int, obj: Any) -> None:
             self._send(status, json.dumps(obj).encode("utf-8"), "application/json; charset=utf-8")
 
-        def _error(self, err: RequestError) -> None:
-            if err.status >= 400:
-                self.close_connection = True  # the body may not have been read: do not reuse
-            self._json(err.status, {"error": err.message, "status": int(err.status)})
+        def _error(self, err: EngramError) -> None:
+            """Answer ``err`` with its type's status (never chosen by the message's wording)."""
+            self.close_connection = True  # the body may not have been read: do not reuse
+            self._json(err.http_status, {"error": str(err), "status": err.http_status})
 
         # -- routing
         def do_GET(self) -> None:
@@ -197,7 +194,7 @@ def _handler_class(service: InspectService, quiet: bool) -> type[BaseHTTPRequest
                 finally:
                     service.leave()
                 self._send(200, body, "application/json; charset=utf-8")
-            except RequestError as e:
+            except EngramError as e:  # RequestError or bad input found while inspecting
                 self._error(e)
 
         def do_PUT(self) -> None:

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engram.errors import RequestTooLargeError
+
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [max_len, Dh/2] for rotating pairs (x[2i], x[2i+1])."""
@@ -39,7 +41,7 @@ class KVCache:
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
         if pos + T > self.max_len:
-            raise ValueError(
+            raise RequestTooLargeError(
                 f"KV cache holds {self.max_len} positions but {pos + T} are needed; "
                 f"generate fewer tokens or raise max_seq_len"
             )

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from engram.errors import RequestTooLargeError
 from engram.model.lm import EngramLM
 
 
@@ -59,7 +60,7 @@ def generate(model: EngramLM, prompt_ids: torch.Tensor, sampling: SamplingConfig
         raise ValueError("the prompt is empty; give at least one token")
     total = T0 + sampling.max_new_tokens
     if total > model.cfg.max_seq_len:
-        raise ValueError(
+        raise RequestTooLargeError(
             f"prompt ({T0} tokens) + max_new_tokens ({sampling.max_new_tokens}) = {total} exceeds "
             f"the model's max_seq_len={model.cfg.max_seq_len}; shorten one of them"
         )

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from engram.config import InputNgramConfig
+from engram.hashing.hasher import head_offsets
 from engram.hashing.primes import next_prime
 
 
@@ -41,8 +42,8 @@ class InputNgramEmbedding(nn.Module):
         # Odd multipliers below 2^20 keep every product of a token id (< 2^20) in int64.
         mults = rng.integers(1, 1 << 19, size=(len(cfg.orders), cfg.max_ngram_size)) * 2 + 1
         self.register_buffer("mults", torch.as_tensor(mults, dtype=torch.long), persistent=False)
-        offsets = np.cumsum([0] + self.sizes[:-1])
-        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", torch.tensor(head_offsets(self.sizes), dtype=torch.long),
+                             persistent=False)
         self.embedding = nn.Embedding(sum(self.sizes), hidden_size)
         self.vocab_size = vocab_size
 

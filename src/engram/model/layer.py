@@ -15,19 +15,37 @@ Forward, per branch m (paper Sec. 2, DeepSeek's reference demo):
     v_m    = alpha_m * (W_V e + b)                                    (W_V shared by branches)
     out_m  = v_m + SiLU(CausalDepthwiseConv(RMSNorm''_m(v)))          kernel 4, dilation max_n
 The caller adds ``out`` to the residual stream. Parameter names match the reference so its
-weights load directly.
+weights load directly. ``output_gates`` / ``output_gate_inputs`` return alpha [B,T,M] and the
+gate's inputs (h [B,T,M,D], e [B,T,E]) with the output; nothing is kept on the module.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engram.config import EngramConfig
+from engram.hashing.hasher import head_offsets
+
+
+class GateInputs(NamedTuple):
+    """What the gate of one layer reads: the residual stream and the retrieved memory."""
+
+    hidden_states: torch.Tensor  # h [B,T,M,D]
+    memory: torch.Tensor  # e [B,T,E]
+
+
+class EngramLayerOutput(NamedTuple):
+    """``output`` is added to the residual stream; the rest is None unless asked for."""
+
+    output: torch.Tensor  # [B,T,M,D]
+    conv_state: Optional[torch.Tensor] = None  # short conv state for decoding [B, receptive, M*D]
+    gates: Optional[torch.Tensor] = None  # alpha [B,T,M] (output_gates)
+    gate_inputs: Optional[GateInputs] = None  # (output_gate_inputs)
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -35,11 +53,8 @@ class MultiHeadEmbedding(nn.Module):
 
     def __init__(self, head_sizes: list[int], head_dim: int):
         super().__init__()
-        offsets = [0]
-        for n in head_sizes[:-1]:
-            offsets.append(offsets[-1] + n)
         self.head_sizes = list(head_sizes)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long))
+        self.register_buffer("offsets", torch.tensor(head_offsets(head_sizes), dtype=torch.long))
         self.embedding = nn.Embedding(sum(head_sizes), head_dim)
 
     @property
@@ -118,11 +133,6 @@ class EngramLayer(nn.Module):
                       cfg.conv_norm_eps, cfg.conv_zero_init)
             if cfg.use_short_conv else None
         )
-        self.record_gates = False  # set by inspection tools; keeps the last gates in .last_gates
-        self.last_gates: Optional[torch.Tensor] = None
-        # set by analysis tools; keeps the gate's inputs (hidden_states, e) of the last forward
-        self.record_gate_inputs = False
-        self.last_gate_inputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.enabled = True  # ablation switch: False makes the layer output zeros
 
     def gates(self, hidden_states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -140,9 +150,11 @@ class EngramLayer(nn.Module):
         return torch.stack(out, dim=-1)
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
-                conv_state: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """hidden_states [B,T,M,D], hash_ids [B,T,H] -> (out [B,T,M,D], new conv state or None)."""
+                conv_state: Optional[torch.Tensor] = None, *, output_gates: bool = False,
+                output_gate_inputs: bool = False) -> EngramLayerOutput:
+        """hidden_states [B,T,M,D], hash_ids [B,T,H] -> out [B,T,M,D], new conv state (None
+        without the short conv), and with ``output_gates`` alpha [B,T,M], with
+        ``output_gate_inputs`` (h, e). They stay in the autograd graph when grad is enabled."""
         if hidden_states.dim() != 4 or hidden_states.shape[2] != self.hc_mult:
             raise ValueError(
                 f"EngramLayer expects hidden_states [B,T,{self.hc_mult},{self.hidden_size}], "
@@ -150,10 +162,6 @@ class EngramLayer(nn.Module):
             )
         e = self.multi_head_embedding(hash_ids).flatten(start_dim=-2)  # [B,T,E]
         alpha = self.gates(hidden_states, e)  # [B,T,M]
-        if self.record_gates:
-            self.last_gates = alpha.detach()
-        if self.record_gate_inputs:
-            self.last_gate_inputs = (hidden_states.detach(), e.detach())
         value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(2)  # [B,T,M,D]
         new_state = None
         if self.short_conv is not None:
@@ -161,4 +169,5 @@ class EngramLayer(nn.Module):
             value = value + y
         if not self.enabled:
             value = torch.zeros_like(value)
-        return value, new_state
+        return EngramLayerOutput(value, new_state, alpha if output_gates else None,
+                                 GateInputs(hidden_states, e) if output_gate_inputs else None)

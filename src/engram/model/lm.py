@@ -10,6 +10,11 @@ static hyper-connection stream: each sublayer reads a learned mix of the branche
 branches (one gate per branch) and adds its [B,T,M,D] output directly, as in the paper.
 
 Block order (as in DeepSeek's reference): Engram (if this layer has one) -> attention -> FFN.
+
+``model(ids, output_gates=True)`` also returns every Engram layer's gate alpha [B,T,M] in
+``ModelOutput.gates`` ({layer_id: tensor}, as Hugging Face models return router logits with
+``output_router_logits``); ``output_gate_inputs=True`` the gate's inputs (h [B,T,M,D], e [B,T,E]).
+With a cache, T is the new positions of this call.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram.config import ModelConfig
+from engram.errors import RequestTooLargeError
 from engram.hashing.hasher import NgramHasher
 from engram.model.attention import CausalSelfAttention, KVCache, rope_tables
 from engram.model.input_ngram import InputNgramEmbedding
-from engram.model.layer import EngramLayer
+from engram.model.layer import EngramLayer, EngramLayerOutput, GateInputs
 from engram.model.moe import DeepSeekMoE, SwiGLU
 
 
@@ -61,8 +67,10 @@ class InferenceCache:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor  # [B,T,V]
+    loss: Optional[torch.Tensor] = None  # mean cross-entropy, when targets are given
+    gates: Optional[dict[int, torch.Tensor]] = None  # output_gates: {layer_id: alpha [B,T,M]}
+    gate_inputs: Optional[dict[int, GateInputs]] = None  # output_gate_inputs: {layer_id: (h, e)}
 
 
 class Block(nn.Module):
@@ -92,18 +100,22 @@ class Block(nn.Module):
         return hc.write(h, fn(hc.read(h)))
 
     def forward(self, h: torch.Tensor, cos, sin, hash_ids: Optional[torch.Tensor],
-                cache: Optional[InferenceCache]) -> torch.Tensor:
+                cache: Optional[InferenceCache], *, output_gates: bool = False,
+                output_gate_inputs: bool = False) -> tuple[torch.Tensor, Optional[EngramLayerOutput]]:
+        """h [B,T,M,D] -> (new h, the Engram layer's output or None in a block without one)."""
+        engram_out = None
         if self.engram is not None:
             conv_state = cache.conv.get(self.layer_id) if cache is not None else None
-            out, new_state = self.engram(h, hash_ids, conv_state)
+            engram_out = self.engram(h, hash_ids, conv_state, output_gates=output_gates,
+                                     output_gate_inputs=output_gate_inputs)
             if cache is not None:
-                cache.conv[self.layer_id] = new_state
-            h = h + out
+                cache.conv[self.layer_id] = engram_out.conv_state
+            h = h + engram_out.output
         kv = cache.kv[self.layer_id] if cache is not None else None
         pos = cache.pos if cache is not None else 0
         h = self._sublayer(h, self.hc_attn, lambda x: self.attn(self.attn_norm(x), cos, sin, kv, pos))
         h = self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
-        return h
+        return h, engram_out
 
 
 class EngramLM(nn.Module):
@@ -198,8 +210,13 @@ class EngramLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 hash_ids: Optional[dict[int, torch.Tensor]] = None,
-                cache: Optional[InferenceCache] = None) -> ModelOutput:
-        """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy if targets are given)."""
+                cache: Optional[InferenceCache] = None, output_gates: bool = False,
+                output_gate_inputs: bool = False) -> ModelOutput:
+        """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy if targets are given).
+
+        ``output_gates`` / ``output_gate_inputs``: also return every Engram layer's gates /
+        gate inputs ({} for a model without Engram layers; None when not asked for).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -210,7 +227,7 @@ class EngramLM(nn.Module):
                              f"was the data tokenized with another tokenizer?")
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+            raise RequestTooLargeError(f"sequence of {pos + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
         if self.hasher is not None and hash_ids is None:
             hash_ids = (self._hash_for_cache(input_ids, cache) if cache is not None
                         else self.hasher.hash(input_ids))
@@ -221,13 +238,20 @@ class EngramLM(nn.Module):
             if cache is not None:
                 cache.ngram_hist = hist
         h = x.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)  # [B,T,M,D]
+        gates: Optional[dict[int, torch.Tensor]] = {} if output_gates else None
+        gate_inputs: Optional[dict[int, GateInputs]] = {} if output_gate_inputs else None
         for block in self.layers:
             ids = hash_ids[block.layer_id] if block.engram is not None else None
-            h = block(h, cos, sin, ids, cache)
+            h, engram_out = block(h, cos, sin, ids, cache, output_gates=output_gates,
+                                  output_gate_inputs=output_gate_inputs)
+            if engram_out is not None and gates is not None:
+                gates[block.layer_id] = engram_out.gates
+            if engram_out is not None and gate_inputs is not None:
+                gate_inputs[block.layer_id] = engram_out.gate_inputs
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.norm(h.sum(dim=2)))  # branches are summed back into one stream
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
-        return ModelOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=loss, gates=gates, gate_inputs=gate_inputs)

@@ -6,7 +6,9 @@ The model is loaded from ``RUN`` (and, with ``--table``, its tables from a table
 patch stacks on the patches already applied there). Every parameter is frozen except the
 Engram table weights; with ``train_gates`` the Engram gate/value projections (key and value
 projections, their norms, the short conv) train too, but they are *not* part of the patch:
-their count is reported separately and the patch alone does not reproduce them.
+their count is reported separately and the patch alone does not reproduce them. The steps use
+``engram train``'s learning-rate schedule, joint gradient clipping and optimizer step
+(:mod:`engram.training.optimization`).
 
 Why only the touched rows change
     The table gradient is sparse: a row receives gradient only where the new text's N-grams
@@ -48,7 +50,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engram.config import TrainConfig
 from engram.data.corpus import read_user_files
 from engram.data.shards import DataError, load_dataset
 from engram.data.tokenizer import load_tokenizer, tokenizer_info
@@ -58,7 +59,7 @@ from engram.patches.apply import table_chain, table_fingerprint
 from engram.patches.patchfile import QUANTIZATIONS, PatchError, TablePatch, make_patch, save_patch, tables_fingerprint
 from engram.tables.access import row_access_counts, table_rows
 from engram.tables.runtime import load_tables_into
-from engram.training.trainer import lr_at
+from engram.training.optimization import lr_at, optimizer_params, optimizer_step, set_lr
 
 DEFAULT_PROTECT_MIN_COUNT = 0  # off: it lost to rehearsal on held-out facts (docs/patches.md)
 DEFAULT_REHEARSAL = 1.0  # used whenever the original corpus is given (rehearsal=None)
@@ -193,6 +194,23 @@ def _digest(model: Any, skip: set[int]) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class _RowMasks:
+    """Which table rows may change, per layer (bool [R]; see the module docstring)."""
+
+    protected: dict[int, torch.Tensor]  # read by the original corpus >= protect_min_count times
+    touched: dict[int, torch.Tensor]  # read by the new text so far (filled in while training)
+    protect_on: bool  # row protection is active
+    use_mask: bool  # gradients are masked to touched, unprotected rows (protection or rehearsal)
+
+
+@dataclass
+class _StepLog:
+    losses: list[float]  # loss on the new text, per step
+    losses_orig: list[float]  # rehearsal loss on the original corpus, per step (empty without)
+    train_s: float
+
+
 def train_patch(model: Any, tokens: np.ndarray, cfg: PatchTrainConfig, *, dtype: str = "fp32",
                 parent: Optional[str] = None, name: str = "", provenance: Optional[dict[str, Any]] = None,
                 original_tokens: Optional[np.ndarray] = None,
@@ -206,6 +224,27 @@ def train_patch(model: Any, tokens: np.ndarray, cfg: PatchTrainConfig, *, dtype:
     (``cfg.protect_min_count``) and rehearsal (``cfg.rehearsal``); ``row_counts`` (from
     :func:`row_access_counts` of those tokens) skips recounting them.
     """
+    tables = _check_model(model, cfg)
+    if cfg.rehearsal is None:  # automatic: rehearse whenever the original corpus is there
+        cfg = replace(cfg, rehearsal=DEFAULT_REHEARSAL if original_tokens is not None else 0.0)
+    if cfg.rehearsal > 0 and original_tokens is None:
+        raise PatchError(f"rehearsal={cfg.rehearsal} needs the original corpus: pass --original-data DIR "
+                         f"(the base run's dataset directory) or set --rehearsal 0")
+    masks = _select_rows(model, tables, cfg, original_tokens, row_counts)
+    gates = gate_parameters(model) if cfg.train_gates else []
+    trainable = {id(p) for p in [*tables.values(), *gates]}
+    frozen_digest = _digest(model, trainable)
+    base = {lid: w.detach().clone() for lid, w in tables.items()}
+    optimizers = _build_optimizers(tables, gates, cfg)
+    log = _run_steps(model, tokens, cfg, tables, trainable, base, masks, optimizers, original_tokens, progress)
+    patch = _make_patch(model, cfg, base, tables, masks, log, tokens.size, dtype=dtype, parent=parent,
+                        name=name, provenance=provenance)
+    return patch, _report(cfg, tables, gates, masks, log, patch,
+                          backbone_unchanged=_digest(model, trainable) == frozen_digest)
+
+
+def _check_model(model: Any, cfg: PatchTrainConfig) -> dict[int, torch.nn.Parameter]:
+    """The Engram table weights {layer_id: [R, Dh]}, once the model is known to be patchable."""
     if getattr(model, "hasher", None) is None:
         raise PatchError("the model has no Engram layers; a patch trains Engram tables, use an engram-* run")
     tables = {e.layer_id: e.multi_head_embedding.embedding.weight for e in model.engram_layers}
@@ -214,107 +253,133 @@ def train_patch(model: Any, tokens: np.ndarray, cfg: PatchTrainConfig, *, dtype:
     if cfg.seq_len > model.cfg.max_seq_len:
         raise PatchError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}; "
                          f"pass --seq-len {model.cfg.max_seq_len} or less")
-    if cfg.rehearsal is None:  # automatic: rehearse whenever the original corpus is there
-        cfg = replace(cfg, rehearsal=DEFAULT_REHEARSAL if original_tokens is not None else 0.0)
-    if cfg.rehearsal > 0 and original_tokens is None:
-        raise PatchError(f"rehearsal={cfg.rehearsal} needs the original corpus: pass --original-data DIR "
-                         f"(the base run's dataset directory) or set --rehearsal 0")
+    return tables
+
+
+def _select_rows(model: Any, tables: dict[int, torch.nn.Parameter], cfg: PatchTrainConfig,
+                 original_tokens: Optional[np.ndarray],
+                 row_counts: Optional[dict[int, np.ndarray]]) -> _RowMasks:
+    """Rows protected by the original corpus's counts, and an empty record of touched rows."""
     protect_on = cfg.protect_min_count > 0 and (original_tokens is not None or row_counts is not None)
     if protect_on and row_counts is None:
         row_counts = row_access_counts(model, original_tokens)
     if row_counts is not None and set(row_counts) != set(tables):
         raise PatchError(f"row_counts cover layers {sorted(row_counts)}, the model's tables {sorted(tables)}; "
                          f"count them with row_access_counts(model, tokens) of this model")
-    protected = {lid: m.to(tables[lid].device) for lid, m in
-                 protected_masks(row_counts, cfg.protect_min_count if protect_on else 0).items()
-                 } if row_counts is not None else {lid: torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
-                                                   for lid, w in tables.items()}
-    use_mask = protect_on or cfg.rehearsal > 0
-    allowed = {lid: torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) for lid, w in tables.items()}
-    gates = gate_parameters(model) if cfg.train_gates else []
-    trainable = {id(p) for p in [*tables.values(), *gates]}
+    if row_counts is not None:
+        protected = {lid: m.to(tables[lid].device) for lid, m in
+                     protected_masks(row_counts, cfg.protect_min_count if protect_on else 0).items()}
+    else:
+        protected = {lid: torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) for lid, w in tables.items()}
+    touched = {lid: torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) for lid, w in tables.items()}
+    return _RowMasks(protected, touched, protect_on, use_mask=protect_on or cfg.rehearsal > 0)
+
+
+def _build_optimizers(tables: dict[int, torch.nn.Parameter], gates: list[torch.nn.Parameter],
+                      cfg: PatchTrainConfig) -> dict[str, torch.optim.Optimizer]:
+    """Adam from zero moments (an untouched row's update is exactly 0): the tables at
+    ``lr * table_lr_mult`` without weight decay, the gate parameters (``train_gates``) at ``lr``."""
+    optimizers: dict[str, torch.optim.Optimizer] = {"tables": torch.optim.Adam(
+        [{"params": list(tables.values()), "lr_mult": cfg.table_lr_mult}],
+        lr=cfg.lr * cfg.table_lr_mult, betas=(0.9, 0.95), weight_decay=0.0)}
+    if gates:
+        optimizers["gates"] = torch.optim.Adam([{"params": gates, "lr_mult": 1.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    return optimizers
+
+
+def _run_steps(model: Any, tokens: np.ndarray, cfg: PatchTrainConfig, tables: dict[int, torch.nn.Parameter],
+               trainable: set[int], base: dict[int, torch.Tensor], masks: _RowMasks,
+               optimizers: dict[str, torch.optim.Optimizer], original_tokens: Optional[np.ndarray],
+               progress: bool) -> _StepLog:
+    """``cfg.steps`` optimizer steps with the main loop's schedule, clipping and step
+    (:mod:`engram.training.optimization`); only ``trainable`` parameters get gradients."""
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
-    frozen_digest = _digest(model, trainable)
-    base = {lid: w.detach().clone() for lid, w in tables.items()}
-    opts = {"tables": torch.optim.Adam([{"params": list(tables.values()), "lr_mult": cfg.table_lr_mult}],
-                                       lr=cfg.lr * cfg.table_lr_mult, betas=(0.9, 0.95), weight_decay=0.0)}
-    if gates:
-        opts["gates"] = torch.optim.Adam([{"params": gates, "lr_mult": 1.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    sched = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+    params = optimizer_params(optimizers)
     gen = torch.Generator().manual_seed(cfg.seed)
     gen_orig = torch.Generator().manual_seed(cfg.seed + 1)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # see the module docstring: no MoE load accumulation, nothing but rows moves
-    losses: list[float] = []
-    losses_orig: list[float] = []
+    log = _StepLog([], [], 0.0)
     t0 = time.perf_counter()
     try:
         for step in tqdm(range(cfg.steps), desc="patch train", disable=not progress, dynamic_ncols=True):
-            lr = lr_at(step, sched)
-            for opt in opts.values():
-                for g in opt.param_groups:
-                    g["lr"] = lr * g["lr_mult"]
+            set_lr(optimizers, lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps,
+                                     min_lr_ratio=cfg.min_lr_ratio))
             x, y = _batch(tokens, cfg, gen)
-            loss = model(x.to(device), y.to(device)).loss
+            x = x.to(device)
+            loss = model(x, y.to(device)).loss
             total = loss
-            if use_mask:  # the rows the new text has touched so far (see the module docstring)
-                for lid, rows in _touched(model, x.to(device)).items():
-                    allowed[lid][rows] = True
+            if masks.use_mask:  # the rows the new text has touched so far (see the module docstring)
+                for lid, rows in _touched(model, x).items():
+                    masks.touched[lid][rows] = True
             if cfg.rehearsal > 0:
                 xo, yo = _batch(original_tokens, cfg, gen_orig, cfg.rehearsal_batch_size or cfg.batch_size)
                 loss_orig = model(xo.to(device), yo.to(device)).loss
                 total = total + cfg.rehearsal * loss_orig
-                losses_orig.append(float(loss_orig.detach()))
+                log.losses_orig.append(float(loss_orig.detach()))
             if cfg.anchor > 0:
                 total = total + cfg.anchor * sum(((w - base[lid].to(w.device)) ** 2).sum()
                                                  for lid, w in tables.items())
             if not torch.isfinite(total):
                 raise FloatingPointError(f"patch training loss is {float(total)} at step {step}; lower --lr")
             total.backward()
-            if use_mask:  # protected rows and rows the new text never touched get no update
+            if masks.use_mask:  # protected rows and rows the new text never touched get no update
                 for lid, w in tables.items():
                     if w.grad is not None:
-                        w.grad.mul_((allowed[lid] & ~protected[lid]).unsqueeze(1).to(w.grad.dtype))
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for o in opts.values() for g in o.param_groups
-                                                for p in g["params"]], cfg.grad_clip)
-            for opt in opts.values():
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+                        allowed = masks.touched[lid] & ~masks.protected[lid]
+                        w.grad.mul_(allowed.unsqueeze(1).to(w.grad.dtype))
+            optimizer_step(optimizers, params, cfg.grad_clip)
+            log.losses.append(float(loss.detach()))
     finally:
         model.train(was_training)
         for p in model.parameters():
             p.requires_grad_(True)
-    train_s = time.perf_counter() - t0
+    log.train_s = time.perf_counter() - t0
+    return log
+
+
+def _tail_mean(values: list[float], steps: int) -> float:
+    """Mean over the last 10% of the steps (at least one): the loss a patch ends at."""
+    return float(np.mean(values[-max(1, steps // 10):]))
+
+
+def _make_patch(model: Any, cfg: PatchTrainConfig, base: dict[int, torch.Tensor],
+                tables: dict[int, torch.nn.Parameter], masks: _RowMasks, log: _StepLog, num_tokens: int, *,
+                dtype: str, parent: Optional[str], name: str,
+                provenance: Optional[dict[str, Any]]) -> TablePatch:
+    """The rows that differ from ``base`` bit for bit, with the training's provenance."""
     new = {lid: w.detach() for lid, w in tables.items()}
-    prov = {**(provenance or {}), "config": asdict(cfg), "tokens": int(tokens.size),
-            "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, cfg.steps // 10):])),
-            "train_s": round(train_s, 3),
-            "protected_rows": {str(lid): int(m.sum()) for lid, m in protected.items()},
-            **({"loss_orig_first": losses_orig[0], "loss_orig_last": float(np.mean(losses_orig[-max(1, cfg.steps // 10):]))}
-               if losses_orig else {})}
-    patch = make_patch(base, new, hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe(),
-                       dtype=dtype, quantization=cfg.quantization, parent=parent, name=name, provenance=prov)
-    table_params = sum(w.numel() for w in tables.values())
-    report = {"steps": cfg.steps, "tokens": int(tokens.size), "loss_first": prov["loss_first"],
-              "loss_last": prov["loss_last"], "train_s": train_s,
-              "trainable_table_params": table_params,
-              "trainable_gate_params": sum(p.numel() for p in gates),
-              "gate_params_in_patch": False,
-              "changed_rows": {str(lid): int(lp.rows.numel()) for lid, lp in patch.layers.items()},
-              "table_rows": {str(lid): int(w.shape[0]) for lid, w in tables.items()},
-              "backbone_unchanged": _digest(model, trainable) == frozen_digest,
-              "protect_min_count": cfg.protect_min_count if protect_on else 0,
-              "protected_rows": prov["protected_rows"],
-              "rehearsal": cfg.rehearsal,
-              **({"touched_rows": {str(lid): int(a.sum()) for lid, a in allowed.items()},
-                  "touched_protected_rows": {str(lid): int((a & protected[lid]).sum()) for lid, a in allowed.items()}}
-                 if use_mask else {}),
-              **({k: prov[k] for k in ("loss_orig_first", "loss_orig_last")} if losses_orig else {})}
-    return patch, report
+    prov = {**(provenance or {}), "config": asdict(cfg), "tokens": int(num_tokens),
+            "loss_first": log.losses[0], "loss_last": _tail_mean(log.losses, cfg.steps),
+            "train_s": round(log.train_s, 3),
+            "protected_rows": {str(lid): int(m.sum()) for lid, m in masks.protected.items()},
+            **({"loss_orig_first": log.losses_orig[0], "loss_orig_last": _tail_mean(log.losses_orig, cfg.steps)}
+               if log.losses_orig else {})}
+    return make_patch(base, new, hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe(),
+                      dtype=dtype, quantization=cfg.quantization, parent=parent, name=name, provenance=prov)
+
+
+def _report(cfg: PatchTrainConfig, tables: dict[int, torch.nn.Parameter], gates: list[torch.nn.Parameter],
+            masks: _RowMasks, log: _StepLog, patch: TablePatch, *, backbone_unchanged: bool) -> dict[str, Any]:
+    prov = patch.meta["provenance"]
+    return {"steps": cfg.steps, "tokens": prov["tokens"], "loss_first": prov["loss_first"],
+            "loss_last": prov["loss_last"], "train_s": log.train_s,
+            "trainable_table_params": sum(w.numel() for w in tables.values()),
+            "trainable_gate_params": sum(p.numel() for p in gates),
+            "gate_params_in_patch": False,
+            "changed_rows": {str(lid): int(lp.rows.numel()) for lid, lp in patch.layers.items()},
+            "table_rows": {str(lid): int(w.shape[0]) for lid, w in tables.items()},
+            "backbone_unchanged": backbone_unchanged,
+            "protect_min_count": cfg.protect_min_count if masks.protect_on else 0,
+            "protected_rows": prov["protected_rows"],
+            "rehearsal": cfg.rehearsal,
+            **({"touched_rows": {str(lid): int(a.sum()) for lid, a in masks.touched.items()},
+                "touched_protected_rows": {str(lid): int((a & masks.protected[lid]).sum())
+                                           for lid, a in masks.touched.items()}}
+               if masks.use_mask else {}),
+            **({k: prov[k] for k in ("loss_orig_first", "loss_orig_last")} if log.losses_orig else {})}
 
 
 def train_patch_from_run(ckpt: PathLike, data: Sequence[PathLike], out: PathLike, cfg: PatchTrainConfig, *,

@@ -326,15 +326,11 @@ def _gate_stats(model, data_dir: str, tcfg: TrainConfig) -> Optional[dict[str, f
         return None
     ds = data.load_dataset(data_dir)
     vals = []
-    for e in layers:
-        e.record_gates = True
     with torch.no_grad():
         model.eval()
         for x, _ in data.iter_eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, 4):
-            model(x)
-            vals.append(torch.cat([e.last_gates.flatten() for e in layers]))
-    for e in layers:
-        e.record_gates = False
+            gates = model(x, output_gates=True).gates
+            vals.append(torch.cat([gates[e.layer_id].flatten() for e in layers]))
     g = torch.cat(vals)
     return {"mean": float(g.mean()), "std": float(g.std()),
             "saturated_low": float((g < 0.05).float().mean()),

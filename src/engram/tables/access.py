@@ -4,9 +4,9 @@ N-gram frequencies are heavy-tailed, so a few table rows take most lookups. This
 replays a token stream (a prepared dataset shard) through the model's hasher and reports, per
 Engram layer:
 
-- the rank-frequency curve of row accesses (points at log-spaced ranks), a least-squares fit
-  of the Zipf exponent ``s`` in ``count ~ rank^-s`` over ranks 10 .. 10% of the distinct rows,
-  and how much of the traffic the top 0.1% / 1% / 10% of rows take;
+- the rank-frequency curve of row accesses (points at log-spaced ranks), the Zipf exponent
+  (:func:`zipf_exponent`, the one fit every command reports), and how much of the traffic the
+  top 0.1% / 1% / 10% of rows take;
 - the hit rate a cache of C rows would get: ``static`` pins the C most frequent rows of this
   very stream (hindsight: the best a fixed pool could do), ``lru`` / ``lfu`` replay the
   stream batch by batch through the real :class:`~engram.tables.tiers.CachedStorage` policy code
@@ -47,11 +47,6 @@ class _NullStorage(TableStorage):
         self.stats.misses += rows.numel()
 
 
-def _offsets(hasher: NgramHasher, layer_id: int) -> torch.Tensor:
-    sizes = hasher.head_sizes(layer_id)
-    return torch.tensor(np.concatenate([[0], np.cumsum(sizes[:-1])]), dtype=torch.int64)
-
-
 def iter_row_batches(hasher: NgramHasher, shard: "data.Shard", batch_size: int, seq_len: int,
                      max_tokens: Optional[int] = None, order: str = "sequential", seed: int = 0
                      ) -> Iterator[dict[int, torch.Tensor]]:
@@ -62,7 +57,7 @@ def iter_row_batches(hasher: NgramHasher, shard: "data.Shard", batch_size: int, 
     """
     if order not in ("sequential", "random"):
         raise ValueError(f"order={order!r}; choose 'sequential' or 'random'")
-    offsets = {lid: _offsets(hasher, lid) for lid in hasher.cfg.layer_ids}
+    offsets = {lid: torch.tensor(hasher.head_offsets(lid), dtype=torch.int64) for lid in hasher.cfg.layer_ids}
     per_batch = batch_size * seq_len
     n_batches = max(1, (max_tokens or shard.num_tokens) // per_batch)
     if order == "sequential":
@@ -98,18 +93,40 @@ def row_access_counts(model: EngramLM, tokens: np.ndarray, chunk: int = 1 << 18)
     return counts
 
 
+ZIPF_EXPONENT_DEFINITION = (
+    "s in count ~ rank^-s: least-squares slope of log(count) against log(rank) over ranks "
+    "10 .. U // 10 of the nonzero counts sorted descending (U = number of nonzero counts); "
+    "null when that range has fewer than 11 ranks (U < 200)")
+
+
+def zipf_exponent(counts: np.ndarray) -> Optional[float]:
+    """The Zipf exponent ``s`` of ``count ~ rank^-s`` fitted to access or occurrence counts.
+
+    ``counts`` (any order; zeros, i.e. rows never read, are dropped) are sorted descending and
+    ``log count`` is fitted against ``log rank`` by least squares over ranks 10 .. U // 10,
+    where U is the number of nonzero counts. None when that range has fewer than 11 ranks
+    (U < 200). Every command that prints a Zipf exponent (``engram table stats``, ``engram
+    analyze zipf``) uses this function; JSON outputs carry :data:`ZIPF_EXPONENT_DEFINITION`.
+    """
+    c = np.asarray(counts, dtype=np.int64).ravel()
+    c = np.sort(c[c > 0])[::-1]
+    # Ranks below 10: the head bends away from a power law. Beyond U // 10: the tail flattens
+    # into rows seen once or twice, which would drag the slope towards 0.
+    lo, hi = 10, c.size // 10
+    if hi - lo < 10:
+        return None
+    r = np.arange(lo, hi + 1)
+    slope, _ = np.polyfit(np.log(r), np.log(c[lo - 1:hi]), 1)
+    return float(-slope)
+
+
 def rank_frequency(counts: np.ndarray, points: int = 40) -> dict[str, Any]:
     """Summary of access counts per distinct row (any order)."""
     c = np.sort(np.asarray(counts, dtype=np.int64))[::-1]
     total, u = int(c.sum()), len(c)
     ranks = np.unique(np.geomspace(1, max(u, 1), num=min(points, max(u, 1))).astype(np.int64))
     curve = [[int(r), int(c[r - 1])] for r in ranks] if u else []
-    lo, hi = 10, max(11, u // 10)
-    s = None
-    if hi - lo >= 10:
-        r = np.arange(lo, hi + 1)
-        slope, _ = np.polyfit(np.log(r), np.log(c[lo - 1:hi]), 1)
-        s = float(-slope)
+    s = zipf_exponent(c)
     cum = np.cumsum(c)
     share = {}
     for frac in (0.001, 0.01, 0.1):
@@ -203,4 +220,5 @@ def _access_report(hasher: NgramHasher, shard: "data.Shard", batch_size: int, se
                 caches.append(simulate_cache(batches, num_rows, cap, pol))
         layers[str(lid)] = {"table_rows": num_rows, **rf, "caches": caches}
     return {"tokens": tokens, "batch_size": batch_size, "seq_len": seq_len, "order": order,
-            "heads_per_layer": hasher.num_heads, "layers": layers}
+            "heads_per_layer": hasher.num_heads, "layers": layers,
+            "zipf_exponent_definition": ZIPF_EXPONENT_DEFINITION}

@@ -367,7 +367,7 @@ def build_model_without_tables(cfg: ModelConfig, compression: Optional[np.ndarra
         sizes = model.hasher.head_sizes(block.layer_id)
         with torch.device("meta"):
             mhe = MultiHeadEmbedding(sizes, cfg.engram.head_dim)
-        mhe.offsets = torch.tensor(np.concatenate([[0], np.cumsum(sizes[:-1])]), dtype=torch.long)
+        mhe.offsets = torch.tensor(model.hasher.head_offsets(block.layer_id), dtype=torch.long)  # not meta
         mhe.embedding = OffloadedEmbedding(sum(sizes), cfg.engram.head_dim, block.layer_id)
         layer.multi_head_embedding = mhe
     return model

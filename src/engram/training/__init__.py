@@ -1,8 +1,9 @@
 """Training and evaluation: the one training loop, its optimizers and schedule, evaluation.
 
 ``trainer`` (``train``: resumable, deterministic batches, metrics.jsonl, checkpoints),
-``evaluation`` (loss / perplexity on a split, dataset-model checks) and ``sparse_adam``
-(row-wise lazy Adam for the tables).
+``optimization`` (the learning-rate schedule and the clip + step that ``train`` and patch
+training share), ``evaluation`` (loss / perplexity on a split, dataset-model checks) and
+``sparse_adam`` (row-wise lazy Adam for the tables).
 
 May import: ``engram.tables``, ``engram.model``, ``engram.hashing``, ``engram.data`` and the base
 modules.

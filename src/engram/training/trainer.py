@@ -44,33 +44,13 @@ from engram.model.checkpoint import CheckpointError
 from engram.model.lm import EngramLM
 from engram.tables.runtime import BatchPrefetcher, load_tables_into
 from engram.training.evaluation import check_dataset_for_model, dataset_identity, evaluate
-from engram.training.sparse_adam import (
-    SparseRowAdam,
-    clip_grad_norm_,  # torch's own unless the tables have sparse gradients
-    use_sparse_table_grads,
-)
+from engram.training.optimization import lr_at, optimizer_params, optimizer_step, set_lr
+from engram.training.sparse_adam import SparseRowAdam, use_sparse_table_grads
 
 METRICS_FILE = "metrics.jsonl"
 # Train-config fields that may change on resume: they do not alter the trajectory up to the
 # resumed step (``steps`` reshapes the cosine tail, which is what extending a run means).
 RESUME_MUTABLE = {"steps", "eval_every", "eval_batches", "save_every", "log_every", "prefetch"}
-
-
-# ----------------------------------------------------------------------------- schedule
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine decay."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizers: dict[str, torch.optim.Optimizer], lr: float) -> None:
-    for opt in optimizers.values():
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_mult"]
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -163,10 +143,6 @@ def _check_resume_config(meta: ckpt.CheckpointMeta, model_cfg: ModelConfig, trai
             f"checkpoint's ({ckpt._dict_diff({k: old[k] for k in changed}, {k: new[k] for k in changed})}); "
             f"only {sorted(RESUME_MUTABLE)} may change on resume. Pass the recorded values or "
             f"start a new run dir")
-
-
-def _grad_params(optimizers: dict[str, torch.optim.Optimizer]) -> list[torch.nn.Parameter]:
-    return [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
 
 
 def _to_tensor(batch: Iterable[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +261,7 @@ class _Loop:
         self.last_val: Optional[dict[str, float]] = None
         self.last_val_step = -1
         self.grad_norm = float("nan")
-        self.params = _grad_params(optimizers)
+        self.params = optimizer_params(optimizers)
         self._interval_tokens, self._interval_s = 0, 0.0
         self.batches = None  # TrainConfig.prefetch: next batch and row ids built in the background
         if cfg.prefetch:
@@ -335,7 +311,8 @@ class _Loop:
         """One optimizer step on batch ``self.step``; returns the learning rate used."""
         cfg, model = self.cfg, self.model
         t0 = time.perf_counter()
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps,
+                   min_lr_ratio=cfg.min_lr_ratio)
         set_lr(self.optimizers, lr)
         if self.batches is not None:  # built (and hashed) on a background thread during the last step
             x, y, hash_ids = self.batches.get(self.step)
@@ -349,11 +326,7 @@ class _Loop:
             raise FloatingPointError(f"training loss is {float(loss)} at step {self.step}; lower "
                                      f"TrainConfig.lr (now {cfg.lr}) or enable grad_clip")
         loss.backward()
-        self.grad_norm = (float(clip_grad_norm_(self.params, cfg.grad_clip))
-                          if cfg.grad_clip > 0 else float("nan"))
-        for opt in self.optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        self.grad_norm = optimizer_step(self.optimizers, self.params, cfg.grad_clip)
         model.update_moe_bias()
         self.step += 1
         self.loss_sum += loss.item()
