@@ -224,17 +224,18 @@ class _FactSets:
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    """The experiment of the module docstring, stage by stage; returns the report ``engram bench patch`` prints."""
+    """The experiment of the module docstring (its steps numbered in the comments), stage by stage;
+    returns the report ``engram bench patch`` prints."""
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     paths = _Paths.under(Path(cfg.workdir))
     paths.wd.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    with _timed(timings, "data_s"):
+    with _timed(timings, "data_s"):  # 1.
         split = _split_corpus(cfg)
         ds, data_reused = _prepare_data(cfg, split, paths, progress)
-    with _timed(timings, "base_train_s"):
+    with _timed(timings, "base_train_s"):  # 2.
         base_reused = _train_base(cfg, ds, data_reused, paths, progress)
     model_sha = _export_base_table(cfg, paths, base_reused)
     facts = _fact_sets(cfg, ds, split)
@@ -242,17 +243,17 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     with _timed(timings, "row_count_s"):
         model, row_counts = _load_base_and_count_rows(paths, ds)
 
-    before = measure(model)
-    with _timed(timings, "patch_train_s"):
+    before = measure(model)  # 3.
+    with _timed(timings, "patch_train_s"):  # 4.
         trained_patch = _train_patch(cfg, paths, row_counts, progress)
     on_file = _patch_the_table_file(paths, measure)
-    patched_model, base_tables, on_model = _patch_a_loaded_model(paths)
-    int8 = _int8_patch(paths, patched_model, base_tables, measure)
-    variants = _variants(cfg, paths, patched_model, row_counts, before, measure, progress)
+    scratch, base_tables, on_model = _patch_a_loaded_model(paths)  # scratch: a base model, patched and reverted
+    int8 = _int8_patch(paths, scratch, base_tables, measure)
+    variants = _variants(cfg, paths, scratch, row_counts, before, measure, progress)
 
-    with _timed(timings, "prompt_s"):
+    with _timed(timings, "prompt_s"):  # 5a.
         in_prompt = _facts_in_prompt(model, facts)
-    with _timed(timings, "ngram_s"):
+    with _timed(timings, "ngram_s"):  # 5b.
         ngram = _ngram_memory(cfg, model, ds, paths, split, model_sha)
     return _report(cfg, paths, split, facts, base_reused=base_reused, row_counts=row_counts, before=before,
                    trained_patch=trained_patch, on_file=on_file, on_model=on_model, int8=int8, variants=variants,
