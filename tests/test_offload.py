@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,4 +241,51 @@ def test_bench_offload_runs_end_to_end_on_tiny_sizes(tmp_path):
     if before is not None:
         assert os.sched_getaffinity(0) == before  # the pinning is undone
         assert (res["cpu_pinning"] is None) == (len(before) < 2)
+    assert not list(tmp_path.glob("engram-bench-*"))  # the temporary table is gone
+
+
+def _child_pids() -> set[int]:
+    """This process's children, zombies included, read from /proc (no psutil)."""
+    me, out = os.getpid(), set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:  # it ended meanwhile
+                continue
+            # "pid (comm) state ppid ...": comm may contain spaces or ')', so split after the last ')'
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                out.add(int(d.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+@pytest.mark.parametrize("failing", ["_pin_cpus", "attach_tables"])
+def test_bench_offload_ends_its_helper_processes_when_a_stage_fails(tmp_path, monkeypatch, failing):
+    """A stage failing after fetch helpers started - right before the timed rounds, or while the
+    last offloaded model is being built (its storages open, not yet attached): the error
+    propagates and nothing is left behind."""
+    import engram.bench.offload as offload
+
+    data = prepare_tiny_dataset(tmp_path / "data")
+    before = _child_pids()
+    at_failure = {}
+    calls = []
+    real = getattr(offload, failing)
+
+    def fail_on_last_call(*args, **kwargs):
+        calls.append(1)
+        if failing == "attach_tables" and len(calls) < 3:  # the third call builds the last model
+            return real(*args, **kwargs)
+        at_failure["helpers"] = _child_pids() - before
+        raise RuntimeError("stage failed")
+
+    monkeypatch.setattr(offload, failing, fail_on_last_call)
+    with pytest.raises(RuntimeError, match="stage failed"):
+        offload.bench_offload(str(data), batch_size=2, seq_len=32, rounds=1, batches_per_round=2,
+                              warm_batches=2, cache_rows=64, table_rows_per_order=256, io_threads=2,
+                              workdir=str(tmp_path), process=True, pin=True, threads=2)
+    assert at_failure["helpers"]  # helpers were running when the stage failed...
+    assert _child_pids() - before == set()  # ...and all of them have ended and been reaped
+    assert torch.get_num_threads() == 1  # one_thread's setting is back
     assert not list(tmp_path.glob("engram-bench-*"))  # the temporary table is gone

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engram.data.shards import load_dataset
-from engram.fsutil import atomic_write
+from engram.fsutil import PathLike, atomic_write
 from engram.model.checkpoint import load_model
 from engram.ngram import suffix_array as sam
 from engram.ngram.facts import facts_documents, invented_facts, model_digest, paraphrase, recall, tokenize_cases
@@ -50,7 +50,6 @@ from engram.ngram.mixture import (
     train_gate,
 )
 
-PathLike = str | Path
 RESULTS_DATE = "2026-11-25"
 MACHINE = "2-core Xeon, 24 GiB, no GPU"
 
@@ -131,49 +130,16 @@ def _sample_queries(val: np.ndarray, eos: int, lengths: tuple[int, ...], per_len
 def bench_vs_infinigram(data_dir: PathLike, workdir: PathLike, queries: int = 2000, repeats: int = 3,
                         out_dir: Optional[PathLike] = "benchmarks/results", progress: bool = True,
                         seed: int = 0) -> dict[str, Any]:
+    """Our index against infini-gram on the same training split (the module docstring); writes
+    ``ngram_vs_infinigram.json``/``.md`` to ``out_dir`` (unless None) and returns the record."""
     ds = load_dataset(data_dir)
     train = np.asarray(ds.train.tokens, dtype=np.int64)
     val = np.asarray(ds.val.tokens, dtype=np.int64)
     eos, V = ds.eos_id, ds.vocab_size
     work = Path(workdir)
-    ours_dir = work / "index-bench"
-    shutil.rmtree(ours_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    index = NgramIndex.from_dataset(ours_dir, data_dir, progress=progress)
-    ours_build = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sam.build_suffix_array(np.asarray(index.segments[0].tokens))
-    ours_sa_only = time.perf_counter() - t0
-    ours_bytes = _dir_bytes(ours_dir)
-    ours_core = index.segments[0].nbytes
-
-    count_q = _sample_queries(val, eos, (1, 2, 3, 5, 8), max(1, queries // 5), seed)
-    ctx_q = [q for q in _sample_queries(val, eos, (1, 2, 3, 5), max(1, queries // 4), seed + 1) if index.count(q) > 0]
-    inf_q = _sample_queries(val, eos, (16,), queries, seed + 2)
-    clear = lambda: [s._cache.clear() for s in index.segments]  # noqa: E731  cold caches every pass
-
-    def ours_ntd(q):
-        try:
-            return index.ntd(q)
-        except UnseenContextError:
-            return None
-
-    ours = {
-        "build_s": ours_build, "suffix_array_only_s": ours_sa_only, "index_bytes": ours_bytes,
-        "segment_bytes": ours_core, "bytes_per_token": ours_core / index.num_tokens,
-        "count": _time_calls(index.count, count_q, repeats, clear),
-        "ntd_full_vocab": _time_calls(ours_ntd, ctx_q, repeats, clear),
-        "infgram_ntd_full_vocab": _time_calls(index.infgram_ntd, inf_q, repeats, clear),
-        "native_kernel": sam.NATIVE_KERNEL_AVAILABLE,
-    }
-    # Batched: infinity-gram + KN-5 full-vocabulary distributions for every position of val windows.
-    x = val[: (val.size - 1) // 128 * 128][: 64 * 128].reshape(-1, 128)
-    t0 = time.perf_counter()
-    index.batch(x[:16], kn_order=5)
-    for b in range(16, x.shape[0], 16):
-        index.batch(x[b:b + 16], kn_order=5)
-    dt = time.perf_counter() - t0
-    ours["batch_infgram_kn5_positions_per_s"] = x.size / dt
+    index, ours = _build_our_index(work / "index-bench", data_dir, progress)
+    count_q, ctx_q, inf_q = _vs_queries(index, val, eos, queries, seed)
+    ours.update(_time_our_queries(index, val, count_q, ctx_q, inf_q, repeats))
 
     record: dict[str, Any] = {"env": _env(), "data": str(data_dir), "train_tokens": int(train.size),
                               "vocab_size": V, "queries": {"count": len(count_q), "ntd": len(ctx_q),
@@ -190,6 +156,59 @@ def bench_vs_infinigram(data_dir: PathLike, workdir: PathLike, queries: int = 20
     if out_dir:
         _write_results(out_dir, "ngram_vs_infinigram", record, _markdown_vs(record))
     return record
+
+
+def _build_our_index(ours_dir: Path, data_dir: PathLike, progress: bool) -> tuple[NgramIndex, dict[str, Any]]:
+    """Index the training split afresh in ``ours_dir``, then time the suffix array alone once more.
+    Returns the index and its build seconds and sizes."""
+    shutil.rmtree(ours_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    index = NgramIndex.from_dataset(ours_dir, data_dir, progress=progress)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sam.build_suffix_array(np.asarray(index.segments[0].tokens))
+    sa_only_s = time.perf_counter() - t0
+    segment_bytes = index.segments[0].nbytes
+    return index, {"build_s": build_s, "suffix_array_only_s": sa_only_s, "index_bytes": _dir_bytes(ours_dir),
+                   "segment_bytes": segment_bytes, "bytes_per_token": segment_bytes / index.num_tokens}
+
+
+def _vs_queries(index: NgramIndex, val: np.ndarray, eos: int, queries: int,
+                seed: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """N-grams of the validation split to query: for count (n = 1, 2, 3, 5, 8), for ntd
+    (contexts of n = 1, 2, 3, 5 that the index has seen) and for infgram (16-token contexts)."""
+    count_q = _sample_queries(val, eos, (1, 2, 3, 5, 8), max(1, queries // 5), seed)
+    ctx_q = [q for q in _sample_queries(val, eos, (1, 2, 3, 5), max(1, queries // 4), seed + 1) if index.count(q) > 0]
+    inf_q = _sample_queries(val, eos, (16,), queries, seed + 2)
+    return count_q, ctx_q, inf_q
+
+
+def _time_our_queries(index: NgramIndex, val: np.ndarray, count_q: list, ctx_q: list, inf_q: list,
+                      repeats: int) -> dict[str, Any]:
+    """Latency of our count / ntd / infgram_ntd (caches cleared before every pass) and the
+    positions/s of batched infinity-gram + KN-5 distributions over validation windows."""
+    clear = lambda: [s._cache.clear() for s in index.segments]  # noqa: E731  cold caches every pass
+
+    def ours_ntd(q):
+        try:
+            return index.ntd(q)
+        except UnseenContextError:
+            return None
+
+    out = {
+        "count": _time_calls(index.count, count_q, repeats, clear),
+        "ntd_full_vocab": _time_calls(ours_ntd, ctx_q, repeats, clear),
+        "infgram_ntd_full_vocab": _time_calls(index.infgram_ntd, inf_q, repeats, clear),
+        "native_kernel": sam.NATIVE_KERNEL_AVAILABLE,
+    }
+    # Batched: full-vocabulary distributions for every position of 64 validation windows of 128.
+    x = val[: (val.size - 1) // 128 * 128][: 64 * 128].reshape(-1, 128)
+    t0 = time.perf_counter()
+    index.batch(x[:16], kn_order=5)
+    for b in range(16, x.shape[0], 16):
+        index.batch(x[b:b + 16], kn_order=5)
+    out["batch_infgram_kn5_positions_per_s"] = x.size / (time.perf_counter() - t0)
+    return out
 
 
 def _bench_infinigram(train, eos, V, work: Path, count_q, ctx_q, inf_q, repeats, index) -> dict[str, Any]:
@@ -327,121 +346,42 @@ def _markdown_vs(rec: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- mixture + facts
+ESTIMATORS = ("both", "kn", "infgram")
+GATE_KINDS = ("features", "hidden_bounded", "hidden")
+HIDDEN_BOUND = 0.5
+
+
 def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
                        out_dir: Optional[PathLike] = "benchmarks/results", max_windows: Optional[int] = None,
                        n_countries: int = 40, baseline_ckpt: Optional[PathLike] = None,
                        progress: bool = True) -> dict[str, Any]:
-    torch.manual_seed(0)
+    """Perplexity of the mixtures and instant updates with invented facts (the module docstring);
+    writes ``ngram_mixture.json``/``.md`` to ``out_dir`` (unless None) and returns the record.
+
+    ``max_windows`` caps the validation windows scored; ``baseline_ckpt`` adds a second LM,
+    wrapped as a plain callable; ``n_countries`` invented countries supply the facts.
+    """
+    torch.manual_seed(0)  # the gates' initialisation
     ds = load_dataset(data_dir)
     val = np.asarray(ds.val.tokens, dtype=np.int64)
-    work = Path(workdir)
-    idx_dir = work / "index"
+    idx_dir = Path(workdir) / "index"
     t0 = time.perf_counter()
     index = NgramIndex.from_dataset(idx_dir, data_dir, overwrite=True, progress=progress)
     build_s = time.perf_counter() - t0
-    model, meta = load_model(ckpt)
+    model, _ = load_model(ckpt)
     digest0 = model_digest(model)
+
     runs: dict[str, Any] = {}
-    gates: dict[str, Any] = {}
-
-    def evaluate_lm(name: str, lm: LMAdapter, variants: dict[str, tuple[str, ...]]) -> None:
-        """variants: estimator -> gate variants to train ("features", "hidden_bounded", "hidden")."""
-        kw = dict(seq_len=128, batch_size=16, max_windows=max_windows, progress=progress, what="val split")
-        t0 = time.perf_counter()
-        fit = collect(lm, index, val, parity="even", **kw)
-        test = collect(lm, index, val, parity="odd", **kw)
-        res: dict[str, Any] = {"fit_tokens": len(fit), "test_tokens": len(test),
-                               "collect_s": time.perf_counter() - t0, "seconds": test.seconds,
-                               "model_loss": float(-test.lm_logp.mean())}
-        for est, kinds in variants.items():
-            lam_f, mu_f, _ = best_fixed(fit, est)
-            lam_o, mu_o, loss_o = best_fixed(test, est)
-            p = test.ngram_p(est, mu_f)
-            e: dict[str, Any] = {
-                "ngram_alone_loss": float(-p.log().mean()) if bool((p > 0).all()) else float("inf"),
-                "ngram_zero_prob_fraction": float((p == 0).float().mean()),
-                "fixed_lambda": lam_f, "fixed_mu": mu_f,
-                "fixed_loss": float(mixture_nll(test, est, lam_f, mu_f).mean()),
-                "oracle_fixed_lambda": lam_o, "oracle_fixed_mu": mu_o, "oracle_fixed_loss": loss_o,
-                "fixed_sweep_test_at_fit_mu": fixed_lambda_sweep(test, est, mu=mu_f),
-            }
-            for kind in kinds:
-                cfg = GateConfig(estimator=est, hidden_size=(lm.hidden_size or 0) if kind != "features" else 0,
-                                 hidden_bound=HIDDEN_BOUND if kind == "hidden_bounded" else 0.0)
-                t1 = time.perf_counter()
-                gate, info = train_gate(fit, cfg, progress=progress)
-                lam, mu = gate_weights(gate, test)
-                key = f"gate_{kind}"
-                q = torch.tensor([0.1, 0.5, 0.9])
-                e[key] = {"loss": float(gate_nll(gate, test).mean()), "mean_lambda": float(lam.mean()),
-                          "mean_mu": float(mu.mean()),
-                          "lambda_p10_p50_p90": [float(v) for v in torch.quantile(lam, q)],
-                          "train_s": time.perf_counter() - t1, "best_step": info["best_step"]}
-                gates[(name, est, kind)] = gate
-            res[est] = e
-        runs[name] = res
-
-    evaluate_lm("engram-moe", LMAdapter(model, name=str(ckpt)),
-                {"both": GATE_KINDS, "kn": ("features",), "infgram": ("features",)})
+    runs["engram-moe"], gates = _evaluate_lm(LMAdapter(model, name=str(ckpt)), index, val,
+                                             {"both": GATE_KINDS, "kn": ("features",), "infgram": ("features",)},
+                                             max_windows, progress)
     if baseline_ckpt is not None:
-        base, _ = load_model(baseline_ckpt)
-        fn = lambda ids: base(ids).logits  # noqa: E731  a plain callable: ids -> logits
-        evaluate_lm("callable:" + Path(baseline_ckpt).name,
-                    LMAdapter(fn, vocab_size=base.cfg.vocab_size, max_seq_len=base.cfg.max_seq_len),
-                    {"both": ("features",), "kn": ("features",), "infgram": ("features",)})
-    best_gate = gates[("engram-moe", "both", "features")]
-    gate_dir = idx_dir / "gates" / Path(ckpt).resolve().name
-    save_gate(best_gate, gate_dir, {"fit": {"data_fingerprint": ds.meta["tokenizer_fingerprint"], "split": "val",
-                                            "parity": "even", "data_tokens": int(val.size)},
-                                    "run_dir": str(Path(ckpt).resolve())})
+        runs["callable:" + Path(baseline_ckpt).name], _ = _evaluate_lm(
+            _callable_lm(baseline_ckpt), index, val,
+            {"both": ("features",), "kn": ("features",), "infgram": ("features",)}, max_windows, progress)
+    _save_gate(gates[("both", "features")], idx_dir / "gates" / Path(ckpt).resolve().name, ds, val, ckpt)
+    facts_rec = _instant_update(model, index, gates, runs["engram-moe"]["both"], ds.eos_id, n_countries, digest0)
 
-    # ---- instant update with invented facts
-    lm = LMAdapter(model)
-    mix_gate = NgramMixture(lm, index, best_gate)
-    mix_hidden = {k: NgramMixture(lm, index, gates[("engram-moe", "both", k)]) for k in GATE_KINDS[1:]}
-    fx = runs["engram-moe"]["both"]
-    mix_fixed = NgramMixture(lm, index, fx["fixed_lambda"], GateConfig(estimator="both"), mu=fx["fixed_mu"])
-    facts = invented_facts(n_countries, seed=0, index=index)
-    cases = {"same_phrasing": tokenize_cases(facts, index.tokenizer, 0),
-             "paraphrase": tokenize_cases(paraphrase(facts, 1), index.tokenizer, 1)}
-
-    def measure() -> dict[str, Any]:
-        out = {}
-        for cname, cs in cases.items():
-            out[cname] = {
-                "lm": recall(cs, mix_gate, ds.eos_id, mode="lm"),
-                "kn": recall(cs, mix_gate, ds.eos_id, mode="kn"),
-                "infgram": recall(cs, mix_gate, ds.eos_id, mode="infgram"),
-                "mixture_fixed": recall(cs, mix_fixed, ds.eos_id, mode="mixture"),
-                "mixture_gate": recall(cs, mix_gate, ds.eos_id, mode="mixture"),
-                **{f"mixture_gate_{k}": recall(cs, m, ds.eos_id, mode="mixture") for k, m in mix_hidden.items()},
-            }
-        return out
-
-    before = measure()
-    t0 = time.perf_counter()
-    info = index.add_texts(facts_documents(facts), name="invented-facts", source="invented facts (bench)")
-    add_s = time.perf_counter() - t0
-    after = measure()
-    t0 = time.perf_counter()
-    index.remove("invented-facts")
-    remove_s = time.perf_counter() - t0
-    removed = measure()
-    digest1 = model_digest(model)
-    restored = all(before[c][m]["per_fact_top1"] == removed[c][m]["per_fact_top1"]
-                   and abs(before[c][m]["mean_p_first"] - removed[c][m]["mean_p_first"]) < 1e-9
-                   for c in before for m in before[c])
-    for d in (before, after, removed):
-        for c in d.values():
-            for m in c.values():
-                m.pop("per_fact_top1")
-    facts_rec = {"countries": n_countries, "facts": len(facts), "cases": {k: len(v) for k, v in cases.items()},
-                 "delta_tokens": info.tokens, "add_s": add_s, "remove_s": remove_s,
-                 "before": before, "after_add": after, "after_remove": removed,
-                 "restored_exactly_after_remove": restored,
-                 "model_sha256_before": digest0, "model_sha256_after": digest1,
-                 "model_untouched": digest0 == digest1,
-                 "example": {"indexed": facts[0].sentence, "paraphrase_query": paraphrase(facts[:1])[0].sentence}}
     record = {"env": _env(), "ckpt": str(ckpt), "baseline_ckpt": str(baseline_ckpt) if baseline_ckpt else None,
               "data": str(data_dir), "index_build_s": build_s, "index_tokens": index.num_tokens,
               "max_windows": max_windows, "kn_order": 5, "runs": runs, "facts": facts_rec}
@@ -451,9 +391,123 @@ def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
     return record
 
 
-ESTIMATORS = ("both", "kn", "infgram")
-GATE_KINDS = ("features", "hidden_bounded", "hidden")
-HIDDEN_BOUND = 0.5
+def _callable_lm(ckpt: PathLike) -> LMAdapter:
+    """The run's model behind a plain callable (ids -> logits): the adapter sees no hidden state."""
+    base, _ = load_model(ckpt)
+    fn = lambda ids: base(ids).logits  # noqa: E731
+    return LMAdapter(fn, vocab_size=base.cfg.vocab_size, max_seq_len=base.cfg.max_seq_len)
+
+
+def _evaluate_lm(lm: LMAdapter, index: NgramIndex, val: np.ndarray, variants: dict[str, tuple[str, ...]],
+                 max_windows: Optional[int], progress: bool) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
+    """Score ``lm`` mixed with ``index`` on the validation split: even windows fit, odd windows report.
+
+    For each estimator of ``variants`` (estimator -> gate kinds to train: "features",
+    "hidden_bounded", "hidden"): the N-gram alone, the best fixed lambda (chosen on fit, and the
+    oracle one chosen on test) and each learned gate. Returns (the results, the trained gates by
+    (estimator, kind)).
+    """
+    kw = dict(seq_len=128, batch_size=16, max_windows=max_windows, progress=progress, what="val split")
+    t0 = time.perf_counter()
+    fit = collect(lm, index, val, parity="even", **kw)
+    test = collect(lm, index, val, parity="odd", **kw)
+    res: dict[str, Any] = {"fit_tokens": len(fit), "test_tokens": len(test),
+                           "collect_s": time.perf_counter() - t0, "seconds": test.seconds,
+                           "model_loss": float(-test.lm_logp.mean())}
+    gates: dict[tuple[str, str], Any] = {}
+    for est, kinds in variants.items():
+        lam_f, mu_f, _ = best_fixed(fit, est)
+        lam_o, mu_o, loss_o = best_fixed(test, est)
+        p = test.ngram_p(est, mu_f)
+        e: dict[str, Any] = {
+            "ngram_alone_loss": float(-p.log().mean()) if bool((p > 0).all()) else float("inf"),
+            "ngram_zero_prob_fraction": float((p == 0).float().mean()),
+            "fixed_lambda": lam_f, "fixed_mu": mu_f,
+            "fixed_loss": float(mixture_nll(test, est, lam_f, mu_f).mean()),
+            "oracle_fixed_lambda": lam_o, "oracle_fixed_mu": mu_o, "oracle_fixed_loss": loss_o,
+            "fixed_sweep_test_at_fit_mu": fixed_lambda_sweep(test, est, mu=mu_f),
+        }
+        for kind in kinds:
+            cfg = GateConfig(estimator=est, hidden_size=(lm.hidden_size or 0) if kind != "features" else 0,
+                             hidden_bound=HIDDEN_BOUND if kind == "hidden_bounded" else 0.0)
+            t1 = time.perf_counter()
+            gate, info = train_gate(fit, cfg, progress=progress)
+            lam, mu = gate_weights(gate, test)
+            q = torch.tensor([0.1, 0.5, 0.9])
+            e[f"gate_{kind}"] = {"loss": float(gate_nll(gate, test).mean()), "mean_lambda": float(lam.mean()),
+                                 "mean_mu": float(mu.mean()),
+                                 "lambda_p10_p50_p90": [float(v) for v in torch.quantile(lam, q)],
+                                 "train_s": time.perf_counter() - t1, "best_step": info["best_step"]}
+            gates[(est, kind)] = gate
+        res[est] = e
+    return res, gates
+
+
+def _save_gate(gate: Any, gate_dir: Path, ds: Any, val: np.ndarray, ckpt: PathLike) -> None:
+    """Save the default gate next to the index, with what it was fitted on."""
+    save_gate(gate, gate_dir, {"fit": {"data_fingerprint": ds.meta["tokenizer_fingerprint"], "split": "val",
+                                       "parity": "even", "data_tokens": int(val.size)},
+                               "run_dir": str(Path(ckpt).resolve())})
+
+
+def _instant_update(model: Any, index: NgramIndex, gates: dict[tuple[str, str], Any], fixed: dict[str, Any],
+                    eos: int, n_countries: int, digest0: str) -> dict[str, Any]:
+    """Facts about ``n_countries`` invented countries: recall (``_recall_all``) before they are
+    indexed, after ``add`` and after ``remove``; whether ``remove`` restored every prediction;
+    whether the model's weights (``digest0``: before the experiment) stayed untouched. ``fixed``
+    holds the fixed mixture's lambda and mu. Returns the record's "facts" part."""
+    lm = LMAdapter(model)
+    mixtures = {
+        "gate": NgramMixture(lm, index, gates[("both", "features")]),
+        **{f"gate_{k}": NgramMixture(lm, index, gates[("both", k)]) for k in GATE_KINDS[1:]},
+        "fixed": NgramMixture(lm, index, fixed["fixed_lambda"], GateConfig(estimator="both"), mu=fixed["fixed_mu"]),
+    }
+    facts = invented_facts(n_countries, seed=0, index=index)
+    cases = {"same_phrasing": tokenize_cases(facts, index.tokenizer, 0),
+             "paraphrase": tokenize_cases(paraphrase(facts, 1), index.tokenizer, 1)}
+
+    before = _recall_all(cases, mixtures, eos)
+    t0 = time.perf_counter()
+    info = index.add_texts(facts_documents(facts), name="invented-facts", source="invented facts (bench)")
+    add_s = time.perf_counter() - t0
+    after = _recall_all(cases, mixtures, eos)
+    t0 = time.perf_counter()
+    index.remove("invented-facts")
+    remove_s = time.perf_counter() - t0
+    removed = _recall_all(cases, mixtures, eos)
+    digest1 = model_digest(model)
+    restored = all(before[c][m]["per_fact_top1"] == removed[c][m]["per_fact_top1"]
+                   and abs(before[c][m]["mean_p_first"] - removed[c][m]["mean_p_first"]) < 1e-9
+                   for c in before for m in before[c])
+    for d in (before, after, removed):  # the per-fact lists served the check; the record keeps the rates
+        for c in d.values():
+            for m in c.values():
+                m.pop("per_fact_top1")
+    return {"countries": n_countries, "facts": len(facts), "cases": {k: len(v) for k, v in cases.items()},
+            "delta_tokens": info.tokens, "add_s": add_s, "remove_s": remove_s,
+            "before": before, "after_add": after, "after_remove": removed,
+            "restored_exactly_after_remove": restored,
+            "model_sha256_before": digest0, "model_sha256_after": digest1,
+            "model_untouched": digest0 == digest1,
+            "example": {"indexed": facts[0].sentence, "paraphrase_query": paraphrase(facts[:1])[0].sentence}}
+
+
+def _recall_all(cases: dict[str, list[Any]], mixtures: dict[str, NgramMixture], eos: int) -> dict[str, Any]:
+    """Recall of each case set by every predictor: the LM, KN and infgram alone, then the fixed
+    and the gated mixtures (``mixtures``: "gate", "fixed", "gate_<kind>")."""
+    gate = mixtures["gate"]  # its LM and index also serve the single-predictor modes
+    out = {}
+    for cname, cs in cases.items():
+        out[cname] = {
+            "lm": recall(cs, gate, eos, mode="lm"),
+            "kn": recall(cs, gate, eos, mode="kn"),
+            "infgram": recall(cs, gate, eos, mode="infgram"),
+            "mixture_fixed": recall(cs, mixtures["fixed"], eos, mode="mixture"),
+            "mixture_gate": recall(cs, gate, eos, mode="mixture"),
+            **{f"mixture_{k}": recall(cs, m, eos, mode="mixture") for k, m in mixtures.items()
+               if k.startswith("gate_")},
+        }
+    return out
 
 
 def _mu(est: str, mu: float) -> str:

@@ -35,20 +35,22 @@ import statistics
 import tempfile
 import threading
 import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from engram.config import ModelConfig, TrainConfig, preset
-from engram.data.shards import get_batch, iter_eval_batches, load_dataset, prepare_builtin
+from engram.data.shards import Dataset, get_batch, iter_eval_batches, load_dataset, prepare_builtin
 from engram.model.generation import SamplingConfig, generate
 from engram.model.lm import EngramLM
 from engram.tables.process import open_layer_storage
-from engram.tables.runtime import attach_tables, build_model_without_tables, table_runtime
-from engram.tables.tablefile import TableWriter, open_table, save_model_tables
-from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig
+from engram.tables.runtime import TableRuntime, attach_tables, build_model_without_tables, table_runtime
+from engram.tables.tablefile import TableHeader, TableWriter, open_table, save_model_tables
+from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig, TableStorage
 from engram.training.evaluation import evaluate
 from engram.training.sparse_adam import clip_grad_norm_
 from engram.training.trainer import _dataset_compression, build_optimizers
@@ -57,17 +59,27 @@ COLD_METHOD = ("mmap with MADV_RANDOM; after every read the layer's pages are dr
                "mapping (MADV_DONTNEED) and the page cache (POSIX_FADV_DONTNEED)")
 
 
-def _prepare_data(data_dir: Optional[str], work: Path, progress: bool) -> Path:
-    if data_dir is not None:
-        return Path(data_dir)
+def _bench_data(data_dir: Optional[str], work: Path, progress: bool) -> tuple[Path, Dataset]:
+    """The dataset a benchmark reads: ``data_dir``, or else the built-in corpus prepared under
+    ``work``. Returns (its directory, the loaded dataset)."""
+    if data_dir is None:
+        out = work / "data"
+        prepare_builtin(str(out), tokenizer="bpe", vocab_size=4096, progress=progress)
+    else:
+        out = Path(data_dir)
+    return out, load_dataset(out)
 
-    out = work / "data"
-    prepare_builtin(str(out), tokenizer="bpe", vocab_size=4096, progress=progress)
-    return out
 
-
-def _compression(cfg: ModelConfig, data_dir: Path):
-    return _dataset_compression(cfg, load_dataset(data_dir), data_dir)
+@contextmanager
+def _torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: torch's default); restored after."""
+    prev = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _set_cold(st: Any, cold: bool) -> None:
@@ -145,6 +157,23 @@ def _loadavg() -> list[float]:
         return []
 
 
+@dataclass(frozen=True)
+class _OffloadSettings:
+    """``bench_offload``'s arguments that the stages need."""
+    batch_size: int
+    seq_len: int
+    rounds: int
+    batches_per_round: int
+    warm_batches: int
+    cache_rows: int
+    table_rows_per_order: int
+    policy: str
+    io_threads: int
+    dtype: str
+    cold: bool
+    process: bool
+
+
 def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_len: int = 256,
                   rounds: int = 12, batches_per_round: int = 8, warm_batches: int = 200,
                   cache_rows: int = 1 << 20,
@@ -162,86 +191,138 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
     0.34 s/batch with one thread vs 1.5-5.7 s with two under a load average of 9), and an
     extra Python thread that merely wakes up changes that (2.7x) - which would flatter the
     prefetching mode. ``--threads 2`` measures the all-cores setting.
+
+    Everything the run starts (fetch helper processes, table runtimes and their threads, the
+    temporary directory with the table file) is closed or removed on the way out, also when a
+    stage fails.
     """
     if min(batch_size, seq_len, rounds, batches_per_round, cache_rows) < 1:
         raise ValueError("batch_size, seq_len, rounds, batches_per_round and cache_rows must be >= 1")
     if threads is not None and threads < 1:
         raise ValueError(f"threads={threads} must be >= 1")
+    s = _OffloadSettings(batch_size, seq_len, rounds, batches_per_round, warm_batches, cache_rows,
+                         table_rows_per_order, policy, io_threads, dtype, cold, process)
 
     t_setup = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="engram-bench-", dir=workdir))
-    prev_threads = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        data_path = _prepare_data(data_dir, tmp, progress)
-        ds = load_dataset(data_path)
+    with ExitStack() as closing:  # unwinds last-in first-out: runtimes, then threads, then the directory
+        tmp = Path(tempfile.mkdtemp(prefix="engram-bench-", dir=workdir))
+        closing.callback(shutil.rmtree, tmp, ignore_errors=True)
+        closing.enter_context(_torch_threads(threads))
+        data_path, ds = _bench_data(data_dir, tmp, progress)
         cfg = bench_config(int(ds.meta["vocab_size"]), table_rows_per_order)
         if seq_len > cfg.max_seq_len:
             raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-        compression = _compression(cfg, data_path)
-        torch.manual_seed(seed)
-        mem = EngramLM(cfg, compression).eval()
+        warm, batches = _offload_batches(ds, s)
         table_path = tmp / "bench.engt"
-        save_model_tables(mem, table_path, dtype=dtype, progress=progress)
-        header = open_table(table_path, mem.hasher, cfg.engram.head_dim)
-        backbone = {k: v for k, v in mem.state_dict().items() if "multi_head_embedding.embedding" not in k}
-
-        def offloaded(prefetch: bool, in_memory: bool = False) -> torch.nn.Module:
-            m = build_model_without_tables(cfg, compression)
-            m.load_state_dict(backbone, strict=False)
-            if in_memory:  # the same runtime and worker thread, over mem's tables in RAM
-                storages = {e.layer_id: MemoryStorage(e.multi_head_embedding.embedding.weight)
-                            for e in mem.engram_layers}
-            else:
-                scfg = StorageConfig(path=str(table_path), kind="cached", cache_rows=cache_rows,
-                                     cache_policy=policy, io_threads=io_threads, cold=cold, process=process)
-                storages = {lid: open_layer_storage(scfg, header, lid) for lid in header.layers}
-            attach_tables(m, storages, prefetch=prefetch)
-            return m.eval()
-
-        models = {"in_memory": mem, "in_memory_prefetch": offloaded(True, in_memory=True),
-                  "offload": offloaded(True), "no_prefetch": offloaded(False)}
-        need = warm_batches + (rounds + 1) * batches_per_round
-        stream = iter_eval_batches(ds.train, batch_size, seq_len)
-        batches = [b for _, b in zip(range(need), stream)]
-        if len(batches) < need:
-            raise ValueError(f"the dataset has only {len(batches)} batches of {batch_size} x {seq_len}; "
-                             f"lower warm_batches, rounds or batches_per_round")
-        warm, batches = batches[:warm_batches], batches[warm_batches:]
-        # Steady state: both pools replay the row lookups of the stream's first `warm_batches`
-        # batches (no forward; through the page cache, since this is not timed), then go cold.
-        pf_rt, np_rt = table_runtime(models["offload"]), table_runtime(models["no_prefetch"])
-        assert pf_rt is not None and np_rt is not None
-        t_warm = time.perf_counter()
-        for rt in (pf_rt, np_rt):
-            for st in rt.storages.values():
-                _set_cold(st, False)
-        _read_through(table_path)
-        for x, _ in tqdm(warm, desc="warm pools", disable=not progress, leave=False):
-            hashed = mem.hasher.hash(x)
-            for rt in (pf_rt, np_rt):
-                for lid, ids in hashed.items():
-                    rt._fetch(lid, ids)
-        for rt in (pf_rt, np_rt):
-            for st in rt.storages.values():
-                _set_cold(st, cold)  # measured reads start cold (pages dropped)
-        warm_s = time.perf_counter() - t_warm
-        warm_hit_rate = pf_rt.stats()["hit_rate"]
-        with torch.no_grad():  # same numbers from all four (checked bit for bit) on round 0's batch
-            ref = mem(*batches[0]).logits
-            equal = all(torch.equal(ref, m(*batches[0]).logits) for k, m in models.items() if k != "in_memory")
-        for rt in (pf_rt, np_rt):
-            rt.reset_stats()
+        models, header = _offload_models(cfg, _dataset_compression(cfg, ds, data_path), table_path, s, seed,
+                                         progress, closing)
+        warm_s, warm_hit_rate = _warm_pools(models, warm, table_path, s.cold, progress)
+        equal = _outputs_equal(models, batches[0])
+        for name in ("offload", "no_prefetch"):  # the check's lookups are not part of the measurement
+            _runtime(models[name]).reset_stats()
         setup_s = time.perf_counter() - t_setup
+        rounds_run = _timed_rounds(models, batches, s, pin, progress)
+        return _offload_report(models, header, s, rounds_run, equal=equal, warm_s=warm_s,
+                               warm_hit_rate=warm_hit_rate, setup_s=setup_s)
 
-        pinned = _pin_cpus(models) if pin else None
+
+def _runtime(model: torch.nn.Module) -> TableRuntime:
+    """The table runtime serving an offloaded model."""
+    rt = table_runtime(model)
+    assert rt is not None, "an offloaded model has a table runtime"
+    return rt
+
+
+def _offload_batches(ds: Dataset, s: _OffloadSettings) -> tuple[list[Any], list[Any]]:
+    """The stream's first ``warm_batches`` batches (they fill the pools) and the timed rounds'
+    batches after them (round 0 included); raises when the training split is too short."""
+    need = s.warm_batches + (s.rounds + 1) * s.batches_per_round
+    stream = iter_eval_batches(ds.train, s.batch_size, s.seq_len)
+    batches = [b for _, b in zip(range(need), stream)]
+    if len(batches) < need:
+        raise ValueError(f"the dataset has only {len(batches)} batches of {s.batch_size} x {s.seq_len}; "
+                         f"lower warm_batches, rounds or batches_per_round")
+    return batches[:s.warm_batches], batches[s.warm_batches:]
+
+
+def _offload_models(cfg: ModelConfig, compression: Any, table_path: Path, s: _OffloadSettings, seed: int,
+                    progress: bool, closing: ExitStack) -> tuple[dict[str, torch.nn.Module], TableHeader]:
+    """The four models of the module docstring, by name, with the same weights: ``in_memory``
+    (initialised from ``seed``; its tables are saved to ``table_path``) and three that a table
+    runtime serves. Returns them and the table file's header.
+
+    Every storage and runtime is registered with ``closing`` as soon as it exists, so that fetch
+    helper processes and I/O threads end even when building a later one, or a later stage, fails.
+    """
+    torch.manual_seed(seed)
+    mem = EngramLM(cfg, compression).eval()
+    save_model_tables(mem, table_path, dtype=s.dtype, progress=progress)
+    header = open_table(table_path, mem.hasher, cfg.engram.head_dim)
+    backbone = {k: v for k, v in mem.state_dict().items() if "multi_head_embedding.embedding" not in k}
+    mem_tables = {e.layer_id: e.multi_head_embedding.embedding.weight for e in mem.engram_layers}
+    scfg = StorageConfig(path=str(table_path), kind="cached", cache_rows=s.cache_rows, cache_policy=s.policy,
+                         io_threads=s.io_threads, cold=s.cold, process=s.process)
+
+    def served(prefetch: bool, in_memory: bool = False) -> torch.nn.Module:
+        m = build_model_without_tables(cfg, compression)
+        m.load_state_dict(backbone, strict=False)
+        # in_memory: the same runtime and worker thread, over mem's tables in RAM
+        layer_ids = list(mem_tables) if in_memory else list(header.layers)
+        storages = {}
+        for lid in layer_ids:
+            st = MemoryStorage(mem_tables[lid]) if in_memory else open_layer_storage(scfg, header, lid)
+            closing.callback(st.close)
+            storages[lid] = st
+        closing.callback(attach_tables(m, storages, prefetch=prefetch).close)
+        return m.eval()
+
+    return {"in_memory": mem, "in_memory_prefetch": served(True, in_memory=True),
+            "offload": served(True), "no_prefetch": served(False)}, header
+
+
+def _warm_pools(models: dict[str, torch.nn.Module], warm: list[Any], table_path: Path, cold: bool,
+                progress: bool) -> tuple[float, float]:
+    """Steady state: both cached pools replay the row lookups of the ``warm`` batches (no forward;
+    through the page cache, since this is not timed), then their reads go cold (pages dropped)
+    if ``cold``. Returns (seconds, the prefetching pool's hit rate while warming)."""
+    hasher = models["in_memory"].hasher
+    runtimes = [_runtime(models["offload"]), _runtime(models["no_prefetch"])]
+    t_warm = time.perf_counter()
+    for rt in runtimes:
+        for st in rt.storages.values():
+            _set_cold(st, False)
+    _read_through(table_path)
+    for x, _ in tqdm(warm, desc="warm pools", disable=not progress, leave=False):
+        hashed = hasher.hash(x)
+        for rt in runtimes:
+            for lid, ids in hashed.items():
+                rt._fetch(lid, ids)
+    for rt in runtimes:
+        for st in rt.storages.values():
+            _set_cold(st, cold)
+    return time.perf_counter() - t_warm, runtimes[0].stats()["hit_rate"]
+
+
+def _outputs_equal(models: dict[str, torch.nn.Module], batch: Any) -> bool:
+    """Whether every model's logits on ``batch`` equal the in-memory model's, bit for bit."""
+    with torch.no_grad():
+        ref = models["in_memory"](*batch).logits
+        return all(torch.equal(ref, m(*batch).logits) for k, m in models.items() if k != "in_memory")
+
+
+def _timed_rounds(models: dict[str, torch.nn.Module], batches: list[Any], s: _OffloadSettings, pin: bool,
+                  progress: bool) -> dict[str, Any]:
+    """Run every model over each round's batches, rotating who goes first, with the CPUs pinned
+    (``pin``; undone on the way out). Round 0 is not timed: it resets the runtimes' stats after.
+    Returns the seconds per timed round by model ("times"), the pinning and the load averages."""
+    pinned = _pin_cpus(models) if pin else None
+    try:
         times: dict[str, list[float]] = {k: [] for k in models}
         load_before = _loadavg()
         order = list(models)
-        bar = tqdm(total=(rounds + 1) * len(models), desc="bench offload", disable=not progress, leave=False)
-        for r in range(rounds + 1):
-            chunk = batches[r * batches_per_round:(r + 1) * batches_per_round]
+        bar = tqdm(total=(s.rounds + 1) * len(models), desc="bench offload", disable=not progress, leave=False)
+        for r in range(s.rounds + 1):
+            chunk = batches[r * s.batches_per_round:(r + 1) * s.batches_per_round]
             for name in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
                 m = models[name]
                 rt = table_runtime(m)
@@ -258,57 +339,54 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
                     times[name].append(dt)
                 bar.update(1)
         bar.close()
-        load_after = _loadavg()
+        return {"times": times, "pinned": pinned, "load_before": load_before, "load_after": _loadavg()}
+    finally:
         _unpin_cpus(pinned)
 
-        tokens_per_round = batch_size * seq_len * batches_per_round
-        tps = {k: tokens_per_round * len(v) / sum(v) for k, v in times.items()}
-        per_round_overhead = [1 - a / b for a, b in zip(times["in_memory"], times["offload"])]
-        pf, npf = table_runtime(models["offload"]), table_runtime(models["no_prefetch"])
-        assert pf is not None and npf is not None
-        st_pf, st_np = pf.stats(), npf.stats()
-        file_bytes = header.file_bytes
-        pool_bytes = len(header.layers) * CachedStorage.ram_bytes(cache_rows, header.dim, header.itemsize, policy)
-        result = {
-            "bench": "offload",
-            "in_memory_tokens_per_s": tps["in_memory"],
-            "offload_tokens_per_s": tps["offload"],
-            "no_prefetch_tokens_per_s": tps["no_prefetch"],
-            "overhead": 1 - tps["offload"] / tps["in_memory"],
-            "in_memory_prefetch_tokens_per_s": tps["in_memory_prefetch"],
-            "overhead_vs_in_memory_prefetch": 1 - tps["offload"] / tps["in_memory_prefetch"],
-            "no_prefetch_overhead": 1 - tps["no_prefetch"] / tps["in_memory"],
-            "prefetch_speedup": tps["offload"] / tps["no_prefetch"],
-            "hit_rate": st_pf["hit_rate"],
-            "overhead_per_round": per_round_overhead,
-            "overhead_median_round": statistics.median(per_round_overhead),
-            "outputs_equal": equal,
-            "stall_s": {"offload": st_pf["stall_s"], "no_prefetch": st_np["stall_s"]},
-            "timed_s": {k: sum(v) for k, v in times.items()},
-            "misses": {"offload": st_pf["misses"], "no_prefetch": st_np["misses"]},
-            "bytes_read": {"offload": sum(l["mmap"]["bytes_read"] for l in st_pf["layers"].values())},
-            "table": {"file_bytes": file_bytes, "rows": header.rows, "dim": header.dim, "dtype": dtype,
-                      "pool_rows_per_layer": cache_rows, "pool_bytes": pool_bytes,
-                      "file_to_pool": file_bytes / pool_bytes, "policy": policy, "io_threads": io_threads,
-                      "fetch_process": process},
-            "cold_storage": COLD_METHOD if cold else "warm page cache (cold=False)",
-            "batch_size": batch_size, "seq_len": seq_len, "rounds": rounds,
-            "batches_per_round": batches_per_round, "warmup_rounds": 1,
-            "warm_batches": warm_batches, "warm_tokens": warm_batches * batch_size * seq_len,
-            "warm_s": warm_s, "warm_hit_rate": warm_hit_rate,
-            "model": "engram-moe backbone, engram_vocab_size per order "
-                     f"{table_rows_per_order}, {header.rows:,} table rows x {header.dim}",
-            "torch_threads": torch.get_num_threads(), "cpu_pinning": pinned, "loadavg_before": load_before,
-            "loadavg_after": load_after, "setup_s": setup_s,
-        }
-        for m in models.values():
-            rt = table_runtime(m)
-            if rt is not None:
-                rt.close()
-        return result
-    finally:
-        torch.set_num_threads(prev_threads)
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _offload_report(models: dict[str, torch.nn.Module], header: TableHeader, s: _OffloadSettings,
+                    rounds_run: dict[str, Any], *, equal: bool, warm_s: float, warm_hit_rate: float,
+                    setup_s: float) -> dict[str, Any]:
+    """Tokens/s, overheads and the runtimes' stats as ``bench_offload``'s JSON report."""
+    times = rounds_run["times"]
+    tokens_per_round = s.batch_size * s.seq_len * s.batches_per_round
+    tps = {k: tokens_per_round * len(v) / sum(v) for k, v in times.items()}
+    per_round_overhead = [1 - a / b for a, b in zip(times["in_memory"], times["offload"])]
+    st_pf, st_np = _runtime(models["offload"]).stats(), _runtime(models["no_prefetch"]).stats()
+    file_bytes = header.file_bytes
+    pool_bytes = len(header.layers) * CachedStorage.ram_bytes(s.cache_rows, header.dim, header.itemsize, s.policy)
+    return {
+        "bench": "offload",
+        "in_memory_tokens_per_s": tps["in_memory"],
+        "offload_tokens_per_s": tps["offload"],
+        "no_prefetch_tokens_per_s": tps["no_prefetch"],
+        "overhead": 1 - tps["offload"] / tps["in_memory"],
+        "in_memory_prefetch_tokens_per_s": tps["in_memory_prefetch"],
+        "overhead_vs_in_memory_prefetch": 1 - tps["offload"] / tps["in_memory_prefetch"],
+        "no_prefetch_overhead": 1 - tps["no_prefetch"] / tps["in_memory"],
+        "prefetch_speedup": tps["offload"] / tps["no_prefetch"],
+        "hit_rate": st_pf["hit_rate"],
+        "overhead_per_round": per_round_overhead,
+        "overhead_median_round": statistics.median(per_round_overhead),
+        "outputs_equal": equal,
+        "stall_s": {"offload": st_pf["stall_s"], "no_prefetch": st_np["stall_s"]},
+        "timed_s": {k: sum(v) for k, v in times.items()},
+        "misses": {"offload": st_pf["misses"], "no_prefetch": st_np["misses"]},
+        "bytes_read": {"offload": sum(l["mmap"]["bytes_read"] for l in st_pf["layers"].values())},
+        "table": {"file_bytes": file_bytes, "rows": header.rows, "dim": header.dim, "dtype": s.dtype,
+                  "pool_rows_per_layer": s.cache_rows, "pool_bytes": pool_bytes,
+                  "file_to_pool": file_bytes / pool_bytes, "policy": s.policy, "io_threads": s.io_threads,
+                  "fetch_process": s.process},
+        "cold_storage": COLD_METHOD if s.cold else "warm page cache (cold=False)",
+        "batch_size": s.batch_size, "seq_len": s.seq_len, "rounds": s.rounds,
+        "batches_per_round": s.batches_per_round, "warmup_rounds": 1,
+        "warm_batches": s.warm_batches, "warm_tokens": s.warm_batches * s.batch_size * s.seq_len,
+        "warm_s": warm_s, "warm_hit_rate": warm_hit_rate,
+        "model": "engram-moe backbone, engram_vocab_size per order "
+                 f"{s.table_rows_per_order}, {header.rows:,} table rows x {header.dim}",
+        "torch_threads": torch.get_num_threads(), "cpu_pinning": rounds_run["pinned"],
+        "loadavg_before": rounds_run["load_before"], "loadavg_after": rounds_run["load_after"], "setup_s": setup_s,
+    }
 
 
 # ----------------------------------------------------------------------------- > RAM table
@@ -339,86 +417,107 @@ def bench_large_table(data_dir: Optional[str] = None, *, size_gib: float = 32.0,
     """A table of ``size_gib`` on disk served from a cached tier: eval and generation tokens/s.
 
     ``threads``: torch intra-op threads for the run (restored afterwards; None = torch's default).
+    The table runtimes (and their I/O threads) are closed, and the table file deleted unless
+    ``keep``, also when a stage fails.
     """
     work = Path(workdir or tempfile.gettempdir()) / "engram-large-table"
     work.mkdir(parents=True, exist_ok=True)
-    prev_threads = torch.get_num_threads()
     try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        data_path = _prepare_data(data_dir, work, progress)
-        ds = load_dataset(data_path)
-        vocab = int(ds.meta["vocab_size"])
-        base = preset("engram-moe", vocab)
-        assert base.engram is not None
-        row_bytes = base.engram.head_dim * 4
-        heads = base.engram.num_heads_total
-        per_head = int(size_gib * 2**30 / row_bytes / heads)
-        cfg = bench_config(vocab, per_head)
-        need = per_head * heads * row_bytes
-        free = shutil.disk_usage(work).free
-        if need > free * 0.9 and not (work / "large.engt").is_file():
-            raise ValueError(f"a {size_gib:g} GiB table does not fit in the {free / 2**30:.1f} GiB free "
-                             f"in {work}; pass a smaller size_gib or another workdir")
-        compression = _compression(cfg, data_path)
-        torch.manual_seed(seed)
-        model = build_model_without_tables(cfg, compression).eval()
-        table_path = work / "large.engt"
-        t0 = time.perf_counter()
-        try:  # a table kept by an earlier --keep run for this same configuration is reused
-            header = open_table(table_path, model.hasher, cfg.engram.head_dim)
-            write_s = None
-        except (FileNotFoundError, ValueError):
-            _write_random_table(table_path, model, cfg.engram.table_init_std, seed, 1 << 21, progress)
-            write_s = time.perf_counter() - t0
-            header = open_table(table_path, model.hasher, cfg.engram.head_dim)
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-        def attach(prefetch: bool):
-            storages = {lid: CachedStorage(MmapStorage(header, lid, io_threads=io_threads, cold=cold),
-                                           cache_rows, policy) for lid in header.layers}
-            return attach_tables(model, storages, prefetch=prefetch)
-
-        out: dict[str, Any] = {
-            "bench": "large_table", "file_bytes": header.file_bytes, "ram_bytes": ram,
-            "file_to_ram": header.file_bytes / ram, "rows": header.rows, "dim": header.dim,
-            "dtype": header.dtype, "write_s": write_s, "cache_rows_per_layer": cache_rows,
-            "policy": policy, "io_threads": io_threads,
-            "cold_storage": COLD_METHOD if cold else "warm page cache", "loadavg_before": _loadavg(),
-        }
-        for prefetch in (True, False):
-            rt = attach(prefetch)
-            t0 = time.perf_counter()
-            ev = evaluate(model, ds.val, batch_size, seq_len, eval_batches)
-            ev_s = time.perf_counter() - t0
-            ev_stats = rt.stats()
-            rt.reset_stats()
-            prompt = torch.as_tensor(ds.val.tokens[:32].astype("int64"))[None]
-            t0 = time.perf_counter()
-            gen = generate(model, prompt, SamplingConfig(max_new_tokens=gen_tokens, temperature=0.8, seed=seed))
-            gen_s = time.perf_counter() - t0
-            gen_stats = rt.stats()
-            key = "prefetch" if prefetch else "no_prefetch"
-            out[key] = {
-                "eval": {"tokens": ev["tokens"], "tokens_per_s": ev["tokens_per_s"], "loss": ev["loss"],
-                         "seconds": ev_s, "hit_rate": ev_stats["hit_rate"], "stall_s": ev_stats["stall_s"],
-                         "misses": ev_stats["misses"]},
-                "generate": {"new_tokens": int(gen.shape[1] - prompt.shape[1]), "prompt_tokens": int(prompt.shape[1]),
-                             "seconds": gen_s, "tokens_per_s": (gen.shape[1] - prompt.shape[1]) / gen_s,
-                             "hit_rate": gen_stats["hit_rate"], "stall_s": gen_stats["stall_s"]},
+        with _torch_threads(threads):
+            data_path, ds = _bench_data(data_dir, work, progress)
+            cfg = _large_table_config(int(ds.meta["vocab_size"]), size_gib, work)
+            torch.manual_seed(seed)
+            model = build_model_without_tables(cfg, _dataset_compression(cfg, ds, data_path)).eval()
+            table_path = work / "large.engt"
+            header, write_s = _open_or_write_random_table(table_path, model, seed, progress)
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            out: dict[str, Any] = {
+                "bench": "large_table", "file_bytes": header.file_bytes, "ram_bytes": ram,
+                "file_to_ram": header.file_bytes / ram, "rows": header.rows, "dim": header.dim,
+                "dtype": header.dtype, "write_s": write_s, "cache_rows_per_layer": cache_rows,
+                "policy": policy, "io_threads": io_threads,
+                "cold_storage": COLD_METHOD if cold else "warm page cache", "loadavg_before": _loadavg(),
             }
-            rt.close()
-        out["loadavg_after"] = _loadavg()
-        out["kept"] = str(table_path) if keep else None
-        out["torch_threads"] = torch.get_num_threads()
-        return out
+
+            def open_storage(lid: int) -> TableStorage:
+                return CachedStorage(MmapStorage(header, lid, io_threads=io_threads, cold=cold), cache_rows, policy)
+
+            for prefetch in (True, False):
+                out["prefetch" if prefetch else "no_prefetch"] = _serve_eval_and_generate(
+                    model, header, open_storage, prefetch, ds, eval_batches=eval_batches, batch_size=batch_size,
+                    seq_len=seq_len, gen_tokens=gen_tokens, seed=seed)
+            out["loadavg_after"] = _loadavg()
+            out["kept"] = str(table_path) if keep else None
+            out["torch_threads"] = torch.get_num_threads()
+            return out
     finally:
-        torch.set_num_threads(prev_threads)
         if not keep:
             for p in work.glob("*.engt"):
                 p.unlink(missing_ok=True)
             for p in work.glob(".*.engt.tmp-*"):
                 p.unlink(missing_ok=True)
+
+
+def _large_table_config(vocab: int, size_gib: float, work: Path) -> ModelConfig:
+    """The ``engram-moe`` preset with tables of ``size_gib`` in all (fp32); raises when that does
+    not fit on ``work``'s disk (unless an earlier ``keep`` run left the table there)."""
+    base = preset("engram-moe", vocab)
+    assert base.engram is not None
+    row_bytes = base.engram.head_dim * 4
+    heads = base.engram.num_heads_total
+    per_head = int(size_gib * 2**30 / row_bytes / heads)
+    need = per_head * heads * row_bytes
+    free = shutil.disk_usage(work).free
+    if need > free * 0.9 and not (work / "large.engt").is_file():
+        raise ValueError(f"a {size_gib:g} GiB table does not fit in the {free / 2**30:.1f} GiB free "
+                         f"in {work}; pass a smaller size_gib or another workdir")
+    return bench_config(vocab, per_head)
+
+
+def _open_or_write_random_table(path: Path, model: torch.nn.Module, seed: int,
+                                progress: bool) -> tuple[TableHeader, Optional[float]]:
+    """Open the table at ``path`` when an earlier ``keep`` run wrote it for this configuration,
+    else write one of random rows. Returns (its header, the seconds writing took or None)."""
+    t0 = time.perf_counter()
+    try:
+        return open_table(path, model.hasher, model.cfg.engram.head_dim), None
+    except (FileNotFoundError, ValueError):
+        _write_random_table(path, model, model.cfg.engram.table_init_std, seed, 1 << 21, progress)
+        write_s = time.perf_counter() - t0
+        return open_table(path, model.hasher, model.cfg.engram.head_dim), write_s
+
+
+def _serve_eval_and_generate(model: torch.nn.Module, header: TableHeader, open_storage: Callable[[int], TableStorage],
+                             prefetch: bool, ds: Dataset, *, eval_batches: int, batch_size: int, seq_len: int,
+                             gen_tokens: int, seed: int) -> dict[str, Any]:
+    """Serve ``model``'s tables from a fresh storage per layer (``open_storage``), with or without
+    prefetch; evaluate on the validation split, then generate. The storages and the runtime are
+    closed on the way out. Returns the tokens/s, hit rates and stalls of both ("eval", "generate")."""
+    with ExitStack() as closing:
+        storages = {}
+        for lid in header.layers:
+            storages[lid] = st = open_storage(lid)
+            closing.callback(st.close)
+        rt = attach_tables(model, storages, prefetch=prefetch)
+        closing.callback(rt.close)
+        t0 = time.perf_counter()
+        ev = evaluate(model, ds.val, batch_size, seq_len, eval_batches)
+        ev_s = time.perf_counter() - t0
+        ev_stats = rt.stats()
+        rt.reset_stats()
+        prompt = torch.as_tensor(ds.val.tokens[:32].astype("int64"))[None]
+        t0 = time.perf_counter()
+        gen = generate(model, prompt, SamplingConfig(max_new_tokens=gen_tokens, temperature=0.8, seed=seed))
+        gen_s = time.perf_counter() - t0
+        gen_stats = rt.stats()
+        return {
+            "eval": {"tokens": ev["tokens"], "tokens_per_s": ev["tokens_per_s"], "loss": ev["loss"],
+                     "seconds": ev_s, "hit_rate": ev_stats["hit_rate"], "stall_s": ev_stats["stall_s"],
+                     "misses": ev_stats["misses"]},
+            "generate": {"new_tokens": int(gen.shape[1] - prompt.shape[1]), "prompt_tokens": int(prompt.shape[1]),
+                         "seconds": gen_s, "tokens_per_s": (gen.shape[1] - prompt.shape[1]) / gen_s,
+                         "hit_rate": gen_stats["hit_rate"], "stall_s": gen_stats["stall_s"]},
+        }
 
 
 # ----------------------------------------------------------------------------- table optimizers
@@ -436,19 +535,17 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
     noise hits both alike. Also reports the tables' optimizer-state bytes for each.
     ``threads``: torch intra-op threads (restored afterwards; None = torch's default).
     """
-    tmp = Path(tempfile.mkdtemp(prefix="engram-bench-", dir=workdir))
-    prev_threads = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        data_path = _prepare_data(data_dir, tmp, progress)
-        ds = load_dataset(data_path)
+    with ExitStack() as closing:  # unwinds last-in first-out: threads, then the directory
+        tmp = Path(tempfile.mkdtemp(prefix="engram-bench-", dir=workdir))
+        closing.callback(shutil.rmtree, tmp, ignore_errors=True)
+        closing.enter_context(_torch_threads(threads))
+        data_path, ds = _bench_data(data_dir, tmp, progress)
         cfg = preset(preset_name, int(ds.meta["vocab_size"]))
         if table_rows_per_order is not None:
             if preset_name != "engram-moe":
                 raise ValueError(f"table_rows_per_order applies to the engram-moe preset, not {preset_name!r}")
             cfg = bench_config(int(ds.meta["vocab_size"]), table_rows_per_order)
-        compression = _compression(cfg, data_path)
+        compression = _dataset_compression(cfg, ds, data_path)
         runs = {}
         for name in ("adam", "sparse_adam"):
             torch.manual_seed(0)
@@ -492,6 +589,3 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
             "steps_timed": {k: steps * len(v) for k, v in times.items()},
             "torch_threads": torch.get_num_threads(), "loadavg": _loadavg(),
         }
-    finally:
-        torch.set_num_threads(prev_threads)
-        shutil.rmtree(tmp, ignore_errors=True)

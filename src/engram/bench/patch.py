@@ -24,15 +24,17 @@ Every stage reuses its output when it is already in ``workdir`` (the base run, t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -137,7 +139,18 @@ def _stable(s: str) -> int:
     return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little")
 
 
-def _split_corpus(cfg: BenchConfig):
+@dataclass
+class _Split:
+    """The built-in corpus split for the experiment (``_split_corpus``)."""
+    rest: list[Any]  # every document but the held-out countries' (the base run's corpus)
+    held_docs: list[Any]  # the held-out countries' documents: the patch's new text
+    held_facts: list[Any]  # the facts those documents state
+    all_facts: list[Any]
+    held_names: list[str]  # the held-out countries
+
+
+def _split_corpus(cfg: BenchConfig) -> _Split:
+    """Hold out ``cfg.held_out`` countries (a stable hash of the name picks them): their documents and facts."""
     docs = builtin_documents()
     countries = sorted({d.title.rsplit(" (", 1)[0] for d in docs if d.source == "countries"}, key=_stable)
     held = set(countries[:cfg.held_out])
@@ -147,7 +160,7 @@ def _split_corpus(cfg: BenchConfig):
     held_titles = {d.title for d in held_docs}
     facts = fact_records()
     held_facts = [f for f in facts if f.doc_title in held_titles]
-    return rest, held_docs, held_facts, facts, sorted(held)
+    return _Split(rest, held_docs, held_facts, facts, sorted(held))
 
 
 def _items(tok: Any, facts: Sequence[Any], context: bool = False, in_train: bool = True) -> list[FactItem]:
@@ -179,215 +192,273 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the ``with`` block took as ``timings[key]``."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """Where the stages read and write, all under ``workdir`` (kept between runs for reuse)."""
+    wd: Path
+    data_dir: Path  # the dataset without the held-out countries
+    run: Path  # the base run
+    table: Path  # the base run's tables, exported
+    new_text: Path  # the held-out documents: the patch's training text
+    patch: Path  # the trained patch
+
+    @classmethod
+    def under(cls, wd: Path) -> "_Paths":
+        return cls(wd, wd / "data", wd / "base-run", wd / "base.engt", wd / "new_facts.jsonl", wd / "facts.engp")
+
+
+@dataclass
+class _FactSets:
+    """The tokenised facts every model is scored on."""
+    held: list[FactItem]  # the held-out facts (never in training)
+    trained: list[FactItem]  # a sample of trained facts (the damage check)
+    held_in_context: list[FactItem]  # the held-out facts, each after the sentence stating it
+
+
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    """The experiment of the module docstring (its steps numbered in the comments), stage by stage;
+    returns the report ``engram bench patch`` prints."""
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    wd = Path(cfg.workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    data_dir, run, table = wd / "data", wd / "base-run", wd / "base.engt"
+    paths = _Paths.under(Path(cfg.workdir))
+    paths.wd.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    # 1. data with held-out countries
-    t0 = time.perf_counter()
-    rest, held_docs, held_facts, all_facts, held_names = _split_corpus(cfg)
-    new_text = wd / "new_facts.jsonl"
-    new_text.write_text("".join(json.dumps({"title": d.title, "text": d.text}) + "\n" for d in held_docs))
-    cache_path = wd / "base-cache.json"
-    cache = _read_json(cache_path) or {}
-    data_meta = _read_json(data_dir / "meta.json") or {}
-    data_ok = (data_meta.get("held_out_countries") == held_names and data_meta.get("vocab_size") == cfg.vocab_size)
-    if not data_ok:
-        shutil.rmtree(data_dir, ignore_errors=True)
-        cache = {}
-        train_docs, _ = data.split_documents([d for d in rest if d.text.strip()], 0.05, 0)
-        tok = train_bpe((d.text for d in train_docs), cfg.vocab_size)
-        data.prepare_dataset(data_dir, rest, tok, 0.05, 0, progress=progress,
-                             extra_meta={"held_out_countries": held_names})
-    ds = data.load_dataset(data_dir)
-    tok = ds.tokenizer
-    timings["data_s"] = time.perf_counter() - t0
+    with _timed(timings, "data_s"):  # 1.
+        split = _split_corpus(cfg)
+        ds, data_reused = _prepare_data(cfg, split, paths, progress)
+    with _timed(timings, "base_train_s"):  # 2.
+        base_reused = _train_base(cfg, ds, data_reused, paths, progress)
+    model_sha = _export_base_table(cfg, paths, base_reused)
+    facts = _fact_sets(cfg, ds, split)
+    measure = functools.partial(_measure, cfg, ds, facts)
+    with _timed(timings, "row_count_s"):
+        model, row_counts = _load_base_and_count_rows(paths, ds)
 
-    # 2. base model: reused when the run in workdir was trained with exactly these settings
-    t0 = time.perf_counter()
+    before = measure(model)  # 3.
+    with _timed(timings, "patch_train_s"):  # 4.
+        trained_patch = _train_patch(cfg, paths, row_counts, progress)
+    on_file = _patch_the_table_file(paths, measure)
+    scratch, base_tables, on_model = _patch_a_loaded_model(paths)  # scratch: a base model, patched and reverted
+    int8 = _int8_patch(paths, scratch, base_tables, measure)
+    variants = _variants(cfg, paths, scratch, row_counts, before, measure, progress)
+
+    with _timed(timings, "prompt_s"):  # 5a.
+        in_prompt = _facts_in_prompt(model, facts)
+    with _timed(timings, "ngram_s"):  # 5b.
+        ngram = _ngram_memory(cfg, model, ds, paths, split, model_sha)
+    return _report(cfg, paths, split, facts, base_reused=base_reused, row_counts=row_counts, before=before,
+                   trained_patch=trained_patch, on_file=on_file, on_model=on_model, int8=int8, variants=variants,
+                   in_prompt=in_prompt, ngram=ngram, timings={**timings, "total_s": time.perf_counter() - t_start})
+
+
+def _prepare_data(cfg: BenchConfig, split: _Split, paths: _Paths, progress: bool) -> tuple[Any, bool]:
+    """Write the held-out documents (the patch's new text) and prepare the dataset of the rest.
+
+    The dataset in ``workdir`` is reused when it was prepared for the same held-out countries and
+    vocabulary size. Returns (the dataset, whether it was reused).
+    """
+    paths.new_text.write_text("".join(json.dumps({"title": d.title, "text": d.text}) + "\n"
+                                      for d in split.held_docs))
+    meta = _read_json(paths.data_dir / "meta.json") or {}
+    reused = meta.get("held_out_countries") == split.held_names and meta.get("vocab_size") == cfg.vocab_size
+    if not reused:
+        shutil.rmtree(paths.data_dir, ignore_errors=True)
+        train_docs, _ = data.split_documents([d for d in split.rest if d.text.strip()], 0.05, 0)
+        tok = train_bpe((d.text for d in train_docs), cfg.vocab_size)
+        data.prepare_dataset(paths.data_dir, split.rest, tok, 0.05, 0, progress=progress,
+                             extra_meta={"held_out_countries": split.held_names})
+    return data.load_dataset(paths.data_dir), reused
+
+
+def _train_base(cfg: BenchConfig, ds: Any, data_reused: bool, paths: _Paths, progress: bool) -> bool:
+    """Train the base model on the dataset, unless the run in ``workdir`` was trained with exactly
+    these settings on this very dataset. Returns whether the run was reused."""
     mcfg = preset(cfg.preset, ds.vocab_size)
     tcfg = TrainConfig(steps=cfg.base_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                        eval_every=cfg.base_steps, save_every=cfg.base_steps, eval_batches=10)
-    base_reused = False
-    if data_ok and (run / ckpt.CONFIG_FILE).is_file():
+    if data_reused and (paths.run / ckpt.CONFIG_FILE).is_file():
         try:
-            rmeta = ckpt.read_config(run)
-            base_reused = (rmeta.step == cfg.base_steps and rmeta.model_config.to_dict() == mcfg.to_dict()
-                           and rmeta.train_config is not None and rmeta.train_config.to_dict() == tcfg.to_dict()
-                           and rmeta.tokenizer_fingerprint == ds.meta.get("tokenizer_fingerprint"))
+            rmeta = ckpt.read_config(paths.run)
+            if (rmeta.step == cfg.base_steps and rmeta.model_config.to_dict() == mcfg.to_dict()
+                    and rmeta.train_config is not None and rmeta.train_config.to_dict() == tcfg.to_dict()
+                    and rmeta.tokenizer_fingerprint == ds.meta.get("tokenizer_fingerprint")):
+                return True
         except Exception:  # an unreadable run is retrained
-            base_reused = False
-    if not base_reused:
-        cache = {}
-        train(mcfg, tcfg, data_dir, run, progress=progress, overwrite=True)
-    timings["base_train_s"] = time.perf_counter() - t0
-    model_sha = ckpt.read_config(run).files[ckpt.MODEL_FILE]["sha256"]
-    if cache.get("model_sha256") != model_sha or not table.is_file() or cache.get("table_sha256") != file_sha256(table):
-        export_checkpoint_tables(run, table)  # a retrained run needs its table re-exported
-        cache = {"model_sha256": model_sha, "table_sha256": file_sha256(table)}
+            pass
+    train(mcfg, tcfg, paths.data_dir, paths.run, progress=progress, overwrite=True)
+    return False
+
+
+def _export_base_table(cfg: BenchConfig, paths: _Paths, base_reused: bool) -> str:
+    """Export the base run's tables to the table file, unless the file in ``workdir`` was exported
+    from these very weights (``base-cache.json`` records both hashes; a retrained run always
+    re-exports). Returns the sha256 of the run's model file."""
+    cache_path = paths.wd / "base-cache.json"
+    cache = (_read_json(cache_path) or {}) if base_reused else {}
+    model_sha = ckpt.read_config(paths.run).files[ckpt.MODEL_FILE]["sha256"]
+    if (cache.get("model_sha256") != model_sha or not paths.table.is_file()
+            or cache.get("table_sha256") != file_sha256(paths.table)):
+        export_checkpoint_tables(paths.run, paths.table)
+        cache = {"model_sha256": model_sha, "table_sha256": file_sha256(paths.table)}
     cache["base_key"] = cfg.base_key()
     cache_path.write_text(json.dumps(cache, indent=2) + "\n")
+    return model_sha
 
-    # fact sets: held out (never in training) and a sample of trained facts (damage check)
+
+def _fact_sets(cfg: BenchConfig, ds: Any, split: _Split) -> _FactSets:
+    """Tokenise the held-out facts (also with their sentence in the prompt) and a stable sample of
+    ``cfg.trained_facts`` facts from training documents (not the validation split's)."""
     val_titles = set(ds.meta.get("val_titles", []))
-    held_set = {d.title for d in held_docs}
-    trained = sorted((f for f in all_facts if f.doc_title not in held_set and f.doc_title not in val_titles),
+    held_titles = {d.title for d in split.held_docs}
+    trained = sorted((f for f in split.all_facts if f.doc_title not in held_titles and f.doc_title not in val_titles),
                      key=lambda f: _stable(f"{f.relation}/{f.subject}/{f.doc_title}"))[:cfg.trained_facts]
-    held_items, trained_items = _items(tok, held_facts), _items(tok, trained)
-    ctx_items = _items(tok, held_facts, context=True)
-
-    def measure(model: Any) -> dict[str, Any]:
-        t = time.perf_counter()
-        val = evaluate(model, ds.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)["loss"]
-        acc, by_rel = _acc_by_relation(model, held_items)
-        return {"held_out_accuracy": acc, "held_out_by_relation": by_rel,
-                "trained_accuracy": _acc(model, trained_items), "val_loss": val, "seconds": time.perf_counter() - t}
+    tok = ds.tokenizer
+    return _FactSets(_items(tok, split.held_facts), _items(tok, trained), _items(tok, split.held_facts, context=True))
 
 
-    relation_counts = dict(sorted(Counter(i.relation for i in held_items).items()))
-    # the original corpus's row reads, once (row protection for every patch below)
-    t0 = time.perf_counter()
-    model, _ = ckpt.load_model(run)
+def _measure(cfg: BenchConfig, ds: Any, facts: _FactSets, model: Any) -> dict[str, Any]:
+    """Validation loss and exact-answer accuracy (held-out facts, also by relation; trained facts) of ``model``."""
+    t = time.perf_counter()
+    val = evaluate(model, ds.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)["loss"]
+    acc, by_rel = _acc_by_relation(model, facts.held)
+    return {"held_out_accuracy": acc, "held_out_by_relation": by_rel,
+            "trained_accuracy": _acc(model, facts.trained), "val_loss": val, "seconds": time.perf_counter() - t}
 
-    row_counts = row_access_counts(model, np.asarray(ds.train.tokens))
-    timings["row_count_s"] = time.perf_counter() - t0
-    protect_stats = {str(lid): {"rows": int(c.size), "rows_read": int((c > 0).sum()),
-                                "protected_at_min_count": int(protected_masks({lid: c}, cfg.protect_min_count)[lid].sum())}
-                     for lid, c in row_counts.items()}
 
-    # 3. before
-    before = measure(model)
+def _load_base_and_count_rows(paths: _Paths, ds: Any) -> tuple[Any, dict[int, np.ndarray]]:
+    """Load the base model and count how often the original corpus (the training split) reads each
+    table row, once: every patch below protects rows by these counts. Returns (model, counts)."""
+    model, _ = ckpt.load_model(paths.run)
+    return model, row_access_counts(model, np.asarray(ds.train.tokens))
 
-    # 4. the patch
-    t0 = time.perf_counter()
-    patch_path = wd / "facts.engp"
-    pcfg = cfg.patch_config()
-    trained_patch = train_patch_from_run(run, [new_text], patch_path, pcfg, table=table, name="held-out-facts",
-                                         original_data=data_dir, row_counts=row_counts, progress=progress)
-    timings["patch_train_s"] = time.perf_counter() - t0
-    patched = wd / "patched.engt"
-    shutil.copyfile(table, patched)
-    original = table.read_bytes()
-    ap = apply_patch(patched, patch_path)
-    rv = revert_patch(patched, patch_path)
-    bit_exact_file = patched.read_bytes() == original
-    ap2 = apply_patch(patched, patch_path)
-    model_p, _ = ckpt.load_model(run)
-    load_tables_into(model_p, patched)
-    after = measure(model_p)
-    # the same patch on a loaded model, and back
-    model_m, _ = ckpt.load_model(run)
-    ref = {e.layer_id: e.multi_head_embedding.embedding.weight.detach().clone() for e in model_m.engram_layers}
-    am = apply_to_model(model_m, patch_path)
-    rm = revert_from_model(model_m, patch_path)
-    bit_exact_model = all(torch.equal(ref[e.layer_id], e.multi_head_embedding.embedding.weight)
-                          for e in model_m.engram_layers)
 
-    # 4b. the same patch with int8 new values: measured, not estimated
+def _train_patch(cfg: BenchConfig, paths: _Paths, row_counts: dict[int, np.ndarray], progress: bool) -> dict[str, Any]:
+    """Train the patch on the held-out documents (tables only, backbone frozen) and write it;
+    returns the trainer's report."""
+    return train_patch_from_run(paths.run, [paths.new_text], paths.patch, cfg.patch_config(), table=paths.table,
+                                name="held-out-facts", original_data=paths.data_dir, row_counts=row_counts,
+                                progress=progress)
 
-    fp32_patch = load_patch(patch_path)
-    newt = {lid: w.clone() for lid, w in ref.items()}
+
+def _patch_the_table_file(paths: _Paths, measure: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Apply the patch to a copy of the table file, revert it, apply it again and measure the base
+    model with that table. Returns the measurement ("after"), the apply / revert / re-apply
+    seconds and whether the revert restored the file bit for bit ("bit_exact")."""
+    patched = paths.wd / "patched.engt"
+    shutil.copyfile(paths.table, patched)
+    original = paths.table.read_bytes()
+    ap = apply_patch(patched, paths.patch)
+    rv = revert_patch(patched, paths.patch)
+    bit_exact = patched.read_bytes() == original
+    ap2 = apply_patch(patched, paths.patch)
+    model, _ = ckpt.load_model(paths.run)
+    load_tables_into(model, patched)
+    return {"after": measure(model), "apply_s": ap["seconds"], "revert_s": rv["seconds"],
+            "reapply_s": ap2["seconds"], "bit_exact": bit_exact}
+
+
+def _patch_a_loaded_model(paths: _Paths) -> tuple[Any, dict[int, torch.Tensor], dict[str, Any]]:
+    """Apply the patch to a loaded base model and revert it. Returns the model (reverted: the
+    variants reuse it), a copy of its original tables {layer_id: weight} and the apply / revert
+    seconds with whether the revert restored the tables bit for bit ("bit_exact")."""
+    model, _ = ckpt.load_model(paths.run)
+    tables = {e.layer_id: e.multi_head_embedding.embedding.weight.detach().clone() for e in model.engram_layers}
+    am = apply_to_model(model, paths.patch)
+    rm = revert_from_model(model, paths.patch)
+    bit_exact = all(torch.equal(tables[e.layer_id], e.multi_head_embedding.embedding.weight)
+                    for e in model.engram_layers)
+    return model, tables, {"apply_model_s": am["seconds"], "revert_model_s": rm["seconds"], "bit_exact": bit_exact}
+
+
+def _int8_patch(paths: _Paths, model: Any, tables: dict[int, torch.Tensor],
+                measure: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Save the same patch with int8 new values, apply it to a copy of the table file and measure
+    the base model with it (measured, not estimated). Returns the measurement ("after"), the
+    patch file's size ("bytes") and the apply seconds ("apply_s")."""
+    fp32_patch = load_patch(paths.patch)
+    new_tables = {lid: w.clone() for lid, w in tables.items()}
     for lid, lp in fp32_patch.layers.items():
-        newt[lid][lp.rows] = lp.new_values(torch.float32)
-    int8_path = save_patch(make_patch(ref, newt, hash_fingerprint=model_m.hasher.fingerprint(),
-                                      hasher=model_m.hasher.describe(), dtype="fp32", quantization="int8",
+        new_tables[lid][lp.rows] = lp.new_values(torch.float32)
+    int8_path = save_patch(make_patch(tables, new_tables, hash_fingerprint=model.hasher.fingerprint(),
+                                      hasher=model.hasher.describe(), dtype="fp32", quantization="int8",
                                       name="held-out-facts-int8", provenance=fp32_patch.meta["provenance"]),
-                           wd / "facts-int8.engp")
-    patched8 = wd / "patched-int8.engt"
-    shutil.copyfile(table, patched8)
-    ap8 = apply_patch(patched8, int8_path)
-    model_8, _ = ckpt.load_model(run)
-    load_tables_into(model_8, patched8)
-    after_int8 = measure(model_8)
-    del model_8
+                           paths.wd / "facts-int8.engp")
+    patched = paths.wd / "patched-int8.engt"
+    shutil.copyfile(paths.table, patched)
+    ap = apply_patch(patched, int8_path)
+    model_8, _ = ckpt.load_model(paths.run)
+    load_tables_into(model_8, patched)
+    return {"after": measure(model_8), "bytes": int8_path.stat().st_size, "apply_s": ap["seconds"]}
 
-    # 4c. variants: other patch settings on the same base (on a loaded model, then reverted)
-    variants = []
+
+def _variants(cfg: BenchConfig, paths: _Paths, model: Any, row_counts: dict[int, np.ndarray],
+              before: dict[str, Any], measure: Callable[[Any], dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
+    """Train a patch for each ``cfg.variants`` setting on the same base, apply it to ``model``,
+    measure and revert. Returns one record per variant."""
+    out = []
     for v in cfg.variants:
         over = parse_variant(v)
         t0 = time.perf_counter()
-        vpath = wd / "variant.engp"
-        rep = train_patch_from_run(run, [new_text], vpath, cfg.patch_config(**over), table=table,
-                                   name=f"variant {v}", original_data=data_dir, row_counts=row_counts,
+        vpath = paths.wd / "variant.engp"
+        rep = train_patch_from_run(paths.run, [paths.new_text], vpath, cfg.patch_config(**over), table=paths.table,
+                                   name=f"variant {v}", original_data=paths.data_dir, row_counts=row_counts,
                                    progress=progress)
-        apply_to_model(model_m, vpath)
-        m = measure(model_m)
-        revert_from_model(model_m, vpath)
-        variants.append({"variant": v, "settings": {**asdict(cfg.patch_config(**over))},
-                         "held_out_accuracy": m["held_out_accuracy"], "held_out_by_relation": m["held_out_by_relation"],
-                         "trained_accuracy": m["trained_accuracy"], "val_loss": m["val_loss"],
-                         "val_loss_rel_change": (m["val_loss"] - before["val_loss"]) / before["val_loss"],
-                         "changed_rows": rep["changed_rows"], "patch_bytes": rep["patch_bytes"],
-                         "loss_first": rep["loss_first"], "loss_last": rep["loss_last"],
-                         "train_s": rep["train_s"], "seconds": time.perf_counter() - t0})
-
-    # 5a. facts in the prompt (oracle retrieval), base model
-    t0 = time.perf_counter()
-    prompt_acc = _acc(model, ctx_items)
-    extra_tokens = float(np.mean([len(a.prompt_ids) - len(b.prompt_ids) for a, b in zip(ctx_items, held_items)]))
-    timings["prompt_s"] = time.perf_counter() - t0
-
-    # 5b. N-gram memory with the held-out documents added, fixed lambda (depends on the base run
-    # and lambda only: reused from workdir when those match)
-    t0 = time.perf_counter()
-    ngram_key = {"model_sha256": model_sha, "lambda": cfg.ngram_lambda, "eval_batches": cfg.eval_batches,
-                 **cfg.base_key()}
-    cached = _read_json(wd / "ngram-result.json") or {}
-    if cached.get("key") == ngram_key:
-        ngram = {**cached["result"], "reused_from_workdir": True}
-    else:
-        ngram = _ngram_alternative(cfg, model, ds, data_dir, wd, held_docs, held_facts, tok)
-        (wd / "ngram-result.json").write_text(json.dumps({"key": ngram_key, "result": ngram}, indent=2) + "\n")
-    timings["ngram_s"] = time.perf_counter() - t0
-
-    table_bytes = table.stat().st_size
-    res = {
-        "bench": "patch", "date": time.strftime("%Y-%m-%d"), "machine": {
-            "cpu": platform.processor() or platform.machine(), "threads": cfg.threads,
-            "torch": torch.__version__, "gpu": torch.cuda.is_available()},
-        "config": asdict(cfg), "held_out_countries": len(held_names),
-        "held_out_facts": len(held_items), "held_out_facts_by_relation": relation_counts,
-        "trained_facts": len(trained_items),
-        "new_text_tokens": trained_patch["tokens"], "base_run_reused": base_reused,
-        "original_corpus_rows": protect_stats,
-        "before": before, "after_patch": after,
-        "val_loss_rel_change": (after["val_loss"] - before["val_loss"]) / before["val_loss"],
-        "patch": {**{k: trained_patch[k] for k in ("patch_id", "changed_rows", "table_rows", "patch_bytes",
-                                                   "table_bytes", "size_ratio", "steps", "train_s",
-                                                   "loss_first", "loss_last", "trainable_table_params",
-                                                   "trainable_gate_params", "backbone_unchanged",
-                                                   "protect_min_count", "protected_rows", "rehearsal")},
-                  **{k: trained_patch[k] for k in ("touched_rows", "touched_protected_rows", "loss_orig_first",
-                                                   "loss_orig_last") if k in trained_patch},
-                  "settings": asdict(pcfg)},
-        "after_int8_patch": after_int8,
-        "int8_val_loss_rel_change": (after_int8["val_loss"] - before["val_loss"]) / before["val_loss"],
-        "int8_patch_bytes": int8_path.stat().st_size, "int8_apply_s": ap8["seconds"],
-        "variants": variants,
-        "table_file_bytes": table_bytes,
-        "apply_s": ap["seconds"], "revert_s": rv["seconds"], "reapply_s": ap2["seconds"],
-        "apply_model_s": am["seconds"], "revert_model_s": rm["seconds"],
-        "revert_bit_exact_file": bit_exact_file, "revert_bit_exact_model": bit_exact_model,
-        "facts_in_prompt": {"held_out_accuracy": prompt_acc, "extra_prompt_tokens": extra_tokens,
-                            "context": "oracle: the sentence stating the fact + newline"},
-        "ngram_memory": ngram, "timings": {**timings, "total_s": time.perf_counter() - t_start},
-    }
-    return res
+        apply_to_model(model, vpath)
+        m = measure(model)
+        revert_from_model(model, vpath)
+        out.append({"variant": v, "settings": {**asdict(cfg.patch_config(**over))},
+                    "held_out_accuracy": m["held_out_accuracy"], "held_out_by_relation": m["held_out_by_relation"],
+                    "trained_accuracy": m["trained_accuracy"], "val_loss": m["val_loss"],
+                    "val_loss_rel_change": (m["val_loss"] - before["val_loss"]) / before["val_loss"],
+                    "changed_rows": rep["changed_rows"], "patch_bytes": rep["patch_bytes"],
+                    "loss_first": rep["loss_first"], "loss_last": rep["loss_last"],
+                    "train_s": rep["train_s"], "seconds": time.perf_counter() - t0})
+    return out
 
 
-def _ngram_alternative(cfg: BenchConfig, model: Any, ds: Any, data_dir: Path, wd: Path,
-                       held_docs: Sequence[Any], held_facts: Sequence[Any], tok: Any) -> dict[str, Any]:
-    idx_dir = wd / "ngram-index"
+def _facts_in_prompt(model: Any, facts: _FactSets) -> dict[str, Any]:
+    """Alternative (a): the base model's held-out accuracy with each fact's sentence in the prompt
+    (oracle retrieval), and how many prompt tokens that adds on average."""
+    acc = _acc(model, facts.held_in_context)
+    extra_tokens = float(np.mean([len(a.prompt_ids) - len(b.prompt_ids)
+                                  for a, b in zip(facts.held_in_context, facts.held)]))
+    return {"held_out_accuracy": acc, "extra_prompt_tokens": extra_tokens,
+            "context": "oracle: the sentence stating the fact + newline"}
+
+
+def _ngram_memory(cfg: BenchConfig, model: Any, ds: Any, paths: _Paths, split: _Split, model_sha: str) -> dict[str, Any]:
+    """Alternative (b), the N-gram memory (``_ngram_alternative``). It depends on the base run and
+    lambda only, so the result in ``workdir`` is reused when those match (marked
+    ``reused_from_workdir``)."""
+    key = {"model_sha256": model_sha, "lambda": cfg.ngram_lambda, "eval_batches": cfg.eval_batches, **cfg.base_key()}
+    result_path = paths.wd / "ngram-result.json"
+    cached = _read_json(result_path) or {}
+    if cached.get("key") == key:
+        return {**cached["result"], "reused_from_workdir": True}
+    result = _ngram_alternative(cfg, model, ds, paths, split)
+    result_path.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    return result
+
+
+def _ngram_alternative(cfg: BenchConfig, model: Any, ds: Any, paths: _Paths, split: _Split) -> dict[str, Any]:
+    """Index the training split, add the held-out documents as a delta, and score the base model
+    mixed with the index at a fixed lambda before and after the addition."""
+    idx_dir = paths.wd / "ngram-index"
     if idx_dir.exists():
         shutil.rmtree(idx_dir)
-    index = NgramIndex.from_dataset(idx_dir, data_dir)
+    index = NgramIndex.from_dataset(idx_dir, paths.data_dir)
     lm = LMAdapter(model)
     lam = cfg.ngram_lambda
-    cases = tokenize_cases(held_facts, tok, phrasing=0)
+    cases = tokenize_cases(split.held_facts, ds.tokenizer, phrasing=0)
     val = np.asarray(ds.val.tokens)
     windows = cfg.eval_batches * cfg.batch_size
 
@@ -401,9 +472,52 @@ def _ngram_alternative(cfg: BenchConfig, model: Any, ds: Any, data_dir: Path, wd
 
     before = score()
     t0 = time.perf_counter()
-    index.add_texts([d.text for d in held_docs], name="held-out-facts")
+    index.add_texts([d.text for d in split.held_docs], name="held-out-facts")
     add_s = time.perf_counter() - t0
     after = score()
     return {"lambda": lam, "estimator": "both (infini-gram + KN, mu 0.5)", "gate": "fixed lambda (no learned gate)",
             "facts": len(cases), "before_add": before, "after_add": after, "add_s": add_s,
             "val_loss_rel_change": (after["val_loss"] - before["val_loss"]) / before["val_loss"]}
+
+
+def _report(cfg: BenchConfig, paths: _Paths, split: _Split, facts: _FactSets, *, base_reused: bool,
+            row_counts: dict[int, np.ndarray], before: dict[str, Any], trained_patch: dict[str, Any],
+            on_file: dict[str, Any], on_model: dict[str, Any], int8: dict[str, Any],
+            variants: list[dict[str, Any]], in_prompt: dict[str, Any], ngram: dict[str, Any],
+            timings: dict[str, float]) -> dict[str, Any]:
+    """The stages' results as the benchmark's JSON report (machine, config, every number)."""
+    after, after_int8 = on_file["after"], int8["after"]
+    protect_stats = {str(lid): {"rows": int(c.size), "rows_read": int((c > 0).sum()),
+                                "protected_at_min_count": int(protected_masks({lid: c}, cfg.protect_min_count)[lid].sum())}
+                     for lid, c in row_counts.items()}
+    return {
+        "bench": "patch", "date": time.strftime("%Y-%m-%d"), "machine": {
+            "cpu": platform.processor() or platform.machine(), "threads": cfg.threads,
+            "torch": torch.__version__, "gpu": torch.cuda.is_available()},
+        "config": asdict(cfg), "held_out_countries": len(split.held_names),
+        "held_out_facts": len(facts.held),
+        "held_out_facts_by_relation": dict(sorted(Counter(i.relation for i in facts.held).items())),
+        "trained_facts": len(facts.trained),
+        "new_text_tokens": trained_patch["tokens"], "base_run_reused": base_reused,
+        "original_corpus_rows": protect_stats,
+        "before": before, "after_patch": after,
+        "val_loss_rel_change": (after["val_loss"] - before["val_loss"]) / before["val_loss"],
+        "patch": {**{k: trained_patch[k] for k in ("patch_id", "changed_rows", "table_rows", "patch_bytes",
+                                                   "table_bytes", "size_ratio", "steps", "train_s",
+                                                   "loss_first", "loss_last", "trainable_table_params",
+                                                   "trainable_gate_params", "backbone_unchanged",
+                                                   "protect_min_count", "protected_rows", "rehearsal")},
+                  **{k: trained_patch[k] for k in ("touched_rows", "touched_protected_rows", "loss_orig_first",
+                                                   "loss_orig_last") if k in trained_patch},
+                  "settings": asdict(cfg.patch_config())},
+        "after_int8_patch": after_int8,
+        "int8_val_loss_rel_change": (after_int8["val_loss"] - before["val_loss"]) / before["val_loss"],
+        "int8_patch_bytes": int8["bytes"], "int8_apply_s": int8["apply_s"],
+        "variants": variants,
+        "table_file_bytes": paths.table.stat().st_size,
+        "apply_s": on_file["apply_s"], "revert_s": on_file["revert_s"], "reapply_s": on_file["reapply_s"],
+        "apply_model_s": on_model["apply_model_s"], "revert_model_s": on_model["revert_model_s"],
+        "revert_bit_exact_file": on_file["bit_exact"], "revert_bit_exact_model": on_model["bit_exact"],
+        "facts_in_prompt": in_prompt,
+        "ngram_memory": ngram, "timings": timings,
+    }
