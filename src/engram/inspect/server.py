@@ -23,41 +23,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 from tokenizers import Tokenizer
 
-from engram.errors import EngramError
+from engram.config import ServeConfigError, ServeLimits  # re-exported
 from engram.inspect.heatmap import InspectError, inspect_text, model_info, render_page
 from engram.model.lm import EngramLM
-
-
-class ServeConfigError(EngramError):
-    """Invalid server settings; the message names the value and the fix."""
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    max_body_bytes: int = 64 * 1024
-    max_chars: int = 2000
-    max_inflight: int = 8  # requests being answered at once
-    queue_wait_s: float = 2.0  # how long one more waits for a free slot before its 503
-    socket_timeout_s: float = 10.0  # a client that stops sending is dropped after this
-    cache_entries: int = 256  # recent texts: typing revisits prefixes (backspace)
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_chars", "max_inflight"):
-            if getattr(self, name) < 1:
-                raise ServeConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.socket_timeout_s <= 0:
-            raise ServeConfigError(f"socket_timeout_s={self.socket_timeout_s} must be > 0")
-        if self.queue_wait_s < 0:
-            raise ServeConfigError(f"queue_wait_s={self.queue_wait_s} must be >= 0 (0: refuse at once)")
-        if self.cache_entries < 0:
-            raise ServeConfigError(f"cache_entries={self.cache_entries} must be >= 0 (0 disables)")
 
 
 class RequestError(Exception):
