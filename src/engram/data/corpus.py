@@ -27,10 +27,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence
 
-from engram.fsutil import PathLike
 from engram.errors import EngramError
+from engram.fsutil import PathLike
 
 SOURCES = ("shakespeare", "bible", "countries", "cities")
 

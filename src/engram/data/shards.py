@@ -40,7 +40,6 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from engram.data.corpus import Document, builtin_documents, corpus_stats, read_user_files
-from engram.fsutil import atomic_write
 from engram.data.tokenizer import (
     load_deepseek_tokenizer,
     load_tokenizer,
@@ -50,7 +49,7 @@ from engram.data.tokenizer import (
     train_bpe,
 )
 from engram.errors import EngramError
-from engram.fsutil import PathLike
+from engram.fsutil import PathLike, atomic_write
 
 MAGIC = b"ENGRAMTK"
 FORMAT_VERSION = 1

@@ -16,17 +16,16 @@ Special ids
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engram.fsutil import PathLike
-from engram.fsutil import atomic_write
 from engram.errors import EngramError
+from engram.fsutil import PathLike, atomic_write
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
