@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from engram.config import (  # the gate's config and constants, re-exported  # noqa: F401
-    AGREEMENT_FEATURES,
-    DEFAULT_FEATURES,
+from engram.config import (  # the gate's config and its constants live there (torch-free), re-exported
+    AGREEMENT_FEATURES,  # noqa: F401  (re-exported)
+    DEFAULT_FEATURES,  # noqa: F401  (re-exported)
     DEFAULT_KN_ORDER,
-    ESTIMATORS,
+    ESTIMATORS,  # noqa: F401  (re-exported)
     FEATURES,
     GateConfig,
     MixtureError,

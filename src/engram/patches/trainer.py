@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engram.config import (
-    DEFAULT_PROTECT_MIN_COUNT,  # re-exported  # noqa: F401
+    DEFAULT_PROTECT_MIN_COUNT,  # noqa: F401  (re-exported)
     DEFAULT_REHEARSAL,
     PatchTrainConfig,
     TrainConfig,
