@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import functools
 import json
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,10 +72,10 @@ def _fits(hint: Any, value: Any) -> bool:
         return len(value) == len(args) and all(_fits(a, v) for a, v in zip(args, value))
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:  # a bool is an int in Python, but true is not a count
-        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is int:  # a bool is an int in Python, but true is not a count (numpy ints are)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:  # an int is a fine float (lr=1); true is not
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if dataclasses.is_dataclass(hint):
         return isinstance(value, (hint, dict))
     if isinstance(hint, type):
