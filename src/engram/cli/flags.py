@@ -7,12 +7,13 @@ back from the parsed flags, so a new field is a new flag with nothing else to wr
 declares ``--json --quiet --data --ckpt --out`` once. ``ArgumentParser`` prints argparse's own
 errors (unknown flag, bad choice, ``--steps abc``) as one line ``engram: error: ...``, exit 2.
 
-Why not jsonargparse or tyro: both would own the parser. jsonargparse nests flags under the
-config (``--storage.path``, booleans as ``--cold true``) and prints its own multi-line errors; tyro
-derives the command tree and every spelling from types (``--storage-config.cache-rows``) and
-brings rich into ``--help``. Neither keeps our flag names (``--table``, ``--fetch-process /
---no-fetch-process``), our subcommands registered by several modules or the one-line error, so
-these ~100 lines over argparse do.
+Why not jsonargparse or tyro: each would own the parser instead of feeding ours. jsonargparse's
+``add_class_arguments`` nests a config's flags under a prefix (``--storage.path``) and brings its
+own parser, error output and PyYAML; tyro builds the whole command tree from types and spells every
+flag from field names, printing multi-line rich-formatted errors (rich, typeguard and
+docstring_parser on the ``--help`` import path). Renaming a field's flag (``path`` -> ``--table``),
+``--fetch-process / --no-fetch-process``, subcommands registered by several modules and the
+one-line error would all fight either library; ~100 lines over argparse keep them.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def config_from_args(args: argparse.Namespace, cls: type, **overrides: Any) -> A
         if f.name in overrides or not hasattr(args, _dest(f)):
             continue
         value = getattr(args, _dest(f))
-        if value is None and _unwrap(hints[f.name]) is hints[f.name]:
+        if value is None and type(None) not in typing.get_args(hints[f.name]):
             continue
         kw[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**kw, **overrides)
