@@ -59,6 +59,15 @@ def test_bad_inputs_give_one_line_errors(prepared, tmp_path, capsys):
     assert "bad.jsonl:2" in err and not (tmp_path / "d" / "meta.json").exists()
 
 
+@pytest.mark.parametrize("value,shown", [("abc", "'abc'"), ("5.5", "5.5")])
+def test_train_set_of_the_wrong_type_is_one_line(prepared, tmp_path, capsys, value, shown):
+    root, data = prepared
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--set", f"train.steps={value}"]) == 2
+    assert capsys.readouterr().err == f"engram: error: train.steps={shown}: expected an integer\n"
+    assert not (tmp_path / "r").exists()
+
+
 def test_bench_hash_json(capsys):
     assert main(["bench", "hash", "--json", "--batch-size", "1", "--seq-len", "256", "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out)

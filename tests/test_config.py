@@ -59,3 +59,46 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     rc = main(["eval", "--ckpt", str(tmp_path / "missing"), "--data", str(tmp_path)])
     assert rc == 2
     assert capsys.readouterr().err.startswith("engram: error:")
+
+
+@pytest.mark.parametrize("cls,data,msg", [
+    (TrainConfig, {"steps": "abc"}, "TrainConfig.steps='abc': expected an integer"),
+    (TrainConfig, {"steps": 5.5}, "TrainConfig.steps=5.5: expected an integer"),
+    (TrainConfig, {"steps": True}, "TrainConfig.steps=True: expected an integer"),
+    (TrainConfig, {"prefetch": 1}, "TrainConfig.prefetch=1: expected true or false"),
+    (TrainConfig, {"lr": "0.1"}, "TrainConfig.lr='0.1': expected a number"),
+    (TrainConfig, {"betas": [0.9]}, r"TrainConfig.betas=\[0.9\]: expected a list of 2 numbers"),
+    (ModelConfig, {"engram": {"layer_ids": [1, "2"]}},
+     r"ModelConfig.engram.layer_ids=\[1, '2'\]: expected a list of integers"),
+    (ModelConfig, {"engram": 3}, "ModelConfig.engram=3: expected a JSON object or null"),
+    (ModelConfig, {"input_ngram": {"table_size": 1.5}}, "ModelConfig.input_ngram.table_size=1.5: expected an integer"),
+])
+def test_from_dict_refuses_wrong_types(cls, data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        cls.from_dict(data)
+
+
+def test_from_dict_accepts_what_json_gives():
+    t = TrainConfig.from_dict({"lr": 1, "betas": [0.8, 0.9], "prefetch": True})  # int as float, list as tuple
+    assert t.lr == 1 and t.betas == (0.8, 0.9) and t.prefetch is True
+    m = ModelConfig.from_dict({"engram": None, "input_ngram": {"kind": "bigram"}, "rope_theta": 10000})
+    assert m.engram is None and m.input_ngram.kind == "bigram"
+
+
+def test_config_file_and_set_values_are_type_checked(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"train": {"steps": 5.5}}))
+    with pytest.raises(ConfigError, match=rf"^{f}: train.steps=5.5: expected an integer$"):
+        build_configs("tiny", 100, str(f), [])
+    f.write_text(json.dumps({"model": {"engram": {"use_gate": 0}}}))
+    with pytest.raises(ConfigError, match="model.engram.use_gate=0: expected true or false"):
+        build_configs("tiny", 100, str(f), [])
+    f.write_text(json.dumps({"train": [1]}))
+    with pytest.raises(ConfigError, match="section 'train' must be a JSON object"):
+        build_configs("tiny", 100, str(f), [])
+    with pytest.raises(ConfigError, match=r"^engram.layer_ids=1: expected a list of integers$"):
+        build_configs("tiny", 100, None, ["engram.layer_ids=1"])
+    with pytest.raises(ConfigError, match=r"^train.steps='abc': expected an integer$"):
+        build_configs("tiny", 100, None, ["train.steps=abc"])
+    m, t = build_configs("tiny", 100, None, ["train.lr=1", "engram.layer_ids=[0]", "model.ffn=dense"])
+    assert t.lr == 1 and m.engram.layer_ids == (0,) and m.ffn == "dense"

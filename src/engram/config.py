@@ -1,25 +1,38 @@
-"""Typed configuration for Engram models.
+"""Typed configuration: every settings dataclass of engram-lm, torch-free.
 
-Three small dataclasses, each validated in ``__post_init__``:
+Each config is a dataclass validated in ``__post_init__``; this module imports nothing heavy so
+that the command line can build its flags from these classes without loading torch:
 
-- ``EngramConfig``: everything about the conditional memory (hashing and the layer).
-- ``ModelConfig``: the transformer backbone, holding an optional ``EngramConfig``.
-- ``TrainConfig``: the optimisation recipe.
+- ``EngramConfig``, ``InputNgramConfig``, ``ModelConfig``: the model (conditional memory,
+  input N-gram baseline, transformer backbone). ``TrainConfig``: the optimisation recipe.
+- ``StorageConfig``: where a model's table rows come from (``engram.tables``).
+- ``PatchTrainConfig``, ``PatchBenchConfig``: knowledge patches (``engram.patches``, ``engram.bench``).
+- ``SamplingConfig`` (generation), ``GateConfig`` (the N-gram mixture's lambda gate),
+  ``ServeLimits`` (``engram serve``).
 
-Every config round-trips through plain dicts (``to_dict`` / ``from_dict``); ``from_dict``
-refuses unknown keys so that a typo in a JSON file is an error, not a silent default.
-Named presets live at the bottom (``PRESETS``).
+The model and train configs round-trip through plain dicts (``to_dict`` / ``from_dict``);
+``from_dict`` refuses unknown keys and values of the wrong type (``check_types``: ints must be
+ints, bools must be bools, floats accept ints, tuples accept lists), so a typo in a JSON file is
+an error, not a silent default or a TypeError later. A field's ``metadata`` (see ``setting``)
+holds its command-line help and, where it differs from ``--field-name``, its flag; the CLI
+generates its flags from it (``engram.cli.flags``). Named presets and ``build_configs`` (preset,
+then JSON file, then ``--set`` overrides) live at the bottom.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import json
-from dataclasses import dataclass
+import numbers
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
-from engram.errors import ConfigError
+from engram.errors import ConfigError, EngramError
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -27,15 +40,94 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _from_dict(cls, data: dict[str, Any], where: str):
+def setting(default: Any, help: str = "", **cli: Any) -> Any:
+    """A dataclass field with command-line metadata: ``help``, and optionally ``flag`` (when not
+    ``--field-name``), ``metavar``, ``choices`` and ``action`` (read by ``engram.cli.flags``)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+# ----------------------------------------------------------------------------- type checks
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """{field name: resolved type hint} of a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+_PLURAL = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+_SINGULAR = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             type(None): "null"}
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(args[0], v) for v in value)
+        return len(value) == len(args) and all(_fits(a, v) for a, v in zip(args, value))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # a bool is an int in Python, but true is not a count (numpy ints are)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:  # an int is a fine float (lr=1); true is not
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (hint, dict))
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in args if not isinstance(a, type) or
+                                         not issubclass(a, enum.Enum)))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_PLURAL.get(args[0], args[0])}"
+        if len(set(args)) == 1:
+            return f"a list of {len(args)} {_PLURAL.get(args[0], args[0])}"
+        return f"a list [{', '.join(_describe(a) for a in args)}]"
+    if dataclasses.is_dataclass(hint):
+        return "a JSON object"
+    return _SINGULAR.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_value(hint: Any, value: Any, where: str, error: type = ConfigError) -> None:
+    """Raise ``error("where=value: expected ...")`` unless ``value`` fits the type ``hint``;
+    a dict for a nested config (``model.engram``) is checked key by key."""
+    if not _fits(hint, value):
+        raise error(f"{where}={value!r}: expected {_describe(hint)}")
+    nested = [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
+    if nested and isinstance(value, dict):
+        check_types(nested[0], value, where, error)
+
+
+def check_types(cls: type, data: Mapping[str, Any], where: str, error: type = ConfigError) -> None:
+    """Check every known key of ``data`` against the type of ``cls``'s field (unknown keys are
+    left to ``from_dict``, which names the known ones)."""
+    hints = field_types(cls)
+    for key, value in data.items():
+        if key in hints:
+            check_value(hints[key], value, f"{where}.{key}", error)
+
+
+def _from_dict(cls, data: dict[str, Any], where: str, error: type = ConfigError):
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{where}: expected a JSON object, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(
+        raise error(
             f"{where}: unknown config key(s) {unknown}; known keys are {sorted(known)}"
         )
+    check_types(cls, data, where, error)
     return cls(**data)
 
 
@@ -170,6 +262,7 @@ class InputNgramConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputNgramError(f"InputNgramConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        check_types(cls, data, "InputNgramConfig", InputNgramError)
         return cls(**data)
 
 
@@ -278,7 +371,8 @@ class TrainConfig:
     # state and updates only for touched rows; engram.training.sparse_adam). prefetch builds the next
     # batch and its row ids on a background thread (same numbers, less waiting).
     table_optimizer: str = "adam"
-    prefetch: bool = False
+    prefetch: bool = setting(False, "build the next batch and its row ids on a background thread "
+                                    "(sets train.prefetch)")
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -357,6 +451,343 @@ PRESETS = {
 }
 
 
+# ----------------------------------------------------------------------------- table storage
+# (engram.tables.tiers re-exports these: the tiers need torch, the CLI flags must not)
+class StorageError(EngramError):
+    """A storage setting or request is invalid; the message names the value and the fix."""
+
+
+class StorageKind(str, enum.Enum):
+    """Where a table's rows live."""
+
+    MEMORY = "memory"
+    MMAP = "mmap"
+    CACHED = "cached"
+
+    @classmethod
+    def parse(cls, value: Union[str, "StorageKind"]) -> "StorageKind":
+        try:
+            return cls(value)
+        except ValueError:
+            raise StorageError(f"storage={value!r}; choose one of {[k.value for k in cls]}") from None
+
+
+CACHE_POLICIES = ("lru", "lfu")
+
+
+@dataclass
+class StorageConfig:
+    """How an Engram model gets its table rows (the ``--table/--storage/...`` CLI switches).
+
+    ``path``: a table file (``engram table convert``); None keeps the checkpoint's tables.
+    ``kind``: memory | mmap | cached. ``cache_rows``: pool size per Engram layer for ``cached``.
+    ``prefetch``: fetch rows on a background thread ahead of the layer that needs them.
+    ``io_threads``: parallel reads from a mapped file. ``cold``: drop the file's pages from the
+    page cache after every read (honest cold-storage benchmarks; slow for real use).
+    ``process``: run file-backed tiers in a helper process (``engram.tables.process``) so their
+    bookkeeping does not contend with the model for the GIL (see docs/storage.md).
+    """
+
+    path: Optional[str] = setting(None, "serve the Engram tables from this table file "
+                                  "(`engram table convert RUN FILE`) instead of the checkpoint",
+                                  flag="--table", metavar="FILE")
+    kind: Union[str, StorageKind] = setting(
+        StorageKind.MEMORY, "memory: load the tables into RAM; mmap: map the file; cached: a pool of hot "
+        "rows in front of the mapped file (default with --table: cached)",
+        flag="--storage", choices=tuple(k.value for k in StorageKind))
+    cache_rows: int = setting(1 << 20, "rows per Engram layer in the cached tier's pool (default 1,048,576)")
+    cache_policy: str = setting("lru", choices=CACHE_POLICIES)
+    prefetch: bool = setting(True, "fetch rows on a background thread ahead of the layer (default: on with "
+                             "--table/--storage, off otherwise)")
+    io_threads: int = setting(8, "parallel reads from the file (default 8)")
+    cold: bool = setting(False, "drop the file's pages from the page cache after every read (benchmarks)")
+    process: bool = setting(True, "serve mmap/cached tiers from a helper process, off the model's GIL "
+                            "(default on)", flag="--fetch-process")
+
+    def __post_init__(self) -> None:
+        self.kind = StorageKind.parse(self.kind)
+        if self.cache_rows < 1:
+            raise StorageError(f"cache_rows={self.cache_rows} must be >= 1 (rows per Engram layer)")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise StorageError(f"cache_policy={self.cache_policy!r}; choose one of {CACHE_POLICIES}")
+        if self.io_threads < 1:
+            raise StorageError(f"io_threads={self.io_threads} must be >= 1")
+        if self.kind in (StorageKind.MMAP, StorageKind.CACHED) and self.path is None:
+            raise StorageError(f"storage={self.kind.value!r} reads a table file: pass its path "
+                               f"(--table FILE; export one with `engram table convert RUN FILE`)")
+        if self.path is not None:
+            self.path = str(self.path)
+
+    @property
+    def is_default(self) -> bool:
+        """True when nothing differs from the plain in-memory model."""
+        return self.path is None and self.kind == StorageKind.MEMORY and not self.prefetch
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+
+# ----------------------------------------------------------------------------- knowledge patches
+# (engram.patches.trainer / .patchfile and engram.bench.patch re-export these)
+class PatchError(EngramError):
+    """A patch cannot be made, read, applied or reverted; the message names the value and the fix."""
+
+
+QUANTIZATIONS = ("none", "bf16", "int8")
+DEFAULT_PROTECT_MIN_COUNT = 0  # off: it lost to rehearsal on held-out facts (docs/patches.md)
+DEFAULT_REHEARSAL = 1.0  # used whenever the original corpus is given (rehearsal=None)
+
+
+@dataclass
+class PatchTrainConfig:
+    """How a patch is trained (``engram patch train``); validated on construction."""
+
+    steps: int = setting(1000)
+    batch_size: int = setting(8)
+    seq_len: int = setting(128)
+    # the base lr; the tables train at lr * table_lr_mult (as in `engram train`)
+    lr: float = setting(3e-3, "base lr; tables train at lr x --table-lr-mult")
+    table_lr_mult: float = setting(5.0)
+    warmup_steps: int = setting(10)
+    min_lr_ratio: float = setting(0.1, "the lr decays (cosine) to this fraction of --lr after warm-up")
+    grad_clip: float = setting(1.0, "clip the gradient norm of the trained parameters to this (0 disables)")
+    train_gates: bool = setting(False, "also train the Engram gate/value projections (reported; not in the patch)")
+    anchor: float = setting(0.0, "L2 pull of changed rows towards their old values")
+    # rows the original corpus reads at least this often are frozen (0 disables); takes effect
+    # only when the original corpus is given (--original-data), see engram.patches.trainer
+    protect_min_count: int = setting(
+        DEFAULT_PROTECT_MIN_COUNT, "with --original-data: freeze rows the original corpus reads at least this "
+        f"often (0 disables; default {DEFAULT_PROTECT_MIN_COUNT}; rehearsal works better, docs/patches.md)")
+    # beta: loss_new + beta * loss_orig; None = DEFAULT_REHEARSAL when the original corpus is
+    # given (--original-data), else 0; 0 disables
+    rehearsal: Optional[float] = setting(
+        None, "add BETA x the loss on original-corpus batches (only rows the new text touches still move); "
+        f"default {DEFAULT_REHEARSAL} with --original-data, else 0; 0 disables")
+    # original-corpus windows per step; 0 = batch_size
+    rehearsal_batch_size: int = setting(0, "original-corpus windows per step (0 = --batch-size)")
+    quantization: str = setting("none", "store the new values quantised (old values stay exact)",
+                                flag="--quantize", choices=QUANTIZATIONS)
+    seed: int = setting(0)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, f"steps={self.steps} must be >= 1"),
+            (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
+            (self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2"),
+            (self.lr > 0, f"lr={self.lr} must be > 0"),
+            (self.table_lr_mult > 0, f"table_lr_mult={self.table_lr_mult} must be > 0"),
+            (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"),
+            (self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables)"),
+            (self.anchor >= 0, f"anchor={self.anchor} must be >= 0 (0 disables)"),
+            (isinstance(self.protect_min_count, int) and self.protect_min_count >= 0,
+             f"protect_min_count={self.protect_min_count!r} must be an integer >= 0 "
+             f"(0 disables row protection; e.g. --protect-min-count {DEFAULT_PROTECT_MIN_COUNT})"),
+            (self.rehearsal is None or self.rehearsal >= 0,
+             f"rehearsal={self.rehearsal} must be >= 0 (0 disables; e.g. --rehearsal 1.0) or None (automatic)"),
+            (self.rehearsal_batch_size >= 0,
+             f"rehearsal_batch_size={self.rehearsal_batch_size} must be >= 0 (0 = batch_size)"),
+            (self.quantization in QUANTIZATIONS,
+             f"quantization={self.quantization!r}; choose one of {list(QUANTIZATIONS)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise PatchError(msg)
+
+
+_VARIANT_KEYS = {"steps", "lr", "table_lr_mult", "batch_size", "anchor", "protect_min_count", "rehearsal",
+                 "rehearsal_batch_size", "warmup_steps", "min_lr_ratio", "seed"}
+
+
+@dataclass
+class PatchBenchConfig:
+    """The held-out-facts experiment (``engram bench patch``, ``engram.bench.patch``)."""
+
+    workdir: str = setting("patch-bench", "data, run, table and patch go here")
+    held_out: int = setting(40, "countries whose documents are held out")
+    base_steps: int = setting(400)
+    patch_steps: int = setting(1000)
+    patch_lr: float = setting(3e-3)
+    patch_batch_size: int = setting(8, "batch size of patch training")
+    table_lr_mult: float = setting(5.0)
+    anchor: float = setting(0.0)
+    # rows the original corpus reads >= this often are frozen
+    protect_min_count: int = setting(DEFAULT_PROTECT_MIN_COUNT, "freeze rows the original corpus (the bench's "
+                                     "training split) reads this often; 0 disables")
+    rehearsal: float = setting(DEFAULT_REHEARSAL, "beta x original-corpus loss during patch training (0 disables)")
+    # extra patch settings "key=value,key=value" (PatchTrainConfig fields)
+    variants: tuple[str, ...] = setting((), "also train and measure a patch with these settings (e.g. "
+                                        "steps=600,rehearsal=1); repeatable",
+                                        flag="--variant", action="append", metavar="K=V,...")
+    ngram_lambda: float = setting(0.5)
+    preset: str = setting("engram-moe", "model preset of the base run", choices=tuple(sorted(PRESETS)))
+    vocab_size: int = setting(4096, "BPE vocabulary size of the bench's data")
+    batch_size: int = setting(16, "batch size of the base run and of evaluation")
+    seq_len: int = setting(128, "sequence length of the base run, patch training and evaluation")
+    eval_batches: int = setting(40, "batches per loss evaluation")
+    trained_facts: int = setting(300, "facts the base run was trained on, scored as a damage check")
+    threads: int = setting(1)
+
+    def __post_init__(self) -> None:
+        if self.held_out < 1:
+            raise PatchError(f"held_out={self.held_out} must be >= 1")
+        if self.base_steps < 1 or self.patch_steps < 1:
+            raise PatchError("base_steps and patch_steps must be >= 1")
+        if not 0 <= self.ngram_lambda < 1:
+            raise PatchError(f"ngram_lambda={self.ngram_lambda} must be in [0, 1)")
+        self.variants = tuple(self.variants)
+        for v in self.variants:
+            parse_variant(v)
+        self.patch_config()  # validates the patch settings
+
+    def patch_config(self, **overrides: Any) -> PatchTrainConfig:
+        kw = dict(steps=self.patch_steps, batch_size=self.patch_batch_size, seq_len=self.seq_len,
+                  lr=self.patch_lr, table_lr_mult=self.table_lr_mult, anchor=self.anchor,
+                  protect_min_count=self.protect_min_count, rehearsal=self.rehearsal)
+        return PatchTrainConfig(**{**kw, **overrides})
+
+    def base_key(self) -> dict[str, Any]:
+        """The settings the data and base run depend on (the base-run cache key)."""
+        return {"held_out": self.held_out, "base_steps": self.base_steps, "preset": self.preset,
+                "vocab_size": self.vocab_size, "batch_size": self.batch_size, "seq_len": self.seq_len}
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``"steps=600,rehearsal=1"`` -> {"steps": 600, "rehearsal": 1.0} (PatchTrainConfig fields)."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, val = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in _VARIANT_KEYS:
+            raise PatchError(f"variant {text!r}: {part!r} is not KEY=VALUE with KEY one of {sorted(_VARIANT_KEYS)}; "
+                             f"e.g. --variant steps=600,rehearsal=1")
+        typ = int if key in ("steps", "batch_size", "protect_min_count", "rehearsal_batch_size", "warmup_steps",
+                             "seed") else float
+        try:
+            out[key] = typ(val)
+        except ValueError:
+            raise PatchError(f"variant {text!r}: {key}={val!r} must be {'an integer' if typ is int else 'a number'}; "
+                             f"e.g. --variant {key}={'600' if typ is int else '1.0'}") from None
+    if not out:
+        raise PatchError(f"variant {text!r} sets nothing; e.g. --variant steps=600,rehearsal=1")
+    return out
+
+
+# ----------------------------------------------------------------------------- generation
+# (engram.model.generation re-exports SamplingConfig)
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = setting(100)
+    temperature: float = setting(0.8, "0 = greedy")
+    top_k: int = setting(0, "sample from the k most likely tokens (0 = off)")
+    top_p: float = setting(1.0, "sample from the smallest set of tokens holding this probability (1.0 = off)")
+    seed: int = setting(0)
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 0, f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        _check(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        _check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        _check(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+
+
+# ----------------------------------------------------------------------------- N-gram mixture gate
+# (engram.ngram.mixture re-exports these; engram.ngram.index re-exports DEFAULT_KN_ORDER)
+class MixtureError(EngramError):
+    """Bad mixture settings or a gate that does not fit the model / index; names the fix."""
+
+
+DEFAULT_KN_ORDER = 5
+ESTIMATORS = ("both", "kn", "infgram")
+FEATURES = (
+    "log_suffix_len", "no_match", "log_count", "log_distinct",
+    "inf_entropy", "inf_max", "kn_entropy", "kn_max", "lm_entropy", "lm_max",
+    "lm_mass_on_inf", "lm_mass_on_kn", "lm_logp_of_inf_argmax",
+)
+# The default leaves out how much the LM agrees with the N-gram: on held-out text disagreement
+# predicts N-gram errors, but newly indexed knowledge is exactly what the LM disagrees with.
+AGREEMENT_FEATURES = ("lm_mass_on_inf", "lm_mass_on_kn", "lm_logp_of_inf_argmax")
+DEFAULT_FEATURES = tuple(f for f in FEATURES if f not in AGREEMENT_FEATURES)
+
+
+@dataclass
+class GateConfig:
+    """What the gate mixes and sees.
+
+    ``hidden_size`` 0: features only (the default, and the only choice for a callable LM). With
+    the LM hidden state, ``hidden_bound`` > 0 caps how far it can move each gate logit
+    (``bound * tanh(.)``); 0 lets it enter the MLP freely. The hidden state buys held-out
+    perplexity but learns topic-wise distrust that also overrides newly indexed facts
+    (docs/ngram.md, "Which gate").
+    """
+
+    # the N-gram side: "both" (gated blend), "kn" or "infgram"
+    estimator: str = setting("both", "N-gram side: both = gated blend of infgram and KN (default), or one of them",
+                             choices=ESTIMATORS)
+    kn_order: int = setting(DEFAULT_KN_ORDER)
+    # on the command line `--hidden` sets this to the LM's hidden size
+    hidden_size: int = setting(0, "also feed the LM's hidden state (better perplexity, weaker recall of new facts)",
+                               flag="--hidden", action="store_true")
+    hidden_proj: int = setting(16, "with --hidden: width of the hidden state's projection")
+    hidden_bound: float = setting(0.0, "with --hidden: max shift of a gate logit by the hidden state (0 = unbounded)")
+    width: int = setting(32, "hidden units of the gate's MLP")
+    features: tuple[str, ...] = setting(DEFAULT_FEATURES, "the gate's input features (default: all but the "
+                                        "LM-agreement ones)", choices=FEATURES)
+
+    def __post_init__(self) -> None:
+        self.features = tuple(self.features)
+        if self.estimator not in ESTIMATORS:
+            raise MixtureError(f"estimator={self.estimator!r}; choose one of {ESTIMATORS}")
+        if self.kn_order < 1:
+            raise MixtureError(f"kn_order={self.kn_order} must be >= 1")
+        if self.hidden_bound < 0:
+            raise MixtureError(f"hidden_bound={self.hidden_bound} must be >= 0 (0 = unbounded)")
+        for name in ("hidden_size", "hidden_proj", "width"):
+            if getattr(self, name) < 0 or (name == "width" and self.width < 1):
+                raise MixtureError(f"{name}={getattr(self, name)} must be >= {1 if name == 'width' else 0}")
+        unknown = sorted(set(self.features) - set(FEATURES))
+        if unknown or not self.features:
+            raise MixtureError(f"features {unknown or '[]'} invalid; choose a non-empty subset of {FEATURES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+
+# ----------------------------------------------------------------------------- inspect / serve
+# (engram.inspect.heatmap re-exports COLOR_MODES and SCALES, engram.inspect.server ServeLimits)
+COLOR_MODES = ("auto", "truecolor", "256", "none")
+SCALES = ("rank", "relative", "absolute")
+
+
+class ServeConfigError(EngramError):
+    """Invalid server settings; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_body_bytes: int = setting(64 * 1024, "largest request body accepted")
+    max_chars: int = setting(2000, "longest text accepted")
+    max_inflight: int = setting(8, "concurrent requests before 503")  # requests being answered at once
+    queue_wait_s: float = setting(2.0, "how long one more request waits for a free slot before its 503")
+    socket_timeout_s: float = setting(10.0, "a client that stops sending is dropped after this many seconds")
+    # recent texts: typing revisits prefixes (backspace)
+    cache_entries: int = setting(256, "recently inspected texts kept (0 disables the cache)")
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_chars", "max_inflight"):
+            if getattr(self, name) < 1:
+                raise ServeConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.socket_timeout_s <= 0:
+            raise ServeConfigError(f"socket_timeout_s={self.socket_timeout_s} must be > 0")
+        if self.queue_wait_s < 0:
+            raise ServeConfigError(f"queue_wait_s={self.queue_wait_s} must be >= 0 (0: refuse at once)")
+        if self.cache_entries < 0:
+            raise ServeConfigError(f"cache_entries={self.cache_entries} must be >= 0 (0 disables)")
+
+
 # ----------------------------------------------------------------------------- resolving a run's configs
 def _parse_value(text: str) -> Any:
     try:
@@ -367,7 +798,10 @@ def _parse_value(text: str) -> Any:
 
 def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
                   overrides: Sequence[str]) -> tuple[ModelConfig, TrainConfig]:
-    """Preset, then a JSON file {"model": {...}, "train": {...}}, then ``--set section.key=value``."""
+    """Preset, then a JSON file {"model": {...}, "train": {...}}, then ``--set section.key=value``.
+
+    Every value is type-checked where it comes in, so the error names its source: the file and
+    ``train.steps=5.5``, or ``--set`` and ``train.steps='abc'``."""
     model = preset(preset_name, vocab_size).to_dict()
     train = TrainConfig().to_dict()
     if config_file:
@@ -375,9 +809,17 @@ def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
             data = json.loads(Path(config_file).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read config file {config_file}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config_file}: expected a JSON object with 'model' and/or 'train' sections")
         unknown = sorted(set(data) - {"model", "train"})
         if unknown:
             raise ConfigError(f"{config_file}: unknown section(s) {unknown}; use 'model' and 'train'")
+        for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+            values = data.get(section, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"{config_file}: section {section!r} must be a JSON object, "
+                                  f"got {type(values).__name__}")
+            check_types(cls, values, f"{config_file}: {section}")
         model.update(data.get("model", {}))
         train.update(data.get("train", {}))
     for item in overrides:
@@ -385,14 +827,17 @@ def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in ("model", "train", "engram"):
             raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE, engram.KEY=VALUE or train.KEY=VALUE")
+        parsed = _parse_value(value)
         if section == "engram":
             if model.get("engram") is None:
                 raise ConfigError(f"--set {item!r}: preset {preset_name!r} has no Engram; pick an engram-* preset")
-            model["engram"][name] = _parse_value(value)
+            check_types(EngramConfig, {name: parsed}, "engram")
+            model["engram"][name] = parsed
         else:
-            target = model if section == "model" else train
+            target, cls = (model, ModelConfig) if section == "model" else (train, TrainConfig)
             if name not in target:
                 raise ConfigError(f"--set {item!r}: unknown {section} key {name!r}; known: {sorted(target)}")
-            target[name] = _parse_value(value)
+            check_types(cls, {name: parsed}, section)
+            target[name] = parsed
     model["vocab_size"] = vocab_size
     return ModelConfig.from_dict(model), TrainConfig.from_dict(train)

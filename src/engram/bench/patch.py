@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from engram.config import TrainConfig, preset
+from engram.config import PatchBenchConfig as BenchConfig  # re-exported
+from engram.config import TrainConfig, parse_variant, preset
 from engram.data import shards as data
 from engram.data.corpus import builtin_documents, fact_records
 from engram.data.tokenizer import train_bpe
@@ -49,90 +50,14 @@ from engram.ngram.facts import recall, tokenize_cases
 from engram.ngram.index import NgramIndex
 from engram.ngram.mixture import GateConfig, LMAdapter, NgramMixture, collect, mixture_nll
 from engram.patches.apply import apply_patch, apply_to_model, revert_from_model, revert_patch
-from engram.patches.patchfile import PatchError, load_patch, make_patch, save_patch
-from engram.patches.trainer import (
-    DEFAULT_PROTECT_MIN_COUNT,
-    DEFAULT_REHEARSAL,
-    PatchTrainConfig,
-    protected_masks,
-    train_patch_from_run,
-)
+from engram.patches.patchfile import load_patch, make_patch, save_patch
+from engram.patches.trainer import protected_masks, train_patch_from_run
 from engram.science.knowledge import FactItem, FactSet, evaluate_facts
 from engram.tables.access import row_access_counts
 from engram.tables.convert import export_checkpoint_tables
 from engram.tables.runtime import load_tables_into
 from engram.training.evaluation import evaluate
 from engram.training.trainer import train
-
-_VARIANT_KEYS = {"steps", "lr", "table_lr_mult", "batch_size", "anchor", "protect_min_count", "rehearsal",
-                 "rehearsal_batch_size", "warmup_steps", "min_lr_ratio", "seed"}
-
-
-@dataclass
-class BenchConfig:
-    workdir: str = "patch-bench"
-    held_out: int = 40
-    base_steps: int = 400
-    patch_steps: int = 1000
-    patch_lr: float = 3e-3
-    patch_batch_size: int = 8
-    table_lr_mult: float = 5.0
-    anchor: float = 0.0
-    protect_min_count: int = DEFAULT_PROTECT_MIN_COUNT  # rows the original corpus reads >= this often are frozen
-    rehearsal: float = DEFAULT_REHEARSAL  # beta x original-corpus loss; 0 disables
-    variants: tuple[str, ...] = ()  # extra patch settings "key=value,key=value" (PatchTrainConfig fields)
-    ngram_lambda: float = 0.5
-    preset: str = "engram-moe"
-    vocab_size: int = 4096
-    batch_size: int = 16
-    seq_len: int = 128
-    eval_batches: int = 40
-    trained_facts: int = 300
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.held_out < 1:
-            raise PatchError(f"held_out={self.held_out} must be >= 1")
-        if self.base_steps < 1 or self.patch_steps < 1:
-            raise PatchError("base_steps and patch_steps must be >= 1")
-        if not 0 <= self.ngram_lambda < 1:
-            raise PatchError(f"ngram_lambda={self.ngram_lambda} must be in [0, 1)")
-        self.variants = tuple(self.variants)
-        for v in self.variants:
-            parse_variant(v)
-        self.patch_config()  # validates the patch settings
-
-    def patch_config(self, **overrides: Any) -> PatchTrainConfig:
-        kw = dict(steps=self.patch_steps, batch_size=self.patch_batch_size, seq_len=self.seq_len,
-                  lr=self.patch_lr, table_lr_mult=self.table_lr_mult, anchor=self.anchor,
-                  protect_min_count=self.protect_min_count, rehearsal=self.rehearsal)
-        return PatchTrainConfig(**{**kw, **overrides})
-
-    def base_key(self) -> dict[str, Any]:
-        """The settings the data and base run depend on (the base-run cache key)."""
-        return {"held_out": self.held_out, "base_steps": self.base_steps, "preset": self.preset,
-                "vocab_size": self.vocab_size, "batch_size": self.batch_size, "seq_len": self.seq_len}
-
-
-def parse_variant(text: str) -> dict[str, Any]:
-    """``"steps=600,rehearsal=1"`` -> {"steps": 600, "rehearsal": 1.0} (PatchTrainConfig fields)."""
-    out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, val = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in _VARIANT_KEYS:
-            raise PatchError(f"variant {text!r}: {part!r} is not KEY=VALUE with KEY one of {sorted(_VARIANT_KEYS)}; "
-                             f"e.g. --variant steps=600,rehearsal=1")
-        typ = int if key in ("steps", "batch_size", "protect_min_count", "rehearsal_batch_size", "warmup_steps",
-                             "seed") else float
-        try:
-            out[key] = typ(val)
-        except ValueError:
-            raise PatchError(f"variant {text!r}: {key}={val!r} must be {'an integer' if typ is int else 'a number'}; "
-                             f"e.g. --variant {key}={'600' if typ is int else '1.0'}") from None
-    if not out:
-        raise PatchError(f"variant {text!r} sets nothing; e.g. --variant steps=600,rehearsal=1")
-    return out
 
 
 def _stable(s: str) -> int:

@@ -3,6 +3,7 @@
 Both models share the backbone of the ``moe`` preset (same layers, experts and activated FLOPs
 per token); the Engram model adds hashed N-gram tables at layer 1. They see the same batches
 in the same order for the same number of steps, so the validation losses compare like for like.
+Torch and the library are imported inside ``run_demo`` so that ``engram --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from engram.config import TrainConfig, preset
+from engram.errors import EngramError
 
 DEMO_TRAIN = dict(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=100,
                   eval_batches=20, save_every=100, log_every=10)
@@ -39,7 +41,7 @@ def run_demo(workdir: str = "engram-demo", steps: int = 540, quiet: bool = False
     unigram = float(ds.meta["train_unigram_entropy"]["nats_per_token"])
 
     if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
+        raise EngramError(f"steps={steps} must be >= 1")
     results = {}
     for i, name in enumerate(("moe", "engram-moe"), start=2):
         cfg = preset(name, vocab)

@@ -5,6 +5,9 @@
     engram analyze gates  --ckpt RUN [--n 300] [--json out.json]
     engram analyze zipf   --ckpt RUN --data DATA [--split train] [--plot zipf.png] [--json out.json]
     engram analyze ablate --ckpt RUN --data DATA [--max-tokens 40000] [--json out.json]
+
+The server's limits are flags generated from ``ServeLimits`` (``engram.config``). Handlers import
+the library (numpy included) lazily, inside the function, so that ``engram --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
+from engram.cli.flags import add_common, add_config_flags, add_json_file, config_from_args
+from engram.config import COLOR_MODES, SCALES, ServeLimits
+from engram.errors import EngramError
 
 
 def _load(ckpt: str):
@@ -42,7 +47,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from engram.inspect.heatmap import inspect_text, print_inspection, write_outputs
 
     if (args.text is None) == (args.file is None):
-        raise ValueError("give the text with exactly one of --text TEXT or --file PATH")
+        raise EngramError("give the text with exactly one of --text TEXT or --file PATH")
     text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
     model, tok, _ = _load(args.ckpt)
     ins = inspect_text(model, tok, text)
@@ -57,10 +62,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- serve
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engram.inspect.server import InspectService, ServeLimits, is_loopback, make_server
+    from engram.inspect.server import InspectService, is_loopback, make_server
 
+    limits = config_from_args(args, ServeLimits)
     model, tok, _ = _load(args.ckpt)
-    limits = ServeLimits(max_chars=args.max_chars, max_inflight=args.max_inflight)
     server = make_server(InspectService(model, tok, limits), args.host, args.port, quiet=args.quiet)
     host, port = server.server_address[:2]
     if not is_loopback(args.host):
@@ -78,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- analyze
 def cmd_analyze_gates(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from engram.data.tokenizer import special_ids
     from engram.inspect.analysis import (
         facts_vs_random,
@@ -171,7 +178,7 @@ def cmd_analyze_zipf(args: argparse.Namespace) -> int:
                             f"run {args.ckpt}")
     shard = getattr(ds, args.split)
     if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens {args.max_tokens} must be >= 1")
+        raise EngramError(f"--max-tokens {args.max_tokens} must be >= 1")
     tokens = shard.tokens[: args.max_tokens] if args.max_tokens else shard.tokens
     res = zipf_statistics(model, tokens, top_percents=tuple(args.top_percent))
     if args.plot:
@@ -223,59 +230,56 @@ def cmd_analyze_ablate(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parsers
 def register(sub: Any, bench: Any) -> None:
-    from engram.inspect.heatmap import COLOR_MODES, SCALES
-
     i = sub.add_parser("inspect", help="per-token Engram gates as a terminal heatmap, HTML and JSON")
-    i.add_argument("--ckpt", required=True, help="run directory")
+    add_common(i, "--ckpt", required=True, help="run directory")
     i.add_argument("--text", help="text to inspect")
     i.add_argument("--file", help="read the text from this file instead")
     i.add_argument("--html", help="also write a standalone HTML heatmap here")
-    i.add_argument("--json", help="also write the full inspection as JSON here")
+    add_json_file(i, help="also write the full inspection as JSON here")
     i.add_argument("--top-k", type=int, default=3, help="heads listed per position (0: none)")
     i.add_argument("--color", default="auto", choices=COLOR_MODES,
                    help="auto: 24-bit if COLORTERM says so, else 256; none when not a terminal")
     i.add_argument("--scale", default="rank", choices=SCALES,
                    help="rank: by rank within this text (default); relative: min..max of this "
                         "text; absolute: 0..1")
-    i.add_argument("--quiet", action="store_true", help="only write --html/--json")
+    add_common(i, "--quiet", help="only write --html/--json")
     i.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("serve", help="local web page: tokens shaded by gate as you type")
-    s.add_argument("--ckpt", required=True)
+    add_common(s, "--ckpt", required=True)
     s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    s.add_argument("--max-chars", type=int, default=2000, help="longest text accepted")
-    s.add_argument("--max-inflight", type=int, default=8, help="concurrent requests before 503")
-    s.add_argument("--quiet", action="store_true", help="no request log")
+    add_config_flags(s, ServeLimits)
+    add_common(s, "--quiet", help="no request log")
     s.set_defaults(fn=cmd_serve)
 
     a = sub.add_parser("analyze", help="gate statistics, Zipf statistics, Engram ablation"
                        ).add_subparsers(dest="sub", required=True)
     g = a.add_parser("gates", help="mean gate on fact sentences, entities, narrative, shuffled, random tokens")
-    g.add_argument("--ckpt", required=True)
+    add_common(g, "--ckpt", required=True)
     g.add_argument("--n", type=int, default=300, help="samples per category")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--data", help="also bin gates by n-gram training count on this dataset's val split")
+    add_common(g, "--data", help="also bin gates by n-gram training count on this dataset's val split")
     g.add_argument("--freq-tokens", type=int, default=60_000, help="val tokens for --data")
-    g.add_argument("--json")
+    add_json_file(g)
     g.set_defaults(fn=cmd_analyze_gates)
 
     z = a.add_parser("zipf", help="rank-frequency of n-grams and table-row accesses over a shard")
-    z.add_argument("--ckpt", required=True)
-    z.add_argument("--data", required=True, help="dataset directory (the run's tokenizer)")
+    add_common(z, "--ckpt", required=True)
+    add_common(z, "--data", required=True, help="dataset directory (the run's tokenizer)")
     z.add_argument("--split", default="train", choices=["train", "val"])
     z.add_argument("--max-tokens", type=int, default=1_000_000, help="first N tokens of the split")
     z.add_argument("--top-percent", type=float, nargs="+", default=[0.1, 1.0, 10.0],
                    help="report the share of accesses of the top k%% rows")
     z.add_argument("--plot", help="write a log-log PNG here")
-    z.add_argument("--json")
+    add_json_file(z)
     z.set_defaults(fn=cmd_analyze_zipf)
 
     b = a.add_parser("ablate", help="loss/accuracy with Engram zeroed, per kind of held-out text")
-    b.add_argument("--ckpt", required=True)
-    b.add_argument("--data", required=True, help="dataset the run was trained on (val titles, unigram)")
+    add_common(b, "--ckpt", required=True)
+    add_common(b, "--data", required=True, help="dataset the run was trained on (val titles, unigram)")
     b.add_argument("--max-tokens", type=int, default=40_000, help="tokens per category")
     b.add_argument("--max-facts", type=int, default=500, help="fact sentences for 'fact answers only'")
     b.add_argument("--seq-len", type=int, help="window length (default: the run's training seq_len)")
-    b.add_argument("--json")
+    add_json_file(b)
     b.set_defaults(fn=cmd_analyze_ablate)

@@ -6,20 +6,38 @@
     engram train / eval / generate       the model life cycle
     engram bench hash                    hashing throughput against the reference algorithm
 
-Errors that come from bad input (``ValueError`` and subclasses) are printed as one line
-``engram: error: ...`` with exit status 2; anything else is a bug and keeps its traceback.
+Errors that come from bad input (``EngramError``, a missing file, a flag argparse refuses) are
+printed as one line ``engram: error: ...`` with exit status 2; anything else is a bug and keeps
+its traceback. Handlers import the library lazily, inside the function, so that ``engram --help``
+does not load torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from engram.config import PRESETS, build_configs
+from engram.cli.commands import COMMAND_MODULES
+from engram.cli.demo import run_demo
+from engram.cli.flags import ArgumentParser, add_common, add_config_flags, config_from_args
+from engram.cli.ngram import add_mixture_args, cmd_eval_ngram, cmd_generate_ngram
+from engram.cli.table import (
+    add_storage_arguments,
+    add_train_table_arguments,
+    load_for_generation,
+    report_generation,
+    storage_from_args,
+)
+from engram.config import PRESETS, SamplingConfig, build_configs
+from engram.errors import EngramError
+
+# `engram generate` samples shorter and from the nucleus; the library default is plain sampling
+GENERATE_DEFAULTS = {"max_new_tokens": 60, "top_p": 0.95}
 
 
 # ----------------------------------------------------------------------------- commands
@@ -77,11 +95,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    if getattr(args, "ngram", None):  # mixture with the N-gram memory (commands/ngram.py)
-        from engram.cli.ngram import cmd_eval_ngram
-
+    if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
         return cmd_eval_ngram(args)
-    from engram.cli.table import storage_from_args
     from engram.training.evaluation import evaluate_run
 
     result = evaluate_run(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,
@@ -92,23 +107,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    if getattr(args, "ngram", None):  # mixture with the N-gram memory (commands/ngram.py)
-        from engram.cli.ngram import cmd_generate_ngram
-
+    if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
         return cmd_generate_ngram(args)
     import torch
 
-    from engram.cli.table import load_for_generation, report_generation
     from engram.data.tokenizer import load_tokenizer
-    from engram.model.generation import SamplingConfig, generate
+    from engram.model.generation import generate
 
+    sampling = config_from_args(args, SamplingConfig)
     model, meta = load_for_generation(args.ckpt, args)  # load_model, or tables per --table/--storage
     tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
     ids = tok.encode(args.prompt).ids
     if not ids:
-        raise ValueError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
     t0 = time.perf_counter()
     out = generate(model, torch.tensor([ids]), sampling)
     report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)  # tokens/s, hit rate
@@ -130,41 +141,31 @@ def cmd_bench_hash(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from engram.cli.demo import run_demo
-
     run_demo(workdir=args.workdir, steps=args.steps, quiet=args.quiet)
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
-def _ngram_args(p: argparse.ArgumentParser, scoring: bool) -> None:
-    from engram.cli.ngram import add_mixture_args  # --ngram INDEX [--gate DIR | --ngram-lambda X]
-
-    add_mixture_args(p, scoring)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from engram.cli.table import add_storage_arguments, add_train_table_arguments
-
-    p = argparse.ArgumentParser(prog="engram", description="Engram conditional memory for language models")
+    p = ArgumentParser(prog="engram", description="Engram conditional memory for language models")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the main job: prepare data, train Engram and a same-size baseline, sample")
     d.add_argument("--workdir", default="engram-demo", help="where data and runs go (default: ./engram-demo)")
     d.add_argument("--steps", type=int, default=540,
                    help="optimizer steps per model (default 540: 4-6 min each on 2 CPU cores)")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common(d, "--quiet", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="sub", required=True)
     r = t.add_parser("report", help="vocab size, compressed size, reduction, largest merge groups")
     r.add_argument("--tokenizer", default="deepseek", help="'deepseek' or a tokenizer.json path")
-    r.add_argument("--json", action="store_true")
+    add_common(r, "--json")
     r.set_defaults(fn=cmd_tokenizer_report)
 
     dp = sub.add_parser("data", help="datasets").add_subparsers(dest="sub", required=True)
     pr = dp.add_parser("prepare", help="tokenize the built-in corpus and/or files into shards")
-    pr.add_argument("--out", required=True, help="output directory")
+    add_common(pr, "--out", required=True, help="output directory")
     pr.add_argument("--files", nargs="*", help=".txt or .jsonl (field 'text') files to add")
     pr.add_argument("--no-builtin", action="store_true", help="use only --files")
     pr.add_argument("--tokenizer", default="bpe", help="'bpe' (trained here), 'deepseek', or a tokenizer.json path")
@@ -173,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_data_prepare)
 
     tr = sub.add_parser("train", help="train a model")
-    tr.add_argument("--data", required=True, help="dataset directory from `engram data prepare`")
-    tr.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    add_common(tr, "--data", required=True)
+    add_common(tr, "--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
     tr.add_argument("--preset", default="engram-moe", choices=sorted(PRESETS))
     tr.add_argument("--config", help="JSON file with optional 'model' and 'train' sections")
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -182,45 +183,37 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
     tr.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
     tr.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
-    tr.add_argument("--quiet", action="store_true")
+    add_common(tr, "--quiet")
     add_train_table_arguments(tr)
     tr.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="loss, perplexity and tokens/s of a checkpoint")
-    ev.add_argument("--ckpt", required=True)
-    ev.add_argument("--data", required=True)
+    add_common(ev, "--ckpt", required=True)
+    add_common(ev, "--data", required=True)
     ev.add_argument("--split", default="val", choices=["train", "val"])
     ev.add_argument("--batch-size", type=int, help="default: the run's training batch size")
     ev.add_argument("--seq-len", type=int, help="default: the run's training sequence length")
     ev.add_argument("--max-batches", type=int)
     add_storage_arguments(ev)
-    _ngram_args(ev, scoring=True)
+    add_mixture_args(ev, scoring=True)
     ev.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--ckpt", required=True)
+    add_common(g, "--ckpt", required=True)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=60)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=0)
+    add_config_flags(g, SamplingConfig, defaults=GENERATE_DEFAULTS)
     add_storage_arguments(g)
-    _ngram_args(g, scoring=False)
+    add_mixture_args(g, scoring=False)
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
     bh = b.add_parser("hash", help="N-gram hashing throughput vs the reference algorithm")
-    bh.add_argument("--json", action="store_true")
+    add_common(bh, "--json")
     bh.add_argument("--batch-size", type=int, default=8)
     bh.add_argument("--seq-len", type=int, default=4096)
     bh.add_argument("--repeats", type=int, default=5)
     bh.add_argument("--threads", type=int, default=1)
     bh.set_defaults(fn=cmd_bench_hash)
-
-    import importlib
-
-    from engram.cli.commands import COMMAND_MODULES
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub, b)
@@ -228,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a usage error exits here: one line, status 2
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (EngramError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"engram: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

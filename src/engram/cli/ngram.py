@@ -9,6 +9,9 @@
     engram ngram train-gate --ckpt RUN --data DIR --index INDEX      the lambda gate
     engram eval/generate ... --ngram INDEX [--gate DIR | --ngram-lambda X]
     engram bench ngram / ngram-mix                   vs infini-gram / mixture + instant-update results
+
+The gate's flags are generated from ``GateConfig`` (``engram.config``). Handlers import the library
+lazily, inside the function, so that ``engram --help`` does not load torch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
+from engram.cli.table import load_for_generation
+from engram.config import DEFAULT_KN_ORDER, ESTIMATORS, GateConfig, SamplingConfig
+from engram.errors import EngramError
 
 GATES_DIR = "gates"
 
@@ -30,9 +38,9 @@ def _index(path: str, verify: bool = False):
 
 def _query_ids(index, args) -> list[int]:
     if args.ids is not None:
-        return [int(v) for v in args.ids.replace(",", " ").split()]
+        return int_list(args.ids, "--ids")
     if args.text is None:
-        raise ValueError("give the query as --text \"...\" or --ids 1,2,3")
+        raise EngramError("give the query as --text \"...\" or --ids 1,2,3")
     return index.tokenizer.encode(args.text, add_special_tokens=False).ids
 
 
@@ -52,12 +60,6 @@ def _top(index, dist, k: int) -> list[dict[str, Any]]:
 
 def _load_model(args):
     """load_model, or the table-storage loader when --table/--storage switches are given."""
-    try:
-        from engram.cli.table import load_for_generation
-    except ImportError:  # the table commands are optional here
-        from engram.model.checkpoint import load_model
-
-        return load_model(args.ckpt)
     return load_for_generation(args.ckpt, args)
 
 
@@ -67,19 +69,19 @@ def default_gate_dir(index_path: str, ckpt: str) -> Path:
 
 def load_mixture(args, lm_adapter, index):
     """An NgramMixture from --gate / --ngram-lambda (default: the index's gate for this run)."""
-    from engram.ngram.mixture import GateConfig, NgramMixture, load_gate
+    from engram.ngram.mixture import NgramMixture, load_gate
 
     lam = getattr(args, "ngram_lambda", None)
     gate_dir = getattr(args, "gate", None)
     if lam is not None and gate_dir is not None:
-        raise ValueError("pass either --gate or --ngram-lambda, not both")
+        raise EngramError("pass either --gate or --ngram-lambda, not both")
     if lam is not None:
         cfg = GateConfig(estimator=args.ngram_estimator, kn_order=args.ngram_order)
         mix = NgramMixture(lm_adapter, index, float(lam), cfg, mu=args.ngram_mu)
         return mix, {"lambda": float(lam), "mu": mix.mu}
     gate_dir = Path(gate_dir) if gate_dir else default_gate_dir(args.ngram, args.ckpt)
     if not (gate_dir / "gate.json").is_file():
-        raise ValueError(f"no gate at {gate_dir}; train one with `engram ngram train-gate --ckpt {args.ckpt} "
+        raise EngramError(f"no gate at {gate_dir}; train one with `engram ngram train-gate --ckpt {args.ckpt} "
                          f"--data DATA --index {args.ngram}`, or pass a fixed --ngram-lambda 0.5")
     gate, meta = load_gate(gate_dir)
     return NgramMixture(lm_adapter, index, gate), {"gate": str(gate_dir), "gate_meta": meta}
@@ -91,10 +93,11 @@ def add_mixture_args(p, scoring: bool) -> None:
     g.add_argument("--ngram", metavar="INDEX", help="mix the model with this N-gram index")
     g.add_argument("--gate", metavar="DIR", help="trained lambda gate (default: INDEX/gates/<run name>)")
     g.add_argument("--ngram-lambda", type=float, metavar="X", help="fixed lambda instead of a gate")
-    g.add_argument("--ngram-estimator", default="both", choices=["both", "kn", "infgram"],
+    g.add_argument("--ngram-estimator", default="both", choices=ESTIMATORS,
                    help="N-gram side with a fixed lambda: both = mu*infgram + (1-mu)*KN (a gate records its own)")
     g.add_argument("--ngram-mu", type=float, default=0.5, help="fixed infinity-gram share for 'both' (default 0.5)")
-    g.add_argument("--ngram-order", type=int, default=5, help="KN order with a fixed lambda (default 5)")
+    g.add_argument("--ngram-order", type=int, default=DEFAULT_KN_ORDER,
+                   help=f"KN order with a fixed lambda (default {DEFAULT_KN_ORDER})")
     if scoring:
         g.add_argument("--windows", default="auto", choices=["auto", "all", "even", "odd"],
                        help="which eval windows to score; auto = odd when the gate was fitted on the even "
@@ -114,7 +117,7 @@ def cmd_eval_ngram(args) -> int:
     check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data, f"run {args.ckpt}")
     index = _index(args.ngram)
     if index.fingerprint != ds.meta["tokenizer_fingerprint"]:
-        raise ValueError(f"index {args.ngram} was built with another tokenizer than dataset {args.data}")
+        raise EngramError(f"index {args.ngram} was built with another tokenizer than dataset {args.data}")
     lm = LMAdapter(model)
     mix, info = load_mixture(args, lm, index)
     tcfg = meta.train_config
@@ -159,20 +162,18 @@ def cmd_generate_ngram(args) -> int:
     import torch
 
     from engram.data.tokenizer import load_tokenizer, special_ids
-    from engram.model.generation import SamplingConfig
     from engram.ngram.mixture import LMAdapter, generate_mixed
 
+    sampling = config_from_args(args, SamplingConfig)
     model, meta = _load_model(args)
     tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
     index = _index(args.ngram)
     if index.fingerprint != meta.tokenizer_fingerprint and meta.tokenizer_fingerprint is not None:
-        raise ValueError(f"index {args.ngram} was built with another tokenizer than run {args.ckpt}")
+        raise EngramError(f"index {args.ngram} was built with another tokenizer than run {args.ckpt}")
     mix, info = load_mixture(args, LMAdapter(model), index)
     ids = tok.encode(args.prompt).ids
     if not ids:
-        raise ValueError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
     out, lams = generate_mixed(mix, torch.tensor([ids]), sampling, eos_id=special_ids(tok)[1],
                                return_lambdas=True)
     print(tok.decode(out[0].tolist()))
@@ -195,12 +196,12 @@ def cmd_build(args) -> int:
         from engram.data.tokenizer import load_tokenizer, special_ids
 
         if not args.shard:
-            raise ValueError("give --data DIR (a prepared dataset) or --shard PATH")
+            raise EngramError("give --data DIR (a prepared dataset) or --shard PATH")
         shard = open_shard(args.shard)
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
         eos = args.eos_id if args.eos_id is not None else (special_ids(tok)[1] if tok else None)
         if eos is None:
-            raise ValueError("--shard needs --eos-id N or --tokenizer PATH (to find the eos id)")
+            raise EngramError("--shard needs --eos-id N or --tokenizer PATH (to find the eos id)")
         index = NgramIndex.build(args.out, np.asarray(shard.tokens), vocab_size=shard.vocab_size, eos_id=eos,
                                  fingerprint=shard.fingerprint, tokenizer=tok, source=str(args.shard), **kw)
     st = index.stats()
@@ -223,7 +224,7 @@ def cmd_add(args) -> int:
         docs = read_user_files(args.text)
         info = index.add_texts([d.text for d in docs], name=args.name, source=", ".join(args.text))
     else:
-        raise ValueError("give --text FILE... (.txt/.jsonl) or --shard PATH")
+        raise EngramError("give --text FILE... (.txt/.jsonl) or --shard PATH")
     print(f"added delta {info.name!r}: {info.documents} documents, {info.tokens:,} tokens "
           f"(index now {index.num_tokens:,} tokens in {len(index.segments)} segments)")
     return 0
@@ -252,10 +253,10 @@ def cmd_query(args) -> int:
         res["count"] = index.count(ids)
     elif args.verb == "prob":
         if args.next is None:
-            raise ValueError("prob needs --next TOKEN_TEXT (or --next-id N)")
+            raise EngramError("prob needs --next TOKEN_TEXT (or --next-id N)")
         nxt = index.tokenizer.encode(args.next, add_special_tokens=False).ids if isinstance(args.next, str) else []
         if len(nxt) != 1:
-            raise ValueError(f"--next {args.next!r} is {len(nxt)} tokens; give exactly one token")
+            raise EngramError(f"--next {args.next!r} is {len(nxt)} tokens; give exactly one token")
         p, c_full, c_ctx = index.prob(ids, nxt[0])
         res.update(next_id=nxt[0], prob=p, count=c_full, context_count=c_ctx)
     elif args.verb == "ntd":
@@ -297,7 +298,6 @@ def cmd_train_gate(args) -> int:
     from engram.data.shards import load_dataset
     from engram.model.checkpoint import load_model
     from engram.ngram.mixture import (
-        GateConfig,
         LMAdapter,
         best_fixed,
         collect,
@@ -321,8 +321,7 @@ def cmd_train_gate(args) -> int:
               kn_order=args.kn_order, progress=not args.quiet, what=f"{args.data}:{args.split}")
     fit = collect(lm, index, tokens, parity="even", **kw)
     test = collect(lm, index, tokens, parity="odd", **kw)
-    cfg = GateConfig(estimator=args.estimator, kn_order=args.kn_order,
-                     hidden_size=model.cfg.hidden_size if args.hidden else 0, hidden_bound=args.hidden_bound)
+    cfg = config_from_args(args, GateConfig, hidden_size=model.cfg.hidden_size if args.hidden else 0)
     gate, info = train_gate(fit, cfg, steps=args.steps, seed=args.seed, progress=not args.quiet)
     lam_f, mu_f, _ = best_fixed(fit, args.estimator)
     lam_o, mu_o, loss_o = best_fixed(test, args.estimator)
@@ -371,15 +370,15 @@ def register(sub, bench) -> None:
                                       "(docs/ngram.md)").add_subparsers(dest="sub", required=True)
 
     b = ng.add_parser("build", help="suffix-array index of a dataset split or a token shard")
-    b.add_argument("--data", help="prepared dataset directory (`engram data prepare`)")
+    add_common(b, "--data", help="prepared dataset directory (`engram data prepare`)")
     b.add_argument("--split", default="train", choices=["train", "val"])
     b.add_argument("--shard", help="a token shard instead of --data")
     b.add_argument("--tokenizer", help="tokenizer.json for --shard (copied into the index)")
     b.add_argument("--eos-id", type=int, help="document separator id for --shard")
-    b.add_argument("--out", required=True, help="index directory")
+    add_common(b, "--out", required=True, help="index directory")
     b.add_argument("--stats-order", type=int, default=6, help="highest KN order to keep statistics for")
     b.add_argument("--force", action="store_true", help="replace an existing index")
-    b.add_argument("--quiet", action="store_true")
+    add_common(b, "--quiet")
     b.set_defaults(fn=cmd_build)
 
     a = ng.add_parser("add", help="index new documents as a delta (no rebuild, visible at once)")
@@ -396,7 +395,7 @@ def register(sub, bench) -> None:
 
     c = ng.add_parser("compact", help="merge base and deltas into one new base segment")
     c.add_argument("index")
-    c.add_argument("--quiet", action="store_true")
+    add_common(c, "--quiet")
     c.set_defaults(fn=cmd_compact)
 
     q = ng.add_parser("query", help="count / prob / ntd / infgram / kn of a context")
@@ -407,53 +406,48 @@ def register(sub, bench) -> None:
     q.add_argument("--next", help="prob: the next token, as text")
     q.add_argument("--order", type=int, default=5, help="kn: the order (default 5)")
     q.add_argument("--top", type=int, default=10)
-    q.add_argument("--json", action="store_true")
+    add_common(q, "--json")
     q.set_defaults(fn=cmd_query)
 
     s = ng.add_parser("stats", help="segments, sizes; --verify re-checks every checksum")
     s.add_argument("index")
     s.add_argument("--verify", action="store_true")
-    s.add_argument("--json", action="store_true")
+    add_common(s, "--json")
     s.set_defaults(fn=cmd_stats)
 
     g = ng.add_parser("train-gate", help="fit the lambda gate on held-out text (model frozen)")
-    g.add_argument("--ckpt", required=True)
-    g.add_argument("--data", required=True)
+    add_common(g, "--ckpt", required=True)
+    add_common(g, "--data", required=True)
     g.add_argument("--index", required=True)
-    g.add_argument("--out", help="gate directory (default: INDEX/gates/<run name>)")
+    add_common(g, "--out", help="gate directory (default: INDEX/gates/<run name>)")
     g.add_argument("--split", default="val", choices=["train", "val"],
                    help="held-out split: even windows fit the gate, odd windows report")
-    g.add_argument("--estimator", default="both", choices=["both", "kn", "infgram"],
-                   help="N-gram side: both = gated blend of infgram and KN (default), or one of them")
-    g.add_argument("--kn-order", type=int, default=5)
-    g.add_argument("--hidden", action="store_true",
-                   help="also feed the LM's hidden state (better perplexity, weaker recall of new facts)")
-    g.add_argument("--hidden-bound", type=float, default=0.5,
-                   help="with --hidden: max shift of a gate logit by the hidden state (0 = unbounded)")
+    # the command line bounds the hidden state's pull by default (the library leaves it free)
+    add_config_flags(g, GateConfig, defaults={"hidden_bound": 0.5})
     g.add_argument("--steps", type=int, default=400)
     g.add_argument("--seq-len", type=int)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--max-windows", type=int, help="windows per half (default: all)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--quiet", action="store_true")
+    add_common(g, "--quiet")
     g.set_defaults(fn=cmd_train_gate)
 
     bn = bench.add_parser("ngram", help="N-gram index vs the infini-gram package (build, size, latency)")
-    bn.add_argument("--data", required=True)
+    add_common(bn, "--data", required=True)
     bn.add_argument("--workdir", default="ngram-bench")
     bn.add_argument("--results", default="benchmarks/results")
     bn.add_argument("--queries", type=int, default=2000)
     bn.add_argument("--repeats", type=int, default=3)
-    bn.add_argument("--quiet", action="store_true")
+    add_common(bn, "--quiet")
     bn.set_defaults(fn=cmd_bench_ngram)
 
     bm = bench.add_parser("ngram-mix", help="mixture perplexity (fixed vs learned lambda) + instant fact update")
-    bm.add_argument("--ckpt", required=True)
-    bm.add_argument("--data", required=True)
+    add_common(bm, "--ckpt", required=True)
+    add_common(bm, "--data", required=True)
     bm.add_argument("--workdir", default="ngram-bench")
     bm.add_argument("--results", default="benchmarks/results")
     bm.add_argument("--max-windows", type=int, help="windows per half of val (default: all)")
     bm.add_argument("--countries", type=int, default=40, help="invented countries (4 facts each)")
     bm.add_argument("--baseline-ckpt", help="a second run, mixed through the plain-callable LM interface")
-    bm.add_argument("--quiet", action="store_true")
+    add_common(bm, "--quiet")
     bm.set_defaults(fn=cmd_bench_ngram_mix)

@@ -6,13 +6,26 @@
     engram patch list T.engt                            the applied chain, bottom first
     engram patch info P.engp                            a patch file's metadata
     engram bench patch                                  the held-out-facts experiment (docs/patches.md)
+
+The training flags are generated from ``PatchTrainConfig`` and the bench's from ``PatchBenchConfig``
+(``engram.config``). Handlers import the library lazily, inside the function, so that
+``engram --help`` does not load torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
+
+from engram.cli.flags import add_common, add_config_flags, config_from_args
+from engram.config import (
+    DEFAULT_PROTECT_MIN_COUNT,  # noqa: F401  (re-exported: the flags' defaults, checked against the library's)
+    DEFAULT_REHEARSAL,  # noqa: F401  (re-exported)
+    PatchBenchConfig,
+    PatchTrainConfig,
+)
 
 
 def _print(res: Any, as_json: bool, text: str) -> None:
@@ -20,14 +33,9 @@ def _print(res: Any, as_json: bool, text: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engram.patches.trainer import PatchTrainConfig, train_patch_from_run
+    from engram.patches.trainer import train_patch_from_run
 
-    cfg = PatchTrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                           table_lr_mult=args.table_lr_mult, warmup_steps=args.warmup_steps,
-                           train_gates=args.train_gates, anchor=args.anchor,
-                           protect_min_count=args.protect_min_count, rehearsal=args.rehearsal,
-                           rehearsal_batch_size=args.rehearsal_batch_size,
-                           quantization=args.quantize, seed=args.seed)
+    cfg = config_from_args(args, PatchTrainConfig)
     res = train_patch_from_run(args.ckpt, args.data, args.out, cfg, table=args.table, name=args.name or "",
                                dtype=args.dtype, original_data=args.original_data,
                                progress=not (args.quiet or args.json))
@@ -107,102 +115,60 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engram.bench.patch import BenchConfig, run_bench
+    from engram.bench.patch import run_bench
 
-    cfg = BenchConfig(workdir=args.workdir, held_out=args.held_out, base_steps=args.base_steps,
-                      patch_steps=args.patch_steps, patch_lr=args.patch_lr, table_lr_mult=args.table_lr_mult,
-                      anchor=args.anchor, protect_min_count=args.protect_min_count, rehearsal=args.rehearsal,
-                      variants=tuple(args.variant or ()), ngram_lambda=args.ngram_lambda, threads=args.threads)
+    cfg = config_from_args(args, PatchBenchConfig)
     res = run_bench(cfg, progress=not args.json)
     if args.out:
-        from pathlib import Path
-
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=None if args.json else 2))
     return 0
-
-
-# = patch_train.DEFAULT_PROTECT_MIN_COUNT / DEFAULT_REHEARSAL (not imported: keeps the CLI start light)
-DEFAULT_PROTECT_MIN_COUNT = 0
-DEFAULT_REHEARSAL = 1.0
 
 
 def register(sub: Any, bench: Any) -> None:
     p = sub.add_parser("patch", help="knowledge patches for the Engram tables: train, apply, revert, list"
                        ).add_subparsers(dest="sub", required=True)
     t = p.add_parser("train", help="train only the Engram tables on new text; write the changed rows")
-    t.add_argument("--ckpt", required=True, help="the run whose model learns (its backbone is frozen)")
-    t.add_argument("--data", required=True, nargs="+", help=".txt / .jsonl files (or directories) of new text")
-    t.add_argument("--out", required=True, help="the patch file to write (e.g. facts.engp)")
+    add_common(t, "--ckpt", required=True, help="the run whose model learns (its backbone is frozen)")
+    add_common(t, "--data", required=True, nargs="+", help=".txt / .jsonl files (or directories) of new text")
+    add_common(t, "--out", required=True, help="the patch file to write (e.g. facts.engp)")
     t.add_argument("--table", help="start from this table file (stacks on the patches applied to it)")
     t.add_argument("--name", help="a label shown by `engram patch list`")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--lr", type=float, default=3e-3, help="base lr; tables train at lr x --table-lr-mult")
-    t.add_argument("--table-lr-mult", type=float, default=5.0)
-    t.add_argument("--warmup-steps", type=int, default=10)
-    t.add_argument("--anchor", type=float, default=0.0, help="L2 pull of changed rows towards their old values")
     t.add_argument("--original-data", metavar="DIR",
                    help="the base run's prepared dataset (engram data prepare): the original corpus, replayed "
                    "during training (--rehearsal) so that its loss stays put")
-    t.add_argument("--protect-min-count", type=int, default=DEFAULT_PROTECT_MIN_COUNT,
-                   help="with --original-data: freeze rows the original corpus reads at least this often "
-                   f"(0 disables; default {DEFAULT_PROTECT_MIN_COUNT}; rehearsal works better, docs/patches.md)")
-    t.add_argument("--rehearsal", type=float, default=None,
-                   help="add BETA x the loss on original-corpus batches (only rows the new text touches still "
-                   f"move); default {DEFAULT_REHEARSAL} with --original-data, else 0; 0 disables")
-    t.add_argument("--rehearsal-batch-size", type=int, default=0, help="original-corpus windows per step (0 = --batch-size)")
-    t.add_argument("--train-gates", action="store_true",
-                   help="also train the Engram gate/value projections (reported; not in the patch)")
-    t.add_argument("--quantize", choices=["none", "bf16", "int8"], default="none",
-                   help="store the new values quantised (old values stay exact)")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="storage dtype of the table the patch is for (default: --table's, else fp32)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--quiet", action="store_true")
-    t.add_argument("--json", action="store_true")
+    add_config_flags(t, PatchTrainConfig)
+    add_common(t, "--quiet")
+    add_common(t, "--json")
     t.set_defaults(fn=cmd_train)
 
     a = p.add_parser("apply", help="apply patches to a table file, in order, each atomically")
     a.add_argument("table")
     a.add_argument("patches", nargs="+")
-    a.add_argument("--json", action="store_true")
+    add_common(a, "--json")
     a.set_defaults(fn=cmd_apply)
 
     r = p.add_parser("revert", help="revert a patch (the top one, or one no later patch overlaps)")
     r.add_argument("table")
     r.add_argument("patch")
-    r.add_argument("--json", action="store_true")
+    add_common(r, "--json")
     r.set_defaults(fn=cmd_revert)
 
     ls = p.add_parser("list", help="the patches applied to a table file")
     ls.add_argument("table")
-    ls.add_argument("--json", action="store_true")
+    add_common(ls, "--json")
     ls.set_defaults(fn=cmd_list)
 
     i = p.add_parser("info", help="metadata of a patch file (validated)")
     i.add_argument("patch")
-    i.add_argument("--json", action="store_true")
+    add_common(i, "--json")
     i.set_defaults(fn=cmd_info)
 
     b = bench.add_parser("patch", help="held-out facts: patch vs facts-in-prompt vs N-gram memory "
                          "(trains a small model once, ~8 min on 2 cores; reruns reuse it)")
-    b.add_argument("--workdir", default="patch-bench", help="data, run, table and patch go here")
-    b.add_argument("--held-out", type=int, default=40, help="countries whose documents are held out")
-    b.add_argument("--base-steps", type=int, default=400)
-    b.add_argument("--patch-steps", type=int, default=1000)
-    b.add_argument("--patch-lr", type=float, default=3e-3)
-    b.add_argument("--table-lr-mult", type=float, default=5.0)
-    b.add_argument("--anchor", type=float, default=0.0)
-    b.add_argument("--protect-min-count", type=int, default=DEFAULT_PROTECT_MIN_COUNT,
-                   help="freeze rows the original corpus (the bench's training split) reads this often; 0 disables")
-    b.add_argument("--rehearsal", type=float, default=DEFAULT_REHEARSAL,
-                   help="beta x original-corpus loss during patch training (0 disables)")
-    b.add_argument("--variant", action="append", metavar="K=V,...",
-                   help="also train and measure a patch with these settings (e.g. steps=600,rehearsal=1); repeatable")
-    b.add_argument("--ngram-lambda", type=float, default=0.5)
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--out", help="also write the JSON result here")
-    b.add_argument("--json", action="store_true")
+    add_config_flags(b, PatchBenchConfig)
+    add_common(b, "--out", help="also write the JSON result here")
+    add_common(b, "--json")
     b.set_defaults(fn=cmd_bench)

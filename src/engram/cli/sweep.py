@@ -4,6 +4,8 @@
     engram sweep plan (--name ... | --spec ...)            budgets of every config, no training
     engram sweep summary --out DIR (--name ... | --spec ...)  table, paired tests, PNG plots
     engram sweep account --preset P [--set ...]            parameter / FLOP accounting of one config
+
+Handlers import the library lazily, inside the function, so that ``engram --help`` does not load torch.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engram.cli.flags import add_common, int_list
+from engram.config import PRESETS, build_configs
+
 
 def _spec(args):
     from engram.science.sweep import SweepError, builtin_sweep, load_spec
 
     if bool(args.name) == bool(args.spec):
         raise SweepError("give exactly one of --name (rho, table-size, baselines, smoke) or --spec FILE.json")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    seeds = int_list(args.seeds, "--seeds") if args.seeds else None
     if args.spec:
         spec = load_spec(args.spec)
         if seeds:
@@ -87,7 +92,6 @@ def cmd_summary(args) -> int:
 
 
 def cmd_account(args) -> int:
-    from engram.config import build_configs
     from engram.science.accounting import account
 
     mcfg, tcfg = build_configs(args.preset, args.vocab_size, args.config, args.set)
@@ -96,8 +100,6 @@ def cmd_account(args) -> int:
 
 
 def register(sub, bench) -> None:
-    from engram.config import PRESETS
-
     sw = sub.add_parser("sweep", help="iso-parameter experiment grids with seeds, paired tests and plots")
     ss = sw.add_subparsers(dest="sweep_cmd", required=True)
 
@@ -110,15 +112,15 @@ def register(sub, bench) -> None:
 
     r = ss.add_parser("run", help="run (or resume) every unfinished run, then summarise")
     spec_args(r)
-    r.add_argument("--data", required=True, help="dataset directory from `engram data prepare`")
-    r.add_argument("--out", required=True, help="summary/plots directory")
+    add_common(r, "--data", required=True)
+    add_common(r, "--out", required=True, help="summary/plots directory")
     r.add_argument("--runs", help="run directories (default OUT/runs; share it between sweeps)")
     r.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     r.add_argument("--threads", type=int, default=1, help="torch threads per run")
     r.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
     r.add_argument("--only", help="comma-separated config names to run")
     r.add_argument("--no-plots", action="store_true")
-    r.add_argument("--quiet", action="store_true")
+    add_common(r, "--quiet")
     r.set_defaults(fn=cmd_run)
 
     p = ss.add_parser("plan", help="print the configs and their parameter/FLOP budgets")
@@ -127,7 +129,7 @@ def register(sub, bench) -> None:
 
     s = ss.add_parser("summary", help="summary table, paired t-tests and plots of finished runs")
     spec_args(s)
-    s.add_argument("--out", required=True)
+    add_common(s, "--out", required=True, help="summary/plots directory")
     s.add_argument("--runs")
     s.add_argument("--only", help="comma-separated config names to summarise (plus the reference)")
     s.add_argument("--no-plots", action="store_true")

@@ -8,39 +8,32 @@
     engram bench offload [--json]                       in-memory vs offloaded (+/- prefetch)
     engram bench large-table [--size-gib 32]            a table larger than RAM, eval + generate
     engram bench table-optimizer                        dense vs row-sparse Adam: steps/s, state
+
+Handlers import the library lazily, inside the function, so that ``engram --help`` does not load torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from engram.tables.tiers import CACHE_POLICIES, StorageConfig, StorageKind
+from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
+from engram.config import CACHE_POLICIES, StorageConfig, TrainConfig, preset
+from engram.errors import EngramError
 
 
 # ----------------------------------------------------------------------------- shared switches
 def add_storage_arguments(p: argparse.ArgumentParser) -> None:
-    """Switches of ``eval`` and ``generate``: where the Engram tables come from."""
+    """Switches of ``eval`` and ``generate``: where the Engram tables come from (StorageConfig).
+
+    ``--storage`` and ``--prefetch`` default to None, "not given": ``storage_from_args`` picks the
+    tier and turns prefetch on when a table file is given."""
     g = p.add_argument_group("Engram table storage (docs/storage.md)")
-    g.add_argument("--table", metavar="FILE", help="serve the Engram tables from this table file "
-                   "(`engram table convert RUN FILE`) instead of the checkpoint")
-    g.add_argument("--storage", choices=[k.value for k in StorageKind],
-                   help="memory: load the tables into RAM; mmap: map the file; cached: a pool of hot "
-                        "rows in front of the mapped file (default with --table: cached)")
-    g.add_argument("--cache-rows", type=int, default=1 << 20,
-                   help="rows per Engram layer in the cached tier's pool (default 1,048,576)")
-    g.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru")
-    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
-                   help="fetch rows on a background thread ahead of the layer (default: on with "
-                        "--table/--storage, off otherwise)")
-    g.add_argument("--io-threads", type=int, default=8, help="parallel reads from the file (default 8)")
-    g.add_argument("--cold", action="store_true",
-                   help="drop the file's pages from the page cache after every read (benchmarks)")
-    g.add_argument("--fetch-process", action=argparse.BooleanOptionalAction, default=True,
-                   help="serve mmap/cached tiers from a helper process, off the model's GIL (default on)")
+    add_config_flags(g, StorageConfig, defaults={"kind": None, "prefetch": None})
 
 
 def add_train_table_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,9 +41,8 @@ def add_train_table_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Engram tables (docs/storage.md)")
     g.add_argument("--table", metavar="FILE", help="initialise the Engram tables of a fresh run from "
                    "this table file (its hash fingerprint must match the config)")
-    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
-                   help="build the next batch and its row ids on a background thread "
-                        "(sets train.prefetch)")
+    # None = not given: keeps train.prefetch from the preset, --config and --set
+    add_config_flags(g, TrainConfig, only=("prefetch",), defaults={"prefetch": None})
 
 
 def storage_from_args(args: argparse.Namespace) -> Optional[StorageConfig]:
@@ -61,9 +53,7 @@ def storage_from_args(args: argparse.Namespace) -> Optional[StorageConfig]:
         return None
     if kind is None:
         kind = "cached" if table is not None else "memory"
-    return StorageConfig(path=table, kind=kind, cache_rows=args.cache_rows, cache_policy=args.cache_policy,
-                         prefetch=True if prefetch is None else prefetch, io_threads=args.io_threads,
-                         cold=args.cold, process=args.fetch_process)
+    return config_from_args(args, StorageConfig, kind=kind, prefetch=True if prefetch is None else prefetch)
 
 
 def load_for_generation(ckpt: str, args: argparse.Namespace):
@@ -122,13 +112,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if src.is_dir():
         if args.base:
-            raise ValueError("--base is for importing a table file into a checkpoint; SRC is a run directory")
+            raise EngramError("--base is for importing a table file into a checkpoint; SRC is a run directory")
         h = export_checkpoint_tables(src, args.dst, dtype=args.dtype or "fp32", progress=not args.quiet)
         print(f"wrote {h.path}: {h.rows:,} rows x {h.dim} {h.dtype} ({h.file_bytes / 2**20:,.1f} MiB) "
               f"from {src}")
     elif args.base:
         if args.dtype:
-            raise ValueError("--dtype does not apply when writing a checkpoint (its tables are fp32)")
+            raise EngramError("--dtype does not apply when writing a checkpoint (its tables are fp32)")
         res = import_table_into_checkpoint(src, args.base, args.dst, progress=not args.quiet)
         print(f"wrote checkpoint {res['checkpoint']}: {args.base}'s model with tables from {src}")
     else:
@@ -143,8 +133,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     ds = load_dataset(args.data)
     hasher = _hasher_for(args, ds)
-    caps = [int(c) for c in str(args.cache_rows).split(",")]
-    policies = [p for p in str(args.policy).split(",") if p]
+    caps, policies = _cache_rows_list(args.cache_rows), _policy_list(args.policy)
     rep = access_report(hasher, getattr(ds, args.split), batch_size=args.batch_size, seq_len=args.seq_len,
                         max_tokens=args.tokens, order=args.order, capacities=caps, policies=policies,
                         progress=not args.json)
@@ -169,6 +158,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_rows_list(text: str) -> list[int]:
+    caps = int_list(text, "--cache-rows")
+    if not caps or any(c < 1 for c in caps):
+        raise EngramError(f"--cache-rows {text!r}: every pool size must be >= 1")
+    return caps
+
+
+def _policy_list(text: str) -> list[str]:
+    policies = [p for p in str(text).split(",") if p]
+    if not policies or any(p not in CACHE_POLICIES for p in policies):
+        raise EngramError(f"--policy {text!r}: expected comma-separated names from {', '.join(CACHE_POLICIES)}")
+    return policies
+
+
 def _hasher_for(args: argparse.Namespace, ds: Any):
     from engram.hashing.hasher import NgramHasher
 
@@ -179,30 +182,27 @@ def _hasher_for(args: argparse.Namespace, ds: Any):
         cfg = meta.model_config
         compression = ckpt.load_compression_file(meta.run_dir, meta)
     else:
-        from engram.config import preset
         from engram.training.trainer import _dataset_compression
 
         cfg = preset(args.preset, int(ds.meta["vocab_size"]))
         if args.table_rows and cfg.engram is not None:  # e.g. the offload benchmark's bigger tables
-            import dataclasses
-
             eng = dataclasses.replace(cfg.engram, engram_vocab_size=(args.table_rows,) * len(
                 cfg.engram.engram_vocab_size))
             cfg = dataclasses.replace(cfg, engram=eng)
         compression = _dataset_compression(cfg, ds, Path(args.data))
     if cfg.engram is None:
-        raise ValueError(f"{args.ckpt or args.preset} has no Engram layers; pick an engram-* preset or run")
+        raise EngramError(f"{args.ckpt or args.preset} has no Engram layers; pick an engram-* preset or run")
     return NgramHasher(cfg.engram, cfg.vocab_size, compression if cfg.engram.use_compression else None)
 
 
 def _plot(rep: dict[str, Any], path: str) -> None:
-    try:
+    try:  # matplotlib is an optional extra: only --plot needs it
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--plot needs matplotlib (pip install matplotlib); use --out for the JSON") from None
+        raise EngramError("--plot needs matplotlib (pip install matplotlib); use --out for the JSON") from None
     fig, ax = plt.subplots(figsize=(5, 4))
     for lid, l in rep["layers"].items():
         r, c = zip(*l["curve"])
@@ -274,7 +274,7 @@ def register(sub: Any, bench: Any) -> None:
     i = t.add_parser("inspect", help="header, layers and fingerprint of a table file")
     i.add_argument("file")
     i.add_argument("--verify", action="store_true", help="re-read all data and check the CRC-32s")
-    i.add_argument("--json", action="store_true")
+    add_common(i, "--json")
     i.set_defaults(fn=cmd_inspect)
 
     c = t.add_parser("convert", help="checkpoint -> table file, table file -> table file, or "
@@ -283,13 +283,13 @@ def register(sub: Any, bench: Any) -> None:
     c.add_argument("dst", help="a table file, or with --base a new run directory")
     c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="storage dtype of the written table")
     c.add_argument("--base", metavar="RUN", help="write a checkpoint: RUN's model with SRC's tables")
-    c.add_argument("--quiet", action="store_true")
+    add_common(c, "--quiet")
     c.set_defaults(fn=cmd_convert)
 
     s = t.add_parser("stats", help="rank-frequency (Zipf) of row accesses and simulated cache hit rates")
-    s.add_argument("--data", required=True, help="dataset directory from `engram data prepare`")
+    add_common(s, "--data", required=True)
     src = s.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="use this run's hashing configuration")
+    add_common(src, "--ckpt", help="use this run's hashing configuration")
     src.add_argument("--preset", default="engram-moe", help="or a preset's (default engram-moe)")
     s.add_argument("--table-rows", type=int, help="with --preset: engram_vocab_size per order (bigger tables)")
     s.add_argument("--split", choices=["train", "val"], default="train")
@@ -299,15 +299,15 @@ def register(sub: Any, bench: Any) -> None:
     s.add_argument("--order", choices=["sequential", "random"], default="sequential")
     s.add_argument("--cache-rows", default="1000,10000,100000", help="comma-separated pool sizes")
     s.add_argument("--policy", default="lru,lfu", help="comma-separated: lru, lfu")
-    s.add_argument("--out", help="also write the JSON report here")
+    add_common(s, "--out", help="also write the JSON report here")
     s.add_argument("--plot", help="write the rank-frequency curve as a PNG (needs matplotlib)")
-    s.add_argument("--json", action="store_true")
+    add_common(s, "--json")
     s.set_defaults(fn=cmd_stats)
 
     o = bench.add_parser("offload", help="tokens/s with the tables in RAM vs in a file behind a cache, "
                          "with and without prefetch")
-    o.add_argument("--json", action="store_true")
-    o.add_argument("--data", help="prepared dataset (default: build the built-in one, ~15 s)")
+    add_common(o, "--json")
+    add_common(o, "--data", help="prepared dataset (default: build the built-in one, ~15 s)")
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--seq-len", type=int, default=256)
     o.add_argument("--rounds", type=int, default=12, help="timed rounds (plus one warm-up)")
@@ -332,8 +332,8 @@ def register(sub: Any, bench: Any) -> None:
 
     to = bench.add_parser("table-optimizer", help="training steps/s and table state: dense Adam vs "
                           "row-sparse Adam (train.table_optimizer)")
-    to.add_argument("--json", action="store_true")
-    to.add_argument("--data", help="prepared dataset (default: build the built-in one)")
+    add_common(to, "--json")
+    add_common(to, "--data", help="prepared dataset (default: build the built-in one)")
     to.add_argument("--steps", type=int, default=12, help="steps per round and optimizer")
     to.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
     to.add_argument("--table-rows", type=int, help="engram_vocab_size per order (default: the preset's)")
@@ -344,8 +344,8 @@ def register(sub: Any, bench: Any) -> None:
 
     lt = bench.add_parser("large-table", help="a table larger than RAM (default 32 GiB, deleted after): "
                           "eval and generation tokens/s and hit rates")
-    lt.add_argument("--json", action="store_true")
-    lt.add_argument("--data", help="prepared dataset (default: build the built-in one)")
+    add_common(lt, "--json")
+    add_common(lt, "--data", help="prepared dataset (default: build the built-in one)")
     lt.add_argument("--size-gib", type=float, default=32.0)
     lt.add_argument("--cache-rows", type=int, default=1 << 21, help="pool rows per layer")
     lt.add_argument("--policy", choices=CACHE_POLICIES, default="lru")

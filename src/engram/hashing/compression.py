@@ -27,6 +27,7 @@ import torch
 from tokenizers import Regex, Tokenizer, normalizers
 from tokenizers.normalizers import NFD, NFKC, Lowercase, Replace, Strip, StripAccents
 
+from engram.errors import EngramError
 from engram.fsutil import PathLike, atomic_write
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -72,12 +73,12 @@ class CompressionMap:
         _validate_lookup(self.lookup, where="CompressionMap")
         n = int(self.lookup.max()) + 1 if self.lookup.size else 0
         if n != self.num_compressed:
-            raise ValueError(
+            raise EngramError(
                 f"num_compressed={self.num_compressed} but the lookup uses ids 0..{n - 1}; "
                 f"pass num_compressed={n}"
             )
         if self.keys and len(self.keys) != n:
-            raise ValueError(f"keys has {len(self.keys)} entries, expected {n} (one per compressed id)")
+            raise EngramError(f"keys has {len(self.keys)} entries, expected {n} (one per compressed id)")
 
     @property
     def vocab_size(self) -> int:
@@ -128,7 +129,7 @@ class CompressionMap:
         # Negative ids would silently wrap around in numpy/torch indexing.
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(
+            raise EngramError(
                 f"token id {bad} is outside the tokenizer vocabulary [0, {self.vocab_size}); "
                 "was the compression built for a different tokenizer?"
             )
@@ -147,7 +148,7 @@ class CompressionMap:
         try:
             lookup = np.load(path, allow_pickle=False)
         except ValueError as e:
-            raise ValueError(f"{path} is not a valid .npy compression map: {e}") from e
+            raise EngramError(f"{path} is not a valid .npy compression map: {e}") from e
         _validate_lookup(lookup, where=str(path))
         n = int(lookup.max()) + 1 if lookup.size else 0
         return cls(lookup=lookup, num_compressed=n, keys=[])
@@ -157,21 +158,21 @@ def _validate_lookup(lookup: Any, where: str) -> None:
     if not isinstance(lookup, np.ndarray):
         raise TypeError(f"{where}: lookup must be a numpy array, got {type(lookup).__name__}")
     if lookup.ndim != 1:
-        raise ValueError(f"{where}: lookup must be 1-D [vocab_size], got shape {lookup.shape}")
+        raise EngramError(f"{where}: lookup must be 1-D [vocab_size], got shape {lookup.shape}")
     if lookup.dtype != np.int64:
-        raise ValueError(f"{where}: lookup must be int64, got {lookup.dtype}")
+        raise EngramError(f"{where}: lookup must be int64, got {lookup.dtype}")
     if lookup.size == 0:
-        raise ValueError(f"{where}: lookup is empty; a tokenizer has at least one id")
+        raise EngramError(f"{where}: lookup is empty; a tokenizer has at least one id")
     lo, hi = int(lookup.min()), int(lookup.max())
     if lo < 0:
-        raise ValueError(f"{where}: lookup contains negative id {lo}")
+        raise EngramError(f"{where}: lookup contains negative id {lo}")
     if hi >= lookup.size:
-        raise ValueError(f"{where}: lookup value {hi} >= vocab size {lookup.size}")
+        raise EngramError(f"{where}: lookup value {hi} >= vocab size {lookup.size}")
     used = np.zeros(hi + 1, dtype=bool)
     used[lookup] = True
     if not used.all():
         missing = int(np.flatnonzero(~used)[0])
-        raise ValueError(
+        raise EngramError(
             f"{where}: compressed ids are not dense 0..{hi}: id {missing} is never used"
         )
 

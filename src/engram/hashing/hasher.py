@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig
+from engram.errors import EngramError
 from engram.hashing.primes import find_table_sizes, is_prime  # noqa: F401  (re-exported)
 
 try:  # built by setup.py when a C compiler is available; optional by design
@@ -84,9 +85,9 @@ class NgramHasher:
                  compression: Optional[np.ndarray] = None) -> None:
         tokenizer_vocab_size = int(tokenizer_vocab_size)
         if tokenizer_vocab_size < 1:
-            raise ValueError(f"tokenizer_vocab_size={tokenizer_vocab_size} must be >= 1")
+            raise EngramError(f"tokenizer_vocab_size={tokenizer_vocab_size} must be >= 1")
         if not 0 <= cfg.pad_id < tokenizer_vocab_size:
-            raise ValueError(
+            raise EngramError(
                 f"pad_id={cfg.pad_id} is outside the tokenizer vocabulary [0, {tokenizer_vocab_size}); "
                 f"set EngramConfig.pad_id to the tokenizer's padding id")
         self.cfg = cfg
@@ -115,7 +116,7 @@ class NgramHasher:
     def head_sizes(self, layer_id: int) -> list[int]:
         """Table size of each of the layer's H heads, order-major."""
         if layer_id not in self.table_sizes:
-            raise ValueError(f"layer_id={layer_id} has no Engram tables; Engram layers are "
+            raise EngramError(f"layer_id={layer_id} has no Engram tables; Engram layers are "
                              f"{list(self.cfg.layer_ids)}")
         return [p for order in self.table_sizes[layer_id] for p in order]
 
@@ -149,7 +150,7 @@ class NgramHasher:
 
     def _raise_bad_id(self, ids: ArrayLike, pos: tuple[int, ...], what: str) -> None:
         value = int(ids[pos])
-        raise ValueError(
+        raise EngramError(
             f"{what}[{', '.join(map(str, pos))}] = {value} is outside the tokenizer vocabulary "
             f"[0, {self.tokenizer_vocab_size}); tokenize with the tokenizer this hasher was built "
             f"for (tokenizer_vocab_size={self.tokenizer_vocab_size})")
@@ -160,12 +161,12 @@ class NgramHasher:
                 or state.dtype != torch.int64:
             got = (f"{type(state).__name__} {tuple(state.shape)} {state.dtype}"
                    if isinstance(state, torch.Tensor) else type(state).__name__)
-            raise ValueError(f"state must be an int64 tensor [B, {want}] from init_state or "
+            raise EngramError(f"state must be an int64 tensor [B, {want}] from init_state or "
                              f"state_from_ids, got {got}")
         if state.numel():
             lo, hi = torch.aminmax(state)
             if int(lo) < 0 or int(hi) >= self.compressed_vocab_size:
-                raise ValueError(f"state holds compressed ids outside [0, {self.compressed_vocab_size}) "
+                raise EngramError(f"state holds compressed ids outside [0, {self.compressed_vocab_size}) "
                                  f"(min {int(lo)}, max {int(hi)}); build it with init_state or "
                                  f"state_from_ids of this hasher")
 
@@ -196,10 +197,10 @@ class NgramHasher:
         native kernel always checks, at no cost.
         """
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+            raise EngramError(f"backend={backend!r}; choose one of {BACKENDS}")
         ids = _as_int64_tensor(input_ids, "input_ids")
         if ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(ids.shape)}; "
+            raise EngramError(f"input_ids must be [batch, time], got shape {tuple(ids.shape)}; "
                              f"add a batch dimension with ids[None]")
         if self._use_native(ids, backend):
             return self._hash_native(ids, None)
@@ -220,7 +221,7 @@ class NgramHasher:
                    f"input is on {ids.device}, the kernel is CPU-only"
                    if ids.device.type != "cpu" else
                    f"max_ngram_size={self.max_ngram_size} exceeds the kernel's {_native.MAX_NGRAM}")
-            raise ValueError(f"backend='native' is unavailable: {why}; use backend='auto' or 'torch'")
+            raise EngramError(f"backend='native' is unavailable: {why}; use backend='auto' or 'torch'")
         return backend != "torch" and usable
 
     def _hash_native(self, ids: torch.Tensor, prefix: Optional[torch.Tensor],
@@ -266,7 +267,7 @@ class NgramHasher:
         """
         x = _as_int64_array(input_ids, "input_ids")
         if x.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, time], got shape {x.shape}")
+            raise EngramError(f"input_ids must be [batch, time], got shape {x.shape}")
         self._check_range(x)
         c = self.lookup[x] if self.lookup is not None else x
         T = c.shape[1]
@@ -300,7 +301,7 @@ class NgramHasher:
         """History [B, N-1] after consuming input_ids [B,T] from an empty state."""
         ids = _as_int64_tensor(input_ids, "input_ids")
         if ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(ids.shape)}")
+            raise EngramError(f"input_ids must be [batch, time], got shape {tuple(ids.shape)}")
         c = self.compress(ids)
         x = torch.cat([self.init_state(ids.shape[0], ids.device), c], dim=1)
         return x[:, x.shape[1] - (self.max_ngram_size - 1):].contiguous()
@@ -312,11 +313,11 @@ class NgramHasher:
         Equals ``hash`` of the whole sequence at its last position.
         """
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+            raise EngramError(f"backend={backend!r}; choose one of {BACKENDS}")
         self._check_state(state)
         ids = _as_int64_tensor(new_ids, "new_ids").to(state.device)
         if ids.dim() != 1 or ids.shape[0] != state.shape[0]:
-            raise ValueError(f"new_ids must be [B] with B={state.shape[0]} (one token per state row), "
+            raise EngramError(f"new_ids must be [B] with B={state.shape[0]} (one token per state row), "
                              f"got shape {tuple(ids.shape)}")
         native = self._use_native(ids, backend)
         if not native:
@@ -375,16 +376,16 @@ class NgramHasher:
 def _validate_lookup(compression: Any, vocab: int) -> np.ndarray:
     arr = compression.cpu().numpy() if isinstance(compression, torch.Tensor) else np.asarray(compression)
     if arr.ndim != 1 or arr.shape[0] != vocab:
-        raise ValueError(f"compression lookup has shape {arr.shape}, expected ({vocab},) "
+        raise EngramError(f"compression lookup has shape {arr.shape}, expected ({vocab},) "
                          f"(one new id per tokenizer id); rebuild it for this tokenizer")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"compression lookup has dtype {arr.dtype}, expected int64; "
+        raise EngramError(f"compression lookup has dtype {arr.dtype}, expected int64; "
                          f"pass lookup.astype(numpy.int64)")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= vocab:
         bad = int(np.argmax((arr < 0) | (arr >= vocab)))
-        raise ValueError(f"compression lookup[{bad}] = {int(arr[bad])} is outside [0, {vocab}) "
+        raise EngramError(f"compression lookup[{bad}] = {int(arr[bad])} is outside [0, {vocab}) "
                          f"(min {lo}, max {hi}); compressed ids must be valid indices below the "
                          f"tokenizer vocab size")
     arr.setflags(write=False)  # shared with every call; guard against accidental edits

@@ -28,14 +28,13 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 from tokenizers import Tokenizer
 
+from engram.config import COLOR_MODES, SCALES  # re-exported
 from engram.errors import EngramError, RequestTooLargeError
 from engram.inspect.page import PAGE
 from engram.model.lm import EngramLM
 
 FORMAT = "engram.inspect/1"
 PAD_TOKEN_ID = -1  # marks an n-gram slot before the start of the text (hashed as the pad id)
-COLOR_MODES = ("auto", "truecolor", "256", "none")
-SCALES = ("rank", "relative", "absolute")
 
 # Low -> high gate. Shared with the page's JavaScript (render_html injects it), so the
 # terminal, the exported HTML and the live page shade identically.

@@ -11,8 +11,9 @@ mistyped field, 404 unknown route, 405 wrong method, 411 no Content-Length, 413 
 too long, 415 not ``application/json``; 503 when ``max_inflight`` requests are being answered
 and no slot frees up within ``queue_wait_s`` (callers retry). The status is the error's type's
 ``http_status`` (:class:`~engram.errors.EngramError`: 400 unless a subclass says otherwise,
-e.g. 413 for :class:`~engram.errors.RequestTooLargeError`), never read from the message. The model runs under one lock: two forward passes at
-once on 2 cores would only be slower. stdlib ``http.server``
+e.g. 413 for :class:`~engram.errors.RequestTooLargeError`), never read from the message. The
+model runs under one lock: two forward passes at once on 2 cores would only be slower. stdlib
+``http.server``
 (``ThreadingHTTPServer``) is enough for a local tool; no framework is needed.
 """
 
@@ -25,41 +26,16 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 from tokenizers import Tokenizer
 
+from engram.config import ServeConfigError, ServeLimits  # noqa: F401  (re-exported)
 from engram.errors import EngramError
 from engram.inspect.heatmap import InspectError, inspect_text, model_info, render_page
 from engram.model.lm import EngramLM
-
-
-class ServeConfigError(EngramError):
-    """Invalid server settings; the message names the value and the fix."""
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    max_body_bytes: int = 64 * 1024
-    max_chars: int = 2000
-    max_inflight: int = 8  # requests being answered at once
-    queue_wait_s: float = 2.0  # how long one more waits for a free slot before its 503
-    socket_timeout_s: float = 10.0  # a client that stops sending is dropped after this
-    cache_entries: int = 256  # recent texts: typing revisits prefixes (backspace)
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_chars", "max_inflight"):
-            if getattr(self, name) < 1:
-                raise ServeConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.socket_timeout_s <= 0:
-            raise ServeConfigError(f"socket_timeout_s={self.socket_timeout_s} must be > 0")
-        if self.queue_wait_s < 0:
-            raise ServeConfigError(f"queue_wait_s={self.queue_wait_s} must be >= 0 (0: refuse at once)")
-        if self.cache_entries < 0:
-            raise ServeConfigError(f"cache_entries={self.cache_entries} must be >= 0 (0 disables)")
 
 
 class RequestError(EngramError):

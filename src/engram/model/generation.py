@@ -7,32 +7,13 @@ of the last (max_ngram_size - 1) compressed ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from engram.errors import RequestTooLargeError
+from engram.config import SamplingConfig  # re-exported
+from engram.errors import EngramError, RequestTooLargeError
 from engram.model.lm import EngramLM
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 100
-    temperature: float = 0.8
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -57,7 +38,7 @@ def generate(model: EngramLM, prompt_ids: torch.Tensor, sampling: SamplingConfig
         prompt_ids = prompt_ids.unsqueeze(0)
     B, T0 = prompt_ids.shape
     if T0 == 0:
-        raise ValueError("the prompt is empty; give at least one token")
+        raise EngramError("the prompt is empty; give at least one token")
     total = T0 + sampling.max_new_tokens
     if total > model.cfg.max_seq_len:
         raise RequestTooLargeError(

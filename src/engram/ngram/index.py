@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from engram import __version__
+from engram.config import DEFAULT_KN_ORDER  # re-exported
 from engram.data.shards import load_dataset
 from engram.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 from engram.fsutil import PathLike, atomic_write
@@ -67,7 +68,6 @@ FORMAT_NAME = "engram-ngram-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_KN_ORDER = 5
 DEFAULT_STATS_ORDER = 6
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ROWS_PER_CHUNK = 1024  # dense [rows, V] work is done in chunks of this many positions

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -40,32 +40,26 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from engram.config import (  # the gate's config and its constants live there (torch-free), re-exported
+    AGREEMENT_FEATURES,  # noqa: F401  (re-exported)
+    DEFAULT_FEATURES,  # noqa: F401  (re-exported)
+    DEFAULT_KN_ORDER,
+    ESTIMATORS,  # noqa: F401  (re-exported)
+    FEATURES,
+    GateConfig,
+    MixtureError,
+)
 from engram.data.tokenizer import atomic_write
-from engram.errors import EngramError
 from engram.fsutil import PathLike
 from engram.model.generation import filter_logits
 from engram.model.lm import EngramLM
-from engram.ngram.index import DEFAULT_KN_ORDER, NgramBatch, NgramIndex
+from engram.ngram.index import NgramBatch, NgramIndex
 
 GATE_FORMAT = "engram-ngram-gate"
 GATE_VERSION = 1
 GATE_WEIGHTS, GATE_CONFIG = "gate.safetensors", "gate.json"
-ESTIMATORS = ("both", "kn", "infgram")
-FEATURES = (
-    "log_suffix_len", "no_match", "log_count", "log_distinct",
-    "inf_entropy", "inf_max", "kn_entropy", "kn_max", "lm_entropy", "lm_max",
-    "lm_mass_on_inf", "lm_mass_on_kn", "lm_logp_of_inf_argmax",
-)
-# The default leaves out how much the LM agrees with the N-gram: on held-out text disagreement
-# predicts N-gram errors, but newly indexed knowledge is exactly what the LM disagrees with.
-AGREEMENT_FEATURES = ("lm_mass_on_inf", "lm_mass_on_kn", "lm_logp_of_inf_argmax")
-DEFAULT_FEATURES = tuple(f for f in FEATURES if f not in AGREEMENT_FEATURES)
 _EPS = 1e-12
 LAMBDA_MARGIN = 1e-4
-
-
-class MixtureError(EngramError):
-    """Bad mixture settings or a gate that does not fit the model / index; names the fix."""
 
 
 # ----------------------------------------------------------------------------- LM adapters
@@ -122,46 +116,6 @@ class LMAdapter:
 
 
 # ----------------------------------------------------------------------------- configuration
-@dataclass
-class GateConfig:
-    """What the gate mixes and sees.
-
-    ``hidden_size`` 0: features only (the default, and the only choice for a callable LM). With
-    the LM hidden state, ``hidden_bound`` > 0 caps how far it can move each gate logit
-    (``bound * tanh(.)``); 0 lets it enter the MLP freely. The hidden state buys held-out
-    perplexity but learns topic-wise distrust that also overrides newly indexed facts
-    (docs/ngram.md, "Which gate").
-    """
-
-    estimator: str = "both"  # the N-gram side: "both" (gated blend), "kn" or "infgram"
-    kn_order: int = DEFAULT_KN_ORDER
-    hidden_size: int = 0
-    hidden_proj: int = 16
-    hidden_bound: float = 0.0
-    width: int = 32
-    features: tuple[str, ...] = DEFAULT_FEATURES
-
-    def __post_init__(self) -> None:
-        self.features = tuple(self.features)
-        if self.estimator not in ESTIMATORS:
-            raise MixtureError(f"estimator={self.estimator!r}; choose one of {ESTIMATORS}")
-        if self.kn_order < 1:
-            raise MixtureError(f"kn_order={self.kn_order} must be >= 1")
-        if self.hidden_bound < 0:
-            raise MixtureError(f"hidden_bound={self.hidden_bound} must be >= 0 (0 = unbounded)")
-        for name in ("hidden_size", "hidden_proj", "width"):
-            if getattr(self, name) < 0 or (name == "width" and self.width < 1):
-                raise MixtureError(f"{name}={getattr(self, name)} must be >= {1 if name == 'width' else 0}")
-        unknown = sorted(set(self.features) - set(FEATURES))
-        if unknown or not self.features:
-            raise MixtureError(f"features {unknown or '[]'} invalid; choose a non-empty subset of {FEATURES}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["features"] = list(self.features)
-        return d
-
-
 class LambdaGate(nn.Module):
     """lambda = sigmoid(MLP([standardised features, projection of the LM hidden state]))[0].
 

@@ -52,22 +52,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from engram import __version__
-from engram.errors import EngramError
+from engram.config import QUANTIZATIONS, PatchError  # re-exported
 from engram.fsutil import PathLike, atomic_write
 from engram.tables.tablefile import DTYPE_NAMES, DTYPES, as_bytes
 
 FORMAT_NAME = "engram-table-patch"
 FORMAT_VERSION = 1
 SUFFIX = ".engp"
-QUANTIZATIONS = ("none", "bf16", "int8")
 _META_KEY = "engram_patch"
 _META_KEYS = {"format", "version", "patch_id", "parent", "name", "dtype", "quantization",
               "hash_fingerprint", "hasher", "base_fingerprint", "result_fingerprint", "layers",
               "created_at", "created_by", "provenance", "checksum"}
-
-
-class PatchError(EngramError):
-    """A patch cannot be made, read, applied or reverted; the message names the value and the fix."""
 
 
 class PatchFileError(PatchError):

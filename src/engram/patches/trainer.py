@@ -50,69 +50,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engram.config import (
+    DEFAULT_PROTECT_MIN_COUNT,  # noqa: F401  (re-exported)
+    DEFAULT_REHEARSAL,
+    PatchTrainConfig,
+)
 from engram.data.corpus import read_user_files
 from engram.data.shards import DataError, load_dataset
 from engram.data.tokenizer import load_tokenizer, tokenizer_info
 from engram.fsutil import PathLike
 from engram.model import checkpoint as ckpt_mod
 from engram.patches.apply import table_chain, table_fingerprint
-from engram.patches.patchfile import QUANTIZATIONS, PatchError, TablePatch, make_patch, save_patch, tables_fingerprint
+from engram.patches.patchfile import PatchError, TablePatch, make_patch, save_patch, tables_fingerprint
 from engram.tables.access import row_access_counts, table_rows
 from engram.tables.runtime import load_tables_into
 from engram.training.optimization import lr_at, optimizer_params, optimizer_step, set_lr
-
-DEFAULT_PROTECT_MIN_COUNT = 0  # off: it lost to rehearsal on held-out facts (docs/patches.md)
-DEFAULT_REHEARSAL = 1.0  # used whenever the original corpus is given (rehearsal=None)
-
-
-@dataclass
-class PatchTrainConfig:
-    """How a patch is trained; validated on construction."""
-
-    steps: int = 1000
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 3e-3  # the base lr; the tables train at lr * table_lr_mult (as in `engram train`)
-    table_lr_mult: float = 5.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    train_gates: bool = False
-    anchor: float = 0.0
-    # rows the original corpus reads at least this often are frozen (0 disables); takes effect
-    # only when the original corpus is given (--original-data), see the module docstring
-    protect_min_count: int = DEFAULT_PROTECT_MIN_COUNT
-    # beta: loss_new + beta * loss_orig; None = DEFAULT_REHEARSAL when the original corpus is
-    # given (--original-data), else 0; 0 disables
-    rehearsal: Optional[float] = None
-    rehearsal_batch_size: int = 0  # original-corpus windows per step; 0 = batch_size
-    quantization: str = "none"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 1, f"steps={self.steps} must be >= 1"),
-            (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
-            (self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2"),
-            (self.lr > 0, f"lr={self.lr} must be > 0"),
-            (self.table_lr_mult > 0, f"table_lr_mult={self.table_lr_mult} must be > 0"),
-            (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0"),
-            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"),
-            (self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables)"),
-            (self.anchor >= 0, f"anchor={self.anchor} must be >= 0 (0 disables)"),
-            (isinstance(self.protect_min_count, int) and self.protect_min_count >= 0,
-             f"protect_min_count={self.protect_min_count!r} must be an integer >= 0 "
-             f"(0 disables row protection; e.g. --protect-min-count {DEFAULT_PROTECT_MIN_COUNT})"),
-            (self.rehearsal is None or self.rehearsal >= 0,
-             f"rehearsal={self.rehearsal} must be >= 0 (0 disables; e.g. --rehearsal 1.0) or None (automatic)"),
-            (self.rehearsal_batch_size >= 0,
-             f"rehearsal_batch_size={self.rehearsal_batch_size} must be >= 0 (0 = batch_size)"),
-            (self.quantization in QUANTIZATIONS,
-             f"quantization={self.quantization!r}; choose one of {list(QUANTIZATIONS)}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise PatchError(msg)
 
 
 # ----------------------------------------------------------------------------- data

@@ -30,7 +30,6 @@ Shape legend
 
 from __future__ import annotations
 
-import enum
 import mmap
 import os
 import threading
@@ -39,82 +38,13 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
-from engram.errors import EngramError
+from engram.config import CACHE_POLICIES, StorageConfig, StorageError, StorageKind  # re-exported
 from engram.tables.rowindex import RowIndex
 from engram.tables.tablefile import TableHeader, map_layer
-
-
-class StorageError(EngramError):
-    """A storage setting or request is invalid; the message names the value and the fix."""
-
-
-class StorageKind(str, enum.Enum):
-    """Where a table's rows live."""
-
-    MEMORY = "memory"
-    MMAP = "mmap"
-    CACHED = "cached"
-
-    @classmethod
-    def parse(cls, value: Union[str, "StorageKind"]) -> "StorageKind":
-        try:
-            return cls(value)
-        except ValueError:
-            raise StorageError(f"storage={value!r}; choose one of {[k.value for k in cls]}") from None
-
-
-CACHE_POLICIES = ("lru", "lfu")
-
-
-@dataclass
-class StorageConfig:
-    """How an Engram model gets its table rows (the ``--table/--storage/...`` CLI switches).
-
-    ``path``: a table file (``engram table convert``); None keeps the checkpoint's tables.
-    ``kind``: memory | mmap | cached. ``cache_rows``: pool size per Engram layer for ``cached``.
-    ``prefetch``: fetch rows on a background thread ahead of the layer that needs them.
-    ``io_threads``: parallel reads from a mapped file. ``cold``: drop the file's pages from the
-    page cache after every read (honest cold-storage benchmarks; slow for real use).
-    ``process``: run file-backed tiers in a helper process (``engram.tables.process``) so their
-    bookkeeping does not contend with the model for the GIL (see docs/storage.md).
-    """
-
-    path: Optional[str] = None
-    kind: Union[str, StorageKind] = StorageKind.MEMORY
-    cache_rows: int = 1 << 20
-    cache_policy: str = "lru"
-    prefetch: bool = True
-    io_threads: int = 8
-    cold: bool = False
-    process: bool = True
-
-    def __post_init__(self) -> None:
-        self.kind = StorageKind.parse(self.kind)
-        if self.cache_rows < 1:
-            raise StorageError(f"cache_rows={self.cache_rows} must be >= 1 (rows per Engram layer)")
-        if self.cache_policy not in CACHE_POLICIES:
-            raise StorageError(f"cache_policy={self.cache_policy!r}; choose one of {CACHE_POLICIES}")
-        if self.io_threads < 1:
-            raise StorageError(f"io_threads={self.io_threads} must be >= 1")
-        if self.kind in (StorageKind.MMAP, StorageKind.CACHED) and self.path is None:
-            raise StorageError(f"storage={self.kind.value!r} reads a table file: pass its path "
-                               f"(--table FILE; export one with `engram table convert RUN FILE`)")
-        if self.path is not None:
-            self.path = str(self.path)
-
-    @property
-    def is_default(self) -> bool:
-        """True when nothing differs from the plain in-memory model."""
-        return self.path is None and self.kind == StorageKind.MEMORY and not self.prefetch
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["kind"] = self.kind.value
-        return d
 
 
 @dataclass

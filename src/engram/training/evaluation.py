@@ -42,7 +42,7 @@ def evaluate(model: EngramLM, shard: "data.Shard", batch_size: int, seq_len: int
     Runs in eval mode without gradients and restores the model's previous train/eval mode.
     """
     if seq_len > model.cfg.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}; "
+        raise EngramError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}; "
                          f"evaluate with seq_len <= {model.cfg.max_seq_len}")
     was_training = model.training
     model.eval()
@@ -67,7 +67,7 @@ def evaluate(model: EngramLM, shard: "data.Shard", batch_size: int, seq_len: int
         model.train(was_training)
     elapsed = max(time.perf_counter() - t0, 1e-9)
     if total_tokens == 0:
-        raise ValueError(f"the shard yielded no evaluation batches of {batch_size} x {seq_len} tokens; "
+        raise EngramError(f"the shard yielded no evaluation batches of {batch_size} x {seq_len} tokens; "
                          f"use a smaller batch_size or seq_len")
     loss = total_loss / total_tokens
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": total_tokens,
@@ -118,7 +118,7 @@ def evaluate_run(run_dir: PathLike, data_dir: PathLike, split: str = "val",
     entry with the tiers' hit rates, bytes read and stall time.
     """
     if split not in ("train", "val"):
-        raise ValueError(f"split={split!r}; choose 'train' or 'val'")
+        raise EngramError(f"split={split!r}; choose 'train' or 'val'")
     if storage is not None and not storage.is_default:  # --table / --storage / --prefetch
         model, meta = load_model_with_tables(run_dir, storage, device=device)
     else:

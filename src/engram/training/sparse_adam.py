@@ -33,6 +33,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from engram.errors import EngramError
 from engram.tables.rowindex import RowIndex
 
 
@@ -100,14 +101,14 @@ class SparseRowAdam(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"lr={lr}, eps={eps}, weight_decay={weight_decay} must all be >= 0")
+            raise EngramError(f"lr={lr}, eps={eps}, weight_decay={weight_decay} must all be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas={betas} must be in [0, 1)")
+            raise EngramError(f"betas={betas} must be in [0, 1)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
-                    raise ValueError(f"SparseRowAdam updates rows of 2-D tables; got a parameter of shape "
+                    raise EngramError(f"SparseRowAdam updates rows of 2-D tables; got a parameter of shape "
                                      f"{tuple(p.shape)}: give it to a dense optimizer instead")
         self._rows: dict[torch.Tensor, _RowState] = {}
 
@@ -210,7 +211,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
                 len(g["params"]) != len(own["params"]) for g, own in zip(groups, self.param_groups)):
-            raise ValueError("SparseRowAdam state has a different parameter grouping; it belongs to "
+            raise EngramError("SparseRowAdam state has a different parameter grouping; it belongs to "
                              "another model or optimizer setup")
         params = {}
         for g, own in zip(groups, self.param_groups):
@@ -223,15 +224,15 @@ class SparseRowAdam(torch.optim.Optimizer):
         for idx, entry in state_dict["state"].items():
             p = params.get(int(idx))
             if p is None:
-                raise ValueError(f"SparseRowAdam state for parameter index {idx}, which no group lists")
+                raise EngramError(f"SparseRowAdam state for parameter index {idx}, which no group lists")
             rows = entry["rows"].to(torch.int64).cpu()
             n = rows.numel()
             shapes = {k: tuple(entry[k].shape) for k in ("exp_avg", "exp_avg_sq")}
             if any(s != (n, p.shape[1]) for s in shapes.values()) or tuple(entry["steps"].shape) != (n,):
-                raise ValueError(f"SparseRowAdam state {idx}: shapes {shapes} and steps "
+                raise EngramError(f"SparseRowAdam state {idx}: shapes {shapes} and steps "
                                  f"{tuple(entry['steps'].shape)} do not fit {n} rows of width {p.shape[1]}")
             if n and (int(rows.min()) < 0 or int(rows.max()) >= p.shape[0]):
-                raise ValueError(f"SparseRowAdam state {idx}: row ids outside the table's {p.shape[0]} rows")
+                raise EngramError(f"SparseRowAdam state {idx}: row ids outside the table's {p.shape[0]} rows")
             st = _RowState(p.shape[1], p.dtype, p.device, p.shape[0], capacity=max(1024, n))
             if n:
                 st.slots_for(rows)  # slots 0..n-1 in order: rows are distinct

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from engram.config import ModelConfig, TrainConfig
 from engram.data import shards as data
+from engram.errors import EngramError
 from engram.fsutil import PathLike
 from engram.hashing.compression import CompressionMap, build_compression
 from engram.model import checkpoint as ckpt
@@ -174,7 +175,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
     tok_fp, _ = dataset_identity(ds)
     check_dataset_for_model(model_cfg.vocab_size, None, ds, data_dir, "the model config")
     if train_cfg.seq_len > model_cfg.max_seq_len:
-        raise ValueError(f"train seq_len={train_cfg.seq_len} exceeds max_seq_len={model_cfg.max_seq_len}; "
+        raise EngramError(f"train seq_len={train_cfg.seq_len} exceeds max_seq_len={model_cfg.max_seq_len}; "
                          f"lower TrainConfig.seq_len or raise ModelConfig.max_seq_len")
 
     if not resume and not overwrite and (run / ckpt.CONFIG_FILE).is_file():
@@ -193,7 +194,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
     model = EngramLM(model_cfg, _dataset_compression(model_cfg, ds, data_dir)).to(device)
     if tables_from is not None:
         if resume:
-            raise ValueError("tables_from (--table) initialises a fresh run; a resumed run already "
+            raise EngramError("tables_from (--table) initialises a fresh run; a resumed run already "
                              "has its tables in the checkpoint, drop one of the two")
 
         load_tables_into(model, tables_from, progress=progress)

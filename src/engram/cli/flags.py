@@ -1,0 +1,124 @@
+"""Flags generated from the config dataclasses, the flags many commands share, and the parser.
+
+``add_config_flags(parser, Config)`` adds one flag per field of a config dataclass: ``--field-name``
+unless the field's metadata names another ``flag``; type, default, help, choices and metavar come
+from the field (``engram.config.setting``). ``config_from_args(args, Config)`` builds the config
+back from the parsed flags, so a new field is a new flag with nothing else to write. ``add_common``
+declares ``--json --quiet --data --ckpt --out`` once. ``ArgumentParser`` prints argparse's own
+errors (unknown flag, bad choice, ``--steps abc``) as one line ``engram: error: ...``, exit 2.
+
+Why not jsonargparse or tyro: each would own the parser instead of feeding ours. jsonargparse's
+``add_class_arguments`` nests a config's flags under a prefix (``--storage.path``) and brings its
+own parser, error output and PyYAML; tyro builds the whole command tree from types and spells every
+flag from field names, printing multi-line rich-formatted errors (rich, typeguard and
+docstring_parser on the ``--help`` import path). Renaming a field's flag (``path`` -> ``--table``),
+``--fetch-process / --no-fetch-process``, subcommands registered by several modules and the
+one-line error would all fight either library; ~100 lines over argparse keep them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, NoReturn, Optional, Union
+
+from engram.config import field_types
+from engram.errors import EngramError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its usage errors as the one line every engram error is (exit status 2).
+
+    Subparsers inherit the class (``add_subparsers`` uses the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"engram: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
+# ----------------------------------------------------------------------------- config flags
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _dest(f: dataclasses.Field) -> str:
+    return flag_name(f)[2:].replace("-", "_")  # what argparse names the attribute
+
+
+def _unwrap(hint: Any) -> Any:
+    """Optional[X] -> X; Union[str, StorageKind] -> str (the spelling on the command line)."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_config_flags(parser: Any, cls: type, *, only: Optional[tuple[str, ...]] = None,
+                     defaults: Optional[dict[str, Any]] = None) -> None:
+    """One flag per field of ``cls`` (or of the fields in ``only``), in field order; ``defaults``
+    replaces a field's default on this command only (e.g. None: "not given", the handler decides)."""
+    defaults = defaults or {}
+    hints = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        meta, typ = f.metadata, _unwrap(hints[f.name])
+        kw: dict[str, Any] = {k: meta[k] for k in ("metavar", "choices", "action") if k in meta}
+        kw["help"] = meta.get("help") or None
+        if "action" in meta:  # append / store_true: argparse's own default (None / False)
+            if f.name in defaults:
+                kw["default"] = defaults[f.name]
+        else:
+            kw["default"] = defaults.get(f.name, f.default)
+            if typ is bool:  # off by default: a switch; else --x / --no-x
+                kw["action"] = "store_true" if kw["default"] is False else argparse.BooleanOptionalAction
+            elif typing.get_origin(typ) is tuple:
+                kw.update(nargs="+", type=typing.get_args(typ)[0])
+            elif typ in (int, float):
+                kw["type"] = typ
+        if kw.get("type") is str:
+            del kw["type"]
+        parser.add_argument(flag_name(f), **kw)
+
+
+def config_from_args(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:
+    """``cls`` from the flags ``add_config_flags`` added (a flag left at None takes the field's
+    default unless the field is Optional); ``overrides`` win (values the handler resolved)."""
+    hints = field_types(cls)
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in overrides or not hasattr(args, _dest(f)):
+            continue
+        value = getattr(args, _dest(f))
+        if value is None and type(None) not in typing.get_args(hints[f.name]):
+            continue
+        kw[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kw, **overrides)
+
+
+# ----------------------------------------------------------------------------- shared flags
+_COMMON: dict[str, dict[str, Any]] = {
+    "--json": dict(action="store_true", help="print the result as JSON"),
+    "--quiet": dict(action="store_true", help="no progress output"),
+    "--data": dict(help="dataset directory from `engram data prepare`"),
+    "--ckpt": dict(help="run directory (from `engram train`)"),
+    "--out": dict(help="where the result goes"),
+}
+
+
+def add_common(parser: Any, flag: str, **overrides: Any) -> None:
+    """Add one of the shared flags; ``overrides`` (``required``, ``help``, ``nargs``, ...) adapt it."""
+    parser.add_argument(flag, **{**_COMMON[flag], **overrides})
+
+
+def add_json_file(parser: Any, help: str = "also write the result as JSON to this file") -> None:
+    """``--json PATH`` of the commands that print tables and write their JSON to a file."""
+    add_common(parser, "--json", action="store", help=help)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """``"1,2,3"`` (or spaces) -> [1, 2, 3] for list-valued flags, refused in one line otherwise."""
+    try:
+        return [int(v) for v in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise EngramError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
