@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig
+from engram.errors import EngramError
 from engram.hashing.hasher import NATIVE_KERNEL_AVAILABLE, NgramHasher
 
 DEEPSEEK_VOCAB = 129280  # DeepSeek-V3 tokenizer
@@ -36,7 +37,7 @@ def bench_hash(batch_size: int = 8, seq_len: int = 4096, repeats: int = 5,
     kernel and numpy are single-threaded either way.
     """
     if batch_size < 1 or seq_len < 1 or repeats < 1 or threads < 1:
-        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}, repeats={repeats}, "
+        raise EngramError(f"batch_size={batch_size}, seq_len={seq_len}, repeats={repeats}, "
                          f"threads={threads}: all must be >= 1")
     cfg = EngramConfig()
     hasher = NgramHasher(cfg, DEEPSEEK_VOCAB, np.arange(DEEPSEEK_VOCAB, dtype=np.int64))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from engram.data.shards import load_dataset
+from engram.errors import EngramError
 from engram.fsutil import PathLike, atomic_write
 from engram.model.checkpoint import load_model
 from engram.ngram import suffix_array as sam
@@ -96,7 +97,7 @@ def _dir_bytes(path: Path, names: Optional[list[str]] = None) -> int:
 def _write_infinigram_input(tokens: np.ndarray, eos: int, out: Path) -> int:
     """infini-gram v4 layout: each document = b'\\xff\\xff' + its uint16 ids; offsets as uint64."""
     if int(tokens.max()) >= 65535:
-        raise ValueError("the comparison writes uint16 ids and needs every id < 65535")
+        raise EngramError("the comparison writes uint16 ids and needs every id < 65535")
     t = tokens.astype("<u2")
     cuts = np.flatnonzero(t == eos)
     starts = np.r_[0, cuts + 1]

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from engram.config import ModelConfig, TrainConfig, preset
 from engram.data.shards import Dataset, get_batch, iter_eval_batches, load_dataset, prepare_builtin
+from engram.errors import EngramError
 from engram.model.generation import SamplingConfig, generate
 from engram.model.lm import EngramLM
 from engram.tables.process import open_layer_storage
@@ -197,9 +198,9 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
     stage fails.
     """
     if min(batch_size, seq_len, rounds, batches_per_round, cache_rows) < 1:
-        raise ValueError("batch_size, seq_len, rounds, batches_per_round and cache_rows must be >= 1")
+        raise EngramError("batch_size, seq_len, rounds, batches_per_round and cache_rows must be >= 1")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads={threads} must be >= 1")
+        raise EngramError(f"threads={threads} must be >= 1")
     s = _OffloadSettings(batch_size, seq_len, rounds, batches_per_round, warm_batches, cache_rows,
                          table_rows_per_order, policy, io_threads, dtype, cold, process)
 
@@ -211,7 +212,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
         data_path, ds = _bench_data(data_dir, tmp, progress)
         cfg = bench_config(int(ds.meta["vocab_size"]), table_rows_per_order)
         if seq_len > cfg.max_seq_len:
-            raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+            raise EngramError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         warm, batches = _offload_batches(ds, s)
         table_path = tmp / "bench.engt"
         models, header = _offload_models(cfg, _dataset_compression(cfg, ds, data_path), table_path, s, seed,
@@ -240,7 +241,7 @@ def _offload_batches(ds: Dataset, s: _OffloadSettings) -> tuple[list[Any], list[
     stream = iter_eval_batches(ds.train, s.batch_size, s.seq_len)
     batches = [b for _, b in zip(range(need), stream)]
     if len(batches) < need:
-        raise ValueError(f"the dataset has only {len(batches)} batches of {s.batch_size} x {s.seq_len}; "
+        raise EngramError(f"the dataset has only {len(batches)} batches of {s.batch_size} x {s.seq_len}; "
                          f"lower warm_batches, rounds or batches_per_round")
     return batches[:s.warm_batches], batches[s.warm_batches:]
 
@@ -469,7 +470,7 @@ def _large_table_config(vocab: int, size_gib: float, work: Path) -> ModelConfig:
     need = per_head * heads * row_bytes
     free = shutil.disk_usage(work).free
     if need > free * 0.9 and not (work / "large.engt").is_file():
-        raise ValueError(f"a {size_gib:g} GiB table does not fit in the {free / 2**30:.1f} GiB free "
+        raise EngramError(f"a {size_gib:g} GiB table does not fit in the {free / 2**30:.1f} GiB free "
                          f"in {work}; pass a smaller size_gib or another workdir")
     return bench_config(vocab, per_head)
 
@@ -543,7 +544,7 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
         cfg = preset(preset_name, int(ds.meta["vocab_size"]))
         if table_rows_per_order is not None:
             if preset_name != "engram-moe":
-                raise ValueError(f"table_rows_per_order applies to the engram-moe preset, not {preset_name!r}")
+                raise EngramError(f"table_rows_per_order applies to the engram-moe preset, not {preset_name!r}")
             cfg = bench_config(int(ds.meta["vocab_size"]), table_rows_per_order)
         compression = _dataset_compression(cfg, ds, data_path)
         runs = {}

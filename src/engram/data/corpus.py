@@ -61,7 +61,7 @@ class Fact:
         if self.answer_start < 0:  # derive it when not given (answer's last occurrence)
             object.__setattr__(self, "answer_start", self.sentence.rfind(self.answer))
         if not self.sentence.startswith(self.answer, self.answer_start):
-            raise ValueError(f"answer {self.answer!r} not found in sentence {self.sentence!r}")
+            raise EngramError(f"answer {self.answer!r} not found in sentence {self.sentence!r}")
 
     @property
     def prompt(self) -> str:

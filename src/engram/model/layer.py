@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram.config import EngramConfig
+from engram.errors import EngramError
 from engram.hashing.hasher import head_offsets
 
 
@@ -115,7 +116,7 @@ class EngramLayer(nn.Module):
                  head_sizes: list[int]):
         super().__init__()
         if len(head_sizes) != cfg.num_heads_total:
-            raise ValueError(
+            raise EngramError(
                 f"EngramLayer(layer_id={layer_id}) got {len(head_sizes)} head sizes but the config "
                 f"has {cfg.num_heads_total} heads ((max_ngram_size-1) * n_head_per_ngram)"
             )
@@ -156,7 +157,7 @@ class EngramLayer(nn.Module):
         without the short conv), and with ``output_gates`` alpha [B,T,M], with
         ``output_gate_inputs`` (h, e). They stay in the autograd graph when grad is enabled."""
         if hidden_states.dim() != 4 or hidden_states.shape[2] != self.hc_mult:
-            raise ValueError(
+            raise EngramError(
                 f"EngramLayer expects hidden_states [B,T,{self.hc_mult},{self.hidden_size}], "
                 f"got {tuple(hidden_states.shape)}"
             )

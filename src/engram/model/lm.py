@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram.config import ModelConfig
-from engram.errors import RequestTooLargeError
+from engram.errors import EngramError, RequestTooLargeError
 from engram.hashing.hasher import NgramHasher
 from engram.model.attention import CausalSelfAttention, KVCache, rope_tables
 from engram.model.input_ngram import InputNgramEmbedding
@@ -218,12 +218,12 @@ class EngramLM(nn.Module):
         gate inputs ({} for a model without Engram layers; None when not asked for).
         """
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+            raise EngramError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         V = self.cfg.vocab_size
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
             bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
-            raise ValueError(f"token id {bad} is outside the model vocabulary [0, {V}); "
+            raise EngramError(f"token id {bad} is outside the model vocabulary [0, {V}); "
                              f"was the data tokenized with another tokenizer?")
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engram.data import shards as data
+from engram.errors import EngramError
 from engram.hashing.hasher import NgramHasher
 from engram.model.lm import EngramLM
 from engram.tables.tiers import CACHE_POLICIES, CachedStorage, StorageKind, TableStorage
@@ -56,7 +57,7 @@ def iter_row_batches(hasher: NgramHasher, shard: "data.Shard", batch_size: int, 
     evaluation or serving a document). ``"random"``: training batches (``data.get_batch``).
     """
     if order not in ("sequential", "random"):
-        raise ValueError(f"order={order!r}; choose 'sequential' or 'random'")
+        raise EngramError(f"order={order!r}; choose 'sequential' or 'random'")
     offsets = {lid: torch.tensor(hasher.head_offsets(lid), dtype=torch.int64) for lid in hasher.cfg.layer_ids}
     per_batch = batch_size * seq_len
     n_batches = max(1, (max_tokens or shard.num_tokens) // per_batch)
@@ -195,9 +196,9 @@ def _access_report(hasher: NgramHasher, shard: "data.Shard", batch_size: int, se
                    policies: Sequence[str], progress: bool, seed: int) -> dict[str, Any]:
     bad = [p for p in policies if p not in CACHE_POLICIES]
     if bad:
-        raise ValueError(f"policies {bad} unknown; choose from {CACHE_POLICIES}")
+        raise EngramError(f"policies {bad} unknown; choose from {CACHE_POLICIES}")
     if not capacities or any(c < 1 for c in capacities):
-        raise ValueError(f"capacities={list(capacities)} must be positive row counts")
+        raise EngramError(f"capacities={list(capacities)} must be positive row counts")
     stream: dict[int, list[torch.Tensor]] = {lid: [] for lid in hasher.cfg.layer_ids}
     tokens = 0
     for batch in tqdm(iter_row_batches(hasher, shard, batch_size, seq_len, max_tokens, order, seed),

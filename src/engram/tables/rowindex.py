@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from engram.errors import EngramError
+
 _EMPTY = -1
 _TOMB = -2
 _MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: Fibonacci hashing
@@ -35,7 +37,7 @@ class RowIndex:
 
     def __init__(self, capacity: int, grow: bool = False, limit: Optional[int] = None) -> None:
         if capacity < 1:
-            raise ValueError(f"capacity={capacity} must be >= 1")
+            raise EngramError(f"capacity={capacity} must be >= 1")
         self.grow, self.limit = grow, limit
         self._alloc(capacity)
 
@@ -99,7 +101,7 @@ class RowIndex:
             return
         if self.count + n > self.capacity:
             if not self.grow:
-                raise ValueError(f"RowIndex is full: {self.count} + {n} rows exceed capacity "
+                raise EngramError(f"RowIndex is full: {self.count} + {n} rows exceed capacity "
                                  f"{self.capacity}; evict first or build it with grow=True")
             new = max(2 * self.capacity, self.count + n)
             self._rebuild(new if self.limit is None else max(min(new, self.limit), self.count + n))

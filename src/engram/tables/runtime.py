@@ -41,6 +41,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from engram.config import ModelConfig
+from engram.errors import EngramError
 from engram.fsutil import PathLike
 from engram.hashing.hasher import NgramHasher
 from engram.model import checkpoint as ckpt
@@ -187,7 +188,7 @@ class TableRuntime:
                 t.futures[lid] = self._pool.submit(self._fetch, lid, hash_ids[lid])
         else:
             if input_ids is None:
-                raise ValueError("submit needs input_ids or hash_ids")
+                raise EngramError("submit needs input_ids or hash_ids")
             t.hash_future = self._pool.submit(self.hasher.hash, input_ids)
             for lid in self.storages:
                 t.futures[lid] = self._pool.submit(lambda l=lid: self._fetch(l, t.hash_future.result()[l]))
