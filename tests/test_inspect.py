@@ -283,7 +283,7 @@ def test_zipf_counts_every_access(run, loaded, tmp_path) -> None:
         zipf_statistics(model, tokens, top_percents=(0,))
 
 
-def test_ablation_zeroes_engram_and_restores_it(loaded) -> None:
+def test_ablation_zeroes_engram_in_the_call(loaded) -> None:
     model, tok = loaded
     ids = tuple(tok.encode("the prince of wales rode with the king of france").ids)
     cats = {"x": [Sample((1, *ids), (False,) + (True,) * len(ids))]}
@@ -291,7 +291,8 @@ def test_ablation_zeroes_engram_and_restores_it(loaded) -> None:
     assert unigram_logprobs(np.array(ids), model.cfg.vocab_size).shape == logp.shape
     before = score_samples(model, cats["x"])
     [row] = ablation(model, cats, logp)
-    assert all(l.enabled for l in model.engram_layers)
+    assert score_samples(model, cats["x"]).loss == before.loss  # nothing left switched off
+    assert score_samples(model, cats["x"], ablate_engram=True).loss == pytest.approx(row["loss_ablated"])
     assert row["loss_full"] == pytest.approx(before.loss)
     assert row["loss_ablated"] != pytest.approx(row["loss_full"], abs=1e-6)  # Engram did something
     u = row["unigram_loss"]

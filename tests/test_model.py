@@ -75,9 +75,9 @@ def test_zero_init_conv_and_disabled_layer(conformance_dir):
     v = t["expected.gates"].unsqueeze(-1)  # with a zero conv the output is the gated value alone
     e = layer.multi_head_embedding(t["expected.hash_ids"]).flatten(-2)
     torch.testing.assert_close(out, v * layer.value_proj(e).unsqueeze(2), atol=1e-5, rtol=0)
-    layer.enabled = False
-    out = layer(t["input.hidden_states"], t["expected.hash_ids"]).output
-    assert torch.count_nonzero(out) == 0
+    off = layer(t["input.hidden_states"], t["expected.hash_ids"], zero_output=True, output_gates=True)
+    assert torch.count_nonzero(off.output) == 0
+    torch.testing.assert_close(off.gates, t["expected.gates"], atol=1e-5, rtol=0)  # the gate still runs
 
 
 @pytest.mark.parametrize("name,hc", [("tiny", 1), ("tiny", 4), ("tiny-dense", 1), ("tiny-dense", 2)])

@@ -42,7 +42,7 @@
 
 ``ablation``
     Loss and next-token accuracy per category of held-out text with every Engram layer on, then
-    with all of them zeroed (``EngramLayer.enabled = False``). Two "retained" fractions, as in the
+    with all of them zeroed (``model(ids, ablate_engram=True)``). Two "retained" fractions, as in the
     paper's Fig. 6 (there: ablated score / full score on benchmarks):
 
         retained_accuracy = acc_ablated / acc_full
@@ -624,8 +624,9 @@ class Scored:
 
 @torch.no_grad()
 def score_samples(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0,
-                  batch_size: int = 16) -> Scored:
-    """Mean next-token loss and accuracy, counting target ``t`` where ``mask[t]`` (t >= 1)."""
+                  batch_size: int = 16, ablate_engram: bool = False) -> Scored:
+    """Mean next-token loss and accuracy, counting target ``t`` where ``mask[t]`` (t >= 1);
+    ``ablate_engram`` scores the model with every Engram layer's output zeroed."""
     total_loss, correct, count = 0.0, 0, 0
     was_training = model.training
     model.eval()
@@ -644,7 +645,7 @@ def score_samples(model: EngramLM, samples: Sequence[Sample], pad_id: int = 0,
             inp, tgt, m = x[:, :-1], x[:, 1:], mask[:, 1:]
             if not m.any():
                 continue
-            logits = model(inp.to(model.embed.weight.device)).logits.float().cpu()
+            logits = model(inp.to(model.embed.weight.device), ablate_engram=ablate_engram).logits.float().cpu()
             lp = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                  reduction="none").reshape(tgt.shape)
             total_loss += float(lp[m].sum())
@@ -724,18 +725,10 @@ def ablation(model: EngramLM, categories: dict[str, list[Sample]], unigram_logp:
              pad_id: int = 0) -> list[dict[str, Any]]:
     """Score each category with Engram on and off; rows with both retained fractions."""
     _need_engram(model)
-    layers = model.engram_layers
     rows = []
     for name, samples in categories.items():
         full = score_samples(model, samples, pad_id)
-        saved = [l.enabled for l in layers]
-        try:
-            for l in layers:
-                l.enabled = False
-            off = score_samples(model, samples, pad_id)
-        finally:
-            for l, e in zip(layers, saved):
-                l.enabled = e
+        off = score_samples(model, samples, pad_id, ablate_engram=True)
         u = unigram_cross_entropy(samples, unigram_logp)
         gain = u - full.loss
         rows.append({

@@ -134,7 +134,6 @@ class EngramLayer(nn.Module):
                       cfg.conv_norm_eps, cfg.conv_zero_init)
             if cfg.use_short_conv else None
         )
-        self.enabled = True  # ablation switch: False makes the layer output zeros
 
     def gates(self, hidden_states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """hidden_states [B,T,M,D], e [B,T,E] -> alpha [B,T,M]."""
@@ -152,10 +151,12 @@ class EngramLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
                 conv_state: Optional[torch.Tensor] = None, *, output_gates: bool = False,
-                output_gate_inputs: bool = False) -> EngramLayerOutput:
+                output_gate_inputs: bool = False, zero_output: bool = False) -> EngramLayerOutput:
         """hidden_states [B,T,M,D], hash_ids [B,T,H] -> out [B,T,M,D], new conv state (None
         without the short conv), and with ``output_gates`` alpha [B,T,M], with
-        ``output_gate_inputs`` (h, e). They stay in the autograd graph when grad is enabled."""
+        ``output_gate_inputs`` (h, e). They stay in the autograd graph when grad is enabled.
+        ``zero_output`` replaces the output by zeros (the ablation of ``engram analyze ablate``);
+        gates and conv state are still computed, so a cached generation stays consistent."""
         if hidden_states.dim() != 4 or hidden_states.shape[2] != self.hc_mult:
             raise EngramError(
                 f"EngramLayer expects hidden_states [B,T,{self.hc_mult},{self.hidden_size}], "
@@ -168,7 +169,7 @@ class EngramLayer(nn.Module):
         if self.short_conv is not None:
             y, new_state = self.short_conv(value, conv_state)
             value = value + y
-        if not self.enabled:
+        if zero_output:
             value = torch.zeros_like(value)
         return EngramLayerOutput(value, new_state, alpha if output_gates else None,
                                  GateInputs(hidden_states, e) if output_gate_inputs else None)

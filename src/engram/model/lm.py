@@ -101,13 +101,14 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos, sin, hash_ids: Optional[torch.Tensor],
                 cache: Optional[InferenceCache], *, output_gates: bool = False,
-                output_gate_inputs: bool = False) -> tuple[torch.Tensor, Optional[EngramLayerOutput]]:
+                output_gate_inputs: bool = False, ablate_engram: bool = False
+                ) -> tuple[torch.Tensor, Optional[EngramLayerOutput]]:
         """h [B,T,M,D] -> (new h, the Engram layer's output or None in a block without one)."""
         engram_out = None
         if self.engram is not None:
             conv_state = cache.conv.get(self.layer_id) if cache is not None else None
             engram_out = self.engram(h, hash_ids, conv_state, output_gates=output_gates,
-                                     output_gate_inputs=output_gate_inputs)
+                                     output_gate_inputs=output_gate_inputs, zero_output=ablate_engram)
             if cache is not None:
                 cache.conv[self.layer_id] = engram_out.conv_state
             h = h + engram_out.output
@@ -211,11 +212,12 @@ class EngramLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 hash_ids: Optional[dict[int, torch.Tensor]] = None,
                 cache: Optional[InferenceCache] = None, output_gates: bool = False,
-                output_gate_inputs: bool = False) -> ModelOutput:
+                output_gate_inputs: bool = False, ablate_engram: bool = False) -> ModelOutput:
         """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy if targets are given).
 
         ``output_gates`` / ``output_gate_inputs``: also return every Engram layer's gates /
         gate inputs ({} for a model without Engram layers; None when not asked for).
+        ``ablate_engram``: every Engram layer adds zeros instead of its output (ablations).
         """
         if input_ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -243,7 +245,7 @@ class EngramLM(nn.Module):
         for block in self.layers:
             ids = hash_ids[block.layer_id] if block.engram is not None else None
             h, engram_out = block(h, cos, sin, ids, cache, output_gates=output_gates,
-                                  output_gate_inputs=output_gate_inputs)
+                                  output_gate_inputs=output_gate_inputs, ablate_engram=ablate_engram)
             if engram_out is not None and gates is not None:
                 gates[block.layer_id] = engram_out.gates
             if engram_out is not None and gate_inputs is not None:
