@@ -1,7 +1,7 @@
 """Multi-head N-gram hashing: token ids -> per-head rows of Engram's prime-sized tables.
 
 Bit-exact with DeepSeek's reference (``NgramHashMapping`` in deepseek-ai/Engram), checked by
-``tests/test_hashing.py`` against ``shared/conformance/hash_vectors.json``:
+``tests/hashing/test_hasher.py`` against ``tests/conformance/hash_vectors.json``:
 
 - ids are first mapped through the tokenizer compression ``lookup`` (old id -> new id);
 - each layer gets odd multipliers ``m = 2 r + 1``, ``r`` drawn from

@@ -14,7 +14,7 @@ Semantics, per touched row r at its k-th update (k counted per row)::
 
 using the same tensor operations in the same order as ``torch.optim.Adam``'s single-tensor
 path, so a row that is touched at every step gets bit-for-bit the update dense Adam gives it
-(``tests/test_sparse_adam.py``). Rows not touched in a step are left alone (dense Adam would
+(``tests/training/test_sparse_adam.py``). Rows not touched in a step are left alone (dense Adam would
 keep moving them with their decaying momentum): that is the "lazy" part, and the reason it is
 opt-in (``TrainConfig.table_optimizer = "sparse_adam"``).
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from _table_helpers import VOCAB, compression, one_thread, prepare_tiny_dataset, save_tiny_run, tiny_model  # noqa: F401
 from engram.cli.main import main
 from engram.config import TrainConfig
 from engram.data.shards import load_dataset
@@ -31,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = tiny_model()
+def model(tiny):
+    m = tiny.model()
     with torch.no_grad():
         for e in m.engram_layers:
             e.multi_head_embedding.embedding.weight.normal_()  # make rows matter for the output
@@ -44,8 +43,8 @@ def table_file(tmp_path_factory, model):
     return save_model_tables(model, tmp_path_factory.mktemp("t") / "tiny.engt")
 
 
-def _offloaded(model, header, kind: str, prefetch: bool, capacity: int = 64):
-    m = build_model_without_tables(model.cfg, compression())
+def _offloaded(tiny, model, header, kind: str, prefetch: bool, capacity: int = 64):
+    m = build_model_without_tables(model.cfg, tiny.compression())
     m.load_state_dict({k: v for k, v in model.state_dict().items()
                        if "multi_head_embedding.embedding" not in k}, strict=False)
     storages = {}
@@ -58,16 +57,16 @@ def _offloaded(model, header, kind: str, prefetch: bool, capacity: int = 64):
 
 @pytest.mark.parametrize("kind", ["mmap", "cached"])
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_offloaded_model_is_bit_identical(model, table_file, kind, prefetch):
-    m = _offloaded(model, table_file, kind, prefetch)
+def test_offloaded_model_is_bit_identical(model, table_file, kind, prefetch, tiny):
+    m = _offloaded(tiny, model, table_file, kind, prefetch)
     rt = table_runtime(m)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _ in range(2):
-            x = torch.randint(0, VOCAB, (2, 24), generator=gen)
+            x = torch.randint(0, tiny.VOCAB, (2, 24), generator=gen)
             assert torch.equal(m(x).logits, model(x).logits)
         if kind == "cached":
-            prompt = torch.randint(0, VOCAB, (2, 5), generator=gen)
+            prompt = torch.randint(0, tiny.VOCAB, (2, 5), generator=gen)
             s = SamplingConfig(max_new_tokens=6, temperature=0.9, seed=3)
             assert torch.equal(generate(m, prompt, s), generate(model, prompt, s))  # incremental hash
     st = rt.stats()
@@ -76,10 +75,10 @@ def test_offloaded_model_is_bit_identical(model, table_file, kind, prefetch):
     rt.close()
 
 
-def test_prefetch_batches_run_ahead(model, table_file):
-    m = _offloaded(model, table_file, "cached", True)
+def test_prefetch_batches_run_ahead(model, table_file, tiny):
+    m = _offloaded(tiny, model, table_file, "cached", True)
     rt = table_runtime(m)
-    batches = [(torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))) for _ in range(4)]
+    batches = [(torch.randint(0, tiny.VOCAB, (2, 16)), torch.randint(0, tiny.VOCAB, (2, 16))) for _ in range(4)]
     seen = []
     with torch.no_grad():
         for (x, y), (bx, by) in zip(rt.prefetch_batches(batches), batches):
@@ -92,10 +91,10 @@ def test_prefetch_batches_run_ahead(model, table_file):
     rt.close()
 
 
-def test_evaluate_uses_prefetch_and_matches(tmp_path, model, table_file):
-    data_dir = prepare_tiny_dataset(tmp_path / "data", vocab_size=VOCAB)
+def test_evaluate_uses_prefetch_and_matches(tmp_path, model, table_file, tiny):
+    data_dir = tiny.dataset(tmp_path / "data", vocab_size=tiny.VOCAB)
     shard = load_dataset(data_dir).val
-    m = _offloaded(model, table_file, "cached", True)
+    m = _offloaded(tiny, model, table_file, "cached", True)
     a = evaluate(model, shard, 2, 16, 4)
     b = evaluate(m, shard, 2, 16, 4)
     assert a["loss"] == b["loss"]
@@ -103,8 +102,8 @@ def test_evaluate_uses_prefetch_and_matches(tmp_path, model, table_file):
     table_runtime(m).close()
 
 
-def test_placeholder_model_allocates_no_table(model):
-    m = build_model_without_tables(model.cfg, compression())
+def test_placeholder_model_allocates_no_table(model, tiny):
+    m = build_model_without_tables(model.cfg, tiny.compression())
     emb = m.engram_layers[0].multi_head_embedding.embedding
     assert isinstance(emb, OffloadedEmbedding) and emb.weight.is_meta
     assert m.param_counts() == model.param_counts()
@@ -113,8 +112,8 @@ def test_placeholder_model_allocates_no_table(model):
         m(torch.zeros(1, 4, dtype=torch.long))
 
 
-def test_runtime_refuses_wrong_storage_shapes(model, table_file):
-    m = build_model_without_tables(model.cfg, compression())
+def test_runtime_refuses_wrong_storage_shapes(model, table_file, tiny):
+    m = build_model_without_tables(model.cfg, tiny.compression())
     with pytest.raises(ValueError, match="storages for layers"):
         attach_tables(m, {}, prefetch=False)
     with pytest.raises(ValueError, match="needs"):
@@ -122,11 +121,11 @@ def test_runtime_refuses_wrong_storage_shapes(model, table_file):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_side_stream_prefetch(model, table_file):
-    m = _offloaded(model, table_file, "cached", True).to("cuda")
+def test_cuda_side_stream_prefetch(model, table_file, tiny):
+    m = _offloaded(tiny, model, table_file, "cached", True).to("cuda")
     rt = attach_tables(m, {l: CachedStorage(MmapStorage(table_file, l), 64) for l in table_file.layers},
                        prefetch=True, device="cuda")
-    x = torch.randint(0, VOCAB, (2, 24))
+    x = torch.randint(0, tiny.VOCAB, (2, 24))
     with torch.no_grad():
         ref = model(x).logits
         out = m(x.cuda()).logits.cpu()
@@ -140,11 +139,11 @@ def test_cuda_side_stream_prefetch(model, table_file):
 
 # ----------------------------------------------------------------------------- checkpoints + CLI
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny):
     d = tmp_path_factory.mktemp("cli")
-    data_dir = prepare_tiny_dataset(d / "data", vocab_size=VOCAB)
+    data_dir = tiny.dataset(d / "data", vocab_size=tiny.VOCAB)
     run_dir = d / "run"
-    save_tiny_run(run_dir, data_dir)
+    tiny.save_run(run_dir, data_dir)
     return d, data_dir, run_dir
 
 
@@ -193,9 +192,9 @@ def test_cli_table_round_trips(run, capsys):
     assert "already holds a checkpoint" in capsys.readouterr().err
 
 
-def test_mismatched_table_is_refused(run, tmp_path, capsys):
+def test_mismatched_table_is_refused(run, tmp_path, capsys, tiny):
     d, data_dir, run_dir = run
-    other = tiny_model(seed=1)  # same shapes, other hash (its compression differs from the dataset's)
+    other = tiny.model(seed=1)  # same shapes, other hash (its compression differs from the dataset's)
     bad = save_model_tables(other, tmp_path / "other.engt")
     with pytest.raises(TableMismatchError, match="hash configuration"):
         load_model_with_tables(run_dir, StorageConfig(path=str(bad.path), kind="cached"))
@@ -203,11 +202,11 @@ def test_mismatched_table_is_refused(run, tmp_path, capsys):
     assert rc == 2 and "wrong places" in capsys.readouterr().err
 
 
-def test_train_prefetch_and_table_init(run, tmp_path):
+def test_train_prefetch_and_table_init(run, tmp_path, tiny):
     d, data_dir, run_dir = run
     from engram.config import preset
 
-    cfg = preset("tiny", VOCAB)
+    cfg = preset("tiny", tiny.VOCAB)
     tc = dict(steps=3, batch_size=2, seq_len=16, warmup_steps=1, eval_every=3, eval_batches=1,
               save_every=3, log_every=1, seed=3)
     a = train(cfg, TrainConfig(**tc), data_dir, tmp_path / "a", progress=False)
@@ -225,11 +224,11 @@ def test_train_prefetch_and_table_init(run, tmp_path):
         train(cfg, TrainConfig(**tc), data_dir, tmp_path / "c", progress=False, resume=True, tables_from=table)
 
 
-def test_bench_offload_runs_end_to_end_on_tiny_sizes(tmp_path):
+def test_bench_offload_runs_end_to_end_on_tiny_sizes(tmp_path, tiny):
     """The benchmark's four modes agree bit for bit and it reports what the docs say it does."""
     from engram.bench.offload import bench_offload
 
-    data = prepare_tiny_dataset(tmp_path / "data")
+    data = tiny.dataset(tmp_path / "data")
     before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     res = bench_offload(str(data), batch_size=2, seq_len=32, rounds=1, batches_per_round=2,
                         warm_batches=2, cache_rows=64, table_rows_per_order=256, io_threads=2,
@@ -261,13 +260,13 @@ def _child_pids() -> set[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
 @pytest.mark.parametrize("failing", ["_pin_cpus", "attach_tables"])
-def test_bench_offload_ends_its_helper_processes_when_a_stage_fails(tmp_path, monkeypatch, failing):
+def test_bench_offload_ends_its_helper_processes_when_a_stage_fails(tmp_path, monkeypatch, failing, tiny):
     """A stage failing after fetch helpers started - right before the timed rounds, or while the
     last offloaded model is being built (its storages open, not yet attached): the error
     propagates and nothing is left behind."""
     import engram.bench.offload as offload
 
-    data = prepare_tiny_dataset(tmp_path / "data")
+    data = tiny.dataset(tmp_path / "data")
     before = _child_pids()
     at_failure = {}
     calls = []

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from _inspect_run import tiny_run
 from engram.cli.main import main
 from engram.data.tokenizer import load_tokenizer
 from engram.inspect.heatmap import gate_rgb, scale_values
@@ -53,8 +52,8 @@ def _browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)[0]
+def run_dir(inspect_run) -> Path:
+    return inspect_run[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import ngram_reference as ref
 from engram.ngram import LeakageError, NgramIndex, NgramIndexError, SegmentError, UnseenContextError, build_suffix_array
 from engram.ngram import suffix_array as sam
 from engram.ngram.segment import HEADER_SIZE, open_segment
@@ -84,7 +83,7 @@ def test_capped_lcp_native_matches_reference(tokens, cap):
 
 @given(streams(60, vocab=5))
 @settings(max_examples=80, deadline=None)
-def test_kn_statistics_match_brute_force(tokens):
+def test_kn_statistics_match_brute_force(ref, tokens):
     """Count-of-counts (raw and continuation) feeding the discounts, vs a direct count."""
     from collections import Counter
 
@@ -104,7 +103,7 @@ def test_kn_statistics_match_brute_force(tokens):
 # ----------------------------------------------------------------------------- exactness vs brute force
 @given(a=streams(), b=streams(25), data=st.data())
 @settings(max_examples=60, **SETTINGS)
-def test_counts_and_estimates_match_brute_force(tmp_path_factory, a, b, data):
+def test_counts_and_estimates_match_brute_force(ref, tmp_path_factory, a, b, data):
     """count, ntd, infgram and KN (every order) of base + delta equal a brute-force rescan."""
     V = 6
     idx = _build(_fresh(tmp_path_factory), a, V)
@@ -164,7 +163,7 @@ def test_no_leakage_estimate_ignores_the_target_and_everything_after(tmp_path_fa
     assert torch.equal(bx.suffix_len[0, : t + 1], by.suffix_len[0, : t + 1])
 
 
-def test_large_vocabulary_uint32_ids(tmp_path):
+def test_large_vocabulary_uint32_ids(tmp_path, ref):
     V = 70_000
     rng = np.random.default_rng(1)
     toks = rng.choice([2, 3, 65_536, 69_999, EOS], size=400)
@@ -183,7 +182,7 @@ def _snapshot(idx: NgramIndex, ctxs) -> list:
     return [(idx.infgram_ntd(c).dist, idx.kn_ntd(c, order=3), idx.count(c)) for c in ctxs]
 
 
-def test_add_remove_compact(tmp_path):
+def test_add_remove_compact(tmp_path, ref):
     rng = random.Random(0)
     a = [rng.choice([2, 3, 4, 5, EOS]) for _ in range(300)] + [2]  # ends inside a document
     b = [5, 5, 4, 3, 2, 2, EOS, 4, 4, 4, 4, 5, 2]

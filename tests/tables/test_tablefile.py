@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from _table_helpers import VOCAB, compression, one_thread, tiny_model  # noqa: F401 - fixture
 from engram.hashing.hasher import NgramHasher
 from engram.tables.tablefile import (
     ALIGN,
@@ -34,8 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def model():
-    return tiny_model()
+def model(tiny):
+    return tiny.model()
 
 
 def _tables(model) -> dict[int, torch.Tensor]:
@@ -66,12 +65,12 @@ def test_header_records_shape_and_hash(tmp_path, model):
     assert h.layer(1).head_sizes == tuple(model.hasher.head_sizes(1))
 
 
-def test_wrong_hash_config_is_refused_and_named(tmp_path, model):
+def test_wrong_hash_config_is_refused_and_named(tmp_path, model, tiny):
     h = save_model_tables(model, tmp_path / "t.engt")
-    other = NgramHasher(dataclasses.replace(model.cfg.engram, seed=5), VOCAB, compression())
+    other = NgramHasher(dataclasses.replace(model.cfg.engram, seed=5), tiny.VOCAB, tiny.compression())
     with pytest.raises(TableMismatchError, match=r"seed: table 0, model 5"):
         check_compatible(h, other)
-    no_compression = NgramHasher(model.cfg.engram, VOCAB, None)
+    no_compression = NgramHasher(model.cfg.engram, tiny.VOCAB, None)
     with pytest.raises(TableMismatchError, match="compression"):
         open_table(h.path, no_compression)
 
@@ -137,10 +136,10 @@ def _no_tmp(d: Path) -> None:
     assert not [p for p in d.iterdir() if ".tmp-" in p.name]
 
 
-def test_full_disk_during_write_keeps_previous(tmp_path, model, monkeypatch):
+def test_full_disk_during_write_keeps_previous(tmp_path, model, monkeypatch, tiny):
     path = tmp_path / "t.engt"
     save_model_tables(model, path)
-    other = tiny_model(seed=3)
+    other = tiny.model(seed=3)
     calls = {"n": 0}
     real = os.pwrite
 
@@ -158,7 +157,7 @@ def test_full_disk_during_write_keeps_previous(tmp_path, model, monkeypatch):
     _no_tmp(tmp_path)
 
 
-def test_full_disk_at_reservation_keeps_previous(tmp_path, model, monkeypatch):
+def test_full_disk_at_reservation_keeps_previous(tmp_path, model, monkeypatch, tiny):
     path = tmp_path / "t.engt"
     save_model_tables(model, path)
 
@@ -167,7 +166,7 @@ def test_full_disk_at_reservation_keeps_previous(tmp_path, model, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(TableWriteError, match=r"bytes needed"):
-        save_model_tables(tiny_model(seed=3), path)
+        save_model_tables(tiny.model(seed=3), path)
     monkeypatch.undo()
     _intact(path, model)
     _no_tmp(tmp_path)
@@ -196,7 +195,7 @@ _SLOW_WRITER = textwrap.dedent("""
 """)
 
 
-def test_killed_mid_write_keeps_previous(tmp_path, model):
+def test_killed_mid_write_keeps_previous(tmp_path, model, tiny):
     path = tmp_path / "t.engt"
     save_model_tables(model, path)
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
@@ -212,7 +211,7 @@ def test_killed_mid_write_keeps_previous(tmp_path, model):
     assert leftovers, "the killed writer's temp file should be there"
     with pytest.raises(TableFileError, match="interrupted write"):
         read_header(leftovers[0])  # never a valid table: its header is written last
-    save_model_tables(tiny_model(seed=4), path)  # the next writer sweeps dead writers' temp files
+    save_model_tables(tiny.model(seed=4), path)  # the next writer sweeps dead writers' temp files
     _no_tmp(tmp_path)
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from _inspect_run import tiny_run
 from engram.cli.main import main
 from engram.config import preset
 from engram.data.tokenizer import load_tokenizer
@@ -47,8 +46,8 @@ TEXT = "the Prince of Wales rode to the Tower of London."
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny_run(tmp_path_factory)
+def run(inspect_run) -> tuple[Path, Path]:
+    return inspect_run
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from _table_helpers import VOCAB, one_thread, prepare_tiny_dataset  # noqa: F401 - fixture
 from engram.cli.main import main
 from engram.tables.access import (
     ZIPF_EXPONENT_DEFINITION,
@@ -61,8 +60,8 @@ def test_cache_simulation_bounds():
     assert simulate_static(batches, rows, counts, distinct)["hit_rate"] == 1.0
 
 
-def test_cli_stats(tmp_path, capsys):
-    data_dir = prepare_tiny_dataset(tmp_path / "data", vocab_size=VOCAB)
+def test_cli_stats(tmp_path, capsys, tiny):
+    data_dir = tiny.dataset(tmp_path / "data", vocab_size=tiny.VOCAB)
     out = tmp_path / "stats.json"
     rc = main(["table", "stats", "--data", str(data_dir), "--preset", "tiny", "--tokens", "2000",
                "--batch-size", "2", "--seq-len", "32", "--cache-rows", "50,500", "--out", str(out), "--json"])

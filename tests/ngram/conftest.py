@@ -1,4 +1,5 @@
-"""Brute-force N-gram estimates over plain Python lists: the specification the index must match.
+"""Fixtures of the N-gram tests: ``ref``, brute-force N-gram estimates over plain Python lists,
+the specification the index must match.
 
 Streams are lists of ids that start and end with eos (what a segment stores). Nothing here is
 clever: every estimate rescans every stream.
@@ -7,8 +8,10 @@ clever: every estimate rescans every stream.
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 
 def normalise(tokens: list[int], eos: int) -> list[int]:
@@ -85,3 +88,10 @@ def kn(streams, ctx: list[int], eos: int, V: int, order: int, discounts) -> np.n
         d = np.where(a == 1, d1, np.where(a == 2, d2, np.where(a >= 3, d3, 0.0)))
         p = (a - d) / total + d.sum() / total * p
     return p
+
+
+@pytest.fixture(scope="session")
+def ref() -> SimpleNamespace:
+    """The brute-force reference: ``ref.count``, ``ref.infgram``, ``ref.kn``, ..."""
+    return SimpleNamespace(normalise=normalise, cut=cut, count=count, next_counts=next_counts,
+                           cont_counts=cont_counts, dense=dense, infgram=infgram, kn=kn)

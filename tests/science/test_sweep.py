@@ -169,10 +169,9 @@ def test_fact_accuracy_matches_greedy_decoding():
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    from test_train import _prepare
+def tiny_data(tmp_path_factory, tiny) -> Path:
 
-    return _prepare(tmp_path_factory.mktemp("sweepdata"), vocab_size=300, n_docs=30)
+    return tiny.training_dataset(tmp_path_factory.mktemp("sweepdata"), vocab_size=300, n_docs=30)
 
 
 def test_smoke_sweep_is_resumable_and_exact(tiny_data, tmp_path):

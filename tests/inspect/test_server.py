@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from _inspect_run import tiny_run
 from engram.data.tokenizer import load_tokenizer
 from engram.errors import EngramError, NotFoundError, RequestTooLargeError
 from engram.inspect import server as server_module
@@ -32,8 +31,8 @@ HOST = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    run, _ = tiny_run(tmp_path_factory)
+def loaded(inspect_run):
+    run, _ = inspect_run
     model, _ = load_model(run)
     return model, load_tokenizer(run)
 

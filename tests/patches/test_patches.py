@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from _table_helpers import VOCAB, compression, one_thread, prepare_tiny_dataset, save_tiny_run, tiny_model  # noqa: F401
 from engram.cli.main import main
 from engram.hashing.hasher import NgramHasher
 from engram.patches.apply import (
@@ -56,8 +55,8 @@ def _patch(model, base, new, **kw):
 
 
 @pytest.fixture
-def setup(tmp_path):
-    model = tiny_model()
+def setup(tmp_path, tiny):
+    model = tiny.model()
     table = tmp_path / "t.engt"
     save_model_tables(model, table)
     return model, table, _tables(model)
@@ -128,11 +127,11 @@ def test_apply_revert_bit_exact_on_table_file(tmp_path, setup):
     assert list_patches(table)["patches"] == []
 
 
-def test_apply_revert_on_loaded_model(tmp_path, setup):
+def test_apply_revert_on_loaded_model(tmp_path, setup, tiny):
     model, _, base = setup
     new = _edit(base, [5, 6, 1000])
     path = save_patch(_patch(model, base, new), tmp_path / "a.engp")
-    x = torch.randint(0, VOCAB, (2, 16))
+    x = torch.randint(0, tiny.VOCAB, (2, 16))
     before = model(x).logits
     apply_to_model(model, path)
     assert torch.equal(model.engram_layers[0].multi_head_embedding.embedding.weight, new[1])
@@ -142,14 +141,14 @@ def test_apply_revert_on_loaded_model(tmp_path, setup):
     assert torch.equal(model(x).logits, before) and model_patches(model) == []
 
 
-def test_refuses_other_base_hash_config_and_dtype(tmp_path, setup):
+def test_refuses_other_base_hash_config_and_dtype(tmp_path, setup, tiny):
     model, table, base = setup
     path = save_patch(_patch(model, base, _edit(base, [1])), tmp_path / "a.engp")
     other = tmp_path / "other.engt"  # same hash config, other content (another training run)
-    save_model_tables(tiny_model(seed=7), other)
+    save_model_tables(tiny.model(seed=7), other)
     with pytest.raises(PatchMismatchError, match=r"made for table content .* but .*other\.engt holds"):
         apply_patch(other, path)
-    rehashed = NgramHasher(dataclasses.replace(model.cfg.engram, seed=5), VOCAB, compression())
+    rehashed = NgramHasher(dataclasses.replace(model.cfg.engram, seed=5), tiny.VOCAB, tiny.compression())
     t = _tables(model)
     foreign = tmp_path / "foreign.engt"
     write_table(foreign, t, fingerprint=rehashed.fingerprint(), head_sizes={1: rehashed.head_sizes(1)},
@@ -161,7 +160,7 @@ def test_refuses_other_base_hash_config_and_dtype(tmp_path, setup):
     with pytest.raises(PatchMismatchError, match="made for a fp32 table but .* stores bf16"):
         apply_patch(bf16, path)
     assert read_header(other).meta.get("patches") is None  # nothing was written
-    trained_elsewhere = tiny_model(seed=7)
+    trained_elsewhere = tiny.model(seed=7)
     with pytest.raises(PatchMismatchError, match="made for table content"):
         apply_to_model(trained_elsewhere, path)
 
@@ -231,11 +230,11 @@ def test_killed_mid_apply_leaves_the_old_table(tmp_path, setup):
 
 # ----------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("patchrun")
-    data = prepare_tiny_dataset(root / "data")
+    data = tiny.dataset(root / "data")
     torch.manual_seed(0)
-    model = save_tiny_run(root / "run", data)
+    model = tiny.save_run(root / "run", data)
     return root, data, model
 
 

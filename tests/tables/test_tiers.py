@@ -9,7 +9,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _table_helpers import one_thread  # noqa: F401 - fixture
 from engram.tables.process import ProcessStorage, open_layer_storage
 from engram.tables.rowindex import RowIndex
 from engram.tables.tablefile import write_table

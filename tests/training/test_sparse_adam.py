@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _table_helpers import VOCAB, one_thread, prepare_tiny_dataset, tiny_model  # noqa: F401
 from engram.config import TrainConfig, preset
 from engram.training.sparse_adam import SparseRowAdam, clip_grad_norm_, use_sparse_table_grads
 from engram.training.trainer import build_optimizers, train
@@ -145,10 +144,10 @@ def test_clip_handles_sparse_and_matches_torch():
     torch.testing.assert_close(lin.grad, ref_lin.grad)
 
 
-def test_model_sparse_gradients_equal_dense():
-    dense, sparse = tiny_model(), tiny_model()
+def test_model_sparse_gradients_equal_dense(tiny):
+    dense, sparse = tiny.model(), tiny.model()
     use_sparse_table_grads(sparse)
-    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     for m in (dense, sparse):
         m.train()
         m(x, x).loss.backward()
@@ -158,9 +157,9 @@ def test_model_sparse_gradients_equal_dense():
     torch.testing.assert_close(gs.to_dense(), gd)
 
 
-def test_training_with_sparse_adam_resumes_exactly(tmp_path):
-    data_dir = prepare_tiny_dataset(tmp_path / "data", vocab_size=VOCAB)
-    cfg = preset("tiny", VOCAB)
+def test_training_with_sparse_adam_resumes_exactly(tmp_path, tiny):
+    data_dir = tiny.dataset(tmp_path / "data", vocab_size=tiny.VOCAB)
+    cfg = preset("tiny", tiny.VOCAB)
     tc = dict(steps=4, batch_size=2, seq_len=16, warmup_steps=1, eval_every=2, eval_batches=1,
               save_every=2, log_every=1, seed=5, table_optimizer="sparse_adam")
     full = train(cfg, TrainConfig(**tc), data_dir, tmp_path / "full", progress=False)
@@ -174,9 +173,9 @@ def test_training_with_sparse_adam_resumes_exactly(tmp_path):
         TrainConfig(table_optimizer="sgd")
 
 
-def test_build_optimizers_selects_sparse():
-    m = tiny_model()
+def test_build_optimizers_selects_sparse(tiny):
+    m = tiny.model()
     opts = build_optimizers(m, TrainConfig(table_optimizer="sparse_adam"))
     assert isinstance(opts["tables"], SparseRowAdam)
     assert m.engram_layers[0].multi_head_embedding.embedding.sparse
-    assert isinstance(build_optimizers(tiny_model(), TrainConfig())["tables"], torch.optim.Adam)
+    assert isinstance(build_optimizers(tiny.model(), TrainConfig())["tables"], torch.optim.Adam)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,38 +12,17 @@ import torch
 
 import engram.data.shards as data
 from engram.config import TrainConfig, preset
-from engram.data.corpus import Document
-from engram.data.shards import load_dataset, prepare_dataset
-from engram.data.tokenizer import train_bpe
+from engram.data.shards import load_dataset
 from engram.model.checkpoint import CheckpointError, load_model
 from engram.model.lm import EngramLM
 from engram.training.evaluation import DatasetMismatchError, evaluate, evaluate_run
 from engram.training.optimization import lr_at
 from engram.training.trainer import build_optimizers, train
 
-WORDS = ("the cat sat on a mat while the dog ran far away from the big red house near an old "
-         "tree and the bird sang").split()
-
-
-def _prepare(out: Path, seed: int = 0, vocab_size: int = 300, n_docs: int = 40) -> Path:
-    """A tiny dataset through the real pipeline: BPE tokenizer, shards, meta.json."""
-    rng = random.Random(seed)
-    # A repetitive Markov-ish text: there is something to learn in a few dozen steps.
-    docs = []
-    for i in range(n_docs):
-        w = [rng.choice(WORDS)]
-        for _ in range(200):
-            j = WORDS.index(w[-1])
-            w.append(WORDS[(j + 1) % len(WORDS)] if rng.random() < 0.7 else rng.choice(WORDS))
-        docs.append(Document("synthetic", f"doc{i}", " ".join(w)))
-    tok = train_bpe([d.text for d in docs], vocab_size)
-    prepare_dataset(out, docs, tok, val_fraction=0.1, seed=seed, progress=False)
-    return out
-
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return _prepare(tmp_path_factory.mktemp("data"))
+def dataset(tmp_path_factory, tiny) -> Path:
+    return tiny.training_dataset(tmp_path_factory.mktemp("data"))
 
 
 def _vocab(data_dir: Path) -> int:
@@ -187,8 +165,8 @@ def test_resume_refuses_changed_recipe(dataset: Path, tmp_path: Path) -> None:
         train(model_cfg, cfg, dataset, tmp_path / "empty", resume=True, progress=False)
 
 
-def test_dataset_from_another_tokenizer_is_refused(dataset: Path, tmp_path: Path) -> None:
-    other = _prepare(tmp_path / "other", seed=1)  # same vocab size, different merges
+def test_dataset_from_another_tokenizer_is_refused(dataset: Path, tmp_path: Path, tiny) -> None:
+    other = tiny.training_dataset(tmp_path / "other", seed=1)  # same vocab size, different merges
     assert _vocab(other) == _vocab(dataset)
     run = tmp_path / "run"
     cfg = _cfg(steps=2, save_every=2, eval_every=2)
