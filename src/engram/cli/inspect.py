@@ -32,6 +32,16 @@ def _load(ckpt: str):
     return model, load_tokenizer(Path(ckpt) / "tokenizer.json"), meta
 
 
+def _dataset_for(model: Any, meta: Any, args: argparse.Namespace):
+    """The dataset of ``--data``, after checking it was tokenized for the run of ``--ckpt``."""
+    from engram.data.shards import load_dataset
+    from engram.training.evaluation import check_dataset_for_model
+
+    ds = load_dataset(args.data)
+    check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data, f"run {args.ckpt}")
+    return ds
+
+
 def _write_json(path: Optional[str], obj: Any) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -95,14 +105,7 @@ def cmd_analyze_gates(args: argparse.Namespace) -> int:
     )
 
     model, tok, meta = _load(args.ckpt)
-    ds = None
-    if args.data:
-        from engram.data.shards import load_dataset
-        from engram.training.evaluation import check_dataset_for_model
-
-        ds = load_dataset(args.data)
-        check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data,
-                                f"run {args.ckpt}")
+    ds = _dataset_for(model, meta, args) if args.data else None
     unigram = (np.bincount(np.asarray(ds.train.tokens, dtype=np.int64), minlength=model.cfg.vocab_size)
                if ds is not None else None)
     cats = gate_categories(tok, n=args.n, seed=args.seed, unigram=unigram)
@@ -168,14 +171,10 @@ def cmd_analyze_gates(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_zipf(args: argparse.Namespace) -> int:
-    from engram.data.shards import load_dataset
     from engram.inspect.analysis import plot_zipf, zipf_statistics
-    from engram.training.evaluation import check_dataset_for_model
 
     model, _, meta = _load(args.ckpt)
-    ds = load_dataset(args.data)
-    check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data,
-                            f"run {args.ckpt}")
+    ds = _dataset_for(model, meta, args)
     shard = getattr(ds, args.split)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise EngramError(f"--max-tokens {args.max_tokens} must be >= 1")
@@ -200,15 +199,11 @@ def cmd_analyze_zipf(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_ablate(args: argparse.Namespace) -> int:
-    from engram.data.shards import load_dataset
     from engram.data.tokenizer import special_ids
     from engram.inspect.analysis import ablation, ablation_categories, unigram_logprobs
-    from engram.training.evaluation import check_dataset_for_model
 
     model, tok, meta = _load(args.ckpt)
-    ds = load_dataset(args.data)
-    check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data,
-                            f"run {args.ckpt}")
+    ds = _dataset_for(model, meta, args)
     window = args.seq_len or (meta.train_config.seq_len if meta.train_config else 128)
     window = min(window, model.cfg.max_seq_len)
     cats = ablation_categories(tok, ds.meta.get("val_titles", []), window, args.max_tokens,
