@@ -53,7 +53,7 @@ from engram.tables.runtime import TableRuntime, attach_tables, build_model_witho
 from engram.tables.tablefile import TableHeader, TableWriter, open_table, save_model_tables
 from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig, TableStorage
 from engram.training.evaluation import evaluate
-from engram.training.sparse_adam import clip_grad_norm_
+from engram.training.optimization import optimizer_params, optimizer_step
 from engram.training.trainer import _dataset_compression, build_optimizers
 
 COLD_METHOD = ("mmap with MADV_RANDOM; after every read the layer's pages are dropped from the "
@@ -559,16 +559,13 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
         for r in range(rounds + 1):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                 model, opts, tc = runs[name]
-                params = [p for o in opts.values() for g in o.param_groups for p in g["params"]]
+                params = optimizer_params(opts)
                 t0 = time.perf_counter()
                 for s in range(steps):
                     x, y = get_batch(ds.train, batch_size, seq_len, step + s, 0)
                     loss = model(x, y).loss
                     loss.backward()
-                    clip_grad_norm_(params, tc.grad_clip)
-                    for o in opts.values():
-                        o.step()
-                        o.zero_grad(set_to_none=True)
+                    optimizer_step(opts, params, tc.grad_clip)  # the training loop's clip + step
                     model.update_moe_bias()
                     losses[name].append(float(loss.detach()))
                 if r > 0:  # round 0 warms up allocators and the sparse state
