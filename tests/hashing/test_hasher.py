@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from engram.bench.hash import bench_hash
 from engram.config import EngramConfig
 from engram.hashing import hasher as hashing
-from engram.hashing.hasher import NgramHasher, find_table_sizes, is_prime
+from engram.hashing.hasher import NgramHasher
+from engram.hashing.primes import find_table_sizes, is_prime
 
 needs_native = pytest.mark.skipif(not hashing.NATIVE_KERNEL_AVAILABLE,
                                   reason="native kernel not built (no C compiler at install time)")

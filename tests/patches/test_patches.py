@@ -449,13 +449,14 @@ def test_rehearsal_is_automatic_and_holds_the_original_loss(tiny_run):
 
 
 def test_protection_and_rehearsal_config_errors(tiny_run, tmp_path, capsys):
-    from engram.bench.patch import BenchConfig, parse_variant
-    from engram.cli import patch as patch_cmd
+    from engram.cli.flags import config_from_args
+    from engram.cli.main import build_parser
+    from engram.config import PatchBenchConfig, parse_variant
     from engram.patches.patchfile import PatchError
-    from engram.patches.trainer import DEFAULT_PROTECT_MIN_COUNT, DEFAULT_REHEARSAL
 
-    assert patch_cmd.DEFAULT_PROTECT_MIN_COUNT == DEFAULT_PROTECT_MIN_COUNT
-    assert patch_cmd.DEFAULT_REHEARSAL == DEFAULT_REHEARSAL
+    # the flags of `engram patch train` are generated from PatchTrainConfig: same defaults, one place
+    args = build_parser().parse_args(["patch", "train", "--ckpt", "r", "--data", "t.txt", "--out", "p.engp"])
+    assert config_from_args(args, PatchTrainConfig) == PatchTrainConfig()
     with pytest.raises(PatchError, match=r"protect_min_count=-1 must be an integer >= 0 \(0 disables"):
         PatchTrainConfig(protect_min_count=-1)
     with pytest.raises(PatchError, match=r"rehearsal=-0.5 must be >= 0 \(0 disables"):
@@ -467,11 +468,11 @@ def test_protection_and_rehearsal_config_errors(tiny_run, tmp_path, capsys):
         train_patch(model, tokens, PatchTrainConfig(steps=1, seq_len=32, rehearsal=1.0), progress=False)
     assert parse_variant("steps=600, rehearsal=1") == {"steps": 600, "rehearsal": 1.0}
     with pytest.raises(PatchError, match=r"'bogus=1' is not KEY=VALUE with KEY one of"):
-        BenchConfig(variants=("bogus=1",))
+        PatchBenchConfig(variants=("bogus=1",))
     with pytest.raises(PatchError, match=r"steps='many' must be an integer"):
         parse_variant("steps=many")
     with pytest.raises(PatchError, match="protect_min_count=-3"):
-        BenchConfig(protect_min_count=-3)
+        PatchBenchConfig(protect_min_count=-3)
     root, data, _ = tiny_run
     (tmp_path / "new.txt").write_text(NEW_TEXT)
     args = ["patch", "train", "--ckpt", str(root / "run"), "--data", str(tmp_path / "new.txt"), "--out",

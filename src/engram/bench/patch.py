@@ -39,8 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from engram.config import PatchBenchConfig as BenchConfig  # re-exported
-from engram.config import TrainConfig, parse_variant, preset
+from engram.config import PatchBenchConfig, TrainConfig, parse_variant, preset
 from engram.data import shards as data
 from engram.data.corpus import builtin_documents, fact_records
 from engram.data.tokenizer import train_bpe
@@ -74,7 +73,7 @@ class _Split:
     held_names: list[str]  # the held-out countries
 
 
-def _split_corpus(cfg: BenchConfig) -> _Split:
+def _split_corpus(cfg: PatchBenchConfig) -> _Split:
     """Hold out ``cfg.held_out`` countries (a stable hash of the name picks them): their documents and facts."""
     docs = builtin_documents()
     countries = sorted({d.title.rsplit(" (", 1)[0] for d in docs if d.source == "countries"}, key=_stable)
@@ -148,7 +147,7 @@ class _FactSets:
     held_in_context: list[FactItem]  # the held-out facts, each after the sentence stating it
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+def run_bench(cfg: PatchBenchConfig, progress: bool = True) -> dict[str, Any]:
     """The experiment of the module docstring (its steps numbered in the comments), stage by stage;
     returns the report ``engram bench patch`` prints."""
     torch.set_num_threads(cfg.threads)
@@ -185,7 +184,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                    in_prompt=in_prompt, ngram=ngram, timings={**timings, "total_s": time.perf_counter() - t_start})
 
 
-def _prepare_data(cfg: BenchConfig, split: _Split, paths: _Paths, progress: bool) -> tuple[Any, bool]:
+def _prepare_data(cfg: PatchBenchConfig, split: _Split, paths: _Paths, progress: bool) -> tuple[Any, bool]:
     """Write the held-out documents (the patch's new text) and prepare the dataset of the rest.
 
     The dataset in ``workdir`` is reused when it was prepared for the same held-out countries and
@@ -204,7 +203,7 @@ def _prepare_data(cfg: BenchConfig, split: _Split, paths: _Paths, progress: bool
     return data.load_dataset(paths.data_dir), reused
 
 
-def _train_base(cfg: BenchConfig, ds: Any, data_reused: bool, paths: _Paths, progress: bool) -> bool:
+def _train_base(cfg: PatchBenchConfig, ds: Any, data_reused: bool, paths: _Paths, progress: bool) -> bool:
     """Train the base model on the dataset, unless the run in ``workdir`` was trained with exactly
     these settings on this very dataset. Returns whether the run was reused."""
     mcfg = preset(cfg.preset, ds.vocab_size)
@@ -223,7 +222,7 @@ def _train_base(cfg: BenchConfig, ds: Any, data_reused: bool, paths: _Paths, pro
     return False
 
 
-def _export_base_table(cfg: BenchConfig, paths: _Paths, base_reused: bool) -> str:
+def _export_base_table(cfg: PatchBenchConfig, paths: _Paths, base_reused: bool) -> str:
     """Export the base run's tables to the table file, unless the file in ``workdir`` was exported
     from these very weights (``base-cache.json`` records both hashes; a retrained run always
     re-exports). Returns the sha256 of the run's model file."""
@@ -239,7 +238,7 @@ def _export_base_table(cfg: BenchConfig, paths: _Paths, base_reused: bool) -> st
     return model_sha
 
 
-def _fact_sets(cfg: BenchConfig, ds: Any, split: _Split) -> _FactSets:
+def _fact_sets(cfg: PatchBenchConfig, ds: Any, split: _Split) -> _FactSets:
     """Tokenise the held-out facts (also with their sentence in the prompt) and a stable sample of
     ``cfg.trained_facts`` facts from training documents (not the validation split's)."""
     val_titles = set(ds.meta.get("val_titles", []))
@@ -250,7 +249,7 @@ def _fact_sets(cfg: BenchConfig, ds: Any, split: _Split) -> _FactSets:
     return _FactSets(_items(tok, split.held_facts), _items(tok, trained), _items(tok, split.held_facts, context=True))
 
 
-def _measure(cfg: BenchConfig, ds: Any, facts: _FactSets, model: Any) -> dict[str, Any]:
+def _measure(cfg: PatchBenchConfig, ds: Any, facts: _FactSets, model: Any) -> dict[str, Any]:
     """Validation loss and exact-answer accuracy (held-out facts, also by relation; trained facts) of ``model``."""
     t = time.perf_counter()
     val = evaluate(model, ds.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)["loss"]
@@ -266,7 +265,7 @@ def _load_base_and_count_rows(paths: _Paths, ds: Any) -> tuple[Any, dict[int, np
     return model, row_access_counts(model, np.asarray(ds.train.tokens))
 
 
-def _train_patch(cfg: BenchConfig, paths: _Paths, row_counts: dict[int, np.ndarray], progress: bool) -> dict[str, Any]:
+def _train_patch(cfg: PatchBenchConfig, paths: _Paths, row_counts: dict[int, np.ndarray], progress: bool) -> dict[str, Any]:
     """Train the patch on the held-out documents (tables only, backbone frozen) and write it;
     returns the trainer's report."""
     return train_patch_from_run(paths.run, [paths.new_text], paths.patch, cfg.patch_config(), table=paths.table,
@@ -325,7 +324,7 @@ def _int8_patch(paths: _Paths, model: Any, tables: dict[int, torch.Tensor],
     return {"after": measure(model_8), "bytes": int8_path.stat().st_size, "apply_s": ap["seconds"]}
 
 
-def _variants(cfg: BenchConfig, paths: _Paths, model: Any, row_counts: dict[int, np.ndarray],
+def _variants(cfg: PatchBenchConfig, paths: _Paths, model: Any, row_counts: dict[int, np.ndarray],
               before: dict[str, Any], measure: Callable[[Any], dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
     """Train a patch for each ``cfg.variants`` setting on the same base, apply it to ``model``,
     measure and revert. Returns one record per variant."""
@@ -360,7 +359,7 @@ def _facts_in_prompt(model: Any, facts: _FactSets) -> dict[str, Any]:
             "context": "oracle: the sentence stating the fact + newline"}
 
 
-def _ngram_memory(cfg: BenchConfig, model: Any, ds: Any, paths: _Paths, split: _Split, model_sha: str) -> dict[str, Any]:
+def _ngram_memory(cfg: PatchBenchConfig, model: Any, ds: Any, paths: _Paths, split: _Split, model_sha: str) -> dict[str, Any]:
     """Alternative (b), the N-gram memory (``_ngram_alternative``). It depends on the base run and
     lambda only, so the result in ``workdir`` is reused when those match (marked
     ``reused_from_workdir``)."""
@@ -374,7 +373,7 @@ def _ngram_memory(cfg: BenchConfig, model: Any, ds: Any, paths: _Paths, split: _
     return result
 
 
-def _ngram_alternative(cfg: BenchConfig, model: Any, ds: Any, paths: _Paths, split: _Split) -> dict[str, Any]:
+def _ngram_alternative(cfg: PatchBenchConfig, model: Any, ds: Any, paths: _Paths, split: _Split) -> dict[str, Any]:
     """Index the training split, add the held-out documents as a delta, and score the base model
     mixed with the index at a fixed lambda before and after the addition."""
     idx_dir = paths.wd / "ngram-index"
@@ -405,7 +404,7 @@ def _ngram_alternative(cfg: BenchConfig, model: Any, ds: Any, paths: _Paths, spl
             "val_loss_rel_change": (after["val_loss"] - before["val_loss"]) / before["val_loss"]}
 
 
-def _report(cfg: BenchConfig, paths: _Paths, split: _Split, facts: _FactSets, *, base_reused: bool,
+def _report(cfg: PatchBenchConfig, paths: _Paths, split: _Split, facts: _FactSets, *, base_reused: bool,
             row_counts: dict[int, np.ndarray], before: dict[str, Any], trained_patch: dict[str, Any],
             on_file: dict[str, Any], on_model: dict[str, Any], int8: dict[str, Any],
             variants: list[dict[str, Any]], in_prompt: dict[str, Any], ngram: dict[str, Any],

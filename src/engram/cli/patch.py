@@ -20,12 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.cli.flags import add_common, add_config_flags, config_from_args
-from engram.config import (
-    DEFAULT_PROTECT_MIN_COUNT,  # noqa: F401  (re-exported: the flags' defaults, checked against the library's)
-    DEFAULT_REHEARSAL,  # noqa: F401  (re-exported)
-    PatchBenchConfig,
-    PatchTrainConfig,
-)
+from engram.config import PatchBenchConfig, PatchTrainConfig
 
 
 def _print(res: Any, as_json: bool, text: str) -> None:

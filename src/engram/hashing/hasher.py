@@ -34,7 +34,7 @@ import torch
 
 from engram.config import EngramConfig
 from engram.errors import EngramError
-from engram.hashing.primes import find_table_sizes, is_prime  # noqa: F401  (re-exported)
+from engram.hashing.primes import find_table_sizes
 
 try:  # built by setup.py when a C compiler is available; optional by design
     from engram.hashing import _hashkernel as _native

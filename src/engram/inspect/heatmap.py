@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 from tokenizers import Tokenizer
 
-from engram.config import COLOR_MODES, SCALES  # re-exported
+from engram.config import COLOR_MODES, SCALES
 from engram.errors import EngramError, RequestTooLargeError
 from engram.inspect.page import PAGE
 from engram.model.lm import EngramLM

@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from tokenizers import Tokenizer
 
-from engram.config import ServeConfigError, ServeLimits  # noqa: F401  (re-exported)
+from engram.config import ServeConfigError, ServeLimits
 from engram.errors import EngramError
 from engram.inspect.heatmap import InspectError, inspect_text, model_info, render_page
 from engram.model.lm import EngramLM

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from engram.config import SamplingConfig  # re-exported
+from engram.config import SamplingConfig
 from engram.errors import EngramError, RequestTooLargeError
 from engram.model.lm import EngramLM
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from engram import __version__
-from engram.config import DEFAULT_KN_ORDER  # re-exported
+from engram.config import DEFAULT_KN_ORDER
 from engram.data.shards import load_dataset
 from engram.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 from engram.fsutil import PathLike, atomic_write

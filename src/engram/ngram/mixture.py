@@ -40,17 +40,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from engram.config import (  # the gate's config and its constants live there (torch-free), re-exported
-    AGREEMENT_FEATURES,  # noqa: F401  (re-exported)
-    DEFAULT_FEATURES,  # noqa: F401  (re-exported)
+from engram.config import (  # torch-free: the CLI builds flags from them
     DEFAULT_KN_ORDER,
-    ESTIMATORS,  # noqa: F401  (re-exported)
     FEATURES,
     GateConfig,
     MixtureError,
 )
-from engram.data.tokenizer import atomic_write
-from engram.fsutil import PathLike
+from engram.fsutil import PathLike, atomic_write
 from engram.model.generation import filter_logits
 from engram.model.lm import EngramLM
 from engram.ngram.index import NgramBatch, NgramIndex

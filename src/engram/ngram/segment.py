@@ -40,9 +40,8 @@ from typing import Any, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from engram.data.tokenizer import atomic_write
 from engram.errors import EngramError
-from engram.fsutil import PathLike
+from engram.fsutil import PathLike, atomic_write
 from engram.ngram import suffix_array as sa_mod
 
 MAGIC = b"ENGRAMNG"

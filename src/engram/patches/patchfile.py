@@ -52,7 +52,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from engram import __version__
-from engram.config import QUANTIZATIONS, PatchError  # re-exported
+from engram.config import QUANTIZATIONS, PatchError
 from engram.fsutil import PathLike, atomic_write
 from engram.tables.tablefile import DTYPE_NAMES, DTYPES, as_bytes
 

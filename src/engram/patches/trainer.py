@@ -51,7 +51,6 @@ import torch
 from tqdm.auto import tqdm
 
 from engram.config import (
-    DEFAULT_PROTECT_MIN_COUNT,  # noqa: F401  (re-exported)
     DEFAULT_REHEARSAL,
     PatchTrainConfig,
 )

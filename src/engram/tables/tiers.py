@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 import torch
 
-from engram.config import CACHE_POLICIES, StorageConfig, StorageError, StorageKind  # re-exported
+from engram.config import CACHE_POLICIES, StorageConfig, StorageError, StorageKind
 from engram.tables.rowindex import RowIndex
 from engram.tables.tablefile import TableHeader, map_layer
 
