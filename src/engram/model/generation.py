@@ -30,21 +30,30 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def check_prompt(prompt_ids: torch.Tensor, max_new_tokens: int,
+                 max_seq_len: Optional[int]) -> tuple[torch.Tensor, int]:
+    """prompt_ids [T0] or [B,T0] -> ([B,T0], T0 + max_new_tokens), refusing an empty prompt and a
+    total longer than ``max_seq_len`` (None: no limit) before any work is done."""
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    T0 = prompt_ids.shape[1]
+    if T0 == 0:
+        raise EngramError("the prompt is empty; give at least one token")
+    total = T0 + max_new_tokens
+    if max_seq_len is not None and total > max_seq_len:
+        raise RequestTooLargeError(
+            f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"the model's max_seq_len={max_seq_len}; shorten one of them"
+        )
+    return prompt_ids, total
+
+
 @torch.no_grad()
 def generate(model: EngramLM, prompt_ids: torch.Tensor, sampling: SamplingConfig,
              eos_id: Optional[int] = None) -> torch.Tensor:
     """prompt_ids [B,T0] -> [B, T0 + n] (stops early once every row has produced ``eos_id``)."""
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids.unsqueeze(0)
+    prompt_ids, total = check_prompt(prompt_ids, sampling.max_new_tokens, model.cfg.max_seq_len)
     B, T0 = prompt_ids.shape
-    if T0 == 0:
-        raise EngramError("the prompt is empty; give at least one token")
-    total = T0 + sampling.max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise RequestTooLargeError(
-            f"prompt ({T0} tokens) + max_new_tokens ({sampling.max_new_tokens}) = {total} exceeds "
-            f"the model's max_seq_len={model.cfg.max_seq_len}; shorten one of them"
-        )
     model.eval()
     gen = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
     cache = model.new_cache(B, total)

@@ -47,7 +47,7 @@ from engram.config import (  # torch-free: the CLI builds flags from them
     MixtureError,
 )
 from engram.fsutil import PathLike, atomic_write
-from engram.model.generation import filter_logits
+from engram.model.generation import check_prompt, filter_logits
 from engram.model.lm import EngramLM
 from engram.ngram.index import NgramBatch, NgramIndex
 
@@ -521,15 +521,8 @@ def generate_mixed(mix: NgramMixture, prompt_ids: torch.Tensor, sampling, eos_id
     With an EngramLM the LM side runs on a KV cache; a callable LM is re-run on the whole
     sequence each step. The N-gram side reads the whole history (cut at its last eos).
     """
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids.unsqueeze(0)
+    prompt_ids, total = check_prompt(prompt_ids, sampling.max_new_tokens, mix.lm.max_seq_len)
     B, T0 = prompt_ids.shape
-    if T0 == 0:
-        raise MixtureError("the prompt is empty; give at least one token")
-    total = T0 + sampling.max_new_tokens
-    if mix.lm.max_seq_len is not None and total > mix.lm.max_seq_len:
-        raise MixtureError(f"prompt ({T0}) + max_new_tokens ({sampling.max_new_tokens}) = {total} exceeds "
-                           f"the LM's max_seq_len={mix.lm.max_seq_len}; shorten one of them")
     gen = torch.Generator().manual_seed(sampling.seed)
     model = mix.lm.model
     if model is not None:
