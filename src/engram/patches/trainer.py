@@ -61,7 +61,7 @@ from engram.fsutil import PathLike
 from engram.model import checkpoint as ckpt_mod
 from engram.patches.apply import table_chain, table_fingerprint
 from engram.patches.patchfile import PatchError, TablePatch, make_patch, save_patch, tables_fingerprint
-from engram.tables.access import row_access_counts, table_rows
+from engram.tables.access import row_access_counts
 from engram.tables.runtime import load_tables_into
 from engram.training.optimization import lr_at, optimizer_params, optimizer_step, set_lr
 
@@ -119,9 +119,10 @@ def protected_masks(counts: dict[int, np.ndarray], min_count: int) -> dict[int, 
             for lid, c in counts.items()}
 
 
-def _touched(model: Any, x: torch.Tensor) -> dict[int, torch.Tensor]:
-    """{layer_id: int64 rows} read by the windows ``x`` [B, T]."""
-    return {lid: rows.reshape(-1).unique() for lid, rows in table_rows(model, x).items()}
+def _touched(model: Any, hash_ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """{layer_id: int64 rows} read by a batch, from its hash ids {layer_id: [B, T, H]}."""
+    return {l.layer_id: l.multi_head_embedding.rows(hash_ids[l.layer_id]).reshape(-1).unique()
+            for l in model.engram_layers}
 
 
 # ----------------------------------------------------------------------------- training
@@ -260,10 +261,11 @@ def _run_steps(model: Any, tokens: np.ndarray, cfg: PatchTrainConfig, tables: di
                                      min_lr_ratio=cfg.min_lr_ratio))
             x, y = _batch(tokens, cfg, gen)
             x = x.to(device)
-            loss = model(x, y.to(device)).loss
+            hash_ids = model.hasher.hash(x)  # once: the forward and the touched rows both read them
+            loss = model(x, y.to(device), hash_ids=hash_ids).loss
             total = loss
             if masks.use_mask:  # the rows the new text has touched so far (see the module docstring)
-                for lid, rows in _touched(model, x).items():
+                for lid, rows in _touched(model, hash_ids).items():
                     masks.touched[lid][rows] = True
             if cfg.rehearsal > 0:
                 xo, yo = _batch(original_tokens, cfg, gen_orig, cfg.rehearsal_batch_size or cfg.batch_size)
