@@ -258,12 +258,7 @@ class InputNgramConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InputNgramConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputNgramError(f"InputNgramConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        check_types(cls, data, "InputNgramConfig", InputNgramError)
-        return cls(**data)
+        return _from_dict(cls, data, "InputNgramConfig", InputNgramError)
 
 
 @dataclass
@@ -452,7 +447,7 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------- table storage
-# (engram.tables.tiers re-exports these: the tiers need torch, the CLI flags must not)
+# Used by engram.tables; defined here because the tiers need torch and the CLI flags must not.
 class StorageError(EngramError):
     """A storage setting or request is invalid; the message names the value and the fix."""
 
@@ -530,7 +525,7 @@ class StorageConfig:
 
 
 # ----------------------------------------------------------------------------- knowledge patches
-# (engram.patches.trainer / .patchfile and engram.bench.patch re-export these)
+# Used by engram.patches and engram.bench.patch; torch-free for the CLI flags.
 class PatchError(EngramError):
     """A patch cannot be made, read, applied or reverted; the message names the value and the fix."""
 
@@ -663,8 +658,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         if not eq or key not in _VARIANT_KEYS:
             raise PatchError(f"variant {text!r}: {part!r} is not KEY=VALUE with KEY one of {sorted(_VARIANT_KEYS)}; "
                              f"e.g. --variant steps=600,rehearsal=1")
-        typ = int if key in ("steps", "batch_size", "protect_min_count", "rehearsal_batch_size", "warmup_steps",
-                             "seed") else float
+        typ = int if field_types(PatchTrainConfig)[key] is int else float  # Optional[float] -> float
         try:
             out[key] = typ(val)
         except ValueError:
@@ -676,7 +670,7 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- generation
-# (engram.model.generation re-exports SamplingConfig)
+# Used by engram.model.generation; torch-free for the CLI flags.
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = setting(100)
@@ -693,7 +687,7 @@ class SamplingConfig:
 
 
 # ----------------------------------------------------------------------------- N-gram mixture gate
-# (engram.ngram.mixture re-exports these; engram.ngram.index re-exports DEFAULT_KN_ORDER)
+# Used by engram.ngram.mixture and .index; torch-free for the CLI flags.
 class MixtureError(EngramError):
     """Bad mixture settings or a gate that does not fit the model / index; names the fix."""
 
@@ -757,7 +751,7 @@ class GateConfig:
 
 
 # ----------------------------------------------------------------------------- inspect / serve
-# (engram.inspect.heatmap re-exports COLOR_MODES and SCALES, engram.inspect.server ServeLimits)
+# Used by engram.inspect.heatmap and .server; torch-free for the CLI flags.
 COLOR_MODES = ("auto", "truecolor", "256", "none")
 SCALES = ("rank", "relative", "absolute")
 
