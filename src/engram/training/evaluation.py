@@ -113,7 +113,7 @@ def evaluate_run(run_dir: PathLike, data_dir: PathLike, split: str = "val",
     """Evaluate a saved run on a prepared dataset's ``split`` ("train" or "val").
 
     Batch size and sequence length default to the run's training config; ``max_batches=None``
-    evaluates the whole split. ``storage`` (``engram.tables.tiers.StorageConfig``) serves the Engram
+    evaluates the whole split. ``storage`` (``engram.config.StorageConfig``) serves the Engram
     tables from a table file / storage tier with prefetch; the result then has a ``tables``
     entry with the tiers' hit rates, bytes read and stall time.
     """
