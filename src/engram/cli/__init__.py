@@ -1,7 +1,7 @@
 """The ``engram`` command line: one module per command group, built from the configs.
 
-``main`` (the parser, ``train / eval / generate / data / tokenizer / demo``, and the error
-handling), ``demo`` (the main job), ``flags`` (flags generated from the config dataclasses, the
+``main`` (the parser, ``train / eval / generate / data / tokenizer / demo``, the command
+groups, and the error handling), ``demo`` (the main job), ``flags`` (flags generated from the config dataclasses, the
 shared ``--json --quiet --data --ckpt --out``, one-line usage errors), and one module per group
 (``inspect``, ``table``, ``sweep``, ``ngram``, ``patch``) that registers its subcommands.
 

@@ -15,14 +15,17 @@ does not load torch.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from engram.cli.commands import COMMAND_MODULES
+from engram.cli import inspect as inspect_commands
+from engram.cli import ngram as ngram_commands
+from engram.cli import patch as patch_commands
+from engram.cli import sweep as sweep_commands
+from engram.cli import table as table_commands
 from engram.cli.demo import run_demo
 from engram.cli.flags import ArgumentParser, add_common, add_config_flags, config_from_args
 from engram.cli.ngram import add_mixture_args, cmd_eval_ngram, cmd_generate_ngram
@@ -35,6 +38,16 @@ from engram.cli.table import (
 )
 from engram.config import PRESETS, SamplingConfig, build_configs
 from engram.errors import EngramError
+
+# Command groups of the feature packages: each module's register(sub, bench) adds its subcommands
+# to the top-level parser and to `engram bench`; a handler is stored with set_defaults(fn=...).
+COMMAND_GROUPS = (
+    inspect_commands,  # inspect, serve, analyze {gates,zipf,ablate}
+    table_commands,  # table {inspect,convert,stats}, bench {offload,large-table,table-optimizer}
+    sweep_commands,  # sweep {run,plan,summary,account}
+    ngram_commands,  # ngram {build,add,remove,compact,query,stats,train-gate}, bench {ngram,ngram-mix}
+    patch_commands,  # patch {train,apply,revert,list,info}, bench patch
+)
 
 # `engram generate` samples shorter and from the nucleus; the library default is plain sampling
 GENERATE_DEFAULTS = {"max_new_tokens": 60, "top_p": 0.95}
@@ -215,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--threads", type=int, default=1)
     bh.set_defaults(fn=cmd_bench_hash)
 
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub, b)
+    for group in COMMAND_GROUPS:
+        group.register(sub, b)
     return p
 
 
