@@ -51,6 +51,11 @@ _EXPORTS = {
     "StorageKind": "engram.config",
     "load_model_with_tables": "engram.tables.runtime",
     "NgramIndex": "engram.ngram.index",
+    "RetrofitConfig": "engram.config",
+    "RetrofitLM": "engram.retrofit.model",
+    "load_base": "engram.retrofit.base",
+    "load_adapter": "engram.retrofit.adapter",
+    "save_adapter": "engram.retrofit.adapter",
 }
 
 __all__ = ["__version__", *_EXPORTS]

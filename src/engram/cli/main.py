@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 from engram.cli import inspect as inspect_commands
 from engram.cli import ngram as ngram_commands
 from engram.cli import patch as patch_commands
+from engram.cli import retrofit as retrofit_commands
 from engram.cli import sweep as sweep_commands
 from engram.cli import table as table_commands
 from engram.cli.demo import run_demo
@@ -32,6 +33,7 @@ from engram.cli.ngram import add_mixture_args, cmd_eval_ngram, cmd_generate_ngra
 from engram.cli.table import (
     add_storage_arguments,
     add_train_table_arguments,
+    is_adapter_dir,
     load_for_generation,
     report_generation,
     storage_from_args,
@@ -47,6 +49,7 @@ COMMAND_GROUPS = (
     sweep_commands,  # sweep {run,plan,summary,account}
     ngram_commands,  # ngram {build,add,remove,compact,query,stats,train-gate}, bench {ngram,ngram-mix}
     patch_commands,  # patch {train,apply,revert,list,info}, bench patch
+    retrofit_commands,  # retrofit {data,train,eval,generate}, bench retrofit
 )
 
 # `engram generate` samples shorter and from the nucleus; the library default is plain sampling
@@ -110,6 +113,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
         return cmd_eval_ngram(args)
+    if is_adapter_dir(args.ckpt):  # base + retrofit adapter (cli/retrofit.py)
+        return retrofit_commands.cmd_eval(args)
     from engram.training.evaluation import evaluate_run
 
     result = evaluate_run(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.cli.flags import add_common, add_config_flags, config_from_args
+from engram.cli.table import is_adapter_dir, load_adapter_for
 from engram.config import PatchBenchConfig, PatchTrainConfig
 
 
@@ -31,8 +32,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engram.patches.trainer import train_patch_from_run
 
     cfg = config_from_args(args, PatchTrainConfig)
+    loaded = None
+    if is_adapter_dir(args.ckpt):  # a retrofitted Hugging Face model: base + adapter
+        model, meta, tok = load_adapter_for(args)
+        loaded = (model, tok, meta.tokenizer_fingerprint)
     res = train_patch_from_run(args.ckpt, args.data, args.out, cfg, table=args.table, name=args.name or "",
-                               dtype=args.dtype, original_data=args.original_data,
+                               dtype=args.dtype, original_data=args.original_data, loaded=loaded,
                                progress=not (args.quiet or args.json))
     rows = sum(res["changed_rows"].values())
     text = (f"wrote {res['patch']} (patch {res['patch_id']}, parent {res['parent'] or '-'}): {rows:,} rows "

@@ -35,8 +35,11 @@ DEEPSEEK_EOS_TOKEN = "<｜end▁of▁sentence｜>"
 DEEPSEEK_PAD_TOKEN = "<｜▁pad▁｜>"
 DEEPSEEK_BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 
+# Document separator of GPT-2-style tokenizers (SmolLM2, Qwen): padding and end of text at once.
+ENDOFTEXT_TOKEN = "<|endoftext|>"
 # (pad, eos) names tried in order by special_ids().
-_KNOWN_SPECIALS = ((PAD_TOKEN, EOS_TOKEN), (DEEPSEEK_PAD_TOKEN, DEEPSEEK_EOS_TOKEN))
+_KNOWN_SPECIALS = ((PAD_TOKEN, EOS_TOKEN), (DEEPSEEK_PAD_TOKEN, DEEPSEEK_EOS_TOKEN),
+                   (ENDOFTEXT_TOKEN, ENDOFTEXT_TOKEN))
 
 MIN_BPE_VOCAB = 256 + len(BPE_SPECIAL_TOKENS)  # the byte alphabet plus the specials
 

@@ -339,21 +339,27 @@ def train_patch_from_run(ckpt: PathLike, data: Sequence[PathLike], out: PathLike
                          table: Optional[PathLike] = None, name: str = "", dtype: Optional[str] = None,
                          original_data: Optional[PathLike] = None,
                          row_counts: Optional[dict[int, np.ndarray]] = None,
+                         loaded: Optional[tuple[Any, Any, str]] = None,
                          progress: bool = True) -> dict[str, Any]:
     """``engram patch train``: load RUN (tables from ``table`` if given), train, write the patch.
 
     ``original_data``: the base run's prepared dataset; its training split is the original corpus
-    for row protection and rehearsal (``row_counts`` may give its row counts, precomputed)."""
-    model, meta = ckpt_mod.load_model(ckpt)
-    tok_path = Path(ckpt) / ckpt_mod.TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise PatchError(f"{ckpt} has no {ckpt_mod.TOKENIZER_FILE}; the new text cannot be tokenized "
-                         f"like the training data. Re-save the run with its dataset's tokenizer")
-    tok = load_tokenizer(tok_path)
+    for row protection and rehearsal (``row_counts`` may give its row counts, precomputed).
+    ``loaded``: (model, tokenizer, tokenizer fingerprint) already loaded from ``ckpt`` by the
+    caller (a retrofitted Hugging Face model with its adapter); RUN is then not read."""
+    if loaded is not None:
+        model, tok, tok_fp = loaded
+    else:
+        model, meta = ckpt_mod.load_model(ckpt)
+        tok_path = Path(ckpt) / ckpt_mod.TOKENIZER_FILE
+        if not tok_path.is_file():
+            raise PatchError(f"{ckpt} has no {ckpt_mod.TOKENIZER_FILE}; the new text cannot be tokenized "
+                             f"like the training data. Re-save the run with its dataset's tokenizer")
+        tok, tok_fp = load_tokenizer(tok_path), meta.tokenizer_fingerprint
     tokens = encode_texts(read_patch_texts(data), tok, tokenizer_info(tok).eos_id)
     original = None
     if original_data is not None:
-        original = load_original_tokens(original_data, ckpt_mod.read_config(ckpt).tokenizer_fingerprint)
+        original = load_original_tokens(original_data, tok_fp)
     parent = None
     if table is not None:
         header = load_tables_into(model, table, progress=progress)

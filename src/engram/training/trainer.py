@@ -211,7 +211,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
         metrics.keep_until(state["step"])
 
     tokenizer_path = data_dir / ckpt.TOKENIZER_FILE
-    loop = _Loop(model, optimizers, train_cfg, ds, metrics, state, device, progress)
+    loop = TrainLoop(model, optimizers, train_cfg, ds, metrics, state, device, progress)
     resumed_from = state["step"] if resume else None
 
     def save() -> None:
@@ -243,7 +243,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
     }
 
 
-class _Loop:
+class TrainLoop:
     """The mutable training state and one method per phase (step, log, eval)."""
 
     def __init__(self, model: EngramLM, optimizers: dict[str, torch.optim.Optimizer],
@@ -251,7 +251,7 @@ class _Loop:
                  device: torch.device, progress: bool):
         self.model, self.optimizers, self.cfg, self.ds = model, optimizers, cfg, ds
         self.metrics, self.device, self.progress = metrics, device, progress
-        self.extra = {k: v for k, v in state.items() if k not in _Loop.STATE_KEYS and k != "rng"}
+        self.extra = {k: v for k, v in state.items() if k not in TrainLoop.STATE_KEYS and k != "rng"}
         self.step = int(state["step"])
         self.best_val: Optional[float] = state.get("best_val_loss")
         self.loss_sum = float(state.get("log_loss_sum", 0.0))

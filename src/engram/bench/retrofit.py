@@ -1,0 +1,114 @@
+"""``engram bench retrofit``: inference and training speed of a retrofitted model against its base.
+
+Base and retrofit run in one process on the same batches, interleaved (base, retrofit, base,
+...), so machine load affects both alike. The retrofit is the base object itself with Engram's
+hooks on: ``without_engram()`` switches them off for the base's turn, so both share weights,
+threads and memory layout. Inference is a full forward of [B,T] without gradients (what
+evaluation and prefill do); training is forward + backward + optimizer step of the Engram
+parameters with the backbone frozen. Engram's weights are randomised first: at init its value
+projection is zero but the work is the same either way. ``engram_ms`` times the hashing and the
+Engram layers alone on the batch's shape; on a loaded machine it is the steadier estimate of
+what Engram adds (``engram_share_of_base_forward``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Optional
+
+import torch
+
+from engram.config import RetrofitConfig, TrainConfig
+from engram.hashing.compression import build_compression
+from engram.retrofit.base import BaseModel, load_base
+from engram.retrofit.model import RetrofitLM
+from engram.training.optimization import optimizer_params, optimizer_step
+from engram.training.trainer import build_optimizers
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def bench_retrofit(base: str = "smollm2-135m", layers: tuple[int, ...] = (1,), batch_size: int = 4,
+                   seq_len: int = 256, repeats: int = 5, train_steps: int = 3, table_size: int = 131_072,
+                   threads: Optional[int] = None, loaded: Optional[BaseModel] = None,
+                   progress: bool = False) -> dict[str, Any]:
+    """Tokens/s of base and retrofit at the same batch (see the module docstring)."""
+    if threads:
+        torch.set_num_threads(threads)
+    b = loaded or load_base(base, progress=progress)
+    cfg = RetrofitConfig(base=b.name, layers=layers, table_size=table_size)
+    model = RetrofitLM(b.model, cfg, build_compression(b.tokenizer).lookup, b.pad_id)
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for e in model.engram_layers:
+                e.value_proj.weight.copy_(torch.randn(e.value_proj.weight.shape, generator=g) * 0.02)
+        V = model.cfg.vocab_size
+        x = torch.randint(0, V, (batch_size, seq_len), generator=g)
+        n = x.numel()
+
+        def infer() -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(x)
+            return time.perf_counter() - t0
+
+        with torch.no_grad():  # warm-up: allocator, kernels, hashing tables
+            model(x)
+            with model.without_engram():
+                model(x)
+        base_s, retro_s = [], []
+        for _ in range(repeats):
+            with model.without_engram():
+                base_s.append(infer())
+            retro_s.append(infer())
+        # Engram alone (hash + every Engram layer on hidden states of the batch's shape): what the
+        # overhead would be on a quiet machine, since it cannot hide behind other work on a CPU.
+        h = torch.randn(batch_size, seq_len, 1, model.cfg.hidden_size, generator=g)
+        engram_s = []
+        with torch.no_grad():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                hid = model.compute_hash_ids(x)
+                for e in model.engram_layers:
+                    e(h, hid[e.layer_id])
+                engram_s.append(time.perf_counter() - t0)
+        base_tps = [n / s for s in base_s]
+        retro_tps = [n / s for s in retro_s]
+        ratios = [r / bb for r, bb in zip(retro_s, base_s)]
+
+        tcfg = TrainConfig(steps=max(train_steps, 1), batch_size=batch_size, seq_len=seq_len, lr=1e-3,
+                           table_optimizer="sparse_adam")
+        opts = build_optimizers(model, tcfg)
+        params = optimizer_params(opts)
+        y = torch.randint(0, V, (batch_size, seq_len), generator=g)
+        train_s = []
+        model.train()
+        for i in range(train_steps + 1):  # the first step warms up the optimizer state
+            t0 = time.perf_counter()
+            loss = model(x, y).loss
+            loss.backward()
+            optimizer_step(opts, params, 1.0)
+            if i:
+                train_s.append(time.perf_counter() - t0)
+        model.eval()
+        counts = model.param_counts()
+    finally:
+        model.remove_hooks()
+    return {
+        "base": b.name, "layers": list(layers), "batch_size": batch_size, "seq_len": seq_len,
+        "repeats": repeats, "threads": torch.get_num_threads(),
+        "base_tokens_per_s": statistics.median(base_tps),
+        "retrofit_tokens_per_s": statistics.median(retro_tps),
+        "overhead": statistics.median(ratios) - 1.0,
+        "overhead_spread": {k: v - 1.0 for k, v in _spread(ratios).items()},
+        "base_tokens_per_s_spread": _spread(base_tps), "retrofit_tokens_per_s_spread": _spread(retro_tps),
+        "engram_ms": _spread([1e3 * s for s in engram_s]),
+        "engram_share_of_base_forward": statistics.median(engram_s) / statistics.median(base_s),
+        "train_tokens_per_s": n / statistics.median(train_s) if train_s else None,
+        "train_step_s": _spread(train_s) if train_s else None,
+        "param_counts": counts,
+    }

@@ -1,0 +1,189 @@
+"""``engram retrofit ...``: Engram on a pretrained Hugging Face model, and ``engram bench retrofit``.
+
+    engram retrofit data --base smollm2-135m --out DIR     the corpus in the base's own tokens
+    engram retrofit train --base B --data DIR --layers 1 --out ADAPTER [--steps N] [--resume]
+    engram retrofit eval --ckpt ADAPTER --data DIR         loss with the adapter and without it
+    engram retrofit generate --ckpt ADAPTER --prompt TEXT  text from base + adapter
+    engram bench retrofit [--json]                         tokens/s of retrofit vs base
+
+An adapter directory also works as ``--ckpt`` of ``engram eval``, ``generate``, ``inspect``,
+``serve`` and ``analyze gates``. Handlers import the library lazily (``engram --help`` stays
+torch-free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
+from engram.cli.table import adapter_storage, load_adapter_for
+from engram.config import RetrofitConfig, SamplingConfig, TrainConfig
+from engram.errors import EngramError
+
+_RETROFIT_FLAGS = ("base", "table_size", "max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "hash_seed")
+_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                "table_lr_mult", "grad_clip", "eval_every", "eval_batches", "save_every", "log_every", "seed",
+                "prefetch")
+
+
+# ----------------------------------------------------------------------------- handlers
+def cmd_data(args: argparse.Namespace) -> int:
+    from engram.retrofit.base import load_base
+    from engram.retrofit.trainer import compression_report, prepare_retrofit_data
+
+    base = load_base(args.base, progress=not args.quiet)
+    meta = prepare_retrofit_data(base, args.out, files=args.files or None, builtin=not args.no_builtin,
+                                 sources=args.sources or None, val_fraction=args.val_fraction,
+                                 progress=not args.quiet)
+    comp = compression_report(base)
+    print(f"wrote {args.out}: {base.name} tokenizer ({meta['vocab_size']:,} ids), train "
+          f"{meta['tokens']['train']:,} / val {meta['tokens']['val']:,} tokens; hashing compression "
+          f"{comp['vocab_size']:,} -> {comp['compressed_size']:,} ids ({comp['reduction']:.1%} merged)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engram.retrofit.trainer import DEFAULT_TRAIN, retrofit_train
+
+    cfg = config_from_args(args, RetrofitConfig, layers=tuple(int_list(args.layers, "--layers")))
+    defaults = {k: getattr(DEFAULT_TRAIN, k) for k in _TRAIN_FLAGS}
+    tcfg = config_from_args(args, TrainConfig, **{k: v for k, v in defaults.items()
+                                                  if getattr(args, k, None) is None},
+                            table_optimizer="sparse_adam")
+    summary = retrofit_train(cfg, tcfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite,
+                             progress=not args.quiet, max_seconds=args.max_seconds)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engram.retrofit.evaluation import evaluate_adapter
+
+    result = evaluate_adapter(args.ckpt, args.data, args.split, batch_size=args.batch_size, seq_len=args.seq_len,
+                              max_batches=args.max_batches, storage=adapter_storage(args),
+                              base=getattr(args, "base", None), compare_base=not getattr(args, "no_base", False),
+                              progress=not getattr(args, "quiet", False))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from engram.cli.table import report_generation
+    from engram.model.generation import generate
+
+    sampling = config_from_args(args, SamplingConfig)
+    model, _, tok = load_adapter_for(args, adapter_storage(args))
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
+    prompt = torch.tensor([ids])
+    t0 = time.perf_counter()
+    eos = model.base.config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if getattr(args, "hf_generate", False):  # transformers' own generate(), through the same hooks
+        kw: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:
+            torch.manual_seed(sampling.seed)
+            kw.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+        with torch.no_grad():
+            out = model.generate(prompt, **kw)
+    else:
+        out = generate(model, prompt, sampling, eos_id=eos)
+    report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engram.bench.retrofit import bench_retrofit
+
+    res = bench_retrofit(base=args.base, layers=tuple(int_list(args.layers, "--layers")),
+                         batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
+                         train_steps=args.train_steps, table_size=args.table_size, threads=args.threads,
+                         progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['base']}, Engram before layers {res['layers']}, batch {res['batch_size']} x {res['seq_len']}: "
+              f"base {res['base_tokens_per_s']:,.0f} tokens/s, retrofit {res['retrofit_tokens_per_s']:,.0f} "
+              f"tokens/s, overhead {res['overhead']:+.1%} (median of {res['repeats']}; range "
+              f"{res['overhead_spread']['min']:+.1%}..{res['overhead_spread']['max']:+.1%}); Engram alone "
+              f"{res['engram_ms']['median']:.0f} ms = {res['engram_share_of_base_forward']:.1%} of a base forward; training "
+              f"{res['train_tokens_per_s']:,.0f} tokens/s")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_base(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--base", metavar="NAME|DIR", help=help)
+
+
+def register(sub: Any, bench: Any) -> None:
+    from engram.cli.table import add_storage_arguments
+
+    r = sub.add_parser("retrofit", help="Engram on a pretrained Hugging Face model (docs/retrofit.md)"
+                       ).add_subparsers(dest="sub", required=True)
+
+    d = r.add_parser("data", help="tokenize the built-in corpus and/or files with the base's tokenizer")
+    d.add_argument("--base", default="smollm2-135m", metavar="NAME|DIR", help="smollm2-135m or a model directory")
+    add_common(d, "--out", required=True, help="output directory")
+    d.add_argument("--files", nargs="*", help=".txt or .jsonl (field 'text') files to add")
+    d.add_argument("--no-builtin", action="store_true", help="use only --files")
+    d.add_argument("--sources", nargs="*", help="only these built-in sources (e.g. shakespeare bible)")
+    d.add_argument("--val-fraction", type=float, default=0.05)
+    add_common(d, "--quiet")
+    d.set_defaults(fn=cmd_data)
+
+    t = r.add_parser("train", help="add Engram layers to a base and train them (the base stays frozen)")
+    add_common(t, "--data", required=True, help="a dataset from `engram retrofit data`")
+    add_common(t, "--out", required=True, help="adapter directory")
+    add_config_flags(t, RetrofitConfig, only=_RETROFIT_FLAGS)
+    t.add_argument("--layers", default="1", metavar="L[,L...]",
+                   help="decoder layers that get an Engram layer before them (default 1)")
+    g = t.add_argument_group("training (defaults suit SmolLM2-135M on a CPU)")
+    add_config_flags(g, TrainConfig, only=_TRAIN_FLAGS, defaults={k: None for k in _TRAIN_FLAGS})
+    t.add_argument("--resume", action="store_true", help="continue the adapter in --out")
+    t.add_argument("--overwrite", action="store_true", help="start over even if --out holds an adapter")
+    t.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
+    add_common(t, "--quiet")
+    t.set_defaults(fn=cmd_train)
+
+    e = r.add_parser("eval", help="loss with the adapter and of the base alone, on the same batches")
+    add_common(e, "--ckpt", required=True, help="adapter directory")
+    add_common(e, "--data", required=True)
+    _add_base(e, "load on this base (default: the one recorded in the adapter)")
+    e.add_argument("--split", default="val", choices=["train", "val"])
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--seq-len", type=int)
+    e.add_argument("--max-batches", type=int)
+    e.add_argument("--no-base", action="store_true", help="skip the base-only pass")
+    add_common(e, "--quiet")
+    add_storage_arguments(e)
+    e.set_defaults(fn=cmd_eval)
+
+    gen = r.add_parser("generate", help="text from base + adapter")
+    add_common(gen, "--ckpt", required=True, help="adapter directory")
+    gen.add_argument("--prompt", required=True)
+    _add_base(gen, "load on this base (default: the one recorded in the adapter)")
+    gen.add_argument("--hf-generate", action="store_true", help="use transformers' generate() (same hooks)")
+    add_config_flags(gen, SamplingConfig, defaults={"temperature": 0.0, "max_new_tokens": 40})
+    add_common(gen, "--quiet")
+    add_storage_arguments(gen)
+    gen.set_defaults(fn=cmd_generate)
+
+    b = bench.add_parser("retrofit", help="inference and training tokens/s of a retrofitted model vs its base")
+    b.add_argument("--base", default="smollm2-135m", metavar="NAME|DIR")
+    b.add_argument("--layers", default="1", help="Engram before these decoder layers (default 1)")
+    b.add_argument("--batch-size", type=int, default=4)
+    b.add_argument("--seq-len", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--train-steps", type=int, default=3)
+    b.add_argument("--table-size", type=int, default=131_072)
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    add_common(b, "--json")
+    b.set_defaults(fn=cmd_bench)

@@ -1,0 +1,322 @@
+"""Engram layers inside a pretrained Hugging Face causal LM, without copying or editing it.
+
+Shape legend
+    B batch   T new positions of a call   D the base's hidden size   H hash heads   V vocab
+
+The base model object stays what it was (its class, weights and ``generate()``); two kinds of
+forward pre-hooks put Engram into it:
+
+- on the base causal LM: hash the call's ``input_ids`` (from the history kept with the KV cache
+  when earlier positions are cached) and open the call's context;
+- on each chosen decoder layer: add Engram's output to the hidden states entering that layer,
+  ``h <- h + Engram(h, hash ids)``, the residual stream viewed as [B,T,1,D] (one branch).
+
+Engram's value projection starts at zero, so every Engram layer outputs exact zeros and the
+retrofitted model's logits equal the base's bit for bit until the first optimizer step; the
+value projection gets gradients from the first step on, like LoRA's zero-initialised B.
+
+Incremental decoding: the KV cache object of the base (a ``transformers`` ``Cache``) carries an
+:class:`EngramState` (the tokens seen, for hashing, and each layer's short-conv state) as an
+attribute, so ``generate()`` of ``transformers`` works unmodified, with or without a cache.
+:class:`RetrofitLM` also offers the interface of ``EngramLM`` (``forward(ids, targets,
+hash_ids=, cache=, output_gates=...)`` -> ``ModelOutput``, ``new_cache``, ``engram_layers``,
+``hasher``), so the library's tools (evaluation, table tiers, patches, gate heatmaps) take it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engram.config import EngramConfig, RetrofitConfig, RetrofitError
+from engram.errors import EngramError
+from engram.hashing.hasher import NgramHasher
+from engram.model.layer import EngramLayer, GateInputs, MultiHeadEmbedding
+from engram.model.lm import ModelOutput
+from engram.tables.runtime import OffloadedEmbedding
+
+_STATE_ATTR = "engram_state"  # attribute of the base's KV cache object
+
+
+@dataclass(frozen=True)
+class RetrofitShape:
+    """What tools read from ``model.cfg`` (the part of ``ModelConfig`` a retrofit has)."""
+
+    engram: EngramConfig
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    max_seq_len: int
+    hc_mult: int = 1
+    tie_embeddings: bool = False
+
+
+@dataclass
+class EngramState:
+    """Carried by a KV cache between calls: tokens seen [B, n] and short-conv states per layer."""
+
+    ids: torch.Tensor
+    conv: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[1])
+
+
+@dataclass
+class RetrofitCache:
+    """The ``cache=`` of :meth:`RetrofitLM.forward`: the base's own KV cache (``kv``)."""
+
+    kv: Any
+
+    @property
+    def pos(self) -> int:
+        return int(self.kv.get_seq_length())
+
+
+@dataclass
+class _Call:
+    """One forward of the base: its hash ids, state and what to report."""
+
+    hash_ids: dict[int, torch.Tensor]
+    state: Optional[EngramState]
+    output_gates: bool = False
+    output_gate_inputs: bool = False
+    ablate: bool = False
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    gate_inputs: dict[int, GateInputs] = field(default_factory=dict)
+
+
+def _cache_argument(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The KV cache a base forward got: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported causal LM (``model.model.layers``)."""
+    layers = getattr(getattr(hf_model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise RetrofitError(f"{type(hf_model).__name__} has no model.layers; only Llama-style decoders "
+                            f"(llama, mistral, qwen2, qwen3) can be retrofitted")
+    return layers
+
+
+class RetrofitLM(nn.Module):
+    """A frozen Hugging Face causal LM (``self.base``) with Engram layers before chosen decoder layers."""
+
+    def __init__(self, hf_model: nn.Module, cfg: RetrofitConfig, compression: Optional[np.ndarray],
+                 pad_id: int, *, allocate_tables: bool = True) -> None:
+        """``allocate_tables=False`` leaves the tables on the meta device (nothing allocated), for
+        tables served from a file by a storage tier (``engram.tables.runtime.attach_tables``)."""
+        super().__init__()
+        hc = hf_model.config
+        n_layers = int(hc.num_hidden_layers)
+        bad = [i for i in cfg.layers if i >= n_layers]
+        if bad:
+            raise RetrofitError(f"layers={list(cfg.layers)}: {bad} out of range; the base has {n_layers} "
+                                f"decoder layers (0..{n_layers - 1})")
+        self.retrofit_config = cfg
+        vocab = int(hc.vocab_size)
+        ecfg = cfg.engram_config(pad_id)
+        self.cfg = RetrofitShape(engram=ecfg, vocab_size=vocab, hidden_size=int(hc.hidden_size),
+                                 num_layers=n_layers,
+                                 max_seq_len=int(getattr(hc, "max_position_embeddings", 1 << 30)),
+                                 tie_embeddings=bool(getattr(hc, "tie_word_embeddings", False)))
+        self.hasher = NgramHasher(ecfg, vocab, compression)
+        self.base = hf_model.eval().requires_grad_(False)
+        self.engram = nn.ModuleDict({str(i): self._new_layer(i, allocate_tables) for i in cfg.layers})
+        self._call: Optional[_Call] = None
+        self._engram_off = False  # without_engram(): the hooks pass the hidden states through
+        # transformers renamed the forward's past_key_values to cache; pass whichever it takes.
+        params = inspect.signature(type(hf_model).forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._last_call: Optional[_Call] = None
+        self._pending: Optional[dict[str, Any]] = None
+        layers = decoder_layers(hf_model)
+        self._hooks = [self.base.register_forward_pre_hook(self._begin_call, with_kwargs=True),
+                       self.base.register_forward_hook(self._end_call, always_call=True)]
+        self._hooks += [layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
+                        for i in cfg.layers]
+
+    # ------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def _new_layer(self, layer_id: int, allocate_tables: bool) -> EngramLayer:
+        ecfg, sizes = self.cfg.engram, self.hasher.head_sizes(layer_id)
+        e = EngramLayer(ecfg, layer_id, self.cfg.hidden_size, 1, sizes if allocate_tables else [2] * len(sizes))
+        if allocate_tables:
+            nn.init.normal_(e.multi_head_embedding.embedding.weight, std=ecfg.table_init_std)
+        else:  # the real sizes, on the meta device: a storage tier will serve the rows
+            with torch.device("meta"):
+                mhe = MultiHeadEmbedding(sizes, ecfg.head_dim)
+            mhe.offsets = torch.tensor(self.hasher.head_offsets(layer_id), dtype=torch.long)
+            mhe.embedding = OffloadedEmbedding(sum(sizes), ecfg.head_dim, layer_id)
+            e.multi_head_embedding = mhe
+        nn.init.zeros_(e.value_proj.weight)  # output exactly zero: logits equal the base's
+        nn.init.zeros_(e.value_proj.bias)
+        for k in e.key_projs:
+            nn.init.normal_(k.weight, std=self.cfg.hidden_size ** -0.5)
+            nn.init.zeros_(k.bias)
+        if e.short_conv is not None:
+            e.short_conv.reset_parameters()
+        return e
+
+    @property
+    def engram_layers(self) -> list[EngramLayer]:
+        return [self.engram[str(i)] for i in self.retrofit_config.layers]
+
+    @property
+    def embed(self) -> nn.Module:
+        """The base's token embedding (``EngramLM``'s name for it, read by the table runtime)."""
+        return self.base.get_input_embeddings()
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        return [e.multi_head_embedding.embedding.weight for e in self.engram_layers]
+
+    def param_counts(self) -> dict[str, int]:
+        tables = sum(p.numel() for p in self.table_parameters())
+        engram = sum(p.numel() for p in self.engram.parameters())
+        base = sum(p.numel() for p in self.base.parameters())
+        return {"total": base + engram, "tables": tables, "engram": engram, "base": base,
+                "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+
+    def train(self, mode: bool = True) -> "RetrofitLM":
+        """Train mode for the Engram layers only: the frozen base stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def update_moe_bias(self) -> None:
+        """Nothing to balance (the training loop calls it for DeepSeekMoE backbones)."""
+
+    # ------------------------------------------------------------------ hashing
+    def compute_hash_ids(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self.hasher.hash(input_ids)
+
+    def _hash_after(self, history: torch.Tensor, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Hash ids of ``input_ids`` [B,T] following ``history`` [B,n] (only its last N-1 matter)."""
+        keep = min(history.shape[1], self.hasher.max_ngram_size - 1)
+        window = torch.cat([history[:, history.shape[1] - keep:], input_ids], dim=1)
+        return {k: v[:, keep:] for k, v in self.hasher.hash(window).items()}
+
+    def _hash_for_cache(self, input_ids: torch.Tensor, cache: RetrofitCache) -> dict[int, torch.Tensor]:
+        """Hash ids of the next call with ``cache`` (for prefetching; the state is not advanced)."""
+        state = getattr(cache.kv, _STATE_ATTR, None)
+        if state is None or cache.pos == 0:
+            return self.hasher.hash(input_ids)
+        return self._hash_after(state.ids, input_ids)
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> RetrofitCache:
+        from transformers import DynamicCache
+
+        return RetrofitCache(kv=DynamicCache(config=self.base.config))
+
+    # ------------------------------------------------------------------ hooks
+    def _begin_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pending, self._pending = self._pending or {}, None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise RetrofitError("a retrofitted model needs input_ids (Engram hashes tokens); "
+                                "inputs_embeds alone cannot be hashed")
+        hash_ids = pending.get("hash_ids")
+        kv = _cache_argument(module, args, kwargs)
+        state = None
+        if kv is not None and kwargs.get("use_cache", True) is not False:
+            past = int(kv.get_seq_length())
+            state = getattr(kv, _STATE_ATTR, None)
+            if past == 0:
+                state = EngramState(ids=input_ids[:, :0])
+                setattr(kv, _STATE_ATTR, state)
+            elif state is None or state.length != past:
+                raise RetrofitError(f"the KV cache holds {past} positions but Engram's state has "
+                                    f"{None if state is None else state.length}; start from a fresh cache")
+            if hash_ids is None:
+                hash_ids = self._hash_after(state.ids, input_ids) if past else self.hasher.hash(input_ids)
+            state.ids = torch.cat([state.ids, input_ids], dim=1)
+        elif hash_ids is None:
+            hash_ids = self.hasher.hash(input_ids)
+        self._call = _Call(hash_ids, state, bool(pending.get("output_gates")),
+                           bool(pending.get("output_gate_inputs")), bool(pending.get("ablate")))
+
+    def _end_call(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._last_call, self._call = self._call, None
+
+    def _layer_hook(self, layer_id: int):
+        engram = self.engram[str(layer_id)]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            call = self._call
+            if call is None or self._engram_off:  # called outside the base's forward, or switched off
+                return None
+            h = args[0] if args else kwargs["hidden_states"]  # [B,T,D]
+            conv = call.state.conv.get(layer_id) if call.state is not None else None
+            out = engram(h.unsqueeze(2), call.hash_ids[layer_id], conv, output_gates=call.output_gates,
+                         output_gate_inputs=call.output_gate_inputs, zero_output=call.ablate)
+            if call.state is not None:
+                call.state.conv[layer_id] = out.conv_state
+            if call.output_gates:
+                call.gates[layer_id] = out.gates
+            if call.output_gate_inputs:
+                call.gate_inputs[layer_id] = out.gate_inputs
+            h = h + out.output.squeeze(2)
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+
+        return hook
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                hash_ids: Optional[dict[int, torch.Tensor]] = None, cache: Optional[RetrofitCache] = None,
+                output_gates: bool = False, output_gate_inputs: bool = False,
+                ablate_engram: bool = False) -> ModelOutput:
+        """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy with targets), as ``EngramLM``."""
+        if input_ids.dim() != 2:
+            raise EngramError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        V = self.cfg.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+            bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
+            raise EngramError(f"token id {bad} is outside the base vocabulary [0, {V}); was the data "
+                              f"tokenized with the base's tokenizer (engram retrofit data)?")
+        self._pending = {"hash_ids": hash_ids, "output_gates": output_gates,
+                         "output_gate_inputs": output_gate_inputs, "ablate": ablate_engram}
+        kv = cache.kv if cache is not None else None
+        try:
+            out = self.base(input_ids=input_ids, use_cache=cache is not None, **{self._cache_kwarg: kv})
+        finally:
+            self._pending = None
+        call = self._last_call
+        logits = out.logits
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1))
+        return ModelOutput(logits=logits, loss=loss, gates=call.gates if output_gates else None,
+                           gate_inputs=call.gate_inputs if output_gate_inputs else None)
+
+    @contextlib.contextmanager
+    def without_engram(self) -> Iterator[None]:
+        """Run as the plain base inside this block (the Engram layers are skipped, not zeroed)."""
+        prev, self._engram_off = self._engram_off, True
+        try:
+            yield
+        finally:
+            self._engram_off = prev
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``transformers``' ``generate()`` of the base, with Engram in it (KV cache included)."""
+        return self.base.generate(*args, **kwargs)
+
+    def remove_hooks(self) -> None:
+        """Detach Engram from the base model object (it is the unmodified base again)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

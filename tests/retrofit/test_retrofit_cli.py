@@ -1,0 +1,86 @@
+"""The retrofit commands, and an adapter as --ckpt of the existing tools, on the tiny Llama."""
+
+import hashlib
+import json
+
+import pytest
+
+from engram.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapter") / "a"
+    rc = main(["retrofit", "train", "--base", str(tiny_base["base"]), "--data", str(tiny_base["data"]),
+               "--layers", "0,2", "--out", str(out), "--table-size", "997", "--n-embed-per-ngram", "32",
+               "--n-head-per-ngram", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+               "--eval-every", "2", "--eval-batches", "1", "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_train_eval_generate(adapter, tiny_base, capsys, one_thread):
+    capsys.readouterr()
+    assert main(["retrofit", "eval", "--ckpt", str(adapter), "--data", str(tiny_base["data"]),
+                 "--max-batches", "2", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["base_loss"] > 0 and res["delta_loss"] == pytest.approx(res["loss"] - res["base_loss"])
+    assert main(["retrofit", "generate", "--ckpt", str(adapter), "--prompt", "the cat sat", "--quiet",
+                 "--max-new-tokens", "8"]) == 0
+    ours = capsys.readouterr().out
+    assert main(["retrofit", "generate", "--ckpt", str(adapter), "--prompt", "the cat sat", "--quiet",
+                 "--max-new-tokens", "8", "--hf-generate"]) == 0
+    assert capsys.readouterr().out == ours  # greedy: our cached loop and transformers' agree
+    assert ours.startswith("the cat sat")
+
+
+def test_existing_tools_take_an_adapter(adapter, tiny_base, tmp_path, capsys, one_thread):
+    data = str(tiny_base["data"])
+    assert main(["eval", "--ckpt", str(adapter), "--data", data, "--max-batches", "1"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--ckpt", str(adapter), "--data", data, "--max-batches", "1", "--storage", "mmap"]) == 0
+    mapped = json.loads(capsys.readouterr().out)
+    assert mapped["loss"] == plain["loss"] and mapped["tables"]["storage"] == "mmap"
+    assert main(["generate", "--ckpt", str(adapter), "--prompt", "the dog", "--temperature", "0",
+                 "--max-new-tokens", "6", "--storage", "cached", "--cache-rows", "64"]) == 0
+    assert capsys.readouterr().out.startswith("the dog")
+    assert main(["inspect", "--ckpt", str(adapter), "--text", "the cat sat on a mat", "--json",
+                 str(tmp_path / "g.json"), "--quiet"]) == 0
+    gates = json.loads((tmp_path / "g.json").read_text())
+    assert gates and "tokens" in json.dumps(gates)
+
+
+def test_patch_train_apply_revert_on_an_adapter(adapter, tmp_path, capsys, one_thread):
+    import shutil
+
+    table = tmp_path / "tables.engt"
+    shutil.copyfile(adapter / "tables.engt", table)
+    before = hashlib.sha256(table.read_bytes()).hexdigest()
+    facts = tmp_path / "facts.txt"
+    facts.write_text("the red bird sang near the old house\n")
+    assert main(["patch", "train", "--ckpt", str(adapter), "--data", str(facts), "--out", str(tmp_path / "p.engp"),
+                 "--steps", "5", "--quiet"]) == 0
+    assert main(["patch", "apply", str(table), str(tmp_path / "p.engp")]) == 0
+    assert hashlib.sha256(table.read_bytes()).hexdigest() != before
+    assert main(["patch", "revert", str(table), str(tmp_path / "p.engp")]) == 0
+    assert hashlib.sha256(table.read_bytes()).hexdigest() == before
+
+
+def test_bench_retrofit_json(tiny_base, capsys, one_thread):
+    assert main(["bench", "retrofit", "--base", str(tiny_base["base"]), "--batch-size", "1", "--seq-len", "16",
+                 "--repeats", "2", "--train-steps", "1", "--table-size", "997", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("overhead", "base_tokens_per_s", "retrofit_tokens_per_s", "train_tokens_per_s"):
+        assert res[key] is not None and res[key] == res[key]
+    assert res["base_tokens_per_s"] > 0 and res["retrofit_tokens_per_s"] > 0
+
+
+def test_bad_adapter_input_is_one_line(tiny_base, tmp_path, capsys):
+    assert main(["retrofit", "eval", "--ckpt", str(tmp_path), "--data", str(tiny_base["data"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("engram: error:") and "not a retrofit adapter" in err and "\n" not in err
+    assert main(["retrofit", "train", "--base", str(tiny_base["base"]), "--data", str(tiny_base["data"]),
+                 "--layers", "7", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "out of range; the base has 3 decoder layers" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()  # nothing half-written

