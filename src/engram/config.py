@@ -810,16 +810,27 @@ class RetrofitConfig:
     n_head_per_ngram: int = setting(4, "hash heads per N-gram order")
     n_embed_per_ngram: int = setting(256, "memory width per order, summed over its heads")
     hash_seed: int = setting(0, "seed of the hash multipliers")
+    # LoRA (peft) on the base's projections, alone (layers=()) or beside Engram: the baseline that
+    # retrofit results are compared against, trained and shipped by the same commands.
+    lora_rank: int = setting(0, "LoRA rank on the base's --lora-targets (0: no LoRA; needs peft)")
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by alpha / rank)")
+    lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"),
+                                            "module names that get LoRA", metavar="NAME")
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(v) for v in self.layers)
+        self.lora_targets = tuple(str(v) for v in self.lora_targets)
         _check(bool(self.base), "base is empty; give smollm2-135m or a Hugging Face model directory")
-        _check(len(self.layers) >= 1 and len(set(self.layers)) == len(self.layers)
-               and all(v >= 0 for v in self.layers),
+        _check(len(set(self.layers)) == len(self.layers) and all(v >= 0 for v in self.layers),
                f"layers={list(self.layers)} must be distinct non-negative decoder-layer indices")
+        _check(self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be >= 0 (0: no LoRA)")
+        _check(bool(self.layers) or self.lora_rank > 0,
+               "layers is empty and lora_rank=0: nothing to train; give --layers or --lora-rank")
+        _check(self.lora_rank == 0 or bool(self.lora_targets), "lora_targets is empty; name modules, e.g. q_proj")
         _check(self.table_size >= 2, f"table_size={self.table_size} must be >= 2")
         # Every other field is validated by the EngramConfig it builds.
-        self.engram_config(pad_id=0)
+        if self.layers:
+            self.engram_config(pad_id=0)
 
     def engram_config(self, pad_id: int) -> EngramConfig:
         """The Engram layers' config; ``pad_id`` is the base tokenizer's padding (or eos) id."""
@@ -830,12 +841,51 @@ class RetrofitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers)
+        d["layers"], d["lora_targets"] = list(self.layers), list(self.lora_targets)
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "retrofit config") -> "RetrofitConfig":
         return _from_dict(cls, data, where, RetrofitError)
+
+
+RETROFIT_VARIANTS = ("base", "engram", "lora", "both")
+
+
+@dataclass
+class RetrofitCompareConfig:
+    """``engram retrofit compare``: base / Engram / LoRA / LoRA + Engram at equal training tokens.
+
+    Every trained variant gets the same steps x batch x seq_len tokens and the same seeds. With
+    several ``lrs``, each variant's learning rate is chosen on the dev split (first seed), then
+    every seed runs at that rate and is reported on the test split (never used for choices).
+    """
+
+    base: str = setting("smollm2-135m", "named base or Hugging Face model directory", metavar="NAME|DIR")
+    variants: tuple[str, ...] = setting(RETROFIT_VARIANTS, "which of base, engram, lora, both", metavar="V")
+    seeds: tuple[int, ...] = setting((0, 1, 2), "training seeds (data order and initialisation)", metavar="S")
+    steps: int = setting(100, "optimizer steps per run")
+    batch_size: int = setting(4)
+    seq_len: int = setting(256)
+    lrs: tuple[float, ...] = setting((1e-3,), "learning rates to choose from on the dev split", metavar="LR")
+    layers: tuple[int, ...] = setting((1,), "Engram before these decoder layers", metavar="L")
+    table_size: int = setting(131_072, "Engram rows per hash head")
+    lora_rank: int = setting(8, "LoRA rank (lora and both)")
+    eval_batches: int = setting(20, "batches of each evaluation (dev, test, general text)")
+
+    def __post_init__(self) -> None:
+        self.variants = tuple(str(v) for v in self.variants)
+        self.seeds = tuple(int(v) for v in self.seeds)
+        self.lrs = tuple(float(v) for v in self.lrs)
+        self.layers = tuple(int(v) for v in self.layers)
+        bad = sorted(set(self.variants) - set(RETROFIT_VARIANTS))
+        _check(not bad and len(self.variants) > 0,
+               f"variants={list(self.variants)}: choose among {list(RETROFIT_VARIANTS)}")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
+               f"seeds={list(self.seeds)} must be distinct")
+        _check(len(self.lrs) >= 1 and all(v > 0 for v in self.lrs), f"lrs={list(self.lrs)} must be positive")
+        for name in ("steps", "batch_size", "seq_len", "lora_rank", "eval_batches"):
+            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
 
 
 # ----------------------------------------------------------------------------- resolving a run's configs

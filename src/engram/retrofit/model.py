@@ -49,7 +49,7 @@ _STATE_ATTR = "engram_state"  # attribute of the base's KV cache object
 class RetrofitShape:
     """What tools read from ``model.cfg`` (the part of ``ModelConfig`` a retrofit has)."""
 
-    engram: EngramConfig
+    engram: Optional[EngramConfig]  # None for a LoRA-only retrofit
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -127,13 +127,15 @@ class RetrofitLM(nn.Module):
                                 f"decoder layers (0..{n_layers - 1})")
         self.retrofit_config = cfg
         vocab = int(hc.vocab_size)
-        ecfg = cfg.engram_config(pad_id)
+        ecfg = cfg.engram_config(pad_id) if cfg.layers else None
         self.cfg = RetrofitShape(engram=ecfg, vocab_size=vocab, hidden_size=int(hc.hidden_size),
                                  num_layers=n_layers,
                                  max_seq_len=int(getattr(hc, "max_position_embeddings", 1 << 30)),
                                  tie_embeddings=bool(getattr(hc, "tie_word_embeddings", False)))
-        self.hasher = NgramHasher(ecfg, vocab, compression)
+        self.hasher = NgramHasher(ecfg, vocab, compression) if ecfg is not None else None
         self.base = hf_model.eval().requires_grad_(False)
+        if cfg.lora_rank:
+            _inject_lora(hf_model, cfg)
         self.engram = nn.ModuleDict({str(i): self._new_layer(i, allocate_tables) for i in cfg.layers})
         self._call: Optional[_Call] = None
         self._engram_off = False  # without_engram(): the hooks pass the hidden states through
@@ -182,11 +184,16 @@ class RetrofitLM(nn.Module):
     def table_parameters(self) -> list[nn.Parameter]:
         return [e.multi_head_embedding.embedding.weight for e in self.engram_layers]
 
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights injected into the base, by module name (empty without LoRA)."""
+        return {n: p for n, p in self.base.named_parameters() if "lora_" in n}
+
     def param_counts(self) -> dict[str, int]:
         tables = sum(p.numel() for p in self.table_parameters())
         engram = sum(p.numel() for p in self.engram.parameters())
-        base = sum(p.numel() for p in self.base.parameters())
-        return {"total": base + engram, "tables": tables, "engram": engram, "base": base,
+        lora = sum(p.numel() for p in self.lora_state().values())
+        base = sum(p.numel() for p in self.base.parameters()) - lora
+        return {"total": base + engram + lora, "tables": tables, "engram": engram, "lora": lora, "base": base,
                 "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
     def train(self, mode: bool = True) -> "RetrofitLM":
@@ -199,8 +206,8 @@ class RetrofitLM(nn.Module):
         """Nothing to balance (the training loop calls it for DeepSeekMoE backbones)."""
 
     # ------------------------------------------------------------------ hashing
-    def compute_hash_ids(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        return self.hasher.hash(input_ids)
+    def compute_hash_ids(self, input_ids: torch.Tensor) -> Optional[dict[int, torch.Tensor]]:
+        return self.hasher.hash(input_ids) if self.hasher is not None else None
 
     def _hash_after(self, history: torch.Tensor, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
         """Hash ids of ``input_ids`` [B,T] following ``history`` [B,n] (only its last N-1 matter)."""
@@ -228,6 +235,10 @@ class RetrofitLM(nn.Module):
             raise RetrofitError("a retrofitted model needs input_ids (Engram hashes tokens); "
                                 "inputs_embeds alone cannot be hashed")
         hash_ids = pending.get("hash_ids")
+        flags = (bool(pending.get("output_gates")), bool(pending.get("output_gate_inputs")), bool(pending.get("ablate")))
+        if self.hasher is None:  # LoRA only: nothing to hash or carry
+            self._call = _Call({}, None, *flags)
+            return
         kv = _cache_argument(module, args, kwargs)
         state = None
         if kv is not None and kwargs.get("use_cache", True) is not False:
@@ -244,8 +255,7 @@ class RetrofitLM(nn.Module):
             state.ids = torch.cat([state.ids, input_ids], dim=1)
         elif hash_ids is None:
             hash_ids = self.hasher.hash(input_ids)
-        self._call = _Call(hash_ids, state, bool(pending.get("output_gates")),
-                           bool(pending.get("output_gate_inputs")), bool(pending.get("ablate")))
+        self._call = _Call(hash_ids, state, *flags)
 
     def _end_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._last_call, self._call = self._call, None
@@ -311,12 +321,60 @@ class RetrofitLM(nn.Module):
         finally:
             self._engram_off = prev
 
+    @contextlib.contextmanager
+    def base_only(self) -> Iterator[None]:
+        """Run as the untouched base inside this block: Engram skipped and LoRA switched off."""
+        loras = _lora_layers(self.base)
+        for m in loras:
+            m.enable_adapters(False)
+        try:
+            with self.without_engram():
+                yield
+        finally:
+            for m in loras:
+                m.enable_adapters(True)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``transformers``' ``generate()`` of the base, with Engram in it (KV cache included)."""
         return self.base.generate(*args, **kwargs)
 
     def remove_hooks(self) -> None:
-        """Detach Engram from the base model object (it is the unmodified base again)."""
+        """Detach Engram (and LoRA) from the base model object: it is the unmodified base again."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        _remove_lora(self.base)
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    if not any("lora_" in n for n, _ in model.named_parameters()):
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _inject_lora(model: nn.Module, cfg: RetrofitConfig) -> None:
+    """LoRA on ``cfg.lora_targets`` of the (frozen) base, in place; B starts at zero, so the
+    logits are still the base's exactly."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise RetrofitError("lora_rank > 0 needs peft; install it with pip install peft") from None
+    try:
+        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                           target_modules=list(cfg.lora_targets)), model)
+    except ValueError as e:
+        raise RetrofitError(f"lora_targets={list(cfg.lora_targets)}: {str(e).splitlines()[0]}") from None
+
+
+def _remove_lora(model: nn.Module) -> None:
+    """Put every LoRA-wrapped module's original layer back (what ``inject_adapter_in_model`` replaced)."""
+    for name, module in list(model.named_modules()):
+        base_layer = getattr(module, "base_layer", None)
+        if base_layer is None or not any("lora_" in n for n, _ in module.named_parameters()):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, base_layer)
+    if "peft_config" in vars(model):  # set by inject_adapter_in_model
+        del model.peft_config

@@ -84,7 +84,7 @@ def retrofit_train(cfg: RetrofitConfig, train_cfg: TrainConfig, data_dir: PathLi
                             f"{base.config.max_position_embeddings}; lower --seq-len")
     digest_before = weights_digest(base.model)
     cmap = build_compression(base.tokenizer)
-    torch.manual_seed(train_cfg.seed)
+    torch.manual_seed(train_cfg.seed)  # LoRA's A and the Engram tables are drawn from it
     model = RetrofitLM(base.model, cfg, cmap.lookup, base.pad_id)
     try:
         optimizers = build_optimizers(model, train_cfg)
