@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from engram.cli import distributed as distributed_commands
 from engram.cli import inspect as inspect_commands
 from engram.cli import ngram as ngram_commands
 from engram.cli import patch as patch_commands
@@ -47,6 +48,7 @@ COMMAND_GROUPS = (
     sweep_commands,  # sweep {run,plan,summary,account}
     ngram_commands,  # ngram {build,add,remove,compact,query,stats,train-gate}, bench {ngram,ngram-mix}
     patch_commands,  # patch {train,apply,revert,list,info}, bench patch
+    distributed_commands,  # bench distributed (training on several processes is `train --nproc`)
 )
 
 # `engram generate` samples shorter and from the nucleus; the library default is plain sampling

@@ -57,6 +57,7 @@ class DistributedParallel(Parallel):
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
         self.agree = dict(agree or {})
         self.tables: list[ShardedEmbedding] = []
+        self.step_bytes: list[int] = []  # per training step: bytes this rank sent to other ranks
         if train_cfg.batch_size % world.size:
             raise EngramError(f"train.batch_size={train_cfg.batch_size} is not a multiple of the "
                               f"{world.size} processes; every rank needs an equal share of the global "
@@ -83,9 +84,10 @@ class DistributedParallel(Parallel):
         ignore = [names[id(t.weight)] for t in self.tables]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         has_moe = any(isinstance(m, DeepSeekMoE) for m in model.modules())
-        # Buffers (offsets, MoE biases) are kept equal by construction: no broadcast per step.
-        # An expert may receive no token on one rank: DDP must then look for unused parameters.
-        return DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=has_moe,
+        # Buffers (offsets, MoE biases) are equal at start and kept equal by construction
+        # (end_step): synced once at init, never per step. An expert may receive no token on
+        # one rank: DDP must then look for unused parameters.
+        return DistributedDataParallel(model, forward_sync_buffers=False, find_unused_parameters=has_moe,
                                        device_ids=[self.world.device.index] if self.world.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ per step
@@ -128,10 +130,14 @@ class DistributedParallel(Parallel):
                 p.grad.mul_(coef)
         return total
 
-    def before_moe_update(self, model: EngramLM) -> None:
+    def end_step(self, model: EngramLM) -> None:
         for m in model.modules():
             if isinstance(m, DeepSeekMoE):
                 dist.all_reduce(m.load_accum)
+        # the bytes this step's exchanges sent to other ranks (evaluation lookups are not counted)
+        self.step_bytes.append(sum(t.stats.total for t in self.tables))
+        for t in self.tables:
+            t.stats.reset()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, run: Path, model: EngramLM, optimizers: Mapping[str, torch.optim.Optimizer],
@@ -166,7 +172,13 @@ def train_distributed(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: 
             raise RankFailure(f"rank {world.rank}: another rank stopped answering ({first}); one of the "
                               f"{world.size} ranks died or hung for more than --dist-timeout="
                               f"{world.timeout_s:g}s: read its log for the cause") from e
+        sent = torch.tensor(par.step_bytes, dtype=torch.float64, device=world.device)  # NCCL: on the GPU
+        dist.all_reduce(sent)  # summed over the ranks: the bytes that crossed between processes
         out["world_size"] = world.size
+        out["table_bytes_per_step"] = sent.cpu().tolist()
+        tables = sum(t.num_embeddings * t.embedding_dim for t in par.tables)  # all shards, not this rank's
+        counts = out["param_counts"]
+        out["param_counts"] = {"total": counts["backbone"] + tables, "tables": tables, "backbone": counts["backbone"]}
         return out
     finally:
         close_world()

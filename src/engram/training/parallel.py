@@ -54,8 +54,9 @@ class Parallel:
         """Clip all gradients jointly to ``max_norm``; returns the norm before clipping."""
         return clip_grad_norm_(params, max_norm)
 
-    def before_moe_update(self, model: EngramLM) -> None:
-        """Called before the MoE balancing step (expert loads are counted per process)."""
+    def end_step(self, model: EngramLM) -> None:
+        """Called after the optimizer step, before the MoE balancing step (expert loads are
+        counted per process)."""
 
     def save_checkpoint(self, run: Path, model: EngramLM, optimizers: Mapping[str, torch.optim.Optimizer],
                         trainer_state: Mapping[str, Any], train_cfg: Any, tokenizer_path: Optional[Path],

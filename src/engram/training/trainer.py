@@ -338,7 +338,7 @@ class _Loop:
                                      f"TrainConfig.lr (now {cfg.lr}) or enable grad_clip")
         loss.backward()
         self.grad_norm = optimizer_step(self.optimizers, self.params, cfg.grad_clip, self.par.clip_grad_norm)
-        self.par.before_moe_update(model)
+        self.par.end_step(model)
         model.update_moe_bias()
         self.step += 1
         self.loss_sum += mean_loss
