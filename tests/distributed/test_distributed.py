@@ -69,11 +69,12 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
-def _worker(mode: str, nproc: int, out: Path, *args: str, timeout: float = 120) -> tuple[int, list[dict]]:
+def _worker(mode: str, nproc: int, out: Path, *args: str, timeout: float = 120,
+            **env: str) -> tuple[int, list[dict]]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORKER), mode, str(out), *args]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout)
     results = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").is_file() else None
                for r in range(nproc)]
     return res.returncode, results
@@ -189,6 +190,9 @@ def test_checkpoint_loads_on_another_number_of_ranks(runs, tmp_path: Path) -> No
         np.testing.assert_allclose([got[s] for s in range(21, 25)], [ref[s] for s in range(21, 25)],
                                    rtol=RTOL, err_msg=name)
     assert read_config(tmp_path / "2to3").sharded["world_size"] == 3
+    one = tmp_path / "2to1"  # saved by one process: an ordinary checkpoint, the shard directory gone
+    assert read_config(one).sharded is None and (one / ckpt.MODEL_FILE).is_file()
+    assert not list(one.glob(ckpt.SHARD_DIR_PREFIX + "*"))
 
 
 def test_sharded_checkpoint_works_in_one_process_tools(runs, tmp_path: Path, capsys) -> None:
@@ -256,3 +260,34 @@ def test_batch_that_does_not_split_evenly_is_refused() -> None:
                   timeout_s=30.0)
     with pytest.raises(EngramError, match="train.batch_size=5 is not a multiple of the 2 processes"):
         DistributedParallel(world, preset("tiny", 300), TrainConfig(batch_size=5))
+
+
+def test_silent_rank_is_detected_within_the_timeout(runs, tmp_path: Path) -> None:
+    """Rank 1 stays alive with its sockets open but stops at step 3: rank 0's next collective
+    gives up after --dist-timeout (5 s here), and torchrun stops rank 1."""
+    rc, results = _worker("die-in-hang", 2, tmp_path / "out", str(runs["data"]), str(tmp_path / "run"),
+                          timeout=90, ENGRAM_TEST_TIMEOUT="5")
+    assert rc != 0
+    assert results[0]["type"] == "RankFailure" and "--dist-timeout=5s" in results[0]["error"]
+    assert 5 <= results[0]["seconds"] < 30
+
+
+# ----------------------------------------------------------------------------- benchmark arithmetic
+def test_bench_analytic_bytes_and_projection() -> None:
+    from engram.bench.distributed import PROJECTION, analytic_bytes, bench_distributed, project
+    from engram.errors import EngramError
+
+    # 512 tokens, 1 layer, 8 heads, 128-byte rows on 2 ranks: half the rows are remote, each
+    # moves its row, its gradient and its 8-byte id once
+    assert analytic_bytes(512, 1, 8, 128, 2) == 512 * 8 * (2 * 128 + 8) / 2
+    assert analytic_bytes(512, 1, 8, 128, 1) == 0
+    p8, p64 = project(8), project(64)
+    assert p8["table_gib_total"] == 16 * 2**20 * 16 * 2 * 128 / 2**30 == 64.0
+    assert p64["table_gib_per_gpu"] == 1.0
+    # more GPUs: slightly more bytes per GPU ((W-1)/W), and most of them over the slower links
+    assert p64["bytes_per_gpu_per_step"] > p8["bytes_per_gpu_per_step"] and p64["comm_s"] > 3 * p8["comm_s"]
+    assert 0 < p8["comm_share"] < p64["comm_share"] < 1
+    assert project(8, dedup=0.5)["bytes_per_gpu_per_step"] == 0.5 * p8["bytes_per_gpu_per_step"]
+    assert PROJECTION["gpus_per_node"] == 8
+    with pytest.raises(EngramError, match="batch size divisible"):
+        bench_distributed(world=2, batch_size=5)

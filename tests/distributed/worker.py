@@ -6,6 +6,7 @@ MODE lookup: a sharded lookup (and its gradient) against the one-process nn.Embe
 MODE mismatch: rank 1 trains with another learning rate (start-up must refuse).
 MODE die-in-save DATA RUN: rank 1 dies half-way through writing its shard at the second save.
 MODE die-in-step DATA RUN: rank 1 dies at step 3.
+MODE die-in-hang DATA RUN: rank 1 stops answering at step 3 (sleeps; ENGRAM_TEST_TIMEOUT applies).
 Results go to OUT/rank<r>.json.
 """
 
@@ -88,12 +89,14 @@ def die(out: Path, data: str, run: str, where: str) -> None:
                 os._exit(3)
             real(tensors, path)
         dckpt._save_tensors = half_then_die
-    if rank == 1 and where == "step":
+    if rank == 1 and where in ("step", "hang"):
         real_step = trainer._Loop.train_step
 
         def step_then_die(self):  # noqa: ANN001
-            if self.step == 3:
+            if self.step == 3 and where == "step":
                 os._exit(3)
+            if self.step == 3:  # alive, sockets open, but silent
+                time.sleep(120)
             return real_step(self)
         trainer._Loop.train_step = step_then_die
     model_cfg, tcfg = train_args(data, run)
@@ -106,6 +109,8 @@ def die(out: Path, data: str, run: str, where: str) -> None:
         res = {"error": str(e), "type": type(e).__name__}
     res["seconds"] = time.perf_counter() - t0
     (out / f"rank{rank}.json").write_text(json.dumps(res))
+    if res["error"]:
+        sys.exit(1)  # as `engram train` does: torchrun then stops the other ranks
 
 
 def _dist_cfg(timeout: float):  # noqa: ANN202
@@ -121,7 +126,7 @@ if __name__ == "__main__":
         lookup(out)
     elif mode == "mismatch":
         mismatch(out, *sys.argv[3:5])
-    elif mode in ("die-in-save", "die-in-step"):
+    elif mode in ("die-in-save", "die-in-step", "die-in-hang"):
         die(out, *sys.argv[3:5], where=mode.split("-")[-1])
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -38,7 +38,7 @@ from engram.fsutil import PathLike, fsync_dir
 from engram.model import checkpoint as ckpt
 from engram.model.lm import EngramLM
 
-SHARD_DIR_PREFIX = "shards-"
+SHARD_DIR_PREFIX = ckpt.SHARD_DIR_PREFIX
 # Files of a one-process checkpoint that a sharded commit makes stale at the run root.
 _ROOT_STALE = (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE)
 

@@ -75,6 +75,7 @@ _DEFAULT_OPTIMIZER = "optimizer"  # name used when a single optimizer (not a dic
 TABLE_KEY_SUFFIX = "multi_head_embedding.embedding.weight"  # state-dict keys of Engram tables
 TABLE_OPTIMIZER = "tables"  # the trainer's optimizer of the tables (state sharded with the rows)
 ROOT_FILES = (COMPRESSION_FILE, TOKENIZER_FILE)  # at the run root in both layouts
+SHARD_DIR_PREFIX = "shards-"  # RUN/shards-<step>-<tag>/: the files of a sharded checkpoint
 
 
 def shard_rows(num_rows: int, rank: int, world: int) -> int:
@@ -378,6 +379,9 @@ def save_checkpoint(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
         for name in STALE_FILES:  # left by an older checkpoint, they would contradict this one
             if name not in written and (run / name).exists():
                 (run / name).unlink()
+        for old in run.glob(SHARD_DIR_PREFIX + "*"):  # a sharded checkpoint this one replaces
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return run
