@@ -82,6 +82,8 @@ class DistributedParallel(Parallel):
     def train_module(self, model: EngramLM) -> torch.nn.Module:
         names = {id(p): n for n, p in model.named_parameters()}
         ignore = [names[id(t.weight)] for t in self.tables]
+        # DDP's documented-by-use hook (torchrec relies on it too) for parameters that another
+        # mechanism synchronises: here the table shards, whose gradients go to their owners.
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         has_moe = any(isinstance(m, DeepSeekMoE) for m in model.modules())
         # Buffers (offsets, MoE biases) are equal at start and kept equal by construction
