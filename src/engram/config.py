@@ -447,6 +447,33 @@ PRESETS = {
 }
 
 
+# ----------------------------------------------------------------------------- many processes
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class DistributedConfig:
+    """How ``engram train`` runs on several processes (``engram.distributed``, docs/distributed.md).
+
+    ``nproc``: processes to launch on this machine with torchrun (``engram train --nproc N``);
+    under an existing torchrun launch the world comes from its environment instead.
+    ``backend``: auto = NCCL when CUDA is available, else gloo. ``timeout_s``: how long a
+    collective waits for the other ranks before the run fails (a rank that died, or hangs).
+    """
+
+    nproc: int = setting(1, "processes to launch on this machine with torchrun (1: no launch)")
+    backend: str = setting("auto", "torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or "
+                           "nccl", flag="--dist-backend", choices=DIST_BACKENDS)
+    timeout_s: float = setting(300.0, "seconds a collective waits for the other ranks before the run "
+                               "fails (default 300)", flag="--dist-timeout", metavar="SECONDS")
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.nproc, int) and self.nproc >= 1,
+               f"nproc={self.nproc!r} must be an integer >= 1 (the number of training processes)")
+        _check(self.backend in DIST_BACKENDS, f"backend={self.backend!r} must be one of {DIST_BACKENDS}")
+        _check(self.timeout_s > 0, f"timeout_s={self.timeout_s} must be > 0 seconds; try 300")
+
+
 # ----------------------------------------------------------------------------- table storage
 # Used by engram.tables; defined here because the tiers need torch and the CLI flags must not.
 class StorageError(EngramError):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from engram.cli import distributed as distributed_commands
 from engram.cli import inspect as inspect_commands
 from engram.cli import ngram as ngram_commands
 from engram.cli import patch as patch_commands
@@ -38,7 +39,7 @@ from engram.cli.table import (
     report_generation,
     storage_from_args,
 )
-from engram.config import PRESETS, SamplingConfig, build_configs
+from engram.config import PRESETS, DistributedConfig, SamplingConfig, build_configs
 from engram.errors import EngramError
 
 # Command groups of the feature packages: each module's register(sub, bench) adds its subcommands
@@ -50,6 +51,7 @@ COMMAND_GROUPS = (
     ngram_commands,  # ngram {build,add,remove,compact,query,stats,train-gate}, bench {ngram,ngram-mix}
     patch_commands,  # patch {train,apply,revert,list,info}, bench patch
     retrofit_commands,  # retrofit {data,train,eval,generate}, bench retrofit
+    distributed_commands,  # bench distributed (training on several processes is `train --nproc`)
 )
 
 # `engram generate` samples shorter and from the nucleus; the library default is plain sampling
@@ -98,14 +100,29 @@ def _dataset_vocab(data_dir: str) -> int:
 
 
 def cmd_train(args) -> int:
-    from engram.training.trainer import train
+    import os
 
+    dist_cfg = config_from_args(args, DistributedConfig)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if dist_cfg.nproc > 1 and not under_torchrun:  # relaunch this command on nproc processes
+        from engram.distributed.launch import launch
+
+        return launch(dist_cfg.nproc, args.argv)
     model_cfg, train_cfg = build_configs(args.preset, _dataset_vocab(args.data), args.config, args.set)
     if args.prefetch is not None:  # --prefetch / --no-prefetch override train.prefetch
         train_cfg.prefetch = args.prefetch
-    summary = train(model_cfg, train_cfg, args.data, args.out, resume=args.resume,
-                    progress=not args.quiet, max_seconds=args.max_seconds, overwrite=args.overwrite,
-                    tables_from=args.table)
+    kwargs = dict(resume=args.resume, progress=not args.quiet, max_seconds=args.max_seconds,
+                  overwrite=args.overwrite, tables_from=args.table)
+    if under_torchrun:  # one rank of torchrun's processes: row-sharded tables, DDP backbone
+        from engram.distributed.parallel import train_distributed
+
+        summary = train_distributed(model_cfg, train_cfg, args.data, args.out, dist_cfg, **kwargs)
+        if int(os.environ["RANK"]) != 0:
+            return 0
+    else:
+        from engram.training.trainer import train
+
+        summary = train(model_cfg, train_cfg, args.data, args.out, **kwargs)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -203,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
     add_common(tr, "--quiet")
     add_train_table_arguments(tr)
+    add_config_flags(tr, DistributedConfig)  # --nproc, --dist-backend, --dist-timeout
     tr.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="loss, perplexity and tokens/s of a checkpoint")
@@ -240,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits here: one line, status 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches it
     try:
         return args.fn(args)
     except (EngramError, FileNotFoundError) as e:  # bad input: one clear line, no traceback

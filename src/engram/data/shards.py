@@ -488,18 +488,26 @@ def _to_xy(windows: np.ndarray, device: Union[str, torch.device, None]) -> tuple
 
 def get_batch(
     shard: Shard, batch_size: int, seq_len: int, step: int, seed: int,
-    device: Union[str, torch.device, None] = None,
+    device: Union[str, torch.device, None] = None, part: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random training windows: int64 ``x, y`` of shape [B, T], ``y`` = ``x`` shifted by one.
 
     The windows depend only on (seed, step) — not on call order or global RNG state — so a
-    resumed run sees exactly the batches of an uninterrupted one.
+    resumed run sees exactly the batches of an uninterrupted one. ``part=(r, W)`` returns only
+    the r-th of W contiguous slices of the batch ([B/W, T]; B must be a multiple of W): rank r
+    of W processes reads its part of the same global batch.
     """
     _check_window(shard, batch_size, seq_len)
     if step < 0 or seed < 0:
         raise DataError(f"step={step} and seed={seed} must be >= 0")
+    r, world = part
+    if world < 1 or not 0 <= r < world or batch_size % world:
+        raise DataError(f"part={part} of batch_size={batch_size}: need 0 <= rank < world and a batch "
+                        f"size that is a multiple of the world size; set train.batch_size accordingly")
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, shard.num_tokens - seq_len, size=batch_size)  # start + T < n
+    n = batch_size // world
+    starts = starts[r * n:(r + 1) * n]
     idx = starts[:, None] + np.arange(seq_len + 1)
     return _to_xy(np.asarray(shard.tokens[idx]), device)
 

@@ -17,6 +17,15 @@ while writing leaves the previous checkpoint untouched; a crash between two rena
 whose checksums disagree with ``config.json``'s manifest, which loading reports instead of
 silently mixing two checkpoints.
 
+A checkpoint saved by training on W processes (``engram.distributed``) is *sharded*: everything
+but ``compression.npy`` and ``tokenizer.json`` lives in ``RUN/shards-<step>/``, where each rank
+``r`` wrote ``tables-<r>-of-<W>.safetensors`` (its table rows ``r::W`` and their optimizer state)
+and rank 0 the backbone (``model.safetensors`` without the tables, ``optimizer.safetensors``,
+``trainer_state.json``). ``config.json`` names the directory (``"sharded"``) and lists every file
+in its manifest, so replacing it is the single atomic commit of the whole checkpoint. Every
+loader here reads both layouts, and re-splits the rows for any number of ranks
+(:func:`read_table_state`): a checkpoint saved on N ranks loads on M.
+
 Loading validates before it trusts: config keys (unknown keys are errors), the recorded hash
 fingerprint against the hasher rebuilt from the config and ``compression.npy`` (tables indexed by
 another hash are garbage), file sizes and checksums, and missing / unexpected / misshapen
@@ -60,9 +69,22 @@ CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, COMPRESSION_FILE, TO
 STALE_FILES = (OPTIMIZER_FILE, STATE_FILE, COMPRESSION_FILE)  # a kept tokenizer.json is harmless
 
 _REQUIRED_KEYS = {"format", "format_version", "model", "hash_fingerprint", "files"}
-_OPTIONAL_KEYS = {"train", "tokenizer_fingerprint", "hasher", "param_counts", "tied_keys",
+_OPTIONAL_KEYS = {"train", "tokenizer_fingerprint", "hasher", "param_counts", "tied_keys", "sharded",
                   "engram_lm_version"}
 _DEFAULT_OPTIMIZER = "optimizer"  # name used when a single optimizer (not a dict) is passed
+TABLE_KEY_SUFFIX = "multi_head_embedding.embedding.weight"  # state-dict keys of Engram tables
+TABLE_OPTIMIZER = "tables"  # the trainer's optimizer of the tables (state sharded with the rows)
+ROOT_FILES = (COMPRESSION_FILE, TOKENIZER_FILE)  # at the run root in both layouts
+SHARD_DIR_PREFIX = "shards-"  # RUN/shards-<step>-<tag>/: the files of a sharded checkpoint
+
+
+def shard_rows(num_rows: int, rank: int, world: int) -> int:
+    """How many rows of a ``num_rows`` table rank ``rank`` of ``world`` owns (rows ``rank::world``)."""
+    return (num_rows - rank + world - 1) // world
+
+
+def shard_file(rank: int, world: int) -> str:
+    return f"tables-{rank:05d}-of-{world:05d}.safetensors"
 
 
 class CheckpointError(EngramError):
@@ -82,6 +104,17 @@ class CheckpointMeta:
     files: dict[str, dict[str, Any]]
     step: Optional[int] = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def sharded(self) -> Optional[dict[str, Any]]:
+        """``{"world_size": W, "dir": "shards-..."}`` for a checkpoint saved on W ranks, else None."""
+        return self.raw.get("sharded")
+
+    def path(self, name: str) -> Path:
+        """Where checkpoint file ``name`` lives (in the shard directory of a sharded checkpoint)."""
+        if self.sharded and name not in ROOT_FILES:
+            return self.run_dir / self.sharded["dir"] / name
+        return self.run_dir / name
 
 
 # ----------------------------------------------------------------------------- small file helpers
@@ -346,6 +379,9 @@ def save_checkpoint(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
         for name in STALE_FILES:  # left by an older checkpoint, they would contradict this one
             if name not in written and (run / name).exists():
                 (run / name).unlink()
+        for old in run.glob(SHARD_DIR_PREFIX + "*"):  # a sharded checkpoint this one replaces
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return run
@@ -446,8 +482,14 @@ def read_config(run_dir: PathLike) -> CheckpointMeta:
     files = raw["files"]
     if not isinstance(files, dict):
         raise CheckpointError(f"{path}: 'files' must be an object of file name -> size and sha256")
+    sharded = raw.get("sharded")
+    if sharded is not None and not (isinstance(sharded, dict) and isinstance(sharded.get("world_size"), int)
+                                    and sharded["world_size"] >= 1 and isinstance(sharded.get("dir"), str)
+                                    and "/" not in sharded["dir"] and not sharded["dir"].startswith(".")):
+        raise CheckpointError(f"{path}: 'sharded' must be {{\"world_size\": int >= 1, \"dir\": name}}, got "
+                              f"{sharded!r}; fix the file or re-save the checkpoint")
     step = None
-    state_path = run / STATE_FILE
+    state_path = run / sharded["dir"] / STATE_FILE if sharded else run / STATE_FILE
     if state_path.is_file():
         try:
             step = int(json.loads(state_path.read_text(encoding="utf-8")).get("step"))
@@ -513,20 +555,30 @@ def load_model(run_dir: PathLike, device: Union[str, torch.device] = "cpu"
     return model.to(device).eval(), meta
 
 
-def _load_weights(model: EngramLM, meta: CheckpointMeta) -> None:
+def _load_weights(model: EngramLM, meta: CheckpointMeta,
+                  tables: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """``tables``: the table rows to load instead of the model file's (a rank's shard)."""
     if MODEL_FILE not in meta.files:
         raise CheckpointError(f"{meta.run_dir / CONFIG_FILE} lists no {MODEL_FILE}; re-save the checkpoint")
-    path = meta.run_dir / MODEL_FILE
+    path = meta.path(MODEL_FILE)
     tensors = _load_safetensors(path, meta.files)
+    if tables is None and meta.sharded:  # the backbone file has no tables: gather them from the shards
+        tables = read_table_state(meta)
+    if tables is not None:
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(TABLE_KEY_SUFFIX)}
+        tensors.update({k: v for k, v in tables.items() if k.endswith(TABLE_KEY_SUFFIX)})
     load_state_into(model, tensors, meta.raw.get("tied_keys") or {}, str(path))
 
 
 def load_for_resume(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
-                    restore_rng: bool = True) -> tuple[dict[str, Any], CheckpointMeta]:
+                    restore_rng: bool = True, part: tuple[int, int] = (0, 1)
+                    ) -> tuple[dict[str, Any], CheckpointMeta]:
     """Load weights, optimizer state and trainer state into existing objects for exact resume.
 
     ``model`` must have been built from the same config and compression (checked via the hash
-    fingerprint and the tensor shapes). Returns (trainer_state without optimizer scalars, meta).
+    fingerprint and the tensor shapes). ``part=(r, W)``: the model holds only table rows
+    ``r::W`` (rank r of W processes, ``engram.distributed``); the checkpoint may have been saved
+    on any number of processes. Returns (trainer_state without optimizer scalars, meta).
     """
     meta = read_config(run_dir)
     if model.cfg.to_dict() != meta.model_config.to_dict():
@@ -534,16 +586,17 @@ def load_for_resume(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
         raise CheckpointError(f"{meta.run_dir / CONFIG_FILE}: the model config differs from the "
                               f"checkpoint's ({diff}); resume with the recorded config or use a new run dir")
     check_hash_fingerprint(model, meta)
-    _load_weights(model, meta)
+    tables = read_table_state(meta, *part) if meta.sharded or tuple(part) != (0, 1) else None
+    _load_weights(model, meta, tables)
     state = _read_trainer_state(meta)
-    _load_optimizers(meta, _as_optimizer_dict(optimizer), state.pop("optimizers", {}))
+    _load_optimizers(meta, _as_optimizer_dict(optimizer), state.pop("optimizers", {}), tables)
     if restore_rng and "rng" in state:
         restore_rng_state(state["rng"])
     return state, meta
 
 
 def _read_trainer_state(meta: CheckpointMeta) -> dict[str, Any]:
-    path = meta.run_dir / STATE_FILE
+    path = meta.path(STATE_FILE)
     if STATE_FILE not in meta.files:
         raise CheckpointError(f"{meta.run_dir} holds weights only (no {STATE_FILE}); it cannot be "
                               f"resumed, start a new run from it instead")
@@ -555,14 +608,19 @@ def _read_trainer_state(meta: CheckpointMeta) -> dict[str, Any]:
 
 
 def _load_optimizers(meta: CheckpointMeta, optimizers: dict[str, torch.optim.Optimizer],
-                     opt_meta: Mapping[str, Any]) -> None:
+                     opt_meta: Mapping[str, Any], tables: Optional[dict[str, torch.Tensor]] = None) -> None:
     if not optimizers:
         return
-    path = meta.run_dir / OPTIMIZER_FILE
+    path = meta.path(OPTIMIZER_FILE)
     if OPTIMIZER_FILE not in meta.files:
         raise CheckpointError(f"{meta.run_dir} has no {OPTIMIZER_FILE}; it was saved without "
                               f"optimizer state and cannot be resumed exactly")
-    state_dicts = unflatten_optimizers(_load_safetensors(path, meta.files), opt_meta, str(path))
+    tensors = _load_safetensors(path, meta.files)
+    if tables is not None:  # the table optimizer's state goes with the rows it belongs to
+        prefix = TABLE_OPTIMIZER + "."
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+        tensors.update({k: v for k, v in tables.items() if k.startswith(prefix)})
+    state_dicts = unflatten_optimizers(tensors, opt_meta, str(path))
     if set(state_dicts) != set(optimizers):
         raise CheckpointError(f"{path} holds optimizers {sorted(state_dicts)} but the trainer has "
                               f"{sorted(optimizers)}; the checkpoint comes from another training setup")
@@ -579,3 +637,62 @@ def _load_optimizers(meta: CheckpointMeta, optimizers: dict[str, torch.optim.Opt
 def _dict_diff(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str:
     keys = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
     return ", ".join(f"{k}: recorded {recorded.get(k)!r}, given {current.get(k)!r}" for k in keys[:6])
+
+
+# ----------------------------------------------------------------------------- row shards
+def read_table_state(meta: CheckpointMeta, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """The table weights and the table optimizer's state of a checkpoint (either layout), as the
+    rows ``rank::world`` that rank ``rank`` of ``world`` owns: ``{key: tensor}`` with the model's
+    table keys and ``tables.state.<i>.<name>`` keys. ``world=1`` gives the whole tables.
+
+    Row-sharded tensors are the tables and dense Adam's moments (rows ``s::N`` in shard ``s``);
+    row-sparse Adam's state is stored with *global* row ids (``rows``) and is returned with the
+    ids local to ``rank`` (``g // world``). One source shard is in memory at a time.
+    """
+    if meta.sharded:
+        n_src = int(meta.sharded["world_size"])
+        sources = [_load_safetensors(meta.path(shard_file(s, n_src)), meta.files) for s in range(n_src)]
+    else:  # a one-process checkpoint is a single shard
+        n_src = 1
+        src = {k: v for k, v in _load_safetensors(meta.path(MODEL_FILE), meta.files).items()
+               if k.endswith(TABLE_KEY_SUFFIX)}
+        if OPTIMIZER_FILE in meta.files:
+            src.update({k: v for k, v in _load_safetensors(meta.path(OPTIMIZER_FILE), meta.files).items()
+                        if k.startswith(TABLE_OPTIMIZER + ".")})
+        sources = [src]
+    return reshard(sources, rank, world)
+
+
+def reshard(sources: list[dict[str, torch.Tensor]], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Rows of rank ``rank`` of ``world`` from the shards of ``len(sources)`` ranks (see
+    :func:`read_table_state`)."""
+    n_src = len(sources)
+    keys = list(sources[0])
+    for s, src in enumerate(sources[1:], 1):
+        if set(src) != set(keys):
+            raise CheckpointError(f"shard {s} of {n_src} holds tensors {sorted(set(src) ^ set(keys))[:4]} "
+                                  f"that shard 0 does not (or the reverse); the shards come from different saves")
+    sparse_prefixes = {k[:-len("rows")] for k in keys if k.startswith(TABLE_OPTIMIZER + ".") and k.endswith(".rows")}
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        prefix = key[:key.rfind(".") + 1]
+        if prefix in sparse_prefixes:
+            if not key.endswith(".rows"):
+                continue  # handled with its rows below
+            rows = [src[key] for src in sources]
+            keep = [r % world == rank for r in rows]
+            out[key] = torch.cat([r[m] // world for r, m in zip(rows, keep)])
+            for name in ("exp_avg", "exp_avg_sq", "steps"):
+                out[prefix + name] = torch.cat([src[prefix + name][m] for src, m in zip(sources, keep)])
+        elif sources[0][key].dim() == 0:
+            out[key] = sources[0][key]  # a scalar shared by all rows (dense Adam's step)
+        else:  # row-sharded: shard s holds global rows s::n_src
+            total = sum(src[key].shape[0] for src in sources)
+            first = sources[0][key]
+            local = first.new_zeros(shard_rows(total, rank, world), *first.shape[1:])
+            for s, src in enumerate(sources):
+                g = s + n_src * torch.arange(src[key].shape[0])
+                m = g % world == rank
+                local[g[m] // world] = src[key][m]
+            out[key] = local
+    return out

@@ -36,13 +36,13 @@ def export_checkpoint_tables(run_dir: PathLike, out: PathLike, dtype: str = "fp3
     model = build_model_without_tables(meta.model_config, ckpt.load_compression_file(meta.run_dir, meta))
     ckpt.check_hash_fingerprint(model, meta)
     keys = _table_keys(model)
-    path = meta.run_dir / ckpt.MODEL_FILE
+    path = meta.path(ckpt.MODEL_FILE)
     ckpt._verify_file(path, meta.files)
     hasher = model.hasher
     dim = meta.model_config.engram.head_dim
     specs = [(lid, sum(hasher.head_sizes(lid)), hasher.head_sizes(lid)) for lid in keys.values()]
     total = sum(s[1] for s in specs)
-    with safe_open(str(path), framework="pt") as f:
+    with _table_source(meta, path) as f:
         names = set(f.keys())
         for key, lid in keys.items():
             if key not in names:
@@ -63,6 +63,41 @@ def export_checkpoint_tables(run_dir: PathLike, out: PathLike, dtype: str = "fp3
                     w.write(lid, start, chunk)
                     bar.update(chunk.shape[0])
     return read_header(out)
+
+
+class _GatheredTables:
+    """The tables of a sharded checkpoint, gathered from the rank shards, read like ``safe_open``."""
+
+    class _Slice:
+        def __init__(self, t: Any):
+            self.t = t
+
+        def get_shape(self) -> list[int]:
+            return list(self.t.shape)
+
+        def __getitem__(self, index: slice) -> Any:
+            return self.t[index]
+
+    def __init__(self, meta: ckpt.CheckpointMeta):
+        self.tensors = {k: v for k, v in ckpt.read_table_state(meta).items() if k.endswith(ckpt.TABLE_KEY_SUFFIX)}
+
+    def __enter__(self) -> "_GatheredTables":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tensors = {}
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get_slice(self, key: str) -> "_GatheredTables._Slice":
+        return self._Slice(self.tensors[key])
+
+
+def _table_source(meta: ckpt.CheckpointMeta, path: Path) -> Any:
+    # A one-process checkpoint is streamed in chunks; the rows of a sharded one are interleaved
+    # over its shard files (row g in shard g % W), so they are gathered into memory first.
+    return _GatheredTables(meta) if meta.sharded else safe_open(str(path), framework="pt")
 
 
 def import_table_into_checkpoint(table: PathLike, base_run: PathLike, out_run: PathLike,

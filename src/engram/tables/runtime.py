@@ -382,7 +382,7 @@ def _table_keys(model: nn.Module) -> dict[str, int]:
 
 def load_backbone(model: nn.Module, meta: Any) -> None:
     """Load every tensor of a checkpoint except the Engram tables (which may not fit in RAM)."""
-    path = meta.run_dir / ckpt.MODEL_FILE
+    path = meta.path(ckpt.MODEL_FILE)  # a sharded checkpoint's backbone file has no tables at all
     ckpt._verify_file(path, meta.files)
     tables = _table_keys(model)
     tied = dict(meta.raw.get("tied_keys") or {})

@@ -13,7 +13,7 @@ clipping and step order of the main loop:
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -44,10 +44,11 @@ def optimizer_params(optimizers: dict[str, torch.optim.Optimizer]) -> list[torch
 
 
 def optimizer_step(optimizers: dict[str, torch.optim.Optimizer], params: Iterable[torch.nn.Parameter],
-                   grad_clip: float) -> float:
+                   grad_clip: float, clip: Callable[..., torch.Tensor] = clip_grad_norm_) -> float:
     """Clip the gradients of ``params`` jointly to norm ``grad_clip`` (0 disables), step every
-    optimizer and drop the gradients. Returns the norm before clipping (NaN when not clipped)."""
-    grad_norm = float(clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else float("nan")
+    optimizer and drop the gradients. Returns the norm before clipping (NaN when not clipped).
+    ``clip(params, max_norm)`` computes the norm (across processes when the tables are sharded)."""
+    grad_norm = float(clip(params, grad_clip)) if grad_clip > 0 else float("nan")
     for opt in optimizers.values():
         opt.step()
         opt.zero_grad(set_to_none=True)

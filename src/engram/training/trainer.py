@@ -46,6 +46,7 @@ from engram.model.lm import EngramLM
 from engram.tables.runtime import BatchPrefetcher, load_tables_into
 from engram.training.evaluation import check_dataset_for_model, dataset_identity, evaluate
 from engram.training.optimization import lr_at, optimizer_params, optimizer_step, set_lr
+from engram.training.parallel import Parallel
 from engram.training.sparse_adam import SparseRowAdam, use_sparse_table_grads
 
 METRICS_FILE = "metrics.jsonl"
@@ -156,7 +157,7 @@ def _to_tensor(batch: Iterable[Any], device: torch.device) -> tuple[torch.Tensor
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, run_dir: PathLike,
           resume: bool = False, progress: bool = True, max_seconds: Optional[float] = None,
           *, device: Union[str, torch.device] = "cpu", overwrite: bool = False,
-          tables_from: Optional[PathLike] = None) -> dict[str, Any]:
+          tables_from: Optional[PathLike] = None, parallel: Optional[Parallel] = None) -> dict[str, Any]:
     """Train (or resume) a model on a prepared dataset; returns a JSON-able summary.
 
     ``resume=False`` starts from scratch; a ``run_dir`` that already holds a checkpoint is
@@ -164,6 +165,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
     loop stops after the current step, evaluates, and saves, so the run can be resumed.
     ``tables_from``: a table file (``engram table convert``) whose rows initialise the Engram
     tables of a fresh run (its hash fingerprint must match the model config).
+    ``parallel``: how the run spreads over processes (``engram.distributed``); None is one process.
     Summary keys: steps, target_steps, final_val_loss, final_val_ppl, best_val_loss,
     tokens_per_s, tokens_seen, train_s, elapsed_s, stopped_early, resumed_from, param_counts,
     run_dir.
@@ -171,6 +173,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
     t_start = time.perf_counter()
     data_dir, run = Path(data_dir), Path(run_dir)
     device = torch.device(device)
+    par = parallel or Parallel()
+    progress = progress and par.is_main
     ds = data.load_dataset(data_dir)
     tok_fp, _ = dataset_identity(ds)
     check_dataset_for_model(model_cfg.vocab_size, None, ds, data_dir, "the model config")
@@ -198,26 +202,25 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
                              "has its tables in the checkpoint, drop one of the two")
 
         load_tables_into(model, tables_from, progress=progress)
+    par.prepare(model)
     optimizers = build_optimizers(model, train_cfg)
     state: dict[str, Any] = {"step": 0, "best_val_loss": None, "data_seed": train_cfg.seed,
                              "log_loss_sum": 0.0, "log_loss_count": 0, "train_s": 0.0,
                              "tokens_seen": 0}
     if resume:
-        loaded, _ = ckpt.load_for_resume(run, model, optimizers)
-        state.update(loaded)
+        state.update(par.load_for_resume(run, model, optimizers))
     run.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(run / METRICS_FILE, fresh=not resume)
-    if resume:
+    metrics = MetricsLog(run / METRICS_FILE, fresh=not resume) if par.is_main else None
+    if resume and metrics is not None:
         metrics.keep_until(state["step"])
 
     tokenizer_path = data_dir / ckpt.TOKENIZER_FILE
-    loop = TrainLoop(model, optimizers, train_cfg, ds, metrics, state, device, progress)
+    loop = TrainLoop(model, optimizers, train_cfg, ds, metrics, state, device, progress, par)
     resumed_from = state["step"] if resume else None
 
     def save() -> None:
-        ckpt.save_checkpoint(run, model, optimizers, loop.trainer_state(), train_cfg,
-                             tokenizer_path if tokenizer_path.is_file() else None,
-                             tokenizer_fingerprint=tok_fp)
+        par.save_checkpoint(run, model, optimizers, loop.trainer_state(), train_cfg,
+                            tokenizer_path if tokenizer_path.is_file() else None, tok_fp)
 
     try:
         stopped_early = loop.run(save, t_start, max_seconds)
@@ -247,9 +250,11 @@ class TrainLoop:
     """The mutable training state and one method per phase (step, log, eval)."""
 
     def __init__(self, model: EngramLM, optimizers: dict[str, torch.optim.Optimizer],
-                 cfg: TrainConfig, ds: "data.Dataset", metrics: MetricsLog, state: dict[str, Any],
-                 device: torch.device, progress: bool):
+                 cfg: TrainConfig, ds: "data.Dataset", metrics: Optional[MetricsLog], state: dict[str, Any],
+                 device: torch.device, progress: bool, par: Optional[Parallel] = None):
         self.model, self.optimizers, self.cfg, self.ds = model, optimizers, cfg, ds
+        par = par or Parallel()  # one process unless the distributed package passes its own
+        self.par, self.forward = par, par.train_module(model)
         self.metrics, self.device, self.progress = metrics, device, progress
         self.extra = {k: v for k, v in state.items() if k not in TrainLoop.STATE_KEYS and k != "rng"}
         self.step = int(state["step"])
@@ -267,7 +272,8 @@ class TrainLoop:
         self.batches = None  # TrainConfig.prefetch: next batch and row ids built in the background
         if cfg.prefetch:
             self.batches = BatchPrefetcher(
-                lambda s: data.get_batch(ds.train, cfg.batch_size, cfg.seq_len, s, cfg.seed),
+                lambda s: data.get_batch(ds.train, cfg.batch_size, cfg.seq_len, s, cfg.seed,
+                                         part=par.batch_part),
                 model.hasher, device)
 
     STATE_KEYS = ("step", "best_val_loss", "data_seed", "log_loss_sum", "log_loss_count",
@@ -290,11 +296,13 @@ class TrainLoop:
                 bar.update(1)
                 done = self.step == cfg.steps
                 stop = not done and max_seconds is not None and time.perf_counter() - t_start >= max_seconds
+                stop = self.par.any(stop)  # every process stops after the same step
                 record: dict[str, Any] = {}
                 if self.step % cfg.log_every == 0 or done or stop:
                     # On a budget stop the partial interval is shown but kept (it is saved), so
-                    # the resumed run logs the same full-interval mean as an uninterrupted one.
-                    record.update(self.log_fields(lr, reset=not stop))
+                    # the resumed run logs the same full-interval mean as an uninterrupted one;
+                    # an interval that ends at the stop is complete and starts afresh.
+                    record.update(self.log_fields(lr, reset=not stop or self.step % cfg.log_every == 0))
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 if self.step % cfg.eval_every == 0 or done or stop:
                     record.update(self.eval_fields())
@@ -319,21 +327,25 @@ class TrainLoop:
             x, y, hash_ids = self.batches.get(self.step)
         else:
             x, y = _to_tensor(data.get_batch(self.ds.train, cfg.batch_size, cfg.seq_len, self.step,
-                                             cfg.seed), self.device)
+                                             cfg.seed, part=self.par.batch_part), self.device)
             hash_ids = None
         model.train()
-        loss = model(x, y, hash_ids=hash_ids).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {float(loss)} at step {self.step}; lower "
+        # Each process's loss is the mean over its equal part of the batch; averaging the
+        # gradients over processes (DDP) gives the gradient of the mean over the global batch.
+        loss = self.forward(x, y, hash_ids=hash_ids).loss
+        mean_loss = self.par.mean(loss.detach())
+        if not math.isfinite(mean_loss):  # the mean is the same on every process: all stop
+            raise FloatingPointError(f"training loss is {mean_loss} at step {self.step}; lower "
                                      f"TrainConfig.lr (now {cfg.lr}) or enable grad_clip")
         loss.backward()
-        self.grad_norm = optimizer_step(self.optimizers, self.params, cfg.grad_clip)
+        self.grad_norm = optimizer_step(self.optimizers, self.params, cfg.grad_clip, self.par.clip_grad_norm)
+        self.par.end_step(model)
         model.update_moe_bias()
         self.step += 1
-        self.loss_sum += loss.item()
+        self.loss_sum += mean_loss
         self.loss_count += 1
         dt = time.perf_counter() - t0
-        n = x.numel()
+        n = x.numel() * self.par.world_size
         self.train_s += dt
         self.session_train_s += dt
         self.tokens_seen += n
@@ -369,4 +381,6 @@ class TrainLoop:
         return self.last_val
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.metrics is None:  # not the main process
+            return
         self.metrics.write({"step": self.step, **record, "time": time.time(), "train_s": self.train_s})
