@@ -84,3 +84,16 @@ def test_bad_adapter_input_is_one_line(tiny_base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "out of range; the base has 3 decoder layers" in err and "\n" not in err
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_ngram_mixture_on_an_adapter(adapter, tiny_base, tmp_path, capsys, one_thread):
+    data = str(tiny_base["data"])
+    assert main(["ngram", "build", "--data", data, "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(adapter), "--data", data, "--max-batches", "1", "--ngram", str(tmp_path / "idx"),
+                 "--ngram-lambda", "0.3", "--allow-indexed-text"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["mixture"]["loss"] > 0 and res["model"]["loss"] > 0
+    assert main(["generate", "--ckpt", str(adapter), "--prompt", "the cat", "--temperature", "0",
+                 "--max-new-tokens", "5", "--ngram", str(tmp_path / "idx"), "--ngram-lambda", "0.3"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
