@@ -915,6 +915,27 @@ class RetrofitCompareConfig:
             _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
 
 
+@dataclass
+class RetrofitFactsConfig:
+    """``engram retrofit facts``: invented facts taught four ways, asked verbatim and in other words."""
+
+    facts: int = setting(300, "invented facts (spread over the relations)")
+    steps: int = setting(60, "optimizer steps of the Engram patch and of LoRA (same batches)")
+    batch_size: int = setting(8)
+    seq_len: int = setting(64)
+    lr: float = setting(3e-3, "learning rate of LoRA; the patch's tables train at 5x")
+    lora_rank: int = setting(8)
+    ngram_lambda: float = setting(0.5, "fixed mixture weight of the N-gram memory")
+    general_windows: int = setting(16, "general-text windows for the loss change and KL")
+    seed: int = setting(0)
+
+    def __post_init__(self) -> None:
+        for name in ("facts", "steps", "batch_size", "seq_len", "lora_rank", "general_windows"):
+            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+        _check(self.lr > 0, f"lr={self.lr} must be > 0")
+        _check(0 <= self.ngram_lambda < 1, f"ngram_lambda={self.ngram_lambda} must be in [0, 1)")
+
+
 # ----------------------------------------------------------------------------- resolving a run's configs
 def _parse_value(text: str) -> Any:
     try:

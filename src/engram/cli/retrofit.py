@@ -5,6 +5,7 @@
     engram retrofit eval --ckpt ADAPTER --data DIR         loss with the adapter and without it
     engram retrofit generate --ckpt ADAPTER --prompt TEXT  text from base + adapter
     engram retrofit compare --data DIR --out DIR          base / Engram / LoRA / both, seeds, p-values
+    engram retrofit facts --ckpt ADAPTER --data DIR --out DIR   new facts: patch / LoRA / prompt / N-gram
     engram bench retrofit [--json]                         tokens/s of retrofit vs base
 
 An adapter directory also works as ``--ckpt`` of ``engram eval``, ``generate``, ``inspect``,
@@ -22,7 +23,7 @@ from typing import Any
 
 from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
 from engram.cli.table import adapter_storage, load_adapter_for
-from engram.config import RetrofitCompareConfig, RetrofitConfig, SamplingConfig, TrainConfig
+from engram.config import RetrofitCompareConfig, RetrofitConfig, RetrofitFactsConfig, SamplingConfig, TrainConfig
 from engram.errors import EngramError
 
 _RETROFIT_FLAGS = ("base", "table_size", "max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "hash_seed",
@@ -113,6 +114,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_facts(args: argparse.Namespace) -> int:
+    from engram.science.retrofit_facts import result_markdown, run_facts
+
+    cfg = config_from_args(args, RetrofitFactsConfig)
+    res = run_facts(args.ckpt, args.data, args.out, cfg, progress=not args.quiet,
+                    log=(lambda m: None) if args.quiet else print)
+    print(result_markdown(res), end="")
+    print(f"wrote {Path(args.out) / 'result.json'} and facts.jsonl")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from engram.bench.retrofit import bench_retrofit
 
@@ -199,6 +211,16 @@ def register(sub: Any, bench: Any) -> None:
     add_config_flags(c, RetrofitCompareConfig)
     add_common(c, "--quiet")
     c.set_defaults(fn=cmd_compare)
+
+    f = r.add_parser("facts", help="invented facts taught four ways (Engram patch, LoRA, prompt, N-gram), "
+                     "asked verbatim and in other words")
+    add_common(f, "--ckpt", required=True, help="an adapter with Engram layers")
+    add_common(f, "--data", required=True, help="its domain dataset (names are checked absent from it; its "
+               "training split is indexed)")
+    add_common(f, "--out", required=True)
+    add_config_flags(f, RetrofitFactsConfig)
+    add_common(f, "--quiet")
+    f.set_defaults(fn=cmd_facts)
 
     b = bench.add_parser("retrofit", help="inference and training tokens/s of a retrofitted model vs its base")
     b.add_argument("--base", default="smollm2-135m", metavar="NAME|DIR")
