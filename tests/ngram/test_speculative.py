@@ -74,14 +74,19 @@ def test_drafter_rules(tmp_path):
     stream = np.array([0, 1, 2, 3, 0, 1, 2, 4, 0, 1, 2, 3, 0, 1, 2, 4, 0, 7, 1, 2, 5, 6, 0], dtype=np.int64)
     index = NgramIndex.build(tmp_path / "i", stream, vocab_size=10, eos_id=0, fingerprint="f" * 64, progress=False,
                              stats_order=2)
-    d = NgramDrafter(index, DraftConfig(max_len=4, min_match=2, source="index"))
+    d = NgramDrafter(index, DraftConfig(max_len=4, min_match=2, min_count=1, min_prob=0, source="index"))
     assert d.propose([9, 1, 2], 1) == [3]
     assert d.propose([7, 1, 2]) == [5, 6, 0]  # stops at the document's end: [..., 6, 0] ends the match
-    both = NgramDrafter(index, DraftConfig(max_len=1, min_match=2))
+    both = NgramDrafter(index, DraftConfig(max_len=1, min_match=2, min_count=1, min_prob=0))
     assert both.propose([1, 2, 8, 9, 1, 2]) == [8]  # text and index match 2 tokens: the text wins
     assert both.propose([1, 2, 8, 7, 1, 2]) == [5]  # the index matches 3 tokens ([7,1,2]): the index wins
-    assert NgramDrafter(index, DraftConfig(max_len=3, min_match=3, source="index")).propose([9, 1, 2]) == []
+    assert NgramDrafter(index, DraftConfig(max_len=3, min_match=3, min_count=1, source="index")).propose([9, 1, 2]) == []
     assert NgramDrafter(None, DraftConfig(max_len=3, min_match=1)).propose([4, 5, 6, 4]) == [5, 6, 4]
+    # [7,1,2] occurs once, [1,2] five times (3, 4, 3, 4, 5 after it): with min_count 3 the shorter
+    # suffix speaks, 3 and 4 tie and 3 wins; its share 2/5 is below min_prob 0.5: no draft
+    frequent = NgramDrafter(index, DraftConfig(max_len=1, min_match=2, min_count=3, min_prob=0.4, source="index"))
+    assert frequent.propose([7, 1, 2]) == [3]
+    assert NgramDrafter(index, DraftConfig(max_len=1, min_count=3, min_prob=0.5, source="index")).propose([7, 1, 2]) == []
 
 
 def test_draft_spec_parsing():
@@ -99,7 +104,7 @@ def test_greedy_output_is_identical_with_and_without_drafts(world, k):
         ref = generate(model, prompt, GREEDY)
         full = ref[0].tolist()
         drafters = [OracleDrafter(full, k), OracleDrafter(full, k, spoil=2),
-                    NgramDrafter(world["index"], DraftConfig(max_len=k, min_match=1))]
+                    NgramDrafter(world["index"], DraftConfig(max_len=k, min_match=1, min_count=1, min_prob=0))]
         for drafter in drafters:
             res = generate_speculative(EngramTarget(model), drafter, prompt, GREEDY)
             assert torch.equal(res.ids, ref), (k, type(drafter).__name__)
@@ -123,14 +128,14 @@ def test_greedy_mixture_is_identical_with_and_without_drafts(world):
     for prompt in world["prompts"][:2]:
         ref = generate_mixed(mix, prompt, GREEDY)
         for k in (2, 4):
-            res = generate_speculative(MixtureTarget(mix), NgramDrafter(index, DraftConfig(max_len=k, min_match=1)),
+            res = generate_speculative(MixtureTarget(mix), NgramDrafter(index, DraftConfig(max_len=k, min_match=1, min_count=1, min_prob=0)),
                                        prompt, GREEDY)
             assert torch.equal(res.ids, ref)
             assert res.accepted > 0  # the mixture follows the index, so its drafts get accepted
     fn = LMAdapter(lambda ids: model(ids).logits, vocab_size=index.vocab_size, max_seq_len=model.cfg.max_seq_len)
     mix_fn = NgramMixture(fn, index, 0.5, GateConfig(kn_order=3))  # a plain callable LM, re-run each step
     prompt = world["prompts"][0]
-    res = generate_speculative(MixtureTarget(mix_fn), NgramDrafter(index, DraftConfig(max_len=4, min_match=1)),
+    res = generate_speculative(MixtureTarget(mix_fn), NgramDrafter(index, DraftConfig(max_len=4, min_match=1, min_count=1, min_prob=0)),
                                prompt, GREEDY)
     assert torch.equal(res.ids, generate_mixed(mix, prompt, GREEDY))
 
@@ -153,7 +158,7 @@ def test_greedy_identical_with_tables_in_a_storage_tier(world, tiny, kind):
             ref = generate(model, prompt, GREEDY)
             res = generate_speculative(EngramTarget(m), OracleDrafter(ref[0].tolist(), 4, spoil=2), prompt, GREEDY)
             assert torch.equal(res.ids, ref)
-            res = generate_speculative(EngramTarget(m), NgramDrafter(world["index"], DraftConfig(min_match=1)),
+            res = generate_speculative(EngramTarget(m), NgramDrafter(world["index"], DraftConfig(min_match=1, min_count=1, min_prob=0)),
                                        prompt, GREEDY)
             assert torch.equal(res.ids, ref)
     finally:

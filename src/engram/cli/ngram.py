@@ -116,6 +116,10 @@ def add_draft_args(p) -> None:
                    help="N-gram index to draft from (default: the --ngram index; none: the generation's own text)")
     g.add_argument("--draft-min-match", type=int, default=DraftConfig.min_match,
                    help=f"shortest suffix match that may propose a token (default {DraftConfig.min_match})")
+    g.add_argument("--draft-min-count", type=int, default=DraftConfig.min_count,
+                   help=f"index matches: the longest suffix seen at least this often (default {DraftConfig.min_count})")
+    g.add_argument("--draft-min-prob", type=float, default=DraftConfig.min_prob,
+                   help=f"index matches: the continuation's smallest share (default {DraftConfig.min_prob})")
     g.add_argument("--draft-source", default="both", choices=DRAFT_SOURCES,
                    help="look matches up in the index, the generation's own text, or both (default)")
 
@@ -129,7 +133,8 @@ def drafter_from_args(args, fingerprint, index=None):
         if getattr(args, "index", None):
             raise EngramError("--index is read only with --draft ngram[:K]; add --draft ngram:4")
         return None
-    cfg = DraftConfig.parse(args.draft, min_match=args.draft_min_match, source=args.draft_source)
+    cfg = DraftConfig.parse(args.draft, min_match=args.draft_min_match, min_count=args.draft_min_count,
+                            min_prob=args.draft_min_prob, source=args.draft_source)
     path = args.index or getattr(args, "ngram", None)
     if path and (index is None or args.index):
         index = _index(path)

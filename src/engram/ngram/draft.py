@@ -16,7 +16,8 @@ it. Rules (deterministic, so that a draft is a function of the context alone):
   text); within the index, ties between equally frequent continuations go to the smaller id;
   within the text, the latest occurrence wins;
 - depth: drafting stops after ``max_len`` tokens, or as soon as the longest match is shorter
-  than ``min_match`` tokens (a shorter match is too weak a reason to spend a verified position);
+  than ``min_match`` tokens, or the index's continuation has a share below ``min_prob`` (a weak
+  match is not worth a verified position);
 - matches are looked up over the last ``context`` tokens (a longer match continues the same way
   almost always, and the lookup stays O(context log n)).
 """
@@ -60,12 +61,31 @@ class NgramDrafter:
         self.use_text = cfg.source in ("both", "text")
 
     def index_match(self, ctx: np.ndarray) -> tuple[int, int]:
-        """(suffix length, most frequent continuation) of the longest suffix of ``ctx`` in the
-        index; (0, -1) when nothing matched."""
-        r = self.index.infgram_ntd(ctx[-self.cfg.context:])
-        if r.count == 0 or r.suffix_len == 0:
+        """(length, most frequent continuation) of the longest suffix of ``ctx`` (cut at its last
+        eos) seen at least ``min_count`` times in the index; (0, -1) when there is none, or when
+        that continuation's share is below ``min_prob``. Occurrence counts only fall as the
+        suffix grows, so the length is a binary search of O(log context) counts."""
+        ctx = ctx[-self.cfg.context:]
+        eos = np.flatnonzero(ctx == self.index.eos_id)
+        if eos.size:
+            ctx = ctx[eos[-1]:]
+        lo, hi = 0, int(ctx.size)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.index.count(ctx[ctx.size - mid:]) >= self.cfg.min_count:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
             return 0, -1
-        return r.suffix_len, int(r.dist.argmax())  # argmax: the first (smallest) id among ties
+        counts = self.index.next_counts(ctx[ctx.size - lo:])
+        total = int(counts.sum())
+        if total == 0:
+            return 0, -1
+        best = int(counts.argmax())  # argmax: the first (smallest) id among ties
+        if counts[best] < self.cfg.min_prob * total:
+            return 0, -1
+        return lo, best
 
     def propose(self, seq: Sequence[int], k: Optional[int] = None) -> list[int]:
         """Up to ``k`` (default ``cfg.max_len``) draft tokens continuing ``seq``."""

@@ -385,6 +385,10 @@ class NgramIndex:
                 out[ids] += counts.astype(np.int64)
         return out
 
+    def next_counts(self, context: Any) -> np.ndarray:
+        """[V] int64 counts of the tokens that follow the (cut) context, summed over segments."""
+        return self._context_counts(self._cut(context))
+
     def ntd(self, context: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """[V] maximum-likelihood next-token distribution after the (cut) context."""
         counts = self._context_counts(self._cut(context))
