@@ -1,9 +1,9 @@
 """``engram bench draft``: speculative decoding with drafts from memory vs plain decoding.
 
 Same model, same held-out prompts (windows of the validation split, which the index does not
-hold), one process, one torch thread. Each round runs every method over every prompt, the
-methods in a rotating order so that a slow moment of a shared machine does not always hit the
-same one:
+hold), one process, one torch thread. Each round runs every prompt through every method back
+to back, the methods in a rotating order, so that each method's time on a prompt is paired in
+time with the others' and a slow moment of a shared machine does not always hit the same one:
 
 - ``baseline``: ``engram.model.generation.generate``, one token per forward (the real default);
 - ``k0``: the speculative loop with no drafter (its own overhead, one token per forward);
@@ -96,21 +96,23 @@ def bench_draft(ckpt: PathLike, data_dir: PathLike, index_path: Optional[PathLik
     tokens = {m: [] for m in methods}
     outputs: dict[str, list[list[int]]] = {}
     draft_stats: dict[str, list[dict]] = {m: [] for m in methods}
-    bar = tqdm(total=repeats * len(methods), desc="bench draft", unit="run", disable=not progress)
+    bar = tqdm(total=repeats * len(ps), desc="bench draft", unit="prompt", disable=not progress)
     for r in range(repeats):
-        for m in methods[r % len(methods):] + methods[:r % len(methods)]:
-            outs, st, n_new = [], [], 0
-            t0 = time.perf_counter()
-            for p in ps:
+        for i, p in enumerate(ps):  # every method on this prompt back to back: paired in time
+            turn = (r * len(ps) + i) % len(methods)
+            for m in methods[turn:] + methods[:turn]:
+                t0 = time.perf_counter()
                 ids, s = run(m, p)
-                outs.append(ids)
-                n_new += len(ids) - len(p)
-                if s is not None:
-                    st.append(s)
-            seconds[m].append(time.perf_counter() - t0)
-            tokens[m].append(n_new)
-            if r == 0:
-                outputs[m], draft_stats[m] = outs, st
+                dt = time.perf_counter() - t0
+                if i == 0:
+                    seconds[m].append(0.0)
+                    tokens[m].append(0)
+                seconds[m][-1] += dt
+                tokens[m][-1] += len(ids) - len(p)
+                if r == 0:
+                    outputs.setdefault(m, []).append(ids)
+                    if s is not None:
+                        draft_stats[m].append(s)
             bar.update(1)
     bar.close()
     base = outputs["baseline"]

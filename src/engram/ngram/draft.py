@@ -60,16 +60,22 @@ class NgramDrafter:
         self.use_index = index is not None and cfg.source in ("both", "index")
         self.use_text = cfg.source in ("both", "text")
 
-    def index_match(self, ctx: np.ndarray) -> tuple[int, int]:
+    def index_match(self, ctx: np.ndarray, bound: Optional[int] = None) -> tuple[int, int]:
         """(length, most frequent continuation) of the longest suffix of ``ctx`` (cut at its last
-        eos) seen at least ``min_count`` times in the index; (0, -1) when there is none, or when
-        that continuation's share is below ``min_prob``. Occurrence counts only fall as the
-        suffix grows, so the length is a binary search of O(log context) counts."""
+        eos) seen at least ``min_count`` times in the index; (0, -1) when there is none, (length,
+        -1) when that continuation's share is below ``min_prob``. Occurrence counts only fall as the
+        suffix grows, so the length is a binary search of O(log context) counts. ``bound``: a
+        known upper bound on the length, tried first (``propose`` passes the last length + 1:
+        a longer match now would have been a longer match one token ago)."""
         ctx = ctx[-self.cfg.context:]
         eos = np.flatnonzero(ctx == self.index.eos_id)
         if eos.size:
             ctx = ctx[eos[-1]:]
-        lo, hi = 0, int(ctx.size)
+        lo, hi = 0, int(ctx.size) if bound is None else min(bound, int(ctx.size))
+        if hi and self.index.count(ctx[ctx.size - hi:]) >= self.cfg.min_count:
+            lo = hi
+        else:
+            hi -= 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self.index.count(ctx[ctx.size - mid:]) >= self.cfg.min_count:
@@ -84,7 +90,7 @@ class NgramDrafter:
             return 0, -1
         best = int(counts.argmax())  # argmax: the first (smallest) id among ties
         if counts[best] < self.cfg.min_prob * total:
-            return 0, -1
+            return lo, -1  # the length still bounds the next lookup
         return lo, best
 
     def propose(self, seq: Sequence[int], k: Optional[int] = None) -> list[int]:
@@ -92,13 +98,15 @@ class NgramDrafter:
         k = self.cfg.max_len if k is None else min(k, self.cfg.max_len)
         ctx = np.asarray(seq, dtype=np.int64)
         draft: list[int] = []
+        bound = None  # upper bound on the index match length (see index_match)
         while len(draft) < k:
             best_len, best_tok = 0, -1
             if self.use_text:
                 best_len, best_tok = text_match(ctx, self.cfg.context)
             if self.use_index:
-                n, tok = self.index_match(ctx)
-                if n > best_len:  # equal length: the generation's own text keeps priority
+                n, tok = self.index_match(ctx, bound)
+                bound = n + 1
+                if tok >= 0 and n > best_len:  # equal length: the generation's own text keeps priority
                     best_len, best_tok = n, tok
             if best_len < self.cfg.min_match:
                 break
