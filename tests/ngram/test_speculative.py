@@ -87,6 +87,9 @@ def test_drafter_rules(tmp_path):
     frequent = NgramDrafter(index, DraftConfig(max_len=1, min_match=2, min_count=3, min_prob=0.4, source="index"))
     assert frequent.propose([7, 1, 2]) == [3]
     assert NgramDrafter(index, DraftConfig(max_len=1, min_count=3, min_prob=0.5, source="index")).propose([7, 1, 2]) == []
+    assert d.propose([7, 1, 2], 1) == [5]
+    index.add(np.array([0, 7, 1, 2, 3, 0, 7, 1, 2, 3, 0]), name="more")  # now 3 follows [7,1,2] twice
+    assert d.propose([7, 1, 2], 1) == [3]  # the drafter's lookup memo follows the index
 
 
 def test_draft_spec_parsing():

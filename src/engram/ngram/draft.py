@@ -59,6 +59,13 @@ class NgramDrafter:
         self.index, self.cfg = index, cfg
         self.use_index = index is not None and cfg.source in ("both", "index")
         self.use_text = cfg.source in ("both", "text")
+        # index lookups by context: a generation meets the same contexts again (its drafts are
+        # re-derived after every rejection, and weak models repeat themselves); dropped when the
+        # index changes (add / remove / compact bump its generation)
+        self._memo: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._memo_generation: Optional[int] = None
+
+    MEMO_SIZE = 1 << 16
 
     def index_match(self, ctx: np.ndarray, bound: Optional[int] = None) -> tuple[int, int]:
         """(length, most frequent continuation) of the longest suffix of ``ctx`` (cut at its last
@@ -71,6 +78,16 @@ class NgramDrafter:
         eos = np.flatnonzero(ctx == self.index.eos_id)
         if eos.size:
             ctx = ctx[eos[-1]:]
+        generation = int(self.index.manifest["generation"])
+        if generation != self._memo_generation or len(self._memo) >= self.MEMO_SIZE:
+            self._memo, self._memo_generation = {}, generation
+        key = tuple(ctx.tolist())
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = self._index_lookup(ctx, bound)
+        return hit
+
+    def _index_lookup(self, ctx: np.ndarray, bound: Optional[int]) -> tuple[int, int]:
         lo, hi = 0, int(ctx.size) if bound is None else min(bound, int(ctx.size))
         if hi and self.index.count(ctx[ctx.size - hi:]) >= self.cfg.min_count:
             lo = hi
