@@ -113,7 +113,7 @@ def test_greedy_output_is_identical_with_and_without_drafts(world, k):
             assert torch.equal(res.ids, ref), (k, type(drafter).__name__)
             assert res.new_tokens == GREEDY.max_new_tokens
         oracle = generate_speculative(EngramTarget(model), OracleDrafter(full, k), prompt, GREEDY)
-        assert oracle.acceptance == 1.0 and oracle.forwards == math.ceil((GREEDY.max_new_tokens - 1) / (k + 1))
+        assert oracle.acceptance == 1.0 and oracle.forwards == 1 + math.ceil((GREEDY.max_new_tokens - 1) / (k + 1))
 
 
 def test_eos_ends_the_generation_inside_a_draft(world):

@@ -10,8 +10,10 @@ time with the others' and a slow moment of a shared machine does not always hit 
 - ``k2`` / ``k4`` / ``k8``: the loop with ``NgramDrafter`` (index + generation text), K = 2/4/8.
 
 Reported per method: tokens/s (median over rounds, min-max spread), the speedup over the
-baseline (ratio of totals within each round, then the median), acceptance rate, mean accepted
-length and tokens per forward; ``identical``: every greedy output equals the baseline's.
+baseline (ratio of tokens/s within each round, then the median and spread), acceptance rate
+(accepted / drafted tokens), mean accepted length (accepted draft tokens per step that had a
+draft) and tokens per forward (the prompt's forward included); ``identical``: every greedy
+output equals the baseline's. Top-level ``speedup`` is the best K's median.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def bench_draft(ckpt: PathLike, data_dir: PathLike, index_path: Optional[PathLik
             drafted, accepted = sum(s["drafted"] for s in st), sum(s["accepted"] for s in st)
             entry.update({
                 "acceptance": accepted / drafted if drafted else 0.0,
-                "mean_accepted": float(np.mean([s["mean_accepted"] for s in st])),
+                "mean_accepted": accepted / max(sum(s["draft_steps"] for s in st), 1),
                 "tokens_per_forward": sum(s["new_tokens"] for s in st) / max(sum(s["forwards"] for s in st), 1),
                 "drafted": drafted, "accepted": accepted,
             })
@@ -143,7 +145,7 @@ def bench_draft(ckpt: PathLike, data_dir: PathLike, index_path: Optional[PathLik
         "env": {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
                 "torch": torch.__version__, "cpus": os.cpu_count(), "threads": threads,
                 "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "setup": {"ckpt": str(ckpt), "step": meta.step, "preset_hidden": model.cfg.hidden_size,
+        "setup": {"ckpt": str(ckpt), "step": meta.step, "params": model.param_counts(),
                   "data": str(data_dir), "index": str(index_path) if index_path else None,
                   "index_tokens": index.num_tokens if index is not None else 0,
                   "prompts": prompts, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,

@@ -160,7 +160,7 @@ def generate_drafted(target, drafter, ids: list[int], sampling, eos_id=None):
     dt = time.perf_counter() - t0
     st = res.stats()
     print(f"engram: draft {drafter.cfg.method}:{drafter.cfg.max_len}: {st['new_tokens']} new tokens in "
-          f"{dt:.2f} s ({st['new_tokens'] / max(dt, 1e-9):,.1f} tokens/s), {st['forwards'] + 1} forwards, "
+          f"{dt:.2f} s ({st['new_tokens'] / max(dt, 1e-9):,.1f} tokens/s), {st['forwards']} forwards, "
           f"acceptance {st['acceptance']:.1%}, mean accepted length {st['mean_accepted']:.2f}", file=sys.stderr)
     return res.ids
 

@@ -126,7 +126,7 @@ class SpeculativeResult:
 
     ids: torch.Tensor  # [1, T0 + n]: prompt and new tokens
     new_tokens: int = 0
-    forwards: int = 0  # scoring calls after the prompt (one per step)
+    forwards: int = 0  # scoring calls, the prompt's included (plain decoding: one per new token)
     drafted: int = 0  # draft tokens scored
     accepted: int = 0  # draft tokens accepted
     accepted_lengths: list[int] = field(default_factory=list)  # per step with a non-empty draft
@@ -143,7 +143,7 @@ class SpeculativeResult:
 
     def stats(self) -> dict:
         return {"new_tokens": self.new_tokens, "forwards": self.forwards, "drafted": self.drafted,
-                "accepted": self.accepted, "acceptance": self.acceptance,
+                "accepted": self.accepted, "draft_steps": len(self.accepted_lengths), "acceptance": self.acceptance,
                 "mean_accepted": self.mean_accepted,
                 "tokens_per_forward": self.new_tokens / max(self.forwards, 1)}
 
@@ -199,6 +199,7 @@ def generate_speculative(target: ScoringTarget, drafter: Optional[NgramDrafter],
     chooser = _Chooser(sampling)
     target.begin(total, K)
     x = chooser.choose(target.score(seq)[-1])  # the prompt in one call
+    res.forwards = 1
     seq.append(x)
     show = (max_new >= PROGRESS_MIN_TOKENS) if progress is None else progress
     bar = tqdm(total=max_new, desc="generate", unit="tok", disable=None if show else True, leave=False)
