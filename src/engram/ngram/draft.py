@@ -103,8 +103,8 @@ class NgramDrafter:
             return 0, -1
         counts = self.index.next_counts(ctx[ctx.size - lo:])
         total = int(counts.sum())
-        if total == 0:
-            return 0, -1
+        if total == 0:  # seen, but never followed by a token (the document rule)
+            return lo, -1
         best = int(counts.argmax())  # argmax: the first (smallest) id among ties
         if counts[best] < self.cfg.min_prob * total:
             return lo, -1  # the length still bounds the next lookup
