@@ -264,6 +264,12 @@ def test_cli_generate_with_drafts_and_the_bench(world, tiny, tmp_path, capsys):
     drafted_mix = capsys.readouterr().out
     assert cli.main(base + ["--ngram", idx, "--ngram-lambda", "0.5", "--ngram-order", "3"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == drafted_mix.splitlines()[0]
+    table = tmp_path / "tiny.engt"  # tables served from a file by the cached tier (helper process)
+    assert cli.main(["table", "convert", str(run), str(table), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--draft", "ngram:4", "--index", idx, "--table", str(table), "--cache-rows", "50"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "hit rate" in out.err and "acceptance" in out.err
     assert cli.main(base + ["--draft", "ngram:0"]) == 2
     assert "ngram:K" in capsys.readouterr().err
     assert cli.main(base + ["--index", idx]) == 2
@@ -274,6 +280,11 @@ def test_cli_generate_with_drafts_and_the_bench(world, tiny, tmp_path, capsys):
     rec = json.loads(capsys.readouterr().out)
     assert rec["identical"] is True and rec["best_k"] in (2, 4) and rec["speedup"] > 0
     assert set(rec["acceptance"]) == {"k2", "k4"} and set(rec["methods"]) == {"baseline", "k0", "k2", "k4"}
+    assert cli.main(["bench", "draft", "--ckpt", str(run), "--data", str(world["data"]), "--json", "--quiet",
+                     "--prompts", "2", "--prompt-len", "8", "--max-new-tokens", "10", "--repeats", "1",
+                     "--ks", "2", "--temperature", "0.9"]) == 0  # sampling, text-only drafts
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["identical"] is None and rec["methods"]["k0"]["prompts_identical"] == 2  # same draws
 
 
 def test_batch_prompts_are_refused(world):

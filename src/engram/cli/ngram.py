@@ -425,7 +425,8 @@ def cmd_bench_draft(args) -> int:
 
     res = bench_draft(args.ckpt, args.data, args.index, ks=tuple(int_list(args.ks, "--ks")), prompts=args.prompts,
                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                      min_match=args.min_match, threads=args.threads, seed=args.seed, progress=not args.quiet)
+                      min_match=args.min_match, threads=args.threads, seed=args.seed,
+                      temperature=args.temperature, progress=not args.quiet)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -434,7 +435,7 @@ def cmd_bench_draft(args) -> int:
                  if "acceptance" in m else "")
         print(f"{name:>8}: {m['tokens_per_s']['median']:8.1f} tokens/s, x{m['speedup']['median']:.2f} "
               f"(x{m['speedup']['min']:.2f}-{m['speedup']['max']:.2f}), identical {m['identical']}{extra}")
-    print(f"best K={res['best_k']}: speedup x{res['speedup']:.2f}, greedy outputs identical: {res['identical']}")
+    print(f"best K={res['best_k']}: speedup x{res['speedup']:.2f}, outputs identical: {res['identical']}")
     return 0
 
 
@@ -538,6 +539,8 @@ def register(sub, bench) -> None:
     bd.add_argument("--min-match", type=int, default=DraftConfig.min_match)
     bd.add_argument("--threads", type=int, default=1)
     bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy (default; outputs compared token for token), > 0 samples")
     add_common(bd, "--quiet")
     bd.set_defaults(fn=cmd_bench_draft)
 
