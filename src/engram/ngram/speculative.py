@@ -37,11 +37,10 @@ from typing import Optional, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from engram.config import SamplingConfig
+from engram.config import DraftConfig, SamplingConfig
 from engram.errors import EngramError
 from engram.model.generation import check_prompt, filter_logits
 from engram.model.lm import EngramLM
-from engram.ngram.draft import NgramDrafter
 from engram.ngram.mixture import NgramMixture
 
 # a generation at least this long shows a progress bar (on a terminal)
@@ -59,6 +58,15 @@ class ScoringTarget(Protocol):
     def score(self, ids: Sequence[int]) -> torch.Tensor: ...
 
     def truncate(self, n: int) -> None: ...
+
+
+class Drafter(Protocol):
+    """What the loop needs from a drafter (``NgramDrafter``): up to k tokens continuing ``seq``,
+    a deterministic function of it (the sampling rule relies on that)."""
+
+    cfg: DraftConfig  # cfg.max_len: the longest draft, the rollback the target must allow
+
+    def propose(self, seq: Sequence[int], k: Optional[int] = None) -> list[int]: ...
 
 
 class EngramTarget:
@@ -178,7 +186,7 @@ class _Chooser:
 
 
 @torch.no_grad()
-def generate_speculative(target: ScoringTarget, drafter: Optional[NgramDrafter], prompt_ids: torch.Tensor,
+def generate_speculative(target: ScoringTarget, drafter: Optional[Drafter], prompt_ids: torch.Tensor,
                          sampling: SamplingConfig, eos_id: Optional[int] = None,
                          progress: Optional[bool] = None) -> SpeculativeResult:
     """prompt_ids [T0] or [1,T0] -> SpeculativeResult (ids [1, T0 + n], draft statistics).
