@@ -247,6 +247,51 @@ def test_the_distribution_test_catches_a_subtly_wrong_rule(monkeypatch):
     assert _drafted_samples_p_value()[0] < 1e-3
 
 
+class ArgmaxDrafter:
+    """Drafts the most likely next token of a fixed table (a deterministic function of the
+    context), so that about half of the drafts are accepted by the sampler."""
+
+    cfg = DraftConfig(max_len=2)
+
+    def __init__(self, table: dict[int, int]):
+        self.table = table
+
+    def propose(self, seq, k=None):
+        return [self.table[seq[-1]]] if seq[-1] in self.table else []
+
+
+@pytest.mark.slow  # ~9 s: 1,200 generations
+def test_speculative_sampling_with_the_model_keeps_its_distribution(world):
+    """The real model on its rollback cache, top-k 3 sampling: the first two new tokens (the
+    second one drafted and verified) against the model's exact joint distribution, chi-square
+    over 9 cells at significance 0.001 (fixed seeds: deterministic)."""
+    model, prompt = world["model"], world["prompts"][1]
+    s = dict(max_new_tokens=3, temperature=1.0, top_k=3)
+    with torch.no_grad():
+        l1 = model(prompt).logits[0, -1]
+        top1 = torch.topk(l1, 3).indices.tolist()
+        p1 = torch.softmax(l1[top1].double(), -1)
+        exact, table = {}, {}
+        for a, pa in zip(top1, p1.tolist()):
+            l2 = model(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1]
+            top2 = torch.topk(l2, 3).indices.tolist()
+            table[a] = top2[0]
+            for b, pb in zip(top2, torch.softmax(l2[top2].double(), -1).tolist()):
+                exact[(a, b)] = pa * pb
+    n, counts, drafted, accepted = 1200, {c: 0 for c in exact}, 0, 0
+    for seed in range(n):
+        res = generate_speculative(EngramTarget(model), ArgmaxDrafter(table), prompt,
+                                   SamplingConfig(**s, seed=seed))
+        a, b = res.ids[0, prompt.shape[1]:prompt.shape[1] + 2].tolist()
+        counts[(a, b)] += 1
+        drafted, accepted = drafted + res.drafted, accepted + res.accepted
+    chi2 = sum((counts[c] - n * q) ** 2 / (n * q) for c, q in exact.items())
+    p_value = float(torch.special.gammaincc(torch.tensor(8 / 2, dtype=torch.float64),
+                                            torch.tensor(chi2 / 2, dtype=torch.float64)))
+    assert p_value > 1e-3, (chi2, p_value, counts)
+    assert 0.1 < accepted / drafted < 0.9
+
+
 # ----------------------------------------------------------------------------- command line
 def test_cli_generate_with_drafts_and_the_bench(world, tiny, tmp_path, capsys):
     run = tmp_path / "run"
