@@ -714,6 +714,51 @@ class SamplingConfig:
         _check(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
 
 
+# ----------------------------------------------------------------------------- speculative drafting
+# Used by engram.ngram.draft and .speculative; torch-free for the CLI flags.
+DRAFT_METHODS = ("ngram",)
+DRAFT_SOURCES = ("both", "index", "text")
+
+
+@dataclass
+class DraftConfig:
+    """Drafts copied from memory for speculative decoding (``engram generate --draft ngram:K``).
+
+    Each draft token continues the longest suffix of the context found in the N-gram index of
+    the corpus (seen at least ``min_count`` times) and in the text of this generation (prompt +
+    output); a match shorter than ``min_match`` tokens, or an index continuation with a share
+    below ``min_prob``, ends the draft. ``source`` limits where matches are looked up. The
+    defaults were chosen on held-out prompts other than the benchmark's (docs/speculative.md).
+    """
+
+    method: str = setting("ngram", "how drafts are made (ngram: suffix matches in memory)", choices=DRAFT_METHODS)
+    max_len: int = setting(4, "K: at most this many draft tokens per verification step")
+    min_match: int = setting(2, "shortest suffix match (tokens) that may propose a draft token")
+    min_count: int = setting(8, "index matches: the longest suffix seen at least this often (1: the longest at all)")
+    min_prob: float = setting(0.2, "index matches: stop when the most frequent continuation has a smaller share")
+    context: int = setting(32, "longest suffix (tokens) looked up; longer matches continue the same way")
+    source: str = setting("both", "where matches are looked up: the index, the generation's own text, or both",
+                          choices=DRAFT_SOURCES)
+
+    def __post_init__(self) -> None:
+        _check(self.method in DRAFT_METHODS, f"draft method {self.method!r}; choose one of {DRAFT_METHODS}")
+        _check(1 <= self.max_len <= 64, f"draft max_len={self.max_len} must be in 1..64 (ngram:K with K >= 1)")
+        _check(self.min_match >= 1, f"draft min_match={self.min_match} must be >= 1")
+        _check(self.min_count >= 1, f"draft min_count={self.min_count} must be >= 1")
+        _check(0.0 <= self.min_prob <= 1.0, f"draft min_prob={self.min_prob} must be in [0, 1]")
+        _check(self.context >= self.min_match,
+               f"draft context={self.context} must be >= min_match={self.min_match}")
+        _check(self.source in DRAFT_SOURCES, f"draft source={self.source!r}; choose one of {DRAFT_SOURCES}")
+
+    @classmethod
+    def parse(cls, spec: str, **kw: Any) -> "DraftConfig":
+        """``"ngram"`` or ``"ngram:K"`` (K = maximum draft length) -> DraftConfig."""
+        method, _, k = spec.partition(":")
+        if method not in DRAFT_METHODS or (k and not k.isdigit()):
+            raise ConfigError(f"--draft {spec!r} is not understood; use ngram or ngram:K with K a positive integer")
+        return cls(method=method, **({"max_len": int(k)} if k else {}), **kw)
+
+
 # ----------------------------------------------------------------------------- N-gram mixture gate
 # Used by engram.ngram.mixture and .index; torch-free for the CLI flags.
 class MixtureError(EngramError):

@@ -3,7 +3,7 @@
     engram demo                          the main job: data, two small models, comparison, sample
     engram tokenizer report              compression statistics of a tokenizer
     engram data prepare                  token shards from the built-in corpus and/or your files
-    engram train / eval / generate       the model life cycle
+    engram train / eval / generate       the model life cycle (generate --draft ngram:K: speculative)
     engram bench hash                    hashing throughput against the reference algorithm
 
 Errors that come from bad input (``EngramError``, a missing file, a flag argparse refuses) are
@@ -30,7 +30,14 @@ from engram.cli import sweep as sweep_commands
 from engram.cli import table as table_commands
 from engram.cli.demo import run_demo
 from engram.cli.flags import ArgumentParser, add_common, add_config_flags, config_from_args
-from engram.cli.ngram import add_mixture_args, cmd_eval_ngram, cmd_generate_ngram
+from engram.cli.ngram import (
+    add_draft_args,
+    add_mixture_args,
+    cmd_eval_ngram,
+    cmd_generate_ngram,
+    drafter_from_args,
+    generate_drafted,
+)
 from engram.cli.table import (
     add_storage_arguments,
     add_train_table_arguments,
@@ -151,10 +158,19 @@ def cmd_generate(args) -> int:
 
     sampling = config_from_args(args, SamplingConfig)
     model, meta = load_for_generation(args.ckpt, args)  # load_model, or tables per --table/--storage
+    drafter = drafter_from_args(args, meta.tokenizer_fingerprint)
     tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
+    if drafter is not None:  # speculative decoding (cli/ngram.py, docs/speculative.md)
+        from engram.ngram.speculative import EngramTarget
+
+        t0 = time.perf_counter()
+        out = generate_drafted(EngramTarget(model), drafter, ids, sampling)
+        report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)  # offloaded tables
+        print(tok.decode(out[0].tolist()))
+        return 0
     t0 = time.perf_counter()
     out = generate(model, torch.tensor([ids]), sampling)
     report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)  # tokens/s, hit rate
@@ -240,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(g, SamplingConfig, defaults=GENERATE_DEFAULTS)
     add_storage_arguments(g)
     add_mixture_args(g, scoring=False)
+    add_draft_args(g)
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)

@@ -8,7 +8,8 @@
     engram ngram stats INDEX [--verify]              segments, sizes, checksums
     engram ngram train-gate --ckpt RUN --data DIR --index INDEX      the lambda gate
     engram eval/generate ... --ngram INDEX [--gate DIR | --ngram-lambda X]
-    engram bench ngram / ngram-mix                   vs infini-gram / mixture + instant-update results
+    engram generate ... --draft ngram[:K] [--index INDEX]    speculative decoding, drafts from memory
+    engram bench ngram / ngram-mix / draft           vs infini-gram / mixture + instant update / drafting
 
 The gate's flags are generated from ``GateConfig`` (``engram.config``). Handlers import the library
 lazily, inside the function, so that ``engram --help`` does not load torch.
@@ -23,7 +24,7 @@ from typing import Any
 
 from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
 from engram.cli.table import load_for_generation
-from engram.config import DEFAULT_KN_ORDER, ESTIMATORS, GateConfig, SamplingConfig
+from engram.config import DEFAULT_KN_ORDER, DRAFT_SOURCES, ESTIMATORS, DraftConfig, GateConfig, SamplingConfig
 from engram.errors import EngramError
 
 GATES_DIR = "gates"
@@ -118,6 +119,64 @@ def add_mixture_args(p, scoring: bool) -> None:
                        help="score text that is in the index (measures memorisation, not prediction)")
 
 
+def add_draft_args(p) -> None:
+    """The --draft flags of `engram generate` (speculative decoding, docs/speculative.md)."""
+    g = p.add_argument_group("speculative decoding (docs/speculative.md)")
+    g.add_argument("--draft", metavar="ngram[:K]",
+                   help="draft up to K tokens (default 4) from memory and verify them in one forward")
+    g.add_argument("--index", metavar="INDEX",
+                   help="N-gram index to draft from (default: the --ngram index; none: the generation's own text)")
+    g.add_argument("--draft-min-match", type=int, default=DraftConfig.min_match,
+                   help=f"shortest suffix match that may propose a token (default {DraftConfig.min_match})")
+    g.add_argument("--draft-min-count", type=int, default=DraftConfig.min_count,
+                   help=f"index matches: the longest suffix seen at least this often (default {DraftConfig.min_count})")
+    g.add_argument("--draft-min-prob", type=float, default=DraftConfig.min_prob,
+                   help=f"index matches: the continuation's smallest share (default {DraftConfig.min_prob})")
+    g.add_argument("--draft-source", default="both", choices=DRAFT_SOURCES,
+                   help="look matches up in the index, the generation's own text, or both (default)")
+
+
+def drafter_from_args(args, fingerprint, index=None):
+    """An NgramDrafter per --draft / --index (None without --draft). ``index``: the --ngram
+    index already open, reused when --index names no other."""
+    from engram.ngram.draft import NgramDrafter
+
+    if not getattr(args, "draft", None):
+        if getattr(args, "index", None):
+            raise EngramError("--index is read only with --draft ngram[:K]; add --draft ngram:4")
+        return None
+    cfg = DraftConfig.parse(args.draft, min_match=args.draft_min_match, min_count=args.draft_min_count,
+                            min_prob=args.draft_min_prob, source=args.draft_source)
+    path = args.index or getattr(args, "ngram", None)
+    if path and (index is None or args.index):
+        index = _index(path)
+    if index is not None and fingerprint is not None and index.fingerprint != fingerprint:
+        raise EngramError(f"index {path} was built with another tokenizer than run {args.ckpt}; "
+                          "build it from this run's data (`engram ngram build`)")
+    if index is None and cfg.source == "index":
+        raise EngramError("--draft-source index needs an index; pass --index INDEX")
+    return NgramDrafter(index, cfg)
+
+
+def generate_drafted(target, drafter, ids: list[int], sampling, eos_id=None):
+    """Speculative generation for the CLI; prints one stderr line of draft statistics."""
+    import sys
+    import time
+
+    import torch
+
+    from engram.ngram.speculative import generate_speculative
+
+    t0 = time.perf_counter()
+    res = generate_speculative(target, drafter, torch.tensor([ids]), sampling, eos_id=eos_id)
+    dt = time.perf_counter() - t0
+    st = res.stats()
+    print(f"engram: draft {drafter.cfg.method}:{drafter.cfg.max_len}: {st['new_tokens']} new tokens in "
+          f"{dt:.2f} s ({st['new_tokens'] / max(dt, 1e-9):,.1f} tokens/s), {st['forwards']} forwards, "
+          f"acceptance {st['acceptance']:.1%}, mean accepted length {st['mean_accepted']:.2f}", file=sys.stderr)
+    return res.ids
+
+
 # ----------------------------------------------------------------------------- eval / generate
 def cmd_eval_ngram(args) -> int:
     from engram.data.shards import load_dataset
@@ -183,9 +242,16 @@ def cmd_generate_ngram(args) -> int:
     if index.fingerprint != meta.tokenizer_fingerprint and meta.tokenizer_fingerprint is not None:
         raise EngramError(f"index {args.ngram} was built with another tokenizer than run {args.ckpt}")
     mix, info = load_mixture(args, _lm_adapter(model), index)
+    drafter = drafter_from_args(args, meta.tokenizer_fingerprint, index)
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
+    if drafter is not None:  # the verified distribution is the mixture's
+        from engram.ngram.speculative import MixtureTarget
+
+        out = generate_drafted(MixtureTarget(mix), drafter, ids, sampling, eos_id=special_ids(tok)[1])
+        print(tok.decode(out[0].tolist()))
+        return 0
     out, lams = generate_mixed(mix, torch.tensor([ids]), sampling, eos_id=special_ids(tok)[1],
                                return_lambdas=True)
     print(tok.decode(out[0].tolist()))
@@ -365,6 +431,25 @@ def cmd_bench_ngram(args) -> int:
     return 0
 
 
+def cmd_bench_draft(args) -> int:
+    from engram.bench.draft import bench_draft
+
+    res = bench_draft(args.ckpt, args.data, args.index, ks=tuple(int_list(args.ks, "--ks")), prompts=args.prompts,
+                      prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                      min_match=args.min_match, threads=args.threads, seed=args.seed,
+                      temperature=args.temperature, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    for name, m in res["methods"].items():
+        extra = (f", acceptance {m['acceptance']:.1%}, mean accepted {m['mean_accepted']:.2f}"
+                 if "acceptance" in m else "")
+        print(f"{name:>8}: {m['tokens_per_s']['median']:8.1f} tokens/s, x{m['speedup']['median']:.2f} "
+              f"(x{m['speedup']['min']:.2f}-{m['speedup']['max']:.2f}), identical {m['identical']}{extra}")
+    print(f"best K={res['best_k']}: speedup x{res['speedup']:.2f}, outputs identical: {res['identical']}")
+    return 0
+
+
 def cmd_bench_ngram_mix(args) -> int:
     from engram.bench.ngram import mixture_experiment
 
@@ -451,6 +536,24 @@ def register(sub, bench) -> None:
     bn.add_argument("--repeats", type=int, default=3)
     add_common(bn, "--quiet")
     bn.set_defaults(fn=cmd_bench_ngram)
+
+    bd = bench.add_parser("draft", help="speculative decoding with drafts from memory vs plain decoding")
+    add_common(bd, "--ckpt", required=True)
+    add_common(bd, "--data", required=True)
+    add_common(bd, "--json")
+    bd.add_argument("--index", help="N-gram index of the train split to draft from (default: text-only drafts)")
+    bd.add_argument("--ks", default="2,4,8", help="draft lengths K to compare (default 2,4,8)")
+    bd.add_argument("--prompts", type=int, default=8, help="held-out prompts from the val split (default 8)")
+    bd.add_argument("--prompt-len", type=int, default=32)
+    bd.add_argument("--max-new-tokens", type=int, default=64)
+    bd.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    bd.add_argument("--min-match", type=int, default=DraftConfig.min_match)
+    bd.add_argument("--threads", type=int, default=1)
+    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy (default; outputs compared token for token), > 0 samples")
+    add_common(bd, "--quiet")
+    bd.set_defaults(fn=cmd_bench_draft)
 
     bm = bench.add_parser("ngram-mix", help="mixture perplexity (fixed vs learned lambda) + instant fact update")
     add_common(bm, "--ckpt", required=True)

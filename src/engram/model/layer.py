@@ -96,16 +96,23 @@ class ShortConv(nn.Module):
     def receptive(self) -> int:
         return (self.kernel_size - 1) * self.dilation
 
-    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None
+    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None, keep: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B,T,M,D] -> (y [B,T,M,D], new state [B, receptive, M*D])."""
+        """x: [B,T,M,D] -> (y [B,T,M,D], new state [B, <= receptive + keep, M*D]).
+
+        ``keep`` > 0 keeps that many extra rows of history in the state, so that a decoder can
+        drop up to ``keep`` of the newest positions again (speculative decoding): the state of a
+        prefix is the state with its last rows cut off. Only the last ``receptive`` rows of a
+        state are ever read, so the output does not depend on ``keep``.
+        """
         B, T, M, D = x.shape
         normed = torch.cat([self.norms[m](x[:, :, m]) for m in range(M)], dim=-1)  # [B,T,M*D]
         if state is None:
             state = normed.new_zeros(B, self.receptive, M * D)  # causal zero padding
-        seq = torch.cat([state, normed], dim=1)  # [B, receptive + T, M*D]
-        y = F.silu(self.conv(seq.transpose(1, 2))).transpose(1, 2)  # [B,T,M*D]
-        new_state = seq[:, seq.shape[1] - self.receptive:]
+        seq = torch.cat([state, normed], dim=1)  # [B, len(state) + T, M*D]
+        window = seq[:, seq.shape[1] - (self.receptive + T):]  # exactly receptive rows of history
+        y = F.silu(self.conv(window.transpose(1, 2))).transpose(1, 2)  # [B,T,M*D]
+        new_state = seq[:, max(0, seq.shape[1] - (self.receptive + keep)):]
         return y.reshape(B, T, M, D), new_state
 
 
@@ -151,12 +158,14 @@ class EngramLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
                 conv_state: Optional[torch.Tensor] = None, *, output_gates: bool = False,
-                output_gate_inputs: bool = False, zero_output: bool = False) -> EngramLayerOutput:
+                output_gate_inputs: bool = False, zero_output: bool = False,
+                conv_keep: int = 0) -> EngramLayerOutput:
         """hidden_states [B,T,M,D], hash_ids [B,T,H] -> out [B,T,M,D], new conv state (None
         without the short conv), and with ``output_gates`` alpha [B,T,M], with
         ``output_gate_inputs`` (h, e). They stay in the autograd graph when grad is enabled.
         ``zero_output`` replaces the output by zeros (the ablation of ``engram analyze ablate``);
-        gates and conv state are still computed, so a cached generation stays consistent."""
+        gates and conv state are still computed, so a cached generation stays consistent.
+        ``conv_keep``: extra rows of conv history to keep for rolling back (``ShortConv``)."""
         if hidden_states.dim() != 4 or hidden_states.shape[2] != self.hc_mult:
             raise EngramError(
                 f"EngramLayer expects hidden_states [B,T,{self.hc_mult},{self.hidden_size}], "
@@ -167,7 +176,7 @@ class EngramLayer(nn.Module):
         value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(2)  # [B,T,M,D]
         new_state = None
         if self.short_conv is not None:
-            y, new_state = self.short_conv(value, conv_state)
+            y, new_state = self.short_conv(value, conv_state, keep=conv_keep)
             value = value + y
         if zero_output:
             value = torch.zeros_like(value)

@@ -63,6 +63,10 @@ class InferenceCache:
     conv: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # engram layer -> conv state
     hash_state: Optional[torch.Tensor] = None  # [B, max_n - 1] compressed token history
     ngram_hist: Optional[torch.Tensor] = None  # input N-gram baseline: last ids [B, n - 1]
+    # How many of the newest positions ``EngramLM.truncate_cache`` may drop again (speculative
+    # decoding scores a draft, then forgets its rejected tail); the conv states keep as many
+    # extra rows. 0: plain decoding, nothing kept.
+    rollback: int = 0
 
 
 @dataclass
@@ -108,7 +112,8 @@ class Block(nn.Module):
         if self.engram is not None:
             conv_state = cache.conv.get(self.layer_id) if cache is not None else None
             engram_out = self.engram(h, hash_ids, conv_state, output_gates=output_gates,
-                                     output_gate_inputs=output_gate_inputs, zero_output=ablate_engram)
+                                     output_gate_inputs=output_gate_inputs, zero_output=ablate_engram,
+                                     conv_keep=cache.rollback if cache is not None else 0)
             if cache is not None:
                 cache.conv[self.layer_id] = engram_out.conv_state
             h = h + engram_out.output
@@ -189,12 +194,50 @@ class EngramLM(nn.Module):
         """Row ids depend only on tokens, so they can be computed (and prefetched) ahead of time."""
         return self.hasher.hash(input_ids) if self.hasher is not None else None
 
-    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> InferenceCache:
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, rollback: int = 0) -> InferenceCache:
+        """An empty cache for ``max_len`` positions; ``rollback`` > 0 lets ``truncate_cache``
+        drop up to that many of the positions added by the latest call."""
+        if rollback < 0:
+            raise EngramError(f"rollback={rollback} must be >= 0")
         max_len = max_len or self.cfg.max_seq_len
         dev = self.embed.weight.device
         kv = [KVCache(batch_size, self.cfg.num_heads, max_len, self.cfg.head_dim, device=dev)
               for _ in range(self.cfg.num_layers)]
-        return InferenceCache(pos=0, kv=kv)
+        return InferenceCache(pos=0, kv=kv, rollback=rollback)
+
+    def truncate_cache(self, cache: InferenceCache, n: int, input_ids: torch.Tensor) -> None:
+        """Forget every position from ``n`` on, as if the cache had only ever seen the first n.
+
+        ``input_ids`` [B, n] are the tokens the cache keeps (the token-history states are
+        rebuilt from their tail). At most ``cache.rollback`` positions, all from the latest
+        call, can be dropped. Exact: the KV entries past ``n`` are never read again (attention
+        reads ``[:pos]`` and the next call overwrites them), the conv states are cut back to
+        the rows of the kept prefix, and the hash / input N-gram histories are recomputed.
+        """
+        drop = cache.pos - n
+        if drop == 0:
+            return
+        if drop < 0 or drop > cache.rollback:
+            raise EngramError(f"cannot truncate a cache of {cache.pos} positions to {n}: at most "
+                              f"rollback={cache.rollback} of the newest can be dropped; create the "
+                              f"cache with new_cache(..., rollback=k) for a larger k")
+        if input_ids.dim() != 2 or input_ids.shape[1] != n:
+            raise EngramError(f"input_ids must be the [B, {n}] kept tokens, got shape {tuple(input_ids.shape)}")
+        for lid, state in cache.conv.items():
+            if state is None:
+                continue
+            receptive = self.layers[lid].engram.short_conv.receptive
+            if state.shape[1] - drop < receptive:
+                raise EngramError(f"cannot drop {drop} positions: the latest call added fewer; "
+                                  f"truncate only positions of the latest call")
+            cache.conv[lid] = state[:, :state.shape[1] - drop]
+        if self.hasher is not None and cache.hash_state is not None:
+            cache.hash_state = self.hasher.state_from_ids(input_ids[:, max(0, n - (self.hasher.max_ngram_size - 1)):])
+        if self.input_ngram is not None and cache.ngram_hist is not None:
+            k = self.input_ngram.history
+            pad = input_ids.new_full((input_ids.shape[0], k), self.input_ngram.cfg.pad_id)
+            cache.ngram_hist = torch.cat([pad, input_ids[:, max(0, n - k):]], dim=1)[:, -k:]
+        cache.pos = n
 
     def _hash_for_cache(self, input_ids: torch.Tensor, cache: InferenceCache) -> dict[int, torch.Tensor]:
         """Hash new tokens given the history in the cache, advancing it."""

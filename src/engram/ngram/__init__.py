@@ -8,7 +8,9 @@
 
 See docs/ngram.md. Modules: :mod:`.suffix_array` (construction, search, document rule),
 :mod:`.segment` (file format), :mod:`.index` (deltas, query verbs, batched estimates),
-:mod:`.kn` (modified Kneser-Ney), :mod:`.mixture` (lambda gate, scoring, generation).
+:mod:`.kn` (modified Kneser-Ney), :mod:`.mixture` (lambda gate, scoring, generation),
+:mod:`.draft` + :mod:`.speculative` (generation drafted from the index, verified by the model;
+docs/speculative.md).
 """
 
 from engram.ngram.index import (

@@ -385,6 +385,10 @@ class NgramIndex:
                 out[ids] += counts.astype(np.int64)
         return out
 
+    def next_counts(self, context: Any) -> np.ndarray:
+        """[V] int64 counts of the tokens that follow the (cut) context, summed over segments."""
+        return self._context_counts(self._cut(context))
+
     def ntd(self, context: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """[V] maximum-likelihood next-token distribution after the (cut) context."""
         counts = self._context_counts(self._cut(context))
@@ -442,11 +446,13 @@ class NgramIndex:
 
     # ------------------------------------------------------------------ batched estimates
     def batch(self, x: Any, kn_order: Optional[int] = DEFAULT_KN_ORDER, want_infgram: bool = True,
-              dtype: torch.dtype = torch.float32, last_only: bool = False) -> NgramBatch:
+              dtype: torch.dtype = torch.float32, last_only: bool = False,
+              last_n: Optional[int] = None) -> NgramBatch:
         """Estimates for every position of ``x`` [B,T] (ids); position t predicts token t+1.
 
         The estimate at (b, t) reads only x[b, :t+1] (cut at its last eos): no token at or after
-        the target ever enters it. ``last_only`` returns only the last position ([B,1,...]).
+        the target ever enters it. ``last_only`` returns only the last position ([B,1,...]),
+        ``last_n`` the last n ([B,n,...]; speculative decoding verifies n positions at once).
         Counting is sparse (next tokens actually seen); each row chunk is written densely once.
         """
         if isinstance(x, torch.Tensor):
@@ -465,8 +471,12 @@ class NgramIndex:
             raise NgramIndexError(f"vocab_size={V} is too large for batched continuation counts "
                                   "(rows * V^2 must fit in int64); use a vocabulary <= 2**21")
         kmax = (kn_order - 1) if kn_order is not None else 0
-        t_sel = slice(T - 1, T) if last_only else slice(0, T)
-        Tn = 1 if last_only else T
+        if last_only:
+            last_n = 1
+        if last_n is not None and not 1 <= last_n <= T:
+            raise NgramIndexError(f"last_n={last_n} must be in 1..{T} (the positions of x)")
+        Tn = last_n or T
+        t_sel = slice(T - Tn, T)
         R = B * Tn
         out = NgramBatch(suffix_len=torch.zeros(R, dtype=torch.int64), count=torch.zeros(R),
                          distinct=torch.zeros(R))

@@ -239,11 +239,14 @@ class NgramMixture:
         self.lm, self.index, self.lam, self.cfg = lm, index, lam, cfg
         self.mu = fixed_mu(cfg.estimator, mu)
 
-    def step(self, ids: torch.Tensor, out: LMOutput, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log P_mix [B,T,V], lambda [B,T]) for LM output on ``ids`` [B,T]."""
-        logits = out.logits[:, -1:] if last_only else out.logits
-        hidden = out.hidden[:, -1:] if (last_only and out.hidden is not None) else out.hidden
-        nb = self.index.batch(ids.cpu().numpy(), kn_order=self.cfg.kn_order, last_only=last_only)
+    def step(self, ids: torch.Tensor, out: LMOutput, last_only: bool = False,
+             last_n: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log P_mix [B,T,V], lambda [B,T]) for LM output on ``ids`` [B,T]; ``last_only`` /
+        ``last_n``: only the last 1 / n positions (the LM output may cover just those)."""
+        n = 1 if last_only else last_n
+        logits = out.logits[:, -n:] if n else out.logits
+        hidden = out.hidden[:, -n:] if (n and out.hidden is not None) else out.hidden
+        nb = self.index.batch(ids.cpu().numpy(), kn_order=self.cfg.kn_order, last_n=n)
         lm_logp = torch.log_softmax(logits.float().cpu(), dim=-1)
         if isinstance(self.lam, LambdaGate):
             feats = select_features(gate_features(nb, lm_logp), self.cfg.features)
