@@ -97,3 +97,15 @@ def test_ngram_mixture_on_an_adapter(adapter, tiny_base, tmp_path, capsys, one_t
     assert main(["generate", "--ckpt", str(adapter), "--prompt", "the cat", "--temperature", "0",
                  "--max-new-tokens", "5", "--ngram", str(tmp_path / "idx"), "--ngram-lambda", "0.3"]) == 0
     assert capsys.readouterr().out.startswith("the cat")
+
+
+def test_generate_with_drafts_on_an_adapter(adapter, tiny_base, tmp_path, capsys, one_thread):
+    assert main(["ngram", "build", "--data", str(tiny_base["data"]), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    capsys.readouterr()
+    common = ["generate", "--ckpt", str(adapter), "--prompt", "the cat sat on", "--temperature", "0",
+              "--max-new-tokens", "12"]
+    assert main(common) == 0
+    plain = capsys.readouterr().out
+    assert main(common + ["--draft", "ngram:4", "--index", str(tmp_path / "idx")]) == 0
+    drafted = capsys.readouterr()
+    assert drafted.out == plain and "acceptance" in drafted.err

@@ -164,10 +164,17 @@ def cmd_generate(args) -> int:
     if not ids:
         raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
     if drafter is not None:  # speculative decoding (cli/ngram.py, docs/speculative.md)
+        from engram.model.lm import EngramLM
         from engram.ngram.speculative import EngramTarget
 
+        if isinstance(model, EngramLM):
+            target = EngramTarget(model)
+        else:  # a retrofitted Hugging Face model (base + adapter)
+            from engram.retrofit.speculative import RetrofitTarget
+
+            target = RetrofitTarget(model)
         t0 = time.perf_counter()
-        out = generate_drafted(EngramTarget(model), drafter, ids, sampling)
+        out = generate_drafted(target, drafter, ids, sampling)
         report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)  # offloaded tables
         print(tok.decode(out[0].tolist()))
         return 0

@@ -43,6 +43,7 @@ from engram.model.lm import ModelOutput
 from engram.tables.runtime import OffloadedEmbedding
 
 _STATE_ATTR = "engram_state"  # attribute of the base's KV cache object
+_ROLLBACK_ATTR = "engram_rollback"  # positions a cache may drop again (new_cache(rollback=k))
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class EngramState:
 
     ids: torch.Tensor
     conv: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
+    keep: int = 0  # extra short-conv rows kept so that the newest ``keep`` positions can be dropped
 
     @property
     def length(self) -> int:
@@ -222,10 +224,37 @@ class RetrofitLM(nn.Module):
             return self.hasher.hash(input_ids)
         return self._hash_after(state.ids, input_ids)
 
-    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> RetrofitCache:
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, rollback: int = 0) -> RetrofitCache:
+        """An empty KV cache of the base; ``rollback`` > 0 lets :meth:`truncate_cache` drop up to
+        that many of the newest positions (speculative decoding)."""
         from transformers import DynamicCache
 
-        return RetrofitCache(kv=DynamicCache(config=self.base.config))
+        kv = DynamicCache(config=self.base.config)
+        setattr(kv, _ROLLBACK_ATTR, int(rollback))
+        return RetrofitCache(kv=kv)
+
+    def truncate_cache(self, cache: RetrofitCache, n: int) -> None:
+        """Forget every position from ``n`` on (at most the cache's ``rollback`` newest, all from
+        the latest call): the base's KV cache is cropped, the token history cut, and each short
+        conv state loses its newest rows, exactly as if the dropped tokens had never been fed."""
+        drop = cache.pos - n
+        if drop == 0:
+            return
+        rollback = int(getattr(cache.kv, _ROLLBACK_ATTR, 0))
+        if drop < 0 or drop > rollback:
+            raise EngramError(f"cannot truncate a cache of {cache.pos} positions to {n}: at most rollback="
+                              f"{rollback} of the newest can be dropped; create it with new_cache(..., rollback=k)")
+        state = getattr(cache.kv, _STATE_ATTR, None)
+        if state is not None:
+            for lid, st in state.conv.items():
+                if st is None:
+                    continue
+                if st.shape[1] - drop < self.engram[str(lid)].short_conv.receptive:
+                    raise EngramError(f"cannot drop {drop} positions: the latest call added fewer; truncate "
+                                      f"only positions of the latest call")
+                state.conv[lid] = st[:, :st.shape[1] - drop]
+            state.ids = state.ids[:, :n]
+        cache.kv.crop(-drop)  # negative: drop that many (transformers 4.x and 5.x agree on this form)
 
     # ------------------------------------------------------------------ hooks
     def _begin_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -245,7 +274,7 @@ class RetrofitLM(nn.Module):
             past = int(kv.get_seq_length())
             state = getattr(kv, _STATE_ATTR, None)
             if past == 0:
-                state = EngramState(ids=input_ids[:, :0])
+                state = EngramState(ids=input_ids[:, :0], keep=int(getattr(kv, _ROLLBACK_ATTR, 0)))
                 setattr(kv, _STATE_ATTR, state)
             elif state is None or state.length != past:
                 raise RetrofitError(f"the KV cache holds {past} positions but Engram's state has "
@@ -270,7 +299,8 @@ class RetrofitLM(nn.Module):
             h = args[0] if args else kwargs["hidden_states"]  # [B,T,D]
             conv = call.state.conv.get(layer_id) if call.state is not None else None
             out = engram(h.unsqueeze(2), call.hash_ids[layer_id], conv, output_gates=call.output_gates,
-                         output_gate_inputs=call.output_gate_inputs, zero_output=call.ablate)
+                         output_gate_inputs=call.output_gate_inputs, zero_output=call.ablate,
+                         conv_keep=call.state.keep if call.state is not None else 0)
             if call.state is not None:
                 call.state.conv[layer_id] = out.conv_state
             if call.output_gates:
