@@ -149,7 +149,9 @@ def cmd_bench_hash(args) -> int:
         print(json.dumps(result))
     else:
         print(f"hash: {result['tokens_per_s']:,.0f} tokens/s vs reference "
-              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x")
+              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x; "
+              f"{result['ns_per_token']:.1f} ns and {result['bytes_written_per_token']:.0f} bytes written "
+              f"per token, {result['bandwidth_fraction']:.0%} of one thread's write bandwidth")
     return 0
 
 

@@ -63,7 +63,8 @@ class MultiHeadEmbedding(nn.Module):
         return self.embedding.num_embeddings
 
     def rows(self, hash_ids: torch.Tensor) -> torch.Tensor:
-        """Global table rows for per-head hash ids: [..., H] -> [..., H]."""
+        """Global table rows for per-head hash ids: [..., H] (int32 or int64) -> [..., H] int64
+        (the offsets are int64, so the sum is too: callers index tiers and masks with it)."""
         return hash_ids + self.offsets
 
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # [B,T,H] -> [B,T,H,Dh]
