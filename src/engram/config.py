@@ -366,6 +366,11 @@ class TrainConfig:
     # state and updates only for touched rows; engram.training.sparse_adam). prefetch builds the next
     # batch and its row ids on a background thread (same numbers, less waiting).
     table_optimizer: str = "adam"
+    # One-pass Adam kernels (torch's ``fused=True``) for the backbone's AdamW and the tables' dense
+    # Adam: the same update up to float rounding, without the for-loop implementation's
+    # table-sized temporaries (on the demo's 5.3M-entry table 5.5 ms instead of 43 ms per step).
+    fused_adam: bool = setting(True, "one-pass (fused) Adam kernels; false: torch's for-loop Adam "
+                                     "(differs in the last float bits)")
     prefetch: bool = setting(False, "build the next batch and its row ids on a background thread "
                                     "(sets train.prefetch)")
 
