@@ -390,6 +390,7 @@ def _timed_rounds(models: dict[str, torch.nn.Module], batches: list[Any], s: _Of
     pinned = _pin_cpus(models) if pin else None
     try:
         times: dict[str, list[float]] = {k: [] for k in models}
+        cpu: dict[str, list[float]] = {k: [] for k in models}  # the model thread's CPU time
         load_before = _loadavg()
         order = list(models)
         bar = tqdm(total=(s.rounds + 1) * len(models), desc="bench offload", disable=not progress, leave=False)
@@ -399,20 +400,21 @@ def _timed_rounds(models: dict[str, torch.nn.Module], batches: list[Any], s: _Of
                 m = models[name]
                 rt = table_runtime(m)
                 it, first = _primed(m, chunk)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 with torch.no_grad():
                     m(*first)
                     for x, y in it:
                         m(x, y)
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
                 if r == 0:  # warm-up round: fills the pools, not timed
                     if rt is not None:
                         rt.reset_stats()
                 else:
                     times[name].append(dt)
+                    cpu[name].append(dc)
                 bar.update(1)
         bar.close()
-        return {"times": times, "pinned": pinned, "load_before": load_before, "load_after": _loadavg()}
+        return {"times": times, "cpu": cpu, "pinned": pinned, "load_before": load_before, "load_after": _loadavg()}
     finally:
         _unpin_cpus(pinned)
 
@@ -510,6 +512,11 @@ def _offload_report(models: dict[str, torch.nn.Module], header: TableHeader, s: 
         "overhead": 1 - tps["offload"] / tps["in_memory"],
         "in_memory_prefetch_tokens_per_s": tps["in_memory_prefetch"],
         "overhead_vs_in_memory_prefetch": 1 - tps["offload"] / tps["in_memory_prefetch"],
+        # Work the model's own thread did (it waits for late rows off-CPU): what offloading adds
+        # to the forward's thread, far less disturbed than wall time when others share the cores.
+        "cpu_overhead_vs_in_memory_prefetch": sum(rounds_run["cpu"]["offload"])
+        / sum(rounds_run["cpu"]["in_memory_prefetch"]) - 1,
+        "model_thread_cpu_s": {k: sum(v) for k, v in rounds_run["cpu"].items()},
         "no_prefetch_overhead": 1 - tps["no_prefetch"] / tps["in_memory"],
         "prefetch_speedup": tps["offload"] / tps["no_prefetch"],
         "hit_rate": st_pf["hit_rate"],
