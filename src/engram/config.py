@@ -235,6 +235,10 @@ class InputNgramConfig:
     # bigram only: modded-nanogpt starts the bigram table at zero so the model starts as the
     # plain backbone; averaging (overencoding) needs non-zero rows or it just shrinks the input.
     zero_init: bool = True
+    # bigram only: add the row to the residual stream before every block, each block with its
+    # own learned scale (init 1), instead of once to the input embedding: the form of the
+    # modded-nanogpt record (there with a table of about 5x the vocabulary).
+    every_layer: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in INPUT_NGRAM_KINDS:
@@ -248,6 +252,9 @@ class InputNgramConfig:
                                   f"use 2, or kind='overencoding' for longer N-grams")
         if self.init_std <= 0:
             raise InputNgramError(f"input_ngram.init_std={self.init_std} must be > 0")
+        if self.every_layer and self.kind != "bigram":
+            raise InputNgramError(f"input_ngram.every_layer=True with kind={self.kind!r}; every-layer "
+                                  f"injection is the bigram form, use kind='bigram'")
 
     @property
     def orders(self) -> tuple[int, ...]:
