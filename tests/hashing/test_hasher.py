@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from engram.bench.hash import bench_hash
 from engram.config import EngramConfig
+from engram.errors import EngramError
 from engram.hashing import hasher as hashing
 from engram.hashing.hasher import NgramHasher
 from engram.hashing.primes import find_table_sizes, is_prime
@@ -183,12 +184,14 @@ def hasher_and_ids(draw):
 def test_paths_agree(case):
     hasher, ids = case
     want = as_lists(hasher.hash_reference(ids))
+    assert hasher.id_dtype == torch.int32  # every table here is far below 2^31 rows
     for backend in BACKENDS:
-        got = hasher.hash(torch.from_numpy(ids), backend=backend)
-        for layer_id, t in got.items():
-            assert t.dtype == torch.int64 and t.shape == (*ids.shape, hasher.num_heads)
-            assert (t >= 0).all() and (t < torch.tensor(hasher.head_sizes(layer_id))).all()
-        assert as_lists(got) == want, backend
+        for dtype in (None, torch.int64):  # default int32 ids and the wide form: same values
+            got = hasher.hash(torch.from_numpy(ids), backend=backend, dtype=dtype)
+            for layer_id, t in got.items():
+                assert t.dtype == (dtype or torch.int32) and t.shape == (*ids.shape, hasher.num_heads)
+                assert (t >= 0).all() and (t < torch.tensor(hasher.head_sizes(layer_id))).all()
+            assert as_lists(got) == want, (backend, dtype)
 
 
 @given(hasher_and_ids())
@@ -247,6 +250,54 @@ def test_numpy_input_and_dtypes():
     readonly.setflags(write=False)
     assert torch.equal(hasher.hash(readonly)[1], want[1])
     assert torch.equal(hasher.hash(torch.from_numpy(ids).int())[15], want[15])
+
+
+@needs_native
+@given(x=st.lists(st.integers(0, 2 ** 63 - 1), min_size=1, max_size=16),
+       p=st.lists(st.one_of(st.sampled_from([1, 2, 211, 646403, 2 ** 31 - 1]), st.integers(1, 2 ** 31 - 1)),
+                  min_size=1, max_size=4))
+@settings(max_examples=100, deadline=None)
+def test_native_int32_output_exact(x, p):
+    # As test_native_modulo_exact, written as int32: the narrow store must not truncate.
+    xs = np.array(x, dtype=np.int64)
+    out = np.full((1, len(x), 1, len(p)), -1, dtype=np.int32)
+    bad = hashing._native.hash_ids((xs >> 1)[:, None], None, 2 ** 62, 0, (xs & 1)[:, None],
+                                   np.array([[2, 1]], np.int64), np.array([[p]], np.int64), out)
+    assert bad == -1
+    assert out[0, :, 0].tolist() == [[v % q for q in p] for v in x]
+
+
+@needs_native
+def test_native_int32_output_refuses_wide_tables():
+    xs = np.zeros((1, 1), dtype=np.int64)
+    out = np.empty((1, 1, 1, 1), dtype=np.int32)
+    with pytest.raises(ValueError, match="int64 out array"):
+        hashing._native.hash_ids(xs, None, 10, 0, None, np.array([[1, 1]], np.int64),
+                                 np.array([[[2 ** 31 + 11]]], np.int64), out)
+    with pytest.raises(ValueError, match="int64 or int32"):  # other widths are refused, not cast
+        hashing._native.hash_ids(xs, None, 10, 0, None, np.array([[1, 1]], np.int64),
+                                 np.array([[[7]]], np.int64), np.empty((1, 1, 1, 1), dtype=np.int16))
+
+
+def test_int64_ids_for_tables_of_2_31_rows(monkeypatch):
+    # A table of 2^31 rows or more needs int64 ids; the hasher switches by itself and refuses int32.
+    hasher = NgramHasher(make_cfg(engram_vocab_size=(211,), n_head_per_ngram=1, max_ngram_size=2,
+                                  layer_ids=(0,)), 1000)
+    assert hasher.id_dtype == torch.int32
+    big = dict(hasher.table_sizes)
+    big[0] = [[2 ** 31 + 11]]  # stand-in for a huge prime: the dtype rule only reads sizes
+    monkeypatch.setattr(hashing, "find_table_sizes", lambda cfg: big)
+    wide = NgramHasher(hasher.cfg, 1000)
+    assert wide.id_dtype == torch.int64
+    ids = torch.arange(12).reshape(2, 6) * 77
+    for backend in BACKENDS:
+        got = wide.hash(ids, backend=backend)[0]
+        assert got.dtype == torch.int64
+        assert got.tolist() == wide.hash_reference(ids.numpy())[0].tolist()
+    with pytest.raises(EngramError, match="2\\^31 rows or more"):
+        wide.hash(ids, dtype=torch.int32)
+    with pytest.raises(EngramError, match="int32 or torch.int64"):
+        hasher.hash(ids, dtype=torch.int16)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -364,6 +415,10 @@ def test_bench_hash_smoke():
     r = bench_hash(batch_size=1, seq_len=64, repeats=1)
     assert {"bench", "tokens_per_s", "baseline_tokens_per_s", "ratio"} <= set(r)
     assert r["bench"] == "hash" and r["tokens_per_s"] > 0 and r["ratio"] > 0
+    # int32 ids: 2 layers x 16 heads x 4 bytes per token, half of the int64 form
+    assert r["id_dtype"] == "int32" and r["bytes_written_per_token"] == 128
+    assert r["int64_ids_bytes_written_per_token"] == 256
+    assert r["ns_per_token"] > 0 and 0 < r["bandwidth_fraction"] and r["write_bandwidth_bytes_per_s"] > 0
     json.dumps(r)
 
 

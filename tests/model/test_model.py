@@ -44,6 +44,29 @@ def test_engram_layer_matches_reference_forward(conformance_dir):
     assert plain.gates is None and plain.gate_inputs is None and torch.equal(plain.output, res.output)
 
 
+def test_table_gather_gradient_is_embeddings_bit_for_bit():
+    # The Engram table's training gather (one index_add_ in backward) must give exactly the
+    # gradient nn.Embedding's backward gives, repeated rows included, and the same rows.
+    from engram.model.layer import MultiHeadEmbedding
+
+    torch.manual_seed(0)
+    mhe = MultiHeadEmbedding([97, 101, 103], 8)
+    ids = torch.randint(0, 97, (3, 40, 3), dtype=torch.int32)
+    ids[:, :5] = 7  # many repeats of a few rows
+    grad_out = torch.randn(3, 40, 3, 8)
+    out = mhe(ids)
+    out.backward(grad_out)
+    assert out.grad_fn is not None and "TableGather" in type(out.grad_fn).__name__
+    ref = torch.nn.functional.embedding(mhe.rows(ids), mhe.embedding.weight)
+    (want,) = torch.autograd.grad(ref, mhe.embedding.weight, grad_out)
+    assert torch.equal(out, ref) and torch.equal(mhe.embedding.weight.grad, want)
+    mhe.embedding.sparse = True  # sparse gradients (SparseRowAdam) keep nn.Embedding's path
+    mhe.embedding.weight.grad = None
+    mhe(ids).backward(grad_out)
+    assert mhe.embedding.weight.grad.is_sparse
+    torch.testing.assert_close(mhe.embedding.weight.grad.to_dense(), want)
+
+
 def test_engram_layer_hashes_match_reference(conformance_dir):
     from engram.hashing.hasher import NgramHasher
 

@@ -124,12 +124,16 @@ def test_input_ngram_config_validation():
         InputNgramConfig(kind="trigram")
     with pytest.raises(InputNgramError, match="overencoding"):
         InputNgramConfig(kind="bigram", max_ngram_size=3)
+    with pytest.raises(InputNgramError, match="every_layer"):
+        InputNgramConfig(kind="overencoding", max_ngram_size=3, every_layer=True)
 
 
-@pytest.mark.parametrize("kind,n", [("bigram", 2), ("overencoding", 3)])
-def test_input_ngram_model_trains_and_decodes_incrementally(kind, n):
+@pytest.mark.parametrize("kind,n,every_layer", [("bigram", 2, False), ("overencoding", 3, False),
+                                                ("bigram", 2, True)])
+def test_input_ngram_model_trains_and_decodes_incrementally(kind, n, every_layer):
     cfg = preset("tiny-dense", 97)
-    cfg.input_ngram = InputNgramConfig(kind=kind, table_size=61, max_ngram_size=n, zero_init=False)
+    cfg.input_ngram = InputNgramConfig(kind=kind, table_size=61, max_ngram_size=n, zero_init=False,
+                                       every_layer=every_layer)
     cfg = ModelConfig.from_dict(cfg.to_dict())  # dict round trip (checkpoints)
     torch.manual_seed(0)
     model = EngramLM(cfg).eval()
@@ -144,6 +148,37 @@ def test_input_ngram_model_trains_and_decodes_incrementally(kind, n):
     out = model(x, targets=x)
     out.loss.backward()
     assert model.input_ngram.embedding.weight.grad.abs().sum() > 0
+    if every_layer:  # one learned scale per block, each of which the loss depends on
+        scales = model.input_ngram.layer_scales
+        assert scales.shape == (cfg.num_layers,) and (scales.grad != 0).all()
+
+
+def test_every_layer_bigram_adds_the_row_before_every_block():
+    # With all scales but block i's at zero, the model equals one that adds the row only
+    # before block i; with every scale at zero, the plain backbone.
+    cfg = preset("tiny-dense", 97)
+    cfg.input_ngram = InputNgramConfig(table_size=61, zero_init=False, every_layer=True)
+    torch.manual_seed(0)
+    model = EngramLM(cfg).eval()
+    plain_cfg = preset("tiny-dense", 97)
+    torch.manual_seed(0)
+    plain = EngramLM(plain_cfg).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("input_ngram.")})
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        model.input_ngram.layer_scales.zero_()
+        torch.testing.assert_close(model(x).logits, plain(x).logits, atol=0, rtol=0)
+        model.input_ngram.layer_scales[1] = 1.0
+        row = model.input_ngram.embedding(model.input_ngram.row_ids(x)).sum(dim=2)  # [B,T,D]
+        h = plain.embed(x)
+        cos, sin = plain.rope_cos[:9], plain.rope_sin[:9]
+        hh = h.unsqueeze(2)
+        for i, block in enumerate(plain.layers):
+            if i == 1:
+                hh = hh + row.unsqueeze(2)
+            hh, _ = block(hh, cos, sin, None, None)
+        want = plain.lm_head(plain.norm(hh.sum(dim=2)))
+        torch.testing.assert_close(model(x).logits, want, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- knowledge

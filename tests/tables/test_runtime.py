@@ -230,10 +230,22 @@ def test_bench_offload_runs_end_to_end_on_tiny_sizes(tmp_path, tiny):
 
     data = tiny.dataset(tmp_path / "data")
     before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    res = bench_offload(str(data), batch_size=2, seq_len=32, rounds=1, batches_per_round=2,
+    res = bench_offload(str(data), batch_size=2, seq_len=32, rounds=3, batches_per_round=2,
                         warm_batches=2, cache_rows=64, table_rows_per_order=256, io_threads=2,
-                        workdir=str(tmp_path), process=True)
+                        workdir=str(tmp_path), process=True, capacity_batches=3, standin_batches=3)
     assert res["outputs_equal"] is True
+    assert len(res["repeats"]) == 3 and [r["rounds"] for r in res["repeats"]] == [[1, 1], [2, 2], [3, 3]]
+    lo, hi = res["overhead_vs_in_memory_prefetch_spread"]
+    assert lo <= hi and lo == min(r["overhead_vs_in_memory_prefetch"] for r in res["repeats"])
+    cap = res["capacity"]
+    assert res["capacity_tokens_per_s"] == cap["tokens_per_s"] > 0 and cap["tokens"] == 3 * 2 * 32
+    assert 0 < cap["distinct_rows_per_token"] <= 8  # one Engram layer of 8 heads
+    # the paper's speed and 0.5x, 1x, 2x the capacity, slowest first; a stand-in is never faster than its speed
+    speeds = [f["standin_tokens_per_s"] for f in res["fast_forward"]]
+    assert speeds == sorted(speeds) and 9031 in speeds and len(speeds) == 4
+    for f in res["fast_forward"]:
+        assert f["offload_tokens_per_s"] <= f["standin_tokens_per_s"] * 1.01
+        assert f["in_memory_prefetch_tokens_per_s"] <= f["standin_tokens_per_s"] * 1.01
     assert res["table"]["file_to_pool"] >= 2  # the file is bigger than the pool
     assert 0 <= res["hit_rate"] <= 1 and res["in_memory_tokens_per_s"] > 0
     assert res["overhead"] == pytest.approx(1 - res["offload_tokens_per_s"] / res["in_memory_tokens_per_s"])
@@ -283,7 +295,8 @@ def test_bench_offload_ends_its_helper_processes_when_a_stage_fails(tmp_path, mo
     with pytest.raises(RuntimeError, match="stage failed"):
         offload.bench_offload(str(data), batch_size=2, seq_len=32, rounds=1, batches_per_round=2,
                               warm_batches=2, cache_rows=64, table_rows_per_order=256, io_threads=2,
-                              workdir=str(tmp_path), process=True, pin=True, threads=2)
+                              workdir=str(tmp_path), process=True, pin=True, threads=2,
+                              capacity_batches=2, standin_batches=2)
     assert at_failure["helpers"]  # helpers were running when the stage failed...
     assert _child_pids() - before == set()  # ...and all of them have ended and been reaped
     assert torch.get_num_threads() == 1  # one_thread's setting is back

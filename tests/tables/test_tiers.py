@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 
 import pytest
 import torch
@@ -70,13 +72,53 @@ def test_every_tier_equals_memory(table, files, batches, dtype, capacity, policy
         cached.close()
 
 
+def _resident_pages(path, offset: int, nbytes: int) -> list[bool]:
+    """Which pages of ``path``'s byte range are in the page cache, by ``mincore`` on a fresh
+    mapping: for a file the caller owns it reports the page cache, not only this mapping."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = offset - offset % page
+    length = offset + nbytes - start
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        assert addr not in (None, ctypes.c_void_p(-1).value), f"mmap failed: errno {ctypes.get_errno()}"
+        try:
+            vec = ctypes.create_string_buffer(-(-length // page))
+            assert libc.mincore(addr, length, vec) == 0, f"mincore failed: errno {ctypes.get_errno()}"
+            return [bool(b & 1) for b in vec.raw]
+        finally:
+            libc.munmap(addr, length)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise semantics are Linux's")
 def test_parallel_reads_and_cold_pages(files, table):
-    tier = MmapStorage(files["fp32"], 3, io_threads=8, cold=True)
+    info = files["fp32"].layer(3)
+    span = (files["fp32"].path, info.offset, info.nbytes)
     rows = torch.randint(0, ROWS, (5000,), generator=torch.Generator().manual_seed(1))
     out = torch.empty(5000, DIM)
+    # Warm (cold=False): the pages just read stay in the page cache, so the check below can see them.
+    warm = MmapStorage(files["fp32"], 3, io_threads=8, cold=False)
+    warm.lookup(rows, out)
+    assert torch.equal(out, table[rows]) and all(_resident_pages(*span))
+    warm.close()
+    # Cold: after the same reads (in 8 threads) every page of the layer, the ones it shares
+    # with its neighbours included, is gone from the page cache: the next read is a disk read.
+    tier = MmapStorage(files["fp32"], 3, io_threads=8, cold=True)
+    out.zero_()
     tier.lookup(rows, out)
     assert torch.equal(out, table[rows])
     assert tier.stats.bytes_read == tier.stats.unique_rows * DIM * 4
+    assert not any(_resident_pages(*span)), _resident_pages(*span)
     tier.close()
 
 

@@ -209,6 +209,33 @@ def test_param_groups() -> None:
     assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each exactly once
 
 
+def test_fused_adam_is_the_same_update_up_to_rounding() -> None:
+    # fused_adam (the default) picks torch's one-pass kernels; False the for-loop implementation.
+    # Both must take the same step, apart from float rounding (one step: after that the rounding
+    # differences feed back through the forward and grow, as any two builds' would).
+    models, opts = {}, {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        models[fused] = EngramLM(preset("tiny", 300)).train()
+        opts[fused] = build_optimizers(models[fused], TrainConfig(lr=1e-2, fused_adam=fused))
+        assert all(bool(o.defaults.get("fused")) is fused for o in opts[fused].values())
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in models[True].parameters()]
+    for fused, m in models.items():
+        m(x, x).loss.backward()
+        for o in opts[fused].values():
+            o.step()
+            o.zero_grad(set_to_none=True)
+    stepped, differ = set(), 0
+    for (name, a), b, a0 in zip(models[True].named_parameters(), models[False].parameters(), before):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)  # steps are about lr = 1e-2
+        if not torch.equal(a, a0):
+            stepped.add(name)
+        differ += int(not torch.equal(a, b))
+    assert any("multi_head_embedding" in n for n in stepped) and len(stepped) > 20
+    assert differ  # the two implementations really ran (they round differently somewhere)
+
+
 def test_param_groups_hyper_connections_not_decayed() -> None:
     cfg = preset("tiny-dense", 300)
     cfg.hc_mult = 2
@@ -227,3 +254,17 @@ def test_lr_schedule() -> None:
     assert lr_at(100, **sched) == pytest.approx(0.1)
     lrs = [lr_at(s, **sched) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_bench_step_reports_both_models_by_phase(dataset: Path, one_thread) -> None:
+    from engram.bench.step import PHASES, bench_step
+
+    r = bench_step(str(dataset), rounds=2, steps=1, batch_size=2, seq_len=16)
+    assert r["bench"] == "step" and len(r["overhead_per_round"]) == 2
+    assert min(r["overhead_per_round"]) <= r["overhead"] <= max(r["overhead_per_round"])
+    assert r["overhead_spread"] == [min(r["overhead_per_round"]), max(r["overhead_per_round"])]
+    ms = r["phase_median_ms"]
+    assert set(ms["moe"]) == set(PHASES) and ms["engram-moe"]["hash"] > 0
+    assert ms["moe"]["opt_tables"] < ms["engram-moe"]["opt_tables"]  # moe has no tables to step
+    assert r["params"]["engram-moe"]["tables"] > 0 == r["params"]["moe"]["tables"]
+    json.dumps(r)

@@ -1,9 +1,17 @@
 """``engram bench hash``: throughput of ``NgramHasher.hash`` against the plain numpy reference.
 
-Both paths hash the same random ids with DeepSeek's demo defaults (``EngramConfig()``: layers
+All paths hash the same random ids with DeepSeek's demo defaults (``EngramConfig()``: layers
 [1, 15], orders 2..3, 8 heads per order, tables just above 646,400; tokenizer vocab 129,280,
-identity compression). Outputs are checked equal first; then the two are timed interleaved in
-the same process (so machine noise hits both alike) and the medians are compared.
+identity compression). Outputs are checked equal first; then the paths are timed interleaved in
+the same process (so machine noise hits all alike) and the medians are compared.
+
+The kernel reads one id per token and writes ``L * H`` ids (32 here), so its floor is the
+bytes it writes: the report gives the bytes written per token, the time per token, and the
+fraction of this machine's single-thread write bandwidth that the kernel reaches. That
+bandwidth is measured in the same loop, one thread, by doing only what the kernel must do
+with its output: allocate a fresh tensor of one call's output size and fill it
+(``write_bandwidth_bytes_per_s``; ``bandwidth_fraction`` = the kernel's bytes/s over it).
+Filling a 256 MiB buffer gives main memory's figure alongside.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from engram.errors import EngramError
 from engram.hashing.hasher import NATIVE_KERNEL_AVAILABLE, NgramHasher
 
 DEEPSEEK_VOCAB = 129280  # DeepSeek-V3 tokenizer
+_BIG_FILL_BYTES = 256 << 20  # larger than any last-level cache here
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -29,10 +38,17 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def _spread(times: list[float], work: float) -> dict[str, float]:
+    """Rate (work / s) at the median, the fastest and the slowest repeat."""
+    return {"median": work / statistics.median(times), "min": work / max(times), "max": work / min(times)}
+
+
 def bench_hash(batch_size: int = 8, seq_len: int = 4096, repeats: int = 5,
                threads: int = 1) -> dict[str, Any]:
     """Tokens/s of ``hash`` (all layers) vs ``hash_reference``; ratio = fast / reference.
 
+    The fast path is the native kernel with the hasher's default ids (int32 for these
+    tables); the same kernel writing int64 ids and the torch path are timed alongside.
     ``threads`` sets torch's intra-op threads for the run (restored afterwards); the native
     kernel and numpy are single-threaded either way.
     """
@@ -45,6 +61,12 @@ def bench_hash(batch_size: int = 8, seq_len: int = 4096, repeats: int = 5,
                                                dtype=np.int64)
     ids = torch.from_numpy(ids_np)
     backend = "native" if NATIVE_KERNEL_AVAILABLE else "torch"
+    tokens = batch_size * seq_len
+    ids_per_token = len(cfg.layer_ids) * hasher.num_heads
+    out_bytes = {d: tokens * ids_per_token * torch.empty((), dtype=d).element_size()
+                 for d in (hasher.id_dtype, torch.int64)}
+    out_shape = (len(cfg.layer_ids), batch_size, seq_len, hasher.num_heads)
+    fill_big = np.empty(_BIG_FILL_BYTES // 8, dtype=np.int64)
 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -52,34 +74,65 @@ def bench_hash(batch_size: int = 8, seq_len: int = 4096, repeats: int = 5,
         # Correctness first (doubles as warm-up): every layer must match the reference exactly.
         ref = hasher.hash_reference(ids_np)
         for path in dict.fromkeys((backend, "torch")):
-            got = hasher.hash(ids, backend=path)
-            for layer_id, want in ref.items():
-                if not np.array_equal(got[layer_id].numpy(), want):
-                    raise AssertionError(f"bench hash: {path} path disagrees with the reference "
-                                         f"on layer {layer_id}")
-        fast_t, ref_t, torch_t = [], [], []
+            for dtype in (None, torch.int64):
+                got = hasher.hash(ids, backend=path, dtype=dtype)
+                for layer_id, want in ref.items():
+                    if not np.array_equal(got[layer_id].numpy(), want):
+                        raise AssertionError(f"bench hash: {path} path ({dtype or hasher.id_dtype}) "
+                                             f"disagrees with the reference on layer {layer_id}")
+        fill_big.fill(1)  # first touch: page faults are not bandwidth
+        paths: dict[str, Callable[[], Any]] = {
+            "reference": lambda: hasher.hash_reference(ids_np),
+            "fast": lambda: hasher.hash(ids, backend=backend),
+            "fast_int64": lambda: hasher.hash(ids, backend=backend, dtype=torch.int64),
+            "torch": lambda: hasher.hash(ids, backend="torch"),
+            "fill_output": lambda: torch.empty(out_shape, dtype=hasher.id_dtype).fill_(2),
+            "fill_256mib": lambda: fill_big.fill(2),
+        }
+        t: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(repeats):
-            ref_t.append(_timed(lambda: hasher.hash_reference(ids_np)))
-            fast_t.append(_timed(lambda: hasher.hash(ids, backend=backend)))
-            torch_t.append(_timed(lambda: hasher.hash(ids, backend="torch")))
+            for name, fn in paths.items():
+                t[name].append(_timed(fn))
     finally:
         torch.set_num_threads(prev_threads)
 
-    tokens = batch_size * seq_len
-    fast, base, tpath = (tokens / statistics.median(t) for t in (fast_t, ref_t, torch_t))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    fast, base, tpath, wide = (tokens / med[k] for k in ("fast", "reference", "torch", "fast_int64"))
+    bw_small = out_bytes[hasher.id_dtype] / med["fill_output"]
+    bw_big = fill_big.nbytes / med["fill_256mib"]
+    bytes_per_token = out_bytes[hasher.id_dtype] / tokens
+    written = fast * bytes_per_token  # bytes/s the fast path writes
+    per_repeat_ratio = [r / f for r, f in zip(t["reference"], t["fast"])]
     return {
         "bench": "hash",
         "tokens_per_s": fast,
         "baseline_tokens_per_s": base,
         "ratio": fast / base,
+        "ratio_per_repeat": per_repeat_ratio,
+        "ratio_spread": [min(per_repeat_ratio), max(per_repeat_ratio)],
         "backend": backend,
+        "id_dtype": str(hasher.id_dtype).replace("torch.", ""),
+        "ns_per_token": 1e9 / fast,
+        "bytes_written_per_token": bytes_per_token,
+        "bytes_read_per_token": 8.0,  # one int64 token id (tables of multipliers and primes stay in cache)
+        "write_bytes_per_s": written,
+        "write_bandwidth_bytes_per_s": bw_small,
+        "bandwidth_fraction": written / bw_small,
+        "write_bandwidth_256mib_bytes_per_s": bw_big,
+        "bandwidth_fraction_256mib": written / bw_big,
+        "int64_ids_tokens_per_s": wide,
+        "int64_ids_ratio": wide / base,
+        "int32_over_int64": fast / wide,
+        "int64_ids_bytes_written_per_token": out_bytes[torch.int64] / tokens,
         "torch_tokens_per_s": tpath,
         "torch_ratio": tpath / base,
+        "spread_tokens_per_s": {k: _spread(t[k], tokens) for k in ("fast", "fast_int64", "reference", "torch")},
         "threads": threads,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "repeats": repeats,
-        "timing": "median of interleaved repeats, all layers per call",
+        "timing": "median of interleaved repeats, all layers per call; bandwidth: allocate + fill a fresh "
+                  "output-sized tensor (and numpy fill of 256 MiB), one thread, same loop",
         "config": {"layer_ids": list(cfg.layer_ids), "max_ngram_size": cfg.max_ngram_size,
                    "n_head_per_ngram": cfg.n_head_per_ngram,
                    "engram_vocab_size": list(cfg.engram_vocab_size),

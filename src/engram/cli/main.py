@@ -5,6 +5,7 @@
     engram data prepare                  token shards from the built-in corpus and/or your files
     engram train / eval / generate       the model life cycle (generate --draft ngram:K: speculative)
     engram bench hash                    hashing throughput against the reference algorithm
+    engram bench step                    training step time of engram-moe vs moe, by phase
 
 Errors that come from bad input (``EngramError``, a missing file, a flag argparse refuses) are
 printed as one line ``engram: error: ...`` with exit status 2; anything else is a bug and keeps
@@ -194,7 +195,27 @@ def cmd_bench_hash(args) -> int:
         print(json.dumps(result))
     else:
         print(f"hash: {result['tokens_per_s']:,.0f} tokens/s vs reference "
-              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x")
+              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x; "
+              f"{result['ns_per_token']:.1f} ns and {result['bytes_written_per_token']:.0f} bytes written "
+              f"per token, {result['bandwidth_fraction']:.0%} of one thread's write bandwidth")
+    return 0
+
+
+def cmd_bench_step(args) -> int:
+    from engram.bench.step import bench_step
+
+    r = bench_step(args.data, rounds=args.rounds, steps=args.steps, threads=args.threads,
+                   table_optimizer=args.table_optimizer, fused_adam=not args.no_fused_adam,
+                   progress=not args.json)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"step: moe {r['moe_step_ms']:.1f} ms, engram-moe {r['engram_moe_step_ms']:.1f} ms -> "
+              f"overhead {r['overhead']:+.1%} (rounds {r['overhead_spread'][0]:+.1%} .. "
+              f"{r['overhead_spread'][1]:+.1%}); CPU time {r['overhead_cpu']:+.1%}")
+        for phase, extra in r["phase_extra_ms"].items():
+            print(f"  {phase:<13} {r['phase_median_ms']['moe'][phase]:8.1f} ms {r['phase_median_ms']['engram-moe'][phase]:8.1f} ms "
+                  f"({extra:+.1f})")
     return 0
 
 
@@ -274,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--repeats", type=int, default=5)
     bh.add_argument("--threads", type=int, default=1)
     bh.set_defaults(fn=cmd_bench_hash)
+    bs = b.add_parser("step", help="training step time of engram-moe vs moe at the demo's settings, by phase")
+    add_common(bs, "--json")
+    add_common(bs, "--data", help="prepared dataset (default: build the built-in one, ~15 s)")
+    bs.add_argument("--rounds", type=int, default=5, help="timed rounds (plus one warm-up)")
+    bs.add_argument("--steps", type=int, default=6, help="steps of each model per round")
+    bs.add_argument("--threads", type=int, default=1)
+    bs.add_argument("--table-optimizer", choices=["adam", "sparse_adam"], default="adam")
+    bs.add_argument("--no-fused-adam", action="store_true", help="torch's for-loop Adam (train.fused_adam=false)")
+    bs.set_defaults(fn=cmd_bench_step)
 
     for group in COMMAND_GROUPS:
         group.register(sub, b)

@@ -252,7 +252,10 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
                         table_rows_per_order=args.table_rows, policy=args.policy,
                         io_threads=args.io_threads, dtype=args.dtype, cold=not args.warm,
                         workdir=args.workdir, threads=args.threads, process=args.fetch_process,
-                        pin=args.pin, progress=not args.json)
+                        pin=args.pin, progress=not args.json, repeats=args.repeats,
+                        capacity_batches=args.capacity_batches, standin_batches=args.standin_batches,
+                        standin_tokens_per_s=(None if args.standin_tps is None
+                                              else [float(v) for v in int_list(args.standin_tps, "--standin-tps")]))
     if args.json:
         print(json.dumps(res))
         return 0
@@ -261,6 +264,15 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
           f"{res['overhead']:+.1%}, hit rate {res['hit_rate']:.1%})")
     print(f"no prefetch {res['no_prefetch_tokens_per_s']:>10,.0f} tokens/s  (overhead "
           f"{res['no_prefetch_overhead']:+.1%}); prefetch speed-up {res['prefetch_speedup']:.2f}x")
+    lo, hi = res["overhead_vs_in_memory_prefetch_spread"]
+    print(f"vs in-memory prefetch runtime: overhead {res['overhead_vs_in_memory_prefetch']:+.1%} "
+          f"({len(res['repeats'])} repeats: {lo:+.1%} .. {hi:+.1%})")
+    cap = res["capacity"]
+    print(f"tier capacity {cap['distinct_rows_per_s']:,.0f} distinct rows/s = {res['capacity_tokens_per_s']:,.0f} "
+          f"tokens/s of this model ({cap['distinct_rows_per_token']:.1f} distinct rows per token)")
+    for f in res["fast_forward"]:
+        print(f"  stand-in forward at {f['standin_tokens_per_s']:>9,.0f} tokens/s: offload "
+              f"{f['offload_tokens_per_s']:>9,.0f} tokens/s, overhead {f['overhead_vs_in_memory_prefetch']:+.1%}")
     t = res["table"]
     print(f"table {t['file_bytes'] / 2**20:,.0f} MiB on disk, pool {t['pool_bytes'] / 2**20:,.0f} MiB "
           f"({t['file_to_pool']:.1f}x smaller); storage: {res['cold_storage']}")
@@ -355,6 +367,11 @@ def register(sub: Any, bench: Any) -> None:
                    help="pin the model's thread to the first CPU and all row serving to the others "
                         "(default on with 2+ CPUs)")
     o.add_argument("--workdir", help="where the temporary table file goes (default: $TMPDIR)")
+    o.add_argument("--repeats", type=int, default=3, help="blocks the timed rounds are split into (the spread)")
+    o.add_argument("--capacity-batches", type=int, default=16, help="batches of the serving-capacity run")
+    o.add_argument("--standin-batches", type=int, default=16, help="batches per stand-in forward speed")
+    o.add_argument("--standin-tps", metavar="N,N", help="stand-in forward speeds in tokens/s (default: "
+                   "9031, the paper's, and 0.5x, 1x, 2x the tier's measured capacity)")
     o.set_defaults(fn=cmd_bench_offload)
 
     to = bench.add_parser("table-optimizer", help="training steps/s and table state: dense Adam vs "

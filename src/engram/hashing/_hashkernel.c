@@ -7,8 +7,10 @@
  * never more than one below floor(x/p) for any x < 2^64, so one conditional subtraction gives
  * the exact remainder. Arithmetic is done in uint64 so wrap-around is defined behaviour.
  *
- * Shapes (all int64, C-contiguous): ids [B,T]; lookup [V] or None; prefix [B,N-1] or None
- * (compressed history, oldest first); multipliers [L,N]; primes [L,N-1,K]; out [L,B,T,(N-1)*K].
+ * Shapes (C-contiguous): ids [B,T]; lookup [V] or None; prefix [B,N-1] or None (compressed
+ * history, oldest first); multipliers [L,N]; primes [L,N-1,K]; out [L,B,T,(N-1)*K]. All are
+ * int64 except out, which may be int32 when every prime is below 2^31 (each id < its prime):
+ * the kernel writes far more bytes than it reads, so int32 ids halve its memory traffic.
  * Returns -1 on success, else the flat index into ids of the first id outside [0, V).
  */
 #define PY_SSIZE_T_CLEAN
@@ -46,17 +48,28 @@ static inline uint64_t mod_p(uint64_t x, uint64_t p, uint64_t inv) {
 #endif
 }
 
-/* Get an int64 C-contiguous buffer; ndim must match. */
-static int get_i64(PyObject *obj, const char *name, int ndim, int writable, Py_buffer *view) {
+/* 1 if the buffer's format is a signed integer of `size` bytes. */
+static int is_signed_int(const Py_buffer *view, Py_ssize_t size) {
+    const char *f = view->format ? view->format : "B";
+    char c = f[strlen(f) - 1];
+    if (view->itemsize != size) return 0;
+    if (size == 8) return c == 'q' || (c == 'l' && sizeof(long) == 8);
+    if (size == 4) return c == 'i' || (c == 'l' && sizeof(long) == 4);
+    return 0;
+}
+
+/* Get an int64 C-contiguous buffer (or int32 too, if allow_i32); ndim must match. */
+static int get_int(PyObject *obj, const char *name, int ndim, int writable, int allow_i32,
+                   Py_buffer *view) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
     const char *f = view->format ? view->format : "B";
-    char c = f[strlen(f) - 1];
-    if (view->itemsize != 8 || !(c == 'q' || (c == 'l' && sizeof(long) == 8)) || view->ndim != ndim) {
+    int ok = is_signed_int(view, 8) || (allow_i32 && is_signed_int(view, 4));
+    if (!ok || view->ndim != ndim) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: expected a C-contiguous int64 array with %d dims, got format '%s', "
+                     "%s: expected a C-contiguous %s array with %d dims, got format '%s', "
                      "itemsize %zd, %d dims; convert with numpy.ascontiguousarray(x, dtype=numpy.int64)",
-                     name, ndim, f, view->itemsize, view->ndim);
+                     name, allow_i32 ? "int64 or int32" : "int64", ndim, f, view->itemsize, view->ndim);
         PyBuffer_Release(view);
         return -1;
     }
@@ -66,40 +79,59 @@ static int get_i64(PyObject *obj, const char *name, int ndim, int writable, Py_b
 struct job {
     const int64_t *x, *lk, *pf;
     const uint64_t *m, *p, *inv;
-    int64_t *out;
+    void *out; /* int64_t or int32_t, see out32 */
+    int out32;
     long long vocab, pad;
     Py_ssize_t B, T, L;
 };
 
-/* The whole hash for every layer; returns -1 or the flat index of the first bad id. */
-static ENGRAM_INLINE long long run(const struct job *J, const Py_ssize_t N, const Py_ssize_t K) {
-    const Py_ssize_t B = J->B, T = J->T, L = J->L, O = N - 1, H = O * K;
-    const Py_ssize_t layer_stride = B * T * H;
-    uint64_t h[ENGRAM_MAX_NGRAM]; /* h[k] = compressed id k positions back */
-    for (Py_ssize_t b = 0; b < B; b++) {
-        /* Seed the history so that, after the first shift, h[k] holds position -k. */
-        for (Py_ssize_t k = 0; k < N - 1; k++)
-            h[k] = J->pf ? (uint64_t)J->pf[b * (N - 1) + (N - 2 - k)] : (uint64_t)J->pad;
-        for (Py_ssize_t t = 0; t < T; t++) {
-            const Py_ssize_t i = b * T + t;
-            const int64_t v = J->x[i];
-            if (v < 0 || v >= J->vocab) return (long long)i;
-            for (Py_ssize_t k = N - 1; k > 0; k--) h[k] = h[k - 1];
-            h[0] = J->lk ? (uint64_t)J->lk[v] : (uint64_t)v;
-            for (Py_ssize_t l = 0; l < L; l++) {
-                const uint64_t *ml = J->m + l * N;
-                const uint64_t *pl = J->p + l * H, *il = J->inv + l * H;
-                int64_t *row = J->out + l * layer_stride + i * H;
-                uint64_t mix = h[0] * ml[0];
-                for (Py_ssize_t o = 0; o < O; o++) {
-                    mix ^= h[o + 1] * ml[o + 1]; /* mix of order n = o + 2 */
-                    for (Py_ssize_t j = 0; j < K; j++)
-                        row[o * K + j] = (int64_t)mod_p(mix, pl[o * K + j], il[o * K + j]);
-                }
-            }
-        }
-    }
-    return -1;
+/* The whole hash for every layer, ids written as OUT_T; returns -1 or the flat index of the
+ * first bad id. Defined once per output type so that the store is a plain typed write. */
+#define ENGRAM_DEFINE_RUN(NAME, OUT_T)                                                          \
+static ENGRAM_INLINE long long NAME(const struct job *J, const Py_ssize_t N, const Py_ssize_t K) { \
+    const Py_ssize_t B = J->B, T = J->T, L = J->L, O = N - 1, H = O * K;                       \
+    const Py_ssize_t layer_stride = B * T * H;                                                  \
+    OUT_T *const out = (OUT_T *)J->out;                                                         \
+    uint64_t h[ENGRAM_MAX_NGRAM]; /* h[k] = compressed id k positions back */                   \
+    for (Py_ssize_t b = 0; b < B; b++) {                                                        \
+        /* Seed the history so that, after the first shift, h[k] holds position -k. */          \
+        for (Py_ssize_t k = 0; k < N - 1; k++)                                                  \
+            h[k] = J->pf ? (uint64_t)J->pf[b * (N - 1) + (N - 2 - k)] : (uint64_t)J->pad;       \
+        for (Py_ssize_t t = 0; t < T; t++) {                                                    \
+            const Py_ssize_t i = b * T + t;                                                     \
+            const int64_t v = J->x[i];                                                          \
+            if (v < 0 || v >= J->vocab) return (long long)i;                                    \
+            for (Py_ssize_t k = N - 1; k > 0; k--) h[k] = h[k - 1];                             \
+            h[0] = J->lk ? (uint64_t)J->lk[v] : (uint64_t)v;                                    \
+            for (Py_ssize_t l = 0; l < L; l++) {                                                \
+                const uint64_t *ml = J->m + l * N;                                              \
+                const uint64_t *pl = J->p + l * H, *il = J->inv + l * H;                        \
+                OUT_T *row = out + l * layer_stride + i * H;                                    \
+                uint64_t mix = h[0] * ml[0];                                                    \
+                for (Py_ssize_t o = 0; o < O; o++) {                                            \
+                    mix ^= h[o + 1] * ml[o + 1]; /* mix of order n = o + 2 */                   \
+                    for (Py_ssize_t j = 0; j < K; j++)                                          \
+                        row[o * K + j] = (OUT_T)mod_p(mix, pl[o * K + j], il[o * K + j]);       \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    return -1;                                                                                  \
+}
+
+ENGRAM_DEFINE_RUN(run64, int64_t)
+ENGRAM_DEFINE_RUN(run32, int32_t)
+
+static long long run(const struct job *J, const Py_ssize_t N, const Py_ssize_t K) {
+    /* Constant N and K for the common shapes let the compiler unroll the inner loops. */
+#define ENGRAM_DISPATCH(R)                                 \
+    if (N == 3 && K == 8) return R(J, 3, 8);               \
+    if (N == 3 && K == 4) return R(J, 3, 4);               \
+    if (N == 3 && K == 2) return R(J, 3, 2);               \
+    return R(J, N, K);
+    if (J->out32) { ENGRAM_DISPATCH(run32) }
+    ENGRAM_DISPATCH(run64)
+#undef ENGRAM_DISPATCH
 }
 
 static PyObject *hash_ids(PyObject *self, PyObject *args) {
@@ -115,12 +147,12 @@ static PyObject *hash_ids(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     uint64_t *inv = NULL;
 
-    if (get_i64(o_ids, "ids", 2, 0, &ids)) goto done;
-    if (have_lookup && get_i64(o_lookup, "lookup", 1, 0, &lookup)) goto done;
-    if (have_prefix && get_i64(o_prefix, "prefix", 2, 0, &prefix)) goto done;
-    if (get_i64(o_mult, "multipliers", 2, 0, &mult)) goto done;
-    if (get_i64(o_primes, "primes", 3, 0, &primes)) goto done;
-    if (get_i64(o_out, "out", 4, 1, &out)) goto done;
+    if (get_int(o_ids, "ids", 2, 0, 0, &ids)) goto done;
+    if (have_lookup && get_int(o_lookup, "lookup", 1, 0, 0, &lookup)) goto done;
+    if (have_prefix && get_int(o_prefix, "prefix", 2, 0, 0, &prefix)) goto done;
+    if (get_int(o_mult, "multipliers", 2, 0, 0, &mult)) goto done;
+    if (get_int(o_primes, "primes", 3, 0, 0, &primes)) goto done;
+    if (get_int(o_out, "out", 4, 1, 1, &out)) goto done;
 
     const Py_ssize_t B = ids.shape[0], T = ids.shape[1];
     const Py_ssize_t L = mult.shape[0], N = mult.shape[1];
@@ -136,10 +168,13 @@ static PyObject *hash_ids(PyObject *self, PyObject *args) {
         goto done;
     }
 
+    const int out32 = out.itemsize == 4;
     const int64_t *pr = (const int64_t *)primes.buf;
     for (Py_ssize_t i = 0; i < L * H; i++) {
-        if (pr[i] < 1) {
-            PyErr_Format(PyExc_ValueError, "hash_ids: table size %lld must be >= 1", (long long)pr[i]);
+        if (pr[i] < 1 || (out32 && pr[i] > INT32_MAX)) {
+            PyErr_Format(PyExc_ValueError, "hash_ids: table size %lld must be in [1, %s]; "
+                         "use an int64 out array for tables of 2^31 rows or more",
+                         (long long)pr[i], out32 ? "2^31 - 1" : "2^63 - 1");
             goto done;
         }
     }
@@ -154,16 +189,13 @@ static PyObject *hash_ids(PyObject *self, PyObject *args) {
         .m = (const uint64_t *)mult.buf,
         .p = (const uint64_t *)primes.buf,
         .inv = inv,
-        .out = (int64_t *)out.buf,
+        .out = out.buf,
+        .out32 = out32,
         .vocab = vocab, .pad = pad, .B = B, .T = T, .L = L,
     };
     long long bad;
     Py_BEGIN_ALLOW_THREADS
-    /* Constant N and K for the common shapes let the compiler unroll the inner loops. */
-    if (N == 3 && K == 8) bad = run(&J, 3, 8);
-    else if (N == 3 && K == 4) bad = run(&J, 3, 4);
-    else if (N == 3 && K == 2) bad = run(&J, 3, 2);
-    else bad = run(&J, N, K);
+    bad = run(&J, N, K);
     Py_END_ALLOW_THREADS
 
     result = PyLong_FromLongLong(bad);
@@ -182,7 +214,8 @@ done:
 static PyMethodDef methods[] = {
     {"hash_ids", hash_ids, METH_VARARGS,
      "hash_ids(ids, lookup, vocab_size, pad_id, prefix, multipliers, primes, out) -> int\n\n"
-     "Fill out[L,B,T,H] with the hash ids of every layer; return -1, or the flat index of the "
+     "Fill out[L,B,T,H] (int64, or int32 for tables below 2^31 rows) with the hash ids of every "
+     "layer; return -1, or the flat index of the "
      "first id outside [0, vocab_size)."},
     {NULL, NULL, 0, NULL},
 };

@@ -12,6 +12,12 @@ Bit-exact with DeepSeek's reference (``NgramHashMapping`` in deepseek-ai/Engram)
 
 Because ``m[k] < int64_max // Vc``, every product and XOR stays in ``[0, 2^63)``: no overflow.
 
+Hash ids are int32 whenever every head's table has fewer than 2^31 rows (``id_dtype``; all
+real configurations), int64 otherwise: the native kernel is bound by the bytes it writes (H ids
+per token per layer against one id read), so half-width ids halve its memory traffic. Values
+do not depend on the dtype, and embedding lookups accept both; ``hash(..., dtype=torch.int64)``
+gives the wide form. ``hash_reference`` keeps int64, as in the reference.
+
 Three paths produce identical ids: ``hash_reference`` (plain numpy, mirrors the reference;
 for tests and the benchmark baseline), the vectorised torch path (any device), and an optional
 native CPU kernel (``_hashkernel.c``, Barrett reduction instead of 64-bit division) that
@@ -47,6 +53,8 @@ NATIVE_KERNEL_AVAILABLE: bool = _native is not None
 BACKENDS = ("auto", "torch", "native")
 PRIME_LAYER_STRIDE = 10007  # seed offset per layer id, as in the reference
 _INT64_MAX = int(np.iinfo(np.int64).max)
+_INT32_LIMIT = 1 << 31  # ids of a table with fewer rows fit int32
+ID_DTYPES = (torch.int32, torch.int64)
 _FORMAT = "engram.ngram-hash/1"  # bump if the hashing algorithm ever changes
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -106,6 +114,9 @@ class NgramHasher:
 
         self.max_ngram_size = cfg.max_ngram_size
         self.num_heads = cfg.num_heads_total
+        largest = max(p for sizes in self.table_sizes.values() for order in sizes for p in order)
+        self.id_dtype: torch.dtype = torch.int32 if largest < _INT32_LIMIT else torch.int64
+        """dtype of the hash ids ``hash`` and ``hash_step`` return: int32 when every table fits."""
         # Kernel operands, stacked over layers in cfg.layer_ids order.
         self._mult_np = np.stack([self.layer_multipliers[l] for l in cfg.layer_ids])  # [L,N]
         self._primes_np = np.array([self.table_sizes[l] for l in cfg.layer_ids], dtype=np.int64)  # [L,O,K]
@@ -187,8 +198,9 @@ class NgramHasher:
 
     # ------------------------------------------------------------------ batch hashing
     def hash(self, input_ids: ArrayLike, backend: str = "auto",
-             check_range: bool = True) -> dict[int, torch.Tensor]:
-        """input_ids [B,T] (torch, any device, or numpy) -> {layer_id: int64 [B,T,H]}.
+             check_range: bool = True, dtype: Optional[torch.dtype] = None) -> dict[int, torch.Tensor]:
+        """input_ids [B,T] (torch, any device, or numpy) -> {layer_id: [B,T,H]} of ``id_dtype``
+        (or of ``dtype``: int32 or int64; int32 only when every table has fewer than 2^31 rows).
 
         ``backend``: "auto" uses the native kernel for CPU input when it is available and the
         torch path otherwise; "torch" and "native" force a path. ``check_range=False`` skips
@@ -198,19 +210,29 @@ class NgramHasher:
         """
         if backend not in BACKENDS:
             raise EngramError(f"backend={backend!r}; choose one of {BACKENDS}")
+        out_dtype = self._out_dtype(dtype)
         ids = _as_int64_tensor(input_ids, "input_ids")
         if ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(ids.shape)}; "
                              f"add a batch dimension with ids[None]")
         if self._use_native(ids, backend):
-            return self._hash_native(ids, None)
+            return self._hash_native(ids, None, out_dtype=out_dtype)
         if check_range:
             self._check_range(ids)
         lookup, _ = self._tensors(ids.device)
         c = lookup[ids] if lookup is not None else ids
         prefix = torch.full((ids.shape[0], self.max_ngram_size - 1), self.compressed_pad_id,
                             dtype=torch.int64, device=ids.device)
-        return self._hash_torch(c, prefix)
+        return self._hash_torch(c, prefix, out_dtype)
+
+    def _out_dtype(self, dtype: Optional[torch.dtype]) -> torch.dtype:
+        if dtype is None:
+            return self.id_dtype
+        if dtype not in ID_DTYPES:
+            raise EngramError(f"dtype={dtype}; hash ids are torch.int32 or torch.int64")
+        if dtype == torch.int32 and self.id_dtype != torch.int32:
+            raise EngramError("dtype=torch.int32 but a table has 2^31 rows or more; use torch.int64")
+        return dtype
 
     def _use_native(self, ids: torch.Tensor, backend: str) -> bool:
         usable = (NATIVE_KERNEL_AVAILABLE and ids.device.type == "cpu"
@@ -225,11 +247,11 @@ class NgramHasher:
         return backend != "torch" and usable
 
     def _hash_native(self, ids: torch.Tensor, prefix: Optional[torch.Tensor],
-                     what: str = "input_ids") -> dict[int, torch.Tensor]:
+                     what: str = "input_ids", out_dtype: Optional[torch.dtype] = None) -> dict[int, torch.Tensor]:
         """ids [B,T] CPU int64, prefix [B,O] compressed history or None (pad) -> {layer: [B,T,H]}."""
         ids = ids.contiguous()
         B, T = ids.shape
-        out = torch.empty((len(self.cfg.layer_ids), B, T, self.num_heads), dtype=torch.int64)
+        out = torch.empty((len(self.cfg.layer_ids), B, T, self.num_heads), dtype=out_dtype or self.id_dtype)
         bad = _native.hash_ids(ids.numpy(), self.lookup, self.tokenizer_vocab_size,
                                self.compressed_pad_id,
                                None if prefix is None else prefix.contiguous().numpy(),
@@ -239,7 +261,8 @@ class NgramHasher:
             self._raise_bad_id(ids.reshape(B, T) if what == "input_ids" else ids.reshape(-1), pos, what)
         return {layer_id: out[i] for i, layer_id in enumerate(self.cfg.layer_ids)}
 
-    def _hash_torch(self, c: torch.Tensor, prefix: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _hash_torch(self, c: torch.Tensor, prefix: torch.Tensor,
+                    out_dtype: Optional[torch.dtype] = None) -> dict[int, torch.Tensor]:
         """Compressed ids c [B,T] after compressed history prefix [B,O] -> {layer: [B,T,H]}."""
         B, T = c.shape
         P = self.max_ngram_size - 1
@@ -256,7 +279,7 @@ class NgramHasher:
                 mixes.append(mix)
             # One broadcast remainder for all heads of all orders: [B,T,O,1] % [O,K] -> [B,T,O,K].
             ids = torch.remainder(torch.stack(mixes, dim=-1).unsqueeze(-1), primes[i])
-            out[layer_id] = ids.reshape(B, T, self.num_heads)
+            out[layer_id] = ids.reshape(B, T, self.num_heads).to(out_dtype or self.id_dtype)
         return out
 
     # ------------------------------------------------------------------ reference
@@ -308,7 +331,8 @@ class NgramHasher:
 
     def hash_step(self, state: torch.Tensor, new_ids: ArrayLike,
                   backend: str = "auto") -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Hash one new token per row: new_ids [B] -> ({layer_id: [B,H]}, new state [B, N-1]).
+        """Hash one new token per row: new_ids [B] -> ({layer_id: [B,H]} of ``id_dtype``, new
+        state [B, N-1] int64).
 
         Equals ``hash`` of the whole sequence at its last position.
         """

@@ -49,6 +49,30 @@ class EngramLayerOutput(NamedTuple):
     gate_inputs: Optional[GateInputs] = None  # (output_gate_inputs)
 
 
+class _TableGather(torch.autograd.Function):
+    """``weight[rows]`` whose backward is one ``index_add_`` into a zero table.
+
+    It gives the dense gradient ``F.embedding``'s backward gives, with the same sums in the same
+    order (duplicate rows added in index order, from zero; checked bit for bit in
+    tests/model/test_model.py), about 5x faster on CPU for Engram's many-rows, narrow-row tables.
+    CPU only: on CUDA ``index_add_`` uses atomics, so the order of the sums would vary.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R,Dh], [...] -> [...,Dh]
+        ctx.save_for_backward(rows)
+        ctx.num_rows = weight.shape[0]
+        return F.embedding(rows, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        dh = grad.shape[-1]
+        grad_weight = grad.new_zeros(ctx.num_rows, dh)
+        grad_weight.index_add_(0, rows.reshape(-1), grad.reshape(-1, dh))
+        return grad_weight, None
+
+
 class MultiHeadEmbedding(nn.Module):
     """All hash heads of one layer in one flat table; head h owns rows [offset_h, offset_h + N_h)."""
 
@@ -63,11 +87,17 @@ class MultiHeadEmbedding(nn.Module):
         return self.embedding.num_embeddings
 
     def rows(self, hash_ids: torch.Tensor) -> torch.Tensor:
-        """Global table rows for per-head hash ids: [..., H] -> [..., H]."""
+        """Global table rows for per-head hash ids: [..., H] (int32 or int64) -> [..., H] int64
+        (the offsets are int64, so the sum is too: callers index tiers and masks with it)."""
         return hash_ids + self.offsets
 
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # [B,T,H] -> [B,T,H,Dh]
-        return self.embedding(self.rows(hash_ids))
+        rows, emb = self.rows(hash_ids), self.embedding
+        if (type(emb) is nn.Embedding and not emb.sparse and emb.weight.requires_grad
+                and emb.weight.device.type == "cpu" and torch.is_grad_enabled()
+                and emb.padding_idx is None and emb.max_norm is None):
+            return _TableGather.apply(emb.weight, rows)
+        return emb(rows)  # sparse gradients, no gradient, another device, or a served table
 
 
 class ShortConv(nn.Module):
@@ -111,7 +141,9 @@ class ShortConv(nn.Module):
             state = normed.new_zeros(B, self.receptive, M * D)  # causal zero padding
         seq = torch.cat([state, normed], dim=1)  # [B, len(state) + T, M*D]
         window = seq[:, seq.shape[1] - (self.receptive + T):]  # exactly receptive rows of history
-        y = F.silu(self.conv(window.transpose(1, 2))).transpose(1, 2)  # [B,T,M*D]
+        # A contiguous [B, M*D, receptive + T] input: the same numbers (forward and backward) as
+        # convolving the transposed view, in about 2/3 of the time of its training step on CPU.
+        y = F.silu(self.conv(window.transpose(1, 2).contiguous())).transpose(1, 2)  # [B,T,M*D]
         new_state = seq[:, max(0, seq.shape[1] - (self.receptive + keep)):]
         return y.reshape(B, T, M, D), new_state
 

@@ -137,7 +137,8 @@ class EngramLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.input_ngram = None  # bigram-hash / OverEncoding baselines (engram.model.input_ngram)
         if cfg.input_ngram is not None:
-            self.input_ngram = InputNgramEmbedding(cfg.input_ngram, cfg.hidden_size, cfg.vocab_size)
+            self.input_ngram = InputNgramEmbedding(cfg.input_ngram, cfg.hidden_size, cfg.vocab_size,
+                                                   cfg.num_layers)
         self.layers = nn.ModuleList(Block(cfg, i, self.hasher) for i in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -278,14 +279,18 @@ class EngramLM(nn.Module):
                         else self.hasher.hash(input_ids))
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed(input_ids)
+        ngram_rows = None
         if self.input_ngram is not None:
-            x, hist = self.input_ngram(input_ids, x, cache.ngram_hist if cache is not None and cache.pos else None)
+            x, hist, ngram_rows = self.input_ngram(input_ids, x,
+                                                   cache.ngram_hist if cache is not None and cache.pos else None)
             if cache is not None:
                 cache.ngram_hist = hist
         h = x.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)  # [B,T,M,D]
         gates: Optional[dict[int, torch.Tensor]] = {} if output_gates else None
         gate_inputs: Optional[dict[int, GateInputs]] = {} if output_gate_inputs else None
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
+            if ngram_rows is not None:  # the every-layer bigram baseline: its row before every block
+                h = h + self.input_ngram.layer_rows(ngram_rows, i)
             ids = hash_ids[block.layer_id] if block.engram is not None else None
             h, engram_out = block(h, cos, sin, ids, cache, output_gates=output_gates,
                                   output_gate_inputs=output_gate_inputs, ablate_engram=ablate_engram)

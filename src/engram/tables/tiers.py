@@ -207,9 +207,17 @@ class MmapStorage(TableStorage):
             self.drop_page_cache()
 
     def drop_page_cache(self) -> None:
-        """Unmap resident pages and ask the kernel to forget the layer's cached file pages."""
+        """Unmap resident pages and ask the kernel to forget the layer's cached file pages.
+
+        The file range is widened to whole pages: the kernel drops only the pages that lie
+        entirely inside the range, so the pages a layer shares with its neighbours (or the
+        header) would otherwise stay cached and serve their rows warm.
+        """
         self._mm.madvise(mmap.MADV_DONTNEED)
-        os.posix_fadvise(self._fd, self._offset, self._nbytes, os.POSIX_FADV_DONTNEED)
+        page = mmap.PAGESIZE
+        start = self._offset - self._offset % page
+        end = -(-(self._offset + self._nbytes) // page) * page
+        os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def _gather(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         """out [N, Dh] (storage dtype) <- view[rows]; page faults in parallel threads."""

@@ -62,8 +62,15 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.dim() < 2 or ".hc_" in name
 
 
+def _adam_impl(params: list[torch.nn.Parameter], cfg: TrainConfig) -> dict[str, bool]:
+    """``fused=True`` where torch has a one-pass kernel for every parameter (CPU or CUDA floats)."""
+    ok = cfg.fused_adam and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return {"fused": True} if ok else {}
+
+
 def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    """{"backbone": AdamW, "tables": Adam (only when the model has Engram tables)}."""
+    """{"backbone": AdamW, "tables": Adam (only when the model has Engram tables)}; fused kernels
+    unless ``cfg.fused_adam`` is False (then torch's for-loop implementation)."""
     table_ids = {id(p) for p in model.table_parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # named_parameters() yields a tied weight once
@@ -73,7 +80,8 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
     opts: dict[str, torch.optim.Optimizer] = {
-        "backbone": torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas),
+        "backbone": torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                                      **_adam_impl(decay + no_decay, cfg)),
     }
     tables = model.table_parameters()
     if tables and cfg.table_optimizer == "sparse_adam":
@@ -86,7 +94,8 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim
     elif tables:
         opts["tables"] = torch.optim.Adam(
             [{"params": tables, "lr_mult": cfg.table_lr_mult}],
-            lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas, weight_decay=cfg.table_weight_decay)
+            lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas, weight_decay=cfg.table_weight_decay,
+            **_adam_impl(tables, cfg))
     return opts
 
 
