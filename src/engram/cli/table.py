@@ -36,13 +36,18 @@ def add_storage_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(g, StorageConfig, defaults={"kind": None, "prefetch": None})
 
 
+# TrainConfig fields that are also flags of ``engram train`` (--prefetch, --table-storage, ...)
+TRAIN_TABLE_FLAGS = ("prefetch", "table_storage", "table_cache_rows", "table_dir")
+
+
 def add_train_table_arguments(p: argparse.ArgumentParser) -> None:
-    """Switches of ``train``: initial tables from a file, and background batch prefetch."""
+    """Switches of ``train``: initial tables from a file, background batch prefetch, and where
+    the tables live while they train (memory, mmap, cached)."""
     g = p.add_argument_group("Engram tables (docs/storage.md)")
     g.add_argument("--table", metavar="FILE", help="initialise the Engram tables of a fresh run from "
                    "this table file (its hash fingerprint must match the config)")
-    # None = not given: keeps train.prefetch from the preset, --config and --set
-    add_config_flags(g, TrainConfig, only=("prefetch",), defaults={"prefetch": None})
+    # None = not given: keeps train.* from the preset, --config and --set
+    add_config_flags(g, TrainConfig, only=TRAIN_TABLE_FLAGS, defaults=dict.fromkeys(TRAIN_TABLE_FLAGS))
 
 
 def storage_from_args(args: argparse.Namespace) -> Optional[StorageConfig]:
