@@ -148,7 +148,7 @@ def _shard_state(run: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("tier", ["mmap", "cached"])
 def test_shards_on_a_file_tier_train_like_memory(runs, tmp_path: Path, tier: str) -> None:
     """Each rank's shard in a working file (mmap), or behind a 64-row pool (cached; a rank's
-    shard has ~1,000 rows), with the next step's rows read ahead (--prefetch): the in-memory
+    shard has ~2,000 rows), with the next step's rows read ahead (--prefetch): the in-memory
     run's losses, rows and optimizer state, bit for bit."""
     run = tmp_path / tier
     _cli_train(runs["data"], run, 2, "--table-storage", tier, "--table-cache-rows", "64", "--prefetch",

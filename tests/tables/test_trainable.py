@@ -80,7 +80,7 @@ SETS = dict(steps=8, batch_size=4, seq_len=32, warmup_steps=2, eval_every=4, eva
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny) -> dict[str, Path]:
     """The same 8 steps with the tables in memory, mmap, and cached with a 64-row pool (the
-    table has 2,006 rows; one step touches a few hundred), the latter two with prefetch."""
+    table has 4,038 rows; one step touches a few hundred), the latter two with prefetch."""
     root = tmp_path_factory.mktemp("tiers")
     data = tiny.training_dataset(root / "data")
     vocab = int(json.loads((data / "meta.json").read_text())["vocab_size"])
@@ -138,3 +138,15 @@ def test_resume_may_change_the_tier(runs, tmp_path: Path) -> None:
         assert _losses(run) == _losses(runs["root"] / "memory"), (first, then)
         a, b = _tables(runs["root"] / "memory"), _tables(run)
         assert all(torch.equal(a[k], b[k]) for k in a), (first, then)
+
+
+def test_bench_train_tiers_reports_identical_losses_and_table_ram(runs) -> None:
+    from engram.bench.train_tiers import bench_train_tiers
+
+    res = bench_train_tiers(str(runs["data"]), steps=2, rounds=1, batch_size=2, seq_len=16, cache_rows=32,
+                            preset_name="tiny")
+    assert res["losses_identical"] and res["table_rows"] == 4038
+    assert res["memory"]["table_ram_bytes"] >= res["table_bytes"]
+    assert res["cached"]["resident_rows"] <= 32 and res["cached"]["files_rss_bytes"] == 0  # pages dropped
+    assert 0 < res["mmap"]["files_rss_bytes"] <= 4 * res["table_bytes"]  # table, 2 moments, step counts
+    assert all(res[k]["step_s"] > 0 for k in ("memory", "mmap", "cached"))

@@ -112,6 +112,7 @@ class TrainableTier:
         self.table = self.file.tensor
         self._files = [self.file]
         self._lock = threading.Lock()
+        self.file.drop_pages()  # the initial copy is in the file; none of it needs to stay mapped
 
     def row_file(self, suffix: str, dim: int, dtype: torch.dtype) -> torch.Tensor:
         """A zero [R, dim] working file beside the table (optimizer moments); closed with it."""
@@ -170,7 +171,6 @@ class CachedTrainableTier(TrainableTier):
         self.index = RowIndex(self.capacity)
         self.used, self.tick = 0, 0
         self.hits = self.misses = self.writebacks = 0
-        self.file.drop_pages()  # the initial copy is in the file; nothing of it needs to stay mapped
 
     def _admit(self, rows: torch.Tensor) -> torch.Tensor:
         """Slots of distinct ``rows`` [k] (-1 where the pool had no room); admits misses."""
