@@ -146,7 +146,9 @@ def test_bench_train_tiers_reports_identical_losses_and_table_ram(runs) -> None:
     res = bench_train_tiers(str(runs["data"]), steps=2, rounds=1, batch_size=2, seq_len=16, cache_rows=32,
                             preset_name="tiny")
     assert res["losses_identical"] and res["table_rows"] == 4038
-    assert res["memory"]["table_ram_bytes"] >= res["table_bytes"]
+    assert res["memory"]["anon_bytes"] >= res["table_bytes"] and res["mmap"]["anon_bytes"] == 0
     assert res["cached"]["resident_rows"] <= 32 and res["cached"]["files_rss_bytes"] == 0  # pages dropped
+    assert 0 < res["cached"]["anon_bytes"] < res["table_bytes"] / 10
     assert 0 < res["mmap"]["files_rss_bytes"] <= 4 * res["table_bytes"]  # table, 2 moments, step counts
+    assert 0 < res["cached"]["files_rss_in_step_bytes"]
     assert all(res[k]["step_s"] > 0 for k in ("memory", "mmap", "cached"))

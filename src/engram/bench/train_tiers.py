@@ -9,10 +9,15 @@ result reports.
 
 RAM of the tables, measured per copy at the end (one process, so not its whole RSS):
 
-- memory: the table tensors plus the optimizer's row state (``SparseRowAdam.state_nbytes``);
-- mmap / cached: the resident pages of the copy's working files in this process (``Rss`` of
-  their mappings in ``/proc/self/smaps``: table, moments and step counts), plus, for cached,
-  the pool (rows and per-slot bookkeeping).
+- ``anon_bytes``, memory only this process can free: for memory the table tensors plus the
+  optimizer's row state (``SparseRowAdam.state_nbytes``), for cached the pool (rows and per-slot
+  bookkeeping), for mmap nothing;
+- ``files_rss_bytes``: the working files' pages mapped into the process (``Rss`` of their
+  mappings in ``/proc/self/smaps``: table, moments and step counts). They are page cache: the
+  kernel may reclaim them under pressure (writing dirty ones back first), and a fault maps the
+  neighbouring cached pages too, so this counts far more than the rows touched.
+  ``files_rss_in_step_bytes``: the same during one more step, just before it ends (a cached tier
+  drops its mappings then).
 """
 
 from __future__ import annotations
@@ -54,12 +59,14 @@ def mapped_rss(directory: Path) -> int:
 
 
 def _table_ram(tier_name: str, model: EngramLM, opt: Any, tiers: list[TrainableTier], work: Path) -> dict[str, int]:
+    """``anon_bytes``: RAM the tables hold in this process that only it can free (tensors and row
+    state in memory; the pool when cached). ``files_rss_bytes``: page-cache pages of the working
+    files mapped into the process, which the kernel may reclaim (dirty ones after writing them)."""
     if tier_name == "memory":
         tables = sum(p.numel() * p.element_size() for p in model.table_parameters())
-        return {"table_ram_bytes": tables + opt.state_nbytes(), "files_rss_bytes": 0, "pool_bytes": 0}
+        return {"anon_bytes": tables + opt.state_nbytes(), "files_rss_bytes": 0}
     pool = sum(t.pool.numel() * 4 + t.capacity * 17 + t.index.nbytes for t in tiers if hasattr(t, "pool"))
-    rss = mapped_rss(work)
-    return {"table_ram_bytes": rss + pool, "files_rss_bytes": rss, "pool_bytes": pool}
+    return {"anon_bytes": pool, "files_rss_bytes": mapped_rss(work)}
 
 
 def bench_train_tiers(data_dir: Optional[str] = None, *, steps: int = 8, rounds: int = 3, batch_size: int = 16,
@@ -116,6 +123,15 @@ def bench_train_tiers(data_dir: Optional[str] = None, *, steps: int = 8, rounds:
                     loop.loss_sum, loop.loss_count = 0.0, 0
                 if r > 0:  # round 0 warms up allocators, the pool and the page cache
                     times[name].append((time.perf_counter() - t0) / steps)
+        peak = {}
+        for name in TIERS[1:]:  # one more step: the files' pages held just before end_step drops them
+            loop, tiers, work = loops[name]
+            seen: list[int] = []
+            real = tiers[0].end_step
+            tiers[0].end_step = lambda real=real, work=work, seen=seen: (seen.append(mapped_rss(work)), real())
+            loop.train_step()
+            tiers[0].end_step = real
+            peak[name] = seen[0]
         out: dict[str, Any] = {"bench": "train_tiers", "preset": preset_name, "batch_size": batch_size,
                                "seq_len": seq_len, "cache_rows": cache_rows, "steps_timed": rounds * steps}
         first = loops["memory"][0].model
@@ -125,6 +141,7 @@ def bench_train_tiers(data_dir: Optional[str] = None, *, steps: int = 8, rounds:
             loop, tiers, work = loops[name]
             ram = _table_ram(name, loop.model, loop.optimizers["tables"], tiers, work)
             out[name] = {"step_s": statistics.median(times[name]), "step_s_rounds": times[name], **ram,
+                         "files_rss_in_step_bytes": peak.get(name, 0),
                          "rows_with_state": sum(loop.optimizers["tables"].state_rows(p)
                                                 for p in loop.model.table_parameters())}
             if name == "cached":

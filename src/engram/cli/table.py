@@ -324,7 +324,9 @@ def cmd_bench_train_tiers(args: argparse.Namespace) -> int:
           f"losses identical: {res['losses_identical']}")
     for name in TIERS:
         r = res[name]
-        print(f"{name:7s} {r['step_s'] * 1e3:8.1f} ms/step, table RAM {r['table_ram_bytes'] / 2**20:8.1f} MiB")
+        print(f"{name:7s} {r['step_s'] * 1e3:8.1f} ms/step, tables hold {r['anon_bytes'] / 2**20:8.1f} MiB; "
+              f"file pages mapped {r['files_rss_bytes'] / 2**20:8.1f} MiB (in a step "
+              f"{r['files_rss_in_step_bytes'] / 2**20:.1f})")
     return 0
 
 
