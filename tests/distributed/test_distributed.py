@@ -160,6 +160,13 @@ def test_shards_on_a_file_tier_train_like_memory(runs, tmp_path: Path, tier: str
         for k in a:
             assert torch.equal(a[k], b[k]), (r, k)
     assert not (run / "table-work").exists()  # the working files are scratch
+    if tier == "mmap":  # the checkpoint loads anywhere: 2 ranks -> 1 process, here on the cached tier
+        ref = tmp_path / "ref"
+        subprocess.run(["cp", "-r", str(runs["sparse2"]), str(ref)], check=True)
+        _one_process(runs["data"], ref, resume=True, table_optimizer="sparse_adam", steps=24)
+        _one_process(runs["data"], run, resume=True, table_optimizer="sparse_adam", steps=24,
+                     table_storage="cached", table_cache_rows=64)
+        assert _losses(run) == _losses(ref) and read_config(run).step == 24
 
 
 # ----------------------------------------------------------------------------- checkpoints
