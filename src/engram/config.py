@@ -350,6 +350,9 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+TRAIN_TABLE_STORAGES = ("memory", "mmap", "cached")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation recipe. Tables get Adam at ``table_lr_mult`` x lr and no weight decay."""
@@ -381,11 +384,31 @@ class TrainConfig:
                                      "(differs in the last float bits)")
     prefetch: bool = setting(False, "build the next batch and its row ids on a background thread "
                                     "(sets train.prefetch)")
+    # Where the Engram tables (each rank's shard) live while training (engram.tables.trainable):
+    # memory, or a working file per table mapped writable (mmap), or a pool of hot rows in front
+    # of that file (cached). The numbers are the same in all three; the file tiers need the
+    # row-sparse optimizer, whose moments then live in working files too.
+    table_storage: str = setting("memory", "where the tables train: memory; mmap: a working file per "
+                                 "table (and rank), mapped; cached: a pool of --table-cache-rows hot rows "
+                                 "in front of that file (needs train.table_optimizer=sparse_adam)",
+                                 choices=TRAIN_TABLE_STORAGES)
+    table_cache_rows: int = setting(1 << 16, "rows per Engram table (per rank) in the cached tier's pool "
+                                    "(default 65,536)")
+    table_dir: Optional[str] = setting(None, "directory of the working files of mmap/cached tables "
+                                       "(default: RUN/table-work)", metavar="DIR")
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         _check(self.table_optimizer in ("adam", "sparse_adam"),
                f"table_optimizer={self.table_optimizer!r} must be 'adam' or 'sparse_adam'")
+        _check(self.table_storage in TRAIN_TABLE_STORAGES,
+               f"table_storage={self.table_storage!r} must be one of {TRAIN_TABLE_STORAGES}")
+        _check(self.table_storage == "memory" or self.table_optimizer == "sparse_adam",
+               f"table_storage={self.table_storage!r} trains with the row-sparse optimizer only (dense "
+               f"Adam keeps two table-sized moments in RAM): add --set train.table_optimizer=sparse_adam "
+               f"or use --table-storage memory")
+        _check(self.table_cache_rows >= 1, f"table_cache_rows={self.table_cache_rows} must be >= 1 "
+               f"(rows per Engram table)")
         _check(self.steps >= 1, f"steps={self.steps} must be >= 1")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         _check(self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2")

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from engram.cli.main import main
+from engram.model.checkpoint import read_config
 
 TEXT = ("The capital of France is Paris. The capital of Spain is Madrid. "
         "To be, or not to be, that is the question. In the beginning was the Word. ") * 40
@@ -85,3 +86,21 @@ def test_training_into_an_existing_run_needs_resume_or_overwrite(prepared, capsy
     assert main(args) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_train_table_storage_flags(prepared, tmp_path, capsys):
+    """--table-storage cached with dense Adam is refused in one line naming the fix; with the
+    row-sparse optimizer it trains, and the checkpoint records the tier."""
+    root, data = prepared
+    base = ["train", "--data", str(data), "--preset", "tiny", "--quiet", "--set", "train.steps=2",
+            "--set", "train.batch_size=2", "--set", "train.seq_len=16", "--set", "train.eval_batches=1"]
+    assert main([*base, "--out", str(tmp_path / "r"), "--table-storage", "cached"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "table_storage='cached' trains with the row-sparse optimizer" in err
+    assert "--set train.table_optimizer=sparse_adam" in err
+    run = tmp_path / "c"
+    assert main([*base, "--out", str(run), "--table-storage", "cached", "--table-cache-rows", "50",
+                 "--set", "train.table_optimizer=sparse_adam"]) == 0
+    saved = read_config(run).train_config.to_dict()
+    assert (saved["table_storage"], saved["table_cache_rows"]) == ("cached", 50)
+    assert not (run / "table-work").exists()

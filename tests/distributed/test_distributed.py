@@ -135,6 +135,40 @@ def test_resume_on_two_ranks_is_exact(runs, tmp_path: Path) -> None:
     assert _losses(run) == _losses(runs["sparse2"])  # same world size: the same sums in the same order
 
 
+def _shard_state(run: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """A rank's table rows and their optimizer state (sorted by row) from a sharded checkpoint."""
+    from safetensors.torch import load_file
+
+    meta = read_config(run)
+    got = load_file(str(run / meta.sharded["dir"] / ckpt.shard_file(rank, world)))
+    order = torch.argsort(got["tables.state.0.rows"])
+    return {k: v[order] if k.startswith("tables.state.0.") else v for k, v in got.items()}
+
+
+@pytest.mark.parametrize("tier", ["mmap", "cached"])
+def test_shards_on_a_file_tier_train_like_memory(runs, tmp_path: Path, tier: str) -> None:
+    """Each rank's shard in a working file (mmap), or behind a 64-row pool (cached; a rank's
+    shard has ~2,000 rows), with the next step's rows read ahead (--prefetch): the in-memory
+    run's losses, rows and optimizer state, bit for bit."""
+    run = tmp_path / tier
+    _cli_train(runs["data"], run, 2, "--table-storage", tier, "--table-cache-rows", "64", "--prefetch",
+               table_optimizer="sparse_adam")
+    assert _losses(run) == _losses(runs["sparse2"])
+    for r in range(2):
+        a, b = _shard_state(runs["sparse2"], r, 2), _shard_state(run, r, 2)
+        assert sorted(a) == sorted(b) and a["tables.state.0.rows"].numel() > 64
+        for k in a:
+            assert torch.equal(a[k], b[k]), (r, k)
+    assert not (run / "table-work").exists()  # the working files are scratch
+    if tier == "mmap":  # the checkpoint loads anywhere: 2 ranks -> 1 process, here on the cached tier
+        ref = tmp_path / "ref"
+        subprocess.run(["cp", "-r", str(runs["sparse2"]), str(ref)], check=True)
+        _one_process(runs["data"], ref, resume=True, table_optimizer="sparse_adam", steps=24)
+        _one_process(runs["data"], run, resume=True, table_optimizer="sparse_adam", steps=24,
+                     table_storage="cached", table_cache_rows=64)
+        assert _losses(run) == _losses(ref) and read_config(run).step == 24
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def test_reshard_round_trip_keeps_every_row_and_its_state() -> None:
     g = torch.Generator().manual_seed(0)

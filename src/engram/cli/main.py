@@ -40,6 +40,7 @@ from engram.cli.ngram import (
     generate_drafted,
 )
 from engram.cli.table import (
+    TRAIN_TABLE_FLAGS,
     add_storage_arguments,
     add_train_table_arguments,
     is_adapter_dir,
@@ -47,7 +48,7 @@ from engram.cli.table import (
     report_generation,
     storage_from_args,
 )
-from engram.config import PRESETS, DistributedConfig, SamplingConfig, build_configs
+from engram.config import PRESETS, DistributedConfig, SamplingConfig, TrainConfig, build_configs
 from engram.errors import EngramError
 
 # Command groups of the feature packages: each module's register(sub, bench) adds its subcommands
@@ -117,8 +118,9 @@ def cmd_train(args) -> int:
 
         return launch(dist_cfg.nproc, args.argv)
     model_cfg, train_cfg = build_configs(args.preset, _dataset_vocab(args.data), args.config, args.set)
-    if args.prefetch is not None:  # --prefetch / --no-prefetch override train.prefetch
-        train_cfg.prefetch = args.prefetch
+    given = {k: getattr(args, k) for k in TRAIN_TABLE_FLAGS if getattr(args, k) is not None}
+    if given:  # --prefetch, --table-storage, ... override train.* (and are validated with it)
+        train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), **given})
     kwargs = dict(resume=args.resume, progress=not args.quiet, max_seconds=args.max_seconds,
                   overwrite=args.overwrite, tables_from=args.table)
     if under_torchrun:  # one rank of torchrun's processes: row-sharded tables, DDP backbone

@@ -36,13 +36,18 @@ def add_storage_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(g, StorageConfig, defaults={"kind": None, "prefetch": None})
 
 
+# TrainConfig fields that are also flags of ``engram train`` (--prefetch, --table-storage, ...)
+TRAIN_TABLE_FLAGS = ("prefetch", "table_storage", "table_cache_rows", "table_dir")
+
+
 def add_train_table_arguments(p: argparse.ArgumentParser) -> None:
-    """Switches of ``train``: initial tables from a file, and background batch prefetch."""
+    """Switches of ``train``: initial tables from a file, background batch prefetch, and where
+    the tables live while they train (memory, mmap, cached)."""
     g = p.add_argument_group("Engram tables (docs/storage.md)")
     g.add_argument("--table", metavar="FILE", help="initialise the Engram tables of a fresh run from "
                    "this table file (its hash fingerprint must match the config)")
-    # None = not given: keeps train.prefetch from the preset, --config and --set
-    add_config_flags(g, TrainConfig, only=("prefetch",), defaults={"prefetch": None})
+    # None = not given: keeps train.* from the preset, --config and --set
+    add_config_flags(g, TrainConfig, only=TRAIN_TABLE_FLAGS, defaults=dict.fromkeys(TRAIN_TABLE_FLAGS))
 
 
 def storage_from_args(args: argparse.Namespace) -> Optional[StorageConfig]:
@@ -306,6 +311,25 @@ def cmd_bench_table_optimizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train_tiers(args: argparse.Namespace) -> int:
+    from engram.bench.train_tiers import TIERS, bench_train_tiers
+
+    res = bench_train_tiers(args.data, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size,
+                            seq_len=args.seq_len, cache_rows=args.cache_rows, threads=args.threads,
+                            table_rows_per_order=args.table_rows, progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"tables: {res['table_rows']:,} rows, {res['table_bytes'] / 2**20:,.1f} MiB; "
+          f"losses identical: {res['losses_identical']}")
+    for name in TIERS:
+        r = res[name]
+        print(f"{name:7s} {r['step_s'] * 1e3:8.1f} ms/step, tables hold {r['anon_bytes'] / 2**20:8.1f} MiB; "
+              f"file pages mapped {r['files_rss_bytes'] / 2**20:8.1f} MiB (in a step "
+              f"{r['files_rss_in_step_bytes'] / 2**20:.1f})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- registration
 def register(sub: Any, bench: Any) -> None:
     t = sub.add_parser("table", help="Engram table files: inspect, convert, access statistics"
@@ -385,6 +409,19 @@ def register(sub: Any, bench: Any) -> None:
     to.add_argument("--seq-len", type=int, default=128)
     to.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     to.set_defaults(fn=cmd_bench_table_optimizer)
+
+    tt = bench.add_parser("train-tiers", help="training step time and table RAM with the tables in memory, "
+                          "mmap and cached (train.table_storage), side by side in one process")
+    add_common(tt, "--json")
+    add_common(tt, "--data", help="prepared dataset (default: build the built-in one)")
+    tt.add_argument("--steps", type=int, default=8, help="steps per round and tier")
+    tt.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
+    tt.add_argument("--cache-rows", type=int, default=16384, help="cached tier: pool rows per table")
+    tt.add_argument("--table-rows", type=int, help="engram_vocab_size per order (default: the preset's)")
+    tt.add_argument("--batch-size", type=int, default=16)
+    tt.add_argument("--seq-len", type=int, default=128)
+    tt.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    tt.set_defaults(fn=cmd_bench_train_tiers)
 
     lt = bench.add_parser("large-table", help="a table larger than RAM (default 32 GiB, deleted after): "
                           "eval and generation tokens/s and hit rates")

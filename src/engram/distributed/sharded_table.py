@@ -79,7 +79,7 @@ class _ShardedLookup(torch.autograd.Function):
     def forward(ctx, shard: torch.Tensor, rows: torch.Tensor, module: "ShardedEmbedding"):  # noqa: ANN001
         route = _Route(rows.cpu() if module.group_on_cpu else rows, module.world, module.group)
         local = route.local.to(shard.device)
-        served = shard.index_select(0, local)  # [S, Dh]
+        served = module.tier.read(local) if module.tier is not None else shard.index_select(0, local)  # [S, Dh]
         got = served.new_empty(route.n_uniq, shard.shape[1])  # [U, Dh] in owner order
         dist.all_to_all_single(got, served, route.send_splits, route.recv_splits, group=module.group)
         uniq_rows = torch.empty_like(got)
@@ -132,6 +132,7 @@ class ShardedEmbedding(nn.Module):
             raise ValueError(f"shard of rank {rank}/{world} must be {n} x {embedding_dim}, got {tuple(data.shape)}")
         self.weight = nn.Parameter(data)
         self.sparse = False
+        self.tier = None  # a file-backed working tier (engram.tables.trainable.place_tables) or RAM
         self.grad_scale = 1.0  # applied by the owner to the row gradients it receives
         self.stats = ExchangeStats()
         # gloo exchanges CPU tensors; NCCL exchanges device tensors.
@@ -151,4 +152,4 @@ class ShardedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rows {self.rank}::{self.world} "
-                f"({self.weight.shape[0]} local), sparse={self.sparse}")
+                f"({self.weight.shape[0]} local), sparse={self.sparse}, tier={getattr(self.tier, 'kind', 'memory')}")

@@ -480,11 +480,15 @@ class BatchPrefetcher:
 
     ``make_batch(step) -> (x, y)`` must be a pure function of the step (``data.get_batch`` is),
     so prefetching changes nothing but timing. ``get(step)`` returns (x, y, hash_ids or None).
+    ``warm(step, hash_ids)``, when given, runs on the same thread after hashing: training with
+    file-backed tables reads the next step's rows ahead (``engram.tables.trainable``).
     """
 
     def __init__(self, make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                 hasher: Optional[NgramHasher], device: Union[str, torch.device] = "cpu") -> None:
+                 hasher: Optional[NgramHasher], device: Union[str, torch.device] = "cpu",
+                 warm: Optional[Callable[[int, Optional[dict[int, torch.Tensor]]], None]] = None) -> None:
         self.make_batch, self.hasher, self.device = make_batch, hasher, torch.device(device)
+        self.warm = warm
         self._pool = worker_pool(1, "engram-batches")
         self._next: Optional[tuple[int, Future]] = None
         self.wait_s = 0.0
@@ -492,6 +496,8 @@ class BatchPrefetcher:
     def _build(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Optional[dict[int, torch.Tensor]]]:
         x, y = self.make_batch(step)
         hash_ids = self.hasher.hash(x) if self.hasher is not None else None
+        if self.warm is not None:
+            self.warm(step, hash_ids)
         if self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)
             if hash_ids is not None:

@@ -35,6 +35,7 @@ import torch
 
 from engram.errors import EngramError
 from engram.tables.rowindex import RowIndex
+from engram.tables.trainable import TrainableTier
 
 
 class _RowState:
@@ -87,6 +88,54 @@ class _RowState:
         per = 2 * self.dim * torch.empty((), dtype=self.dtype).element_size() + 16
         return self.rows.numel() * per + self.index.nbytes
 
+    def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows [n], exp_avg [n, Dh], exp_avg_sq [n, Dh], steps [n]) of the rows with state, copied."""
+        n = self.n
+        return self.rows[:n].clone(), self.exp_avg[:n].clone(), self.exp_avg_sq[:n].clone(), self.steps[:n].clone()
+
+    def load(self, rows: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: torch.Tensor) -> None:
+        n = rows.numel()
+        if n:
+            self.slots_for(rows)  # slots 0..n-1 in order: rows are distinct
+            self.exp_avg[:n] = exp_avg.to(self.dtype)
+            self.exp_avg_sq[:n] = exp_avg_sq.to(self.dtype)
+            self.steps[:n] = steps.to(torch.int64)
+
+
+class _FileRowState:
+    """The same state for a table in a file-backed tier: moments and step counts in working files
+    of the tier (``TrainableTier.row_file``), one row of state per table row (slot = row), so RAM
+    holds only the pages a step touches. Same values and operations as :class:`_RowState`."""
+
+    def __init__(self, tier: TrainableTier, dim: int, dtype: torch.dtype) -> None:
+        self.dim, self.dtype = dim, dtype
+        self.exp_avg = tier.row_file("exp_avg", dim, dtype)  # [R, Dh]
+        self.exp_avg_sq = tier.row_file("exp_avg_sq", dim, dtype)  # [R, Dh]
+        self.steps = tier.row_file("steps", 1, torch.int64).view(-1)  # [R]; 0: no state yet
+
+    def slots_for(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    @property
+    def n(self) -> int:
+        return int(self.steps.count_nonzero())
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # in files; resident pages are the kernel's (and dropped after each step when cached)
+
+    def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = torch.nonzero(self.steps).reshape(-1)
+        return rows, self.exp_avg[rows], self.exp_avg_sq[rows], self.steps[rows]
+
+    def load(self, rows: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: torch.Tensor) -> None:
+        old = torch.nonzero(self.steps).reshape(-1)  # state loaded before: forget it first
+        self.exp_avg[old], self.exp_avg_sq[old], self.steps[old] = 0.0, 0.0, 0
+        if rows.numel():
+            self.exp_avg[rows] = exp_avg.to(self.dtype)
+            self.exp_avg_sq[rows] = exp_avg_sq.to(self.dtype)
+            self.steps[rows] = steps.to(torch.int64)
+
 
 class SparseRowAdam(torch.optim.Optimizer):
     """Adam whose state and updates cover only the rows a gradient touched (see the module docstring).
@@ -99,7 +148,8 @@ class SparseRowAdam(torch.optim.Optimizer):
     row_sparse_state = True  # checkpoint.py: state tensors are [n, Dh], not the parameter's shape
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0,
+                 tiers: Optional[dict[torch.Tensor, TrainableTier]] = None) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise EngramError(f"lr={lr}, eps={eps}, weight_decay={weight_decay} must all be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -110,12 +160,21 @@ class SparseRowAdam(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise EngramError(f"SparseRowAdam updates rows of 2-D tables; got a parameter of shape "
                                      f"{tuple(p.shape)}: give it to a dense optimizer instead")
-        self._rows: dict[torch.Tensor, _RowState] = {}
+        self._rows: dict[torch.Tensor, Any] = {}
+        # Tables in a file-backed tier (engram.tables.trainable): rows are gathered from and
+        # scattered back to the tier, and the moments live in its working files.
+        self.tiers: dict[torch.Tensor, TrainableTier] = dict(tiers or {})
 
-    def _state(self, p: torch.Tensor) -> _RowState:
+    def _new_state(self, p: torch.Tensor, capacity: int = 1024) -> Any:
+        tier = self.tiers.get(p)
+        if tier is not None:
+            return _FileRowState(tier, p.shape[1], p.dtype)
+        return _RowState(p.shape[1], p.dtype, p.device, p.shape[0], capacity=capacity)
+
+    def _state(self, p: torch.Tensor) -> Any:
         st = self._rows.get(p)
         if st is None:
-            st = self._rows[p] = _RowState(p.shape[1], p.dtype, p.device, p.shape[0])
+            st = self._rows[p] = self._new_state(p)
         return st
 
     @staticmethod
@@ -146,7 +205,8 @@ class SparseRowAdam(torch.optim.Optimizer):
                 slots = st.slots_for(rows.to(torch.int64).cpu())
                 slots_d = slots.to(p.device)
                 rows_d = rows.to(p.device)
-                param = p.index_select(0, rows_d)  # [k, Dh]
+                tier = self.tiers.get(p)
+                param = tier.read(rows_d) if tier is not None else p.index_select(0, rows_d)  # [k, Dh]
                 if wd != 0:
                     grad = grad.add(param, alpha=wd)
                 exp_avg = st.exp_avg.index_select(0, slots_d)
@@ -169,7 +229,10 @@ class SparseRowAdam(torch.optim.Optimizer):
                 denom = (exp_avg_sq.sqrt() / bc2_t).add_(eps)
                 # param.addcdiv_(exp_avg, denom, value=-step_size) computes (value * m) / denom + p.
                 param = param + (exp_avg * neg_size_t) / denom
-                p.index_copy_(0, rows_d, param)
+                if tier is not None:
+                    tier.write(rows_d, param)
+                else:
+                    p.index_copy_(0, rows_d, param)
                 st.exp_avg.index_copy_(0, slots_d, exp_avg)
                 st.exp_avg_sq.index_copy_(0, slots_d, exp_avg_sq)
         return loss
@@ -202,9 +265,8 @@ class SparseRowAdam(torch.optim.Optimizer):
                 st = self._rows.get(p)
                 if st is None or st.n == 0:
                     continue
-                n = st.n
-                state[index[id(p)]] = {"rows": st.rows[:n].clone(), "exp_avg": st.exp_avg[:n].clone(),
-                                       "exp_avg_sq": st.exp_avg_sq[:n].clone(), "steps": st.steps[:n].clone()}
+                rows, m, v, steps = st.export()
+                state[index[id(p)]] = {"rows": rows, "exp_avg": m, "exp_avg_sq": v, "steps": steps}
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -220,7 +282,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             for k, v in g.items():
                 if k != "params":
                     own[k] = tuple(v) if k == "betas" else v
-        self._rows = {}
+        self._rows = {p: st for p, st in self._rows.items() if p in self.tiers}
         for idx, entry in state_dict["state"].items():
             p = params.get(int(idx))
             if p is None:
@@ -233,12 +295,9 @@ class SparseRowAdam(torch.optim.Optimizer):
                                  f"{tuple(entry['steps'].shape)} do not fit {n} rows of width {p.shape[1]}")
             if n and (int(rows.min()) < 0 or int(rows.max()) >= p.shape[0]):
                 raise EngramError(f"SparseRowAdam state {idx}: row ids outside the table's {p.shape[0]} rows")
-            st = _RowState(p.shape[1], p.dtype, p.device, p.shape[0], capacity=max(1024, n))
-            if n:
-                st.slots_for(rows)  # slots 0..n-1 in order: rows are distinct
-                st.exp_avg[:n] = entry["exp_avg"].to(p.dtype)
-                st.exp_avg_sq[:n] = entry["exp_avg_sq"].to(p.dtype)
-                st.steps[:n] = entry["steps"].to(torch.int64)
+            st = self._rows.get(p) if p in self.tiers else None  # a tier's files are made once
+            st = st or self._new_state(p, capacity=max(1024, n))
+            st.load(rows, entry["exp_avg"], entry["exp_avg_sq"], entry["steps"])
             self._rows[p] = st
 
 

@@ -44,6 +44,7 @@ from engram.model import checkpoint as ckpt
 from engram.model.checkpoint import CheckpointError
 from engram.model.lm import EngramLM
 from engram.tables.runtime import BatchPrefetcher, load_tables_into
+from engram.tables.trainable import TrainableTier, place_tables
 from engram.training.evaluation import check_dataset_for_model, dataset_identity, evaluate
 from engram.training.optimization import lr_at, optimizer_params, optimizer_step, set_lr
 from engram.training.parallel import Parallel
@@ -52,7 +53,9 @@ from engram.training.sparse_adam import SparseRowAdam, use_sparse_table_grads
 METRICS_FILE = "metrics.jsonl"
 # Train-config fields that may change on resume: they do not alter the trajectory up to the
 # resumed step (``steps`` reshapes the cosine tail, which is what extending a run means).
-RESUME_MUTABLE = {"steps", "eval_every", "eval_batches", "save_every", "log_every", "prefetch"}
+RESUME_MUTABLE = {"steps", "eval_every", "eval_batches", "save_every", "log_every", "prefetch",
+                  "table_storage", "table_cache_rows", "table_dir"}
+TABLE_WORK_DIR = "table-work"  # RUN/table-work: working files of mmap/cached tables (TrainConfig.table_dir)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -88,9 +91,12 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim
         # Row-wise lazy Adam on sparse gradients: no table-sized gradient or moments.
 
         use_sparse_table_grads(model)
+        # tables in a file-backed tier (place_tables): rows and moments go through the tier
+        tiers = {emb.weight: emb.tier for emb in (e.multi_head_embedding.embedding for e in model.engram_layers)
+                 if getattr(emb, "tier", None) is not None}
         opts["tables"] = SparseRowAdam(
             [{"params": tables, "lr_mult": cfg.table_lr_mult}],
-            lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas, weight_decay=cfg.table_weight_decay)
+            lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas, weight_decay=cfg.table_weight_decay, tiers=tiers)
     elif tables:
         opts["tables"] = torch.optim.Adam(
             [{"params": tables, "lr_mult": cfg.table_lr_mult}],
@@ -212,6 +218,32 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
 
         load_tables_into(model, tables_from, progress=progress)
     par.prepare(model)
+    tiers: list[TrainableTier] = []
+    if train_cfg.table_storage != "memory" and model.engram_layers:
+        if device.type != "cpu":
+            raise EngramError(f"table_storage={train_cfg.table_storage!r} keeps the table rows in host "
+                              f"files, but the model trains on {device}; use --table-storage memory there")
+        work = Path(train_cfg.table_dir) if train_cfg.table_dir else run / TABLE_WORK_DIR
+        tiers = place_tables(model, train_cfg.table_storage, work, train_cfg.table_cache_rows,
+                             tag=f"rank{par.rank}-of-{par.world_size}")
+    try:
+        return _train_placed(model, train_cfg, ds, data_dir, run, resume, progress, max_seconds,
+                             par, tiers, tok_fp, device, t_start)
+    finally:
+        for t in tiers:  # scratch: the checkpoint is the durable copy
+            t.close()
+        if tiers:
+            try:
+                tiers[0].directory.rmdir()
+            except OSError:  # another rank's files are still there, or it removed the directory first
+                pass
+
+
+def _train_placed(model: EngramLM, train_cfg: TrainConfig, ds: "data.Dataset",
+                  data_dir: Path, run: Path, resume: bool, progress: bool, max_seconds: Optional[float],
+                  par: Parallel, tiers: list[TrainableTier], tok_fp: Optional[str], device: torch.device,
+                  t_start: float) -> dict[str, Any]:
+    """The rest of :func:`train`, once the tables are where they train."""
     optimizers = build_optimizers(model, train_cfg)
     state: dict[str, Any] = {"step": 0, "best_val_loss": None, "data_seed": train_cfg.seed,
                              "log_loss_sum": 0.0, "log_loss_count": 0, "train_s": 0.0,
@@ -224,10 +256,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
         metrics.keep_until(state["step"])
 
     tokenizer_path = data_dir / ckpt.TOKENIZER_FILE
-    loop = TrainLoop(model, optimizers, train_cfg, ds, metrics, state, device, progress, par)
+    loop = TrainLoop(model, optimizers, train_cfg, ds, metrics, state, device, progress, par, tiers)
     resumed_from = state["step"] if resume else None
 
     def save() -> None:
+        for t in tiers:  # a cached tier's dirty rows reach the file the checkpoint reads
+            t.flush()
         par.save_checkpoint(run, model, optimizers, loop.trainer_state(), train_cfg,
                             tokenizer_path if tokenizer_path.is_file() else None, tok_fp)
 
@@ -260,7 +294,8 @@ class TrainLoop:
 
     def __init__(self, model: EngramLM, optimizers: dict[str, torch.optim.Optimizer],
                  cfg: TrainConfig, ds: "data.Dataset", metrics: Optional[MetricsLog], state: dict[str, Any],
-                 device: torch.device, progress: bool, par: Optional[Parallel] = None):
+                 device: torch.device, progress: bool, par: Optional[Parallel] = None,
+                 tiers: Iterable[TrainableTier] = ()):
         self.model, self.optimizers, self.cfg, self.ds = model, optimizers, cfg, ds
         par = par or Parallel()  # one process unless the distributed package passes its own
         self.par, self.forward = par, par.train_module(model)
@@ -277,13 +312,32 @@ class TrainLoop:
         self.last_val_step = -1
         self.grad_norm = float("nan")
         self.params = optimizer_params(optimizers)
+        self.tiers = list(tiers)
         self._interval_tokens, self._interval_s = 0, 0.0
         self.batches = None  # TrainConfig.prefetch: next batch and row ids built in the background
         if cfg.prefetch:
             self.batches = BatchPrefetcher(
                 lambda s: data.get_batch(ds.train, cfg.batch_size, cfg.seq_len, s, cfg.seed,
                                          part=par.batch_part),
-                model.hasher, device)
+                model.hasher, device, warm=self._warm_rows if self.tiers else None)
+
+    def _warm_rows(self, step: int, hash_ids: Optional[dict[int, torch.Tensor]]) -> None:
+        """On the prefetch thread: read the rows step ``step`` will use from the file tiers ahead.
+
+        One process warms its batch's rows. With several, a rank owns rows that every rank's
+        part asks for; the batch is a pure function of the step, so the rank hashes the whole
+        global batch itself and warms the rows it owns (``g % W == rank``, local ``g // W``),
+        with no communication.
+        """
+        rank, world = self.par.rank, self.par.world_size
+        if world > 1 or hash_ids is None:
+            x, _ = data.get_batch(self.ds.train, self.cfg.batch_size, self.cfg.seq_len, step, self.cfg.seed)
+            hash_ids = self.model.hasher.hash(x)
+        for e, tier in zip(self.model.engram_layers, self.tiers):
+            rows = torch.unique(e.multi_head_embedding.rows(hash_ids[e.layer_id].cpu()).reshape(-1))
+            if world > 1:
+                rows = rows[rows % world == rank] // world
+            tier.warm(rows)
 
     STATE_KEYS = ("step", "best_val_loss", "data_seed", "log_loss_sum", "log_loss_count",
                   "train_s", "tokens_seen")
@@ -349,6 +403,8 @@ class TrainLoop:
         loss.backward()
         self.grad_norm = optimizer_step(self.optimizers, self.params, cfg.grad_clip, self.par.clip_grad_norm)
         self.par.end_step(model)
+        for t in self.tiers:
+            t.end_step()
         model.update_moe_bias()
         self.step += 1
         self.loss_sum += mean_loss
