@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from engram.config import PatchTrainConfig, RetrofitConfig, RetrofitFactsConfig
 from engram.data import shards as data
@@ -158,14 +159,14 @@ def _damage(ref: torch.Tensor, now: torch.Tensor, windows: torch.Tensor) -> dict
     return {"general_loss": loss(now), "general_loss_change": loss(now) - loss(ref), "kl": kl}
 
 
-def _train_lora(model: RetrofitLM, tokens: np.ndarray, cfg: RetrofitFactsConfig) -> float:
+def _train_lora(model: RetrofitLM, tokens: np.ndarray, cfg: RetrofitFactsConfig, progress: bool = False) -> float:
     """LoRA on the same windows the patch trains on (same sampler seed); returns seconds."""
     params = [p for p in model.lora_state().values()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     t0 = time.perf_counter()
     model.train()
-    for step in range(cfg.steps):
+    for step in tqdm(range(cfg.steps), desc="LoRA train", disable=not progress, dynamic_ncols=True):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), steps=cfg.steps, min_lr_ratio=0.1)
         starts = rng.integers(0, max(1, len(tokens) - cfg.seq_len - 1), size=cfg.batch_size)
@@ -263,7 +264,7 @@ def run_facts(adapter_dir: PathLike, data_dir: PathLike, out_dir: PathLike, cfg:
     torch.manual_seed(cfg.seed)
     lora = RetrofitLM(base.model, RetrofitConfig(base=base.name, layers=(), lora_rank=cfg.lora_rank), None, base.pad_id)
     lref = _general(lora, windows)
-    add_s = _train_lora(lora, tokens, cfg)
+    add_s = _train_lora(lora, tokens, cfg, progress)
     lora_bytes = sum(p.numel() * p.element_size() for p in lora.lora_state().values())
     result["lora"] = {"accuracy": _accuracy(lora, index, cases, eos), "add_s": add_s, "bytes": lora_bytes,
                       "rank": cfg.lora_rank, **_damage(lref, _general(lora, windows), windows)}
