@@ -74,6 +74,12 @@ class _TableGather(torch.autograd.Function):
         return grad_weight, None
 
 
+def _branches(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[B,T,M,D] -> M tensors [B,T,D]. Not ``x[:, :, m]``: the backward of each such slice
+    writes its gradient into a zero tensor of x's full shape, one zero fill and copy per branch."""
+    return (x.squeeze(2),) if x.shape[2] == 1 else x.unbind(2)
+
+
 class MultiHeadEmbedding(nn.Module):
     """All hash heads of one layer in one flat table; head h owns rows [offset_h, offset_h + N_h)."""
 
@@ -138,11 +144,8 @@ class ShortConv(nn.Module):
         """
         B, T, M, D = x.shape
         R = self.receptive
-        if M == 1:  # no cat: the one branch's rows are already [B,T,D]
-            normed = rms_norm(x[:, :, 0], self.norms[0].weight, self.norms[0].eps)  # [B,T,M*D]
-        else:
-            normed = torch.cat([rms_norm(x[:, :, m], self.norms[m].weight, self.norms[m].eps)
-                                for m in range(M)], dim=-1)
+        normed = [rms_norm(xm, n.weight, n.eps) for xm, n in zip(_branches(x), self.norms)]
+        normed = normed[0] if M == 1 else torch.cat(normed, dim=-1)  # [B,T,M*D]
         if state is None:  # causal zero padding: the conv skips the zero rows
             history = None
             if T >= R + keep:
@@ -189,9 +192,9 @@ class EngramLayer(nn.Module):
         if not self.cfg.use_gate:
             return hidden_states.new_ones(B, T, M)
         out = []
-        for m in range(M):
+        for m, h in enumerate(_branches(hidden_states)):
             k = rms_norm(self.key_projs[m](e), self.norm1[m].weight, self.norm1[m].eps)
-            q = rms_norm(hidden_states[:, :, m], self.norm2[m].weight, self.norm2[m].eps)
+            q = rms_norm(h, self.norm2[m].weight, self.norm2[m].eps)
             g = (k * q).sum(dim=-1) / math.sqrt(self.hidden_size)
             g = g.abs().clamp_min(1e-6).sqrt() * g.sign()  # signed sqrt keeps gradients tame
             out.append(g.sigmoid())
