@@ -50,6 +50,45 @@ class EngramLayerOutput(NamedTuple):
     gate_inputs: Optional[GateInputs] = None  # (output_gate_inputs)
 
 
+def _storage_refs(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _GradBuffer:
+    """The memory of a table's last gradient, zeroed and handed out again once nothing else holds it.
+
+    A fresh table-sized zero tensor every step costs its page faults (on CPU several times the
+    fill itself). The buffer is kept as a tensor that shares the gradient's storage without being
+    a view of it, so autograd still moves the gradient into ``weight.grad`` without a copy. It is
+    reused only when that storage has no other holder (``weight.grad`` set to None, no reference
+    kept anywhere): the storage's reference count equals a lone tensor's. Peak memory is the same
+    as before (the gradient existed during every backward); it is now also held between steps.
+    """
+
+    def __init__(self) -> None:
+        self.buf: Optional[torch.Tensor] = None  # flat [R*Dh]
+
+    @staticmethod
+    def _alias(storage: torch.UntypedStorage, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        stride = (shape[1], 1) if len(shape) == 2 else (1,)
+        return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, shape, stride)
+
+    def _free(self, buf: torch.Tensor) -> bool:
+        try:
+            return _storage_refs(buf) == _storage_refs(torch.empty(1, dtype=buf.dtype))
+        except (AttributeError, RuntimeError):  # no such private API in this torch: never reuse
+            return False
+
+    def zeros(self, like: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+        buf = self.buf
+        if (buf is not None and buf.numel() == rows * dim and buf.dtype == like.dtype
+                and buf.device == like.device and self._free(buf)):
+            return self._alias(buf.untyped_storage(), buf.dtype, (rows, dim)).zero_()
+        grad = like.new_zeros(rows, dim)
+        self.buf = self._alias(grad.untyped_storage(), grad.dtype, (rows * dim,))
+        return grad
+
+
 class _TableGather(torch.autograd.Function):
     """``weight[rows]`` whose backward is one ``index_add_`` into a zero table.
 
@@ -60,18 +99,19 @@ class _TableGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R,Dh], [...] -> [...,Dh]
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, buffer: _GradBuffer
+                ) -> torch.Tensor:  # [R,Dh], [...] -> [...,Dh]
         ctx.save_for_backward(rows)
-        ctx.num_rows = weight.shape[0]
+        ctx.num_rows, ctx.buffer = weight.shape[0], buffer
         return F.embedding(rows, weight)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (rows,) = ctx.saved_tensors
         dh = grad.shape[-1]
-        grad_weight = grad.new_zeros(ctx.num_rows, dh)
+        grad_weight = ctx.buffer.zeros(grad, ctx.num_rows, dh)
         grad_weight.index_add_(0, rows.reshape(-1), grad.reshape(-1, dh))
-        return grad_weight, None
+        return grad_weight, None, None
 
 
 def _branches(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -88,6 +128,7 @@ class MultiHeadEmbedding(nn.Module):
         self.head_sizes = list(head_sizes)
         self.register_buffer("offsets", torch.tensor(head_offsets(head_sizes), dtype=torch.long))
         self.embedding = nn.Embedding(sum(head_sizes), head_dim)
+        self._grad_buffer = _GradBuffer()  # training on CPU: the table gradient's memory, reused
 
     @property
     def num_rows(self) -> int:
@@ -103,7 +144,7 @@ class MultiHeadEmbedding(nn.Module):
         if (type(emb) is nn.Embedding and not emb.sparse and emb.weight.requires_grad
                 and emb.weight.device.type == "cpu" and torch.is_grad_enabled()
                 and emb.padding_idx is None and emb.max_norm is None):
-            return _TableGather.apply(emb.weight, rows)
+            return _TableGather.apply(emb.weight, rows, self._grad_buffer)
         return emb(rows)  # sparse gradients, no gradient, another device, or a served table
 
 
