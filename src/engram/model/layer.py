@@ -160,6 +160,7 @@ class ShortConv(nn.Module):
         self.hc_mult, self.hidden_size = hc_mult, hidden_size
         self.kernel_size, self.dilation = kernel_size, dilation
         channels = hidden_size * hc_mult
+        # Holds the weight under the reference's name; forward computes the conv in ops.causal_conv_silu.
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
                               dilation=dilation, padding=0)
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult))
