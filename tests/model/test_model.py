@@ -67,6 +67,38 @@ def test_table_gather_gradient_is_embeddings_bit_for_bit():
     torch.testing.assert_close(mhe.embedding.weight.grad.to_dense(), want)
 
 
+def test_table_gradient_memory_is_reused_only_when_nothing_holds_it():
+    # The gather hands the table gradient's memory out again after weight.grad is dropped (no
+    # page faults on a fresh table-sized tensor each step), never while anything still holds it.
+    from engram.model.layer import MultiHeadEmbedding
+
+    torch.manual_seed(1)
+    mhe = MultiHeadEmbedding([97, 101], 8)
+    w = mhe.embedding.weight
+    ids = [torch.randint(0, 97, (2, 30, 2), dtype=torch.int32) for _ in range(4)]
+    ref = []
+    for i in ids:  # nn.Embedding's gradient of each batch, from fresh memory
+        out = torch.nn.functional.embedding(mhe.rows(i), w)
+        ref.append(torch.autograd.grad(out, w, torch.ones_like(out))[0])
+
+    def backward(i):
+        out = mhe(ids[i])
+        out.backward(torch.ones_like(out))
+
+    backward(0)
+    first = w.grad.data_ptr()
+    assert torch.equal(w.grad, ref[0])
+    w.grad = None
+    backward(1)  # reused, zeroed: exactly batch 1's gradient, bit for bit
+    assert w.grad.data_ptr() == first and torch.equal(w.grad, ref[1])
+    held = w.grad
+    w.grad = None
+    backward(2)  # the previous gradient is still referenced: fresh memory, `held` untouched
+    assert w.grad.data_ptr() != held.data_ptr() and torch.equal(held, ref[1]) and torch.equal(w.grad, ref[2])
+    backward(3)  # no zero_grad: accumulated into the existing gradient
+    torch.testing.assert_close(w.grad, ref[2] + ref[3], rtol=0, atol=0)
+
+
 def test_engram_layer_hashes_match_reference(conformance_dir):
     from engram.hashing.hasher import NgramHasher
 

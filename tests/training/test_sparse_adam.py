@@ -144,6 +144,26 @@ def test_clip_handles_sparse_and_matches_torch():
     torch.testing.assert_close(lin.grad, ref_lin.grad)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])
+def test_dense_clip_is_torchs_bit_for_bit_and_skips_scaling_by_one(max_norm):
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(40, 8, generator=g), torch.randn(7, generator=g)]
+    ours = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    ref = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for a, b, t in zip(ours, ref, grads):
+        a.grad, b.grad = t.clone(), t.clone()
+    versions = [p.grad._version for p in ours]
+    n1 = clip_grad_norm_(ours, max_norm)
+    n2 = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert torch.equal(n1, n2)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, ref))
+    scaled = [p.grad._version != v for p, v in zip(ours, versions)]
+    assert scaled == [max_norm < float(n2)] * 2  # untouched when the coefficient clamps to 1
+    nan = torch.nn.Parameter(torch.zeros(3))
+    nan.grad = torch.tensor([1.0, float("nan"), 2.0])
+    assert clip_grad_norm_([nan], 1.0).isnan() and nan.grad.isnan().all()  # as torch: NaN spreads
+
+
 def test_model_sparse_gradients_equal_dense(tiny):
     dense, sparse = tiny.model(), tiny.model()
     use_sparse_table_grads(sparse)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from engram.config import EngramConfig
 from engram.errors import EngramError
 from engram.hashing.hasher import head_offsets
+from engram.model.ops import causal_conv_silu, rms_norm
 
 
 class GateInputs(NamedTuple):
@@ -49,6 +50,45 @@ class EngramLayerOutput(NamedTuple):
     gate_inputs: Optional[GateInputs] = None  # (output_gate_inputs)
 
 
+def _storage_refs(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _GradBuffer:
+    """The memory of a table's last gradient, zeroed and handed out again once nothing else holds it.
+
+    A fresh table-sized zero tensor every step costs its page faults (on CPU several times the
+    fill itself). The buffer is kept as a tensor that shares the gradient's storage without being
+    a view of it, so autograd still moves the gradient into ``weight.grad`` without a copy. It is
+    reused only when that storage has no other holder (``weight.grad`` set to None, no reference
+    kept anywhere): the storage's reference count equals a lone tensor's. Peak memory is the same
+    as before (the gradient existed during every backward); it is now also held between steps.
+    """
+
+    def __init__(self) -> None:
+        self.buf: Optional[torch.Tensor] = None  # flat [R*Dh]
+
+    @staticmethod
+    def _alias(storage: torch.UntypedStorage, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        stride = (shape[1], 1) if len(shape) == 2 else (1,)
+        return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, shape, stride)
+
+    def _free(self, buf: torch.Tensor) -> bool:
+        try:
+            return _storage_refs(buf) == _storage_refs(torch.empty(1, dtype=buf.dtype))
+        except (AttributeError, RuntimeError):  # no such private API in this torch: never reuse
+            return False
+
+    def zeros(self, like: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+        buf = self.buf
+        if (buf is not None and buf.numel() == rows * dim and buf.dtype == like.dtype
+                and buf.device == like.device and self._free(buf)):
+            return self._alias(buf.untyped_storage(), buf.dtype, (rows, dim)).zero_()
+        grad = like.new_zeros(rows, dim)
+        self.buf = self._alias(grad.untyped_storage(), grad.dtype, (rows * dim,))
+        return grad
+
+
 class _TableGather(torch.autograd.Function):
     """``weight[rows]`` whose backward is one ``index_add_`` into a zero table.
 
@@ -59,18 +99,25 @@ class _TableGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R,Dh], [...] -> [...,Dh]
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, buffer: _GradBuffer
+                ) -> torch.Tensor:  # [R,Dh], [...] -> [...,Dh]
         ctx.save_for_backward(rows)
-        ctx.num_rows = weight.shape[0]
+        ctx.num_rows, ctx.buffer = weight.shape[0], buffer
         return F.embedding(rows, weight)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (rows,) = ctx.saved_tensors
         dh = grad.shape[-1]
-        grad_weight = grad.new_zeros(ctx.num_rows, dh)
+        grad_weight = ctx.buffer.zeros(grad, ctx.num_rows, dh)
         grad_weight.index_add_(0, rows.reshape(-1), grad.reshape(-1, dh))
-        return grad_weight, None
+        return grad_weight, None, None
+
+
+def _branches(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[B,T,M,D] -> M tensors [B,T,D]. Not ``x[:, :, m]``: the backward of each such slice
+    writes its gradient into a zero tensor of x's full shape, one zero fill and copy per branch."""
+    return (x.squeeze(2),) if x.shape[2] == 1 else x.unbind(2)
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -81,6 +128,7 @@ class MultiHeadEmbedding(nn.Module):
         self.head_sizes = list(head_sizes)
         self.register_buffer("offsets", torch.tensor(head_offsets(head_sizes), dtype=torch.long))
         self.embedding = nn.Embedding(sum(head_sizes), head_dim)
+        self._grad_buffer = _GradBuffer()  # training on CPU: the table gradient's memory, reused
 
     @property
     def num_rows(self) -> int:
@@ -96,7 +144,7 @@ class MultiHeadEmbedding(nn.Module):
         if (type(emb) is nn.Embedding and not emb.sparse and emb.weight.requires_grad
                 and emb.weight.device.type == "cpu" and torch.is_grad_enabled()
                 and emb.padding_idx is None and emb.max_norm is None):
-            return _TableGather.apply(emb.weight, rows)
+            return _TableGather.apply(emb.weight, rows, self._grad_buffer)
         return emb(rows)  # sparse gradients, no gradient, another device, or a served table
 
 
@@ -112,6 +160,7 @@ class ShortConv(nn.Module):
         self.hc_mult, self.hidden_size = hc_mult, hidden_size
         self.kernel_size, self.dilation = kernel_size, dilation
         channels = hidden_size * hc_mult
+        # Holds the weight under the reference's name; forward computes the conv in ops.causal_conv_silu.
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
                               dilation=dilation, padding=0)
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult))
@@ -136,15 +185,20 @@ class ShortConv(nn.Module):
         state are ever read, so the output does not depend on ``keep``.
         """
         B, T, M, D = x.shape
-        normed = torch.cat([self.norms[m](x[:, :, m]) for m in range(M)], dim=-1)  # [B,T,M*D]
-        if state is None:
-            state = normed.new_zeros(B, self.receptive, M * D)  # causal zero padding
-        seq = torch.cat([state, normed], dim=1)  # [B, len(state) + T, M*D]
-        window = seq[:, seq.shape[1] - (self.receptive + T):]  # exactly receptive rows of history
-        # A contiguous [B, M*D, receptive + T] input: the same numbers (forward and backward) as
-        # convolving the transposed view, in about 2/3 of the time of its training step on CPU.
-        y = F.silu(self.conv(window.transpose(1, 2).contiguous())).transpose(1, 2)  # [B,T,M*D]
-        new_state = seq[:, max(0, seq.shape[1] - (self.receptive + keep)):]
+        R = self.receptive
+        normed = [rms_norm(xm, n.weight, n.eps) for xm, n in zip(_branches(x), self.norms)]
+        normed = normed[0] if M == 1 else torch.cat(normed, dim=-1)  # [B,T,M*D]
+        if state is None:  # causal zero padding: the conv skips the zero rows
+            history = None
+            if T >= R + keep:
+                new_state = normed[:, T - (R + keep):]
+            else:
+                new_state = torch.cat([normed.new_zeros(B, R, M * D), normed], dim=1)[:, max(0, T - keep):]
+        else:
+            history = state[:, state.shape[1] - R:]  # exactly receptive rows of history
+            seq = torch.cat([state, normed], dim=1)  # [B, len(state) + T, M*D]
+            new_state = seq[:, max(0, seq.shape[1] - (R + keep)):]
+        y = causal_conv_silu(normed, self.conv.weight, self.dilation, history)  # [B,T,M*D]
         return y.reshape(B, T, M, D), new_state
 
 
@@ -180,9 +234,9 @@ class EngramLayer(nn.Module):
         if not self.cfg.use_gate:
             return hidden_states.new_ones(B, T, M)
         out = []
-        for m in range(M):
-            k = self.norm1[m](self.key_projs[m](e))
-            q = self.norm2[m](hidden_states[:, :, m])
+        for m, h in enumerate(_branches(hidden_states)):
+            k = rms_norm(self.key_projs[m](e), self.norm1[m].weight, self.norm1[m].eps)
+            q = rms_norm(h, self.norm2[m].weight, self.norm2[m].eps)
             g = (k * q).sum(dim=-1) / math.sqrt(self.hidden_size)
             g = g.abs().clamp_min(1e-6).sqrt() * g.sign()  # signed sqrt keeps gradients tame
             out.append(g.sigmoid())

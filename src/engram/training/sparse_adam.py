@@ -21,7 +21,7 @@ opt-in (``TrainConfig.table_optimizer = "sparse_adam"``).
 Gradients should be sparse (``use_sparse_table_grads`` sets ``nn.Embedding.sparse``) so that
 no table-sized gradient is ever allocated; dense gradients work too (rows with a non-zero
 gradient are taken as touched). :func:`clip_grad_norm_` handles a mix of dense and sparse
-gradients and is ``torch.nn.utils.clip_grad_norm_`` itself when all are dense.
+gradients and gives ``torch.nn.utils.clip_grad_norm_``'s numbers when all are dense.
 
 Shape legend
     R table rows    Dh row width    n rows with state    k rows in this step's gradient
@@ -310,12 +310,18 @@ def use_sparse_table_grads(model: Any, sparse: bool = True) -> None:
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm) that also accepts sparse gradients.
 
-    With only dense gradients it *is* torch's function (same numbers). Sparse gradients are
-    coalesced in place first (duplicate rows summed), so the norm is that of the dense gradient.
+    With only dense gradients it is torch's function in its two halves, with the same numbers,
+    minus the scaling pass when the coefficient clamps to 1: torch multiplies every gradient by
+    1.0 anyway to spare GPUs a synchronisation, a pass over the whole Engram table's gradient
+    on most steps. Sparse gradients are coalesced in place first (duplicate rows summed), so the
+    norm is that of the dense gradient.
     """
     params = [p for p in params if p.grad is not None]
     if not any(p.grad.is_sparse for p in params):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if not float(max_norm / (total + 1e-6)) >= 1.0:  # torch's coefficient; NaN scales too, as in torch
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
     for p in params:
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
