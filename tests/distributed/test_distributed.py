@@ -261,7 +261,10 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint(runs, tmp_path: Pat
     run = tmp_path / "run"
     rc, results = _worker("die-in-save", 2, tmp_path / "out", str(runs["data"]), str(run))
     assert rc != 0 and results[1] is None  # rank 1 died
-    assert results[0]["type"] == "RankFailure" and "--dist-timeout" in results[0]["error"]
+    # rank 0 either reports the failure itself or is stopped by torchrun first (a race): never hangs
+    assert results[0]["type"] in ("RankFailure", "Terminated"), results[0]
+    if results[0]["type"] == "RankFailure":
+        assert "--dist-timeout" in results[0]["error"]
     meta = read_config(run)
     assert meta.step == 2  # the first save (step 2) is the committed one; step 4 never committed
     model, _ = load_model(run)
@@ -280,7 +283,7 @@ def test_ranks_with_different_configs_are_refused_at_start(runs, tmp_path: Path)
 def test_dead_rank_stops_the_others_with_a_clear_error(runs, tmp_path: Path) -> None:
     rc, results = _worker("die-in-step", 2, tmp_path / "out", str(runs["data"]), str(tmp_path / "run"))
     assert rc != 0 and results[1] is None
-    assert results[0]["type"] == "RankFailure"
+    assert results[0]["type"] in ("RankFailure", "Terminated"), results[0]  # reported, or stopped by torchrun
     assert results[0]["seconds"] < 30  # the worker's --dist-timeout: it did not hang
 
 

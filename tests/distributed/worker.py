@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,16 @@ def die(out: Path, data: str, run: str, where: str) -> None:
         trainer.TrainLoop.train_step = step_then_die
     model_cfg, tcfg = train_args(data, run)
     t0 = time.perf_counter()
+
+    def stopped_by_torchrun(signum, frame):  # noqa: ANN001
+        # torchrun stops the surviving ranks as soon as one fails; whether a survivor reports
+        # the failure itself first is a race, so being stopped counts as not hanging too.
+        res = {"error": "stopped by torchrun after another rank failed", "type": "Terminated",
+               "seconds": time.perf_counter() - t0}
+        (out / f"rank{rank}.json").write_text(json.dumps(res))
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stopped_by_torchrun)
     try:
         train_distributed(model_cfg, tcfg, data, run, progress=False,
                           dist_cfg=_dist_cfg(float(os.environ.get("ENGRAM_TEST_TIMEOUT", "30"))))
