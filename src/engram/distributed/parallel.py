@@ -44,6 +44,7 @@ from engram.model import checkpoint as ckpt
 from engram.model.lm import EngramLM
 from engram.model.moe import DeepSeekMoE
 from engram.training.parallel import Parallel
+from engram.training.sparse_adam import scale_grads_
 from engram.training.trainer import train
 
 
@@ -123,13 +124,7 @@ class DistributedParallel(Parallel):
                 norms.append(torch.linalg.vector_norm(g, 2.0))
         # Tables that no rank's batch touched have no gradient on any rank: same list everywhere.
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in params:
-            if p.grad.is_sparse:
-                p.grad = torch.sparse_coo_tensor(p.grad._indices(), p.grad._values() * coef,
-                                                 p.grad.shape, is_coalesced=True, check_invariants=False)
-            else:
-                p.grad.mul_(coef)
+        scale_grads_(params, torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
     def end_step(self, model: EngramLM) -> None:

@@ -104,12 +104,7 @@ def retrofit_train(cfg: RetrofitConfig, train_cfg: TrainConfig, data_dir: PathLi
             save_adapter(out, model, base, optimizers=optimizers, trainer_state=loop.trainer_state(),
                          train_cfg=train_cfg, base_digest=digest_before)
 
-        try:
-            stopped_early = loop.run(save, t_start, max_seconds)
-        finally:
-            if loop.batches is not None:
-                loop.batches.close()
-        final = loop.final_eval()
+        stopped_early, final = loop.run_and_evaluate(save, t_start, max_seconds)
         digest_after = weights_digest(base.model)
         if digest_after != digest_before:
             raise RetrofitError(f"the base's weights changed during training ({digest_before[:12]} -> "

@@ -328,11 +328,15 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     norms = [torch.linalg.vector_norm(p.grad._values() if p.grad.is_sparse else p.grad, 2.0)
              for p in params]
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    scale_grads_(params, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
+def scale_grads_(params: Iterable[torch.Tensor], coef: torch.Tensor) -> None:
+    """Multiply every gradient, dense or sparse (coalesced), by ``coef`` in place."""
     for p in params:
         if p.grad.is_sparse:
             p.grad = torch.sparse_coo_tensor(p.grad._indices(), p.grad._values() * coef,
                                              p.grad.shape, is_coalesced=True, check_invariants=False)
         else:
             p.grad.mul_(coef)
-    return total

@@ -265,12 +265,7 @@ def _train_placed(model: EngramLM, train_cfg: TrainConfig, ds: "data.Dataset",
         par.save_checkpoint(run, model, optimizers, loop.trainer_state(), train_cfg,
                             tokenizer_path if tokenizer_path.is_file() else None, tok_fp)
 
-    try:
-        stopped_early = loop.run(save, t_start, max_seconds)
-    finally:
-        if loop.batches is not None:
-            loop.batches.close()
-    final = loop.final_eval()
+    stopped_early, final = loop.run_and_evaluate(save, t_start, max_seconds)
     save()
     return {
         "steps": loop.step,
@@ -347,6 +342,17 @@ class TrainLoop:
                 "data_seed": self.cfg.seed, "log_loss_sum": self.loss_sum,
                 "log_loss_count": self.loss_count, "train_s": self.train_s,
                 "tokens_seen": self.tokens_seen}
+
+    def run_and_evaluate(self, save, t_start: float, max_seconds: Optional[float]
+                         ) -> tuple[bool, dict[str, float]]:
+        """:meth:`run`, then stop the batch prefetcher and evaluate at the final step:
+        (stopped by the budget, the final validation result)."""
+        try:
+            stopped = self.run(save, t_start, max_seconds)
+        finally:
+            if self.batches is not None:
+                self.batches.close()
+        return stopped, self.final_eval()
 
     def run(self, save, t_start: float, max_seconds: Optional[float]) -> bool:
         """Steps until cfg.steps or the time budget; returns True when stopped by the budget."""
