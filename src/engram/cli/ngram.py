@@ -64,18 +64,6 @@ def _load_model(args):
     return load_for_generation(args.ckpt, args)
 
 
-def _lm_adapter(model):
-    """The mixture's view of the model: EngramLM directly (KV cache, hidden state), any other
-    model (a retrofitted Hugging Face model) as a callable ids -> logits."""
-    from engram.model.lm import EngramLM
-    from engram.ngram.mixture import LMAdapter
-
-    if isinstance(model, EngramLM):
-        return LMAdapter(model)
-    return LMAdapter(model, vocab_size=model.cfg.vocab_size, max_seq_len=model.cfg.max_seq_len,
-                     name=type(model).__name__)
-
-
 def default_gate_dir(index_path: str, ckpt: str) -> Path:
     return Path(index_path) / GATES_DIR / Path(ckpt).resolve().name
 
@@ -180,7 +168,7 @@ def generate_drafted(target, drafter, ids: list[int], sampling, eos_id=None):
 # ----------------------------------------------------------------------------- eval / generate
 def cmd_eval_ngram(args) -> int:
     from engram.data.shards import load_dataset
-    from engram.ngram.mixture import LambdaGate, collect, gate_weights, mixture_nll
+    from engram.ngram.mixture import LambdaGate, LMAdapter, collect, gate_weights, mixture_nll
     from engram.training.evaluation import check_dataset_for_model, perplexity
 
     model, meta = _load_model(args)
@@ -189,7 +177,7 @@ def cmd_eval_ngram(args) -> int:
     index = _index(args.ngram)
     if index.fingerprint != ds.meta["tokenizer_fingerprint"]:
         raise EngramError(f"index {args.ngram} was built with another tokenizer than dataset {args.data}")
-    lm = _lm_adapter(model)
+    lm = LMAdapter(model)
     mix, info = load_mixture(args, lm, index)
     tcfg = meta.train_config
     seq_len = args.seq_len or (tcfg.seq_len if tcfg else model.cfg.max_seq_len)
@@ -233,7 +221,7 @@ def cmd_generate_ngram(args) -> int:
     import torch
 
     from engram.data.tokenizer import load_tokenizer, special_ids
-    from engram.ngram.mixture import generate_mixed
+    from engram.ngram.mixture import LMAdapter, generate_mixed
 
     sampling = config_from_args(args, SamplingConfig)
     model, meta = _load_model(args)
@@ -241,7 +229,7 @@ def cmd_generate_ngram(args) -> int:
     index = _index(args.ngram)
     if index.fingerprint != meta.tokenizer_fingerprint and meta.tokenizer_fingerprint is not None:
         raise EngramError(f"index {args.ngram} was built with another tokenizer than run {args.ckpt}")
-    mix, info = load_mixture(args, _lm_adapter(model), index)
+    mix, info = load_mixture(args, LMAdapter(model), index)
     drafter = drafter_from_args(args, meta.tokenizer_fingerprint, index)
     ids = tok.encode(args.prompt).ids
     if not ids:
@@ -376,6 +364,7 @@ def cmd_train_gate(args) -> int:
     from engram.data.shards import load_dataset
     from engram.model.checkpoint import load_model
     from engram.ngram.mixture import (
+        LMAdapter,
         best_fixed,
         collect,
         gate_nll,
@@ -390,7 +379,7 @@ def cmd_train_gate(args) -> int:
     ds = load_dataset(args.data)
     check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data, f"run {args.ckpt}")
     index = _index(args.index)
-    lm = _lm_adapter(model)
+    lm = LMAdapter(model)
     tcfg = meta.train_config
     seq_len = args.seq_len or (tcfg.seq_len if tcfg else model.cfg.max_seq_len)
     tokens = getattr(ds, args.split).tokens

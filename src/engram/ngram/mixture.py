@@ -69,7 +69,9 @@ class LMAdapter:
     """Uniform view of a causal LM: ``adapter(ids [B,T]) -> LMOutput``.
 
     ``LMAdapter(model)`` for an EngramLM (hidden state included, KV-cached generation);
-    ``LMAdapter(fn, vocab_size=V, max_seq_len=T)`` for any callable returning logits.
+    ``LMAdapter(fn, vocab_size=V, max_seq_len=T)`` for any callable returning logits. A callable
+    with a ``cfg`` holding ``vocab_size`` / ``max_seq_len`` (a retrofitted Hugging Face model)
+    needs neither argument.
     """
 
     def __init__(self, lm: Any, vocab_size: Optional[int] = None, max_seq_len: Optional[int] = None,
@@ -84,6 +86,9 @@ class LMAdapter:
         else:
             if not callable(lm):
                 raise MixtureError(f"lm must be an EngramLM or a callable ids -> logits, got {type(lm).__name__}")
+            cfg = getattr(lm, "cfg", None)
+            vocab_size = vocab_size if vocab_size is not None else getattr(cfg, "vocab_size", None)
+            max_seq_len = max_seq_len if max_seq_len is not None else getattr(cfg, "max_seq_len", None)
             if vocab_size is None:
                 raise MixtureError("a callable LM needs vocab_size=V (the logits' last dimension)")
             self.vocab_size = int(vocab_size)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -151,7 +151,6 @@ def load_base(spec: str, *, progress: bool = False) -> BaseModel:
     """Load ``spec`` (a name from ``RETROFIT_BASES`` or a local model directory), frozen, fp32."""
     tf = require_transformers()
     (tf.utils.logging.enable_progress_bar if progress else tf.utils.logging.disable_progress_bar)()
-    import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (so that _gguf_progress finds it)
     if spec == "smollm2-135m":
         gguf = smollm2_path()
         kw: dict[str, Any] = {"gguf_file": gguf.name}
@@ -179,7 +178,10 @@ def load_base(spec: str, *, progress: bool = False) -> BaseModel:
 @contextlib.contextmanager
 def _gguf_progress(progress: bool) -> Iterator[None]:
     """transformers' GGUF reader draws its own tqdm bar, outside its progress-bar switch."""
-    mod = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    try:
+        mod = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        mod = None
     bar = getattr(mod, "tqdm", None)
     if progress or bar is None:
         yield

@@ -36,8 +36,9 @@ from engram.retrofit.base import BaseModel, load_base, weights_digest
 from engram.retrofit.model import RetrofitLM
 from engram.training.trainer import METRICS_FILE, RESUME_MUTABLE, MetricsLog, TrainLoop, build_optimizers
 
-# A frozen 135M-parameter backbone learns little per step at lr 3e-3 in the projections' scale;
-# these defaults suit SmolLM2-135M on a CPU (batch 4 x 256 tokens).
+# Sized for SmolLM2-135M on a CPU (batch 4 x 256 tokens, about 3 s a step). lr 1e-3 is a cautious
+# start: on Shakespeare at 24 steps of 4 x 128, 3e-3 was better on the dev split
+# (benchmarks/results/2026-12-02-retrofit-vs-lora.md); `engram retrofit compare --lrs` chooses.
 DEFAULT_TRAIN = TrainConfig(steps=200, batch_size=4, seq_len=256, lr=1e-3, warmup_steps=20, eval_every=50,
                             eval_batches=10, save_every=50, log_every=10, table_optimizer="sparse_adam")
 

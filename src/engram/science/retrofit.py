@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -266,4 +265,3 @@ def write_summary(summary: dict[str, Any], out_dir: PathLike) -> None:
     atomic_write(out / "summary.json", lambda f: f.write(js))
     md = summary_markdown(summary).encode()
     atomic_write(out / "summary.md", lambda f: f.write(md))
-    os.sync() if hasattr(os, "sync") else None

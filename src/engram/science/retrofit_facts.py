@@ -127,13 +127,9 @@ def training_texts(facts: list[NewFact], seed: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- measuring
-def _lm(model: RetrofitLM) -> LMAdapter:
-    return LMAdapter(model, vocab_size=model.cfg.vocab_size, max_seq_len=model.cfg.max_seq_len, name="retrofit")
-
-
 def _accuracy(model: RetrofitLM, index: NgramIndex, cases: dict[str, list[FactCase]], eos: int,
               lam: float = 0.0) -> dict[str, float]:
-    mix = NgramMixture(_lm(model), index, lam)
+    mix = NgramMixture(LMAdapter(model), index, lam)
     mode = "mixture" if lam > 0 else "lm"
     return {k: recall(c, mix, eos, mode=mode)["exact_match"] for k, c in cases.items()}
 
@@ -144,7 +140,7 @@ def _general(model: RetrofitLM, windows: torch.Tensor, index: Optional[NgramInde
     """Next-token log-probabilities [W, T, V] on the general-text windows (mixed with the index
     at ``lam`` when given)."""
     if index is not None and lam > 0:
-        return NgramMixture(_lm(model), index, lam).log_probs(windows)
+        return NgramMixture(LMAdapter(model), index, lam).log_probs(windows)
     return F.log_softmax(model(windows).logits.float(), dim=-1)
 
 
@@ -251,10 +247,9 @@ def run_facts(adapter_dir: PathLike, data_dir: PathLike, out_dir: PathLike, cfg:
     index.add_texts(docs, name="facts")
     add_s = time.perf_counter() - t0
     seg_bytes = _dir_bytes(out / "index") - size_before
-    mixed_ref = _general(model, windows, index, 0.0)
     mixed = _general(model, windows, index, cfg.ngram_lambda)
     result["ngram"] = {"accuracy": _accuracy(model, index, cases, eos, cfg.ngram_lambda), "add_s": add_s,
-                       "bytes": seg_bytes, "lambda": cfg.ngram_lambda, **_damage(mixed_ref, mixed, windows),
+                       "bytes": seg_bytes, "lambda": cfg.ngram_lambda, **_damage(ref, mixed, windows),
                        "note": "damage is the mixture (with the facts) against the model alone"}
     index.remove("facts")
     result["ngram"]["reverts_exactly"] = bool(torch.equal(_general(model, probe, index, cfg.ngram_lambda), lp_before))
