@@ -18,14 +18,14 @@ from engram.science.sweep import _fmt_p, mean_std, paired_t
 
 def pairs(summary: dict, names: list[str]) -> list[str]:
     rows = {r["config"]: r for r in summary["rows"]}
-    out = ["| A | B | seeds | mean(A − B) val loss | p | mean(A − B) fact acc | p |", "|---|---|---|---|---|---|---|"]
+    out = ["| A | B | seeds | mean(A − B) test loss | p | mean(A − B) fact acc | p |", "|---|---|---|---|---|---|---|"]
     for a, b in combinations([n for n in names if n in rows], 2):
         ra, rb = rows[a], rows[b]
         common = sorted(set(ra["seeds"]) & set(rb["seeds"]))
         if len(common) < 2:
             continue
-        la = dict(zip(ra["seeds"], ra["val_loss"]))
-        lb = dict(zip(rb["seeds"], rb["val_loss"]))
+        la = dict(zip(ra["seeds"], ra["test_loss"]))
+        lb = dict(zip(rb["seeds"], rb["test_loss"]))
         t = paired_t([la[s] for s in common], [lb[s] for s in common])
         fa = dict(zip(ra["seeds"], ra["fact_acc"]))
         fb = dict(zip(rb["seeds"], rb["fact_acc"]))
@@ -42,7 +42,7 @@ def details(summary: dict) -> list[str]:
     out = ["| config | gate mean | gates < 0.05 | gates > 0.95 | est. stored bits | bits / param | tokens/s |",
            "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        if not r["val_loss"]:
+        if not r["test_loss"]:
             continue
         g = r["gates"]
         gm = f"{mean_std([x['mean'] for x in g])[0]:.3f}" if g else "—"
@@ -58,7 +58,9 @@ def main(root: str) -> None:
     base = Path(root)
     for name, cmp in (("rho", ["rho=1.00", "rho=0.875", "rho=0.75", "rho=0.625", "rho=0.5"]),
                       ("baselines", ["engram", "bigram-hash", "bigram-hash-lr1", "overencoding", "moe", "engram-no-gate", "engram-no-conv", "engram-lr1"]),
-                      ("table-size", ["moe", "slots=2^9", "slots=2^11", "slots=2^13", "slots=2^15"])):
+                      ("table-size", ["moe", "slots=2^9", "slots=2^11", "slots=2^13", "slots=2^15"]),
+                      ("bigram", ["moe", "bigram-5v-lr1", "bigram-5v-lr5", "bigram-5v-lr25", "engram-iso-lr5",
+                                  "engram-iso-lr25"])):
         for sub in ("", "knowledge"):
             f = base / sub / f"{name}_summary.json"
             if not f.is_file():

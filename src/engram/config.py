@@ -997,22 +997,36 @@ class RetrofitCompareConfig:
 
 @dataclass
 class RetrofitFactsConfig:
-    """``engram retrofit facts``: invented facts taught four ways, asked verbatim and in other words."""
+    """``engram retrofit facts``: invented facts taught five ways, asked verbatim and in other words."""
 
-    facts: int = setting(300, "invented facts (spread over the relations)")
+    facts: int = setting(300, "invented facts per seed (spread over the relations)")
     steps: int = setting(60, "optimizer steps of the Engram patch and of LoRA (same batches)")
     batch_size: int = setting(8)
     seq_len: int = setting(64)
-    lr: float = setting(3e-3, "learning rate of LoRA; the patch's tables train at 5x")
+    patch_lrs: tuple[float, ...] = setting((3e-3, 3e-2, 3e-1), "the Engram patch's lr grid (tables train at "
+                                           "5x); the first seed's best on the dev facts is kept", metavar="LR")
+    lora_lrs: tuple[float, ...] = setting((1e-4, 3e-4, 1e-3), "LoRA's lr grid; the first seed's best on the "
+                                          "dev facts is kept", metavar="LR")
+    dev_facts: int = setting(100, "the first N facts' questions choose the lrs; the others are reported (test)")
+    seeds: tuple[int, ...] = setting((0, 1, 2), "each seed invents new facts and draws new batches", metavar="S")
     lora_rank: int = setting(8)
     ngram_lambda: float = setting(0.5, "fixed mixture weight of the N-gram memory")
     general_windows: int = setting(16, "general-text windows for the loss change and KL")
-    seed: int = setting(0)
 
     def __post_init__(self) -> None:
-        for name in ("facts", "steps", "batch_size", "seq_len", "lora_rank", "general_windows"):
+        self.patch_lrs = tuple(float(v) for v in self.patch_lrs)
+        self.lora_lrs = tuple(float(v) for v in self.lora_lrs)
+        self.seeds = tuple(int(v) for v in self.seeds)
+        for name in ("facts", "steps", "batch_size", "seq_len", "lora_rank", "general_windows", "dev_facts"):
             _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
-        _check(self.lr > 0, f"lr={self.lr} must be > 0")
+        _check(self.dev_facts < self.facts, f"dev_facts={self.dev_facts} must be below facts={self.facts} "
+               f"(the rest are the test questions)")
+        for name in ("patch_lrs", "lora_lrs"):
+            v = getattr(self, name)
+            _check(len(v) >= 1 and all(x > 0 for x in v) and len(set(v)) == len(v),
+                   f"{name}={list(v)} must be distinct values > 0")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+               f"seeds={list(self.seeds)} must be distinct non-negative ints")
         _check(0 <= self.ngram_lambda < 1, f"ngram_lambda={self.ngram_lambda} must be in [0, 1)")
 
 

@@ -1,8 +1,11 @@
 """``engram retrofit compare`` on the tiny Llama: protocol, lr choice on dev, resume, summary."""
 
+import dataclasses
 import json
 
-from engram.config import RetrofitCompareConfig
+import pytest
+
+from engram.config import RetrofitCompareConfig, RetrofitError
 from engram.science.retrofit import run_compare, splits, summary_markdown
 
 
@@ -28,6 +31,12 @@ def test_compare_runs_every_variant_chooses_lr_on_dev_and_resumes(tiny_base, tmp
     again = run_compare(cfg, tiny_base["data"], tmp_path / "cmp", progress=False)  # nothing left to run
     assert (tmp_path / "cmp" / "results.jsonl").read_text().count("\n") == len(rows)
     assert again["table"] == summary["table"]
+    # A third seed extends the comparison (only the new seed's runs train); other settings are refused.
+    more = run_compare(dataclasses.replace(cfg, seeds=(0, 1, 2)), tiny_base["data"], tmp_path / "cmp", progress=False)
+    assert (tmp_path / "cmp" / "results.jsonl").read_text().count("\n") == len(rows) + 3
+    assert more["table"]["engram"]["seeds"] == [0, 1, 2]
+    with pytest.raises(RetrofitError, match="only --seeds may change"):
+        run_compare(dataclasses.replace(cfg, steps=3), tiny_base["data"], tmp_path / "cmp", progress=False)
 
 
 def test_splits_are_disjoint_and_general_text_is_not_the_domain(tiny_base):

@@ -23,12 +23,33 @@ def test_facts_command_end_to_end(tiny_base, tmp_path, capsys, one_thread):
                  "--layers", "1", "--out", str(adapter), "--table-size", "997", "--n-embed-per-ngram", "32",
                  "--n-head-per-ngram", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["retrofit", "facts", "--ckpt", str(adapter), "--data", str(tiny_base["data"]), "--out",
-                 str(tmp_path / "f"), "--facts", "12", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
-                 "--lora-rank", "2", "--general-windows", "2", "--quiet"]) == 0
+    args = ["retrofit", "facts", "--ckpt", str(adapter), "--data", str(tiny_base["data"]), "--out",
+            str(tmp_path / "f"), "--facts", "12", "--dev-facts", "4", "--steps", "3", "--batch-size", "2",
+            "--seq-len", "16", "--lora-rank", "2", "--general-windows", "2", "--patch-lrs", "1e-3", "1e-1",
+            "--lora-lrs", "1e-4", "1e-2", "--seeds", "0", "1", "--quiet"]
+    assert main(args) == 0
     res = json.loads((tmp_path / "f" / "result.json").read_text())
-    for m in ("engram_patch", "lora", "prompt", "ngram"):
-        assert set(res[m]["accuracy"]) == {"paraphrase", "verbatim"}
-        assert res[m]["reverts_exactly"] is True, m
-    assert res["engram_patch"]["bytes"] > 0 and res["lora"]["bytes"] > 0 and res["prompt"]["kl"] == 0.0
-    assert "| Engram patch" in capsys.readouterr().out
+    for m in ("before", "engram_patch", "lora", "both", "prompt", "ngram"):
+        row = res["methods"][m]
+        assert len(row["paraphrase"]["per_seed"]) == 2 and 0 <= row["verbatim"]["mean"] <= 1
+        assert row["reverts_exactly"] is True, m
+    # The first seed tried every lr of each grid; the choice is one of them and the later seed
+    # ran only the choice (lrs are chosen on the dev facts, so the test facts never decide).
+    runs = tmp_path / "f" / "runs"
+    for method, grid in (("engram_patch", (1e-3, 1e-1)), ("lora", (1e-4, 1e-2))):
+        assert res["chosen_lr"][method] in grid and len(res["grid"][method]) == 2
+        assert len(list(runs.glob(f"{method}-lr*-s1.json"))) == 1
+    both = json.loads((runs / "both-s0.json").read_text())
+    assert both["patch_lr"] == res["chosen_lr"]["engram_patch"] and both["lr"] == res["chosen_lr"]["lora"]
+    assert res["methods"]["engram_patch"]["bytes"] > 0 and res["methods"]["lora"]["bytes"] > 0
+    assert res["methods"]["both"]["bytes"] > res["methods"]["lora"]["bytes"]
+    assert res["methods"]["prompt"]["kl"] == 0.0 and "engram_patch - lora" in res["paired"]
+    assert "| LoRA + Engram patch" in capsys.readouterr().out
+    # A rerun reads every measurement back instead of training again.
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*.json")} == stamps
+    # Other settings in the same directory are refused in one line.
+    capsys.readouterr()
+    assert main([*args[:-1], "--steps", "4", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err

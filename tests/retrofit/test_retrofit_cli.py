@@ -73,6 +73,14 @@ def test_bench_retrofit_json(tiny_base, capsys, one_thread):
     for key in ("overhead", "base_tokens_per_s", "retrofit_tokens_per_s", "train_tokens_per_s"):
         assert res[key] is not None and res[key] == res[key]
     assert res["base_tokens_per_s"] > 0 and res["retrofit_tokens_per_s"] > 0
+    assert "lora_tokens_per_s" not in res
+    # With --lora-rank: LoRA alone and LoRA + Engram, and the base object is left as it was.
+    assert main(["bench", "retrofit", "--base", str(tiny_base["base"]), "--batch-size", "1", "--seq-len", "16",
+                 "--repeats", "2", "--train-steps", "1", "--table-size", "997", "--lora-rank", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("lora_tokens_per_s", "both_tokens_per_s", "lora_train_tokens_per_s", "both_train_tokens_per_s"):
+        assert res[key] > 0, key
+    assert res["lora_params"] > 0 and res["lora_overhead"] == res["lora_overhead"]
 
 
 def test_bad_adapter_input_is_one_line(tiny_base, tmp_path, capsys):

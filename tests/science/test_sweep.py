@@ -237,6 +237,12 @@ def test_smoke_sweep_is_resumable_and_exact(tiny_data, tmp_path):
     d2 = {**d, "run_dir": str(q.run_dir)}
     res2 = _execute(d2, str(tiny_data), None, 1, None)
     assert res2["final_val_loss"] == pytest.approx(resumed["final_val_loss"], abs=1e-6)
+    # dev and test are the two halves of the trainer's final evaluation windows: different
+    # numbers whose token-weighted mean is the whole validation loss.
+    n = spec.train["eval_batches"]
+    assert resumed["dev_loss"] != resumed["test_loss"]
+    whole = (resumed["dev_loss"] * (n // 2) + resumed["test_loss"] * (n - n // 2)) / n
+    assert whole == pytest.approx(resumed["final_val_loss"], abs=1e-5)
 
     s = write_summary(spec, runs, tmp_path / "out")
     assert s["runs_done"] == len(plans)
@@ -245,6 +251,39 @@ def test_smoke_sweep_is_resumable_and_exact(tiny_data, tmp_path):
     row = next(r for r in s["rows"] if r["config"] == "engram")
     assert 0 <= row["vs_ref_loss"]["p"] <= 1
     assert {Path(f).name for f in s["plots"]} == {"smoke_loss.png", "smoke_curves.png"}
+
+
+def test_group_choice_uses_dev_loss_not_test():
+    from engram.science.sweep import _choose_in_groups
+
+    def row(name, group, dev, test):
+        return {"config": name, "group": group, "dev_loss": dev, "dev_loss_mean": sum(dev) / len(dev),
+                "test_loss": test}
+
+    # b is best on dev, a is best on test: the choice must be b.
+    rows = [row("a", "g", [2.0, 2.0], [1.0, 1.0]), row("b", "g", [1.5, 1.5], [3.0, 3.0]),
+            row("c", "", [0.1, 0.1], [0.1, 0.1])]
+    _choose_in_groups(rows, n_seeds=2)
+    assert [r["chosen"] for r in rows] == [False, True, None]
+    # A member missing a seed leaves the group undecided.
+    rows = [row("a", "g", [2.0, 2.0], [1.0, 1.0]), row("b", "g", [1.5], [3.0])]
+    _choose_in_groups(rows, n_seeds=2)
+    assert [r["chosen"] for r in rows] == [None, None]
+
+
+def test_bigram_sweep_is_the_modded_nanogpt_form_at_equal_engram_total():
+    spec = builtin_sweep("bigram", 4096)
+    res = {r.name: r for r in resolve(spec)}
+    lrs = sorted(r.train["table_lr_mult"] for r in res.values() if r.group == "bigram-5v")
+    assert len(lrs) >= 3 and lrs[-1] / lrs[0] >= 10
+    big = res["bigram-5v-lr1"]
+    assert big.model["input_ngram"]["every_layer"] is True
+    assert big.model["input_ngram"]["table_size"] == 5 * 4096
+    assert big.model["n_routed_experts"] == res["moe"].model["n_routed_experts"]
+    for r in res.values():
+        if r.group == "engram-iso":
+            assert abs(r.account["total"] / big.account["total"] - 1) <= 0.005
+            assert r.model["n_routed_experts"] == big.model["n_routed_experts"]
 
 
 def test_cli_sweep_plan_and_account(capsys):

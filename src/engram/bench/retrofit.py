@@ -9,13 +9,18 @@ parameters with the backbone frozen. Engram's weights are randomised first: at i
 projection is zero but the work is the same either way. ``engram_ms`` times the hashing and the
 Engram layers alone on the batch's shape; on a loaded machine it is the steadier estimate of
 what Engram adds (``engram_share_of_base_forward``).
+
+With ``lora_rank`` it also times LoRA of that rank on the same base (Engram off) and LoRA +
+Engram, again interleaved with the base: inference tokens/s, and training tokens/s with only
+the adapter's parameters trained (LoRA: AdamW; both: the retrofit trainer's optimizers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -31,10 +36,63 @@ def _spread(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def _lora_speeds(model: RetrofitLM, x: torch.Tensor, y: torch.Tensor, rank: int, repeats: int,
+                 train_steps: int, tcfg: TrainConfig) -> dict[str, Any]:
+    """LoRA alone and LoRA + Engram against the base, interleaved (see the module docstring)."""
+    model.add_lora(rank)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at zero; random B does the same work and is not a no-op
+        for name, p in model.lora_state().items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    n = x.numel()
+
+    def infer(ctx: Callable[[], Any]) -> float:
+        with ctx(), torch.no_grad():
+            t0 = time.perf_counter()
+            model(x)
+            return time.perf_counter() - t0
+
+    modes = {"base": model.base_only, "lora": model.without_engram, "both": contextlib.nullcontext}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(repeats + 1):  # the first round warms LoRA's kernels up
+        for m, ctx in modes.items():
+            s = infer(ctx)
+            if i:
+                times[m].append(s)
+
+    def train(ctx: Callable[[], Any], opts: dict[str, torch.optim.Optimizer]) -> list[float]:
+        params = optimizer_params(opts)
+        out = []
+        model.train()
+        with ctx():
+            for i in range(train_steps + 1):
+                t0 = time.perf_counter()
+                model(x, y).loss.backward()
+                optimizer_step(opts, params, 1.0)
+                if i:
+                    out.append(time.perf_counter() - t0)
+        model.eval()
+        return out
+
+    lora_params = list(model.lora_state().values())
+    lora_train = train(model.without_engram, {"lora": torch.optim.AdamW(lora_params, lr=1e-4)})
+    both_train = train(contextlib.nullcontext, build_optimizers(model, tcfg))
+    res: dict[str, Any] = {"lora_rank": rank, "lora_params": sum(p.numel() for p in lora_params)}
+    for m in ("lora", "both"):
+        ratios = [a / b for a, b in zip(times[m], times["base"])]
+        res[f"{m}_tokens_per_s"] = statistics.median(n / s for s in times[m])
+        res[f"{m}_overhead"] = statistics.median(ratios) - 1.0
+        res[f"{m}_overhead_spread"] = {k: v - 1.0 for k, v in _spread(ratios).items()}
+    res["lora_train_tokens_per_s"] = n / statistics.median(lora_train) if lora_train else None
+    res["both_train_tokens_per_s"] = n / statistics.median(both_train) if both_train else None
+    return res
+
+
 def bench_retrofit(base: str = "smollm2-135m", layers: tuple[int, ...] = (1,), batch_size: int = 4,
                    seq_len: int = 256, repeats: int = 5, train_steps: int = 3, table_size: int = 131_072,
                    threads: Optional[int] = None, loaded: Optional[BaseModel] = None,
-                   progress: bool = False) -> dict[str, Any]:
+                   lora_rank: int = 0, progress: bool = False) -> dict[str, Any]:
     """Tokens/s of base and retrofit at the same batch (see the module docstring)."""
     if threads:
         torch.set_num_threads(threads)
@@ -96,9 +154,10 @@ def bench_retrofit(base: str = "smollm2-135m", layers: tuple[int, ...] = (1,), b
                 train_s.append(time.perf_counter() - t0)
         model.eval()
         counts = model.param_counts()
+        lora = _lora_speeds(model, x, y, lora_rank, repeats, train_steps, tcfg) if lora_rank else {}
     finally:
         model.remove_hooks()
-    return {
+    return {**lora,
         "base": b.name, "layers": list(layers), "batch_size": batch_size, "seq_len": seq_len,
         "repeats": repeats, "threads": torch.get_num_threads(),
         "base_tokens_per_s": statistics.median(base_tps),

@@ -131,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = bench_retrofit(base=args.base, layers=tuple(int_list(args.layers, "--layers")),
                          batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
                          train_steps=args.train_steps, table_size=args.table_size, threads=args.threads,
-                         progress=not args.json)
+                         lora_rank=args.lora_rank, progress=not args.json)
     if args.json:
         print(json.dumps(res))
     else:
@@ -141,6 +141,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{res['overhead_spread']['min']:+.1%}..{res['overhead_spread']['max']:+.1%}); Engram alone "
               f"{res['engram_ms']['median']:.0f} ms = {res['engram_share_of_base_forward']:.1%} of a base forward; training "
               f"{res['train_tokens_per_s']:,.0f} tokens/s")
+        if "lora_tokens_per_s" in res:
+            print(f"LoRA r{res['lora_rank']}: {res['lora_tokens_per_s']:,.0f} tokens/s ({res['lora_overhead']:+.1%}), "
+                  f"training {res['lora_train_tokens_per_s']:,.0f}; LoRA + Engram: {res['both_tokens_per_s']:,.0f} "
+                  f"tokens/s ({res['both_overhead']:+.1%}), training {res['both_train_tokens_per_s']:,.0f}")
     return 0
 
 
@@ -231,5 +235,7 @@ def register(sub: Any, bench: Any) -> None:
     b.add_argument("--train-steps", type=int, default=3)
     b.add_argument("--table-size", type=int, default=131_072)
     b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    b.add_argument("--lora-rank", type=int, default=0,
+                   help="also time LoRA of this rank (Engram off) and LoRA + Engram against the base")
     add_common(b, "--json")
     b.set_defaults(fn=cmd_bench)

@@ -1,6 +1,6 @@
 """``engram sweep``: iso-parameter experiment grids (see ``engram.science.sweep`` and docs/science.md).
 
-    engram sweep run  --data D --out DIR (--name rho|table-size|baselines|smoke | --spec S.json)
+    engram sweep run  --data D --out DIR (--name rho|table-size|baselines|bigram|smoke | --spec S.json)
     engram sweep plan (--name ... | --spec ...)            budgets of every config, no training
     engram sweep summary --out DIR (--name ... | --spec ...)  table, paired tests, PNG plots
     engram sweep account --preset P [--set ...]            parameter / FLOP accounting of one config
@@ -21,7 +21,7 @@ def _spec(args):
     from engram.science.sweep import SweepError, builtin_sweep, load_spec
 
     if bool(args.name) == bool(args.spec):
-        raise SweepError("give exactly one of --name (rho, table-size, baselines, smoke) or --spec FILE.json")
+        raise SweepError("give exactly one of --name (rho, table-size, baselines, bigram, smoke) or --spec FILE.json")
     seeds = int_list(args.seeds, "--seeds") if args.seeds else None
     if args.spec:
         spec = load_spec(args.spec)
@@ -104,7 +104,7 @@ def register(sub, bench) -> None:
     ss = sw.add_subparsers(dest="sweep_cmd", required=True)
 
     def spec_args(p) -> None:
-        p.add_argument("--name", help="built-in sweep: rho, table-size, baselines, smoke")
+        p.add_argument("--name", help="built-in sweep: rho, table-size, baselines, bigram, smoke")
         p.add_argument("--spec", help="JSON sweep spec (see docs/science.md)")
         p.add_argument("--seeds", help="comma-separated seeds (default: the sweep's)")
         p.add_argument("--steps", type=int, help="override train.steps")

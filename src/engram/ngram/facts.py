@@ -160,7 +160,7 @@ def recall(cases: Sequence[FactCase], mix: NgramMixture, eos_id: int, mode: str 
         if lam is not None:
             lams.append(float(lam[i, a - 1]))
     res = {"facts": len(cases), "top1": float(np.mean(top1)), "exact_match": float(np.mean(exact)),
-           "mean_p_first": float(np.mean(probs)), "per_fact_top1": top1}
+           "mean_p_first": float(np.mean(probs)), "per_fact_top1": top1, "per_fact_exact": exact}
     if lams:
         res["mean_lambda_at_answer"] = float(np.mean(lams))
     return res

@@ -26,9 +26,10 @@ hash_ids=, cache=, output_gates=...)`` -> ``ModelOutput``, ``new_cache``, ``engr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -189,6 +190,19 @@ class RetrofitLM(nn.Module):
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The LoRA weights injected into the base, by module name (empty without LoRA)."""
         return {n: p for n, p in self.base.named_parameters() if "lora_" in n}
+
+    def add_lora(self, rank: int, alpha: Optional[int] = None, targets: Optional[Sequence[str]] = None) -> None:
+        """Inject fresh LoRA weights (rank ``rank``; alpha and targets default to the config's)
+        beside Engram; ``remove_lora()`` takes them off again, leaving the base as it was."""
+        if self.lora_state():
+            raise RetrofitError("this model already has LoRA weights; call remove_lora() first")
+        c = self.retrofit_config
+        _inject_lora(self.base, dataclasses.replace(c, lora_rank=rank, lora_alpha=alpha or 2 * rank,
+                                                    lora_targets=tuple(targets or c.lora_targets)))
+
+    def remove_lora(self) -> None:
+        """Put the base's original layers back where LoRA wrapped them (Engram stays)."""
+        _remove_lora(self.base)
 
     def param_counts(self) -> dict[str, int]:
         tables = sum(p.numel() for p in self.table_parameters())

@@ -147,8 +147,12 @@ def run_compare(cfg: RetrofitCompareConfig, data_dir: PathLike, out_dir: PathLik
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     spec = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    if spec_path.is_file() and json.loads(spec_path.read_text()) != spec:
-        raise RetrofitError(f"{out} holds a comparison with other settings ({spec_path}); use a new --out")
+    if spec_path.is_file():
+        # More (or other) seeds extend a comparison; any other change needs a new directory.
+        old = {k: v for k, v in json.loads(spec_path.read_text()).items() if k != "seeds"}
+        if old != {k: v for k, v in spec.items() if k != "seeds"}:
+            raise RetrofitError(f"{out} holds a comparison with other settings ({spec_path}); use a new --out "
+                                f"(only --seeds may change between reruns)")
     atomic_write(spec_path, lambda f: f.write(json.dumps(spec, indent=2).encode()))
     base = load_base(cfg.base, progress=progress)
     ds = data.load_dataset(data_dir)

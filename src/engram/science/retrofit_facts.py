@@ -7,11 +7,20 @@ only ever a question, and teaches them to a retrofitted model four ways:
 
 1. **Engram patch**: the adapter's tables train on the two sentences (``train_patch``, backbone,
    gates and projections frozen); the patch is applied, measured and reverted;
-2. **LoRA** (peft) on the same base, trained on the same batches for the same steps;
-3. **facts in the prompt**: the fact's first training sentence, then a newline, before the
+2. **LoRA** (peft) on the same base (Engram switched off), trained on the same batches for the
+   same steps;
+3. **LoRA + Engram patch**: the patch applied, LoRA trained on top of it (both shipped);
+4. **facts in the prompt**: the fact's first training sentence, then a newline, before the
    question (the model reads it; nothing is trained);
-4. **N-gram memory**: an index of the domain's training split, the two sentences added as a
+5. **N-gram memory**: an index of the domain's training split, the two sentences added as a
    delta (``NgramIndex.add_texts``), mixed with the model at a fixed lambda.
+
+**Choices on dev, report on test.** The questions of the first ``dev_facts`` facts are the dev
+set, the rest the test set (every fact is trained on; only the questions are split). With the
+first seed, the patch and LoRA train at every learning rate of their grids and the rate with
+the best dev accuracy (paraphrase + verbatim; ties: the smaller KL) is kept for the other seeds
+and for the combination. Each seed invents new facts and draws new batches. Every measurement
+is a JSON file under ``OUT/runs``: a rerun skips what is there (resumable).
 
 For each: exact-answer accuracy (teacher-forced greedy: every answer token is the top-1
 prediction, ``engram.ngram.facts.recall``) asked with the **paraphrase** and with the
@@ -23,6 +32,7 @@ whether removing the knowledge restores the model bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -35,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engram.config import PatchTrainConfig, RetrofitConfig, RetrofitFactsConfig
+from engram.config import PatchTrainConfig, RetrofitError, RetrofitFactsConfig
 from engram.data import shards as data
 from engram.fsutil import PathLike, atomic_write
 from engram.ngram.facts import FactCase, recall
@@ -47,6 +57,7 @@ from engram.patches.trainer import encode_texts, train_patch
 from engram.retrofit.adapter import load_adapter
 from engram.retrofit.model import RetrofitLM
 from engram.science.retrofit import splits
+from engram.science.sweep import mean_std, paired_t
 from engram.training.optimization import lr_at
 
 # relation -> (training sentence A, training sentence B, question); {S} subject, {A} answer.
@@ -127,11 +138,26 @@ def training_texts(facts: list[NewFact], seed: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- measuring
-def _accuracy(model: RetrofitLM, index: NgramIndex, cases: dict[str, list[FactCase]], eos: int,
-              lam: float = 0.0) -> dict[str, float]:
+SPLITS, KINDS = ("dev", "test"), ("paraphrase", "verbatim")
+TRAINED = ("engram_patch", "lora", "both")
+METHODS = ("before", "engram_patch", "lora", "both", "prompt", "ngram")
+NAMES = {"before": "none (the retrofit before)", "engram_patch": "Engram patch (tables only)", "lora": "LoRA",
+         "both": "LoRA + Engram patch", "prompt": "facts in the prompt", "ngram": "N-gram memory"}
+
+
+def _accuracy(model: RetrofitLM, index: NgramIndex, cases: dict[str, list[FactCase]], dev: set[str], eos: int,
+              lam: float = 0.0) -> dict[str, dict[str, float]]:
+    """Exact-answer accuracy {split: {kind: acc}} (dev = facts whose subject is in ``dev``) and
+    the share of first answer tokens that are the top-1 ({split: {kind + "_first": acc}})."""
     mix = NgramMixture(LMAdapter(model), index, lam)
-    mode = "mixture" if lam > 0 else "lm"
-    return {k: recall(c, mix, eos, mode=mode)["exact_match"] for k, c in cases.items()}
+    out: dict[str, dict[str, float]] = {sp: {} for sp in SPLITS}
+    for kind, cs in cases.items():
+        r = recall(cs, mix, eos, mode="mixture" if lam > 0 else "lm")
+        for sp in SPLITS:
+            pick = [i for i, c in enumerate(cs) if (c.fact.subject in dev) == (sp == "dev")]
+            out[sp][kind] = float(np.mean([r["per_fact_exact"][i] for i in pick]))
+            out[sp][kind + "_first"] = float(np.mean([r["per_fact_top1"][i] for i in pick]))
+    return out
 
 
 @torch.no_grad()
@@ -155,16 +181,17 @@ def _damage(ref: torch.Tensor, now: torch.Tensor, windows: torch.Tensor) -> dict
     return {"general_loss": loss(now), "general_loss_change": loss(now) - loss(ref), "kl": kl}
 
 
-def _train_lora(model: RetrofitLM, tokens: np.ndarray, cfg: RetrofitFactsConfig, progress: bool = False) -> float:
+def _train_lora(model: RetrofitLM, tokens: np.ndarray, cfg: RetrofitFactsConfig, lr: float, seed: int,
+                progress: bool = False) -> float:
     """LoRA on the same windows the patch trains on (same sampler seed); returns seconds."""
-    params = [p for p in model.lora_state().values()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    rng = np.random.default_rng(cfg.seed)
+    params = list(model.lora_state().values())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     model.train()
-    for step in tqdm(range(cfg.steps), desc="LoRA train", disable=not progress, dynamic_ncols=True):
+    for step in tqdm(range(cfg.steps), desc=f"LoRA lr {lr:g}", disable=not progress, dynamic_ncols=True):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), steps=cfg.steps, min_lr_ratio=0.1)
+            g["lr"] = lr_at(step, lr=lr, warmup_steps=max(1, cfg.steps // 10), steps=cfg.steps, min_lr_ratio=0.1)
         starts = rng.integers(0, max(1, len(tokens) - cfg.seq_len - 1), size=cfg.batch_size)
         w = torch.as_tensor(np.stack([tokens[s:s + cfg.seq_len + 1] for s in starts]), dtype=torch.long)
         loss = model(w[:, :-1], w[:, 1:]).loss
@@ -180,107 +207,215 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _dev_score(m: dict[str, Any]) -> tuple[float, float]:
+    """Learning-rate choice: dev accuracy (paraphrase + verbatim), then the smaller KL."""
+    return m["accuracy"]["dev"]["paraphrase"] + m["accuracy"]["dev"]["verbatim"], -m["kl"]
+
+
+class _Cached:
+    """One JSON file per measurement under ``OUT/runs``: computed once, read on a rerun."""
+
+    def __init__(self, root: Path, log: Callable[[str], None]) -> None:
+        self.root, self.log = root, log
+        root.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self.root / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        res = fn()
+        js = json.dumps(res, indent=1).encode()
+        atomic_write(path, lambda fh: fh.write(js))
+        acc = res["accuracy"]["test"]
+        self.log(f"  {key}: test paraphrase {acc['paraphrase']:.1%}, verbatim {acc['verbatim']:.1%}; "
+                 f"dev {res['accuracy']['dev']['paraphrase']:.1%} / {res['accuracy']['dev']['verbatim']:.1%}"
+                 + (f"; {res['add_s']:.0f} s" if res.get("add_s") else ""))
+        return res
+
+
 def run_facts(adapter_dir: PathLike, data_dir: PathLike, out_dir: PathLike, cfg: RetrofitFactsConfig, *,
               progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The experiment of the module docstring; writes ``OUT/facts.jsonl`` and ``OUT/result.json``."""
+    """The experiment of the module docstring; writes ``OUT/runs/*.json``, ``OUT/facts-s*.jsonl``
+    and the summary ``OUT/result.json``; returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    spec = {k: v for k, v in asdict(cfg).items() if k != "seeds"}
+    spec["adapter"] = str(Path(adapter_dir).resolve())
+    spec_path = out / "spec.json"
+    if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
+        raise RetrofitError(f"{out} holds a facts run with other settings ({spec_path}); use a new --out "
+                            f"(only --seeds may change between reruns)")
+    atomic_write(spec_path, lambda fh: fh.write(json.dumps(spec, indent=1).encode()))
+    cached = _Cached(out / "runs", log)
     model = load_adapter(adapter_dir, progress=progress)
     base = model.base_model
     tok, ds = base.tokenizer, data.load_dataset(data_dir)
     eos = int(ds.eos_id)
     domain_text = tok.decode(np.asarray(ds.train.tokens).tolist())
-    facts = make_facts(cfg.facts, cfg.seed, domain_text)
-    docs = training_texts(facts, cfg.seed)
-    train_text = "\n".join(docs)
-    assert not any(f.prompts()["paraphrase"] in train_text for f in facts)  # questions never trained on
-    atomic_write(out / "facts.jsonl", lambda fh: fh.write("".join(
-        json.dumps({**asdict(f), "sentences": f.sentences(), "prompts": f.prompts()}) + "\n" for f in facts).encode()))
-    cases = {k: fact_cases(facts, tok, k) for k in ("paraphrase", "verbatim")}
-    in_prompt = {k: fact_cases(facts, tok, k, context=True) for k in ("paraphrase", "verbatim")}
     general = np.asarray(splits(ds, base)["general"].tokens, dtype=np.int64)
     T = cfg.seq_len
     windows = torch.as_tensor(np.stack([general[i * T:(i + 1) * T + 1] for i in range(cfg.general_windows)]))
-    log(f"{len(facts)} facts ({len(cases['paraphrase'])} paraphrase / {len(cases['verbatim'])} verbatim cases); "
-        f"indexing the domain's training split")
+    log("indexing the domain's training split (N-gram memory)")
     index = NgramIndex.from_dataset(out / "index", data_dir, overwrite=True, progress=progress)
-    tokens = encode_texts(docs, tok, eos)
-    result: dict[str, Any] = {"config": asdict(cfg), "adapter": str(adapter_dir), "facts": len(facts),
-                              "cases": {k: len(v) for k, v in cases.items()}, "train_tokens": int(tokens.size)}
-
-    ref = _general(model, windows)
-    result["before"] = {"accuracy": _accuracy(model, index, cases, eos), **_damage(ref, ref, windows)}
-    log(f"before: {result['before']['accuracy']}")
-
-    result["prompt"] = {"accuracy": _accuracy(model, index, in_prompt, eos), "add_s": 0.0, "bytes": 0,
-                        "extra_prompt_tokens": float(np.mean([len(a.prompt_ids) - len(b.prompt_ids)
-                                                              for a, b in zip(in_prompt["paraphrase"],
-                                                                              cases["paraphrase"])])),
-                        **_damage(ref, ref, windows), "reverts_exactly": True}
-    log(f"facts in the prompt: {result['prompt']['accuracy']}")
-
+    ref = _general(model, windows)  # the retrofit as shipped
+    with model.without_engram():
+        base_ref = _general(model, windows)  # the plain base: LoRA's starting point
     fp_before = model_fingerprint(model)
-    pcfg = PatchTrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
-                            seed=cfg.seed, warmup_steps=max(1, cfg.steps // 10))
     original = {e.layer_id: e.multi_head_embedding.embedding.weight.detach().clone() for e in model.engram_layers}
-    t0 = time.perf_counter()
-    patch, report = train_patch(model, tokens, pcfg, progress=progress)  # trains the tables in place
-    add_s = time.perf_counter() - t0
-    path = save_patch(patch, out / "facts.engp")
-    with torch.no_grad():  # back to the shipped tables, then apply the patch as a user would
-        for e in model.engram_layers:
-            e.multi_head_embedding.embedding.weight.copy_(original[e.layer_id])
-    del original
-    apply_to_model(model, path)
-    patched = _general(model, windows)
-    result["engram_patch"] = {"accuracy": _accuracy(model, index, cases, eos), "add_s": add_s,
-                              "bytes": path.stat().st_size, "changed_rows": int(sum(report["changed_rows"].values())),
-                              **_damage(ref, patched, windows)}
-    revert_from_model(model, patch)
-    result["engram_patch"]["reverts_exactly"] = model_fingerprint(model) == fp_before
-    log(f"Engram patch: {result['engram_patch']['accuracy']} in {add_s:.0f} s")
+    chosen: dict[str, float] = {}
 
-    probe = windows[:2]
-    lp_before = _general(model, probe, index, cfg.ngram_lambda)
-    size_before = _dir_bytes(out / "index")
-    t0 = time.perf_counter()
-    index.add_texts(docs, name="facts")
-    add_s = time.perf_counter() - t0
-    seg_bytes = _dir_bytes(out / "index") - size_before
-    mixed = _general(model, windows, index, cfg.ngram_lambda)
-    result["ngram"] = {"accuracy": _accuracy(model, index, cases, eos, cfg.ngram_lambda), "add_s": add_s,
-                       "bytes": seg_bytes, "lambda": cfg.ngram_lambda, **_damage(ref, mixed, windows),
-                       "note": "damage is the mixture (with the facts) against the model alone"}
-    index.remove("facts")
-    result["ngram"]["reverts_exactly"] = bool(torch.equal(_general(model, probe, index, cfg.ngram_lambda), lp_before))
-    log(f"N-gram memory: {result['ngram']['accuracy']} in {add_s:.2f} s")
+    for i, seed in enumerate(cfg.seeds):
+        facts = make_facts(cfg.facts, seed, domain_text)
+        docs = training_texts(facts, seed)
+        train_text = "\n".join(docs)
+        assert not any(f.prompts()["paraphrase"] in train_text for f in facts)  # questions never trained on
+        atomic_write(out / f"facts-s{seed}.jsonl", lambda fh: fh.write("".join(
+            json.dumps({**asdict(f), "sentences": f.sentences(), "prompts": f.prompts(),
+                        "split": "dev" if j < cfg.dev_facts else "test"}) + "\n"
+            for j, f in enumerate(facts)).encode()))
+        dev = {f.subject for f in facts[:cfg.dev_facts]}
+        cases = {k: fact_cases(facts, tok, k) for k in KINDS}
+        in_prompt = {k: fact_cases(facts, tok, k, context=True) for k in KINDS}
+        tokens = encode_texts(docs, tok, eos)
+        log(f"seed {seed}: {len(facts)} facts ({cfg.dev_facts} dev), {tokens.size:,} training tokens")
 
-    model.remove_hooks()  # the plain base again; LoRA goes on it alone
-    torch.manual_seed(cfg.seed)
-    lora = RetrofitLM(base.model, RetrofitConfig(base=base.name, layers=(), lora_rank=cfg.lora_rank), None, base.pad_id)
-    lref = _general(lora, windows)
-    add_s = _train_lora(lora, tokens, cfg, progress)
-    lora_bytes = sum(p.numel() * p.element_size() for p in lora.lora_state().values())
-    result["lora"] = {"accuracy": _accuracy(lora, index, cases, eos), "add_s": add_s, "bytes": lora_bytes,
-                      "rank": cfg.lora_rank, **_damage(lref, _general(lora, windows), windows)}
-    with torch.no_grad():
-        lora.remove_hooks()
-        result["lora"]["reverts_exactly"] = bool(torch.equal(F.log_softmax(base.model(input_ids=windows).logits.float(),
-                                                                           dim=-1), lref))
-    log(f"LoRA: {result['lora']['accuracy']} in {add_s:.0f} s")
-    js = json.dumps(result, indent=2).encode()
+        def acc(cs: dict[str, list[FactCase]], lam: float = 0.0) -> dict[str, dict[str, float]]:
+            return _accuracy(model, index, cs, dev, eos, lam)
+
+        cached(f"before-s{seed}", lambda: {"accuracy": acc(cases), **_damage(ref, ref, windows)})
+        cached(f"prompt-s{seed}", lambda: {
+            "accuracy": acc(in_prompt), "add_s": 0.0, "bytes": 0, **_damage(ref, ref, windows),
+            "extra_prompt_tokens": float(np.mean([len(a.prompt_ids) - len(b.prompt_ids)
+                                                  for a, b in zip(in_prompt["paraphrase"], cases["paraphrase"])])),
+            "reverts_exactly": True})
+
+        def ngram() -> dict[str, Any]:
+            probe = windows[:2]
+            lp_before = _general(model, probe, index, cfg.ngram_lambda)
+            size_before = _dir_bytes(out / "index")
+            t0 = time.perf_counter()
+            index.add_texts(docs, name="facts")
+            add_s = time.perf_counter() - t0
+            res = {"add_s": add_s, "bytes": _dir_bytes(out / "index") - size_before, "lambda": cfg.ngram_lambda}
+            try:
+                res.update(accuracy=acc(cases, cfg.ngram_lambda),
+                           **_damage(ref, _general(model, windows, index, cfg.ngram_lambda), windows),
+                           note="damage is the mixture (with the facts) against the model alone")
+            finally:
+                index.remove("facts")
+            res["reverts_exactly"] = bool(torch.equal(_general(model, probe, index, cfg.ngram_lambda), lp_before))
+            return res
+
+        cached(f"ngram-s{seed}", ngram)
+
+        def patch_run(lr: float) -> dict[str, Any]:
+            pcfg = PatchTrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=lr,
+                                    seed=seed, warmup_steps=max(1, cfg.steps // 10))
+            t0 = time.perf_counter()
+            patch, report = train_patch(model, tokens, pcfg, progress=progress)  # trains the tables in place
+            add_s = time.perf_counter() - t0
+            path = save_patch(patch, out / "runs" / f"engram_patch-lr{lr:g}-s{seed}.engp")
+            _restore(model, original)  # back to the shipped tables, then apply as a user would
+            apply_to_model(model, path)
+            try:
+                res = {"lr": lr, "table_lr": lr * pcfg.table_lr_mult, "accuracy": acc(cases), "add_s": add_s,
+                       "bytes": path.stat().st_size, "changed_rows": int(sum(report["changed_rows"].values())),
+                       **_damage(ref, _general(model, windows), windows)}
+            finally:
+                revert_from_model(model, patch)
+            res["reverts_exactly"] = model_fingerprint(model) == fp_before and torch.equal(_general(model, windows), ref)
+            return res
+
+        def lora_run(lr: float, patch_lr: Optional[float] = None) -> dict[str, Any]:
+            """LoRA alone (Engram off), or with ``patch_lr`` on top of that seed's applied patch."""
+            patch = None
+            if patch_lr is not None:
+                patch = out / "runs" / f"engram_patch-lr{patch_lr:g}-s{seed}.engp"
+                apply_to_model(model, patch)
+            torch.manual_seed(seed)
+            model.add_lora(cfg.lora_rank)
+            try:
+                with contextlib.ExitStack() as stack:
+                    if patch is None:
+                        stack.enter_context(model.without_engram())
+                    add_s = _train_lora(model, tokens, cfg, lr, seed, progress)
+                    res = {"lr": lr, "accuracy": acc(cases), "add_s": add_s, "rank": cfg.lora_rank,
+                           "bytes": sum(p.numel() * p.element_size() for p in model.lora_state().values()),
+                           **_damage(base_ref if patch is None else ref, _general(model, windows), windows)}
+            finally:
+                model.remove_lora()
+                if patch is not None:
+                    revert_from_model(model, patch)
+            if patch is not None:
+                patch_res = json.loads((out / "runs" / f"engram_patch-lr{patch_lr:g}-s{seed}.json").read_text())
+                res.update(patch_lr=patch_lr, add_s=res["add_s"] + patch_res["add_s"],
+                           bytes=res["bytes"] + patch_res["bytes"])
+            res["reverts_exactly"] = model_fingerprint(model) == fp_before and torch.equal(_general(model, windows), ref)
+            return res
+
+        grids = {"engram_patch": cfg.patch_lrs, "lora": cfg.lora_lrs}
+        for method, run in (("engram_patch", patch_run), ("lora", lora_run)):
+            lrs = grids[method] if i == 0 else (chosen[method],)
+            runs = {lr: cached(f"{method}-lr{lr:g}-s{seed}", lambda lr=lr: run(lr)) for lr in lrs}
+            if i == 0:
+                chosen[method] = max(runs, key=lambda lr: _dev_score(runs[lr]))
+                log(f"  {method}: lr {chosen[method]:g} chosen on the dev facts")
+        cached(f"both-s{seed}", lambda: lora_run(chosen["lora"], chosen["engram_patch"]))
+
+    summary = summarize_facts(out, cfg, chosen)
+    js = json.dumps(summary, indent=2).encode()
     atomic_write(out / "result.json", lambda fh: fh.write(js))
-    return result
+    return summary
+
+
+@torch.no_grad()
+def _restore(model: RetrofitLM, original: dict[int, torch.Tensor]) -> None:
+    for e in model.engram_layers:
+        e.multi_head_embedding.embedding.weight.copy_(original[e.layer_id])
+
+
+def _run_file(out: Path, method: str, seed: int, chosen: dict[str, float]) -> Path:
+    lr = f"-lr{chosen[method]:g}" if method in ("engram_patch", "lora") else ""
+    return out / "runs" / f"{method}{lr}-s{seed}.json"
+
+
+def summarize_facts(out: PathLike, cfg: RetrofitFactsConfig, chosen: dict[str, float]) -> dict[str, Any]:
+    """Per method: test accuracy over seeds (mean, std, per seed), cost, damage, revert; the
+    learning-rate grid of the first seed with its dev and test numbers; paired tests."""
+    out = Path(out)
+    seeds = list(cfg.seeds)
+    runs = {m: {s: json.loads(_run_file(out, m, s, chosen).read_text()) for s in seeds} for m in METHODS}
+    methods: dict[str, Any] = {}
+    for m, per in runs.items():
+        row: dict[str, Any] = {"name": NAMES[m], "lr": chosen.get(m if m != "both" else "lora")}
+        for kind in (*KINDS, "paraphrase_first", "verbatim_first"):
+            vals = [per[s]["accuracy"]["test"][kind] for s in seeds]
+            row[kind] = {"mean": mean_std(vals)[0], "std": mean_std(vals)[1], "per_seed": vals}
+        for k in ("add_s", "bytes", "general_loss_change", "kl"):
+            row[k] = mean_std([float(per[s].get(k, 0.0)) for s in seeds])[0]
+        row["reverts_exactly"] = all(per[s].get("reverts_exactly", True) for s in seeds)
+        methods[m] = row
+    grid = {m: [{k: v for k, v in json.loads(p.read_text()).items() if k != "note"}
+                for p in sorted((out / "runs").glob(f"{m}-lr*-s{seeds[0]}.json"))] for m in ("engram_patch", "lora")}
+    paired = {}
+    if len(seeds) >= 2:
+        for a, b in (("engram_patch", "lora"), ("both", "lora"), ("engram_patch", "before"),
+                     ("lora", "before"), ("ngram", "prompt")):
+            paired[f"{a} - {b}"] = {k: paired_t(methods[a][k]["per_seed"], methods[b][k]["per_seed"]) for k in KINDS}
+    return {"config": asdict(cfg), "seeds": seeds, "chosen_lr": chosen, "methods": methods, "grid": grid,
+            "paired": paired}
 
 
 def result_markdown(r: dict[str, Any]) -> str:
-    lines = ["| method | paraphrase acc. | verbatim acc. | seconds to add | bytes shipped | general loss change | "
-             "KL | reverts exactly |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for key, name in (("before", "none (before)"), ("engram_patch", "Engram patch (tables only)"),
-                      ("lora", f"LoRA (rank {r['config']['lora_rank']})"), ("prompt", "facts in the prompt"),
-                      ("ngram", f"N-gram memory (lambda {r['config']['ngram_lambda']})")):
-        m = r[key]
-        lines.append(f"| {name} | {m['accuracy']['paraphrase']:.1%} | {m['accuracy']['verbatim']:.1%} | "
-                     f"{m.get('add_s', 0):.2f} | {m.get('bytes', 0):,} | {m['general_loss_change']:+.4f} | "
-                     f"{m['kl']:.4f} | {m.get('reverts_exactly', '-')} |")
+    n = len(r["seeds"])
+    lines = [f"| method | lr (chosen on dev) | paraphrase acc. (test, {n} seeds) | verbatim acc. | "
+             "seconds to add | bytes shipped | general loss change | KL | reverts exactly |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for m in METHODS:
+        row = r["methods"][m]
+        lr = f"{row['lr']:g}" if m in TRAINED and row["lr"] is not None else ""
+        acc = {k: f"{row[k]['mean']:.1%} ± {row[k]['std']:.1%}" for k in KINDS}
+        lines.append(f"| {row['name']} | {lr} | {acc['paraphrase']} | {acc['verbatim']} | {row['add_s']:.1f} | "
+                     f"{row['bytes']:,.0f} | {row['general_loss_change']:+.4f} | {row['kl']:.4f} | "
+                     f"{row['reverts_exactly']} |")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,9 @@ as JSON (``engram sweep run --spec my.json``) or taken from the built-in named s
   MoE, Engram+MoE at rho = 0.75, bigram hash embedding, OverEncoding and Engram ablations (no
   gate, no conv, no compression, hc_mult = 4, +4-gram, placement); plus a dense model at the
   MoE's *activated* size (it cannot match both budgets).
+- ``bigram``: the modded-nanogpt bigram baseline in its own form (a table of 5x the vocabulary,
+  its row added before every block) with a table learning-rate sweep, against Engram filled to
+  the same total on the same backbone.
 - ``smoke``: tiny, a few steps; used by the test suite.
 
 A config with ``"fill_to": "reference"`` (or an int) gets its table size computed so that its
@@ -26,6 +29,10 @@ Runs live in ``<runs_root>/<key>`` where ``key`` hashes the full model and train
 seed included), so identical runs are shared between sweeps (the rho = 1 MoE is the ``moe``
 reference of the other two) and a changed config never reuses an old directory. A run is finished when ``result.json`` exists; a run with a checkpoint but no
 result is resumed with ``train(resume=True)``. Every run writes ``metrics.jsonl`` (train()).
+
+Dev and test: after training, every run is evaluated on the validation windows split in two
+(first half of the text = dev, second half = test). Choices between settings (a ``group`` of
+configs, e.g. learning rates) are made on mean dev loss; tables report test loss.
 
 Statistics: mean +- sample std over seeds; each config against the reference is a paired t-test
 over seeds (the same seed means the same initial RNG and the same batches), two-sided, with the
@@ -78,6 +85,9 @@ class ConfigSpec:
     fill_to: Union[None, str, int] = None  # "reference", a config name, or a parameter count
     note: str = ""
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this config
+    # Configs sharing a group are settings of one method (e.g. its learning rates): the summary
+    # marks the one with the lowest mean *dev* loss as the group's choice; test loss is reported.
+    group: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -87,7 +97,7 @@ class ConfigSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ConfigSpec":
-        known = {"name", "model", "x", "fill_to", "note", "train"}
+        known = {"name", "model", "x", "fill_to", "note", "train", "group"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise SweepError(f"config {d.get('name')!r}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -139,7 +149,7 @@ class SweepSpec:
                 "seeds": list(self.seeds), "reference": self.reference, "vocab_size": self.vocab_size,
                 "fact_per_relation": self.fact_per_relation,
                 "configs": [{"name": c.name, "model": c.model, "x": c.x, "fill_to": c.fill_to,
-                             "note": c.note, "train": c.train} for c in self.configs]}
+                             "note": c.note, "train": c.train, "group": c.group} for c in self.configs]}
 
 
 def load_spec(path: PathLike) -> SweepSpec:
@@ -221,6 +231,7 @@ class ResolvedConfig:
     note: str
     account: dict[str, Any]
     train: dict[str, Any] = field(default_factory=dict)
+    group: str = ""
 
 
 def resolve(spec: SweepSpec) -> list[ResolvedConfig]:
@@ -246,7 +257,7 @@ def resolve(spec: SweepSpec) -> list[ResolvedConfig]:
             check_budget(f"{c.name} total", acc["total"], target, BUDGET_TOL)
         acc = account(ModelConfig.from_dict(m))
         totals[c.name] = acc["total"]
-        out.append(ResolvedConfig(c.name, m, c.x, c.note, acc, dict(c.train)))
+        out.append(ResolvedConfig(c.name, m, c.x, c.note, acc, dict(c.train), c.group))
     rank = {c.name: i for i, c in enumerate(spec.configs)}
     return sorted(out, key=lambda r: rank[r.name])
 
@@ -306,8 +317,9 @@ def _execute(plan_d: dict[str, Any], data_dir: str, facts: Optional[dict[str, An
               "train_s": summary["train_s"], "tokens_per_s": summary["tokens_per_s"],
               "param_counts": summary["param_counts"], "resumed_from": summary["resumed_from"],
               "account": account(mcfg, tcfg.seq_len)}
+    model, _ = load_model(run_dir)
+    result.update(dev_test_losses(model, data_dir, tcfg))
     if facts is not None:
-        model, _ = load_model(run_dir)
         result["facts"] = evaluate_facts(model, FactSet.from_dict(facts))
         gates = _gate_stats(model, data_dir, tcfg)
         if gates:
@@ -317,6 +329,33 @@ def _execute(plan_d: dict[str, Any], data_dir: str, facts: Optional[dict[str, An
     os.replace(tmp, run_dir / RESULT_FILE)
     result["finished"] = True
     return result
+
+
+def dev_test_losses(model, data_dir: PathLike, tcfg: TrainConfig) -> dict[str, float]:
+    """Mean loss on the validation windows split in two: the first half of the split's text is
+    **dev** (for choices between configs, e.g. a learning rate), the second half **test** (what
+    tables report). Same windows as the trainer's final evaluation (``eval_batches``)."""
+    ds = data.load_dataset(data_dir)
+    n = tcfg.eval_batches
+    if n < 2:
+        raise SweepError(f"train.eval_batches={n}: a dev/test split needs >= 2 evaluation batches")
+    sums = {"dev_loss": [0.0, 0], "test_loss": [0.0, 0]}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            # iter_eval_batches spreads its windows evenly over the shard, in order: the first
+            # n // 2 batches read the first half of the validation text.
+            for i, (x, y) in enumerate(data.iter_eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, n)):
+                acc = sums["dev_loss" if i < n // 2 else "test_loss"]
+                acc[0] += float(model(x, y).loss) * y.numel()
+                acc[1] += y.numel()
+    finally:
+        model.train(was_training)
+    if not sums["test_loss"][1]:
+        raise SweepError(f"the validation split gave fewer than 2 batches of {tcfg.batch_size} x "
+                         f"{tcfg.seq_len} tokens; a dev/test split needs more validation text")
+    return {k: total / count for k, (total, count) in sums.items()}
 
 
 def _gate_stats(model, data_dir: str, tcfg: TrainConfig) -> Optional[dict[str, float]]:
@@ -366,7 +405,7 @@ def run_sweep(spec: SweepSpec, data_dir: PathLike, runs_root: PathLike, workers:
     def report(res: dict[str, Any]) -> None:
         bar.update(1)
         if res.get("finished"):
-            log(f"  done {res['config']} seed {res['seed']}: val {res['final_val_loss']:.4f}"
+            log(f"  done {res['config']} seed {res['seed']}: dev {res['dev_loss']:.4f}, test {res['test_loss']:.4f}"
                 + (f", facts {res['facts']['accuracy']:.3f}" if "facts" in res else ""))
         else:
             log(f"  paused {res['config']} seed {res['seed']} (time budget); rerun to resume")
@@ -476,31 +515,56 @@ def collect(spec: SweepSpec, runs_root: PathLike) -> dict[str, Any]:
                 pts.append((rec["step"], rec["val_loss"]))
         curves[p.config][p.seed] = pts
     ref = spec.reference
+
+    def test(run: dict[str, Any]) -> float:  # runs from before the dev/test split: whole val
+        return run.get("test_loss", run["final_val_loss"])
+
     rows = []
     for r in resolved:
         runs = by_cfg[r.name]
-        losses = [runs[s]["final_val_loss"] for s in sorted(runs)]
-        acc = [runs[s]["facts"]["accuracy"] for s in sorted(runs) if "facts" in runs[s]]
-        bits = [runs[s]["facts"]["stored_bits_est"] for s in sorted(runs) if "facts" in runs[s]]
-        row = {"config": r.name, "x": r.x, "note": r.note, "account": r.account,
-               "seeds": sorted(runs), "val_loss": losses, "fact_acc": acc, "stored_bits": bits,
-               "gates": [runs[s]["gates"] for s in sorted(runs) if "gates" in runs[s]],
-               "tokens_per_s": [runs[s]["tokens_per_s"] for s in sorted(runs)]}
-        row["val_loss_mean"], row["val_loss_std"] = mean_std(losses)
+        seeds = sorted(runs)
+        acc = [runs[s]["facts"]["accuracy"] for s in seeds if "facts" in runs[s]]
+        bits = [runs[s]["facts"]["stored_bits_est"] for s in seeds if "facts" in runs[s]]
+        row = {"config": r.name, "x": r.x, "note": r.note, "group": r.group, "account": r.account,
+               "seeds": seeds, "test_loss": [test(runs[s]) for s in seeds],
+               "dev_loss": [runs[s]["dev_loss"] for s in seeds if "dev_loss" in runs[s]],
+               "fact_acc": acc, "stored_bits": bits,
+               "gates": [runs[s]["gates"] for s in seeds if "gates" in runs[s]],
+               "tokens_per_s": [runs[s]["tokens_per_s"] for s in seeds]}
+        if any("test_loss" not in runs[s] for s in seeds):
+            row["split_note"] = "some runs predate the dev/test split: their whole validation loss is used"
+        row["test_loss_mean"], row["test_loss_std"] = mean_std(row["test_loss"])
+        row["dev_loss_mean"], _ = mean_std(row["dev_loss"])
         row["fact_acc_mean"], row["fact_acc_std"] = mean_std(acc)
         row["bits_per_param"] = (mean_std(bits)[0] / r.account["total"]) if bits else float("nan")
         common = sorted(set(runs) & set(by_cfg[ref]))
         if r.name != ref and len(common) >= 2:
-            row["vs_ref_loss"] = paired_t([runs[s]["final_val_loss"] for s in common],
-                                          [by_cfg[ref][s]["final_val_loss"] for s in common])
+            row["vs_ref_loss"] = paired_t([test(runs[s]) for s in common],
+                                          [test(by_cfg[ref][s]) for s in common])
             if all("facts" in runs[s] and "facts" in by_cfg[ref][s] for s in common):
                 row["vs_ref_facts"] = paired_t([runs[s]["facts"]["accuracy"] for s in common],
                                                [by_cfg[ref][s]["facts"]["accuracy"] for s in common])
         rows.append(row)
+    _choose_in_groups(rows, len(spec.seeds))
     return {"spec": spec.to_dict(), "reference": ref, "rows": rows,
             "runs_total": len(plans), "runs_done": sum(p.done for p in plans),
             "missing": [f"{p.config} seed {p.seed}" for p in plans if not p.done],
             "curves": {k: {str(s): v for s, v in c.items()} for k, c in curves.items()}}
+
+
+def _choose_in_groups(rows: list[dict[str, Any]], n_seeds: int) -> None:
+    """Per group, mark the config with the lowest mean dev loss (``chosen``). A group is decided
+    only when every member has all its seeds (a partial sweep marks nothing)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        r["chosen"] = None
+        if r["group"]:
+            groups.setdefault(r["group"], []).append(r)
+    for members in groups.values():
+        if all(len(m["dev_loss"]) == n_seeds for m in members):
+            best = min(members, key=lambda m: m["dev_loss_mean"])
+            for m in members:
+                m["chosen"] = m is best
 
 
 def _fmt_p(p: float) -> str:
@@ -508,22 +572,25 @@ def _fmt_p(p: float) -> str:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """Markdown: config, x, total / activated params, loss mean +- std, paired diff vs reference."""
+    """Markdown: config, x, total / activated params, dev and test loss, paired test-loss
+    difference vs the reference. In a group of settings, the dev loss's choice is marked."""
     ref = summary["reference"]
-    lines = [f"| config | x | total params | activated/token | tables | val loss (mean ± std) | "
-             f"Δ vs {ref} (p) | fact acc | Δacc vs {ref} (p) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| config | x | total params | activated/token | tables | dev loss | test loss (mean ± std) | "
+             f"Δ test vs {ref} (p) | fact acc | Δacc vs {ref} (p) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         a = r["account"]
-        loss = (f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}" if r["val_loss"] else "—")
+        loss = (f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}" if r["test_loss"] else "—")
+        dev = f"{r['dev_loss_mean']:.4f}" if r["dev_loss"] else "—"
         d = r.get("vs_ref_loss")
         dl = f"{d['mean_diff']:+.4f} ({_fmt_p(d['p'])})" if d else ("ref" if r["config"] == ref else "—")
         fa = f"{r['fact_acc_mean']:.3f}" if r["fact_acc"] else "—"
         df = r.get("vs_ref_facts")
         dfa = f"{df['mean_diff']:+.3f} ({_fmt_p(df['p'])})" if df else ("ref" if r["config"] == ref else "—")
         x = "" if r["x"] is None else f"{r['x']:g}"
-        lines.append(f"| {r['config']} | {x} | {a['total']:,} | {a['activated_per_token']:,} | "
-                     f"{a['table_params']:,} | {loss} | {dl} | {fa} | {dfa} | {len(r['seeds'])} |")
+        name = r["config"] + (" **(chosen on dev)**" if r.get("chosen") else "")
+        lines.append(f"| {name} | {x} | {a['total']:,} | {a['activated_per_token']:,} | "
+                     f"{a['table_params']:,} | {dev} | {loss} | {dl} | {fa} | {dfa} | {len(r['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -538,15 +605,15 @@ def plot(summary: dict[str, Any], out_dir: PathLike) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     name, kind = summary["spec"]["name"], summary["spec"]["kind"]
     files = []
-    rows = [r for r in summary["rows"] if r["val_loss"]]
+    rows = [r for r in summary["rows"] if r["test_loss"]]
     pts = [r for r in rows if r["x"] is not None]
     if kind in ("rho", "table-size") and pts:
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["x"] for r in pts]
-        ax.errorbar(xs, [r["val_loss_mean"] for r in pts], yerr=[r["val_loss_std"] for r in pts],
+        ax.errorbar(xs, [r["test_loss_mean"] for r in pts], yerr=[r["test_loss_std"] for r in pts],
                     marker="o", capsize=3, label="mean ± std over seeds")
         for r in pts:
-            ax.scatter([r["x"]] * len(r["val_loss"]), r["val_loss"], s=8, color="gray", alpha=0.6)
+            ax.scatter([r["x"]] * len(r["test_loss"]), r["test_loss"], s=8, color="gray", alpha=0.6)
         if kind == "rho":
             ax.set_xlabel("ρ = share of the sparse budget in routed experts (1 = pure MoE)")
             a = pts[0]["account"]
@@ -558,8 +625,8 @@ def plot(summary: dict[str, Any], out_dir: PathLike) -> list[Path]:
             ax.set_title(f"{name}: fixed backbone")
             ref = next((r for r in rows if r["x"] is None), None)
             if ref:
-                ax.axhline(ref["val_loss_mean"], ls="--", color="red", label=f"{ref['config']} (no tables)")
-        ax.set_ylabel("validation loss (nats/token)")
+                ax.axhline(ref["test_loss_mean"], ls="--", color="red", label=f"{ref['config']} (no tables)")
+        ax.set_ylabel("test loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -570,13 +637,13 @@ def plot(summary: dict[str, Any], out_dir: PathLike) -> list[Path]:
     if kind == "baselines" and rows:
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
         ys = list(range(len(rows)))
-        ax.barh(ys, [r["val_loss_mean"] for r in rows], xerr=[r["val_loss_std"] for r in rows],
+        ax.barh(ys, [r["test_loss_mean"] for r in rows], xerr=[r["test_loss_std"] for r in rows],
                 color=["tab:red" if r["config"] == summary["reference"] else "tab:blue" for r in rows])
         ax.set_yticks(ys, [r["config"] for r in rows])
-        lo = min(r["val_loss_mean"] for r in rows)
-        hi = max(r["val_loss_mean"] for r in rows)
+        lo = min(r["test_loss_mean"] for r in rows)
+        hi = max(r["test_loss_mean"] for r in rows)
         ax.set_xlim(lo - 0.1 * (hi - lo + 0.05), hi + 0.1 * (hi - lo + 0.05))
-        ax.set_xlabel("validation loss (nats/token), mean ± std over seeds")
+        ax.set_xlabel("test loss (nats/token), mean ± std over seeds")
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
@@ -636,6 +703,7 @@ _BACKBONES: dict[str, Callable[[int], dict[str, Any]]] = {"science": science_bac
 # Engram at this scale: 2- and 3-grams, 4 heads per order of 16 dims, at layer 1 of 3.
 SCIENCE_ENGRAM = {"engram_vocab_size": [2053, 2053], "max_ngram_size": 3, "n_embed_per_ngram": 64,
                   "n_head_per_ngram": 4, "layer_ids": [1], "pad_id": 0}
+LR_MULTS = (1.0, 5.0, 25.0)  # table lr multipliers swept for the bigram baseline
 SCIENCE_TRAIN = {"steps": 250, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup_steps": 25,
                  "eval_every": 50, "eval_batches": 40, "save_every": 125, "log_every": 10}
 
@@ -671,23 +739,27 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
         for k in (9, 11, 13, 15):  # slots per hash head; 8 heads at 16 dims
             cfgs.append(ConfigSpec(f"slots=2^{k}", {"engram": {**eng, "engram_vocab_size": [2 ** k, 2 ** k]}},
                                    x=float(k)))
-        return SweepSpec("table-size", cfgs, base="science", train=train, seeds=given or (0, 1),
+        return SweepSpec("table-size", cfgs, base="science", train=train, seeds=seeds,
                          reference="moe", kind="table-size", vocab_size=vocab_size)
     if name == "baselines":
         e12 = {"n_routed_experts": 12}
         cfgs = [
             ConfigSpec("moe", {}, note="16 routed experts (rho=1): the budget"),
-            ConfigSpec("engram", {**e12, "engram": eng}, fill_to="reference", note="rho=0.75, gated Engram at layer 1"),
+            ConfigSpec("engram", {**e12, "engram": eng}, fill_to="reference", group="engram",
+                       note="rho=0.75, gated Engram at layer 1"),
             ConfigSpec("bigram-hash", {**e12, "input_ngram": {"kind": "bigram"}}, fill_to="reference",
-                       note="rho=0.75, hashed (prev, cur) embedding added to the input, no gate"),
+                       group="bigram-hash", note="rho=0.75, hashed (prev, cur) embedding added to the input, no gate"),
             ConfigSpec("overencoding", {**e12, "input_ngram": {"kind": "overencoding", "max_ngram_size": 3}},
-                       fill_to="reference", note="rho=0.75, 2/3-gram embeddings averaged into the input"),
+                       fill_to="reference", group="overencoding",
+                       note="rho=0.75, 2/3-gram embeddings averaged into the input"),
             ConfigSpec("bigram-hash-lr1", {**e12, "input_ngram": {"kind": "bigram"}}, fill_to="reference",
-                       train={"table_lr_mult": 1.0}, note="bigram-hash with the table at the backbone lr"),
+                       train={"table_lr_mult": 1.0}, group="bigram-hash",
+                       note="bigram-hash with the table at the backbone lr"),
             ConfigSpec("overencoding-lr1", {**e12, "input_ngram": {"kind": "overencoding", "max_ngram_size": 3}},
-                       fill_to="reference", train={"table_lr_mult": 1.0}, note="overencoding, table at backbone lr"),
+                       fill_to="reference", train={"table_lr_mult": 1.0}, group="overencoding",
+                       note="overencoding, table at backbone lr"),
             ConfigSpec("engram-lr1", {**e12, "engram": eng}, fill_to="reference", train={"table_lr_mult": 1.0},
-                       note="Engram, tables at the backbone lr (default 5x)"),
+                       group="engram", note="Engram, tables at the backbone lr (default 5x)"),
             ConfigSpec("engram-no-gate", {**e12, "engram": {**eng, "use_gate": False}}, fill_to="reference"),
             ConfigSpec("engram-no-conv", {**e12, "engram": {**eng, "use_short_conv": False}}, fill_to="reference"),
             ConfigSpec("engram-no-compression", {**e12, "engram": {**eng, "use_compression": False}},
@@ -703,6 +775,22 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
         ]
         return SweepSpec("baselines", cfgs, base="science", train=train, seeds=seeds, reference="moe",
                          kind="baselines", vocab_size=vocab_size)
+    if name == "bigram":
+        # The modded-nanogpt form: a hashed (prev, cur) table of about 5x the vocabulary whose
+        # row is added before every block with a learned per-block scale, on the full MoE. Its
+        # table lr is swept (x1, x5, x25 the backbone's); Engram gets the same total, filled
+        # into its tables, and the same lr choice made on dev.
+        big = {"input_ngram": {"kind": "bigram", "every_layer": True, "table_size": 5 * vocab_size}}
+        cfgs = [ConfigSpec("moe", {}, note="16 routed experts, no tables")]
+        for m in LR_MULTS:
+            cfgs.append(ConfigSpec(f"bigram-5v-lr{m:g}", big, train={"table_lr_mult": m}, group="bigram-5v",
+                                   note=f"table {5 * vocab_size:,} rows (5x vocab), every block, table lr x{m:g}"))
+        for m in LR_MULTS[1:]:  # Engram's x1 is known worse (baselines sweep)
+            cfgs.append(ConfigSpec(f"engram-iso-lr{m:g}", {"engram": eng}, fill_to=f"bigram-5v-lr{LR_MULTS[0]:g}",
+                                   train={"table_lr_mult": m}, group="engram-iso",
+                                   note=f"Engram tables filled to the bigram's total, table lr x{m:g}"))
+        return SweepSpec("bigram", cfgs, base="science", train=train, seeds=seeds, reference="moe",
+                         kind="baselines", vocab_size=vocab_size)
     if name == "smoke":
         tiny_eng = {"engram_vocab_size": [101, 101], "max_ngram_size": 3, "n_embed_per_ngram": 16,
                     "n_head_per_ngram": 2, "layer_ids": [1], "pad_id": 0}
@@ -714,8 +802,8 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
               "eval_batches": 2, "save_every": 3, "log_every": 1}
         return SweepSpec("smoke", cfgs, base="tiny-moe", train=tr, seeds=given or (0, 1),
                          reference="moe", kind="rho", vocab_size=vocab_size, fact_per_relation=0)
-    raise SweepError(f"unknown built-in sweep {name!r}; choose rho, table-size, baselines or smoke, "
+    raise SweepError(f"unknown built-in sweep {name!r}; choose rho, table-size, baselines, bigram or smoke, "
                      f"or pass --spec FILE.json")
 
 
-BUILTIN_SWEEPS = ("rho", "table-size", "baselines", "smoke")
+BUILTIN_SWEEPS = ("rho", "table-size", "baselines", "bigram", "smoke")
