@@ -16,16 +16,21 @@ from pathlib import Path
 from engram.science.sweep import _fmt_p, mean_std, paired_t
 
 
+def _loss(row: dict) -> list[float]:
+    """Test loss per seed (summaries before the dev/test split have the whole validation loss)."""
+    return row["test_loss"] if "test_loss" in row else row["val_loss"]
+
+
 def pairs(summary: dict, names: list[str]) -> list[str]:
     rows = {r["config"]: r for r in summary["rows"]}
-    out = ["| A | B | seeds | mean(A − B) test loss | p | mean(A − B) fact acc | p |", "|---|---|---|---|---|---|---|"]
+    out = ["| A | B | seeds | mean(A − B) loss (test; val before 2026-12-02) | p | mean(A − B) fact acc | p |", "|---|---|---|---|---|---|---|"]
     for a, b in combinations([n for n in names if n in rows], 2):
         ra, rb = rows[a], rows[b]
         common = sorted(set(ra["seeds"]) & set(rb["seeds"]))
         if len(common) < 2:
             continue
-        la = dict(zip(ra["seeds"], ra["test_loss"]))
-        lb = dict(zip(rb["seeds"], rb["test_loss"]))
+        la = dict(zip(ra["seeds"], _loss(ra)))
+        lb = dict(zip(rb["seeds"], _loss(rb)))
         t = paired_t([la[s] for s in common], [lb[s] for s in common])
         fa = dict(zip(ra["seeds"], ra["fact_acc"]))
         fb = dict(zip(rb["seeds"], rb["fact_acc"]))
@@ -42,7 +47,7 @@ def details(summary: dict) -> list[str]:
     out = ["| config | gate mean | gates < 0.05 | gates > 0.95 | est. stored bits | bits / param | tokens/s |",
            "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        if not r["test_loss"]:
+        if not _loss(r):
             continue
         g = r["gates"]
         gm = f"{mean_std([x['mean'] for x in g])[0]:.3f}" if g else "—"
