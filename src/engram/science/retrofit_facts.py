@@ -388,6 +388,8 @@ def summarize_facts(out: PathLike, cfg: RetrofitFactsConfig, chosen: dict[str, f
     methods: dict[str, Any] = {}
     for m, per in runs.items():
         row: dict[str, Any] = {"name": NAMES[m], "lr": chosen.get(m if m != "both" else "lora")}
+        if m == "both":
+            row["patch_lr"] = chosen.get("engram_patch")
         for kind in (*KINDS, "paraphrase_first", "verbatim_first"):
             vals = [per[s]["accuracy"]["test"][kind] for s in seeds]
             row[kind] = {"mean": mean_std(vals)[0], "std": mean_std(vals)[1], "per_seed": vals}
@@ -414,6 +416,8 @@ def result_markdown(r: dict[str, Any]) -> str:
     for m in METHODS:
         row = r["methods"][m]
         lr = f"{row['lr']:g}" if m in TRAINED and row["lr"] is not None else ""
+        if m == "both" and lr:
+            lr = f"{row['patch_lr']:g} (patch), {lr} (LoRA)"
         acc = {k: f"{row[k]['mean']:.1%} ± {row[k]['std']:.1%}" for k in KINDS}
         lines.append(f"| {row['name']} | {lr} | {acc['paraphrase']} | {acc['verbatim']} | {row['add_s']:.1f} | "
                      f"{row['bytes']:,.0f} | {row['general_loss_change']:+.4f} | {row['kl']:.4f} | "
