@@ -410,7 +410,7 @@ def summarize_facts(out: PathLike, cfg: RetrofitFactsConfig, chosen: dict[str, f
 
 def result_markdown(r: dict[str, Any]) -> str:
     n = len(r["seeds"])
-    lines = [f"| method | lr (chosen on dev) | paraphrase acc. (test, {n} seeds) | verbatim acc. | "
+    lines = [f"| method | lr (chosen on dev) | paraphrase acc. (test, {n} seed{'s' if n > 1 else ''}) | verbatim acc. | "
              "seconds to add | bytes shipped | general loss change | KL | reverts exactly |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m in METHODS:
@@ -418,7 +418,7 @@ def result_markdown(r: dict[str, Any]) -> str:
         lr = f"{row['lr']:g}" if m in TRAINED and row["lr"] is not None else ""
         if m == "both" and lr:
             lr = f"{row['patch_lr']:g} (patch), {lr} (LoRA)"
-        acc = {k: f"{row[k]['mean']:.1%} ± {row[k]['std']:.1%}" for k in KINDS}
+        acc = {k: f"{row[k]['mean']:.1%}" + (f" ± {row[k]['std']:.1%}" if n > 1 else "") for k in KINDS}
         lines.append(f"| {row['name']} | {lr} | {acc['paraphrase']} | {acc['verbatim']} | {row['add_s']:.1f} | "
                      f"{row['bytes']:,.0f} | {row['general_loss_change']:+.4f} | {row['kl']:.4f} | "
                      f"{row['reverts_exactly']} |")
