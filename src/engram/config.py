@@ -1010,10 +1010,15 @@ class RetrofitFactsConfig:
     dev_facts: int = setting(100, "the first N facts' questions choose the lrs; the others are reported (test)")
     seeds: tuple[int, ...] = setting((0, 1, 2), "each seed invents new facts and draws new batches", metavar="S")
     lora_rank: int = setting(8)
+    lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"),
+                                            "modules LoRA wraps (add gate_proj up_proj down_proj for the MLPs)",
+                                            metavar="NAME")
     ngram_lambda: float = setting(0.5, "fixed mixture weight of the N-gram memory")
     general_windows: int = setting(16, "general-text windows for the loss change and KL")
 
     def __post_init__(self) -> None:
+        self.lora_targets = tuple(str(v) for v in self.lora_targets)
+        _check(bool(self.lora_targets), "lora_targets is empty; name modules, e.g. q_proj")
         self.patch_lrs = tuple(float(v) for v in self.patch_lrs)
         self.lora_lrs = tuple(float(v) for v in self.lora_lrs)
         self.seeds = tuple(int(v) for v in self.seeds)

@@ -26,7 +26,7 @@ def test_facts_command_end_to_end(tiny_base, tmp_path, capsys, one_thread):
     args = ["retrofit", "facts", "--ckpt", str(adapter), "--data", str(tiny_base["data"]), "--out",
             str(tmp_path / "f"), "--facts", "12", "--dev-facts", "4", "--steps", "3", "--batch-size", "2",
             "--seq-len", "16", "--lora-rank", "2", "--general-windows", "2", "--patch-lrs", "1e-3", "1e-1",
-            "--lora-lrs", "1e-4", "1e-2", "--seeds", "0", "1", "--quiet"]
+            "--lora-lrs", "1e-4", "1e-2", "--lora-targets", "q_proj", "down_proj", "--seeds", "0", "1", "--quiet"]
     assert main(args) == 0
     res = json.loads((tmp_path / "f" / "result.json").read_text())
     for m in ("before", "engram_patch", "lora", "both", "prompt", "ngram"):
@@ -40,6 +40,7 @@ def test_facts_command_end_to_end(tiny_base, tmp_path, capsys, one_thread):
         assert res["chosen_lr"][method] in grid and len(res["grid"][method]) == 2
         assert len(list(runs.glob(f"{method}-lr*-s1.json"))) == 1
     both = json.loads((runs / "both-s0.json").read_text())
+    assert both["targets"] == ["q_proj", "down_proj"]  # LoRA on an attention and an MLP projection
     assert both["patch_lr"] == res["chosen_lr"]["engram_patch"] and both["lr"] == res["chosen_lr"]["lora"]
     assert res["methods"]["engram_patch"]["bytes"] > 0 and res["methods"]["lora"]["bytes"] > 0
     assert res["methods"]["both"]["bytes"] > res["methods"]["lora"]["bytes"]

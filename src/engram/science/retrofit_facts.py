@@ -333,13 +333,14 @@ def run_facts(adapter_dir: PathLike, data_dir: PathLike, out_dir: PathLike, cfg:
                 patch = out / "runs" / f"engram_patch-lr{patch_lr:g}-s{seed}.engp"
                 apply_to_model(model, patch)
             torch.manual_seed(seed)
-            model.add_lora(cfg.lora_rank)
+            model.add_lora(cfg.lora_rank, targets=cfg.lora_targets)
             try:
                 with contextlib.ExitStack() as stack:
                     if patch is None:
                         stack.enter_context(model.without_engram())
                     add_s = _train_lora(model, tokens, cfg, lr, seed, progress)
                     res = {"lr": lr, "accuracy": acc(cases), "add_s": add_s, "rank": cfg.lora_rank,
+                           "targets": list(cfg.lora_targets),
                            "bytes": sum(p.numel() * p.element_size() for p in model.lora_state().values()),
                            **_damage(base_ref if patch is None else ref, _general(model, windows), windows)}
             finally:
