@@ -47,7 +47,8 @@ def main(root: str, out: str) -> None:
         res["points"][f"{kind}={x}"] = {
             "seeds": seeds, "test_loss": [r[s]["test_loss"] for s in seeds],
             "general_loss": [r[s]["general_loss"] for s in seeds],
-            "adapter_bytes": r[seeds[0]]["adapter_bytes"] if seeds else None}
+            "adapter_bytes": r[seeds[0]]["adapter_bytes"] if seeds else None,
+            "runs": [r[s] for s in seeds]}
 
     def row(kind: str, x: int) -> str:
         p = res["points"][f"{kind}={x}"]
