@@ -253,6 +253,24 @@ def test_smoke_sweep_is_resumable_and_exact(tiny_data, tmp_path):
     assert {Path(f).name for f in s["plots"]} == {"smoke_loss.png", "smoke_curves.png"}
 
 
+def test_dev_test_split_uses_the_batches_a_small_validation_split_has(tiny_data):
+    """eval_batches far above what the split holds: dev and test are still its two halves (the
+    whole validation loss lies between them), not an error or an empty test half."""
+    from engram.config import TrainConfig
+    from engram.data.shards import load_dataset, num_eval_windows
+    from engram.science.sweep import dev_test_losses
+    from engram.training.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = EngramLM(ModelConfig.from_dict(resolve(builtin_sweep("smoke", 300))[0].model))
+    ds = load_dataset(tiny_data)
+    assert 2 <= -(-num_eval_windows(ds.val, 16) // 4) < 10_000
+    res = dev_test_losses(model, tiny_data, TrainConfig(batch_size=4, seq_len=16, eval_batches=10_000))
+    whole = evaluate(model, ds.val, 4, 16, max_batches=10_000)["loss"]
+    assert res["dev_loss"] != res["test_loss"]
+    assert min(res.values()) < whole < max(res.values())
+
+
 def test_group_choice_uses_dev_loss_not_test():
     from engram.science.sweep import _choose_in_groups
 

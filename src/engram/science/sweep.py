@@ -336,9 +336,13 @@ def dev_test_losses(model, data_dir: PathLike, tcfg: TrainConfig) -> dict[str, f
     **dev** (for choices between configs, e.g. a learning rate), the second half **test** (what
     tables report). Same windows as the trainer's final evaluation (``eval_batches``)."""
     ds = data.load_dataset(data_dir)
-    n = tcfg.eval_batches
+    # The batches actually drawn: a small validation split gives fewer than eval_batches.
+    windows = min(data.num_eval_windows(ds.val, tcfg.seq_len), tcfg.eval_batches * tcfg.batch_size)
+    n = -(-windows // tcfg.batch_size)
     if n < 2:
-        raise SweepError(f"train.eval_batches={n}: a dev/test split needs >= 2 evaluation batches")
+        raise SweepError(f"{n} evaluation batch(es) of {tcfg.batch_size} x {tcfg.seq_len} tokens (train.eval_batches="
+                         f"{tcfg.eval_batches}, validation split of {data_dir}): a dev/test split needs >= 2; "
+                         f"raise eval_batches or give more validation text")
     sums = {"dev_loss": [0.0, 0], "test_loss": [0.0, 0]}
     was_training = model.training
     model.eval()
@@ -352,9 +356,6 @@ def dev_test_losses(model, data_dir: PathLike, tcfg: TrainConfig) -> dict[str, f
                 acc[1] += y.numel()
     finally:
         model.train(was_training)
-    if not sums["test_loss"][1]:
-        raise SweepError(f"the validation split gave fewer than 2 batches of {tcfg.batch_size} x "
-                         f"{tcfg.seq_len} tokens; a dev/test split needs more validation text")
     return {k: total / count for k, (total, count) in sums.items()}
 
 
