@@ -90,6 +90,28 @@ def _bench_data(data_dir: Optional[str], work: Path, progress: bool) -> tuple[Pa
     return out, load_dataset(out)
 
 
+def _bench_workspace(closing: ExitStack, workdir: Optional[str], threads: Optional[int], data_dir: Optional[str],
+                     progress: bool, prefix: str = "engram-bench-") -> tuple[Path, Path, Dataset]:
+    """A benchmark's set-up inside ``closing``: a temporary directory (removed when it unwinds),
+    ``threads`` torch threads until then, and the dataset (``_bench_data``). Returns (the
+    directory, the dataset's directory, the dataset)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+    closing.callback(shutil.rmtree, tmp, ignore_errors=True)
+    closing.enter_context(_torch_threads(threads))
+    data_path, ds = _bench_data(data_dir, tmp, progress)
+    return tmp, data_path, ds
+
+
+def _preset_config(preset_name: str, vocab: int, table_rows_per_order: Optional[int]) -> ModelConfig:
+    """``preset_name`` at ``vocab``; with ``table_rows_per_order`` the engram-moe preset with
+    tables of that size (``bench_config``)."""
+    if table_rows_per_order is None:
+        return preset(preset_name, vocab)
+    if preset_name != "engram-moe":
+        raise EngramError(f"table_rows_per_order applies to the engram-moe preset, not {preset_name!r}")
+    return bench_config(vocab, table_rows_per_order)
+
+
 @contextmanager
 def _torch_threads(threads: Optional[int]) -> Iterator[None]:
     """Run the block with ``threads`` torch intra-op threads (None: torch's default); restored after."""
@@ -240,10 +262,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
 
     t_setup = time.perf_counter()
     with ExitStack() as closing:  # unwinds last-in first-out: runtimes, then threads, then the directory
-        tmp = Path(tempfile.mkdtemp(prefix="engram-bench-", dir=workdir))
-        closing.callback(shutil.rmtree, tmp, ignore_errors=True)
-        closing.enter_context(_torch_threads(threads))
-        data_path, ds = _bench_data(data_dir, tmp, progress)
+        tmp, data_path, ds = _bench_workspace(closing, workdir, threads, data_dir, progress)
         cfg = bench_config(int(ds.meta["vocab_size"]), table_rows_per_order)
         if seq_len > cfg.max_seq_len:
             raise EngramError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
@@ -696,15 +715,8 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
     ``threads``: torch intra-op threads (restored afterwards; None = torch's default).
     """
     with ExitStack() as closing:  # unwinds last-in first-out: threads, then the directory
-        tmp = Path(tempfile.mkdtemp(prefix="engram-bench-", dir=workdir))
-        closing.callback(shutil.rmtree, tmp, ignore_errors=True)
-        closing.enter_context(_torch_threads(threads))
-        data_path, ds = _bench_data(data_dir, tmp, progress)
-        cfg = preset(preset_name, int(ds.meta["vocab_size"]))
-        if table_rows_per_order is not None:
-            if preset_name != "engram-moe":
-                raise EngramError(f"table_rows_per_order applies to the engram-moe preset, not {preset_name!r}")
-            cfg = bench_config(int(ds.meta["vocab_size"]), table_rows_per_order)
+        _, data_path, ds = _bench_workspace(closing, workdir, threads, data_dir, progress)
+        cfg = _preset_config(preset_name, int(ds.meta["vocab_size"]), table_rows_per_order)
         compression = _dataset_compression(cfg, ds, data_path)
         runs = {}
         for name in ("adam", "sparse_adam"):

@@ -22,17 +22,14 @@ when other processes share the cores (it still moves with cache and memory conte
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 import time
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from engram.bench.offload import _bench_data, _loadavg, _torch_threads
+from engram.bench.offload import _bench_workspace, _loadavg
 from engram.config import TrainConfig, preset
 from engram.data.shards import get_batch
 from engram.errors import EngramError
@@ -86,10 +83,7 @@ def bench_step(data_dir: Optional[str] = None, *, rounds: int = 5, steps: int = 
         raise EngramError(f"rounds={rounds}, steps={steps}, batch_size={batch_size} must be >= 1 "
                          f"and seq_len={seq_len} >= 2")
     with ExitStack() as closing:
-        tmp = Path(tempfile.mkdtemp(prefix="engram-bench-", dir=workdir))
-        closing.callback(shutil.rmtree, tmp, ignore_errors=True)
-        closing.enter_context(_torch_threads(threads))
-        data_path, ds = _bench_data(data_dir, tmp, progress)
+        _, data_path, ds = _bench_workspace(closing, workdir, threads, data_dir, progress)
         vocab = int(ds.meta["vocab_size"])
         tc = TrainConfig(steps=(rounds + 1) * steps, table_optimizer=table_optimizer, fused_adam=fused_adam,
                          **{**DEMO_STEP, "batch_size": batch_size, "seq_len": seq_len})

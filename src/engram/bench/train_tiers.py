@@ -23,9 +23,7 @@ RAM of the tables, measured per copy at the end (one process, so not its whole R
 from __future__ import annotations
 
 import re
-import shutil
 import statistics
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -33,8 +31,8 @@ from typing import Any, Optional
 
 import torch
 
-from engram.bench.offload import _bench_data, _loadavg, _torch_threads, bench_config
-from engram.config import TrainConfig, preset
+from engram.bench.offload import _bench_workspace, _loadavg, _preset_config
+from engram.config import TrainConfig
 from engram.errors import EngramError
 from engram.model.lm import EngramLM
 from engram.tables.trainable import TrainableTier, place_tables
@@ -80,16 +78,9 @@ def bench_train_tiers(data_dir: Optional[str] = None, *, steps: int = 8, rounds:
     warm-up round.
     """
     with ExitStack() as closing:
-        tmp = Path(tempfile.mkdtemp(prefix="engram-bench-tiers-", dir=workdir))
-        closing.callback(shutil.rmtree, tmp, ignore_errors=True)
-        closing.enter_context(_torch_threads(threads))
-        data_path, ds = _bench_data(data_dir, tmp, progress)
-        vocab = int(ds.meta["vocab_size"])
-        cfg = preset(preset_name, vocab)
-        if table_rows_per_order is not None:
-            if preset_name != "engram-moe":
-                raise EngramError(f"table_rows_per_order applies to the engram-moe preset, not {preset_name!r}")
-            cfg = bench_config(vocab, table_rows_per_order)
+        tmp, data_path, ds = _bench_workspace(closing, workdir, threads, data_dir, progress,
+                                              prefix="engram-bench-tiers-")
+        cfg = _preset_config(preset_name, int(ds.meta["vocab_size"]), table_rows_per_order)
         if cfg.engram is None:
             raise EngramError(f"preset {preset_name!r} has no Engram tables to place; use engram-moe")
         compression = _dataset_compression(cfg, ds, data_path)
