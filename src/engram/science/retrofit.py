@@ -140,20 +140,25 @@ def _run(cfg: RetrofitCompareConfig, variant: str, seed: int, lr: float, base: B
             "adapter_bytes": shipped, "run_dir": str(run_dir)}
 
 
+def claim_out_dir(out: Path, spec: dict[str, Any], what: str) -> None:
+    """Write ``OUT/spec.json`` for a study, or check the one a previous run left there: more (or
+    other) seeds extend a study; any other changed setting needs a new directory."""
+    path = out / "spec.json"
+    spec = json.loads(json.dumps(spec))  # tuples -> lists, as read back from the file
+    if path.is_file():
+        old = {k: v for k, v in json.loads(path.read_text()).items() if k != "seeds"}
+        if old != {k: v for k, v in spec.items() if k != "seeds"}:
+            raise RetrofitError(f"{out} holds a {what} with other settings ({path}); use a new --out "
+                                f"(only --seeds may change between reruns)")
+    atomic_write(path, lambda f: f.write(json.dumps(spec, indent=2).encode()))
+
+
 def run_compare(cfg: RetrofitCompareConfig, data_dir: PathLike, out_dir: PathLike, *,
                 progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the comparison; returns the summary (also written to ``out_dir``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec_path = out / "spec.json"
-    spec = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    if spec_path.is_file():
-        # More (or other) seeds extend a comparison; any other change needs a new directory.
-        old = {k: v for k, v in json.loads(spec_path.read_text()).items() if k != "seeds"}
-        if old != {k: v for k, v in spec.items() if k != "seeds"}:
-            raise RetrofitError(f"{out} holds a comparison with other settings ({spec_path}); use a new --out "
-                                f"(only --seeds may change between reruns)")
-    atomic_write(spec_path, lambda f: f.write(json.dumps(spec, indent=2).encode()))
+    claim_out_dir(out, dataclasses.asdict(cfg), "comparison")
     base = load_base(cfg.base, progress=progress)
     ds = data.load_dataset(data_dir)
     check_data_tokenizer(ds, base, data_dir)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engram.config import PatchTrainConfig, RetrofitError, RetrofitFactsConfig
+from engram.config import PatchTrainConfig, RetrofitFactsConfig
 from engram.data import shards as data
 from engram.fsutil import PathLike, atomic_write
 from engram.ngram.facts import FactCase, recall
@@ -56,7 +56,7 @@ from engram.patches.patchfile import save_patch
 from engram.patches.trainer import encode_texts, train_patch
 from engram.retrofit.adapter import load_adapter
 from engram.retrofit.model import RetrofitLM
-from engram.science.retrofit import splits
+from engram.science.retrofit import claim_out_dir, splits
 from engram.science.sweep import mean_std, paired_t
 from engram.training.optimization import lr_at
 
@@ -239,13 +239,7 @@ def run_facts(adapter_dir: PathLike, data_dir: PathLike, out_dir: PathLike, cfg:
     and the summary ``OUT/result.json``; returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec = {k: v for k, v in asdict(cfg).items() if k != "seeds"}
-    spec["adapter"] = str(Path(adapter_dir).resolve())
-    spec_path = out / "spec.json"
-    if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
-        raise RetrofitError(f"{out} holds a facts run with other settings ({spec_path}); use a new --out "
-                            f"(only --seeds may change between reruns)")
-    atomic_write(spec_path, lambda fh: fh.write(json.dumps(spec, indent=1).encode()))
+    claim_out_dir(out, {**asdict(cfg), "adapter": str(Path(adapter_dir).resolve())}, "facts run")
     cached = _Cached(out / "runs", log)
     model = load_adapter(adapter_dir, progress=progress)
     base = model.base_model
