@@ -36,6 +36,23 @@ def _spread(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def _time_train_steps(model: RetrofitLM, x: torch.Tensor, y: torch.Tensor,
+                      opts: dict[str, torch.optim.Optimizer], steps: int) -> list[float]:
+    """Seconds of each of ``steps`` training steps (forward, backward, ``opts`` step) after one
+    untimed step that warms the optimizer state up."""
+    params = optimizer_params(opts)
+    out = []
+    model.train()
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        model(x, y).loss.backward()
+        optimizer_step(opts, params, 1.0)
+        if i:
+            out.append(time.perf_counter() - t0)
+    model.eval()
+    return out
+
+
 def _lora_speeds(model: RetrofitLM, x: torch.Tensor, y: torch.Tensor, rank: int, repeats: int,
                  train_steps: int, tcfg: TrainConfig) -> dict[str, Any]:
     """LoRA alone and LoRA + Engram against the base, interleaved (see the module docstring)."""
@@ -61,23 +78,10 @@ def _lora_speeds(model: RetrofitLM, x: torch.Tensor, y: torch.Tensor, rank: int,
             if i:
                 times[m].append(s)
 
-    def train(ctx: Callable[[], Any], opts: dict[str, torch.optim.Optimizer]) -> list[float]:
-        params = optimizer_params(opts)
-        out = []
-        model.train()
-        with ctx():
-            for i in range(train_steps + 1):
-                t0 = time.perf_counter()
-                model(x, y).loss.backward()
-                optimizer_step(opts, params, 1.0)
-                if i:
-                    out.append(time.perf_counter() - t0)
-        model.eval()
-        return out
-
     lora_params = list(model.lora_state().values())
-    lora_train = train(model.without_engram, {"lora": torch.optim.AdamW(lora_params, lr=1e-4)})
-    both_train = train(contextlib.nullcontext, build_optimizers(model, tcfg))
+    with model.without_engram():
+        lora_train = _time_train_steps(model, x, y, {"lora": torch.optim.AdamW(lora_params, lr=1e-4)}, train_steps)
+    both_train = _time_train_steps(model, x, y, build_optimizers(model, tcfg), train_steps)
     res: dict[str, Any] = {"lora_rank": rank, "lora_params": sum(p.numel() for p in lora_params)}
     for m in ("lora", "both"):
         ratios = [a / b for a, b in zip(times[m], times["base"])]
@@ -140,19 +144,8 @@ def bench_retrofit(base: str = "smollm2-135m", layers: tuple[int, ...] = (1,), b
 
         tcfg = TrainConfig(steps=max(train_steps, 1), batch_size=batch_size, seq_len=seq_len, lr=1e-3,
                            table_optimizer="sparse_adam")
-        opts = build_optimizers(model, tcfg)
-        params = optimizer_params(opts)
         y = torch.randint(0, V, (batch_size, seq_len), generator=g)
-        train_s = []
-        model.train()
-        for i in range(train_steps + 1):  # the first step warms up the optimizer state
-            t0 = time.perf_counter()
-            loss = model(x, y).loss
-            loss.backward()
-            optimizer_step(opts, params, 1.0)
-            if i:
-                train_s.append(time.perf_counter() - t0)
-        model.eval()
+        train_s = _time_train_steps(model, x, y, build_optimizers(model, tcfg), train_steps)
         counts = model.param_counts()
         lora = _lora_speeds(model, x, y, lora_rank, repeats, train_steps, tcfg) if lora_rank else {}
     finally:

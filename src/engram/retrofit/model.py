@@ -191,9 +191,10 @@ class RetrofitLM(nn.Module):
         """The LoRA weights injected into the base, by module name (empty without LoRA)."""
         return {n: p for n, p in self.base.named_parameters() if "lora_" in n}
 
-    def add_lora(self, rank: int, alpha: Optional[int] = None, targets: Optional[Sequence[str]] = None) -> None:
-        """Inject fresh LoRA weights (rank ``rank``; alpha and targets default to the config's)
-        beside Engram; ``remove_lora()`` takes them off again, leaving the base as it was."""
+    def add_lora(self, rank: int, alpha: Optional[float] = None, targets: Optional[Sequence[str]] = None) -> None:
+        """Inject fresh LoRA weights beside Engram: rank ``rank``, ``alpha`` (default 2 x rank, the
+        scaling of the config's default 16 at rank 8) and ``targets`` (default the config's
+        ``lora_targets``); ``remove_lora()`` takes them off again, leaving the base as it was."""
         if self.lora_state():
             raise RetrofitError("this model already has LoRA weights; call remove_lora() first")
         c = self.retrofit_config
