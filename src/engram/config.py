@@ -1000,7 +1000,7 @@ class RetrofitFactsConfig:
     """``engram retrofit facts``: invented facts taught five ways, asked verbatim and in other words."""
 
     facts: int = setting(300, "invented facts per seed (spread over the relations)")
-    steps: int = setting(60, "optimizer steps of the Engram patch and of LoRA (same batches)")
+    steps: int = setting(60, "optimizer steps of the Engram patch and of LoRA (batches of the same shape)")
     batch_size: int = setting(8)
     seq_len: int = setting(64)
     patch_lrs: tuple[float, ...] = setting((3e-3, 3e-2, 3e-1), "the Engram patch's lr grid (tables train at "

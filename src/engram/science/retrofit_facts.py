@@ -7,8 +7,9 @@ only ever a question, and teaches them to a retrofitted model four ways:
 
 1. **Engram patch**: the adapter's tables train on the two sentences (``train_patch``, backbone,
    gates and projections frozen); the patch is applied, measured and reverted;
-2. **LoRA** (peft) on the same base (Engram switched off), trained on the same batches for the
-   same steps;
+2. **LoRA** (peft) on the same base (Engram switched off), trained for the same steps on
+   batches of the same shape from the same text (random windows of its own sampler, seeded
+   with the same seed; not the patch's windows);
 3. **LoRA + Engram patch**: the patch applied, LoRA trained on top of it (both shipped);
 4. **facts in the prompt**: the fact's first training sentence, then a newline, before the
    question (the model reads it; nothing is trained);
@@ -183,7 +184,9 @@ def _damage(ref: torch.Tensor, now: torch.Tensor, windows: torch.Tensor) -> dict
 
 def _train_lora(model: RetrofitLM, tokens: np.ndarray, cfg: RetrofitFactsConfig, lr: float, seed: int,
                 progress: bool = False) -> float:
-    """LoRA on the same windows the patch trains on (same sampler seed); returns seconds."""
+    """LoRA for ``cfg.steps`` steps of random ``batch_size`` x ``seq_len`` windows of ``tokens``
+    (numpy's generator seeded with ``seed``: the patch's shape and text, not its windows, which
+    torch's generator draws); returns seconds."""
     params = list(model.lora_state().values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
