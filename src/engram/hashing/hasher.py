@@ -10,6 +10,12 @@ Bit-exact with DeepSeek's reference (``NgramHashMapping`` in deepseek-ai/Engram)
   head ``j`` of order ``n`` reads row ``mix_n(t) mod p[layer][n-2][j]``, where every head of the
   model has its own prime ``p`` just above ``engram_vocab_size[n-2]``.
 
+Padding: with an ``attention_mask`` (1 = real token, 0 = padding), every masked position reads
+as the pad id, like the positions before 0. A left-padded row therefore hashes exactly as its
+unpadded prompt does (the N-grams of its real tokens never see the pad tokens); the ids at the
+padded positions themselves are well defined but meaningless. Without a mask, or with one of all
+ones, nothing changes.
+
 Because ``m[k] < int64_max // Vc``, every product and XOR stays in ``[0, 2^63)``: no overflow.
 
 Hash ids are int32 whenever every head's table has fewer than 2^31 rows (``id_dtype``; all
@@ -196,11 +202,25 @@ class NgramHasher:
         self._check_range(arr, "ids")
         return self.lookup[arr] if self.lookup is not None else arr
 
+    # ------------------------------------------------------------------ padding
+    def mask_ids(self, input_ids: torch.Tensor, attention_mask: Optional[ArrayLike]) -> torch.Tensor:
+        """input_ids [B,T] int64 with the positions where ``attention_mask`` [B,T] is 0 replaced by
+        ``cfg.pad_id`` (compressed: the pad id every position before 0 holds). The same tensor
+        when the mask is None."""
+        if attention_mask is None:
+            return input_ids
+        mask = padding_mask(attention_mask, input_ids.shape, input_ids.device)
+        return input_ids.masked_fill(~mask, self.cfg.pad_id)
+
     # ------------------------------------------------------------------ batch hashing
     def hash(self, input_ids: ArrayLike, backend: str = "auto",
-             check_range: bool = True, dtype: Optional[torch.dtype] = None) -> dict[int, torch.Tensor]:
+             check_range: bool = True, dtype: Optional[torch.dtype] = None,
+             attention_mask: Optional[ArrayLike] = None) -> dict[int, torch.Tensor]:
         """input_ids [B,T] (torch, any device, or numpy) -> {layer_id: [B,T,H]} of ``id_dtype``
         (or of ``dtype``: int32 or int64; int32 only when every table has fewer than 2^31 rows).
+
+        ``attention_mask`` [B,T] (1 real, 0 padding; None: all real): padded positions read as
+        the pad id (module docstring), so a left-padded row hashes as its unpadded prompt.
 
         ``backend``: "auto" uses the native kernel for CPU input when it is available and the
         torch path otherwise; "torch" and "native" force a path. ``check_range=False`` skips
@@ -215,6 +235,7 @@ class NgramHasher:
         if ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(ids.shape)}; "
                              f"add a batch dimension with ids[None]")
+        ids = self.mask_ids(ids, attention_mask)
         if self._use_native(ids, backend):
             return self._hash_native(ids, None, out_dtype=out_dtype)
         if check_range:
@@ -320,21 +341,22 @@ class NgramHasher:
         return torch.full((batch_size, self.max_ngram_size - 1), self.compressed_pad_id,
                           dtype=torch.int64, device=device)
 
-    def state_from_ids(self, input_ids: ArrayLike) -> torch.Tensor:
-        """History [B, N-1] after consuming input_ids [B,T] from an empty state."""
+    def state_from_ids(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None) -> torch.Tensor:
+        """History [B, N-1] after consuming input_ids [B,T] from an empty state (padded positions,
+        where ``attention_mask`` is 0, as the pad id: see ``hash``)."""
         ids = _as_int64_tensor(input_ids, "input_ids")
         if ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(ids.shape)}")
-        c = self.compress(ids)
+        c = self.compress(self.mask_ids(ids, attention_mask))
         x = torch.cat([self.init_state(ids.shape[0], ids.device), c], dim=1)
         return x[:, x.shape[1] - (self.max_ngram_size - 1):].contiguous()
 
-    def hash_step(self, state: torch.Tensor, new_ids: ArrayLike,
-                  backend: str = "auto") -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def hash_step(self, state: torch.Tensor, new_ids: ArrayLike, backend: str = "auto",
+                  attention_mask: Optional[ArrayLike] = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Hash one new token per row: new_ids [B] -> ({layer_id: [B,H]} of ``id_dtype``, new
-        state [B, N-1] int64).
+        state [B, N-1] int64). ``attention_mask`` [B]: 0 marks a row's token as padding.
 
-        Equals ``hash`` of the whole sequence at its last position.
+        Equals ``hash`` of the whole sequence (with the same mask) at its last position.
         """
         if backend not in BACKENDS:
             raise EngramError(f"backend={backend!r}; choose one of {BACKENDS}")
@@ -343,6 +365,8 @@ class NgramHasher:
         if ids.dim() != 1 or ids.shape[0] != state.shape[0]:
             raise EngramError(f"new_ids must be [B] with B={state.shape[0]} (one token per state row), "
                              f"got shape {tuple(ids.shape)}")
+        if attention_mask is not None:
+            ids = self.mask_ids(ids[:, None], _as_tensor(attention_mask).reshape(-1, 1))[:, 0]
         native = self._use_native(ids, backend)
         if not native:
             self._check_range(ids, "new_ids")  # the kernel checks by itself
@@ -429,6 +453,26 @@ def _as_int64_tensor(ids: Any, what: str) -> torch.Tensor:
         raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}; "
                         f"convert with .long()")
     return ids.to(torch.int64)
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def padding_mask(attention_mask: Any, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """attention_mask (1 real, 0 padding; bool or integer) of ``shape`` -> bool tensor on ``device``."""
+    mask = _as_tensor(attention_mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise EngramError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(shape)}; "
+                          f"give one 1 (real) or 0 (padding) per token")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise EngramError(f"attention_mask has dtype {mask.dtype}; give 0/1 integers or booleans")
+        if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise EngramError("attention_mask holds values other than 0 and 1; give 1 for real tokens "
+                              "and 0 for padding")
+        mask = mask != 0
+    return mask.to(device)
 
 
 def _as_int64_array(ids: Any, what: str) -> np.ndarray:
