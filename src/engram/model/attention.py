@@ -23,7 +23,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B,Hq,T,Dh], cos/sin [T,Dh/2] -> rotated x."""
+    """x [B,Hq,T,Dh], cos/sin [T,Dh/2] (or [B,1,T,Dh/2]: positions per row) -> rotated x."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2)
@@ -58,12 +58,18 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None, pos: int = 0) -> torch.Tensor:
-        """x [B,T,D]; cos/sin for positions pos..pos+T-1; returns [B,T,D]."""
+                cache: Optional[KVCache] = None, pos: int = 0,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B,T,D]; cos/sin for positions pos..pos+T-1; returns [B,T,D]. ``attn_mask``
+        [B,1,T,S] bool (padded rows: which keys each query reads) replaces the causal mask."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if attn_mask is not None:
+            if cache is not None:
+                k, v = cache.update(pos, k, v)  # [B,Hq,S,Dh]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k, v = cache.update(pos, k, v)  # [B,Hq,S,Dh]

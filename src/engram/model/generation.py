@@ -3,11 +3,19 @@
 The prompt is processed in one call (batch hashing); each new token then costs one forward of
 one position: attention reads the cache, and Engram hashes the token from a tiny rolling state
 of the last (max_ngram_size - 1) compressed ids.
+
+Several prompts of different lengths run as one batch, left-padded to one length
+(``left_pad``) with an attention mask: greedy output equals generating each prompt alone, token
+for token (the model keeps padding out of hashing, the short conv, attention and positions).
+Sampled output is drawn from the same distributions, but with other random numbers than alone.
+
+Shape legend
+    B prompts   T0 padded prompt length   V vocab
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -48,16 +56,61 @@ def check_prompt(prompt_ids: torch.Tensor, max_new_tokens: int,
     return prompt_ids, total
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids [B,T0] left-padded with ``pad_id``, attention mask [B,T0] of 0/1
+    int64, 0 at the padding), T0 the longest prompt. An empty prompt is refused."""
+    if not prompts:
+        raise EngramError("no prompts given; give at least one")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise EngramError(f"prompt {i} is empty; give at least one token")
+    T0 = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T0), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(prompts), T0), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T0 - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, T0 - len(p):] = 1
+    return ids, mask
+
+
+def strip_padding(out: torch.Tensor, attention_mask: Optional[torch.Tensor], prompt_len: int,
+                  eos_id: Optional[int] = None) -> list[list[int]]:
+    """Rows of ``generate``'s output [B, T0 + n] -> each row's own tokens: its padding dropped and,
+    with ``eos_id``, everything after its first generated ``eos_id``."""
+    rows = []
+    for b in range(out.shape[0]):
+        start = 0 if attention_mask is None else int(prompt_len - int(attention_mask[b].sum()))
+        row = out[b].tolist()
+        end = len(row)
+        if eos_id is not None and eos_id in row[prompt_len:]:
+            end = prompt_len + row[prompt_len:].index(eos_id) + 1
+        rows.append(row[start:end])
+    return rows
+
+
 @torch.no_grad()
 def generate(model: EngramLM, prompt_ids: torch.Tensor, sampling: SamplingConfig,
-             eos_id: Optional[int] = None) -> torch.Tensor:
-    """prompt_ids [B,T0] -> [B, T0 + n] (stops early once every row has produced ``eos_id``)."""
+             eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """prompt_ids [B,T0] -> [B, T0 + n] (stops early once every row has produced ``eos_id``).
+
+    ``attention_mask`` [B,T0] (1 real, 0 padding) for prompts left-padded to one length
+    (``left_pad``); the rows are then generated as if each were alone."""
     prompt_ids, total = check_prompt(prompt_ids, sampling.max_new_tokens, model.cfg.max_seq_len)
     B, T0 = prompt_ids.shape
+    if attention_mask is not None:
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+        if attention_mask.shape != prompt_ids.shape:
+            raise EngramError(f"attention_mask has shape {tuple(attention_mask.shape)} but the prompts "
+                              f"{tuple(prompt_ids.shape)}; give one 0/1 per prompt token")
+        if not bool(attention_mask[:, -1].bool().all()):
+            raise EngramError("attention_mask ends in padding; pad prompts on the left (left_pad), "
+                              "so that every row's next token follows its last real one")
     model.eval()
     gen = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
     cache = model.new_cache(B, total)
-    logits = model(prompt_ids, cache=cache).logits[:, -1]
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+    logits = model(prompt_ids, cache=cache, **kw).logits[:, -1]
     out = [prompt_ids]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     for _ in range(sampling.max_new_tokens):

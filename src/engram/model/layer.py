@@ -175,19 +175,25 @@ class ShortConv(nn.Module):
     def receptive(self) -> int:
         return (self.kernel_size - 1) * self.dilation
 
-    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None, keep: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None, keep: int = 0,
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B,T,M,D] -> (y [B,T,M,D], new state [B, <= receptive + keep, M*D]).
 
         ``keep`` > 0 keeps that many extra rows of history in the state, so that a decoder can
         drop up to ``keep`` of the newest positions again (speculative decoding): the state of a
         prefix is the state with its last rows cut off. Only the last ``receptive`` rows of a
         state are ever read, so the output does not depend on ``keep``.
+
+        ``mask`` [B,T] bool (False: padding): padded positions enter the conv (and the state) as
+        zeros, the value the positions before a sequence's start have, so a left-padded row gets
+        the outputs of its unpadded self (the zero terms add exact zeros).
         """
         B, T, M, D = x.shape
         R = self.receptive
         normed = [rms_norm(xm, n.weight, n.eps) for xm, n in zip(_branches(x), self.norms)]
         normed = normed[0] if M == 1 else torch.cat(normed, dim=-1)  # [B,T,M*D]
+        if mask is not None:
+            normed = normed.masked_fill(~mask.unsqueeze(-1), 0.0)
         if state is None:  # causal zero padding: the conv skips the zero rows
             history = None
             if T >= R + keep:
@@ -245,13 +251,15 @@ class EngramLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
                 conv_state: Optional[torch.Tensor] = None, *, output_gates: bool = False,
                 output_gate_inputs: bool = False, zero_output: bool = False,
-                conv_keep: int = 0) -> EngramLayerOutput:
+                conv_keep: int = 0, attention_mask: Optional[torch.Tensor] = None) -> EngramLayerOutput:
         """hidden_states [B,T,M,D], hash_ids [B,T,H] -> out [B,T,M,D], new conv state (None
         without the short conv), and with ``output_gates`` alpha [B,T,M], with
         ``output_gate_inputs`` (h, e). They stay in the autograd graph when grad is enabled.
         ``zero_output`` replaces the output by zeros (the ablation of ``engram analyze ablate``);
         gates and conv state are still computed, so a cached generation stays consistent.
-        ``conv_keep``: extra rows of conv history to keep for rolling back (``ShortConv``)."""
+        ``conv_keep``: extra rows of conv history to keep for rolling back (``ShortConv``).
+        ``attention_mask`` [B,T] bool (False: padding; None: all real) keeps padded positions out
+        of the short conv; the hash ids must come from the same mask (``NgramHasher.hash``)."""
         if hidden_states.dim() != 4 or hidden_states.shape[2] != self.hc_mult:
             raise EngramError(
                 f"EngramLayer expects hidden_states [B,T,{self.hc_mult},{self.hidden_size}], "
@@ -262,7 +270,7 @@ class EngramLayer(nn.Module):
         value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(2)  # [B,T,M,D]
         new_state = None
         if self.short_conv is not None:
-            y, new_state = self.short_conv(value, conv_state, keep=conv_keep)
+            y, new_state = self.short_conv(value, conv_state, keep=conv_keep, mask=attention_mask)
             value = value + y
         if zero_output:
             value = torch.zeros_like(value)

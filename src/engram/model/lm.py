@@ -15,6 +15,13 @@ Block order (as in DeepSeek's reference): Engram (if this layer has one) -> atte
 ``ModelOutput.gates`` ({layer_id: tensor}, as Hugging Face models return router logits with
 ``output_router_logits``); ``output_gate_inputs=True`` the gate's inputs (h [B,T,M,D], e [B,T,E]).
 With a cache, T is the new positions of this call.
+
+Padding: ``model(ids, attention_mask=mask)`` (mask [B,T], 1 real, 0 padding) runs a batch of
+left-padded prompts as if each row were alone: padded positions are hashed as the pad id and
+enter the short conv as zeros (``engram.model.layer``), attention never reads them, and the
+positions of RoPE count real tokens only (a row's first real token is position 0). A cache
+remembers which of its positions were padding. Without a mask (or with one of all ones) the
+model runs exactly as before, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 
 from engram.config import ModelConfig
 from engram.errors import EngramError, RequestTooLargeError
-from engram.hashing.hasher import NgramHasher
+from engram.hashing.hasher import NgramHasher, padding_mask
 from engram.model.attention import CausalSelfAttention, KVCache, rope_tables
 from engram.model.input_ngram import InputNgramEmbedding
 from engram.model.layer import EngramLayer, EngramLayerOutput, GateInputs
@@ -63,6 +70,8 @@ class InferenceCache:
     conv: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # engram layer -> conv state
     hash_state: Optional[torch.Tensor] = None  # [B, max_n - 1] compressed token history
     ngram_hist: Optional[torch.Tensor] = None  # input N-gram baseline: last ids [B, n - 1]
+    # [B, pos] bool, False at padded positions (left-padded prompts); None while all are real.
+    key_mask: Optional[torch.Tensor] = None
     # How many of the newest positions ``EngramLM.truncate_cache`` may drop again (speculative
     # decoding scores a draft, then forgets its rejected tail); the conv states keep as many
     # extra rows. 0: plain decoding, nothing kept.
@@ -105,23 +114,34 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos, sin, hash_ids: Optional[torch.Tensor],
                 cache: Optional[InferenceCache], *, output_gates: bool = False,
-                output_gate_inputs: bool = False, ablate_engram: bool = False
-                ) -> tuple[torch.Tensor, Optional[EngramLayerOutput]]:
+                output_gate_inputs: bool = False, ablate_engram: bool = False,
+                padding: Optional["_Padding"] = None) -> tuple[torch.Tensor, Optional[EngramLayerOutput]]:
         """h [B,T,M,D] -> (new h, the Engram layer's output or None in a block without one)."""
         engram_out = None
         if self.engram is not None:
             conv_state = cache.conv.get(self.layer_id) if cache is not None else None
             engram_out = self.engram(h, hash_ids, conv_state, output_gates=output_gates,
                                      output_gate_inputs=output_gate_inputs, zero_output=ablate_engram,
-                                     conv_keep=cache.rollback if cache is not None else 0)
+                                     conv_keep=cache.rollback if cache is not None else 0,
+                                     attention_mask=padding.engram if padding is not None else None)
             if cache is not None:
                 cache.conv[self.layer_id] = engram_out.conv_state
             h = h + engram_out.output
         kv = cache.kv[self.layer_id] if cache is not None else None
         pos = cache.pos if cache is not None else 0
-        h = self._sublayer(h, self.hc_attn, lambda x: self.attn(self.attn_norm(x), cos, sin, kv, pos))
+        attn_mask = padding.attn if padding is not None else None
+        h = self._sublayer(h, self.hc_attn, lambda x: self.attn(self.attn_norm(x), cos, sin, kv, pos, attn_mask))
         h = self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
         return h, engram_out
+
+
+@dataclass
+class _Padding:
+    """What one forward over padded rows needs (``EngramLM._padding``)."""
+
+    attn: torch.Tensor  # [B,1,T,S] bool: query i may read key j
+    engram: Optional[torch.Tensor]  # [B,T] bool, False at this call's padded positions; None: all real
+    positions: torch.Tensor  # [B,T] RoPE positions, counting real tokens only
 
 
 class EngramLM(nn.Module):
@@ -191,9 +211,10 @@ class EngramLM(nn.Module):
                 b.ffn.update_bias()
 
     # ------------------------------------------------------------------ forward
-    def compute_hash_ids(self, input_ids: torch.Tensor) -> Optional[dict[int, torch.Tensor]]:
+    def compute_hash_ids(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                         ) -> Optional[dict[int, torch.Tensor]]:
         """Row ids depend only on tokens, so they can be computed (and prefetched) ahead of time."""
-        return self.hasher.hash(input_ids) if self.hasher is not None else None
+        return self.hasher.hash(input_ids, attention_mask=attention_mask) if self.hasher is not None else None
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, rollback: int = 0) -> InferenceCache:
         """An empty cache for ``max_len`` positions; ``rollback`` > 0 lets ``truncate_cache``
@@ -232,36 +253,80 @@ class EngramLM(nn.Module):
                 raise EngramError(f"cannot drop {drop} positions: the latest call added fewer; "
                                   f"truncate only positions of the latest call")
             cache.conv[lid] = state[:, :state.shape[1] - drop]
+        if cache.key_mask is not None:
+            cache.key_mask = cache.key_mask[:, :n]
         if self.hasher is not None and cache.hash_state is not None:
-            cache.hash_state = self.hasher.state_from_ids(input_ids[:, max(0, n - (self.hasher.max_ngram_size - 1)):])
+            start = max(0, n - (self.hasher.max_ngram_size - 1))
+            cache.hash_state = self.hasher.state_from_ids(
+                input_ids[:, start:], None if cache.key_mask is None else cache.key_mask[:, start:])
         if self.input_ngram is not None and cache.ngram_hist is not None:
             k = self.input_ngram.history
+            kept = input_ids if cache.key_mask is None else input_ids.masked_fill(~cache.key_mask,
+                                                                                   self.input_ngram.cfg.pad_id)
             pad = input_ids.new_full((input_ids.shape[0], k), self.input_ngram.cfg.pad_id)
-            cache.ngram_hist = torch.cat([pad, input_ids[:, max(0, n - k):]], dim=1)[:, -k:]
+            cache.ngram_hist = torch.cat([pad, kept[:, max(0, n - k):]], dim=1)[:, -k:]
         cache.pos = n
 
-    def _hash_for_cache(self, input_ids: torch.Tensor, cache: InferenceCache) -> dict[int, torch.Tensor]:
-        """Hash new tokens given the history in the cache, advancing it."""
+    def _hash_for_cache(self, input_ids: torch.Tensor, cache: InferenceCache,
+                        attention_mask: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
+        """Hash new tokens given the history in the cache, advancing it (``attention_mask`` [B,T]:
+        0 at this call's padded positions)."""
         assert self.hasher is not None
         if cache.pos == 0 or cache.hash_state is None:
-            hash_ids = self.hasher.hash(input_ids)
-            cache.hash_state = self.hasher.state_from_ids(input_ids)
+            hash_ids = self.hasher.hash(input_ids, attention_mask=attention_mask)
+            cache.hash_state = self.hasher.state_from_ids(input_ids, attention_mask)
             return hash_ids
         steps = []
         for t in range(input_ids.shape[1]):  # incremental: O(1) per token from a tiny state
-            ids_t, cache.hash_state = self.hasher.hash_step(cache.hash_state, input_ids[:, t])
+            ids_t, cache.hash_state = self.hasher.hash_step(
+                cache.hash_state, input_ids[:, t],
+                attention_mask=None if attention_mask is None else attention_mask[:, t])
             steps.append(ids_t)
         return {lid: torch.stack([s[lid] for s in steps], dim=1) for lid in steps[0]}
+
+    def _padding(self, attention_mask: Optional[torch.Tensor], input_ids: torch.Tensor,
+                 cache: Optional[InferenceCache]) -> Optional[_Padding]:
+        """The masks and positions of a call with padding; None when every position so far is
+        real (then the forward is the unpadded one, bit for bit). Records the call's mask in
+        ``cache``."""
+        B, T = input_ids.shape
+        pos = cache.pos if cache is not None else 0
+        mask = None
+        if attention_mask is not None:
+            mask = padding_mask(attention_mask, input_ids.shape, input_ids.device)  # [B,T]
+            if bool(mask.all()):
+                mask = None
+        past = cache.key_mask if cache is not None else None
+        if mask is None and past is None:
+            return None
+        if past is None:  # the first padded call: every earlier position of the cache was real
+            past = input_ids.new_ones(B, pos, dtype=torch.bool)
+        new = mask if mask is not None else input_ids.new_ones(B, T, dtype=torch.bool)
+        keys = torch.cat([past, new], dim=1)  # [B,S]
+        if cache is not None:
+            cache.key_mask = keys
+        S = pos + T
+        query_at = torch.arange(pos, S, device=input_ids.device)[:, None]  # [T,1]
+        key_at = torch.arange(S, device=input_ids.device)[None, :]  # [1,S]
+        # Causal and real, plus the query itself: a padded query then reads only itself (no row
+        # of the attention is empty, so nothing is NaN), and no real query reads a padded key.
+        attn = (key_at <= query_at) & (keys[:, None, :] | (key_at == query_at))  # [B,T,S]
+        positions = (keys.cumsum(dim=1) - 1).clamp_min(0)[:, pos:]  # [B,T]
+        return _Padding(attn=attn.unsqueeze(1), engram=mask, positions=positions)
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 hash_ids: Optional[dict[int, torch.Tensor]] = None,
                 cache: Optional[InferenceCache] = None, output_gates: bool = False,
-                output_gate_inputs: bool = False, ablate_engram: bool = False) -> ModelOutput:
+                output_gate_inputs: bool = False, ablate_engram: bool = False,
+                attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
         """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy if targets are given).
 
         ``output_gates`` / ``output_gate_inputs``: also return every Engram layer's gates /
         gate inputs ({} for a model without Engram layers; None when not asked for).
         ``ablate_engram``: every Engram layer adds zeros instead of its output (ablations).
+        ``attention_mask`` [B,T] (1 real, 0 padding) for this call's tokens; with a cache, the
+        cache remembers the earlier calls' padding. Rows left-padded to one length give what
+        each gives alone (module docstring); the logits at padded positions mean nothing.
         """
         if input_ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -274,14 +339,20 @@ class EngramLM(nn.Module):
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
             raise RequestTooLargeError(f"sequence of {pos + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+        padding = self._padding(attention_mask, input_ids, cache)
+        mask = padding.engram if padding is not None else None
         if self.hasher is not None and hash_ids is None:
-            hash_ids = (self._hash_for_cache(input_ids, cache) if cache is not None
-                        else self.hasher.hash(input_ids))
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+            hash_ids = (self._hash_for_cache(input_ids, cache, mask) if cache is not None
+                        else self.hasher.hash(input_ids, attention_mask=mask))
+        if padding is None:
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        else:  # one row of positions per sequence: [B,1,T,Dh/2], broadcast over the heads
+            cos, sin = self.rope_cos[padding.positions][:, None], self.rope_sin[padding.positions][:, None]
         x = self.embed(input_ids)
         ngram_rows = None
         if self.input_ngram is not None:
-            x, hist, ngram_rows = self.input_ngram(input_ids, x,
+            ngram_ids = input_ids if mask is None else input_ids.masked_fill(~mask, self.input_ngram.cfg.pad_id)
+            x, hist, ngram_rows = self.input_ngram(ngram_ids, x,
                                                    cache.ngram_hist if cache is not None and cache.pos else None)
             if cache is not None:
                 cache.ngram_hist = hist
@@ -293,7 +364,8 @@ class EngramLM(nn.Module):
                 h = h + self.input_ngram.layer_rows(ngram_rows, i)
             ids = hash_ids[block.layer_id] if block.engram is not None else None
             h, engram_out = block(h, cos, sin, ids, cache, output_gates=output_gates,
-                                  output_gate_inputs=output_gate_inputs, ablate_engram=ablate_engram)
+                                  output_gate_inputs=output_gate_inputs, ablate_engram=ablate_engram,
+                                  padding=padding)
             if engram_out is not None and gates is not None:
                 gates[block.layer_id] = engram_out.gates
             if engram_out is not None and gate_inputs is not None:

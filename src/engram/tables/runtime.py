@@ -200,14 +200,15 @@ class TableRuntime:
         """Forward pre-hook: hash (unless given), then start the fetch before any block runs."""
         input_ids = args[0] if args else kwargs.get("input_ids")
         hash_ids, cache = kwargs.get("hash_ids"), kwargs.get("cache")
+        mask = kwargs.get("attention_mask")  # padded positions hash as the pad id
         ticket = None
-        if hash_ids is None and cache is None and input_ids is not None:
+        if hash_ids is None and cache is None and mask is None and input_ids is not None:
             ticket = self._claim(input_ids)
             if ticket is not None:
                 hash_ids = ticket.get_hash_ids()
         if hash_ids is None and input_ids is not None:
-            hash_ids = (module._hash_for_cache(input_ids, cache) if cache is not None
-                        else self.hasher.hash(input_ids))
+            hash_ids = (module._hash_for_cache(input_ids, cache, mask) if cache is not None
+                        else self.hasher.hash(input_ids, attention_mask=mask))
         kwargs = {**kwargs, "hash_ids": hash_ids}
         if ticket is None and hash_ids is not None:
             ticket = self.submit(hash_ids=hash_ids)
