@@ -72,6 +72,11 @@ def test_padded_logits_match_and_padding_is_invisible(one_thread):
         alone = model(torch.tensor([p])).logits[0]
         torch.testing.assert_close(logits[b, T - len(p):], alone, rtol=0, atol=1e-5)
         assert torch.equal(other_pad[b, T - len(p):], logits[b, T - len(p):])  # pad tokens never read
+    # RoPE is relative, so shifted positions would pass the checks above within rounding;
+    # each row's positions must be its own: 0 at its first real token.
+    positions = model._padding(mask, ids, None).positions
+    for b, p in enumerate(prompts):
+        assert positions[b, T - len(p):].tolist() == list(range(len(p)))
     unmasked = model(ids).logits  # without the mask the pads leak in: the test can fail
     assert not torch.allclose(unmasked[0, T - len(prompts[0]):], logits[0, T - len(prompts[0]):], atol=1e-3)
 
