@@ -18,6 +18,12 @@ value projection gets gradients from the first step on, like LoRA's zero-initial
 Incremental decoding: the KV cache object of the base (a ``transformers`` ``Cache``) carries an
 :class:`EngramState` (the tokens seen, for hashing, and each layer's short-conv state) as an
 attribute, so ``generate()`` of ``transformers`` works unmodified, with or without a cache.
+
+Padding: the base hook reads the call's 2-D ``attention_mask`` (what ``generate()`` passes, for
+``tokenizer(prompts, padding=True)`` left-padded batches): padded positions are hashed as the pad
+id (the token history keeps them so) and enter the short conv as zeros, so every row gets what
+it gets alone; ``transformers`` keeps them out of attention and positions. An all-ones mask, or
+none, changes nothing.
 :class:`RetrofitLM` also offers the interface of ``EngramLM`` (``forward(ids, targets,
 hash_ids=, cache=, output_gates=...)`` -> ``ModelOutput``, ``new_cache``, ``engram_layers``,
 ``hasher``), so the library's tools (evaluation, table tiers, patches, gate heatmaps) take it.
@@ -38,7 +44,7 @@ import torch.nn.functional as F
 
 from engram.config import EngramConfig, RetrofitConfig, RetrofitError
 from engram.errors import EngramError
-from engram.hashing.hasher import NgramHasher
+from engram.hashing.hasher import NgramHasher, padding_mask
 from engram.model.layer import EngramLayer, GateInputs, MultiHeadEmbedding
 from engram.model.lm import ModelOutput
 from engram.tables.runtime import OffloadedEmbedding
@@ -62,7 +68,8 @@ class RetrofitShape:
 
 @dataclass
 class EngramState:
-    """Carried by a KV cache between calls: tokens seen [B, n] and short-conv states per layer."""
+    """Carried by a KV cache between calls: tokens seen [B, n] (padded positions replaced by the
+    pad id, as hashing reads them) and short-conv states per layer."""
 
     ids: torch.Tensor
     conv: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
@@ -78,6 +85,8 @@ class RetrofitCache:
     """The ``cache=`` of :meth:`RetrofitLM.forward`: the base's own KV cache (``kv``)."""
 
     kv: Any
+    # [B, pos] bool, False at padded positions (``forward``'s attention_mask); None while all are real.
+    key_mask: Optional[torch.Tensor] = None
 
     @property
     def pos(self) -> int:
@@ -93,6 +102,7 @@ class _Call:
     output_gates: bool = False
     output_gate_inputs: bool = False
     ablate: bool = False
+    mask: Optional[torch.Tensor] = None  # [B,T] bool, False at the call's padded positions; None: all real
     gates: dict[int, torch.Tensor] = field(default_factory=dict)
     gate_inputs: dict[int, GateInputs] = field(default_factory=dict)
 
@@ -103,6 +113,23 @@ def _cache_argument(module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
+
+
+def _call_mask(kwargs: dict, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """The padding of a base call's new positions: [B,T] bool from its 2-D ``attention_mask``
+    (which covers the cached positions too), or None when they are all real."""
+    am = kwargs.get("attention_mask")
+    if am is None:
+        return None
+    if am.dim() != 2:
+        raise RetrofitError(f"a retrofitted model reads 2-D attention masks [batch, positions] (1 real, "
+                            f"0 padding), got shape {tuple(am.shape)}; pass the tokenizer's attention_mask")
+    T = input_ids.shape[1]
+    if am.shape[0] != input_ids.shape[0] or am.shape[1] < T:
+        raise RetrofitError(f"attention_mask has shape {tuple(am.shape)} but input_ids {tuple(input_ids.shape)}; "
+                            f"it must cover at least the call's tokens")
+    mask = am[:, am.shape[1] - T:].to(input_ids.device) != 0
+    return None if bool(mask.all()) else mask
 
 
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
@@ -223,8 +250,9 @@ class RetrofitLM(nn.Module):
         """Nothing to balance (the training loop calls it for DeepSeekMoE backbones)."""
 
     # ------------------------------------------------------------------ hashing
-    def compute_hash_ids(self, input_ids: torch.Tensor) -> Optional[dict[int, torch.Tensor]]:
-        return self.hasher.hash(input_ids) if self.hasher is not None else None
+    def compute_hash_ids(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                         ) -> Optional[dict[int, torch.Tensor]]:
+        return self.hasher.hash(input_ids, attention_mask=attention_mask) if self.hasher is not None else None
 
     def _hash_after(self, history: torch.Tensor, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
         """Hash ids of ``input_ids`` [B,T] following ``history`` [B,n] (only its last N-1 matter)."""
@@ -232,8 +260,10 @@ class RetrofitLM(nn.Module):
         window = torch.cat([history[:, history.shape[1] - keep:], input_ids], dim=1)
         return {k: v[:, keep:] for k, v in self.hasher.hash(window).items()}
 
-    def _hash_for_cache(self, input_ids: torch.Tensor, cache: RetrofitCache) -> dict[int, torch.Tensor]:
+    def _hash_for_cache(self, input_ids: torch.Tensor, cache: RetrofitCache,
+                        attention_mask: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
         """Hash ids of the next call with ``cache`` (for prefetching; the state is not advanced)."""
+        input_ids = self.hasher.mask_ids(input_ids, attention_mask)
         state = getattr(cache.kv, _STATE_ATTR, None)
         if state is None or cache.pos == 0:
             return self.hasher.hash(input_ids)
@@ -269,6 +299,8 @@ class RetrofitLM(nn.Module):
                                       f"only positions of the latest call")
                 state.conv[lid] = st[:, :st.shape[1] - drop]
             state.ids = state.ids[:, :n]
+        if cache.key_mask is not None:
+            cache.key_mask = cache.key_mask[:, :n]
         cache.kv.crop(-drop)  # negative: drop that many (transformers 4.x and 5.x agree on this form)
 
     # ------------------------------------------------------------------ hooks
@@ -283,6 +315,8 @@ class RetrofitLM(nn.Module):
         if self.hasher is None:  # LoRA only: nothing to hash or carry
             self._call = _Call({}, None, *flags)
             return
+        mask = _call_mask(kwargs, input_ids)
+        input_ids = self.hasher.mask_ids(input_ids, mask)  # padding hashes (and is kept) as the pad id
         kv = _cache_argument(module, args, kwargs)
         state = None
         if kv is not None and kwargs.get("use_cache", True) is not False:
@@ -299,7 +333,7 @@ class RetrofitLM(nn.Module):
             state.ids = torch.cat([state.ids, input_ids], dim=1)
         elif hash_ids is None:
             hash_ids = self.hasher.hash(input_ids)
-        self._call = _Call(hash_ids, state, *flags)
+        self._call = _Call(hash_ids, state, *flags, mask=mask)
 
     def _end_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._last_call, self._call = self._call, None
@@ -315,7 +349,8 @@ class RetrofitLM(nn.Module):
             conv = call.state.conv.get(layer_id) if call.state is not None else None
             out = engram(h.unsqueeze(2), call.hash_ids[layer_id], conv, output_gates=call.output_gates,
                          output_gate_inputs=call.output_gate_inputs, zero_output=call.ablate,
-                         conv_keep=call.state.keep if call.state is not None else 0)
+                         conv_keep=call.state.keep if call.state is not None else 0,
+                         attention_mask=call.mask)
             if call.state is not None:
                 call.state.conv[layer_id] = out.conv_state
             if call.output_gates:
@@ -333,8 +368,12 @@ class RetrofitLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 hash_ids: Optional[dict[int, torch.Tensor]] = None, cache: Optional[RetrofitCache] = None,
                 output_gates: bool = False, output_gate_inputs: bool = False,
-                ablate_engram: bool = False) -> ModelOutput:
-        """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy with targets), as ``EngramLM``."""
+                ablate_engram: bool = False, attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
+        """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy with targets), as ``EngramLM``.
+
+        ``attention_mask`` [B,T] (1 real, 0 padding) for this call's tokens, as ``EngramLM``'s:
+        the cache remembers earlier calls' padding, and the base gets the whole mask and the
+        positions of the real tokens, the way ``generate()`` of ``transformers`` calls it."""
         if input_ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         V = self.cfg.vocab_size
@@ -345,8 +384,9 @@ class RetrofitLM(nn.Module):
         self._pending = {"hash_ids": hash_ids, "output_gates": output_gates,
                          "output_gate_inputs": output_gate_inputs, "ablate": ablate_engram}
         kv = cache.kv if cache is not None else None
+        padded = self._padding_kwargs(input_ids, attention_mask, cache)
         try:
-            out = self.base(input_ids=input_ids, use_cache=cache is not None, **{self._cache_kwarg: kv})
+            out = self.base(input_ids=input_ids, use_cache=cache is not None, **{self._cache_kwarg: kv}, **padded)
         finally:
             self._pending = None
         call = self._last_call
@@ -356,6 +396,28 @@ class RetrofitLM(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1))
         return ModelOutput(logits=logits, loss=loss, gates=call.gates if output_gates else None,
                            gate_inputs=call.gate_inputs if output_gate_inputs else None)
+
+    def _padding_kwargs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        cache: Optional[RetrofitCache]) -> dict[str, torch.Tensor]:
+        """{} while every position is real (the base computes its positions as before); otherwise
+        the base's ``attention_mask`` [B,S] over cached and new positions and ``position_ids``
+        [B,T] counting real tokens only, the values ``generate()`` of ``transformers`` passes."""
+        B, T = input_ids.shape
+        mask = None
+        if attention_mask is not None:
+            mask = padding_mask(attention_mask, input_ids.shape, input_ids.device)
+            if bool(mask.all()):
+                mask = None
+        past = cache.key_mask if cache is not None else None
+        if mask is None and past is None:
+            return {}
+        if past is None:  # the first padded call: every earlier position was real
+            past = input_ids.new_ones(B, cache.pos if cache is not None else 0, dtype=torch.bool)
+        keys = torch.cat([past, mask if mask is not None else input_ids.new_ones(B, T, dtype=torch.bool)], dim=1)
+        if cache is not None:
+            cache.key_mask = keys
+        positions = (keys.long().cumsum(dim=1) - 1).clamp_min(0)[:, keys.shape[1] - T:]
+        return {"attention_mask": keys.long(), "position_ids": positions}
 
     @contextlib.contextmanager
     def without_engram(self) -> Iterator[None]:
