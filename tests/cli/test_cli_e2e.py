@@ -45,6 +45,21 @@ def test_prepare_train_eval_generate(prepared, capsys):
     main(["generate", "--ckpt", str(run), "--prompt", "The capital of", "--max-new-tokens", "8", "--seed", "3"])
     assert capsys.readouterr().out == first  # seeded sampling is reproducible
 
+    # several prompts of different lengths, one batch: greedy, each as if alone
+    greedy = ["--ckpt", str(run), "--max-new-tokens", "6", "--temperature", "0"]
+    prompts = ["The capital of", "a", "the cat sat on the mat and"]
+    alone = []
+    for p in prompts:
+        assert main(["generate", *greedy, "--prompt", p]) == 0
+        alone.append(capsys.readouterr().out)
+    (root / "prompts.txt").write_text(prompts[2] + "\n\n")
+    assert main(["generate", *greedy, "--prompt", prompts[0], "--prompt", prompts[1],
+                 "--prompts-file", str(root / "prompts.txt")]) == 0
+    batched = capsys.readouterr().out
+    assert batched == "".join(f"--- {i + 1}/3\n{text}" for i, text in enumerate(alone))
+    assert main(["generate", "--ckpt", str(run)]) == 2
+    assert "no prompt given" in capsys.readouterr().err
+
 
 def test_bad_inputs_give_one_line_errors(prepared, tmp_path, capsys):
     root, data = prepared

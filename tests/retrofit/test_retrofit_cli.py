@@ -32,6 +32,16 @@ def test_train_eval_generate(adapter, tiny_base, capsys, one_thread):
                  "--max-new-tokens", "8", "--hf-generate"]) == 0
     assert capsys.readouterr().out == ours  # greedy: our cached loop and transformers' agree
     assert ours.startswith("the cat sat")
+    # several prompts, one left-padded batch: each row as it is alone, in both loops
+    args = ["retrofit", "generate", "--ckpt", str(adapter), "--quiet", "--max-new-tokens", "8",
+            "--prompt", "the dog ran far away from the", "--prompt", "the cat sat"]
+    assert main(args) == 0
+    batched = capsys.readouterr().out
+    assert main(["retrofit", "generate", "--ckpt", str(adapter), "--quiet", "--max-new-tokens", "8",
+                 "--prompt", "the dog ran far away from the"]) == 0
+    assert batched == f"--- 1/2\n{capsys.readouterr().out}--- 2/2\n{ours}"
+    assert main(args + ["--hf-generate"]) == 0
+    assert capsys.readouterr().out == batched
 
 
 def test_existing_tools_take_an_adapter(adapter, tiny_base, tmp_path, capsys, one_thread):

@@ -116,6 +116,48 @@ def add_json_file(parser: Any, help: str = "also write the result as JSON to thi
     add_common(parser, "--json", action="store", help=help)
 
 
+def add_prompt_args(parser: Any) -> None:
+    """``--prompt TEXT`` (repeatable) and ``--prompts-file FILE`` of the generate commands."""
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="text to continue; repeat it for several prompts, generated as one batch")
+    parser.add_argument("--prompts-file", metavar="FILE",
+                        help="one prompt per line (blank lines skipped), after any --prompt")
+
+
+def prompts_from_args(args: argparse.Namespace) -> list[str]:
+    """The prompts of ``--prompt`` and ``--prompts-file``, in that order; none is an error."""
+    texts = list(args.prompt or [])
+    if getattr(args, "prompts_file", None):
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\r\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise EngramError(f"--prompts-file {args.prompts_file}: cannot read it ({e}); give a UTF-8 "
+                              f"text file with one prompt per line") from None
+    if not texts:
+        raise EngramError("no prompt given; give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return texts
+
+
+def encode_prompts(tok: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt (a ``tokenizers.Tokenizer``); a prompt of no tokens is an error."""
+    out = []
+    for text in texts:
+        ids = tok.encode(text).ids
+        if not ids:
+            raise EngramError(f"prompt {text!r} encodes to no tokens; give some text")
+        out.append(ids)
+    return out
+
+
+def print_generations(texts: list[str]) -> None:
+    """One generated text as it is; several each under a ``--- i/N`` line."""
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- {i + 1}/{len(texts)}")
+        print(text)
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """``"1,2,3"`` (or spaces) -> [1, 2, 3] for list-valued flags, refused in one line otherwise."""
     try:

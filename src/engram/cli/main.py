@@ -30,7 +30,16 @@ from engram.cli import retrofit as retrofit_commands
 from engram.cli import sweep as sweep_commands
 from engram.cli import table as table_commands
 from engram.cli.demo import run_demo
-from engram.cli.flags import ArgumentParser, add_common, add_config_flags, config_from_args
+from engram.cli.flags import (
+    ArgumentParser,
+    add_common,
+    add_config_flags,
+    add_prompt_args,
+    config_from_args,
+    encode_prompts,
+    print_generations,
+    prompts_from_args,
+)
 from engram.cli.ngram import (
     add_draft_args,
     add_mixture_args,
@@ -154,18 +163,16 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
         return cmd_generate_ngram(args)
-    import torch
 
     from engram.data.tokenizer import load_tokenizer
-    from engram.model.generation import generate
+    from engram.model.generation import generate, left_pad, strip_padding
 
     sampling = config_from_args(args, SamplingConfig)
+    texts = prompts_from_args(args)
     model, meta = load_for_generation(args.ckpt, args)  # load_model, or tables per --table/--storage
     drafter = drafter_from_args(args, meta.tokenizer_fingerprint)
     tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
-    ids = tok.encode(args.prompt).ids
-    if not ids:
-        raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
+    prompts = encode_prompts(tok, texts)
     if drafter is not None:  # speculative decoding (cli/ngram.py, docs/speculative.md)
         from engram.model.lm import EngramLM
         from engram.ngram.speculative import EngramTarget
@@ -177,14 +184,17 @@ def cmd_generate(args) -> int:
 
             target = RetrofitTarget(model)
         t0 = time.perf_counter()
-        out = generate_drafted(target, drafter, ids, sampling)
-        report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)  # offloaded tables
-        print(tok.decode(out[0].tolist()))
+        outs = [generate_drafted(target, drafter, ids, sampling)[0].tolist() for ids in prompts]  # one at a time
+        report_generation(model, sum(len(o) - len(p) for o, p in zip(outs, prompts)),
+                          time.perf_counter() - t0)  # offloaded tables
+        print_generations([tok.decode(o) for o in outs])
         return 0
     t0 = time.perf_counter()
-    out = generate(model, torch.tensor([ids]), sampling)
-    report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)  # tokens/s, hit rate
-    print(tok.decode(out[0].tolist()))
+    ids, mask = left_pad(prompts)  # several prompts: one batch, each row as if alone
+    out = strip_padding(generate(model, ids, sampling, attention_mask=mask), mask, ids.shape[1])
+    report_generation(model, sum(len(o) - len(p) for o, p in zip(out, prompts)),
+                      time.perf_counter() - t0)  # tokens/s, hit rate
+    print_generations([tok.decode(o) for o in out])
     return 0
 
 
@@ -282,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     add_common(g, "--ckpt", required=True)
-    g.add_argument("--prompt", required=True)
+    add_prompt_args(g)
     add_config_flags(g, SamplingConfig, defaults=GENERATE_DEFAULTS)
     add_storage_arguments(g)
     add_mixture_args(g, scoring=False)

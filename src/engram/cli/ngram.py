@@ -22,7 +22,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
+from engram.cli.flags import (
+    add_common,
+    add_config_flags,
+    config_from_args,
+    encode_prompts,
+    int_list,
+    print_generations,
+    prompts_from_args,
+)
 from engram.cli.table import load_for_generation
 from engram.config import DEFAULT_KN_ORDER, DRAFT_SOURCES, ESTIMATORS, DraftConfig, GateConfig, SamplingConfig
 from engram.errors import EngramError
@@ -224,6 +232,7 @@ def cmd_generate_ngram(args) -> int:
     from engram.ngram.mixture import LMAdapter, generate_mixed
 
     sampling = config_from_args(args, SamplingConfig)
+    texts = prompts_from_args(args)
     model, meta = _load_model(args)
     tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
     index = _index(args.ngram)
@@ -231,20 +240,23 @@ def cmd_generate_ngram(args) -> int:
         raise EngramError(f"index {args.ngram} was built with another tokenizer than run {args.ckpt}")
     mix, info = load_mixture(args, LMAdapter(model), index)
     drafter = drafter_from_args(args, meta.tokenizer_fingerprint, index)
-    ids = tok.encode(args.prompt).ids
-    if not ids:
-        raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
+    prompts = encode_prompts(tok, texts)  # the mixture generates one prompt at a time
     if drafter is not None:  # the verified distribution is the mixture's
         from engram.ngram.speculative import MixtureTarget
 
-        out = generate_drafted(MixtureTarget(mix), drafter, ids, sampling, eos_id=special_ids(tok)[1])
-        print(tok.decode(out[0].tolist()))
+        print_generations([tok.decode(generate_drafted(MixtureTarget(mix), drafter, ids, sampling,
+                                                       eos_id=special_ids(tok)[1])[0].tolist()) for ids in prompts])
         return 0
-    out, lams = generate_mixed(mix, torch.tensor([ids]), sampling, eos_id=special_ids(tok)[1],
-                               return_lambdas=True)
-    print(tok.decode(out[0].tolist()))
-    if lams.numel():
-        print(f"[ngram] mean lambda over {lams.numel()} new tokens: {float(lams.mean()):.3f}")
+    texts, lams = [], []
+    for ids in prompts:
+        out, lam = generate_mixed(mix, torch.tensor([ids]), sampling, eos_id=special_ids(tok)[1],
+                                  return_lambdas=True)
+        texts.append(tok.decode(out[0].tolist()))
+        lams.append(lam.reshape(-1))
+    print_generations(texts)
+    lam = torch.cat(lams)
+    if lam.numel():
+        print(f"[ngram] mean lambda over {lam.numel()} new tokens: {float(lam.mean()):.3f}")
     return 0
 
 

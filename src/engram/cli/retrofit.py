@@ -21,10 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
+from engram.cli.flags import (
+    add_common,
+    add_config_flags,
+    add_prompt_args,
+    config_from_args,
+    encode_prompts,
+    int_list,
+    print_generations,
+    prompts_from_args,
+)
 from engram.cli.table import adapter_storage, load_adapter_for
 from engram.config import RetrofitCompareConfig, RetrofitConfig, RetrofitFactsConfig, SamplingConfig, TrainConfig
-from engram.errors import EngramError
 
 _RETROFIT_FLAGS = ("base", "table_size", "max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "hash_seed",
                    "lora_rank", "lora_alpha", "lora_targets")
@@ -79,28 +87,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from engram.cli.table import report_generation
-    from engram.model.generation import generate
+    from engram.model.generation import generate, left_pad, strip_padding
 
     sampling = config_from_args(args, SamplingConfig)
+    texts = prompts_from_args(args)
     model, _, tok = load_adapter_for(args, adapter_storage(args))
-    ids = tok.encode(args.prompt).ids
-    if not ids:
-        raise EngramError(f"prompt {args.prompt!r} encodes to no tokens; give some text")
-    prompt = torch.tensor([ids])
-    t0 = time.perf_counter()
+    prompts = encode_prompts(tok, texts)
     eos = model.base.config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad = model.hasher.cfg.pad_id if model.hasher is not None else 0  # any id: the mask hides it
+    ids, mask = left_pad(prompts, pad)  # several prompts: one batch, each row as if alone
+    t0 = time.perf_counter()
     if getattr(args, "hf_generate", False):  # transformers' own generate(), through the same hooks
-        kw: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0}
+        kw: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0,
+                              "pad_token_id": pad}
         if sampling.temperature > 0:
             torch.manual_seed(sampling.seed)
             kw.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
         with torch.no_grad():
-            out = model.generate(prompt, **kw)
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     else:
-        out = generate(model, prompt, sampling, eos_id=eos)
-    report_generation(model, out.shape[1] - len(ids), time.perf_counter() - t0)
-    print(tok.decode(out[0].tolist()))
+        out = generate(model, ids, sampling, eos_id=eos, attention_mask=mask)
+    out = strip_padding(out, mask, ids.shape[1], eos_id=eos)
+    report_generation(model, sum(len(o) - len(p) for o, p in zip(out, prompts)), time.perf_counter() - t0)
+    print_generations([tok.decode(o) for o in out])
     return 0
 
 
@@ -199,7 +209,7 @@ def register(sub: Any, bench: Any) -> None:
 
     gen = r.add_parser("generate", help="text from base + adapter")
     add_common(gen, "--ckpt", required=True, help="adapter directory")
-    gen.add_argument("--prompt", required=True)
+    add_prompt_args(gen)
     _add_base(gen, "load on this base (default: the one recorded in the adapter)")
     gen.add_argument("--hf-generate", action="store_true", help="use transformers' generate() (same hooks)")
     add_config_flags(gen, SamplingConfig, defaults={"temperature": 0.0, "max_new_tokens": 40})
