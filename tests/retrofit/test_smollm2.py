@@ -61,7 +61,9 @@ def test_smollm2_padded_batch_generates_as_one_prompt_at_a_time():
     gguf = smollm2_path()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
                                         padding_side="left")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # Pad with an ordinary token, not the hashing pad id: a leak through hashing must show.
+    pad = tok.convert_tokens_to_ids("the")
+    assert pad != base.pad_id
     tok.pad_token_id = pad
     cfg = RetrofitConfig(base="smollm2-135m", layers=(1, 8), table_size=4099)
     model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
@@ -75,12 +77,16 @@ def test_smollm2_padded_batch_generates_as_one_prompt_at_a_time():
     batch = tok(prompts, padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()
     T = batch["input_ids"].shape[1]
+    alone = [tok([text], return_tensors="pt") for text in prompts]
     with torch.no_grad():
+        logits = model.base(**batch).logits  # the padded forward, through the hooks
+        for b, one in enumerate(alone):
+            n = one["input_ids"].shape[1]
+            torch.testing.assert_close(logits[b, T - n:], model.base(**one).logits[0], rtol=0, atol=1e-4)
         for use_cache in (True, False):
-            kw = dict(max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=pad)
+            kw = dict(max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=pad)
             out = model.generate(**batch, **kw)
-            for b, text in enumerate(prompts):
-                alone = model.generate(**tok([text], return_tensors="pt"), **kw)[0]
-                n = int(batch["attention_mask"][b].sum())
-                assert out[b, T - n:].tolist() == alone.tolist(), (use_cache, text)
+            for b, one in enumerate(alone):
+                n = one["input_ids"].shape[1]
+                assert out[b, T - n:].tolist() == model.generate(**one, **kw)[0].tolist(), (use_cache, b)
     model.remove_hooks()
