@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from engram.science.sweep import _fmt_p, mean_std, paired_t
+from engram.stats import format_p, mean_std, paired_t
 
 LAYERS = (1, 8, 15, 29)
 TABLES = (16_384, 65_536, 131_072, 262_144)
@@ -68,7 +68,7 @@ def main(root: str, out: str) -> None:
             if len(common) >= 2:
                 pt = paired_t([runs[("layer", L)][s]["test_loss"] for s in common], [ref[s]["test_loss"] for s in common])
                 res["tests"][f"layer {L} - layer 1"] = pt
-                cmp = f"{pt['mean_diff']:+.4f} ({_fmt_p(pt['p'])})"
+                cmp = f"{pt['mean_diff']:+.4f} ({format_p(pt['p'])})"
         print(f"| {L} | {t} | {m - b['test_loss']:+.4f} | {g} | {cmp} |")
     print("\n| rows per hash head | test loss (seeds) | vs base | general-text loss | bytes shipped |")
     print("|---|---:|---:|---:|---:|")
@@ -94,7 +94,7 @@ def main(root: str, out: str) -> None:
     print(f"\nleast-squares slope over {n} runs: {slope:+.4f} nats per doubling of rows (s.e. {se:.4f})")
     for k, v in res["tests"].items():
         if "mean_diff" in v:
-            print(f"{k}: {v['mean_diff']:+.4f}, p = {_fmt_p(v['p'])}")
+            print(f"{k}: {v['mean_diff']:+.4f}, p = {format_p(v['p'])}")
     Path(out).write_text(json.dumps(res, indent=1))
 
 

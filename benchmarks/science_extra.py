@@ -13,7 +13,7 @@ import sys
 from itertools import combinations
 from pathlib import Path
 
-from engram.science.sweep import _fmt_p, mean_std, paired_t
+from engram.stats import format_p, mean_std, paired_t
 
 
 def _loss(row: dict) -> list[float]:
@@ -36,10 +36,10 @@ def pairs(summary: dict, names: list[str]) -> list[str]:
         fb = dict(zip(rb["seeds"], rb["fact_acc"]))
         if all(s in fa and s in fb for s in common):
             tf = paired_t([fa[s] for s in common], [fb[s] for s in common])
-            facts = f"{tf['mean_diff']:+.4f} | {_fmt_p(tf['p'])}"
+            facts = f"{tf['mean_diff']:+.4f} | {format_p(tf['p'])}"
         else:
             facts = "— | —"
-        out.append(f"| {a} | {b} | {len(common)} | {t['mean_diff']:+.4f} | {_fmt_p(t['p'])} | {facts} |")
+        out.append(f"| {a} | {b} | {len(common)} | {t['mean_diff']:+.4f} | {format_p(t['p'])} | {facts} |")
     return out
 
 

@@ -43,7 +43,7 @@ from engram.model.lm import ModelOutput
 from engram.retrofit.adapter import CONFIG_FILE, TABLES_FILE, WEIGHTS_FILE, load_adapter
 from engram.retrofit.base import BaseModel, load_base
 from engram.retrofit.trainer import check_data_tokenizer, retrofit_train
-from engram.science.sweep import mean_std, paired_t
+from engram.stats import mean_std, paired_t
 from engram.training.evaluation import evaluate
 
 RESULTS_FILE = "results.jsonl"

@@ -58,7 +58,7 @@ from engram.patches.trainer import encode_texts, train_patch
 from engram.retrofit.adapter import load_adapter
 from engram.retrofit.model import RetrofitLM
 from engram.science.retrofit import claim_out_dir, splits
-from engram.science.sweep import mean_std, paired_t
+from engram.stats import mean_std, paired_t
 from engram.training.optimization import lr_at
 
 # relation -> (training sentence A, training sentence B, question); {S} subject, {A} answer.

@@ -36,7 +36,7 @@ configs, e.g. learning rates) are made on mean dev loss; tables report test loss
 
 Statistics: mean +- sample std over seeds; each config against the reference is a paired t-test
 over seeds (the same seed means the same initial RNG and the same batches), two-sided, with the
-Student-t CDF computed exactly for integer degrees of freedom (closed-form finite series).
+Student-t CDF computed exactly for integer degrees of freedom (``engram.stats``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
 import time
@@ -64,6 +63,7 @@ from engram.fsutil import PathLike
 from engram.model.checkpoint import load_model
 from engram.science.accounting import account, check_budget, format_account
 from engram.science.knowledge import FactSet, build_fact_set, evaluate_facts
+from engram.stats import format_p, mean_std, paired_t
 from engram.training.trainer import train
 
 RESULT_FILE = "result.json"
@@ -444,61 +444,6 @@ def _fact_set(data_dir: PathLike, runs_root: PathLike, per_relation: int) -> dic
     return fs
 
 
-# ----------------------------------------------------------------------------- statistics
-def t_sf_two_sided(t: float, df: int) -> float:
-    """P(|T| >= |t|) for Student's t with integer ``df`` (exact closed-form series)."""
-    if df < 1:
-        raise SweepError(f"df={df} must be >= 1 (a paired test needs >= 2 seeds)")
-    if math.isinf(t):
-        return 0.0
-    if math.isnan(t):
-        return float("nan")
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c, s = math.cos(theta), math.sin(theta)
-    # A(t|df) = P(|T| < |t|), Abramowitz & Stegun 26.7.3 (odd df) / 26.7.4 (even df).
-    if df % 2 == 1:
-        acc, term = 0.0, c
-        if df > 1:
-            acc = term
-            for k in range(3, df - 1, 2):
-                term *= c * c * (k - 1) / k
-                acc += term
-        a = (2 / math.pi) * (theta + s * acc) if df > 1 else 2 * theta / math.pi
-    else:
-        acc, term = 1.0, 1.0
-        for k in range(2, df - 1, 2):
-            term *= c * c * (k - 1) / k
-            acc += term
-        a = s * acc
-    return max(0.0, min(1.0, 1.0 - a))
-
-
-def paired_t(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Paired t-test of a - b over seeds: mean difference, its std error, t, df, two-sided p."""
-    if len(a) != len(b):
-        raise SweepError(f"paired test needs equal lengths, got {len(a)} and {len(b)}")
-    n = len(a)
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / n if n else float("nan")
-    if n < 2:
-        return {"n": n, "mean_diff": mean, "se": float("nan"), "t": float("nan"), "p": float("nan")}
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    se = sd / math.sqrt(n)
-    if se <= 1e-12 * max(1.0, abs(mean)):  # every seed moved by the same amount: t is undefined
-        return {"n": n, "mean_diff": mean, "se": 0.0, "t": float("nan"),
-                "p": 1.0 if mean == 0 else float("nan")}
-    t = mean / se
-    return {"n": n, "mean_diff": mean, "se": se, "t": t, "p": t_sf_two_sided(t, n - 1)}
-
-
-def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    n = len(xs)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = sum(xs) / n
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
-
-
 # ----------------------------------------------------------------------------- summary
 def collect(spec: SweepSpec, runs_root: PathLike) -> dict[str, Any]:
     """Read every finished run of ``spec``: per-config stats, paired tests, curves."""
@@ -568,10 +513,6 @@ def _choose_in_groups(rows: list[dict[str, Any]], n_seeds: int) -> None:
                 m["chosen"] = m is best
 
 
-def _fmt_p(p: float) -> str:
-    return "n/a" if p != p else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
-
-
 def summary_table(summary: dict[str, Any]) -> str:
     """Markdown: config, x, total / activated params, dev and test loss, paired test-loss
     difference vs the reference. In a group of settings, the dev loss's choice is marked."""
@@ -584,10 +525,10 @@ def summary_table(summary: dict[str, Any]) -> str:
         loss = (f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}" if r["test_loss"] else "—")
         dev = f"{r['dev_loss_mean']:.4f}" if r["dev_loss"] else "—"
         d = r.get("vs_ref_loss")
-        dl = f"{d['mean_diff']:+.4f} ({_fmt_p(d['p'])})" if d else ("ref" if r["config"] == ref else "—")
+        dl = f"{d['mean_diff']:+.4f} ({format_p(d['p'])})" if d else ("ref" if r["config"] == ref else "—")
         fa = f"{r['fact_acc_mean']:.3f}" if r["fact_acc"] else "—"
         df = r.get("vs_ref_facts")
-        dfa = f"{df['mean_diff']:+.3f} ({_fmt_p(df['p'])})" if df else ("ref" if r["config"] == ref else "—")
+        dfa = f"{df['mean_diff']:+.3f} ({format_p(df['p'])})" if df else ("ref" if r["config"] == ref else "—")
         x = "" if r["x"] is None else f"{r['x']:g}"
         name = r["config"] + (" **(chosen on dev)**" if r.get("chosen") else "")
         lines.append(f"| {name} | {x} | {a['total']:,} | {a['activated_per_token']:,} | "
