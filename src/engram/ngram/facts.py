@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engram.data.corpus import COUNTRY_TEMPLATES, Fact
+from engram.data.names import COUNTRY_SYLLABLES, NameGenerator, NamesError
 from engram.errors import EngramError
 from engram.ngram.index import NgramIndex
 from engram.ngram.mixture import NgramMixture
@@ -29,9 +30,6 @@ from engram.ngram.mixture import NgramMixture
 CONTINENTS = ("Africa", "Asia", "Europe", "North America", "South America", "Oceania")
 RELATIONS = ("capital", "currency", "language", "continent")
 MODES = ("mixture", "lm", "kn", "infgram")
-_ONSETS = ("b", "d", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "vr", "zh")
-_VOWELS = ("a", "e", "i", "o", "u", "ae", "ou", "y")
-_CODAS = ("", "", "n", "r", "l", "s", "th", "m", "x")
 
 
 class FactsError(EngramError):
@@ -48,35 +46,24 @@ class FactCase:
     answer_ids: tuple[int, ...]
 
 
-def _word(rng: random.Random, syllables: int) -> str:
-    w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
-    return w.capitalize()
-
-
 def invented_facts(n_countries: int = 40, seed: int = 0, index: Optional[NgramIndex] = None,
                    phrasing: int = 0) -> list[Fact]:
     """Facts about ``n_countries`` invented countries; names never seen by ``index`` (if given)."""
     if n_countries < 1:
         raise FactsError(f"n_countries={n_countries} must be >= 1")
     rng = random.Random(seed)
-    used: set[str] = set()
-
-    def fresh(syllables: int, suffix: str = "") -> str:
-        for _ in range(1000):
-            w = _word(rng, syllables) + suffix
-            if w in used:
-                continue
-            if index is not None and index.count(index.tokenizer.encode(" " + w).ids) > 0:
-                continue  # the name must be new to the index
-            used.add(w)
-            return w
-        raise FactsError("could not invent enough unseen names; lower n_countries")
-
+    # the name must be new to the index
+    names = NameGenerator(rng, COUNTRY_SYLLABLES, is_new=lambda w: index is None or
+                          index.count(index.tokenizer.encode(" " + w).ids) == 0)
     facts: list[Fact] = []
     for _ in range(n_countries):
-        country = fresh(3)
-        answers = {"capital": fresh(2), "currency": fresh(2).lower(), "language": fresh(2, "ic"),
-                   "continent": rng.choice(CONTINENTS)}
+        try:
+            country = names.fresh(3)
+            answers = {"capital": names.fresh(2), "currency": names.fresh(2).lower(),
+                       "language": names.fresh(2, "ic"), "continent": rng.choice(CONTINENTS)}
+        except NamesError:
+            raise FactsError(f"could not invent enough unseen names for n_countries={n_countries}; "
+                             f"lower n_countries") from None
         for rel in RELATIONS:
             tmpl = COUNTRY_TEMPLATES[rel][phrasing]
             sentence = tmpl.format(s=country, S=country, a=answers[rel])

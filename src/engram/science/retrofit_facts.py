@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from engram.config import PatchTrainConfig, RetrofitFactsConfig
 from engram.data import shards as data
+from engram.data.names import PERSON_SYLLABLES, NameGenerator
 from engram.fsutil import PathLike, atomic_write
 from engram.ngram.facts import FactCase, recall
 from engram.ngram.index import NgramIndex
@@ -73,9 +74,6 @@ RELATIONS = {
     "teacher": ("{S} studied music under {A}.", "{A} taught music to {S}.",
                 "The person who gave {S} music lessons was"),
 }
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "st", "th")
-_VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou")
-_CODAS = ("", "", "n", "r", "l", "s", "m", "th")
 
 
 @dataclass(frozen=True)
@@ -94,26 +92,12 @@ class NewFact:
         return {"paraphrase": q.format(S=self.subject), "verbatim": a.split("{A}")[0].format(S=self.subject).rstrip()}
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                   for _ in range(rng.choice((2, 3)))).capitalize()
-
-
 def make_facts(n: int, seed: int, forbidden: str) -> list[NewFact]:
     """``n`` facts over the relations; every name is new, unique and absent from ``forbidden``."""
-    rng = random.Random(seed)
     low = forbidden.lower()
-    used: set[str] = set()
-
-    def fresh() -> str:
-        while True:
-            w = _word(rng)
-            if w not in used and w.lower() not in low:
-                used.add(w)
-                return w
-
+    names = NameGenerator(random.Random(seed), PERSON_SYLLABLES, is_new=lambda w: w.lower() not in low)
     rels = list(RELATIONS)
-    return [NewFact(fresh(), rels[i % len(rels)], fresh()) for i in range(n)]
+    return [NewFact(names.fresh((2, 3)), rels[i % len(rels)], names.fresh((2, 3))) for i in range(n)]
 
 
 def fact_cases(facts: list[NewFact], tok: Any, kind: str, context: bool = False) -> list[FactCase]:
