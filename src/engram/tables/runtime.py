@@ -16,8 +16,9 @@ expands them back to [B,T,H,Dh] on the worker. The layer waits only if its rows 
 that wait is charged to the tier's ``stall_s``. On a GPU the worker expands into pinned host
 memory and copies to the device on a side CUDA stream; the layer's stream waits on an event.
 
-Training keeps its tables in memory (trainable); :class:`BatchPrefetcher` builds the next
-batch and its row ids on a background thread while the current step runs.
+Training uses :class:`BatchPrefetcher`: it builds the next batch and its row ids on a background
+thread while the current step runs and, when the tables train in a working file (mmap or
+cached, ``engram.tables.trainable``), reads that step's rows ahead on the same thread.
 
 Models whose tables do not fit in RAM are built by :func:`build_model_without_tables` (table
 modules on the meta device, nothing allocated) and loaded by :func:`load_model_with_tables`.
