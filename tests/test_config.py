@@ -24,7 +24,7 @@ def test_unknown_key_is_refused():
 
 @pytest.mark.parametrize("kwargs,msg", [
     ({"max_ngram_size": 1}, "max_ngram_size=1"),
-    ({"engram_vocab_size": (100,)}, "needs 2"),
+    ({"rows_per_head": (100,)}, "needs 2"),
     ({"n_embed_per_ngram": 30, "n_head_per_ngram": 4}, "divisible"),
     ({"layer_ids": (1, 1)}, "distinct"),
 ])
@@ -71,7 +71,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     (ModelConfig, {"engram": {"layer_ids": [1, "2"]}},
      r"ModelConfig.engram.layer_ids=\[1, '2'\]: expected a list of integers"),
     (ModelConfig, {"engram": 3}, "ModelConfig.engram=3: expected a JSON object or null"),
-    (ModelConfig, {"input_ngram": {"table_size": 1.5}}, "ModelConfig.input_ngram.table_size=1.5: expected an integer"),
+    (ModelConfig, {"input_ngram": {"rows_per_head": 1.5}}, "ModelConfig.input_ngram.rows_per_head=1.5: expected an integer"),
 ])
 def test_from_dict_refuses_wrong_types(cls, data, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -102,3 +102,35 @@ def test_config_file_and_set_values_are_type_checked(tmp_path):
         build_configs("tiny", 100, None, ["train.steps=abc"])
     m, t = build_configs("tiny", 100, None, ["train.lr=1", "engram.layer_ids=[0]", "model.ffn=dense"])
     assert t.lr == 1 and m.engram.layer_ids == (0,) and m.ffn == "dense"
+
+
+# ----------------------------------------------------------------------------- old key names
+def test_old_names_of_rows_per_head_still_load(tmp_path):
+    old = {"engram_vocab_size": [101, 103], "max_ngram_size": 3, "layer_ids": [0]}
+    assert EngramConfig.from_dict(old).rows_per_head == (101, 103)
+    assert ModelConfig.from_dict({"input_ngram": {"table_size": 61}}).input_ngram.rows_per_head == 61
+    with pytest.raises(ConfigError, match="'engram_vocab_size' is the old name of 'rows_per_head'"):
+        EngramConfig.from_dict({**old, "rows_per_head": [101, 103]})
+    with pytest.raises(ConfigError, match=r"EngramConfig.rows_per_head='x': expected a list of integers"):
+        EngramConfig.from_dict({**old, "engram_vocab_size": "x"})
+    m, _ = build_configs("tiny", 100, None, ["engram.engram_vocab_size=[211,223]"])
+    assert m.engram.rows_per_head == (211, 223) and "engram_vocab_size" not in m.engram.to_dict()
+    f = tmp_path / "c.json"
+    eng = preset("tiny", 100).engram.to_dict()
+    eng["engram_vocab_size"] = [307, 311]
+    del eng["rows_per_head"]
+    f.write_text(json.dumps({"model": {"engram": eng}}))
+    assert build_configs("tiny", 100, str(f), [])[0].engram.rows_per_head == (307, 311)
+
+
+def test_old_retrofit_key_and_flags_still_work():
+    from engram.cli.main import build_parser
+    from engram.config import RetrofitConfig
+
+    assert RetrofitConfig.from_dict({"table_size": 997}).rows_per_head == 997
+    p = build_parser()
+    for flag in ("--rows-per-head", "--table-size"):
+        args = p.parse_args(["retrofit", "train", "--data", "d", "--out", "o", flag, "997"])
+        assert args.rows_per_head == 997
+    for flag in ("--rows-per-head", "--table-rows"):
+        assert p.parse_args(["bench", "offload", flag, "4099"]).rows_per_head == 4099

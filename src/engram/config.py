@@ -43,7 +43,8 @@ def _check(cond: bool, msg: str) -> None:
 
 def setting(default: Any, help: str = "", **cli: Any) -> Any:
     """A dataclass field with command-line metadata: ``help``, and optionally ``flag`` (when not
-    ``--field-name``), ``metavar``, ``choices`` and ``action`` (read by ``engram.cli.flags``)."""
+    ``--field-name``), ``aliases`` (old flags that still work), ``metavar``, ``choices`` and
+    ``action`` (read by ``engram.cli.flags``)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
@@ -112,16 +113,58 @@ def check_value(hint: Any, value: Any, where: str, error: type = ConfigError) ->
 
 def check_types(cls: type, data: Mapping[str, Any], where: str, error: type = ConfigError) -> None:
     """Check every known key of ``data`` against the type of ``cls``'s field (unknown keys are
-    left to ``from_dict``, which names the known ones)."""
+    left to ``from_dict``, which names the known ones; old names are checked as their new ones)."""
+    data = _renamed(cls, data, where, error)
     hints = field_types(cls)
     for key, value in data.items():
         if key in hints:
             check_value(hints[key], value, f"{where}.{key}", error)
 
 
+# Old spellings of renamed keys, still read from config.json files, adapters, --config files
+# and --set (README, "Using it"). One quantity has one name: the number of rows of one hash
+# head's table is ``rows_per_head`` everywhere (it was also engram_vocab_size, after DeepSeek's
+# demo, and table_size).
+KEY_ALIASES: dict[str, dict[str, str]] = {
+    "EngramConfig": {"engram_vocab_size": "rows_per_head"},
+    "InputNgramConfig": {"table_size": "rows_per_head"},
+    "RetrofitConfig": {"table_size": "rows_per_head"},
+}
+
+
+def canonical_key(cls: type, key: str) -> str:
+    """The current name of config key ``key`` of ``cls`` (``key`` itself unless it is an alias)."""
+    return KEY_ALIASES.get(cls.__name__, {}).get(key, key)
+
+
+def _renamed(cls: type, data: dict[str, Any], where: str, error: type) -> dict[str, Any]:
+    """``data`` with aliased keys under their current names (an alias beside its name is an error)."""
+    aliases = KEY_ALIASES.get(cls.__name__, {})
+    if not any(k in aliases for k in data):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name in out or (name != key and name in data):
+            raise error(f"{where}: {key!r} is the old name of {name!r}; give only {name!r}")
+        out[name] = value
+    return out
+
+
+def canonical_model_dict(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A (partial) model config dict with the old key names of its ``engram`` and ``input_ngram``
+    sections replaced by the current ones, e.g. before merging it over a current dict."""
+    out = dict(model)
+    for key, cls in (("engram", EngramConfig), ("input_ngram", InputNgramConfig)):
+        if isinstance(out.get(key), dict):
+            out[key] = _renamed(cls, out[key], f"model.{key}", ConfigError)
+    return out
+
+
 def _from_dict(cls, data: dict[str, Any], where: str, error: type = ConfigError):
     if not isinstance(data, dict):
         raise error(f"{where}: expected a JSON object, got {type(data).__name__}")
+    data = _renamed(cls, data, where, error)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -136,12 +179,13 @@ def _from_dict(cls, data: dict[str, Any], where: str, error: type = ConfigError)
 class EngramConfig:
     """Conditional memory: multi-head N-gram hashing plus the gated Engram layer.
 
-    Names follow the paper and DeepSeek's reference demo. ``engram_vocab_size[i]`` is the
-    target table size for N-gram order ``n = i + 2``; each head gets the next unused prime
-    above it, so every head of every layer has a distinct prime size.
+    Names follow the paper and DeepSeek's reference demo, except ``rows_per_head`` (the demo's
+    ``engram_vocab_size``, still accepted in files and ``--set``): ``rows_per_head[i]`` is the
+    target table size of each hash head of N-gram order ``n = i + 2``; each head gets the next
+    unused prime above it, so every head of every layer has a distinct prime size.
     """
 
-    engram_vocab_size: tuple[int, ...] = (646400, 646400)
+    rows_per_head: tuple[int, ...] = (646400, 646400)
     max_ngram_size: int = 3
     n_embed_per_ngram: int = 512  # summed over the heads of one order
     n_head_per_ngram: int = 8
@@ -160,20 +204,20 @@ class EngramConfig:
     table_init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        self.engram_vocab_size = tuple(int(v) for v in self.engram_vocab_size)
+        self.rows_per_head = tuple(int(v) for v in self.rows_per_head)
         self.layer_ids = tuple(int(v) for v in self.layer_ids)
         _check(
             self.max_ngram_size >= 2,
             f"max_ngram_size={self.max_ngram_size} must be >= 2 (orders run 2..max_ngram_size)",
         )
         _check(
-            len(self.engram_vocab_size) == self.max_ngram_size - 1,
-            f"engram_vocab_size has {len(self.engram_vocab_size)} entries but max_ngram_size="
+            len(self.rows_per_head) == self.max_ngram_size - 1,
+            f"rows_per_head has {len(self.rows_per_head)} entries but max_ngram_size="
             f"{self.max_ngram_size} needs {self.max_ngram_size - 1} (one per order 2..{self.max_ngram_size})",
         )
         _check(
-            all(v >= 2 for v in self.engram_vocab_size),
-            f"engram_vocab_size={list(self.engram_vocab_size)}: every table size must be >= 2",
+            all(v >= 2 for v in self.rows_per_head),
+            f"rows_per_head={list(self.rows_per_head)}: every head needs >= 2 rows",
         )
         _check(self.n_head_per_ngram >= 1, f"n_head_per_ngram={self.n_head_per_ngram} must be >= 1")
         _check(
@@ -207,7 +251,7 @@ class EngramConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["engram_vocab_size"] = list(self.engram_vocab_size)
+        d["rows_per_head"] = list(self.rows_per_head)
         d["layer_ids"] = list(self.layer_ids)
         return d
 
@@ -228,7 +272,7 @@ class InputNgramConfig:
     """Hashed N-gram embeddings added to (``bigram``) or averaged into (``overencoding``) the input."""
 
     kind: str = "bigram"
-    table_size: int = 8192  # rows per order (rounded up to a prime)
+    rows_per_head: int = 8192  # one head per order: rows per order (rounded up to a prime)
     max_ngram_size: int = 2  # bigram: must be 2; overencoding: orders 2..max_ngram_size
     pad_id: int = 0
     seed: int = 0
@@ -244,8 +288,8 @@ class InputNgramConfig:
     def __post_init__(self) -> None:
         if self.kind not in INPUT_NGRAM_KINDS:
             raise InputNgramError(f"input_ngram.kind={self.kind!r}; choose one of {list(INPUT_NGRAM_KINDS)}")
-        if self.table_size < 2:
-            raise InputNgramError(f"input_ngram.table_size={self.table_size} must be >= 2")
+        if self.rows_per_head < 2:
+            raise InputNgramError(f"input_ngram.rows_per_head={self.rows_per_head} must be >= 2")
         if self.max_ngram_size < 2:
             raise InputNgramError(f"input_ngram.max_ngram_size={self.max_ngram_size} must be >= 2")
         if self.kind == "bigram" and self.max_ngram_size != 2:
@@ -438,7 +482,7 @@ class TrainConfig:
 
 def _engram_small(vocab_size: int) -> EngramConfig:
     return EngramConfig(
-        engram_vocab_size=(vocab_size * 5, vocab_size * 5),
+        rows_per_head=(vocab_size * 5, vocab_size * 5),
         max_ngram_size=3,
         n_embed_per_ngram=128,
         n_head_per_ngram=4,
@@ -474,7 +518,7 @@ PRESETS = {
                                   max_seq_len=64, ffn="moe", n_shared_experts=1,
                                   n_routed_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, intermediate_size=128,
-                                  engram=EngramConfig(engram_vocab_size=(997, 1009),
+                                  engram=EngramConfig(rows_per_head=(997, 1009),
                                                       n_embed_per_ngram=32, n_head_per_ngram=2,
                                                       layer_ids=(1,), pad_id=0)),
     "tiny-dense": lambda v: ModelConfig(vocab_size=v, hidden_size=64, num_layers=2, num_heads=2,
@@ -904,15 +948,17 @@ class RetrofitConfig:
     """Where Engram goes in the base model and how big its memory is.
 
     ``layers`` are decoder-layer indices of the base: Engram's output is added to the residual
-    stream right before that decoder layer runs. Table sizes are per N-gram order, as in
-    ``EngramConfig.engram_vocab_size``; every head gets its own prime above it.
+    stream right before that decoder layer runs. ``rows_per_head`` is the target rows of each hash
+    head, the same for every N-gram order (``EngramConfig.rows_per_head`` has one per order); every
+    head gets its own prime above it. Adapters saved with the old key ``table_size`` still load.
     """
 
     base: str = setting("smollm2-135m", "a named base (smollm2-135m) or a local Hugging Face model directory",
                         metavar="NAME|DIR")
     layers: tuple[int, ...] = setting((1,), "decoder layers that get an Engram layer before them (e.g. 1 or 1,10)",
                                       metavar="L[,L...]")
-    table_size: int = setting(131_072, "rows per hash head (target; the next unused prime is used)")
+    rows_per_head: int = setting(131_072, "rows per hash head (target; the next unused prime is used)",
+                                 aliases=("--table-size",))
     max_ngram_size: int = setting(3, "longest N-gram hashed (orders 2..N)")
     n_head_per_ngram: int = setting(4, "hash heads per N-gram order")
     n_embed_per_ngram: int = setting(256, "memory width per order, summed over its heads")
@@ -934,14 +980,14 @@ class RetrofitConfig:
         _check(bool(self.layers) or self.lora_rank > 0,
                "layers is empty and lora_rank=0: nothing to train; give --layers or --lora-rank")
         _check(self.lora_rank == 0 or bool(self.lora_targets), "lora_targets is empty; name modules, e.g. q_proj")
-        _check(self.table_size >= 2, f"table_size={self.table_size} must be >= 2")
+        _check(self.rows_per_head >= 2, f"rows_per_head={self.rows_per_head} must be >= 2")
         # Every other field is validated by the EngramConfig it builds.
         if self.layers:
             self.engram_config(pad_id=0)
 
     def engram_config(self, pad_id: int) -> EngramConfig:
         """The Engram layers' config; ``pad_id`` is the base tokenizer's padding (or eos) id."""
-        return EngramConfig(engram_vocab_size=(self.table_size,) * (self.max_ngram_size - 1),
+        return EngramConfig(rows_per_head=(self.rows_per_head,) * (self.max_ngram_size - 1),
                             max_ngram_size=self.max_ngram_size, n_embed_per_ngram=self.n_embed_per_ngram,
                             n_head_per_ngram=self.n_head_per_ngram, layer_ids=self.layers,
                             pad_id=pad_id, seed=self.hash_seed)
@@ -976,7 +1022,7 @@ class RetrofitCompareConfig:
     seq_len: int = setting(256)
     lrs: tuple[float, ...] = setting((1e-3,), "learning rates to choose from on the dev split", metavar="LR")
     layers: tuple[int, ...] = setting((1,), "Engram before these decoder layers", metavar="L")
-    table_size: int = setting(131_072, "Engram rows per hash head")
+    rows_per_head: int = setting(131_072, "Engram rows per hash head", aliases=("--table-size",))
     lora_rank: int = setting(8, "LoRA rank (lora and both)")
     eval_batches: int = setting(20, "batches of each evaluation (dev, test, general text)")
 
@@ -1078,6 +1124,7 @@ def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
         if section == "engram":
             if model.get("engram") is None:
                 raise ConfigError(f"--set {item!r}: preset {preset_name!r} has no Engram; pick an engram-* preset")
+            name = canonical_key(EngramConfig, name)  # engram.engram_vocab_size=... still works
             check_types(EngramConfig, {name: parsed}, "engram")
             model["engram"][name] = parsed
         else:

@@ -25,9 +25,10 @@ BACKENDS = ["torch"] + (["native"] if hashing.NATIVE_KERNEL_AVAILABLE else [])
 
 
 def make_cfg(**kw) -> EngramConfig:
-    """EngramConfig whose embedding width always divides by the head count (irrelevant to hashing)."""
+    """EngramConfig whose embedding width always divides by the head count (irrelevant to hashing).
+    Read like a config file, so the conformance cases' DeepSeek key ``engram_vocab_size`` works."""
     kw.setdefault("n_embed_per_ngram", 16 * kw.get("n_head_per_ngram", 8))
-    return EngramConfig(**kw)
+    return EngramConfig.from_dict(kw)
 
 
 def as_lists(out: dict) -> dict[str, list]:
@@ -96,7 +97,7 @@ def test_is_prime_large():
 
 
 def test_table_sizes_distinct_and_above_targets():
-    cfg = make_cfg(engram_vocab_size=(211, 211, 212), max_ngram_size=4, n_head_per_ngram=5,
+    cfg = make_cfg(rows_per_head=(211, 211, 212), max_ngram_size=4, n_head_per_ngram=5,
                    layer_ids=(0, 2, 9))
     sizes = find_table_sizes(cfg)
     flat = [p for layer in sizes.values() for order in layer for p in order]
@@ -109,7 +110,7 @@ def test_table_sizes_distinct_and_above_targets():
 
 
 def test_head_sizes_order_major():
-    h = NgramHasher(make_cfg(engram_vocab_size=(100, 200), n_head_per_ngram=2, layer_ids=(3,)), 50)
+    h = NgramHasher(make_cfg(rows_per_head=(100, 200), n_head_per_ngram=2, layer_ids=(3,)), 50)
     assert h.head_sizes(3) == [101, 103, 211, 223]
     with pytest.raises(ValueError, match="layer_id=4"):
         h.head_sizes(4)
@@ -122,7 +123,7 @@ def test_head_offsets_are_where_each_head_starts_everywhere():
     from engram.model.lm import EngramLM
     from engram.tables.access import iter_row_batches, table_rows
 
-    h = NgramHasher(make_cfg(engram_vocab_size=(100, 200), n_head_per_ngram=2, layer_ids=(3,)), 50)
+    h = NgramHasher(make_cfg(rows_per_head=(100, 200), n_head_per_ngram=2, layer_ids=(3,)), 50)
     assert h.head_offsets(3) == [0, 101, 204, 415] and hashing.head_offsets([]) == []
     model = EngramLM(preset("tiny", 300))
     ids = torch.randint(0, 300, (1, 12))
@@ -168,7 +169,7 @@ def hasher_and_ids(draw):
         # a small compressed vocab means huge multipliers: mixes close to 2^63
         n_new = draw(st.integers(1, vocab))
         compression = np.random.default_rng(draw(st.integers(0, 2 ** 32))).integers(0, n_new, vocab)
-    cfg = make_cfg(engram_vocab_size=sizes, max_ngram_size=max_n,
+    cfg = make_cfg(rows_per_head=sizes, max_ngram_size=max_n,
                    n_head_per_ngram=draw(st.integers(1, 4)), layer_ids=tuple(layers), pad_id=pad,
                    seed=draw(st.integers(0, 2 ** 20)), use_compression=compression is not None)
     B, T = draw(st.integers(1, 3)), draw(st.integers(0, 24))
@@ -210,7 +211,7 @@ def test_hash_step_matches_batch(case):
 
 
 def test_prompt_then_steps_matches_full():
-    hasher = NgramHasher(make_cfg(engram_vocab_size=(211, 307, 401), max_ngram_size=4,
+    hasher = NgramHasher(make_cfg(rows_per_head=(211, 307, 401), max_ngram_size=4,
                                   n_head_per_ngram=2, layer_ids=(0, 1), pad_id=1), 500,
                          np.arange(500) // 3)
     ids = torch.randint(0, 500, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -240,7 +241,7 @@ def test_cuda_matches_cpu():
 
 
 def test_numpy_input_and_dtypes():
-    hasher = NgramHasher(make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2), 1000)
+    hasher = NgramHasher(make_cfg(rows_per_head=(211, 307), n_head_per_ngram=2), 1000)
     ids = np.random.default_rng(0).integers(0, 1000, (2, 9))
     want = hasher.hash(torch.from_numpy(ids))
     for variant in (ids.astype(np.int32), ids.astype(np.uint16), ids.T.copy().T, ids.tolist()):
@@ -281,7 +282,7 @@ def test_native_int32_output_refuses_wide_tables():
 
 def test_int64_ids_for_tables_of_2_31_rows(monkeypatch):
     # A table of 2^31 rows or more needs int64 ids; the hasher switches by itself and refuses int32.
-    hasher = NgramHasher(make_cfg(engram_vocab_size=(211,), n_head_per_ngram=1, max_ngram_size=2,
+    hasher = NgramHasher(make_cfg(rows_per_head=(211,), n_head_per_ngram=1, max_ngram_size=2,
                                   layer_ids=(0,)), 1000)
     assert hasher.id_dtype == torch.int32
     big = dict(hasher.table_sizes)
@@ -303,7 +304,7 @@ def test_int64_ids_for_tables_of_2_31_rows(monkeypatch):
 # ----------------------------------------------------------------------------- errors
 @pytest.fixture(scope="module")
 def small_hasher() -> NgramHasher:
-    return NgramHasher(make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2, layer_ids=(0,),
+    return NgramHasher(make_cfg(rows_per_head=(211, 307), n_head_per_ngram=2, layer_ids=(0,),
                                 pad_id=0), 100, np.arange(100) // 2)
 
 
@@ -352,7 +353,7 @@ def test_empty_input(small_hasher):
 
 
 def test_native_backend_forced():
-    cfg = make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2)
+    cfg = make_cfg(rows_per_head=(211, 307), n_head_per_ngram=2)
     hasher = NgramHasher(cfg, 100)
     if not hashing.NATIVE_KERNEL_AVAILABLE:
         with pytest.raises(ValueError, match="not built"):
@@ -363,7 +364,7 @@ def test_native_backend_forced():
 
 
 def test_constructor_validation():
-    cfg = make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2, pad_id=5)
+    cfg = make_cfg(rows_per_head=(211, 307), n_head_per_ngram=2, pad_id=5)
     with pytest.raises(ValueError, match=r"pad_id=5 .*\[0, 5\)"):
         NgramHasher(cfg, 5)
     with pytest.raises(ValueError, match=r"shape \(9,\), expected \(10,\)"):
@@ -388,7 +389,7 @@ def test_compression_disabled_is_ignored():
 
 # ----------------------------------------------------------------------------- fingerprint
 def test_fingerprint():
-    cfg = make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2)
+    cfg = make_cfg(rows_per_head=(211, 307), n_head_per_ngram=2)
     lookup = np.arange(400) // 2
     base = NgramHasher(cfg, 400, lookup)
     fp = base.fingerprint()
@@ -396,11 +397,11 @@ def test_fingerprint():
     other_lookup = lookup.copy()
     other_lookup[7] = 0
     changed = [
-        NgramHasher(make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2, seed=1), 400, lookup),
+        NgramHasher(make_cfg(rows_per_head=(211, 307), n_head_per_ngram=2, seed=1), 400, lookup),
         NgramHasher(cfg, 400, other_lookup),
         NgramHasher(cfg, 400),
         NgramHasher(cfg, 401, np.arange(401) // 2),
-        NgramHasher(make_cfg(engram_vocab_size=(211, 307), n_head_per_ngram=2, layer_ids=(1,)), 400, lookup),
+        NgramHasher(make_cfg(rows_per_head=(211, 307), n_head_per_ngram=2, layer_ids=(1,)), 400, lookup),
     ]
     fps = [h.fingerprint() for h in changed]
     assert fp not in fps and len(set(fps)) == len(fps)

@@ -16,7 +16,7 @@ VOCAB = 500
 
 
 def _hasher(max_n: int, compressed: bool, pad_id: int = 3) -> NgramHasher:
-    cfg = EngramConfig(engram_vocab_size=(211, 307, 401)[:max_n - 1], max_ngram_size=max_n,
+    cfg = EngramConfig(rows_per_head=(211, 307, 401)[:max_n - 1], max_ngram_size=max_n,
                        n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(0, 2), pad_id=pad_id,
                        use_compression=compressed)
     return NgramHasher(cfg, VOCAB, np.arange(VOCAB) // 3 if compressed else None)

@@ -79,7 +79,7 @@ def test_rollback_keeps_plain_decoding_unchanged(model):
 
 def test_rollback_with_the_input_ngram_baseline(tiny):
     cfg = preset("tiny", tiny.VOCAB)
-    cfg.input_ngram = InputNgramConfig(kind="overencoding", max_ngram_size=3, table_size=101)
+    cfg.input_ngram = InputNgramConfig(kind="overencoding", max_ngram_size=3, rows_per_head=101)
     torch.manual_seed(0)
     m = EngramLM(cfg, tiny.compression()).eval()
     prompt, block, then = _ids(5, 6), _ids(6, 4), _ids(7, 2)

@@ -297,3 +297,16 @@ def test_save_removes_stale_files(saved) -> None:
     save_checkpoint(run, model, None, None, None)  # weights only now
     assert not (run / "optimizer.safetensors").exists()
     load_model(run)
+
+
+def test_checkpoint_with_the_old_table_size_key_loads_and_resumes(saved) -> None:
+    """Runs saved before ``rows_per_head`` was named so spell it ``engram_vocab_size``."""
+    run, model, _ = saved
+    _edit_config(run, lambda d: d["model"]["engram"].update(
+        engram_vocab_size=d["model"]["engram"].pop("rows_per_head")))
+    loaded, meta = load_model(run)
+    assert meta.model_config.engram.rows_per_head == model.cfg.engram.rows_per_head
+    assert torch.equal(_logits(loaded), _logits(model))
+    fresh = _model(seed=3)
+    state, _ = load_for_resume(run, fresh, build_optimizers(fresh, TrainConfig()))
+    assert state["step"] == 2

@@ -18,7 +18,7 @@ def _reference_layer(conformance_dir):
     tensors = load_file(str(path))
     meta = safe_open(str(path), "pt").metadata()
     cfg = EngramConfig(
-        engram_vocab_size=json.loads(meta["engram_vocab_size"]),
+        rows_per_head=json.loads(meta["engram_vocab_size"]),
         max_ngram_size=int(meta["max_ngram_size"]),
         n_embed_per_ngram=int(meta["n_embed_per_ngram"]),
         n_head_per_ngram=int(meta["n_head_per_ngram"]),

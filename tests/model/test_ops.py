@@ -117,7 +117,7 @@ def _previous_forward(layer: EngramLayer, h: torch.Tensor, ids: torch.Tensor) ->
 def test_engram_layer_training_step_matches_the_previous_computation(hc_mult):
     # Output and every gradient of a training forward/backward, against the nn-module version.
     torch.manual_seed(3)
-    cfg = EngramConfig(engram_vocab_size=(211, 223), n_embed_per_ngram=32, n_head_per_ngram=2,
+    cfg = EngramConfig(rows_per_head=(211, 223), n_embed_per_ngram=32, n_head_per_ngram=2,
                        layer_ids=(1,), pad_id=0, conv_zero_init=False)
     D = 48
     for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):

@@ -21,7 +21,7 @@ def _model(hc_mult: int = 1, input_ngram: bool = False) -> EngramLM:
     cfg = preset("tiny", VOCAB)
     cfg = dataclasses.replace(cfg, hc_mult=hc_mult,
                               engram=dataclasses.replace(cfg.engram, conv_zero_init=False),
-                              input_ngram=InputNgramConfig(kind="overencoding", max_ngram_size=3, table_size=97)
+                              input_ngram=InputNgramConfig(kind="overencoding", max_ngram_size=3, rows_per_head=97)
                               if input_ngram else None)
     torch.manual_seed(0)
     model = EngramLM(cfg, np.arange(VOCAB) // 2).eval()

@@ -11,7 +11,7 @@ from engram.science.retrofit import run_compare, splits, summary_markdown
 
 def _cfg(base, **kw):
     return RetrofitCompareConfig(base=str(base), seeds=(0, 1), steps=2, batch_size=2, seq_len=16,
-                                 lrs=(1e-2, 3e-2), layers=(1,), table_size=997, lora_rank=2, eval_batches=1, **kw)
+                                 lrs=(1e-2, 3e-2), layers=(1,), rows_per_head=997, lora_rank=2, eval_batches=1, **kw)
 
 
 def test_compare_runs_every_variant_chooses_lr_on_dev_and_resumes(tiny_base, tmp_path, one_thread):

@@ -15,7 +15,7 @@ from engram.retrofit.base import load_base, weights_digest
 from engram.retrofit.model import RetrofitLM
 from engram.retrofit.trainer import retrofit_train
 
-SMALL = dict(table_size=997, n_embed_per_ngram=32, n_head_per_ngram=2)
+SMALL = dict(rows_per_head=997, n_embed_per_ngram=32, n_head_per_ngram=2)
 
 
 def _retrofit(base, layers=(1,), **kw) -> RetrofitLM:

@@ -12,7 +12,7 @@ from engram.cli.main import main
 def adapter(tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter") / "a"
     rc = main(["retrofit", "train", "--base", str(tiny_base["base"]), "--data", str(tiny_base["data"]),
-               "--layers", "0,2", "--out", str(out), "--table-size", "997", "--n-embed-per-ngram", "32",
+               "--layers", "0,2", "--out", str(out), "--rows-per-head", "997", "--n-embed-per-ngram", "32",
                "--n-head-per-ngram", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
                "--eval-every", "2", "--eval-batches", "1", "--quiet"])
     assert rc == 0
@@ -78,7 +78,7 @@ def test_patch_train_apply_revert_on_an_adapter(adapter, tmp_path, capsys, one_t
 
 def test_bench_retrofit_json(tiny_base, capsys, one_thread):
     assert main(["bench", "retrofit", "--base", str(tiny_base["base"]), "--batch-size", "1", "--seq-len", "16",
-                 "--repeats", "2", "--train-steps", "1", "--table-size", "997", "--json"]) == 0
+                 "--repeats", "2", "--train-steps", "1", "--rows-per-head", "997", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     for key in ("overhead", "base_tokens_per_s", "retrofit_tokens_per_s", "train_tokens_per_s"):
         assert res[key] is not None and res[key] == res[key]
@@ -86,7 +86,7 @@ def test_bench_retrofit_json(tiny_base, capsys, one_thread):
     assert "lora_tokens_per_s" not in res
     # With --lora-rank: LoRA alone and LoRA + Engram, and the base object is left as it was.
     assert main(["bench", "retrofit", "--base", str(tiny_base["base"]), "--batch-size", "1", "--seq-len", "16",
-                 "--repeats", "2", "--train-steps", "1", "--table-size", "997", "--lora-rank", "2", "--json"]) == 0
+                 "--repeats", "2", "--train-steps", "1", "--rows-per-head", "997", "--lora-rank", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     for key in ("lora_tokens_per_s", "both_tokens_per_s", "lora_train_tokens_per_s", "both_train_tokens_per_s"):
         assert res[key] > 0, key

@@ -32,7 +32,7 @@ def test_smollm2_retrofit_train_generate_save_reload(tmp_path):
         ref = base.model(input_ids=x).logits
     before = weights_digest(base.model)
 
-    cfg = RetrofitConfig(base="smollm2-135m", layers=(1,), table_size=4099)
+    cfg = RetrofitConfig(base="smollm2-135m", layers=(1,), rows_per_head=4099)
     tcfg = TrainConfig(steps=4, batch_size=2, seq_len=64, lr=3e-3, warmup_steps=1, eval_every=4, eval_batches=1,
                        save_every=4, log_every=1)
     summary = retrofit_train(cfg, tcfg, tmp_path / "data", tmp_path / "adapter", base=base, progress=False)
@@ -65,7 +65,7 @@ def test_smollm2_padded_batch_generates_as_one_prompt_at_a_time():
     pad = tok.convert_tokens_to_ids("the")
     assert pad != base.pad_id
     tok.pad_token_id = pad
-    cfg = RetrofitConfig(base="smollm2-135m", layers=(1, 8), table_size=4099)
+    cfg = RetrofitConfig(base="smollm2-135m", layers=(1, 8), rows_per_head=4099)
     model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # an untrained Engram outputs zeros; random weights make it matter

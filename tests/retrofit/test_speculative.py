@@ -16,7 +16,7 @@ from engram.retrofit.speculative import RetrofitTarget
 
 def _model(tiny_base) -> RetrofitLM:
     base = load_base(str(tiny_base["base"]))
-    cfg = RetrofitConfig(base=base.name, layers=(0, 2), table_size=997, n_embed_per_ngram=32, n_head_per_ngram=2)
+    cfg = RetrofitConfig(base=base.name, layers=(0, 2), rows_per_head=997, n_embed_per_ngram=32, n_head_per_ngram=2)
     model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

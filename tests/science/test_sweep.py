@@ -112,7 +112,7 @@ def test_input_ngram_config_validation():
                                                 ("bigram", 2, True)])
 def test_input_ngram_model_trains_and_decodes_incrementally(kind, n, every_layer):
     cfg = preset("tiny-dense", 97)
-    cfg.input_ngram = InputNgramConfig(kind=kind, table_size=61, max_ngram_size=n, zero_init=False,
+    cfg.input_ngram = InputNgramConfig(kind=kind, rows_per_head=61, max_ngram_size=n, zero_init=False,
                                        every_layer=every_layer)
     cfg = ModelConfig.from_dict(cfg.to_dict())  # dict round trip (checkpoints)
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_every_layer_bigram_adds_the_row_before_every_block():
     # With all scales but block i's at zero, the model equals one that adds the row only
     # before block i; with every scale at zero, the plain backbone.
     cfg = preset("tiny-dense", 97)
-    cfg.input_ngram = InputNgramConfig(table_size=61, zero_init=False, every_layer=True)
+    cfg.input_ngram = InputNgramConfig(rows_per_head=61, zero_init=False, every_layer=True)
     torch.manual_seed(0)
     model = EngramLM(cfg).eval()
     plain_cfg = preset("tiny-dense", 97)
@@ -276,7 +276,7 @@ def test_bigram_sweep_is_the_modded_nanogpt_form_at_equal_engram_total():
     assert len(lrs) >= 3 and lrs[-1] / lrs[0] >= 10
     big = res["bigram-5v-lr1"]
     assert big.model["input_ngram"]["every_layer"] is True
-    assert big.model["input_ngram"]["table_size"] == 5 * 4096
+    assert big.model["input_ngram"]["rows_per_head"] == 5 * 4096
     assert big.model["n_routed_experts"] == res["moe"].model["n_routed_experts"]
     for r in res.values():
         if r.group == "engram-iso":

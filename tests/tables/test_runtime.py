@@ -231,7 +231,7 @@ def test_bench_offload_runs_end_to_end_on_tiny_sizes(tmp_path, tiny):
     data = tiny.dataset(tmp_path / "data")
     before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     res = bench_offload(str(data), batch_size=2, seq_len=32, rounds=3, batches_per_round=2,
-                        warm_batches=2, cache_rows=64, table_rows_per_order=256, io_threads=2,
+                        warm_batches=2, cache_rows=64, rows_per_head=256, io_threads=2,
                         workdir=str(tmp_path), process=True, capacity_batches=3, standin_batches=3)
     assert res["outputs_equal"] is True
     assert len(res["repeats"]) == 3 and [r["rounds"] for r in res["repeats"]] == [[1, 1], [2, 2], [3, 3]]
@@ -294,7 +294,7 @@ def test_bench_offload_ends_its_helper_processes_when_a_stage_fails(tmp_path, mo
     monkeypatch.setattr(offload, failing, fail_on_last_call)
     with pytest.raises(RuntimeError, match="stage failed"):
         offload.bench_offload(str(data), batch_size=2, seq_len=32, rounds=1, batches_per_round=2,
-                              warm_batches=2, cache_rows=64, table_rows_per_order=256, io_threads=2,
+                              warm_batches=2, cache_rows=64, rows_per_head=256, io_threads=2,
                               workdir=str(tmp_path), process=True, pin=True, threads=2,
                               capacity_batches=2, standin_batches=2)
     assert at_failure["helpers"]  # helpers were running when the stage failed...

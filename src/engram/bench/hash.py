@@ -135,7 +135,7 @@ def bench_hash(batch_size: int = 8, seq_len: int = 4096, repeats: int = 5,
                   "output-sized tensor (and numpy fill of 256 MiB), one thread, same loop",
         "config": {"layer_ids": list(cfg.layer_ids), "max_ngram_size": cfg.max_ngram_size,
                    "n_head_per_ngram": cfg.n_head_per_ngram,
-                   "engram_vocab_size": list(cfg.engram_vocab_size),
+                   "rows_per_head": list(cfg.rows_per_head),
                    "tokenizer_vocab_size": DEEPSEEK_VOCAB, "compression": "identity"},
     }
 

@@ -102,14 +102,14 @@ def _bench_workspace(closing: ExitStack, workdir: Optional[str], threads: Option
     return tmp, data_path, ds
 
 
-def _preset_config(preset_name: str, vocab: int, table_rows_per_order: Optional[int]) -> ModelConfig:
-    """``preset_name`` at ``vocab``; with ``table_rows_per_order`` the engram-moe preset with
+def _preset_config(preset_name: str, vocab: int, rows_per_head: Optional[int]) -> ModelConfig:
+    """``preset_name`` at ``vocab``; with ``rows_per_head`` the engram-moe preset with
     tables of that size (``bench_config``)."""
-    if table_rows_per_order is None:
+    if rows_per_head is None:
         return preset(preset_name, vocab)
     if preset_name != "engram-moe":
-        raise EngramError(f"table_rows_per_order applies to the engram-moe preset, not {preset_name!r}")
-    return bench_config(vocab, table_rows_per_order)
+        raise EngramError(f"rows_per_head applies to the engram-moe preset, not {preset_name!r}")
+    return bench_config(vocab, rows_per_head)
 
 
 @contextmanager
@@ -184,11 +184,11 @@ def _unpin_cpus(pinned: Optional[dict[str, Any]]) -> None:
             pass
 
 
-def bench_config(vocab_size: int, table_rows_per_order: int) -> ModelConfig:
-    """The ``engram-moe`` preset with bigger tables (rows per head ~ ``table_rows_per_order``)."""
+def bench_config(vocab_size: int, rows_per_head: int) -> ModelConfig:
+    """The ``engram-moe`` preset with bigger tables (rows per head ~ ``rows_per_head``)."""
     cfg = preset("engram-moe", vocab_size)
     assert cfg.engram is not None
-    eng = dataclasses.replace(cfg.engram, engram_vocab_size=(table_rows_per_order,) * len(cfg.engram.engram_vocab_size))
+    eng = dataclasses.replace(cfg.engram, rows_per_head=(rows_per_head,) * len(cfg.engram.rows_per_head))
     return dataclasses.replace(cfg, engram=eng)
 
 
@@ -208,7 +208,7 @@ class _OffloadSettings:
     batches_per_round: int
     warm_batches: int
     cache_rows: int
-    table_rows_per_order: int
+    rows_per_head: int
     policy: str
     io_threads: int
     dtype: str
@@ -223,7 +223,7 @@ class _OffloadSettings:
 def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_len: int = 256,
                   rounds: int = 12, batches_per_round: int = 8, warm_batches: int = 200,
                   cache_rows: int = 1 << 20,
-                  table_rows_per_order: int = 409_600, policy: str = "lru", io_threads: int = 16,
+                  rows_per_head: int = 409_600, policy: str = "lru", io_threads: int = 16,
                   dtype: str = "fp32", cold: bool = True, workdir: Optional[str] = None,
                   threads: Optional[int] = 1, process: bool = True, pin: bool = True,
                   progress: bool = False, seed: int = 0, repeats: int = 3, capacity_batches: int = 16,
@@ -255,7 +255,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
     if threads is not None and threads < 1:
         raise EngramError(f"threads={threads} must be >= 1")
     s = _OffloadSettings(batch_size, seq_len, rounds, batches_per_round, warm_batches, cache_rows,
-                         table_rows_per_order, policy, io_threads, dtype, cold, process,
+                         rows_per_head, policy, io_threads, dtype, cold, process,
                          min(repeats, rounds),  # a repeat is a block of whole rounds
                          capacity_batches, standin_batches,
                          None if standin_tokens_per_s is None else tuple(float(v) for v in standin_tokens_per_s))
@@ -263,7 +263,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_le
     t_setup = time.perf_counter()
     with ExitStack() as closing:  # unwinds last-in first-out: runtimes, then threads, then the directory
         tmp, data_path, ds = _bench_workspace(closing, workdir, threads, data_dir, progress)
-        cfg = bench_config(int(ds.meta["vocab_size"]), table_rows_per_order)
+        cfg = bench_config(int(ds.meta["vocab_size"]), rows_per_head)
         if seq_len > cfg.max_seq_len:
             raise EngramError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         warm, batches, extra = _offload_batches(ds, s)
@@ -561,8 +561,8 @@ def _offload_report(models: dict[str, torch.nn.Module], header: TableHeader, s: 
         "batches_per_round": s.batches_per_round, "warmup_rounds": 1,
         "warm_batches": s.warm_batches, "warm_tokens": s.warm_batches * s.batch_size * s.seq_len,
         "warm_s": warm_s, "warm_hit_rate": warm_hit_rate,
-        "model": "engram-moe backbone, engram_vocab_size per order "
-                 f"{s.table_rows_per_order}, {header.rows:,} table rows x {header.dim}",
+        "model": "engram-moe backbone, rows per hash head "
+                 f"{s.rows_per_head}, {header.rows:,} table rows x {header.dim}",
         "torch_threads": torch.get_num_threads(), "cpu_pinning": rounds_run["pinned"],
         "loadavg_before": rounds_run["load_before"], "loadavg_after": rounds_run["load_after"], "setup_s": setup_s,
     }
@@ -703,11 +703,11 @@ def _serve_eval_and_generate(model: torch.nn.Module, header: TableHeader, open_s
 def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, batch_size: int = 16,
                           seq_len: int = 128, preset_name: str = "engram-moe", rounds: int = 3,
                           threads: Optional[int] = 1, workdir: Optional[str] = None,
-                          table_rows_per_order: Optional[int] = None,
+                          rows_per_head: Optional[int] = None,
                           progress: bool = False) -> dict[str, Any]:
     """Training step time with dense Adam vs SparseRowAdam on the tables (same model, same batches).
 
-    ``table_rows_per_order`` enlarges the ``engram-moe`` tables (as in :func:`bench_config`):
+    ``rows_per_head`` enlarges the ``engram-moe`` tables (as in :func:`bench_config`):
     dense Adam's cost and state grow with the table, the sparse one's with the rows touched.
 
     Both runs start from the same weights; steps alternate between them in rounds so machine
@@ -716,7 +716,7 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, ba
     """
     with ExitStack() as closing:  # unwinds last-in first-out: threads, then the directory
         _, data_path, ds = _bench_workspace(closing, workdir, threads, data_dir, progress)
-        cfg = _preset_config(preset_name, int(ds.meta["vocab_size"]), table_rows_per_order)
+        cfg = _preset_config(preset_name, int(ds.meta["vocab_size"]), rows_per_head)
         compression = _dataset_compression(cfg, ds, data_path)
         runs = {}
         for name in ("adam", "sparse_adam"):

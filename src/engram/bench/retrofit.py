@@ -94,14 +94,14 @@ def _lora_speeds(model: RetrofitLM, x: torch.Tensor, y: torch.Tensor, rank: int,
 
 
 def bench_retrofit(base: str = "smollm2-135m", layers: tuple[int, ...] = (1,), batch_size: int = 4,
-                   seq_len: int = 256, repeats: int = 5, train_steps: int = 3, table_size: int = 131_072,
+                   seq_len: int = 256, repeats: int = 5, train_steps: int = 3, rows_per_head: int = 131_072,
                    threads: Optional[int] = None, loaded: Optional[BaseModel] = None,
                    lora_rank: int = 0, progress: bool = False) -> dict[str, Any]:
     """Tokens/s of base and retrofit at the same batch (see the module docstring)."""
     if threads:
         torch.set_num_threads(threads)
     b = loaded or load_base(base, progress=progress)
-    cfg = RetrofitConfig(base=b.name, layers=layers, table_size=table_size)
+    cfg = RetrofitConfig(base=b.name, layers=layers, rows_per_head=rows_per_head)
     model = RetrofitLM(b.model, cfg, build_compression(b.tokenizer).lookup, b.pad_id)
     try:
         g = torch.Generator().manual_seed(0)

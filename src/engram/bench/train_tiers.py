@@ -69,18 +69,18 @@ def _table_ram(tier_name: str, model: EngramLM, opt: Any, tiers: list[TrainableT
 
 def bench_train_tiers(data_dir: Optional[str] = None, *, steps: int = 8, rounds: int = 3, batch_size: int = 16,
                       seq_len: int = 128, cache_rows: int = 16384, preset_name: str = "engram-moe",
-                      table_rows_per_order: Optional[int] = None, threads: Optional[int] = 1,
+                      rows_per_head: Optional[int] = None, threads: Optional[int] = 1,
                       workdir: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
     """Step time and table RAM for each ``table_storage`` (see the module docstring).
 
-    ``cache_rows``: the cached tier's pool per Engram table. ``table_rows_per_order`` enlarges
+    ``cache_rows``: the cached tier's pool per Engram table. ``rows_per_head`` enlarges
     the ``engram-moe`` tables. ``rounds`` timed rounds of ``steps`` steps per tier follow one
     warm-up round.
     """
     with ExitStack() as closing:
         tmp, data_path, ds = _bench_workspace(closing, workdir, threads, data_dir, progress,
                                               prefix="engram-bench-tiers-")
-        cfg = _preset_config(preset_name, int(ds.meta["vocab_size"]), table_rows_per_order)
+        cfg = _preset_config(preset_name, int(ds.meta["vocab_size"]), rows_per_head)
         if cfg.engram is None:
             raise EngramError(f"preset {preset_name!r} has no Engram tables to place; use engram-moe")
         compression = _dataset_compression(cfg, ds, data_path)

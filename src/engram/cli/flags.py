@@ -1,7 +1,7 @@
 """Flags generated from the config dataclasses, the flags many commands share, and the parser.
 
 ``add_config_flags(parser, Config)`` adds one flag per field of a config dataclass: ``--field-name``
-unless the field's metadata names another ``flag``; type, default, help, choices and metavar come
+unless the field's metadata names another ``flag`` (and ``aliases``, old spellings that still work); type, default, help, choices and metavar come
 from the field (``engram.config.setting``). ``config_from_args(args, Config)`` builds the config
 back from the parsed flags, so a new field is a new flag with nothing else to write. ``add_common``
 declares ``--json --quiet --data --ckpt --out`` once. ``ArgumentParser`` prints argparse's own
@@ -78,7 +78,7 @@ def add_config_flags(parser: Any, cls: type, *, only: Optional[tuple[str, ...]] 
                 kw["type"] = typ
         if kw.get("type") is str:
             del kw["type"]
-        parser.add_argument(flag_name(f), **kw)
+        parser.add_argument(flag_name(f), *meta.get("aliases", ()), **kw)  # aliases: old spellings
 
 
 def config_from_args(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:

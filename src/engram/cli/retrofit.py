@@ -34,7 +34,7 @@ from engram.cli.flags import (
 from engram.cli.table import adapter_storage, load_adapter_for
 from engram.config import RetrofitCompareConfig, RetrofitConfig, RetrofitFactsConfig, SamplingConfig, TrainConfig
 
-_RETROFIT_FLAGS = ("base", "table_size", "max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "hash_seed",
+_RETROFIT_FLAGS = ("base", "rows_per_head", "max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "hash_seed",
                    "lora_rank", "lora_alpha", "lora_targets")
 _TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                 "table_lr_mult", "grad_clip", "eval_every", "eval_batches", "save_every", "log_every", "seed",
@@ -140,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     res = bench_retrofit(base=args.base, layers=tuple(int_list(args.layers, "--layers")),
                          batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
-                         train_steps=args.train_steps, table_size=args.table_size, threads=args.threads,
+                         train_steps=args.train_steps, rows_per_head=args.rows_per_head, threads=args.threads,
                          lora_rank=args.lora_rank, progress=not args.json)
     if args.json:
         print(json.dumps(res))
@@ -243,7 +243,8 @@ def register(sub: Any, bench: Any) -> None:
     b.add_argument("--seq-len", type=int, default=256)
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--train-steps", type=int, default=3)
-    b.add_argument("--table-size", type=int, default=131_072)
+    b.add_argument("--rows-per-head", "--table-size", type=int, default=131_072,
+                   help="Engram rows per hash head (--table-size is the old name)")
     b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     b.add_argument("--lora-rank", type=int, default=0,
                    help="also time LoRA of this rank (Engram off) and LoRA + Engram against the base")

@@ -217,9 +217,9 @@ def _hasher_for(args: argparse.Namespace, ds: Any):
         from engram.training.trainer import _dataset_compression
 
         cfg = preset(args.preset, int(ds.meta["vocab_size"]))
-        if args.table_rows and cfg.engram is not None:  # e.g. the offload benchmark's bigger tables
-            eng = dataclasses.replace(cfg.engram, engram_vocab_size=(args.table_rows,) * len(
-                cfg.engram.engram_vocab_size))
+        if args.rows_per_head and cfg.engram is not None:  # e.g. the offload benchmark's bigger tables
+            eng = dataclasses.replace(cfg.engram, rows_per_head=(args.rows_per_head,) * len(
+                cfg.engram.rows_per_head))
             cfg = dataclasses.replace(cfg, engram=eng)
         compression = _dataset_compression(cfg, ds, Path(args.data))
     if cfg.engram is None:
@@ -254,7 +254,7 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
     res = bench_offload(args.data, batch_size=args.batch_size, seq_len=args.seq_len, rounds=args.rounds,
                         batches_per_round=args.batches, warm_batches=args.warm_batches,
                         cache_rows=args.cache_rows,
-                        table_rows_per_order=args.table_rows, policy=args.policy,
+                        rows_per_head=args.rows_per_head, policy=args.policy,
                         io_threads=args.io_threads, dtype=args.dtype, cold=not args.warm,
                         workdir=args.workdir, threads=args.threads, process=args.fetch_process,
                         pin=args.pin, progress=not args.json, repeats=args.repeats,
@@ -300,7 +300,7 @@ def cmd_bench_table_optimizer(args: argparse.Namespace) -> int:
 
     res = bench_table_optimizer(args.data, steps=args.steps, batch_size=args.batch_size,
                                 seq_len=args.seq_len, rounds=args.rounds, threads=args.threads,
-                                table_rows_per_order=args.table_rows, progress=not args.json)
+                                rows_per_head=args.rows_per_head, progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -316,7 +316,7 @@ def cmd_bench_train_tiers(args: argparse.Namespace) -> int:
 
     res = bench_train_tiers(args.data, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size,
                             seq_len=args.seq_len, cache_rows=args.cache_rows, threads=args.threads,
-                            table_rows_per_order=args.table_rows, progress=not args.json)
+                            rows_per_head=args.rows_per_head, progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -354,7 +354,8 @@ def register(sub: Any, bench: Any) -> None:
     src = s.add_mutually_exclusive_group()
     add_common(src, "--ckpt", help="use this run's hashing configuration")
     src.add_argument("--preset", default="engram-moe", help="or a preset's (default engram-moe)")
-    s.add_argument("--table-rows", type=int, help="with --preset: engram_vocab_size per order (bigger tables)")
+    s.add_argument("--rows-per-head", "--table-rows", type=int,
+                   help="with --preset: rows per hash head (bigger tables; --table-rows is the old name)")
     s.add_argument("--split", choices=["train", "val"], default="train")
     s.add_argument("--tokens", type=int, default=1_000_000, help="tokens of the stream (default 1M)")
     s.add_argument("--batch-size", type=int, default=16)
@@ -378,7 +379,8 @@ def register(sub: Any, bench: Any) -> None:
     o.add_argument("--warm-batches", type=int, default=200,
                    help="batches of the stream replayed into the pools first (steady state)")
     o.add_argument("--cache-rows", type=int, default=1 << 20, help="pool rows per layer")
-    o.add_argument("--table-rows", type=int, default=409_600, help="engram_vocab_size per order")
+    o.add_argument("--rows-per-head", "--table-rows", type=int, default=409_600,
+                   help="rows per hash head (--table-rows is the old name)")
     o.add_argument("--policy", choices=CACHE_POLICIES, default="lru")
     o.add_argument("--io-threads", type=int, default=16)
     o.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -404,7 +406,8 @@ def register(sub: Any, bench: Any) -> None:
     add_common(to, "--data", help="prepared dataset (default: build the built-in one)")
     to.add_argument("--steps", type=int, default=12, help="steps per round and optimizer")
     to.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
-    to.add_argument("--table-rows", type=int, help="engram_vocab_size per order (default: the preset's)")
+    to.add_argument("--rows-per-head", "--table-rows", type=int,
+                    help="rows per hash head (default: the preset's; --table-rows is the old name)")
     to.add_argument("--batch-size", type=int, default=16)
     to.add_argument("--seq-len", type=int, default=128)
     to.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -417,7 +420,8 @@ def register(sub: Any, bench: Any) -> None:
     tt.add_argument("--steps", type=int, default=8, help="steps per round and tier")
     tt.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
     tt.add_argument("--cache-rows", type=int, default=16384, help="cached tier: pool rows per table")
-    tt.add_argument("--table-rows", type=int, help="engram_vocab_size per order (default: the preset's)")
+    tt.add_argument("--rows-per-head", "--table-rows", type=int,
+                    help="rows per hash head (default: the preset's; --table-rows is the old name)")
     tt.add_argument("--batch-size", type=int, default=16)
     tt.add_argument("--seq-len", type=int, default=128)
     tt.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")

@@ -8,7 +8,7 @@ Bit-exact with DeepSeek's reference (``NgramHashMapping`` in deepseek-ai/Engram)
   ``numpy.random.default_rng(seed + 10007 * layer_id)`` below ``(int64_max // Vc) // 2``;
 - ``mix_n(t) = XOR_{k<n} c[t-k] * m[k]`` (positions before 0 hold the compressed pad id), and
   head ``j`` of order ``n`` reads row ``mix_n(t) mod p[layer][n-2][j]``, where every head of the
-  model has its own prime ``p`` just above ``engram_vocab_size[n-2]``.
+  model has its own prime ``p`` just above ``rows_per_head[n-2]``.
 
 Padding: with an ``attention_mask`` (1 = real token, 0 = padding), every masked position reads
 as the pad id, like the positions before 0. A left-padded row therefore hashes exactly as its
@@ -389,7 +389,8 @@ class NgramHasher:
             "config": {
                 "max_ngram_size": c.max_ngram_size,
                 "n_head_per_ngram": c.n_head_per_ngram,
-                "engram_vocab_size": list(c.engram_vocab_size),
+                # the key keeps its old spelling: it is part of every recorded fingerprint
+                "engram_vocab_size": list(c.rows_per_head),
                 "layer_ids": list(c.layer_ids),
                 "pad_id": c.pad_id,
                 "seed": c.seed,

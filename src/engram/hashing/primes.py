@@ -37,7 +37,7 @@ def is_prime(n: int) -> bool:
 def find_table_sizes(cfg: EngramConfig) -> dict[int, list[list[int]]]:
     """Prime table size of every head: ``{layer_id: [order n=2..N][head]}``.
 
-    Each order's search restarts just above ``engram_vocab_size[n-2] - 1`` and takes the next
+    Each order's search restarts just above ``rows_per_head[n-2] - 1`` and takes the next
     primes not yet used anywhere in the model, so no two heads (of any layer) share a size.
     """
     used: set[int] = set()
@@ -45,7 +45,7 @@ def find_table_sizes(cfg: EngramConfig) -> dict[int, list[list[int]]]:
     for layer_id in cfg.layer_ids:
         per_order = []
         for n in range(2, cfg.max_ngram_size + 1):
-            candidate = cfg.engram_vocab_size[n - 2] - 1
+            candidate = cfg.rows_per_head[n - 2] - 1
             heads = []
             for _ in range(cfg.n_head_per_ngram):
                 candidate += 1

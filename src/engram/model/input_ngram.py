@@ -13,8 +13,8 @@ With ``every_layer`` (bigram only) the row is not added to the input embedding b
 residual stream before every block, block i scaling it by its own learned ``layer_scales[i]``
 (init 1): ``h <- h + layer_scales[i] * row`` (the modded-nanogpt form).
 
-Rows are D wide (the backbone hidden size), so a table of ``table_size`` rows has
-``table_size * D`` parameters; they are trained like Engram tables (Adam at ``table_lr_mult``,
+Rows are D wide (the backbone hidden size), so a table of ``rows_per_head`` rows has
+``rows_per_head * D`` parameters; they are trained like Engram tables (Adam at ``table_lr_mult``,
 no weight decay) because ``EngramLM.table_parameters()`` includes them.
 
 Hashing is a multiply-xor over the last n token ids modulo a prime table size (odd per-order
@@ -43,7 +43,7 @@ class InputNgramEmbedding(nn.Module):
         self.cfg = cfg
         # every_layer: one scale per block for the row added before it (not a table parameter)
         self.layer_scales = nn.Parameter(torch.ones(num_layers)) if cfg.every_layer else None
-        self.sizes = [next_prime(cfg.table_size)] * len(cfg.orders)
+        self.sizes = [next_prime(cfg.rows_per_head)] * len(cfg.orders)
         rng = np.random.default_rng([cfg.seed, 0x6E6772])
         # Odd multipliers below 2^20 keep every product of a token id (< 2^20) in int64.
         mults = rng.integers(1, 1 << 19, size=(len(cfg.orders), cfg.max_ngram_size)) * 2 + 1

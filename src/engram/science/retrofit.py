@@ -91,7 +91,7 @@ class _PlainBase(nn.Module):
 
 def variant_config(cfg: RetrofitCompareConfig, variant: str) -> RetrofitConfig:
     engram, lora = variant in ("engram", "both"), variant in ("lora", "both")
-    return RetrofitConfig(base=cfg.base, layers=cfg.layers if engram else (), table_size=cfg.table_size,
+    return RetrofitConfig(base=cfg.base, layers=cfg.layers if engram else (), rows_per_head=cfg.rows_per_head,
                           lora_rank=cfg.lora_rank if lora else 0)
 
 

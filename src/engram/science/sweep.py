@@ -42,6 +42,7 @@ Student-t CDF computed exactly for integer degrees of freedom (``engram.stats``)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -55,7 +56,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from engram.config import PRESETS, ModelConfig, TrainConfig, preset
+from engram.config import PRESETS, ModelConfig, TrainConfig, canonical_model_dict, preset
 from engram.data import shards as data
 from engram.data.shards import load_dataset
 from engram.errors import EngramError
@@ -191,36 +192,32 @@ def fill_tables(model: dict[str, Any], target_total: int) -> dict[str, Any]:
     if eng is not None and inp is not None:
         raise SweepError("fill_to sizes one kind of table; give either 'engram' or 'input_ngram'")
 
+    def with_rows(rows_per_head: int) -> ModelConfig:
+        cfg = ModelConfig.from_dict(copy.deepcopy(model))
+        if cfg.engram is not None:
+            return dataclasses.replace(cfg, engram=dataclasses.replace(
+                cfg.engram, rows_per_head=(rows_per_head,) * (cfg.engram.max_ngram_size - 1)))
+        return dataclasses.replace(cfg, input_ngram=dataclasses.replace(cfg.input_ngram, rows_per_head=rows_per_head))
+
     def total_with(rows_per_head: int) -> tuple[int, int]:
-        m = copy.deepcopy(model)
-        if eng is not None:
-            n_orders = m["engram"]["max_ngram_size"] - 1
-            m["engram"]["engram_vocab_size"] = [rows_per_head] * n_orders
-        else:
-            m["input_ngram"]["table_size"] = rows_per_head
-        acc = account(ModelConfig.from_dict(m))
+        acc = account(with_rows(rows_per_head))
         return acc["total"], acc["table_params"]
 
     probe = 64
     tot, tab = total_with(probe)
     rest = tot - tab
-    if eng is not None:
-        dh = eng["n_embed_per_ngram"] // eng["n_head_per_ngram"]
-        heads = (eng["max_ngram_size"] - 1) * eng["n_head_per_ngram"] * len(eng["layer_ids"])
-    else:
-        dh = model["hidden_size"]
-        heads = inp["max_ngram_size"] - 1
+    cfg = with_rows(probe)
+    if cfg.engram is not None:  # heads of every Engram layer, each row head_dim wide
+        dh, heads = cfg.engram.head_dim, cfg.engram.num_heads_total * len(cfg.engram.layer_ids)
+    else:  # one table per order, rows as wide as the residual stream
+        dh, heads = cfg.hidden_size, len(cfg.input_ngram.orders)
     per_head = (target_total - rest) // (dh * heads)
     if per_head < 2:
         raise SweepError(f"target total {target_total:,} leaves {target_total - rest:,} params for tables "
                          f"(non-table params {rest:,}); raise the budget or shrink the non-table part")
     tot, _ = total_with(per_head)
     per_head -= max(0, (tot - target_total)) // (dh * heads)  # undo the prime rounding overshoot
-    if eng is not None:
-        model["engram"]["engram_vocab_size"] = [per_head] * (eng["max_ngram_size"] - 1)
-    else:
-        model["input_ngram"]["table_size"] = per_head
-    return model
+    return with_rows(per_head).to_dict()
 
 
 @dataclass
@@ -237,7 +234,8 @@ class ResolvedConfig:
 def resolve(spec: SweepSpec) -> list[ResolvedConfig]:
     """Full model dicts for every config, with tables filled to their budgets and accounted."""
     base = base_model(spec)
-    merged = {c.name: ModelConfig.from_dict(_merge(base, c.model)).to_dict() for c in spec.configs}
+    merged = {c.name: ModelConfig.from_dict(_merge(base, canonical_model_dict(c.model))).to_dict()
+              for c in spec.configs}
     totals: dict[str, int] = {}
     out = []
     order = sorted(spec.configs, key=lambda c: c.fill_to is not None)  # budgets before fillers
@@ -268,6 +266,12 @@ def train_config(spec: SweepSpec, seed: int, overrides: Optional[dict[str, Any]]
 
 
 def run_key(model: dict[str, Any], train: dict[str, Any]) -> str:
+    """The run directory's name: a hash of the configs. Keys renamed since (``rows_per_head``) are
+    hashed under their old spelling, so runs made before the rename are found again."""
+    model = copy.deepcopy(model)
+    for section, old in (("engram", "engram_vocab_size"), ("input_ngram", "table_size")):
+        if isinstance(model.get(section), dict) and "rows_per_head" in model[section]:
+            model[section][old] = model[section].pop("rows_per_head")
     blob = json.dumps({"model": model, "train": train}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -643,7 +647,7 @@ def _tiny_backbone(vocab_size: int) -> dict[str, Any]:
 _BACKBONES: dict[str, Callable[[int], dict[str, Any]]] = {"science": science_backbone, "tiny-moe": _tiny_backbone}
 
 # Engram at this scale: 2- and 3-grams, 4 heads per order of 16 dims, at layer 1 of 3.
-SCIENCE_ENGRAM = {"engram_vocab_size": [2053, 2053], "max_ngram_size": 3, "n_embed_per_ngram": 64,
+SCIENCE_ENGRAM = {"rows_per_head": [2053, 2053], "max_ngram_size": 3, "n_embed_per_ngram": 64,
                   "n_head_per_ngram": 4, "layer_ids": [1], "pad_id": 0}
 LR_MULTS = (1.0, 5.0, 25.0)  # table lr multipliers swept for the bigram baseline
 SCIENCE_TRAIN = {"steps": 250, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup_steps": 25,
@@ -679,7 +683,7 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
     if name == "table-size":
         cfgs = [ConfigSpec("moe", {}, note="backbone alone")]
         for k in (9, 11, 13, 15):  # slots per hash head; 8 heads at 16 dims
-            cfgs.append(ConfigSpec(f"slots=2^{k}", {"engram": {**eng, "engram_vocab_size": [2 ** k, 2 ** k]}},
+            cfgs.append(ConfigSpec(f"slots=2^{k}", {"engram": {**eng, "rows_per_head": [2 ** k, 2 ** k]}},
                                    x=float(k)))
         return SweepSpec("table-size", cfgs, base="science", train=train, seeds=seeds,
                          reference="moe", kind="table-size", vocab_size=vocab_size)
@@ -709,7 +713,7 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
             ConfigSpec("engram-hc4", {**e12, "hc_mult": 4, "engram": eng}, fill_to="reference",
                        note="4 hyper-connection branches"),
             ConfigSpec("engram-4gram", {**e12, "engram": {**eng, "max_ngram_size": 4,
-                                                          "engram_vocab_size": [2053] * 3}},
+                                                          "rows_per_head": [2053] * 3}},
                        fill_to="reference"),
             ConfigSpec("engram-layer0", {**e12, "engram": {**eng, "layer_ids": [0]}}, fill_to="reference"),
             ConfigSpec("dense-iso-active", {"ffn": "dense", "intermediate_size": 192},
@@ -722,7 +726,7 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
         # row is added before every block with a learned per-block scale, on the full MoE. Its
         # table lr is swept (x1, x5, x25 the backbone's); Engram gets the same total, filled
         # into its tables, and the same lr choice made on dev.
-        big = {"input_ngram": {"kind": "bigram", "every_layer": True, "table_size": 5 * vocab_size}}
+        big = {"input_ngram": {"kind": "bigram", "every_layer": True, "rows_per_head": 5 * vocab_size}}
         cfgs = [ConfigSpec("moe", {}, note="16 routed experts, no tables")]
         for m in LR_MULTS:
             cfgs.append(ConfigSpec(f"bigram-5v-lr{m:g}", big, train={"table_lr_mult": m}, group="bigram-5v",
@@ -734,7 +738,7 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
         return SweepSpec("bigram", cfgs, base="science", train=train, seeds=seeds, reference="moe",
                          kind="baselines", vocab_size=vocab_size)
     if name == "smoke":
-        tiny_eng = {"engram_vocab_size": [101, 101], "max_ngram_size": 3, "n_embed_per_ngram": 16,
+        tiny_eng = {"rows_per_head": [101, 101], "max_ngram_size": 3, "n_embed_per_ngram": 16,
                     "n_head_per_ngram": 2, "layer_ids": [1], "pad_id": 0}
         cfgs = [ConfigSpec("moe", {}, x=1.0),
                 ConfigSpec("engram", {"n_routed_experts": 2, "engram": tiny_eng}, x=0.5, fill_to="reference"),

@@ -358,7 +358,7 @@ def build_model_without_tables(cfg: ModelConfig, compression: Optional[np.ndarra
     """
     if cfg.engram is None:
         raise StorageError("the model config has no Engram layers, so there are no tables to offload")
-    tiny = dataclasses.replace(cfg.engram, engram_vocab_size=tuple(2 for _ in cfg.engram.engram_vocab_size))
+    tiny = dataclasses.replace(cfg.engram, rows_per_head=tuple(2 for _ in cfg.engram.rows_per_head))
     model = EngramLM(dataclasses.replace(cfg, engram=tiny), compression)
     model.cfg = cfg
     model.hasher = NgramHasher(cfg.engram, cfg.vocab_size, compression if cfg.engram.use_compression else None)
