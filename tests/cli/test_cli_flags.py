@@ -1,6 +1,7 @@
 """Command-line flags generated from the configs: every field settable, defaults from one place,
 wrong types refused in one line, and a parser that does not load torch."""
 
+import argparse
 import dataclasses
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import engram.cli.bench as cli_bench
 import engram.cli.main as cli_main
 from engram.cli.flags import add_config_flags, config_from_args, flag_name, int_list
 from engram.cli.main import GENERATE_DEFAULTS, build_parser, main
@@ -151,12 +153,12 @@ def test_main_catches_engram_errors_only(monkeypatch, capsys):
             raise exc
         return fn
 
-    monkeypatch.setattr(cli_main, "cmd_bench_hash", raising(EngramError("bad input, fix it")))
+    monkeypatch.setattr(cli_bench, "cmd_bench_hash", raising(EngramError("bad input, fix it")))
     assert main(argv) == 2 and capsys.readouterr().err == "engram: error: bad input, fix it\n"
-    monkeypatch.setattr(cli_main, "cmd_bench_hash", raising(FileNotFoundError("no such file: x")))
+    monkeypatch.setattr(cli_bench, "cmd_bench_hash", raising(FileNotFoundError("no such file: x")))
     assert main(argv) == 2
     for bug in (ValueError("a bug, not bad input"), KeyError("k")):  # a bug keeps its traceback
-        monkeypatch.setattr(cli_main, "cmd_bench_hash", raising(bug))
+        monkeypatch.setattr(cli_bench, "cmd_bench_hash", raising(bug))
         with pytest.raises(type(bug)):
             main(argv)
 
@@ -183,3 +185,12 @@ def test_wrong_type_exits_2_with_one_line_and_no_traceback(tmp_path):
         r = subprocess.run([sys.executable, "-m", "engram", *argv], capture_output=True, text=True, env=ENV)
         assert r.returncode == 2 and r.stdout == ""
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("engram: error: ") and needle in r.stderr
+
+
+def test_every_benchmark_is_registered_by_the_bench_module():
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if isinstance(a, argparse._SubParsersAction))
+    assert {"hash", "step", "offload", "large-table", "table-optimizer", "train-tiers", "patch", "ngram",
+            "ngram-mix", "draft", "retrofit", "distributed"} <= set(bench.choices)
+    for name, sub in bench.choices.items():
+        assert sub.get_default("fn").__module__ == "engram.cli.bench", name

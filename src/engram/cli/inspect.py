@@ -229,7 +229,7 @@ def cmd_analyze_ablate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parsers
-def register(sub: Any, bench: Any) -> None:
+def register(sub: Any) -> None:
     i = sub.add_parser("inspect", help="per-token Engram gates as a terminal heatmap, HTML and JSON")
     add_common(i, "--ckpt", required=True, help="run directory")
     i.add_argument("--text", help="text to inspect")

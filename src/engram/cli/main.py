@@ -4,8 +4,7 @@
     engram tokenizer report              compression statistics of a tokenizer
     engram data prepare                  token shards from the built-in corpus and/or your files
     engram train / eval / generate       the model life cycle (generate --draft ngram:K: speculative)
-    engram bench hash                    hashing throughput against the reference algorithm
-    engram bench step                    training step time of engram-moe vs moe, by phase
+    engram bench ...                     every benchmark (engram.cli.bench)
 
 Errors that come from bad input (``EngramError``, a missing file, a flag argparse refuses) are
 printed as one line ``engram: error: ...`` with exit status 2; anything else is a bug and keeps
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from engram.cli import distributed as distributed_commands
+from engram.cli import bench as bench_commands
 from engram.cli import inspect as inspect_commands
 from engram.cli import ngram as ngram_commands
 from engram.cli import patch as patch_commands
@@ -60,16 +59,16 @@ from engram.cli.table import (
 from engram.config import PRESETS, DistributedConfig, SamplingConfig, TrainConfig, build_configs
 from engram.errors import EngramError
 
-# Command groups of the feature packages: each module's register(sub, bench) adds its subcommands
-# to the top-level parser and to `engram bench`; a handler is stored with set_defaults(fn=...).
+# Command groups of the feature packages: each module's register(sub) adds its subcommands to the
+# top-level parser; a handler is stored with set_defaults(fn=...). Every benchmark, whatever its
+# feature, is registered by engram.cli.bench.
 COMMAND_GROUPS = (
     inspect_commands,  # inspect, serve, analyze {gates,zipf,ablate}
-    table_commands,  # table {inspect,convert,stats}, bench {offload,large-table,table-optimizer}
+    table_commands,  # table {inspect,convert,stats}
     sweep_commands,  # sweep {run,plan,summary,account}
-    ngram_commands,  # ngram {build,add,remove,compact,query,stats,train-gate}, bench {ngram,ngram-mix}
-    patch_commands,  # patch {train,apply,revert,list,info}, bench patch
-    retrofit_commands,  # retrofit {data,train,eval,generate}, bench retrofit
-    distributed_commands,  # bench distributed (training on several processes is `train --nproc`)
+    ngram_commands,  # ngram {build,add,remove,compact,query,stats,train-gate}
+    patch_commands,  # patch {train,apply,revert,list,info}
+    retrofit_commands,  # retrofit {data,train,eval,generate,compare,facts}
 )
 
 # `engram generate` samples shorter and from the nucleus; the library default is plain sampling
@@ -198,39 +197,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_bench_hash(args) -> int:
-    from engram.bench.hash import bench_hash
-
-    result = bench_hash(batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
-                        threads=args.threads)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"hash: {result['tokens_per_s']:,.0f} tokens/s vs reference "
-              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x; "
-              f"{result['ns_per_token']:.1f} ns and {result['bytes_written_per_token']:.0f} bytes written "
-              f"per token, {result['bandwidth_fraction']:.0%} of one thread's write bandwidth")
-    return 0
-
-
-def cmd_bench_step(args) -> int:
-    from engram.bench.step import bench_step
-
-    r = bench_step(args.data, rounds=args.rounds, steps=args.steps, threads=args.threads,
-                   table_optimizer=args.table_optimizer, fused_adam=not args.no_fused_adam,
-                   progress=not args.json)
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"step: moe {r['moe_step_ms']:.1f} ms, engram-moe {r['engram_moe_step_ms']:.1f} ms -> "
-              f"overhead {r['overhead']:+.1%} (rounds {r['overhead_spread'][0]:+.1%} .. "
-              f"{r['overhead_spread'][1]:+.1%}); CPU time {r['overhead_cpu']:+.1%}")
-        for phase, extra in r["phase_extra_ms"].items():
-            print(f"  {phase:<13} {r['phase_median_ms']['moe'][phase]:8.1f} ms {r['phase_median_ms']['engram-moe'][phase]:8.1f} ms "
-                  f"({extra:+.1f})")
-    return 0
-
-
 def cmd_demo(args) -> int:
     run_demo(workdir=args.workdir, steps=args.steps, quiet=args.quiet)
     return 0
@@ -299,26 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_draft_args(g)
     g.set_defaults(fn=cmd_generate)
 
-    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
-    bh = b.add_parser("hash", help="N-gram hashing throughput vs the reference algorithm")
-    add_common(bh, "--json")
-    bh.add_argument("--batch-size", type=int, default=8)
-    bh.add_argument("--seq-len", type=int, default=4096)
-    bh.add_argument("--repeats", type=int, default=5)
-    bh.add_argument("--threads", type=int, default=1)
-    bh.set_defaults(fn=cmd_bench_hash)
-    bs = b.add_parser("step", help="training step time of engram-moe vs moe at the demo's settings, by phase")
-    add_common(bs, "--json")
-    add_common(bs, "--data", help="prepared dataset (default: build the built-in one, ~15 s)")
-    bs.add_argument("--rounds", type=int, default=5, help="timed rounds (plus one warm-up)")
-    bs.add_argument("--steps", type=int, default=6, help="steps of each model per round")
-    bs.add_argument("--threads", type=int, default=1)
-    bs.add_argument("--table-optimizer", choices=["adam", "sparse_adam"], default="adam")
-    bs.add_argument("--no-fused-adam", action="store_true", help="torch's for-loop Adam (train.fused_adam=false)")
-    bs.set_defaults(fn=cmd_bench_step)
-
+    bench_commands.register(sub)  # engram bench ... (every benchmark)
     for group in COMMAND_GROUPS:
-        group.register(sub, b)
+        group.register(sub)
     return p
 
 

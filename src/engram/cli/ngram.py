@@ -9,7 +9,6 @@
     engram ngram train-gate --ckpt RUN --data DIR --index INDEX      the lambda gate
     engram eval/generate ... --ngram INDEX [--gate DIR | --ngram-lambda X]
     engram generate ... --draft ngram[:K] [--index INDEX]    speculative decoding, drafts from memory
-    engram bench ngram / ngram-mix / draft           vs infini-gram / mixture + instant update / drafting
 
 The gate's flags are generated from ``GateConfig`` (``engram.config``). Handlers import the library
 lazily, inside the function, so that ``engram --help`` does not load torch.
@@ -422,47 +421,8 @@ def cmd_train_gate(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- benches
-def cmd_bench_ngram(args) -> int:
-    from engram.bench.ngram import bench_vs_infinigram
-
-    res = bench_vs_infinigram(args.data, args.workdir, queries=args.queries, repeats=args.repeats,
-                              out_dir=args.results, progress=not args.quiet)
-    print(json.dumps(res["summary"], indent=2))
-    return 0
-
-
-def cmd_bench_draft(args) -> int:
-    from engram.bench.draft import bench_draft
-
-    res = bench_draft(args.ckpt, args.data, args.index, ks=tuple(int_list(args.ks, "--ks")), prompts=args.prompts,
-                      prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                      min_match=args.min_match, threads=args.threads, seed=args.seed,
-                      temperature=args.temperature, progress=not args.quiet)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    for name, m in res["methods"].items():
-        extra = (f", acceptance {m['acceptance']:.1%}, mean accepted {m['mean_accepted']:.2f}"
-                 if "acceptance" in m else "")
-        print(f"{name:>8}: {m['tokens_per_s']['median']:8.1f} tokens/s, x{m['speedup']['median']:.2f} "
-              f"(x{m['speedup']['min']:.2f}-{m['speedup']['max']:.2f}), identical {m['identical']}{extra}")
-    print(f"best K={res['best_k']}: speedup x{res['speedup']:.2f}, outputs identical: {res['identical']}")
-    return 0
-
-
-def cmd_bench_ngram_mix(args) -> int:
-    from engram.bench.ngram import mixture_experiment
-
-    res = mixture_experiment(args.ckpt, args.data, args.workdir, out_dir=args.results,
-                             max_windows=args.max_windows, n_countries=args.countries,
-                             baseline_ckpt=args.baseline_ckpt, progress=not args.quiet)
-    print(json.dumps(res["summary"], indent=2))
-    return 0
-
-
 # ----------------------------------------------------------------------------- registration
-def register(sub, bench) -> None:
+def register(sub) -> None:
     ng = sub.add_parser("ngram", help="count-based N-gram memory: build, add/remove, query, gate "
                                       "(docs/ngram.md)").add_subparsers(dest="sub", required=True)
 
@@ -528,41 +488,3 @@ def register(sub, bench) -> None:
     g.add_argument("--seed", type=int, default=0)
     add_common(g, "--quiet")
     g.set_defaults(fn=cmd_train_gate)
-
-    bn = bench.add_parser("ngram", help="N-gram index vs the infini-gram package (build, size, latency)")
-    add_common(bn, "--data", required=True)
-    bn.add_argument("--workdir", default="ngram-bench")
-    bn.add_argument("--results", default="benchmarks/results")
-    bn.add_argument("--queries", type=int, default=2000)
-    bn.add_argument("--repeats", type=int, default=3)
-    add_common(bn, "--quiet")
-    bn.set_defaults(fn=cmd_bench_ngram)
-
-    bd = bench.add_parser("draft", help="speculative decoding with drafts from memory vs plain decoding")
-    add_common(bd, "--ckpt", required=True)
-    add_common(bd, "--data", required=True)
-    add_common(bd, "--json")
-    bd.add_argument("--index", help="N-gram index of the train split to draft from (default: text-only drafts)")
-    bd.add_argument("--ks", default="2,4,8", help="draft lengths K to compare (default 2,4,8)")
-    bd.add_argument("--prompts", type=int, default=8, help="held-out prompts from the val split (default 8)")
-    bd.add_argument("--prompt-len", type=int, default=32)
-    bd.add_argument("--max-new-tokens", type=int, default=64)
-    bd.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
-    bd.add_argument("--min-match", type=int, default=DraftConfig.min_match)
-    bd.add_argument("--threads", type=int, default=1)
-    bd.add_argument("--seed", type=int, default=0)
-    bd.add_argument("--temperature", type=float, default=0.0,
-                    help="0 = greedy (default; outputs compared token for token), > 0 samples")
-    add_common(bd, "--quiet")
-    bd.set_defaults(fn=cmd_bench_draft)
-
-    bm = bench.add_parser("ngram-mix", help="mixture perplexity (fixed vs learned lambda) + instant fact update")
-    add_common(bm, "--ckpt", required=True)
-    add_common(bm, "--data", required=True)
-    bm.add_argument("--workdir", default="ngram-bench")
-    bm.add_argument("--results", default="benchmarks/results")
-    bm.add_argument("--max-windows", type=int, help="windows per half of val (default: all)")
-    bm.add_argument("--countries", type=int, default=40, help="invented countries (4 facts each)")
-    bm.add_argument("--baseline-ckpt", help="a second run, mixed through the plain-callable LM interface")
-    add_common(bm, "--quiet")
-    bm.set_defaults(fn=cmd_bench_ngram_mix)

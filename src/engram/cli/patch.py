@@ -1,14 +1,13 @@
-"""``engram patch ...`` and ``engram bench patch``: pluggable knowledge for the Engram tables.
+"""``engram patch ...``: pluggable knowledge for the Engram tables.
 
     engram patch train --ckpt RUN --data NEW.txt --out P.engp [--table T.engt]   train a patch
     engram patch apply T.engt P.engp [P2.engp ...]      apply in order, each one atomically
     engram patch revert T.engt P.engp                   write the patch's old rows back
     engram patch list T.engt                            the applied chain, bottom first
     engram patch info P.engp                            a patch file's metadata
-    engram bench patch                                  the held-out-facts experiment (docs/patches.md)
 
-The training flags are generated from ``PatchTrainConfig`` and the bench's from ``PatchBenchConfig``
-(``engram.config``). Handlers import the library lazily, inside the function, so that
+The training flags are generated from ``PatchTrainConfig`` (``engram.config``); ``engram bench
+patch`` is registered with the other benchmarks (``engram.cli.bench``). Handlers import the library lazily, inside the function, so that
 ``engram --help`` does not load torch.
 """
 
@@ -16,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from engram.cli.flags import add_common, add_config_flags, config_from_args
 from engram.cli.table import is_adapter_dir, load_adapter_for
-from engram.config import PatchBenchConfig, PatchTrainConfig
+from engram.config import PatchTrainConfig
 
 
 def _print(res: Any, as_json: bool, text: str) -> None:
@@ -114,18 +112,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from engram.bench.patch import run_bench
-
-    cfg = config_from_args(args, PatchBenchConfig)
-    res = run_bench(cfg, progress=not args.json)
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=None if args.json else 2))
-    return 0
-
-
-def register(sub: Any, bench: Any) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser("patch", help="knowledge patches for the Engram tables: train, apply, revert, list"
                        ).add_subparsers(dest="sub", required=True)
     t = p.add_parser("train", help="train only the Engram tables on new text; write the changed rows")
@@ -165,10 +152,3 @@ def register(sub: Any, bench: Any) -> None:
     i.add_argument("patch")
     add_common(i, "--json")
     i.set_defaults(fn=cmd_info)
-
-    b = bench.add_parser("patch", help="held-out facts: patch vs facts-in-prompt vs N-gram memory "
-                         "(trains a small model once, ~8 min on 2 cores; reruns reuse it)")
-    add_config_flags(b, PatchBenchConfig)
-    add_common(b, "--out", help="also write the JSON result here")
-    add_common(b, "--json")
-    b.set_defaults(fn=cmd_bench)

@@ -1,4 +1,4 @@
-"""``engram retrofit ...``: Engram on a pretrained Hugging Face model, and ``engram bench retrofit``.
+"""``engram retrofit ...``: Engram on a pretrained Hugging Face model.
 
     engram retrofit data --base smollm2-135m --out DIR     the corpus in the base's own tokens
     engram retrofit train --base B --data DIR --layers 1 --out ADAPTER [--steps N] [--resume]
@@ -6,7 +6,6 @@
     engram retrofit generate --ckpt ADAPTER --prompt TEXT  text from base + adapter
     engram retrofit compare --data DIR --out DIR          base / Engram / LoRA / both, seeds, p-values
     engram retrofit facts --ckpt ADAPTER --data DIR --out DIR   new facts: patch / LoRA / prompt / N-gram
-    engram bench retrofit [--json]                         tokens/s of retrofit vs base
 
 An adapter directory also works as ``--ckpt`` of ``engram eval``, ``generate``, ``inspect``,
 ``serve`` and ``analyze gates``. Handlers import the library lazily (``engram --help`` stays
@@ -135,35 +134,12 @@ def cmd_facts(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from engram.bench.retrofit import bench_retrofit
-
-    res = bench_retrofit(base=args.base, layers=tuple(int_list(args.layers, "--layers")),
-                         batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
-                         train_steps=args.train_steps, rows_per_head=args.rows_per_head, threads=args.threads,
-                         lora_rank=args.lora_rank, progress=not args.json)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"{res['base']}, Engram before layers {res['layers']}, batch {res['batch_size']} x {res['seq_len']}: "
-              f"base {res['base_tokens_per_s']:,.0f} tokens/s, retrofit {res['retrofit_tokens_per_s']:,.0f} "
-              f"tokens/s, overhead {res['overhead']:+.1%} (median of {res['repeats']}; range "
-              f"{res['overhead_spread']['min']:+.1%}..{res['overhead_spread']['max']:+.1%}); Engram alone "
-              f"{res['engram_ms']['median']:.0f} ms = {res['engram_share_of_base_forward']:.1%} of a base forward; training "
-              f"{res['train_tokens_per_s']:,.0f} tokens/s")
-        if "lora_tokens_per_s" in res:
-            print(f"LoRA r{res['lora_rank']}: {res['lora_tokens_per_s']:,.0f} tokens/s ({res['lora_overhead']:+.1%}), "
-                  f"training {res['lora_train_tokens_per_s']:,.0f}; LoRA + Engram: {res['both_tokens_per_s']:,.0f} "
-                  f"tokens/s ({res['both_overhead']:+.1%}), training {res['both_train_tokens_per_s']:,.0f}")
-    return 0
-
-
 # ----------------------------------------------------------------------------- parser
 def _add_base(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--base", metavar="NAME|DIR", help=help)
 
 
-def register(sub: Any, bench: Any) -> None:
+def register(sub: Any) -> None:
     from engram.cli.table import add_storage_arguments
 
     r = sub.add_parser("retrofit", help="Engram on a pretrained Hugging Face model (docs/retrofit.md)"
@@ -235,18 +211,3 @@ def register(sub: Any, bench: Any) -> None:
     add_config_flags(f, RetrofitFactsConfig)
     add_common(f, "--quiet")
     f.set_defaults(fn=cmd_facts)
-
-    b = bench.add_parser("retrofit", help="inference and training tokens/s of a retrofitted model vs its base")
-    b.add_argument("--base", default="smollm2-135m", metavar="NAME|DIR")
-    b.add_argument("--layers", default="1", help="Engram before these decoder layers (default 1)")
-    b.add_argument("--batch-size", type=int, default=4)
-    b.add_argument("--seq-len", type=int, default=256)
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--train-steps", type=int, default=3)
-    b.add_argument("--rows-per-head", "--table-size", type=int, default=131_072,
-                   help="Engram rows per hash head (--table-size is the old name)")
-    b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    b.add_argument("--lora-rank", type=int, default=0,
-                   help="also time LoRA of this rank (Engram off) and LoRA + Engram against the base")
-    add_common(b, "--json")
-    b.set_defaults(fn=cmd_bench)

@@ -99,7 +99,7 @@ def cmd_account(args) -> int:
     return 0
 
 
-def register(sub, bench) -> None:
+def register(sub) -> None:
     sw = sub.add_parser("sweep", help="iso-parameter experiment grids with seeds, paired tests and plots")
     ss = sw.add_subparsers(dest="sweep_cmd", required=True)
 

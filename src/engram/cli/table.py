@@ -1,13 +1,10 @@
-"""``engram table ...`` and ``engram bench offload|large-table``, plus the storage switches of
+"""``engram table ...``, plus the storage switches of
 ``engram train / eval / generate`` (``--table``, ``--storage``, ``--cache-rows``, ``--prefetch``).
 
     engram table inspect FILE [--verify] [--json]       header, layers, fingerprint; --verify CRCs
     engram table convert SRC DST [--dtype bf16]         checkpoint -> file, file -> file
     engram table convert FILE OUT_RUN --base RUN        file -> new checkpoint (base run's model)
     engram table stats --data DIR (--ckpt RUN | --preset P)   Zipf curve + simulated hit rates
-    engram bench offload [--json]                       in-memory vs offloaded (+/- prefetch)
-    engram bench large-table [--size-gib 32]            a table larger than RAM, eval + generate
-    engram bench table-optimizer                        dense vs row-sparse Adam: steps/s, state
 
 Handlers import the library lazily, inside the function, so that ``engram --help`` does not load torch.
 """
@@ -247,91 +244,8 @@ def _plot(rep: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-# ----------------------------------------------------------------------------- benchmarks
-def cmd_bench_offload(args: argparse.Namespace) -> int:
-    from engram.bench.offload import bench_offload
-
-    res = bench_offload(args.data, batch_size=args.batch_size, seq_len=args.seq_len, rounds=args.rounds,
-                        batches_per_round=args.batches, warm_batches=args.warm_batches,
-                        cache_rows=args.cache_rows,
-                        rows_per_head=args.rows_per_head, policy=args.policy,
-                        io_threads=args.io_threads, dtype=args.dtype, cold=not args.warm,
-                        workdir=args.workdir, threads=args.threads, process=args.fetch_process,
-                        pin=args.pin, progress=not args.json, repeats=args.repeats,
-                        capacity_batches=args.capacity_batches, standin_batches=args.standin_batches,
-                        standin_tokens_per_s=(None if args.standin_tps is None
-                                              else [float(v) for v in int_list(args.standin_tps, "--standin-tps")]))
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"in memory   {res['in_memory_tokens_per_s']:>10,.0f} tokens/s")
-    print(f"offload     {res['offload_tokens_per_s']:>10,.0f} tokens/s  (prefetch; overhead "
-          f"{res['overhead']:+.1%}, hit rate {res['hit_rate']:.1%})")
-    print(f"no prefetch {res['no_prefetch_tokens_per_s']:>10,.0f} tokens/s  (overhead "
-          f"{res['no_prefetch_overhead']:+.1%}); prefetch speed-up {res['prefetch_speedup']:.2f}x")
-    lo, hi = res["overhead_vs_in_memory_prefetch_spread"]
-    print(f"vs in-memory prefetch runtime: overhead {res['overhead_vs_in_memory_prefetch']:+.1%} "
-          f"({len(res['repeats'])} repeats: {lo:+.1%} .. {hi:+.1%})")
-    cap = res["capacity"]
-    print(f"tier capacity {cap['distinct_rows_per_s']:,.0f} distinct rows/s = {res['capacity_tokens_per_s']:,.0f} "
-          f"tokens/s of this model ({cap['distinct_rows_per_token']:.1f} distinct rows per token)")
-    for f in res["fast_forward"]:
-        print(f"  stand-in forward at {f['standin_tokens_per_s']:>9,.0f} tokens/s: offload "
-              f"{f['offload_tokens_per_s']:>9,.0f} tokens/s, overhead {f['overhead_vs_in_memory_prefetch']:+.1%}")
-    t = res["table"]
-    print(f"table {t['file_bytes'] / 2**20:,.0f} MiB on disk, pool {t['pool_bytes'] / 2**20:,.0f} MiB "
-          f"({t['file_to_pool']:.1f}x smaller); storage: {res['cold_storage']}")
-    return 0
-
-
-def cmd_bench_large(args: argparse.Namespace) -> int:
-    from engram.bench.offload import bench_large_table
-
-    res = bench_large_table(args.data, size_gib=args.size_gib, cache_rows=args.cache_rows, policy=args.policy,
-                            io_threads=args.io_threads, eval_batches=args.eval_batches,
-                            gen_tokens=args.gen_tokens, workdir=args.workdir, keep=args.keep,
-                            threads=args.threads, progress=not args.json)
-    print(json.dumps(res, indent=None if args.json else 2))
-    return 0
-
-
-def cmd_bench_table_optimizer(args: argparse.Namespace) -> int:
-    from engram.bench.offload import bench_table_optimizer
-
-    res = bench_table_optimizer(args.data, steps=args.steps, batch_size=args.batch_size,
-                                seq_len=args.seq_len, rounds=args.rounds, threads=args.threads,
-                                rows_per_head=args.rows_per_head, progress=not args.json)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"adam        {res['adam_steps_per_s']:.2f} steps/s, table state "
-          f"{res['adam_table_state_bytes'] / 2**20:,.1f} MiB")
-    print(f"sparse_adam {res['sparse_adam_steps_per_s']:.2f} steps/s, table state "
-          f"{res['sparse_adam_table_state_bytes'] / 2**20:,.1f} MiB ({res['speedup']:.2f}x)")
-    return 0
-
-
-def cmd_bench_train_tiers(args: argparse.Namespace) -> int:
-    from engram.bench.train_tiers import TIERS, bench_train_tiers
-
-    res = bench_train_tiers(args.data, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size,
-                            seq_len=args.seq_len, cache_rows=args.cache_rows, threads=args.threads,
-                            rows_per_head=args.rows_per_head, progress=not args.json)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"tables: {res['table_rows']:,} rows, {res['table_bytes'] / 2**20:,.1f} MiB; "
-          f"losses identical: {res['losses_identical']}")
-    for name in TIERS:
-        r = res[name]
-        print(f"{name:7s} {r['step_s'] * 1e3:8.1f} ms/step, tables hold {r['anon_bytes'] / 2**20:8.1f} MiB; "
-              f"file pages mapped {r['files_rss_bytes'] / 2**20:8.1f} MiB (in a step "
-              f"{r['files_rss_in_step_bytes'] / 2**20:.1f})")
-    return 0
-
-
 # ----------------------------------------------------------------------------- registration
-def register(sub: Any, bench: Any) -> None:
+def register(sub: Any) -> None:
     t = sub.add_parser("table", help="Engram table files: inspect, convert, access statistics"
                        ).add_subparsers(dest="sub", required=True)
     i = t.add_parser("inspect", help="header, layers and fingerprint of a table file")
@@ -367,77 +281,3 @@ def register(sub: Any, bench: Any) -> None:
     s.add_argument("--plot", help="write the rank-frequency curve as a PNG (needs matplotlib)")
     add_common(s, "--json")
     s.set_defaults(fn=cmd_stats)
-
-    o = bench.add_parser("offload", help="tokens/s with the tables in RAM vs in a file behind a cache, "
-                         "with and without prefetch")
-    add_common(o, "--json")
-    add_common(o, "--data", help="prepared dataset (default: build the built-in one, ~15 s)")
-    o.add_argument("--batch-size", type=int, default=8)
-    o.add_argument("--seq-len", type=int, default=256)
-    o.add_argument("--rounds", type=int, default=12, help="timed rounds (plus one warm-up)")
-    o.add_argument("--batches", type=int, default=8, help="batches per round and mode")
-    o.add_argument("--warm-batches", type=int, default=200,
-                   help="batches of the stream replayed into the pools first (steady state)")
-    o.add_argument("--cache-rows", type=int, default=1 << 20, help="pool rows per layer")
-    o.add_argument("--rows-per-head", "--table-rows", type=int, default=409_600,
-                   help="rows per hash head (--table-rows is the old name)")
-    o.add_argument("--policy", choices=CACHE_POLICIES, default="lru")
-    o.add_argument("--io-threads", type=int, default=16)
-    o.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    o.add_argument("--warm", action="store_true", help="keep the page cache (default: cold reads)")
-    o.add_argument("--fetch-process", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the cached tier in a helper process (default) or on a thread")
-    o.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for the model (default 1: the other core serves I/O)")
-    o.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
-                   help="pin the model's thread to the first CPU and all row serving to the others "
-                        "(default on with 2+ CPUs)")
-    o.add_argument("--workdir", help="where the temporary table file goes (default: $TMPDIR)")
-    o.add_argument("--repeats", type=int, default=3, help="blocks the timed rounds are split into (the spread)")
-    o.add_argument("--capacity-batches", type=int, default=16, help="batches of the serving-capacity run")
-    o.add_argument("--standin-batches", type=int, default=16, help="batches per stand-in forward speed")
-    o.add_argument("--standin-tps", metavar="N,N", help="stand-in forward speeds in tokens/s (default: "
-                   "9031, the paper's, and 0.5x, 1x, 2x the tier's measured capacity)")
-    o.set_defaults(fn=cmd_bench_offload)
-
-    to = bench.add_parser("table-optimizer", help="training steps/s and table state: dense Adam vs "
-                          "row-sparse Adam (train.table_optimizer)")
-    add_common(to, "--json")
-    add_common(to, "--data", help="prepared dataset (default: build the built-in one)")
-    to.add_argument("--steps", type=int, default=12, help="steps per round and optimizer")
-    to.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
-    to.add_argument("--rows-per-head", "--table-rows", type=int,
-                    help="rows per hash head (default: the preset's; --table-rows is the old name)")
-    to.add_argument("--batch-size", type=int, default=16)
-    to.add_argument("--seq-len", type=int, default=128)
-    to.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    to.set_defaults(fn=cmd_bench_table_optimizer)
-
-    tt = bench.add_parser("train-tiers", help="training step time and table RAM with the tables in memory, "
-                          "mmap and cached (train.table_storage), side by side in one process")
-    add_common(tt, "--json")
-    add_common(tt, "--data", help="prepared dataset (default: build the built-in one)")
-    tt.add_argument("--steps", type=int, default=8, help="steps per round and tier")
-    tt.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
-    tt.add_argument("--cache-rows", type=int, default=16384, help="cached tier: pool rows per table")
-    tt.add_argument("--rows-per-head", "--table-rows", type=int,
-                    help="rows per hash head (default: the preset's; --table-rows is the old name)")
-    tt.add_argument("--batch-size", type=int, default=16)
-    tt.add_argument("--seq-len", type=int, default=128)
-    tt.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    tt.set_defaults(fn=cmd_bench_train_tiers)
-
-    lt = bench.add_parser("large-table", help="a table larger than RAM (default 32 GiB, deleted after): "
-                          "eval and generation tokens/s and hit rates")
-    add_common(lt, "--json")
-    add_common(lt, "--data", help="prepared dataset (default: build the built-in one)")
-    lt.add_argument("--size-gib", type=float, default=32.0)
-    lt.add_argument("--cache-rows", type=int, default=1 << 21, help="pool rows per layer")
-    lt.add_argument("--policy", choices=CACHE_POLICIES, default="lru")
-    lt.add_argument("--io-threads", type=int, default=16)
-    lt.add_argument("--eval-batches", type=int, default=20)
-    lt.add_argument("--gen-tokens", type=int, default=128)
-    lt.add_argument("--workdir", help="where the table goes (default: $TMPDIR)")
-    lt.add_argument("--keep", action="store_true", help="keep the table file afterwards (a later run reuses it)")
-    lt.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    lt.set_defaults(fn=cmd_bench_large)
