@@ -194,3 +194,24 @@ def test_every_benchmark_is_registered_by_the_bench_module():
             "ngram-mix", "draft", "retrofit", "distributed"} <= set(bench.choices)
     for name, sub in bench.choices.items():
         assert sub.get_default("fn").__module__ == "engram.cli.bench", name
+
+
+def test_bench_flags_and_functions_share_their_defaults():
+    import inspect
+
+    from engram.bench import config as bc
+    from engram.bench.distributed import bench_distributed
+    from engram.bench.hash import bench_hash
+    from engram.bench.offload import bench_table_optimizer
+    from engram.bench.step import bench_step
+    from engram.bench.train_tiers import bench_train_tiers
+
+    pairs = [(bc.HashBenchConfig, bench_hash, "hash"), (bc.StepBenchConfig, bench_step, "step"),
+             (bc.TableOptimizerBenchConfig, bench_table_optimizer, "table-optimizer"),
+             (bc.TrainTiersBenchConfig, bench_train_tiers, "train-tiers"),
+             (bc.DistributedBenchConfig, bench_distributed, "distributed")]
+    for cls, fn, name in pairs:
+        defaults = dataclasses.asdict(cls())
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in defaults} == defaults, name
+        assert cli_bench._settings(build_parser().parse_args(["bench", name]), cls) == defaults, name

@@ -6,7 +6,9 @@ dense vs row-sparse table Adam), ``train_tiers`` (training with the tables in me
 cached), ``patch`` (knowledge patches end to end), ``ngram`` (our N-gram index vs infini-gram,
 and the mixture experiment), ``draft`` (generation with and without drafts from the N-gram
 memory), ``distributed`` (row-sharded training on 1 vs W processes) and ``retrofit`` (a
-retrofitted Hugging Face model against its base, and against LoRA).
+retrofitted Hugging Face model against its base, and against LoRA). ``config`` holds their
+settings (torch-free): ``engram bench`` builds its flags from it and the functions take their
+defaults from it.
 
 May import every library package (``science``, ``inspect`` and below); only ``engram.cli``
 imports it.

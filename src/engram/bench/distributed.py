@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from engram.bench.config import DistributedBenchConfig
 from engram.config import preset
 from engram.data.shards import load_dataset, prepare_builtin
 from engram.errors import EngramError
@@ -100,9 +101,11 @@ def _train(world: int, data: Path, run: Path, preset_name: str, sets: dict[str, 
             "loss": [r["loss"] for r in recs if "loss" in r]}
 
 
-def bench_distributed(data_dir: Optional[str] = None, *, world: int = 2, preset_name: str = "engram-moe",
-                      steps: int = 12, warmup: int = 3, batch_size: int = 8, seq_len: int = 64,
-                      repeats: int = 3, table_optimizer: str = "sparse_adam", workdir: Optional[str] = None,
+def bench_distributed(data_dir: Optional[str] = None, *, world: int = DistributedBenchConfig.world,
+                      preset_name: str = DistributedBenchConfig.preset_name, steps: int = DistributedBenchConfig.steps,
+                      warmup: int = DistributedBenchConfig.warmup, batch_size: int = DistributedBenchConfig.batch_size,
+                      seq_len: int = DistributedBenchConfig.seq_len, repeats: int = DistributedBenchConfig.repeats,
+                      table_optimizer: str = DistributedBenchConfig.table_optimizer, workdir: Optional[str] = None,
                       progress: bool = False) -> dict[str, Any]:
     """Step time and table bytes on 1 vs ``world`` ranks (see the module docstring)."""
     if world < 2 or repeats < 1 or steps <= warmup + 1 or batch_size % world:

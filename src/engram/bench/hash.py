@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from engram.bench.config import HashBenchConfig
 from engram.config import EngramConfig
 from engram.errors import EngramError
 from engram.hashing.hasher import NATIVE_KERNEL_AVAILABLE, NgramHasher
@@ -43,8 +44,8 @@ def _spread(times: list[float], work: float) -> dict[str, float]:
     return {"median": work / statistics.median(times), "min": work / max(times), "max": work / min(times)}
 
 
-def bench_hash(batch_size: int = 8, seq_len: int = 4096, repeats: int = 5,
-               threads: int = 1) -> dict[str, Any]:
+def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = HashBenchConfig.seq_len,
+               repeats: int = HashBenchConfig.repeats, threads: int = HashBenchConfig.threads) -> dict[str, Any]:
     """Tokens/s of ``hash`` (all layers) vs ``hash_reference``; ratio = fast / reference.
 
     The fast path is the native kernel with the hasher's default ids (int32 for these

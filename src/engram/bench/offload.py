@@ -61,6 +61,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from engram.bench.config import TableOptimizerBenchConfig
 from engram.config import ModelConfig, TrainConfig, preset
 from engram.data.shards import Dataset, get_batch, iter_eval_batches, load_dataset, prepare_builtin
 from engram.errors import EngramError
@@ -700,10 +701,12 @@ def _serve_eval_and_generate(model: torch.nn.Module, header: TableHeader, open_s
 
 
 # ----------------------------------------------------------------------------- table optimizers
-def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = 12, batch_size: int = 16,
-                          seq_len: int = 128, preset_name: str = "engram-moe", rounds: int = 3,
-                          threads: Optional[int] = 1, workdir: Optional[str] = None,
-                          rows_per_head: Optional[int] = None,
+def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = TableOptimizerBenchConfig.steps,
+                          batch_size: int = TableOptimizerBenchConfig.batch_size,
+                          seq_len: int = TableOptimizerBenchConfig.seq_len, preset_name: str = "engram-moe",
+                          rounds: int = TableOptimizerBenchConfig.rounds,
+                          threads: Optional[int] = TableOptimizerBenchConfig.threads, workdir: Optional[str] = None,
+                          rows_per_head: Optional[int] = TableOptimizerBenchConfig.rows_per_head,
                           progress: bool = False) -> dict[str, Any]:
     """Training step time with dense Adam vs SparseRowAdam on the tables (same model, same batches).
 

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from engram.bench.config import StepBenchConfig
 from engram.bench.offload import _bench_workspace, _loadavg
 from engram.config import TrainConfig, preset
 from engram.data.shards import get_batch
@@ -69,8 +70,9 @@ def _step(model: EngramLM, opts: dict[str, Any], params: list[torch.nn.Parameter
     return wall, cpu
 
 
-def bench_step(data_dir: Optional[str] = None, *, rounds: int = 5, steps: int = 6,
-               threads: Optional[int] = 1, table_optimizer: str = "adam", fused_adam: bool = True,
+def bench_step(data_dir: Optional[str] = None, *, rounds: int = StepBenchConfig.rounds,
+               steps: int = StepBenchConfig.steps, threads: Optional[int] = StepBenchConfig.threads,
+               table_optimizer: str = StepBenchConfig.table_optimizer, fused_adam: bool = StepBenchConfig.fused_adam,
                batch_size: int = DEMO_STEP["batch_size"], seq_len: int = DEMO_STEP["seq_len"],
                workdir: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
     """Seconds per training step of both presets, by phase, and Engram's overhead.

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 import torch
 
+from engram.bench.config import TrainTiersBenchConfig
 from engram.bench.offload import _bench_workspace, _loadavg, _preset_config
 from engram.config import TrainConfig
 from engram.errors import EngramError
@@ -67,9 +68,11 @@ def _table_ram(tier_name: str, model: EngramLM, opt: Any, tiers: list[TrainableT
     return {"anon_bytes": pool, "files_rss_bytes": mapped_rss(work)}
 
 
-def bench_train_tiers(data_dir: Optional[str] = None, *, steps: int = 8, rounds: int = 3, batch_size: int = 16,
-                      seq_len: int = 128, cache_rows: int = 16384, preset_name: str = "engram-moe",
-                      rows_per_head: Optional[int] = None, threads: Optional[int] = 1,
+def bench_train_tiers(data_dir: Optional[str] = None, *, steps: int = TrainTiersBenchConfig.steps,
+                      rounds: int = TrainTiersBenchConfig.rounds, batch_size: int = TrainTiersBenchConfig.batch_size,
+                      seq_len: int = TrainTiersBenchConfig.seq_len, cache_rows: int = TrainTiersBenchConfig.cache_rows,
+                      preset_name: str = "engram-moe", rows_per_head: Optional[int] = TrainTiersBenchConfig.rows_per_head,
+                      threads: Optional[int] = TrainTiersBenchConfig.threads,
                       workdir: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
     """Step time and table RAM for each ``table_storage`` (see the module docstring).
 

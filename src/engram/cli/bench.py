@@ -20,20 +20,32 @@ The benchmarks themselves live in ``engram.bench``; ``engram bench patch`` takes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+from engram.bench.config import (
+    DistributedBenchConfig,
+    HashBenchConfig,
+    StepBenchConfig,
+    TableOptimizerBenchConfig,
+    TrainTiersBenchConfig,
+)
 from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
 from engram.config import CACHE_POLICIES, DraftConfig, PatchBenchConfig
 
 
 # ----------------------------------------------------------------------------- handlers
+def _settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The benchmark's keyword arguments from the flags ``add_config_flags(p, cls)`` added."""
+    return dataclasses.asdict(config_from_args(args, cls))
+
+
 def cmd_bench_hash(args) -> int:
     from engram.bench.hash import bench_hash
 
-    result = bench_hash(batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
-                        threads=args.threads)
+    result = bench_hash(**_settings(args, HashBenchConfig))
     if args.json:
         print(json.dumps(result))
     else:
@@ -47,9 +59,7 @@ def cmd_bench_hash(args) -> int:
 def cmd_bench_step(args) -> int:
     from engram.bench.step import bench_step
 
-    r = bench_step(args.data, rounds=args.rounds, steps=args.steps, threads=args.threads,
-                   table_optimizer=args.table_optimizer, fused_adam=not args.no_fused_adam,
-                   progress=not args.json)
+    r = bench_step(args.data, **_settings(args, StepBenchConfig), progress=not args.json)
     if args.json:
         print(json.dumps(r))
     else:
@@ -112,9 +122,7 @@ def cmd_bench_large(args: argparse.Namespace) -> int:
 def cmd_bench_table_optimizer(args: argparse.Namespace) -> int:
     from engram.bench.offload import bench_table_optimizer
 
-    res = bench_table_optimizer(args.data, steps=args.steps, batch_size=args.batch_size,
-                                seq_len=args.seq_len, rounds=args.rounds, threads=args.threads,
-                                rows_per_head=args.rows_per_head, progress=not args.json)
+    res = bench_table_optimizer(args.data, **_settings(args, TableOptimizerBenchConfig), progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -128,9 +136,7 @@ def cmd_bench_table_optimizer(args: argparse.Namespace) -> int:
 def cmd_bench_train_tiers(args: argparse.Namespace) -> int:
     from engram.bench.train_tiers import TIERS, bench_train_tiers
 
-    res = bench_train_tiers(args.data, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size,
-                            seq_len=args.seq_len, cache_rows=args.cache_rows, threads=args.threads,
-                            rows_per_head=args.rows_per_head, progress=not args.json)
+    res = bench_train_tiers(args.data, **_settings(args, TrainTiersBenchConfig), progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -219,10 +225,7 @@ def cmd_bench_retrofit(args: argparse.Namespace) -> int:
 def cmd_bench_distributed(args) -> int:
     from engram.bench.distributed import bench_distributed
 
-    res = bench_distributed(args.data, world=args.world, preset_name=args.preset, steps=args.steps,
-                            warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
-                            repeats=args.repeats, table_optimizer=args.table_optimizer,
-                            progress=not args.quiet)
+    res = bench_distributed(args.data, **_settings(args, DistributedBenchConfig), progress=not args.quiet)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -242,19 +245,13 @@ def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
     bh = bench.add_parser("hash", help="N-gram hashing throughput vs the reference algorithm")
     add_common(bh, "--json")
-    bh.add_argument("--batch-size", type=int, default=8)
-    bh.add_argument("--seq-len", type=int, default=4096)
-    bh.add_argument("--repeats", type=int, default=5)
-    bh.add_argument("--threads", type=int, default=1)
+    add_config_flags(bh, HashBenchConfig)
     bh.set_defaults(fn=cmd_bench_hash)
+
     bs = bench.add_parser("step", help="training step time of engram-moe vs moe at the demo's settings, by phase")
     add_common(bs, "--json")
     add_common(bs, "--data", help="prepared dataset (default: build the built-in one, ~15 s)")
-    bs.add_argument("--rounds", type=int, default=5, help="timed rounds (plus one warm-up)")
-    bs.add_argument("--steps", type=int, default=6, help="steps of each model per round")
-    bs.add_argument("--threads", type=int, default=1)
-    bs.add_argument("--table-optimizer", choices=["adam", "sparse_adam"], default="adam")
-    bs.add_argument("--no-fused-adam", action="store_true", help="torch's for-loop Adam (train.fused_adam=false)")
+    add_config_flags(bs, StepBenchConfig)
     bs.set_defaults(fn=cmd_bench_step)
 
     o = bench.add_parser("offload", help="tokens/s with the tables in RAM vs in a file behind a cache, "
@@ -293,27 +290,14 @@ def register(sub: Any) -> None:
                           "row-sparse Adam (train.table_optimizer)")
     add_common(to, "--json")
     add_common(to, "--data", help="prepared dataset (default: build the built-in one)")
-    to.add_argument("--steps", type=int, default=12, help="steps per round and optimizer")
-    to.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
-    to.add_argument("--rows-per-head", "--table-rows", type=int,
-                    help="rows per hash head (default: the preset's; --table-rows is the old name)")
-    to.add_argument("--batch-size", type=int, default=16)
-    to.add_argument("--seq-len", type=int, default=128)
-    to.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    add_config_flags(to, TableOptimizerBenchConfig)
     to.set_defaults(fn=cmd_bench_table_optimizer)
 
     tt = bench.add_parser("train-tiers", help="training step time and table RAM with the tables in memory, "
                           "mmap and cached (train.table_storage), side by side in one process")
     add_common(tt, "--json")
     add_common(tt, "--data", help="prepared dataset (default: build the built-in one)")
-    tt.add_argument("--steps", type=int, default=8, help="steps per round and tier")
-    tt.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
-    tt.add_argument("--cache-rows", type=int, default=16384, help="cached tier: pool rows per table")
-    tt.add_argument("--rows-per-head", "--table-rows", type=int,
-                    help="rows per hash head (default: the preset's; --table-rows is the old name)")
-    tt.add_argument("--batch-size", type=int, default=16)
-    tt.add_argument("--seq-len", type=int, default=128)
-    tt.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    add_config_flags(tt, TrainTiersBenchConfig)
     tt.set_defaults(fn=cmd_bench_train_tiers)
 
     lt = bench.add_parser("large-table", help="a table larger than RAM (default 32 GiB, deleted after): "
@@ -396,12 +380,5 @@ def register(sub: Any) -> None:
     add_common(bdi, "--json")
     add_common(bdi, "--quiet")
     bdi.add_argument("--data", help="a prepared dataset (default: the built-in corpus, prepared in a temp dir)")
-    bdi.add_argument("--world", type=int, default=2, help="processes to compare with one (default 2)")
-    bdi.add_argument("--preset", default="engram-moe", help="model preset (default engram-moe, the demo's)")
-    bdi.add_argument("--steps", type=int, default=12)
-    bdi.add_argument("--warmup", type=int, default=3, help="steps left out of the step time")
-    bdi.add_argument("--batch-size", type=int, default=8, help="the global batch (split over the ranks)")
-    bdi.add_argument("--seq-len", type=int, default=64)
-    bdi.add_argument("--repeats", type=int, default=3)
-    bdi.add_argument("--table-optimizer", default="sparse_adam", choices=["adam", "sparse_adam"])
+    add_config_flags(bdi, DistributedBenchConfig)
     bdi.set_defaults(fn=cmd_bench_distributed)
