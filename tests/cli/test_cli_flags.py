@@ -201,17 +201,53 @@ def test_bench_flags_and_functions_share_their_defaults():
 
     from engram.bench import config as bc
     from engram.bench.distributed import bench_distributed
+    from engram.bench.draft import bench_draft
     from engram.bench.hash import bench_hash
-    from engram.bench.offload import bench_table_optimizer
+    from engram.bench.ngram import bench_vs_infinigram, mixture_experiment
+    from engram.bench.offload import bench_large_table, bench_offload, bench_table_optimizer
+    from engram.bench.retrofit import bench_retrofit
     from engram.bench.step import bench_step
     from engram.bench.train_tiers import bench_train_tiers
 
+    needed = ("--ckpt", "R", "--data", "D")  # the inputs some subcommands require
     pairs = [(bc.HashBenchConfig, bench_hash, "hash"), (bc.StepBenchConfig, bench_step, "step"),
              (bc.TableOptimizerBenchConfig, bench_table_optimizer, "table-optimizer"),
              (bc.TrainTiersBenchConfig, bench_train_tiers, "train-tiers"),
-             (bc.DistributedBenchConfig, bench_distributed, "distributed")]
-    for cls, fn, name in pairs:
+             (bc.DistributedBenchConfig, bench_distributed, "distributed"),
+             (bc.OffloadBenchConfig, bench_offload, "offload"),
+             (bc.LargeTableBenchConfig, bench_large_table, "large-table"),
+             (bc.NgramBenchConfig, bench_vs_infinigram, "ngram", "--data", "D"),
+             (bc.NgramMixBenchConfig, mixture_experiment, "ngram-mix", *needed),
+             (bc.DraftBenchConfig, bench_draft, "draft", *needed),
+             (bc.RetrofitBenchConfig, bench_retrofit, "retrofit")]
+    for cls, fn, name, *inputs in pairs:
         defaults = dataclasses.asdict(cls())
         params = inspect.signature(fn).parameters
         assert {k: params[k].default for k in defaults} == defaults, name
-        assert cli_bench._settings(build_parser().parse_args(["bench", name]), cls) == defaults, name
+        args = build_parser().parse_args(["bench", name, *inputs])
+        assert cli_bench._settings(args, cls) == defaults, name
+        assert {flag_name(f) for f in dataclasses.fields(cls)} <= flags_of("bench", name), name
+
+
+def test_bench_flags_set_the_settings_and_old_spellings_still_work():
+    def settings(*argv, cls):
+        return cli_bench._settings(build_parser().parse_args(["bench", *argv]), cls)
+
+    from engram.bench import config as bc
+
+    s = settings("offload", "--warm", "--batches", "3", "--table-rows", "64", "--standin-tps", "100,2e3",
+                 "--no-fetch-process", cls=bc.OffloadBenchConfig)
+    assert (s["cold"], s["batches_per_round"], s["rows_per_head"], s["standin_tokens_per_s"], s["process"]) == (
+        False, 3, 64, (100.0, 2000.0), False)
+    assert settings("offload", "--no-cold", cls=bc.OffloadBenchConfig)["cold"] is False
+    assert settings("draft", "--ckpt", "R", "--data", "D", "--ks", "1,3", "5", cls=bc.DraftBenchConfig)["ks"] == (1, 3, 5)
+    r = settings("retrofit", "--layers", "1,15", "--table-size", "99", cls=bc.RetrofitBenchConfig)
+    assert (r["layers"], r["rows_per_head"]) == ((1, 15), 99)
+    m = settings("ngram-mix", "--ckpt", "R", "--data", "D", "--countries", "7", "--results", "out",
+                 cls=bc.NgramMixBenchConfig)
+    assert (m["n_countries"], m["out_dir"]) == (7, "out")
+
+
+def test_a_bad_number_list_is_one_line(capsys):
+    err = _one_line_usage_error(["bench", "retrofit", "--layers", "1,x"], capsys)
+    assert "'1,x'" in err and "integers separated by commas" in err

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from engram.config import setting
+from engram.config import CACHE_POLICIES, DraftConfig, setting
 
 TABLE_OPTIMIZERS = ("adam", "sparse_adam")
+TABLE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -77,3 +78,103 @@ class DistributedBenchConfig:
     seq_len: int = setting(64)
     repeats: int = setting(3)
     table_optimizer: str = setting("sparse_adam", choices=TABLE_OPTIMIZERS)
+
+
+@dataclass
+class OffloadBenchConfig:
+    """``engram bench offload``: tokens/s with the tables in RAM vs in a file behind a cache."""
+
+    batch_size: int = setting(8)
+    seq_len: int = setting(256)
+    rounds: int = setting(12, "timed rounds (plus one warm-up)")
+    batches_per_round: int = setting(8, "batches per round and mode", flag="--batches")
+    warm_batches: int = setting(200, "batches of the stream replayed into the pools first (steady state)")
+    cache_rows: int = setting(1 << 20, "pool rows per layer")
+    rows_per_head: int = setting(409_600, "rows per hash head (--table-rows is the old name)",
+                                 aliases=("--table-rows",))
+    policy: str = setting("lru", choices=CACHE_POLICIES)
+    io_threads: int = setting(16)
+    dtype: str = setting("fp32", choices=TABLE_DTYPES)
+    cold: bool = setting(True, "drop the table file from the page cache before reading (default; "
+                               "--warm or --no-cold keeps it)")
+    process: bool = setting(True, "run the cached tier in a helper process (default) or on a thread",
+                            flag="--fetch-process")
+    threads: Optional[int] = setting(1, "torch intra-op threads for the model (default 1: the other core "
+                                        "serves I/O)")
+    pin: bool = setting(True, "pin the model's thread to the first CPU and all row serving to the others "
+                              "(default on with 2+ CPUs)")
+    workdir: Optional[str] = setting(None, "where the temporary table file goes (default: $TMPDIR)")
+    repeats: int = setting(3, "blocks the timed rounds are split into (the spread)")
+    capacity_batches: int = setting(16, "batches of the serving-capacity run")
+    standin_batches: int = setting(16, "batches per stand-in forward speed")
+    standin_tokens_per_s: Optional[tuple[float, ...]] = setting(
+        None, "stand-in forward speeds in tokens/s (default: 9031, the paper's, and 0.5x, 1x, 2x the tier's "
+              "measured capacity)", flag="--standin-tps", metavar="N,N")
+
+
+@dataclass
+class LargeTableBenchConfig:
+    """``engram bench large-table``: a table larger than RAM served from a cached tier."""
+
+    size_gib: float = setting(32.0)
+    cache_rows: int = setting(1 << 21, "pool rows per layer")
+    policy: str = setting("lru", choices=CACHE_POLICIES)
+    io_threads: int = setting(16)
+    eval_batches: int = setting(20)
+    gen_tokens: int = setting(128)
+    workdir: Optional[str] = setting(None, "where the table goes (default: $TMPDIR)")
+    keep: bool = setting(False, "keep the table file afterwards (a later run reuses it)")
+    threads: Optional[int] = setting(1, "torch intra-op threads (default 1)")
+
+
+@dataclass
+class NgramBenchConfig:
+    """``engram bench ngram``: the N-gram index against the infini-gram package."""
+
+    workdir: str = setting("ngram-bench")
+    out_dir: Optional[str] = setting("benchmarks/results", "where the JSON and Markdown results go",
+                                     flag="--results")
+    queries: int = setting(2000)
+    repeats: int = setting(3)
+
+
+@dataclass
+class NgramMixBenchConfig:
+    """``engram bench ngram-mix``: mixture perplexity (fixed vs learned lambda) + instant fact update."""
+
+    workdir: str = setting("ngram-bench")
+    out_dir: Optional[str] = setting("benchmarks/results", "where the JSON and Markdown results go",
+                                     flag="--results")
+    max_windows: Optional[int] = setting(None, "windows per half of val (default: all)")
+    n_countries: int = setting(40, "invented countries (4 facts each)", flag="--countries")
+
+
+@dataclass
+class DraftBenchConfig:
+    """``engram bench draft``: generation drafted from memory vs plain decoding."""
+
+    ks: tuple[int, ...] = setting((2, 4, 8), "draft lengths K to compare (default 2,4,8)", metavar="K,K")
+    prompts: int = setting(8, "held-out prompts from the val split (default 8)")
+    prompt_len: int = setting(32)
+    max_new_tokens: int = setting(64)
+    repeats: int = setting(3, "timed rounds (default 3)")
+    min_match: int = setting(DraftConfig.min_match)
+    threads: int = setting(1)
+    seed: int = setting(0)
+    temperature: float = setting(0.0, "0 = greedy (default; outputs compared token for token), > 0 samples")
+
+
+@dataclass
+class RetrofitBenchConfig:
+    """``engram bench retrofit``: tokens/s of a retrofitted model vs its base (and LoRA)."""
+
+    base: str = setting("smollm2-135m", metavar="NAME|DIR")
+    layers: tuple[int, ...] = setting((1,), "Engram before these decoder layers (default 1)", metavar="L,L")
+    batch_size: int = setting(4)
+    seq_len: int = setting(256)
+    repeats: int = setting(5)
+    train_steps: int = setting(3)
+    rows_per_head: int = setting(131_072, "Engram rows per hash head (--table-size is the old name)",
+                                 aliases=("--table-size",))
+    threads: Optional[int] = setting(None, "torch threads (default: torch's)")
+    lora_rank: int = setting(0, "also time LoRA of this rank (Engram off) and LoRA + Engram against the base")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engram.bench.config import DraftBenchConfig as _D
 from engram.config import DraftConfig, SamplingConfig
 from engram.data.shards import load_dataset
 from engram.data.tokenizer import load_tokenizer, special_ids
@@ -38,8 +39,6 @@ from engram.model.generation import generate
 from engram.ngram.draft import NgramDrafter
 from engram.ngram.index import NgramIndex
 from engram.ngram.speculative import EngramTarget, generate_speculative
-
-DEFAULT_KS = (2, 4, 8)
 
 
 def heldout_prompts(val: np.ndarray, eos: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -63,9 +62,9 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def bench_draft(ckpt: PathLike, data_dir: PathLike, index_path: Optional[PathLike] = None, *,
-                ks: tuple[int, ...] = DEFAULT_KS, prompts: int = 8, prompt_len: int = 32,
-                max_new_tokens: int = 64, repeats: int = 3, min_match: int = 2, threads: int = 1,
-                seed: int = 0, temperature: float = 0.0, progress: bool = True) -> dict[str, Any]:
+                ks: tuple[int, ...] = _D.ks, prompts: int = _D.prompts, prompt_len: int = _D.prompt_len,
+                max_new_tokens: int = _D.max_new_tokens, repeats: int = _D.repeats, min_match: int = _D.min_match,
+                threads: int = _D.threads, seed: int = _D.seed, temperature: float = _D.temperature, progress: bool = True) -> dict[str, Any]:
     """The benchmark record (see the module docstring); ``index_path`` None: text-only drafts.
 
     ``temperature`` > 0 samples (seed per prompt): outputs then differ from the baseline's by

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from engram.bench.config import NgramBenchConfig, NgramMixBenchConfig
 from engram.data.shards import load_dataset
 from engram.errors import EngramError
 from engram.fsutil import PathLike, atomic_write
@@ -128,8 +129,9 @@ def _sample_queries(val: np.ndarray, eos: int, lengths: tuple[int, ...], per_len
     return out
 
 
-def bench_vs_infinigram(data_dir: PathLike, workdir: PathLike, queries: int = 2000, repeats: int = 3,
-                        out_dir: Optional[PathLike] = "benchmarks/results", progress: bool = True,
+def bench_vs_infinigram(data_dir: PathLike, workdir: PathLike = NgramBenchConfig.workdir,
+                        queries: int = NgramBenchConfig.queries, repeats: int = NgramBenchConfig.repeats,
+                        out_dir: Optional[PathLike] = NgramBenchConfig.out_dir, progress: bool = True,
                         seed: int = 0) -> dict[str, Any]:
     """Our index against infini-gram on the same training split (the module docstring); writes
     ``ngram_vs_infinigram.json``/``.md`` to ``out_dir`` (unless None) and returns the record."""
@@ -352,9 +354,10 @@ GATE_KINDS = ("features", "hidden_bounded", "hidden")
 HIDDEN_BOUND = 0.5
 
 
-def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike,
-                       out_dir: Optional[PathLike] = "benchmarks/results", max_windows: Optional[int] = None,
-                       n_countries: int = 40, baseline_ckpt: Optional[PathLike] = None,
+def mixture_experiment(ckpt: PathLike, data_dir: PathLike, workdir: PathLike = NgramMixBenchConfig.workdir,
+                       out_dir: Optional[PathLike] = NgramMixBenchConfig.out_dir,
+                       max_windows: Optional[int] = NgramMixBenchConfig.max_windows,
+                       n_countries: int = NgramMixBenchConfig.n_countries, baseline_ckpt: Optional[PathLike] = None,
                        progress: bool = True) -> dict[str, Any]:
     """Perplexity of the mixtures and instant updates with invented facts (the module docstring);
     writes ``ngram_mixture.json``/``.md`` to ``out_dir`` (unless None) and returns the record.

@@ -61,6 +61,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from engram.bench.config import LargeTableBenchConfig as _L
+from engram.bench.config import OffloadBenchConfig as _O
 from engram.bench.config import TableOptimizerBenchConfig
 from engram.config import ModelConfig, TrainConfig, preset
 from engram.data.shards import Dataset, get_batch, iter_eval_batches, load_dataset, prepare_builtin
@@ -221,15 +223,15 @@ class _OffloadSettings:
     standin_tokens_per_s: Optional[tuple[float, ...]] = None  # None: the paper's and capacity-relative
 
 
-def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = 8, seq_len: int = 256,
-                  rounds: int = 12, batches_per_round: int = 8, warm_batches: int = 200,
-                  cache_rows: int = 1 << 20,
-                  rows_per_head: int = 409_600, policy: str = "lru", io_threads: int = 16,
-                  dtype: str = "fp32", cold: bool = True, workdir: Optional[str] = None,
-                  threads: Optional[int] = 1, process: bool = True, pin: bool = True,
-                  progress: bool = False, seed: int = 0, repeats: int = 3, capacity_batches: int = 16,
-                  standin_batches: int = 16,
-                  standin_tokens_per_s: Optional[Sequence[float]] = None) -> dict[str, Any]:
+def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = _O.batch_size, seq_len: int = _O.seq_len,
+                  rounds: int = _O.rounds, batches_per_round: int = _O.batches_per_round,
+                  warm_batches: int = _O.warm_batches, cache_rows: int = _O.cache_rows,
+                  rows_per_head: int = _O.rows_per_head, policy: str = _O.policy, io_threads: int = _O.io_threads,
+                  dtype: str = _O.dtype, cold: bool = _O.cold, workdir: Optional[str] = _O.workdir,
+                  threads: Optional[int] = _O.threads, process: bool = _O.process, pin: bool = _O.pin,
+                  progress: bool = False, seed: int = 0, repeats: int = _O.repeats,
+                  capacity_batches: int = _O.capacity_batches, standin_batches: int = _O.standin_batches,
+                  standin_tokens_per_s: Optional[Sequence[float]] = _O.standin_tokens_per_s) -> dict[str, Any]:
     """Tokens/s of the four modes (see the module docstring), the offload overheads with their
     spread over ``repeats`` blocks of rounds (at most ``rounds``), the tier's serving capacity and the overhead in
     front of a fixed-speed stand-in forward (``standin_tokens_per_s``; None: the paper's 9,031
@@ -589,11 +591,12 @@ def _write_random_table(path: Path, model: torch.nn.Module, std: float, seed: in
                 bar.update(n * dim * 4)
 
 
-def bench_large_table(data_dir: Optional[str] = None, *, size_gib: float = 32.0, cache_rows: int = 1 << 21,
-                      policy: str = "lru", io_threads: int = 16, eval_batches: int = 20,
-                      batch_size: int = 8, seq_len: int = 256, gen_tokens: int = 128,
-                      workdir: Optional[str] = None, keep: bool = False, cold: bool = True,
-                      threads: Optional[int] = 1, progress: bool = False, seed: int = 0) -> dict[str, Any]:
+def bench_large_table(data_dir: Optional[str] = None, *, size_gib: float = _L.size_gib,
+                      cache_rows: int = _L.cache_rows, policy: str = _L.policy, io_threads: int = _L.io_threads,
+                      eval_batches: int = _L.eval_batches, batch_size: int = 8, seq_len: int = 256,
+                      gen_tokens: int = _L.gen_tokens, workdir: Optional[str] = _L.workdir, keep: bool = _L.keep,
+                      cold: bool = True, threads: Optional[int] = _L.threads, progress: bool = False,
+                      seed: int = 0) -> dict[str, Any]:
     """A table of ``size_gib`` on disk served from a cached tier: eval and generation tokens/s.
 
     ``threads``: torch intra-op threads for the run (restored afterwards; None = torch's default).

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from engram.bench.config import RetrofitBenchConfig as _R
 from engram.config import RetrofitConfig, TrainConfig
 from engram.hashing.compression import build_compression
 from engram.retrofit.base import BaseModel, load_base
@@ -93,10 +94,10 @@ def _lora_speeds(model: RetrofitLM, x: torch.Tensor, y: torch.Tensor, rank: int,
     return res
 
 
-def bench_retrofit(base: str = "smollm2-135m", layers: tuple[int, ...] = (1,), batch_size: int = 4,
-                   seq_len: int = 256, repeats: int = 5, train_steps: int = 3, rows_per_head: int = 131_072,
-                   threads: Optional[int] = None, loaded: Optional[BaseModel] = None,
-                   lora_rank: int = 0, progress: bool = False) -> dict[str, Any]:
+def bench_retrofit(base: str = _R.base, layers: tuple[int, ...] = _R.layers, batch_size: int = _R.batch_size,
+                   seq_len: int = _R.seq_len, repeats: int = _R.repeats, train_steps: int = _R.train_steps,
+                   rows_per_head: int = _R.rows_per_head, threads: Optional[int] = _R.threads,
+                   loaded: Optional[BaseModel] = None, lora_rank: int = _R.lora_rank, progress: bool = False) -> dict[str, Any]:
     """Tokens/s of base and retrofit at the same batch (see the module docstring)."""
     if threads:
         torch.set_num_threads(threads)

@@ -12,8 +12,9 @@
     engram bench retrofit                tokens/s of a retrofitted model vs its base (and LoRA)
     engram bench distributed             row-sharded training on 1 vs W processes
 
-The benchmarks themselves live in ``engram.bench``; ``engram bench patch`` takes its flags from
-``PatchBenchConfig``. Handlers import the library lazily, inside the function, so that
+The benchmarks themselves live in ``engram.bench``; every subcommand's settings are a dataclass of
+``engram.bench.config`` (``engram bench patch``: ``PatchBenchConfig``), its flags generated from
+it; inputs (``--data``, ``--ckpt``, ``--index``) and output switches stay plain flags. Handlers import the library lazily, inside the function, so that
 ``engram --help`` does not load torch.
 """
 
@@ -27,13 +28,19 @@ from typing import Any
 
 from engram.bench.config import (
     DistributedBenchConfig,
+    DraftBenchConfig,
     HashBenchConfig,
+    LargeTableBenchConfig,
+    NgramBenchConfig,
+    NgramMixBenchConfig,
+    OffloadBenchConfig,
+    RetrofitBenchConfig,
     StepBenchConfig,
     TableOptimizerBenchConfig,
     TrainTiersBenchConfig,
 )
-from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
-from engram.config import CACHE_POLICIES, DraftConfig, PatchBenchConfig
+from engram.cli.flags import add_common, add_config_flags, config_from_args
+from engram.config import PatchBenchConfig
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -75,16 +82,7 @@ def cmd_bench_step(args) -> int:
 def cmd_bench_offload(args: argparse.Namespace) -> int:
     from engram.bench.offload import bench_offload
 
-    res = bench_offload(args.data, batch_size=args.batch_size, seq_len=args.seq_len, rounds=args.rounds,
-                        batches_per_round=args.batches, warm_batches=args.warm_batches,
-                        cache_rows=args.cache_rows,
-                        rows_per_head=args.rows_per_head, policy=args.policy,
-                        io_threads=args.io_threads, dtype=args.dtype, cold=not args.warm,
-                        workdir=args.workdir, threads=args.threads, process=args.fetch_process,
-                        pin=args.pin, progress=not args.json, repeats=args.repeats,
-                        capacity_batches=args.capacity_batches, standin_batches=args.standin_batches,
-                        standin_tokens_per_s=(None if args.standin_tps is None
-                                              else [float(v) for v in int_list(args.standin_tps, "--standin-tps")]))
+    res = bench_offload(args.data, **_settings(args, OffloadBenchConfig), progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -111,10 +109,7 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
 def cmd_bench_large(args: argparse.Namespace) -> int:
     from engram.bench.offload import bench_large_table
 
-    res = bench_large_table(args.data, size_gib=args.size_gib, cache_rows=args.cache_rows, policy=args.policy,
-                            io_threads=args.io_threads, eval_batches=args.eval_batches,
-                            gen_tokens=args.gen_tokens, workdir=args.workdir, keep=args.keep,
-                            threads=args.threads, progress=not args.json)
+    res = bench_large_table(args.data, **_settings(args, LargeTableBenchConfig), progress=not args.json)
     print(json.dumps(res, indent=None if args.json else 2))
     return 0
 
@@ -153,8 +148,7 @@ def cmd_bench_train_tiers(args: argparse.Namespace) -> int:
 def cmd_bench_ngram(args) -> int:
     from engram.bench.ngram import bench_vs_infinigram
 
-    res = bench_vs_infinigram(args.data, args.workdir, queries=args.queries, repeats=args.repeats,
-                              out_dir=args.results, progress=not args.quiet)
+    res = bench_vs_infinigram(args.data, **_settings(args, NgramBenchConfig), progress=not args.quiet)
     print(json.dumps(res["summary"], indent=2))
     return 0
 
@@ -162,10 +156,7 @@ def cmd_bench_ngram(args) -> int:
 def cmd_bench_draft(args) -> int:
     from engram.bench.draft import bench_draft
 
-    res = bench_draft(args.ckpt, args.data, args.index, ks=tuple(int_list(args.ks, "--ks")), prompts=args.prompts,
-                      prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                      min_match=args.min_match, threads=args.threads, seed=args.seed,
-                      temperature=args.temperature, progress=not args.quiet)
+    res = bench_draft(args.ckpt, args.data, args.index, **_settings(args, DraftBenchConfig), progress=not args.quiet)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -181,8 +172,7 @@ def cmd_bench_draft(args) -> int:
 def cmd_bench_ngram_mix(args) -> int:
     from engram.bench.ngram import mixture_experiment
 
-    res = mixture_experiment(args.ckpt, args.data, args.workdir, out_dir=args.results,
-                             max_windows=args.max_windows, n_countries=args.countries,
+    res = mixture_experiment(args.ckpt, args.data, **_settings(args, NgramMixBenchConfig),
                              baseline_ckpt=args.baseline_ckpt, progress=not args.quiet)
     print(json.dumps(res["summary"], indent=2))
     return 0
@@ -202,10 +192,7 @@ def cmd_bench_patch(args: argparse.Namespace) -> int:
 def cmd_bench_retrofit(args: argparse.Namespace) -> int:
     from engram.bench.retrofit import bench_retrofit
 
-    res = bench_retrofit(base=args.base, layers=tuple(int_list(args.layers, "--layers")),
-                         batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
-                         train_steps=args.train_steps, rows_per_head=args.rows_per_head, threads=args.threads,
-                         lora_rank=args.lora_rank, progress=not args.json)
+    res = bench_retrofit(**_settings(args, RetrofitBenchConfig), progress=not args.json)
     if args.json:
         print(json.dumps(res))
     else:
@@ -258,32 +245,9 @@ def register(sub: Any) -> None:
                          "with and without prefetch")
     add_common(o, "--json")
     add_common(o, "--data", help="prepared dataset (default: build the built-in one, ~15 s)")
-    o.add_argument("--batch-size", type=int, default=8)
-    o.add_argument("--seq-len", type=int, default=256)
-    o.add_argument("--rounds", type=int, default=12, help="timed rounds (plus one warm-up)")
-    o.add_argument("--batches", type=int, default=8, help="batches per round and mode")
-    o.add_argument("--warm-batches", type=int, default=200,
-                   help="batches of the stream replayed into the pools first (steady state)")
-    o.add_argument("--cache-rows", type=int, default=1 << 20, help="pool rows per layer")
-    o.add_argument("--rows-per-head", "--table-rows", type=int, default=409_600,
-                   help="rows per hash head (--table-rows is the old name)")
-    o.add_argument("--policy", choices=CACHE_POLICIES, default="lru")
-    o.add_argument("--io-threads", type=int, default=16)
-    o.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    o.add_argument("--warm", action="store_true", help="keep the page cache (default: cold reads)")
-    o.add_argument("--fetch-process", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the cached tier in a helper process (default) or on a thread")
-    o.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for the model (default 1: the other core serves I/O)")
-    o.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
-                   help="pin the model's thread to the first CPU and all row serving to the others "
-                        "(default on with 2+ CPUs)")
-    o.add_argument("--workdir", help="where the temporary table file goes (default: $TMPDIR)")
-    o.add_argument("--repeats", type=int, default=3, help="blocks the timed rounds are split into (the spread)")
-    o.add_argument("--capacity-batches", type=int, default=16, help="batches of the serving-capacity run")
-    o.add_argument("--standin-batches", type=int, default=16, help="batches per stand-in forward speed")
-    o.add_argument("--standin-tps", metavar="N,N", help="stand-in forward speeds in tokens/s (default: "
-                   "9031, the paper's, and 0.5x, 1x, 2x the tier's measured capacity)")
+    add_config_flags(o, OffloadBenchConfig)
+    o.add_argument("--warm", dest="cold", action="store_false", default=argparse.SUPPRESS,
+                   help="keep the page cache (the same as --no-cold)")
     o.set_defaults(fn=cmd_bench_offload)
 
     to = bench.add_parser("table-optimizer", help="training steps/s and table state: dense Adam vs "
@@ -304,23 +268,12 @@ def register(sub: Any) -> None:
                           "eval and generation tokens/s and hit rates")
     add_common(lt, "--json")
     add_common(lt, "--data", help="prepared dataset (default: build the built-in one)")
-    lt.add_argument("--size-gib", type=float, default=32.0)
-    lt.add_argument("--cache-rows", type=int, default=1 << 21, help="pool rows per layer")
-    lt.add_argument("--policy", choices=CACHE_POLICIES, default="lru")
-    lt.add_argument("--io-threads", type=int, default=16)
-    lt.add_argument("--eval-batches", type=int, default=20)
-    lt.add_argument("--gen-tokens", type=int, default=128)
-    lt.add_argument("--workdir", help="where the table goes (default: $TMPDIR)")
-    lt.add_argument("--keep", action="store_true", help="keep the table file afterwards (a later run reuses it)")
-    lt.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    add_config_flags(lt, LargeTableBenchConfig)
     lt.set_defaults(fn=cmd_bench_large)
 
     bn = bench.add_parser("ngram", help="N-gram index vs the infini-gram package (build, size, latency)")
     add_common(bn, "--data", required=True)
-    bn.add_argument("--workdir", default="ngram-bench")
-    bn.add_argument("--results", default="benchmarks/results")
-    bn.add_argument("--queries", type=int, default=2000)
-    bn.add_argument("--repeats", type=int, default=3)
+    add_config_flags(bn, NgramBenchConfig)
     add_common(bn, "--quiet")
     bn.set_defaults(fn=cmd_bench_ngram)
 
@@ -329,26 +282,14 @@ def register(sub: Any) -> None:
     add_common(bd, "--data", required=True)
     add_common(bd, "--json")
     bd.add_argument("--index", help="N-gram index of the train split to draft from (default: text-only drafts)")
-    bd.add_argument("--ks", default="2,4,8", help="draft lengths K to compare (default 2,4,8)")
-    bd.add_argument("--prompts", type=int, default=8, help="held-out prompts from the val split (default 8)")
-    bd.add_argument("--prompt-len", type=int, default=32)
-    bd.add_argument("--max-new-tokens", type=int, default=64)
-    bd.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
-    bd.add_argument("--min-match", type=int, default=DraftConfig.min_match)
-    bd.add_argument("--threads", type=int, default=1)
-    bd.add_argument("--seed", type=int, default=0)
-    bd.add_argument("--temperature", type=float, default=0.0,
-                    help="0 = greedy (default; outputs compared token for token), > 0 samples")
+    add_config_flags(bd, DraftBenchConfig)
     add_common(bd, "--quiet")
     bd.set_defaults(fn=cmd_bench_draft)
 
     bm = bench.add_parser("ngram-mix", help="mixture perplexity (fixed vs learned lambda) + instant fact update")
     add_common(bm, "--ckpt", required=True)
     add_common(bm, "--data", required=True)
-    bm.add_argument("--workdir", default="ngram-bench")
-    bm.add_argument("--results", default="benchmarks/results")
-    bm.add_argument("--max-windows", type=int, help="windows per half of val (default: all)")
-    bm.add_argument("--countries", type=int, default=40, help="invented countries (4 facts each)")
+    add_config_flags(bm, NgramMixBenchConfig)
     bm.add_argument("--baseline-ckpt", help="a second run, mixed through the plain-callable LM interface")
     add_common(bm, "--quiet")
     bm.set_defaults(fn=cmd_bench_ngram_mix)
@@ -361,17 +302,7 @@ def register(sub: Any) -> None:
     bp.set_defaults(fn=cmd_bench_patch)
 
     br = bench.add_parser("retrofit", help="inference and training tokens/s of a retrofitted model vs its base")
-    br.add_argument("--base", default="smollm2-135m", metavar="NAME|DIR")
-    br.add_argument("--layers", default="1", help="Engram before these decoder layers (default 1)")
-    br.add_argument("--batch-size", type=int, default=4)
-    br.add_argument("--seq-len", type=int, default=256)
-    br.add_argument("--repeats", type=int, default=5)
-    br.add_argument("--train-steps", type=int, default=3)
-    br.add_argument("--rows-per-head", "--table-size", type=int, default=131_072,
-                    help="Engram rows per hash head (--table-size is the old name)")
-    br.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    br.add_argument("--lora-rank", type=int, default=0,
-                    help="also time LoRA of this rank (Engram off) and LoRA + Engram against the base")
+    add_config_flags(br, RetrofitBenchConfig)
     add_common(br, "--json")
     br.set_defaults(fn=cmd_bench_retrofit)
 

@@ -73,7 +73,8 @@ def add_config_flags(parser: Any, cls: type, *, only: Optional[tuple[str, ...]] 
             if typ is bool:  # off by default: a switch; else --x / --no-x
                 kw["action"] = "store_true" if kw["default"] is False else argparse.BooleanOptionalAction
             elif typing.get_origin(typ) is tuple:
-                kw.update(nargs="+", type=typing.get_args(typ)[0])
+                item = typing.get_args(typ)[0]
+                kw.update(nargs="+", type=_number_list(item) if item in (int, float) else item)
             elif typ in (int, float):
                 kw["type"] = typ
         if kw.get("type") is str:
@@ -92,8 +93,24 @@ def config_from_args(args: argparse.Namespace, cls: type, **overrides: Any) -> A
         value = getattr(args, _dest(f))
         if value is None and type(None) not in typing.get_args(hints[f.name]):
             continue
-        kw[f.name] = tuple(value) if isinstance(value, list) else value
+        if isinstance(value, list):  # nargs="+"; numbers may also come comma-separated, "1,15"
+            value = tuple(v for x in value for v in (x if isinstance(x, list) else [x]))
+        kw[f.name] = value
     return cls(**kw, **overrides)
+
+
+def _number_list(item: type) -> Any:
+    """argparse ``type`` of a numeric tuple field: ``"1,15"`` -> [1, 15] (``config_from_args`` flattens)."""
+    def parse(text: str) -> list[Any]:
+        try:
+            return [item(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {_NUMBERS[item]} separated by commas or "
+                                             f"spaces, e.g. 1,2,3") from None
+    return parse
+
+
+_NUMBERS = {int: "integers", float: "numbers"}
 
 
 # ----------------------------------------------------------------------------- shared flags
