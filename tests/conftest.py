@@ -91,7 +91,7 @@ class TinyWorld:
         model = EngramLM(cfg, _dataset_compression(cfg, ds, data_dir)).eval()
         with torch.no_grad():  # distinct, non-trivial rows so that a wrong lookup shows
             for e in model.engram_layers:
-                e.multi_head_embedding.embedding.weight.normal_()
+                e.table.weight.normal_()
         save_checkpoint(run, model, None, None, TrainConfig(batch_size=4, seq_len=32),
                         data_dir / "tokenizer.json", tokenizer_fingerprint=ds.meta["tokenizer_fingerprint"])
         return model

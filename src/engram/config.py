@@ -394,7 +394,68 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-TRAIN_TABLE_STORAGES = ("memory", "mmap", "cached")
+# ----------------------------------------------------------------------------- table vocabulary
+# One vocabulary for where table rows live and how a cache evicts, shared by training, serving and
+# sharding (torchrec's EmbeddingLocation / CacheAlgorithm). The values are the strings configs on
+# disk and command-line flags have always used, so both keep working.
+class StorageError(EngramError):
+    """A storage setting or request is invalid; the message names the value and the fix."""
+
+
+class _Choice(str, enum.Enum):
+    """A config value from a fixed set; parses its own string value, refuses others in one line."""
+
+    @classmethod
+    def parse(cls, value: Any, name: str, allowed: Optional[Sequence[Any]] = None,
+              error: type = ConfigError) -> Any:
+        allowed = tuple(cls) if allowed is None else tuple(allowed)
+        try:
+            member = cls(value)
+        except ValueError:
+            member = None
+        if member not in allowed:
+            raise error(f"{name}={getattr(value, 'value', value)!r}; choose one of {[a.value for a in allowed]}")
+        return member
+
+    @classmethod
+    def values(cls, members: Optional[Sequence[Any]] = None) -> tuple[str, ...]:
+        """The spellings (CLI choices) of ``members`` (default: all)."""
+        return tuple(m.value for m in (cls if members is None else members))
+
+    def __str__(self) -> str:  # f-strings and messages print the spelling, not the class
+        return self.value
+
+
+class TableLocation(_Choice):
+    """Where an Engram table's rows live (``EngramTable.location``)."""
+
+    MEMORY = "memory"  # ordinary tensors in RAM (or on the model's device)
+    MMAP = "mmap"  # a mapped file: a served table file, or a writable working file while training
+    CACHED = "cached"  # a pool of hot rows in RAM in front of such a file
+    PROCESS = "process"  # a mmap / cached tier run by a helper process (serving)
+    SHARDED = "sharded"  # rows r::W on each of W ranks (engram.distributed)
+
+
+# What each user picks from (the other locations follow from other settings: --fetch-process, --nproc).
+SERVING_LOCATIONS = (TableLocation.MEMORY, TableLocation.MMAP, TableLocation.CACHED)
+TRAINING_LOCATIONS = (TableLocation.MEMORY, TableLocation.MMAP, TableLocation.CACHED)
+StorageKind = TableLocation  # the name serving used before the two vocabularies became one
+
+
+class CachePolicy(_Choice):
+    """Which resident row a full cache evicts."""
+
+    LRU = "lru"  # least recently used
+    LFU = "lfu"  # least frequently used
+
+
+class TableOptimizer(_Choice):
+    """How the Engram tables train."""
+
+    ADAM = "adam"  # dense: every row, every step
+    SPARSE_ADAM = "sparse_adam"  # row-wise lazy Adam: touched rows only (engram.training.sparse_adam)
+
+
 
 
 @dataclass
@@ -420,7 +481,8 @@ class TrainConfig:
     # Engram tables: "adam" (dense, every row every step) or "sparse_adam" (row-wise lazy Adam:
     # state and updates only for touched rows; engram.training.sparse_adam). prefetch builds the next
     # batch and its row ids on a background thread (same numbers, less waiting).
-    table_optimizer: str = "adam"
+    table_optimizer: Union[str, TableOptimizer] = setting(TableOptimizer.ADAM,
+                                                          choices=TableOptimizer.values())
     # One-pass Adam kernels (torch's ``fused=True``) for the backbone's AdamW and the tables' dense
     # Adam: the same update up to float rounding, without the for-loop implementation's
     # table-sized temporaries (on the demo's 5.3M-entry table 5.5 ms instead of 43 ms per step).
@@ -432,10 +494,10 @@ class TrainConfig:
     # memory, or a working file per table mapped writable (mmap), or a pool of hot rows in front
     # of that file (cached). The numbers are the same in all three; the file tiers need the
     # row-sparse optimizer, whose moments then live in working files too.
-    table_storage: str = setting("memory", "where the tables train: memory; mmap: a working file per "
+    table_storage: Union[str, TableLocation] = setting(TableLocation.MEMORY, "where the tables train: memory; mmap: a working file per "
                                  "table (and rank), mapped; cached: a pool of --table-cache-rows hot rows "
                                  "in front of that file (needs train.table_optimizer=sparse_adam)",
-                                 choices=TRAIN_TABLE_STORAGES)
+                                 choices=TableLocation.values(TRAINING_LOCATIONS))
     table_cache_rows: int = setting(1 << 16, "rows per Engram table (per rank) in the cached tier's pool "
                                     "(default 65,536)")
     table_dir: Optional[str] = setting(None, "directory of the working files of mmap/cached tables "
@@ -443,12 +505,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        _check(self.table_optimizer in ("adam", "sparse_adam"),
-               f"table_optimizer={self.table_optimizer!r} must be 'adam' or 'sparse_adam'")
-        _check(self.table_storage in TRAIN_TABLE_STORAGES,
-               f"table_storage={self.table_storage!r} must be one of {TRAIN_TABLE_STORAGES}")
-        _check(self.table_storage == "memory" or self.table_optimizer == "sparse_adam",
-               f"table_storage={self.table_storage!r} trains with the row-sparse optimizer only (dense "
+        self.table_optimizer = TableOptimizer.parse(self.table_optimizer, "table_optimizer")
+        self.table_storage = TableLocation.parse(self.table_storage, "table_storage", TRAINING_LOCATIONS)
+        _check(self.table_storage == TableLocation.MEMORY or self.table_optimizer == TableOptimizer.SPARSE_ADAM,
+               f"table_storage={self.table_storage.value!r} trains with the row-sparse optimizer only (dense "
                f"Adam keeps two table-sized moments in RAM): add --set train.table_optimizer=sparse_adam "
                f"or use --table-storage memory")
         _check(self.table_cache_rows >= 1, f"table_cache_rows={self.table_cache_rows} must be >= 1 "
@@ -468,6 +528,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        d["table_optimizer"], d["table_storage"] = self.table_optimizer.value, self.table_storage.value
         return d
 
     @classmethod
@@ -555,26 +616,7 @@ class DistributedConfig:
 
 # ----------------------------------------------------------------------------- table storage
 # Used by engram.tables; defined here because the tiers need torch and the CLI flags must not.
-class StorageError(EngramError):
-    """A storage setting or request is invalid; the message names the value and the fix."""
-
-
-class StorageKind(str, enum.Enum):
-    """Where a table's rows live."""
-
-    MEMORY = "memory"
-    MMAP = "mmap"
-    CACHED = "cached"
-
-    @classmethod
-    def parse(cls, value: Union[str, "StorageKind"]) -> "StorageKind":
-        try:
-            return cls(value)
-        except ValueError:
-            raise StorageError(f"storage={value!r}; choose one of {[k.value for k in cls]}") from None
-
-
-CACHE_POLICIES = ("lru", "lfu")
+# StorageError, TableLocation and CachePolicy are above, with the table vocabulary.
 
 
 @dataclass
@@ -593,12 +635,12 @@ class StorageConfig:
     path: Optional[str] = setting(None, "serve the Engram tables from this table file "
                                   "(`engram table convert RUN FILE`) instead of the checkpoint",
                                   flag="--table", metavar="FILE")
-    kind: Union[str, StorageKind] = setting(
-        StorageKind.MEMORY, "memory: load the tables into RAM; mmap: map the file; cached: a pool of hot "
+    kind: Union[str, TableLocation] = setting(
+        TableLocation.MEMORY, "memory: load the tables into RAM; mmap: map the file; cached: a pool of hot "
         "rows in front of the mapped file (default with --table: cached)",
-        flag="--storage", choices=tuple(k.value for k in StorageKind))
+        flag="--storage", choices=TableLocation.values(SERVING_LOCATIONS))
     cache_rows: int = setting(1 << 20, "rows per Engram layer in the cached tier's pool (default 1,048,576)")
-    cache_policy: str = setting("lru", choices=CACHE_POLICIES)
+    cache_policy: Union[str, CachePolicy] = setting(CachePolicy.LRU, choices=CachePolicy.values())
     prefetch: bool = setting(True, "fetch rows on a background thread ahead of the layer (default: on with "
                              "--table/--storage, off otherwise)")
     io_threads: int = setting(8, "parallel reads from the file (default 8)")
@@ -607,14 +649,13 @@ class StorageConfig:
                             "(default on)", flag="--fetch-process")
 
     def __post_init__(self) -> None:
-        self.kind = StorageKind.parse(self.kind)
+        self.kind = TableLocation.parse(self.kind, "storage", SERVING_LOCATIONS, StorageError)
         if self.cache_rows < 1:
             raise StorageError(f"cache_rows={self.cache_rows} must be >= 1 (rows per Engram layer)")
-        if self.cache_policy not in CACHE_POLICIES:
-            raise StorageError(f"cache_policy={self.cache_policy!r}; choose one of {CACHE_POLICIES}")
+        self.cache_policy = CachePolicy.parse(self.cache_policy, "cache_policy", error=StorageError)
         if self.io_threads < 1:
             raise StorageError(f"io_threads={self.io_threads} must be >= 1")
-        if self.kind in (StorageKind.MMAP, StorageKind.CACHED) and self.path is None:
+        if self.kind in (TableLocation.MMAP, TableLocation.CACHED) and self.path is None:
             raise StorageError(f"storage={self.kind.value!r} reads a table file: pass its path "
                                f"(--table FILE; export one with `engram table convert RUN FILE`)")
         if self.path is not None:
@@ -623,11 +664,11 @@ class StorageConfig:
     @property
     def is_default(self) -> bool:
         """True when nothing differs from the plain in-memory model."""
-        return self.path is None and self.kind == StorageKind.MEMORY and not self.prefetch
+        return self.path is None and self.kind == TableLocation.MEMORY and not self.prefetch
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["kind"] = self.kind.value
+        d["kind"], d["cache_policy"] = self.kind.value, self.cache_policy.value
         return d
 
 

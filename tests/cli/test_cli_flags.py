@@ -22,7 +22,7 @@ from engram.config import (
     SamplingConfig,
     ServeLimits,
     StorageConfig,
-    StorageKind,
+    TableLocation,
 )
 from engram.errors import EngramError
 
@@ -90,11 +90,11 @@ def test_storage_switches_build_the_storage_config():
     assert storage_from_args(parse("eval", "--ckpt", "R", "--data", "D")) is None  # plain in-memory model
     cfg = storage_from_args(parse("eval", "--ckpt", "R", "--data", "D", "--table", "t.engt", "--cache-rows", "10",
                                   "--cache-policy", "lfu", "--io-threads", "2", "--cold", "--no-fetch-process"))
-    assert cfg == StorageConfig(path="t.engt", kind=StorageKind.CACHED, cache_rows=10, cache_policy="lfu",
+    assert cfg == StorageConfig(path="t.engt", kind=TableLocation.CACHED, cache_rows=10, cache_policy="lfu",
                                 prefetch=True, io_threads=2, cold=True, process=False)
     cfg = storage_from_args(parse("generate", "--ckpt", "R", "--prompt", "x", "--table", "t.engt",
                                   "--storage", "mmap", "--no-prefetch"))
-    assert (cfg.kind, cfg.prefetch, cfg.process) == (StorageKind.MMAP, False, True)
+    assert (cfg.kind, cfg.prefetch, cfg.process) == (TableLocation.MMAP, False, True)
     # train's --prefetch is train.prefetch: None (not given) leaves the preset / --set value alone
     assert parse("train", "--data", "D", "--out", "O").prefetch is None
     assert parse("train", "--data", "D", "--out", "O", "--no-prefetch").prefetch is False

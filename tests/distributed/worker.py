@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node W worker.py MODE OUT [ARGS]
 
-MODE lookup: a sharded lookup (and its gradient) against the one-process nn.Embedding.
+MODE lookup: a sharded lookup (and its gradient, an overlay, the gathered full table) against the
+             one-process in-memory table.
 MODE mismatch: rank 1 trains with another learning rate (start-up must refuse).
 MODE die-in-save DATA RUN: rank 1 dies half-way through writing its shard at the second save.
 MODE die-in-step DATA RUN: rank 1 dies at step 3.
@@ -25,15 +26,23 @@ import torch.distributed as dist
 
 def lookup(out: Path) -> None:
     from engram.distributed.sharded_table import ShardedEmbedding
+    from engram.model.table import MemoryTable, RowOverlay
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    full = torch.nn.Embedding(1009 + 997, 8)  # the same table on every rank
+    full = MemoryTable(1009 + 997, 8)  # the same table on every rank
     rows = torch.randint(0, full.num_embeddings, (3, 5, 4), generator=torch.Generator().manual_seed(rank))
-    shard = ShardedEmbedding.from_embedding(full, rank, world)
+    shard = ShardedEmbedding.from_table(full, rank, world)
     got = shard(rows)
     ref = full(rows)
+    # an overlay (each rank its own) gives the rows written into a copy; the shards stay as they were
+    overlay = RowOverlay.of(rows.reshape(-1)[::4].unique(), torch.randn(rows.reshape(-1)[::4].unique().numel(), 8))
+    written = full.weight.detach().clone()
+    written[overlay.rows] = overlay.values
+    with torch.no_grad():
+        overlay_equal = torch.equal(shard(rows, overlay), MemoryTable.wrap(written)(rows))
+    full_equal = torch.equal(shard.full(), full.weight.detach())
     # gradient: d/dW of sum(out * c) on every rank; the owner's rows must receive the sum over ranks
     coef = torch.randn(got.shape, generator=torch.Generator().manual_seed(100 + rank))
     (got * coef).sum().backward()
@@ -42,7 +51,8 @@ def lookup(out: Path) -> None:
         rr = torch.randint(0, full.num_embeddings, (3, 5, 4), generator=torch.Generator().manual_seed(r))
         cc = torch.randn(got.shape, generator=torch.Generator().manual_seed(100 + r))
         total.index_add_(0, rr.reshape(-1), cc.reshape(-1, 8))
-    res = {"equal": bool(torch.equal(got, ref)), "shape": list(got.shape),
+    res = {"equal": bool(torch.equal(got, ref)), "shape": list(got.shape), "overlay_equal": overlay_equal,
+           "full_equal": full_equal,
            "local_rows": shard.weight.shape[0],
            "grad_close": bool(torch.allclose(shard.weight.grad, total[rank::world], atol=1e-6)),
            "grad_nonzero": int(shard.weight.grad.ne(0).any(1).sum()),

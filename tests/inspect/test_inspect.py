@@ -80,7 +80,7 @@ def _check_layers(model, ins, ids, hashes, gates) -> None:
         assert li.head_orders == [2, 2, 3, 3]
         # contributions: per-head slices of W_V add up to W_V e (bias aside)
         t = 5
-        e = layer.multi_head_embedding.embedding.weight[rows[t]]  # [H, Dh]
+        e = layer.table.weight[rows[t]]  # [H, Dh]
         w = layer.value_proj.weight.reshape(-1, 4, e.shape[1])
         per_head = torch.einsum("hd,Dhd->hD", e, w)
         assert [h.contribution for h in li.heads[t]] == pytest.approx(per_head.norm(dim=-1).tolist(), rel=1e-5)

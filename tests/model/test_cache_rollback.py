@@ -18,7 +18,7 @@ def model(tiny):
     m = tiny.model(seed=1)
     with torch.no_grad():
         for e in m.engram_layers:  # rows and a non-zero conv, so that both show in the output
-            e.multi_head_embedding.embedding.weight.normal_()
+            e.table.weight.normal_()
             e.short_conv.conv.weight.normal_(std=0.5)
     return m
 

@@ -97,7 +97,7 @@ def test_causal_conv_silu_with_history_is_the_full_sequence_bit_for_bit():
 
 def _previous_forward(layer: EngramLayer, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """EngramLayer.forward as it was written with nn modules (norm modules, Conv1d), for comparison."""
-    e = F.embedding(layer.multi_head_embedding.rows(ids), layer.multi_head_embedding.embedding.weight).flatten(-2)
+    e = F.embedding(layer.multi_head_embedding.rows(ids), layer.table.weight).flatten(-2)
     B, T, M, D = h.shape
     gates = []
     for m in range(M):

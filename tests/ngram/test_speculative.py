@@ -36,7 +36,7 @@ def world(tiny, tmp_path_factory):
     model = tiny.model(seed=2)
     with torch.no_grad():
         for e in model.engram_layers:
-            e.multi_head_embedding.embedding.weight.normal_()
+            e.table.weight.normal_()
     ds = load_dataset(data)
     val = np.asarray(ds.val.tokens, dtype=np.int64)
     prompts = [torch.as_tensor(val[s:s + 8])[None] for s in (1, 40, 90, 150)]

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tables(model) -> dict[int, torch.Tensor]:
-    return {e.layer_id: e.multi_head_embedding.embedding.weight.detach().clone() for e in model.engram_layers}
+    return {e.layer_id: e.table.weight.detach().clone() for e in model.engram_layers}
 
 
 def _edit(base: dict[int, torch.Tensor], rows, delta: float = 0.5) -> dict[int, torch.Tensor]:
@@ -134,10 +134,10 @@ def test_apply_revert_on_loaded_model(tmp_path, setup, tiny):
     x = torch.randint(0, tiny.VOCAB, (2, 16))
     before = model(x).logits
     apply_to_model(model, path)
-    assert torch.equal(model.engram_layers[0].multi_head_embedding.embedding.weight, new[1])
+    assert torch.equal(model.engram_layers[0].table.weight, new[1])
     assert [e["patch_id"] for e in model_patches(model)] == [load_patch(path).patch_id]
     revert_from_model(model, path)
-    assert torch.equal(model.engram_layers[0].multi_head_embedding.embedding.weight, base[1])
+    assert torch.equal(model.engram_layers[0].table.weight, base[1])
     assert torch.equal(model(x).logits, before) and model_patches(model) == []
 
 

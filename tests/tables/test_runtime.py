@@ -22,7 +22,7 @@ from engram.tables.runtime import (
     table_runtime,
 )
 from engram.tables.tablefile import TableMismatchError, read_header, read_layer, save_model_tables
-from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig
+from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig, StorageError
 from engram.training.evaluation import evaluate
 from engram.training.trainer import train
 
@@ -34,7 +34,7 @@ def model(tiny):
     m = tiny.model()
     with torch.no_grad():
         for e in m.engram_layers:
-            e.multi_head_embedding.embedding.weight.normal_()  # make rows matter for the output
+            e.table.weight.normal_()  # make rows matter for the output
     return m
 
 
@@ -104,11 +104,11 @@ def test_evaluate_uses_prefetch_and_matches(tmp_path, model, table_file, tiny):
 
 def test_placeholder_model_allocates_no_table(model, tiny):
     m = build_model_without_tables(model.cfg, tiny.compression())
-    emb = m.engram_layers[0].multi_head_embedding.embedding
+    emb = m.engram_layers[0].table
     assert isinstance(emb, OffloadedEmbedding) and emb.weight.is_meta
     assert m.param_counts() == model.param_counts()
     assert m.hasher.fingerprint() == model.hasher.fingerprint()
-    with pytest.raises(RuntimeError, match="--table FILE"):
+    with pytest.raises(StorageError, match="--table FILE"):
         m(torch.zeros(1, 4, dtype=torch.long))
 
 
@@ -187,7 +187,7 @@ def test_cli_table_round_trips(run, capsys):
     out_run = d / "from-bf16"
     assert main(["table", "convert", str(half), str(out_run), "--base", str(run_dir), "--quiet"]) == 0
     m, _ = load_model(out_run)
-    assert torch.equal(m.engram_layers[0].multi_head_embedding.embedding.weight, read_layer(hb, 1))
+    assert torch.equal(m.engram_layers[0].table.weight, read_layer(hb, 1))
     assert main(["table", "convert", str(half), str(out_run), "--base", str(run_dir), "--quiet"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
 

@@ -38,7 +38,7 @@ def model(tiny):
 
 
 def _tables(model) -> dict[int, torch.Tensor]:
-    return {e.layer_id: e.multi_head_embedding.embedding.weight.detach() for e in model.engram_layers}
+    return {e.layer_id: e.table.weight.detach() for e in model.engram_layers}
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])

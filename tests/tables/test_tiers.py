@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from engram.tables.process import ProcessStorage, open_layer_storage
 from engram.tables.rowindex import RowIndex
 from engram.tables.tablefile import write_table
-from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig, StorageError, StorageKind
+from engram.tables.tiers import CachedStorage, MemoryStorage, MmapStorage, StorageConfig, StorageError, TableLocation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,7 +214,7 @@ def test_storage_config_validation(files):
     with pytest.raises(StorageError, match="cache_policy"):
         StorageConfig(path="x", kind="cached", cache_policy="fifo")
     cfg = StorageConfig(path=str(files["fp32"].path), kind="cached", cache_rows=10, process=False)
-    assert cfg.kind is StorageKind.CACHED and not cfg.is_default and StorageConfig(prefetch=False).is_default
+    assert cfg.kind is TableLocation.CACHED and not cfg.is_default and StorageConfig(prefetch=False).is_default
     tier = open_layer_storage(cfg, files["fp32"], 3)
     assert isinstance(tier, CachedStorage) and [n for n, _ in tier.tiers()] == ["cached", "mmap"]
     tier.close()

@@ -66,7 +66,7 @@ def test_file_tiers_need_the_row_sparse_optimizer() -> None:
     with pytest.raises(ConfigError, match=r"table_storage='cached' trains with the row-sparse optimizer only.*"
                                           r"table_optimizer=sparse_adam"):
         TrainConfig(table_storage="cached")
-    with pytest.raises(ConfigError, match="table_storage='disk' must be one of"):
+    with pytest.raises(ConfigError, match="table_storage='disk'; choose one of"):
         TrainConfig(table_storage="disk", table_optimizer="sparse_adam")
     with pytest.raises(ConfigError, match="table_cache_rows=0 must be >= 1"):
         TrainConfig(table_cache_rows=0)

@@ -171,8 +171,8 @@ def test_model_sparse_gradients_equal_dense(tiny):
     for m in (dense, sparse):
         m.train()
         m(x, x).loss.backward()
-    gd = dense.engram_layers[0].multi_head_embedding.embedding.weight.grad
-    gs = sparse.engram_layers[0].multi_head_embedding.embedding.weight.grad
+    gd = dense.engram_layers[0].table.weight.grad
+    gs = sparse.engram_layers[0].table.weight.grad
     assert gs.is_sparse and not gd.is_sparse
     torch.testing.assert_close(gs.to_dense(), gd)
 
@@ -197,5 +197,5 @@ def test_build_optimizers_selects_sparse(tiny):
     m = tiny.model()
     opts = build_optimizers(m, TrainConfig(table_optimizer="sparse_adam"))
     assert isinstance(opts["tables"], SparseRowAdam)
-    assert m.engram_layers[0].multi_head_embedding.embedding.sparse
+    assert m.engram_layers[0].table.sparse
     assert isinstance(build_optimizers(tiny.model(), TrainConfig())["tables"], torch.optim.Adam)

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from engram.config import CACHE_POLICIES, DraftConfig, setting
+from engram.config import CachePolicy, DraftConfig, TableOptimizer, setting
 
-TABLE_OPTIMIZERS = ("adam", "sparse_adam")
 TABLE_DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -34,7 +33,7 @@ class StepBenchConfig:
     rounds: int = setting(5, "timed rounds (plus one warm-up)")
     steps: int = setting(6, "steps of each model per round")
     threads: Optional[int] = setting(1)
-    table_optimizer: str = setting("adam", choices=TABLE_OPTIMIZERS)
+    table_optimizer: str = setting(TableOptimizer.ADAM.value, choices=TableOptimizer.values())
     fused_adam: bool = setting(True, "one-pass Adam kernels; --no-fused-adam: torch's for-loop Adam "
                                      "(train.fused_adam=false)")
 
@@ -77,7 +76,7 @@ class DistributedBenchConfig:
     batch_size: int = setting(8, "the global batch (split over the ranks)")
     seq_len: int = setting(64)
     repeats: int = setting(3)
-    table_optimizer: str = setting("sparse_adam", choices=TABLE_OPTIMIZERS)
+    table_optimizer: str = setting(TableOptimizer.SPARSE_ADAM.value, choices=TableOptimizer.values())
 
 
 @dataclass
@@ -92,7 +91,7 @@ class OffloadBenchConfig:
     cache_rows: int = setting(1 << 20, "pool rows per layer")
     rows_per_head: int = setting(409_600, "rows per hash head (--table-rows is the old name)",
                                  aliases=("--table-rows",))
-    policy: str = setting("lru", choices=CACHE_POLICIES)
+    policy: str = setting(CachePolicy.LRU.value, choices=CachePolicy.values())
     io_threads: int = setting(16)
     dtype: str = setting("fp32", choices=TABLE_DTYPES)
     cold: bool = setting(True, "drop the table file from the page cache before reading (default; "
@@ -118,7 +117,7 @@ class LargeTableBenchConfig:
 
     size_gib: float = setting(32.0)
     cache_rows: int = setting(1 << 21, "pool rows per layer")
-    policy: str = setting("lru", choices=CACHE_POLICIES)
+    policy: str = setting(CachePolicy.LRU.value, choices=CachePolicy.values())
     io_threads: int = setting(16)
     eval_batches: int = setting(20)
     gen_tokens: int = setting(128)

@@ -69,6 +69,7 @@ from engram.data.shards import Dataset, get_batch, iter_eval_batches, load_datas
 from engram.errors import EngramError
 from engram.model.generation import SamplingConfig, generate
 from engram.model.lm import EngramLM
+from engram.model.table import TABLE_KEY_SUFFIX
 from engram.tables.process import open_layer_storage
 from engram.tables.runtime import TableRuntime, attach_tables, build_model_without_tables, table_runtime
 from engram.tables.tablefile import TableHeader, TableWriter, open_table, save_model_tables
@@ -335,8 +336,8 @@ def _offload_models(cfg: ModelConfig, compression: Any, table_path: Path, s: _Of
     mem = EngramLM(cfg, compression).eval()
     save_model_tables(mem, table_path, dtype=s.dtype, progress=progress)
     header = open_table(table_path, mem.hasher, cfg.engram.head_dim)
-    backbone = {k: v for k, v in mem.state_dict().items() if "multi_head_embedding.embedding" not in k}
-    mem_tables = {e.layer_id: e.multi_head_embedding.embedding.weight for e in mem.engram_layers}
+    backbone = {k: v for k, v in mem.state_dict().items() if not k.endswith(TABLE_KEY_SUFFIX)}
+    mem_tables = {e.layer_id: e.table.weight for e in mem.engram_layers}
     scfg = StorageConfig(path=str(table_path), kind="cached", cache_rows=s.cache_rows, cache_policy=s.policy,
                          io_threads=s.io_threads, cold=s.cold, process=s.process)
 

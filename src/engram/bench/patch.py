@@ -295,10 +295,10 @@ def _patch_a_loaded_model(paths: _Paths) -> tuple[Any, dict[int, torch.Tensor], 
     variants reuse it), a copy of its original tables {layer_id: weight} and the apply / revert
     seconds with whether the revert restored the tables bit for bit ("bit_exact")."""
     model, _ = ckpt.load_model(paths.run)
-    tables = {e.layer_id: e.multi_head_embedding.embedding.weight.detach().clone() for e in model.engram_layers}
+    tables = {e.layer_id: e.table.weight.detach().clone() for e in model.engram_layers}
     am = apply_to_model(model, paths.patch)
     rm = revert_from_model(model, paths.patch)
-    bit_exact = all(torch.equal(tables[e.layer_id], e.multi_head_embedding.embedding.weight)
+    bit_exact = all(torch.equal(tables[e.layer_id], e.table.weight)
                     for e in model.engram_layers)
     return model, tables, {"apply_model_s": am["seconds"], "revert_model_s": rm["seconds"], "bit_exact": bit_exact}
 

@@ -47,7 +47,7 @@ def _dest(f: dataclasses.Field) -> str:
 
 
 def _unwrap(hint: Any) -> Any:
-    """Optional[X] -> X; Union[str, StorageKind] -> str (the spelling on the command line)."""
+    """Optional[X] -> X; Union[str, TableLocation] -> str (the spelling on the command line)."""
     if typing.get_origin(hint) in (Union, types.UnionType):
         return next(a for a in typing.get_args(hint) if a is not type(None))
     return hint

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engram.cli.flags import add_common, add_config_flags, config_from_args, int_list
-from engram.config import CACHE_POLICIES, StorageConfig, TrainConfig, preset
+from engram.config import CachePolicy, StorageConfig, TrainConfig, preset
 from engram.errors import EngramError
 
 
@@ -196,8 +196,9 @@ def _cache_rows_list(text: str) -> list[int]:
 
 def _policy_list(text: str) -> list[str]:
     policies = [p for p in str(text).split(",") if p]
-    if not policies or any(p not in CACHE_POLICIES for p in policies):
-        raise EngramError(f"--policy {text!r}: expected comma-separated names from {', '.join(CACHE_POLICIES)}")
+    if not policies or any(p not in CachePolicy.values() for p in policies):
+        raise EngramError(f"--policy {text!r}: expected comma-separated names from "
+                          f"{', '.join(CachePolicy.values())}")
     return policies
 
 

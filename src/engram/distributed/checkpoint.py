@@ -37,6 +37,7 @@ from engram.config import TrainConfig
 from engram.fsutil import PathLike, fsync_dir
 from engram.model import checkpoint as ckpt
 from engram.model.lm import EngramLM
+from engram.model.table import engram_tables
 
 SHARD_DIR_PREFIX = ckpt.SHARD_DIR_PREFIX
 # Files of a one-process checkpoint that a sharded commit makes stale at the run root.
@@ -102,8 +103,7 @@ def save_sharded(run_dir: PathLike, model: EngramLM, optimizers: Mapping[str, to
         manifest = {k: v for part in gathered for k, v in (part or {}).items()}
         record = ckpt._config_record(model, train_cfg, tokenizer_fingerprint, manifest)
         record["sharded"] = {"world_size": world, "dir": shard_dir.name}
-        tables = sum(e.multi_head_embedding.embedding.num_embeddings * e.multi_head_embedding.embedding.embedding_dim
-                     for e in model.engram_layers)
+        tables = sum(t.num_embeddings * t.embedding_dim for t in engram_tables(model).values())
         counts = record["param_counts"]
         counts["total"] += tables - counts["tables"]
         counts["tables"] = tables

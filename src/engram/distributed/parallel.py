@@ -7,7 +7,7 @@ What runs where (W processes, rank r):
 - backbone: replicated and wrapped in ``DistributedDataParallel``, which averages its gradients.
   Each rank's loss is the mean over its equal share of the tokens, so the averaged gradient is
   the gradient of the mean over the global batch: the one-process loss;
-- tables: each Engram layer's ``nn.Embedding`` is replaced by a
+- tables: each Engram layer's table becomes a
   :class:`~engram.distributed.sharded_table.ShardedEmbedding` holding rows ``r::W``; the table
   optimizer (row-sparse or dense Adam) is built over those rows only, so its state lives on the
   owner. A row's gradient arrives at its owner as the sum over ranks of local-mean gradients and
@@ -43,6 +43,7 @@ from engram.fsutil import PathLike
 from engram.model import checkpoint as ckpt
 from engram.model.lm import EngramLM
 from engram.model.moe import DeepSeekMoE
+from engram.model.table import EngramTable, convert_tables
 from engram.training.parallel import Parallel
 from engram.training.sparse_adam import scale_grads_
 from engram.training.trainer import train
@@ -73,12 +74,14 @@ class DistributedParallel(Parallel):
                          "hash_fingerprint": model.hasher.fingerprint() if model.hasher is not None else None,
                          **self.agree}, self.world)
         scale = 1.0 / self.world_size
-        for e in model.engram_layers:
-            mhe = e.multi_head_embedding
-            shard = ShardedEmbedding.from_embedding(mhe.embedding, self.rank, self.world_size, self.world.tables)
-            shard.grad_scale = scale
-            mhe.embedding = shard
-            self.tables.append(shard)
+
+        def shard(layer_id: int, table: EngramTable) -> EngramTable:
+            out = ShardedEmbedding.from_table(table, self.rank, self.world_size, self.world.tables)
+            out.grad_scale = scale
+            self.tables.append(out)
+            return out
+
+        convert_tables(model, shard)
 
     def train_module(self, model: EngramLM) -> torch.nn.Module:
         names = {id(p): n for n, p in model.named_parameters()}

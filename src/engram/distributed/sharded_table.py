@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engram.config import TableLocation
 from engram.model.checkpoint import shard_rows
+from engram.model.table import EngramTable
 
 
 @dataclass
@@ -112,26 +114,26 @@ class _ShardedLookup(torch.autograd.Function):
         return grad, None, None
 
 
-class ShardedEmbedding(nn.Module):
-    """Stands in for an Engram layer's ``nn.Embedding``: this rank's rows ``rank::world`` of a
-    ``num_embeddings x embedding_dim`` table. ``forward`` takes global rows like the original.
+class ShardedEmbedding(EngramTable):
+    """An Engram layer's table split over ranks: this rank holds rows ``rank::world`` of a
+    ``num_embeddings x embedding_dim`` table in ``weight``; ``lookup`` takes global rows.
 
-    Every rank must call ``forward`` the same number of times in the same order (it is a
-    collective). ``sparse`` selects sparse shard gradients (``SparseRowAdam``), like
-    ``nn.Embedding.sparse``.
+    Every rank must look up (and call ``full`` / ``load_full``) the same number of times in the
+    same order: they are collectives. ``sparse`` selects sparse shard gradients (``SparseRowAdam``).
+    An overlay applies after the exchange, so every rank may pass its own.
     """
+
+    location = TableLocation.SHARDED
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, world: int,
                  group: Optional[dist.ProcessGroup] = None, weight: Optional[torch.Tensor] = None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        super().__init__(num_embeddings, embedding_dim)
         self.rank, self.world, self.group = rank, world, group
         n = shard_rows(num_embeddings, rank, world)
         data = weight if weight is not None else torch.empty(n, embedding_dim)
         if tuple(data.shape) != (n, embedding_dim):
             raise ValueError(f"shard of rank {rank}/{world} must be {n} x {embedding_dim}, got {tuple(data.shape)}")
         self.weight = nn.Parameter(data)
-        self.sparse = False
         self.tier = None  # a file-backed working tier (engram.tables.trainable.place_tables) or RAM
         self.grad_scale = 1.0  # applied by the owner to the row gradients it receives
         self.stats = ExchangeStats()
@@ -139,16 +141,56 @@ class ShardedEmbedding(nn.Module):
         self.group_on_cpu = dist.get_backend(group) == "gloo"
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, rank: int, world: int,
-                       group: Optional[dist.ProcessGroup] = None) -> "ShardedEmbedding":
-        """The rows ``rank::world`` of a full ``nn.Embedding`` (copied)."""
-        shard = emb.weight.detach()[rank::world].clone()
-        out = cls(emb.num_embeddings, emb.embedding_dim, rank, world, group, shard)
-        out.sparse = bool(emb.sparse)
+    def from_table(cls, table: EngramTable, rank: int, world: int,
+                   group: Optional[dist.ProcessGroup] = None) -> "ShardedEmbedding":
+        """The rows ``rank::world`` of a full table (copied)."""
+        shard = table.full()[rank::world].clone()
+        out = cls(table.num_embeddings, table.embedding_dim, rank, world, group, shard)
+        out.sparse = bool(table.sparse)
         return out
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:  # [B,T,H] global rows -> [B,T,H,Dh]
+    def use_tier(self, tier) -> None:  # noqa: ANN001 - engram.tables.trainable.TrainableTier
+        """Keep this shard's rows in a file-backed working tier (``place_tables``)."""
+        self.weight = nn.Parameter(tier.table)
+        self.tier = tier
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:  # [B,T,H] global rows -> [B,T,H,Dh]
         return _ShardedLookup.apply(self.weight, rows, self)
+
+    def _local(self) -> torch.Tensor:
+        if self.tier is not None:
+            self.tier.flush()
+            return self.tier.table
+        return self.weight.detach()
+
+    def full(self) -> torch.Tensor:
+        """Every row, gathered from all ranks (a collective)."""
+        local = self._local()
+        n = shard_rows(self.num_embeddings, 0, self.world)  # rank 0 holds the most rows
+        padded = local.new_zeros(n, self.embedding_dim)
+        padded[:local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        out = local.new_empty(self.num_embeddings, self.embedding_dim)
+        for r, part in enumerate(parts):
+            out[r::self.world] = part[:shard_rows(self.num_embeddings, r, self.world)]
+        return out
+
+    @torch.no_grad()
+    def load_full(self, table: torch.Tensor) -> None:
+        self._check_full(table)
+        mine = table[self.rank::self.world].to(self.weight.device, self.weight.dtype)
+        if self.tier is not None:
+            self.tier.write(torch.arange(mine.shape[0]), mine)
+        else:
+            self.weight.copy_(mine)
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """Warm the working tier with the rows of ``rows`` this rank owns (no communication)."""
+        if self.tier is None:
+            return
+        rows = torch.unique(rows.reshape(-1))
+        self.tier.warm(rows[rows % self.world == self.rank] // self.world)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rows {self.rank}::{self.world} "

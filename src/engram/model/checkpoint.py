@@ -53,6 +53,7 @@ from engram.config import ConfigError, ModelConfig, TrainConfig
 from engram.errors import EngramError
 from engram.fsutil import PathLike, file_sha256, fsync_dir
 from engram.model.lm import EngramLM
+from engram.model.table import TABLE_KEY_SUFFIX  # noqa: F401 - re-exported: the state-dict key suffix of Engram tables
 
 Optimizers = Union[torch.optim.Optimizer, Mapping[str, torch.optim.Optimizer], None]
 
@@ -72,7 +73,6 @@ _REQUIRED_KEYS = {"format", "format_version", "model", "hash_fingerprint", "file
 _OPTIONAL_KEYS = {"train", "tokenizer_fingerprint", "hasher", "param_counts", "tied_keys", "sharded",
                   "engram_lm_version"}
 _DEFAULT_OPTIMIZER = "optimizer"  # name used when a single optimizer (not a dict) is passed
-TABLE_KEY_SUFFIX = "multi_head_embedding.embedding.weight"  # state-dict keys of Engram tables
 TABLE_OPTIMIZER = "tables"  # the trainer's optimizer of the tables (state sharded with the rows)
 ROOT_FILES = (COMPRESSION_FILE, TOKENIZER_FILE)  # at the run root in both layouts
 SHARD_DIR_PREFIX = "shards-"  # RUN/shards-<step>-<tag>/: the files of a sharded checkpoint

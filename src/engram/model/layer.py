@@ -26,12 +26,12 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engram.config import EngramConfig
 from engram.errors import EngramError
 from engram.hashing.hasher import head_offsets
 from engram.model.ops import causal_conv_silu, rms_norm
+from engram.model.table import EngramTable, MemoryTable, RowOverlay
 
 
 class GateInputs(NamedTuple):
@@ -50,70 +50,6 @@ class EngramLayerOutput(NamedTuple):
     gate_inputs: Optional[GateInputs] = None  # (output_gate_inputs)
 
 
-def _storage_refs(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-class _GradBuffer:
-    """The memory of a table's last gradient, zeroed and handed out again once nothing else holds it.
-
-    A fresh table-sized zero tensor every step costs its page faults (on CPU several times the
-    fill itself). The buffer is kept as a tensor that shares the gradient's storage without being
-    a view of it, so autograd still moves the gradient into ``weight.grad`` without a copy. It is
-    reused only when that storage has no other holder (``weight.grad`` set to None, no reference
-    kept anywhere): the storage's reference count equals a lone tensor's. Peak memory is the same
-    as before (the gradient existed during every backward); it is now also held between steps.
-    """
-
-    def __init__(self) -> None:
-        self.buf: Optional[torch.Tensor] = None  # flat [R*Dh]
-
-    @staticmethod
-    def _alias(storage: torch.UntypedStorage, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        stride = (shape[1], 1) if len(shape) == 2 else (1,)
-        return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, shape, stride)
-
-    def _free(self, buf: torch.Tensor) -> bool:
-        try:
-            return _storage_refs(buf) == _storage_refs(torch.empty(1, dtype=buf.dtype))
-        except (AttributeError, RuntimeError):  # no such private API in this torch: never reuse
-            return False
-
-    def zeros(self, like: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
-        buf = self.buf
-        if (buf is not None and buf.numel() == rows * dim and buf.dtype == like.dtype
-                and buf.device == like.device and self._free(buf)):
-            return self._alias(buf.untyped_storage(), buf.dtype, (rows, dim)).zero_()
-        grad = like.new_zeros(rows, dim)
-        self.buf = self._alias(grad.untyped_storage(), grad.dtype, (rows * dim,))
-        return grad
-
-
-class _TableGather(torch.autograd.Function):
-    """``weight[rows]`` whose backward is one ``index_add_`` into a zero table.
-
-    It gives the dense gradient ``F.embedding``'s backward gives, with the same sums in the same
-    order (duplicate rows added in index order, from zero; checked bit for bit in
-    tests/model/test_model.py), about 5x faster on CPU for Engram's many-rows, narrow-row tables.
-    CPU only: on CUDA ``index_add_`` uses atomics, so the order of the sums would vary.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, buffer: _GradBuffer
-                ) -> torch.Tensor:  # [R,Dh], [...] -> [...,Dh]
-        ctx.save_for_backward(rows)
-        ctx.num_rows, ctx.buffer = weight.shape[0], buffer
-        return F.embedding(rows, weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (rows,) = ctx.saved_tensors
-        dh = grad.shape[-1]
-        grad_weight = ctx.buffer.zeros(grad, ctx.num_rows, dh)
-        grad_weight.index_add_(0, rows.reshape(-1), grad.reshape(-1, dh))
-        return grad_weight, None, None
-
-
 def _branches(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """[B,T,M,D] -> M tensors [B,T,D]. Not ``x[:, :, m]``: the backward of each such slice
     writes its gradient into a zero tensor of x's full shape, one zero fill and copy per branch."""
@@ -121,14 +57,17 @@ def _branches(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 class MultiHeadEmbedding(nn.Module):
-    """All hash heads of one layer in one flat table; head h owns rows [offset_h, offset_h + N_h)."""
+    """All hash heads of one layer in one flat table; head h owns rows [offset_h, offset_h + N_h).
 
-    def __init__(self, head_sizes: list[int], head_dim: int):
+    ``embedding`` is the table (an :class:`~engram.model.table.EngramTable`; in memory unless
+    ``table`` names another backend); the name keeps the state-dict keys of every checkpoint.
+    """
+
+    def __init__(self, head_sizes: list[int], head_dim: int, table: Optional[EngramTable] = None):
         super().__init__()
         self.head_sizes = list(head_sizes)
         self.register_buffer("offsets", torch.tensor(head_offsets(head_sizes), dtype=torch.long))
-        self.embedding = nn.Embedding(sum(head_sizes), head_dim)
-        self._grad_buffer = _GradBuffer()  # training on CPU: the table gradient's memory, reused
+        self.embedding = table if table is not None else MemoryTable(sum(head_sizes), head_dim)
 
     @property
     def num_rows(self) -> int:
@@ -139,13 +78,9 @@ class MultiHeadEmbedding(nn.Module):
         (the offsets are int64, so the sum is too: callers index tiers and masks with it)."""
         return hash_ids + self.offsets
 
-    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # [B,T,H] -> [B,T,H,Dh]
-        rows, emb = self.rows(hash_ids), self.embedding
-        if (type(emb) is nn.Embedding and not emb.sparse and emb.weight.requires_grad
-                and emb.weight.device.type == "cpu" and torch.is_grad_enabled()
-                and emb.padding_idx is None and emb.max_norm is None):
-            return _TableGather.apply(emb.weight, rows, self._grad_buffer)
-        return emb(rows)  # sparse gradients, no gradient, another device, or a served table
+    def forward(self, hash_ids: torch.Tensor, overlay: Optional[RowOverlay] = None
+                ) -> torch.Tensor:  # [B,T,H] -> [B,T,H,Dh]
+        return self.embedding(self.rows(hash_ids), overlay)
 
 
 class ShortConv(nn.Module):
@@ -234,6 +169,11 @@ class EngramLayer(nn.Module):
             if cfg.use_short_conv else None
         )
 
+    @property
+    def table(self) -> EngramTable:
+        """This layer's table rows, whatever holds them (``engram.model.table``)."""
+        return self.multi_head_embedding.embedding
+
     def gates(self, hidden_states: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """hidden_states [B,T,M,D], e [B,T,E] -> alpha [B,T,M]."""
         B, T, M, _ = hidden_states.shape
@@ -251,7 +191,8 @@ class EngramLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
                 conv_state: Optional[torch.Tensor] = None, *, output_gates: bool = False,
                 output_gate_inputs: bool = False, zero_output: bool = False,
-                conv_keep: int = 0, attention_mask: Optional[torch.Tensor] = None) -> EngramLayerOutput:
+                conv_keep: int = 0, attention_mask: Optional[torch.Tensor] = None,
+                table_overlay: Optional[RowOverlay] = None) -> EngramLayerOutput:
         """hidden_states [B,T,M,D], hash_ids [B,T,H] -> out [B,T,M,D], new conv state (None
         without the short conv), and with ``output_gates`` alpha [B,T,M], with
         ``output_gate_inputs`` (h, e). They stay in the autograd graph when grad is enabled.
@@ -259,13 +200,14 @@ class EngramLayer(nn.Module):
         gates and conv state are still computed, so a cached generation stays consistent.
         ``conv_keep``: extra rows of conv history to keep for rolling back (``ShortConv``).
         ``attention_mask`` [B,T] bool (False: padding; None: all real) keeps padded positions out
-        of the short conv; the hash ids must come from the same mask (``NgramHasher.hash``)."""
+        of the short conv; the hash ids must come from the same mask (``NgramHasher.hash``).
+        ``table_overlay``: rows read from the overlay instead of the table (``RowOverlay``)."""
         if hidden_states.dim() != 4 or hidden_states.shape[2] != self.hc_mult:
             raise EngramError(
                 f"EngramLayer expects hidden_states [B,T,{self.hc_mult},{self.hidden_size}], "
                 f"got {tuple(hidden_states.shape)}"
             )
-        e = self.multi_head_embedding(hash_ids).flatten(start_dim=-2)  # [B,T,E]
+        e = self.multi_head_embedding(hash_ids, table_overlay).flatten(start_dim=-2)  # [B,T,E]
         alpha = self.gates(hidden_states, e)  # [B,T,M]
         value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(2)  # [B,T,M,D]
         new_state = None

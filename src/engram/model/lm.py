@@ -41,6 +41,7 @@ from engram.model.attention import CausalSelfAttention, KVCache, rope_tables
 from engram.model.input_ngram import InputNgramEmbedding
 from engram.model.layer import EngramLayer, EngramLayerOutput, GateInputs
 from engram.model.moe import DeepSeekMoE, SwiGLU
+from engram.model.table import TABLE_KEY_SUFFIX, EngramTable, engram_tables
 
 
 class HyperConnection(nn.Module):
@@ -173,7 +174,7 @@ class EngramLM(nn.Module):
     def _init_weights(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if name.endswith("multi_head_embedding.embedding.weight"):
+            if name.endswith(TABLE_KEY_SUFFIX):
                 nn.init.normal_(p, std=self.cfg.engram.table_init_std)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=std / (2 * self.cfg.num_layers) ** 0.5)  # residual outputs
@@ -191,9 +192,13 @@ class EngramLM(nn.Module):
     def engram_layers(self) -> list[EngramLayer]:
         return [b.engram for b in self.layers if b.engram is not None]
 
+    def engram_tables(self) -> dict[int, EngramTable]:
+        """Every Engram layer's table (``engram.model.table``), by layer id."""
+        return engram_tables(self)
+
     def table_parameters(self) -> list[nn.Parameter]:
         """The Engram embedding tables (sparse, large; trained with their own Adam settings)."""
-        tables = [e.multi_head_embedding.embedding.weight for e in self.engram_layers]
+        tables = [t.weight for t in self.engram_tables().values()]
         if self.input_ngram is not None:
             tables.append(self.input_ngram.embedding.weight)
         return tables

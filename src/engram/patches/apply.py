@@ -313,7 +313,7 @@ def _model_tables(model: Any) -> dict[int, torch.nn.Parameter]:
         raise PatchError("the model has no Engram layers, so there is no table to patch")
     out = {}
     for e in model.engram_layers:
-        w = e.multi_head_embedding.embedding.weight
+        w = e.table.weight
         if w.is_meta:
             raise PatchError("the model's tables are offloaded to a table file; patch the file "
                              "(`engram patch apply TABLE PATCH`) instead of the model")

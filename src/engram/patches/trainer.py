@@ -130,7 +130,7 @@ def gate_parameters(model: Any) -> list[torch.nn.Parameter]:
     """The Engram layers' non-table parameters (key/value projections, norms, short conv)."""
     out = []
     for e in model.engram_layers:
-        table = e.multi_head_embedding.embedding.weight
+        table = e.table.weight
         out += [p for p in e.parameters() if p is not table]
     return out
 
@@ -199,7 +199,7 @@ def _check_model(model: Any, cfg: PatchTrainConfig) -> dict[int, torch.nn.Parame
     """The Engram table weights {layer_id: [R, Dh]}, once the model is known to be patchable."""
     if getattr(model, "hasher", None) is None:
         raise PatchError("the model has no Engram layers; a patch trains Engram tables, use an engram-* run")
-    tables = {e.layer_id: e.multi_head_embedding.embedding.weight for e in model.engram_layers}
+    tables = {e.layer_id: e.table.weight for e in model.engram_layers}
     if any(w.is_meta for w in tables.values()):
         raise PatchError("the model's tables are offloaded; load them into memory to train a patch")
     if cfg.seq_len > model.cfg.max_seq_len:
@@ -369,7 +369,7 @@ def train_patch_from_run(ckpt: PathLike, data: Sequence[PathLike], out: PathLike
             raise PatchError(f"--dtype {dtype} differs from {table}'s storage dtype {header.dtype}; "
                              f"drop --dtype (a patch is made for the table it stacks on)")
         dtype = header.dtype
-        tabs = {e.layer_id: e.multi_head_embedding.embedding.weight.detach() for e in model.engram_layers}
+        tabs = {e.layer_id: e.table.weight.detach() for e in model.engram_layers}
         if tables_fingerprint(tabs, dtype, model.hasher.fingerprint()) != table_fingerprint(header):
             raise PatchError(f"{table}'s rows did not survive loading into the model exactly; "
                              f"re-export it with `engram table convert {ckpt} TABLE`")

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engram import __version__
-from engram.config import RetrofitConfig, RetrofitError, StorageConfig, StorageKind, TrainConfig
+from engram.config import RetrofitConfig, RetrofitError, StorageConfig, TableLocation, TrainConfig
 from engram.data.tokenizer import save_tokenizer, tokenizer_fingerprint
 from engram.fsutil import PathLike, file_sha256, fsync_dir
 from engram.model import checkpoint as ckpt
@@ -261,7 +261,7 @@ def load_adapter(adapter_dir: PathLike, base: Union[BaseModel, str, None] = None
     lookup = tensors.pop(_COMPRESSION_KEY, None)
     storage = storage or StorageConfig(prefetch=False)  # plain trainable in-memory tables, no runtime
     table_path = Path(storage.path) if storage.path is not None else d / TABLES_FILE
-    in_memory = storage.kind == StorageKind.MEMORY
+    in_memory = storage.kind == TableLocation.MEMORY
     model = RetrofitLM(base.model, cfg, lookup.numpy() if lookup is not None else None, int(rec["pad_id"]),
                        allocate_tables=in_memory)
     fp = model.hasher.fingerprint() if model.hasher is not None else None
@@ -277,8 +277,8 @@ def load_adapter(adapter_dir: PathLike, base: Union[BaseModel, str, None] = None
     if in_memory:
         _copy_tables(model, header, progress)
         if storage.prefetch:
-            attach_tables(model, {e.layer_id: MemoryStorage(e.multi_head_embedding.embedding.weight)
-                                  for e in model.engram_layers}, prefetch=True)
+            attach_tables(model, {lid: MemoryStorage(t.weight) for lid, t in model.engram_tables().items()},
+                          prefetch=True)
     else:
         storages = {e.layer_id: open_layer_storage(storage, header, e.layer_id) for e in model.engram_layers}
         attach_tables(model, storages, prefetch=storage.prefetch, device=device)
@@ -286,10 +286,8 @@ def load_adapter(adapter_dir: PathLike, base: Union[BaseModel, str, None] = None
 
 
 def _copy_tables(model: RetrofitLM, header: Any, progress: bool) -> None:
-    with torch.no_grad():
-        for e in model.engram_layers:
-            w = e.multi_head_embedding.embedding.weight
-            w.copy_(read_layer(header, e.layer_id, w.dtype, progress=progress).to(w.device))
+    for lid, table in model.engram_tables().items():
+        table.load_full(read_layer(header, lid, table.weight.dtype, progress=progress))
 
 
 def load_adapter_into(model: RetrofitLM, adapter_dir: PathLike, progress: bool = False) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from engram.errors import EngramError
 from engram.hashing.hasher import NgramHasher, padding_mask
 from engram.model.layer import EngramLayer, GateInputs, MultiHeadEmbedding
 from engram.model.lm import ModelOutput
+from engram.model.table import EngramTable, engram_tables
 from engram.tables.runtime import OffloadedEmbedding
 
 _STATE_ATTR = "engram_state"  # attribute of the base's KV cache object
@@ -186,13 +187,10 @@ class RetrofitLM(nn.Module):
         ecfg, sizes = self.cfg.engram, self.hasher.head_sizes(layer_id)
         e = EngramLayer(ecfg, layer_id, self.cfg.hidden_size, 1, sizes if allocate_tables else [2] * len(sizes))
         if allocate_tables:
-            nn.init.normal_(e.multi_head_embedding.embedding.weight, std=ecfg.table_init_std)
-        else:  # the real sizes, on the meta device: a storage tier will serve the rows
-            with torch.device("meta"):
-                mhe = MultiHeadEmbedding(sizes, ecfg.head_dim)
-            mhe.offsets = torch.tensor(self.hasher.head_offsets(layer_id), dtype=torch.long)
-            mhe.embedding = OffloadedEmbedding(sum(sizes), ecfg.head_dim, layer_id)
-            e.multi_head_embedding = mhe
+            nn.init.normal_(e.table.weight, std=ecfg.table_init_std)
+        else:  # the real sizes around a placeholder table: a storage tier will serve the rows
+            e.multi_head_embedding = MultiHeadEmbedding(
+                sizes, ecfg.head_dim, table=OffloadedEmbedding(sum(sizes), ecfg.head_dim, layer_id))
         nn.init.zeros_(e.value_proj.weight)  # output exactly zero: logits equal the base's
         nn.init.zeros_(e.value_proj.bias)
         for k in e.key_projs:
@@ -211,8 +209,12 @@ class RetrofitLM(nn.Module):
         """The base's token embedding (``EngramLM``'s name for it, read by the table runtime)."""
         return self.base.get_input_embeddings()
 
+    def engram_tables(self) -> dict[int, EngramTable]:
+        """Every Engram layer's table (``engram.model.table``), by layer id."""
+        return engram_tables(self)
+
     def table_parameters(self) -> list[nn.Parameter]:
-        return [e.multi_head_embedding.embedding.weight for e in self.engram_layers]
+        return [t.weight for t in self.engram_tables().values()]
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The LoRA weights injected into the base, by module name (empty without LoRA)."""

@@ -242,7 +242,7 @@ def run_facts(adapter_dir: PathLike, data_dir: PathLike, out_dir: PathLike, cfg:
     with model.without_engram():
         base_ref = _general(model, windows)  # the plain base: LoRA's starting point
     fp_before = model_fingerprint(model)
-    original = {e.layer_id: e.multi_head_embedding.embedding.weight.detach().clone() for e in model.engram_layers}
+    original = {e.layer_id: e.table.weight.detach().clone() for e in model.engram_layers}
     chosen: dict[str, float] = {}
 
     for i, seed in enumerate(cfg.seeds):
@@ -353,7 +353,7 @@ def run_facts(adapter_dir: PathLike, data_dir: PathLike, out_dir: PathLike, cfg:
 @torch.no_grad()
 def _restore(model: RetrofitLM, original: dict[int, torch.Tensor]) -> None:
     for e in model.engram_layers:
-        e.multi_head_embedding.embedding.weight.copy_(original[e.layer_id])
+        e.table.weight.copy_(original[e.layer_id])
 
 
 def _run_file(out: Path, method: str, seed: int, chosen: dict[str, float]) -> Path:

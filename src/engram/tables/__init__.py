@@ -1,6 +1,6 @@
 """Engram tables outside the model: the ``.engt`` file, storage tiers, prefetch, conversion.
 
-``tablefile`` (the page-aligned, fingerprinted file format), ``tiers`` (``StorageKind``: MEMORY /
+``tablefile`` (the page-aligned, fingerprinted file format), ``tiers`` (``TableLocation``: MEMORY /
 MMAP / CACHED behind one ``lookup``), ``process`` (file-backed tiers in a helper process),
 ``runtime`` (attach tiers to a model and fetch rows ahead of the layer; the training batch
 prefetcher), ``trainable`` (tables that train in a working file: mmap, or a cached pool of hot

@@ -28,17 +28,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engram.config import CachePolicy, TableLocation
 from engram.data import shards as data
 from engram.errors import EngramError
 from engram.hashing.hasher import NgramHasher
 from engram.model.lm import EngramLM
-from engram.tables.tiers import CACHE_POLICIES, CachedStorage, StorageKind, TableStorage
+from engram.tables.tiers import CachedStorage, TableStorage
 
 
 class _NullStorage(TableStorage):
     """A backing tier that holds nothing: lets the cache bookkeeping run without row data."""
 
-    kind = StorageKind.MMAP
+    kind = TableLocation.MMAP
 
     def __init__(self, num_rows: int) -> None:
         super().__init__(num_rows, 1, torch.float32)
@@ -179,7 +180,7 @@ def simulate_cache(batches: Sequence[torch.Tensor], num_rows: int, capacity: int
 def access_report(hasher: NgramHasher, shard: "data.Shard", *, batch_size: int = 16, seq_len: int = 128,
                   max_tokens: Optional[int] = 1_000_000, order: str = "sequential",
                   capacities: Sequence[int] = (1_000, 10_000, 100_000),
-                  policies: Sequence[str] = CACHE_POLICIES, progress: bool = False,
+                  policies: Sequence[str] = CachePolicy.values(), progress: bool = False,
                   seed: int = 0) -> dict[str, Any]:
     """Rank-frequency and cache hit rates for every Engram layer on ``shard`` (see module docstring)."""
     prev = torch.get_num_threads()
@@ -194,9 +195,9 @@ def access_report(hasher: NgramHasher, shard: "data.Shard", *, batch_size: int =
 def _access_report(hasher: NgramHasher, shard: "data.Shard", batch_size: int, seq_len: int,
                    max_tokens: Optional[int], order: str, capacities: Sequence[int],
                    policies: Sequence[str], progress: bool, seed: int) -> dict[str, Any]:
-    bad = [p for p in policies if p not in CACHE_POLICIES]
+    bad = [p for p in policies if p not in CachePolicy.values()]
     if bad:
-        raise EngramError(f"policies {bad} unknown; choose from {CACHE_POLICIES}")
+        raise EngramError(f"policies {bad} unknown; choose from {CachePolicy.values()}")
     if not capacities or any(c < 1 for c in capacities):
         raise EngramError(f"capacities={list(capacities)} must be positive row counts")
     stream: dict[int, list[torch.Tensor]] = {lid: [] for lid in hasher.cfg.layer_ids}

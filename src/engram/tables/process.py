@@ -37,7 +37,7 @@ from engram.tables.tiers import (
     MmapStorage,
     StorageConfig,
     StorageError,
-    StorageKind,
+    TableLocation,
     TableStorage,
     TierStats,
     open_local_tier,
@@ -151,7 +151,7 @@ class ProcessStorage(TableStorage):
     dedupes = True  # the runtime can hand over all rows of a batch; the helper dedupes and expands
 
     def __init__(self, cfg: StorageConfig, header: Any, layer_id: int, start_timeout: float = 120.0) -> None:
-        if cfg.kind not in (StorageKind.MMAP, StorageKind.CACHED):
+        if cfg.kind not in (TableLocation.MMAP, TableLocation.CACHED):
             raise StorageError(f"a helper process serves file-backed tiers (mmap, cached), not {cfg.kind.value!r}")
         info = header.layer(layer_id)
         super().__init__(info.rows, info.dim, header.torch_dtype)
@@ -267,7 +267,7 @@ def open_layer_storage(cfg: StorageConfig, header: Optional[TableHeader], layer_
                        memory_table: Optional[torch.Tensor] = None) -> TableStorage:
     """The tier ``cfg`` asks for, for one Engram layer: in a helper process when ``cfg.process``
     is set and the tier is file-backed, else in this process (``open_local_tier``)."""
-    if cfg.process and cfg.kind != StorageKind.MEMORY and header is not None:
+    if cfg.process and cfg.kind != TableLocation.MEMORY and header is not None:
         return ProcessStorage(cfg, header, layer_id)
     return open_local_tier(cfg, header, layer_id, memory_table)
 

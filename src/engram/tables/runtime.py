@@ -1,7 +1,7 @@
 """Serving Engram tables from a storage tier, with rows fetched ahead of the layer that needs them.
 
 Row ids depend only on tokens, so they are known before the backbone runs. ``attach_tables``
-replaces each Engram layer's ``nn.Embedding`` with an :class:`OffloadedEmbedding` that takes its
+gives each Engram layer an :class:`OffloadedEmbedding` table (``engram.model.table``) that takes its
 rows from a :class:`TableRuntime`; the runtime fetches them from the layer's storage tier
 (``engram.tables.tiers``) on one background thread:
 
@@ -48,23 +48,26 @@ from engram.hashing.hasher import NgramHasher
 from engram.model import checkpoint as ckpt
 from engram.model.layer import MultiHeadEmbedding
 from engram.model.lm import EngramLM
-from engram.tables.process import open_layer_storage
+from engram.model.table import EngramTable, MemoryTable, TableError, convert_tables, engram_tables
+from engram.tables.process import ProcessStorage, open_layer_storage
 from engram.tables.tablefile import TableHeader, open_table, read_layer
-from engram.tables.tiers import MemoryStorage, StorageConfig, StorageError, StorageKind, TableStorage, worker_pool
+from engram.tables.tiers import MemoryStorage, StorageConfig, StorageError, TableLocation, TableStorage, worker_pool
 
 _RUNTIME_ATTR = "_engram_table_runtime"
 
 
-class OffloadedEmbedding(nn.Module):
-    """Stands in for an Engram layer's ``nn.Embedding`` when its rows live in a storage tier.
+class OffloadedEmbedding(EngramTable):
+    """An Engram layer's table whose rows live in a storage tier, served by a :class:`TableRuntime`.
 
-    ``weight`` is a meta-device parameter of the table's shape: it allocates nothing, keeps
-    ``param_counts`` honest, and is never moved (``_apply`` skips it).
+    Read-only: lookups have no gradient and ``load_full`` is refused (write a new table file
+    instead). ``weight`` is a meta-device parameter of the table's shape: it allocates nothing,
+    keeps ``param_counts`` honest, and is never moved (``_apply`` skips it). Prefetching is the
+    runtime's own (a forward pre-hook fetches every layer's rows before the first block).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, layer_id: int) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.layer_id = num_embeddings, embedding_dim, layer_id
+        super().__init__(num_embeddings, embedding_dim)
+        self.layer_id = layer_id
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device="meta"),
                                    requires_grad=False)
         self.runtime: Optional["TableRuntime"] = None
@@ -72,11 +75,34 @@ class OffloadedEmbedding(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         return self  # the table is not in this module; moving the model must not touch it
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:  # [B,T,H] global rows -> [B,T,H,Dh]
+    def _runtime(self) -> "TableRuntime":
         if self.runtime is None:
-            raise RuntimeError(f"Engram layer {self.layer_id}: its table is not loaded; load the model "
+            raise StorageError(f"Engram layer {self.layer_id}: its table is not loaded; load the model "
                                f"with engram.tables.runtime.load_model_with_tables (CLI: --table FILE)")
-        return self.runtime.embed(self.layer_id, rows)
+        return self.runtime
+
+    @property
+    def location(self) -> TableLocation:  # type: ignore[override]
+        if self.runtime is None:
+            return TableLocation.MMAP
+        st = self.runtime.storages[self.layer_id]
+        return TableLocation.PROCESS if isinstance(st, ProcessStorage) else st.kind
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:  # [B,T,H] global rows -> [B,T,H,Dh]
+        return self._runtime().embed(self.layer_id, rows)
+
+    def full(self, chunk_rows: int = 1 << 16) -> torch.Tensor:
+        rt = self._runtime()
+        out = torch.empty(self.num_embeddings, self.embedding_dim, dtype=rt.out_dtype)
+        for start in range(0, self.num_embeddings, chunk_rows):
+            rows = torch.arange(start, min(start + chunk_rows, self.num_embeddings))
+            out[start:start + rows.numel()] = rt._finish(rt._fetch_rows(self.layer_id, rows)).cpu()
+        return out
+
+    def load_full(self, table: torch.Tensor) -> None:
+        raise TableError(f"Engram layer {self.layer_id}: its rows are served read-only from a table file; "
+                         f"write a new file (`engram table convert`, `engram patch apply`) or load the "
+                         f"model with --storage memory")
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, offloaded"
@@ -116,7 +142,7 @@ class TableRuntime:
         self.device = torch.device(device) if device is not None else model.embed.weight.device
         self.out_dtype = next(iter(layers.values())).value_proj.weight.dtype
         self.offsets = {lid: e.multi_head_embedding.offsets.detach().to("cpu") for lid, e in layers.items()}
-        self.dims = {lid: e.multi_head_embedding.embedding.embedding_dim for lid, e in layers.items()}
+        self.dims = {lid: e.table.embedding_dim for lid, e in layers.items()}
         for lid, st in storages.items():
             rows = int(sum(layers[lid].multi_head_embedding.head_sizes))
             if st.num_rows != rows or st.dim != self.dims[lid]:
@@ -320,8 +346,8 @@ def attach_tables(model: nn.Module, storages: dict[int, TableStorage], prefetch:
                   device: Union[str, torch.device, None] = None) -> TableRuntime:
     """Serve ``model``'s Engram tables from ``storages`` ({layer_id: tier}); returns the runtime.
 
-    The layers' ``nn.Embedding`` modules are replaced by :class:`OffloadedEmbedding` (an
-    in-memory tier may wrap the old weight: ``MemoryStorage(weight)``). With ``prefetch`` a
+    The layers' tables become :class:`OffloadedEmbedding` (through ``convert_tables``; an
+    in-memory tier may wrap the old weight: ``MemoryStorage(table.weight)``). With ``prefetch`` a
     forward pre-hook starts each forward's fetch before the first block.
     """
     if getattr(model, "hasher", None) is None:
@@ -330,13 +356,14 @@ def attach_tables(model: nn.Module, storages: dict[int, TableStorage], prefetch:
     if old is not None:
         old.close()
     runtime = TableRuntime(model, storages, prefetch, device)
-    for e in model.engram_layers:
-        mhe = e.multi_head_embedding
-        emb = mhe.embedding
-        if not isinstance(emb, OffloadedEmbedding):
-            emb = OffloadedEmbedding(mhe.num_rows, runtime.dims[e.layer_id], e.layer_id)
-            mhe.embedding = emb
-        emb.runtime = runtime
+
+    def offload(layer_id: int, table: EngramTable) -> EngramTable:
+        if not isinstance(table, OffloadedEmbedding):
+            table = OffloadedEmbedding(table.num_embeddings, runtime.dims[layer_id], layer_id)
+        table.runtime = runtime
+        return table
+
+    convert_tables(model, offload)
     if prefetch:
         runtime._hook = model.register_forward_pre_hook(runtime._pre_forward, with_kwargs=True)
     setattr(model, _RUNTIME_ATTR, runtime)
@@ -354,7 +381,7 @@ def build_model_without_tables(cfg: ModelConfig, compression: Optional[np.ndarra
 
     Everything else is built (and initialised) normally: the model is first built with
     two-row-per-head tables, then each layer's ``MultiHeadEmbedding`` is rebuilt for the real
-    prime sizes on the meta device. Nothing depends on the table size except that module.
+    prime sizes around a placeholder table. Nothing depends on the table size except that module.
     """
     if cfg.engram is None:
         raise StorageError("the model config has no Engram layers, so there are no tables to offload")
@@ -368,18 +395,15 @@ def build_model_without_tables(cfg: ModelConfig, compression: Optional[np.ndarra
         layer = block.engram
         layer.cfg = cfg.engram
         sizes = model.hasher.head_sizes(block.layer_id)
-        with torch.device("meta"):
-            mhe = MultiHeadEmbedding(sizes, cfg.engram.head_dim)
-        mhe.offsets = torch.tensor(model.hasher.head_offsets(block.layer_id), dtype=torch.long)  # not meta
-        mhe.embedding = OffloadedEmbedding(sum(sizes), cfg.engram.head_dim, block.layer_id)
-        layer.multi_head_embedding = mhe
+        layer.multi_head_embedding = MultiHeadEmbedding(
+            sizes, cfg.engram.head_dim, table=OffloadedEmbedding(sum(sizes), cfg.engram.head_dim, block.layer_id))
     return model
 
 
 def _table_keys(model: nn.Module) -> dict[str, int]:
     """{state-dict key of a table weight: layer_id}."""
     names = {id(m): n for n, m in model.named_modules()}
-    return {f"{names[id(e.multi_head_embedding.embedding)]}.weight": e.layer_id for e in model.engram_layers}
+    return {f"{names[id(table)]}.weight": lid for lid, table in engram_tables(model).items()}
 
 
 def load_backbone(model: nn.Module, meta: Any) -> None:
@@ -436,8 +460,8 @@ def load_model_with_tables(run_dir: PathLike, storage: StorageConfig,
     if storage.path is None:
         model, meta = ckpt.load_model(run_dir, device)
         if storage.prefetch and model.hasher is not None:
-            attach_tables(model, {e.layer_id: MemoryStorage(e.multi_head_embedding.embedding.weight)
-                                  for e in model.engram_layers}, prefetch=True)
+            attach_tables(model, {lid: MemoryStorage(t.weight) for lid, t in engram_tables(model).items()},
+                          prefetch=True)
         return model, meta
     meta = ckpt.read_config(run_dir)
     if meta.model_config.engram is None:
@@ -446,15 +470,13 @@ def load_model_with_tables(run_dir: PathLike, storage: StorageConfig,
     ckpt.check_hash_fingerprint(model, meta)
     header = open_table(storage.path, model.hasher, meta.model_config.engram.head_dim)
     load_backbone(model, meta)
-    if storage.kind == StorageKind.MEMORY:
+    if storage.kind == TableLocation.MEMORY:
         _check_fits_in_ram(header, storage.path)
-        for e in model.engram_layers:
-            w = read_layer(header, e.layer_id, torch.float32)
-            e.multi_head_embedding.embedding = nn.Embedding(w.shape[0], w.shape[1], _weight=w)
+        convert_tables(model, lambda lid, _: MemoryTable.wrap(read_layer(header, lid, torch.float32)))
         model = model.to(device).eval()
         if storage.prefetch:
-            attach_tables(model, {e.layer_id: MemoryStorage(e.multi_head_embedding.embedding.weight)
-                                  for e in model.engram_layers}, prefetch=True)
+            attach_tables(model, {lid: MemoryStorage(t.weight) for lid, t in engram_tables(model).items()},
+                          prefetch=True)
         return model, meta
     model = model.to(device).eval()
     storages = {e.layer_id: open_layer_storage(storage, header, e.layer_id) for e in model.engram_layers}
@@ -467,12 +489,10 @@ def load_tables_into(model: nn.Module, path: PathLike, progress: bool = False) -
     if getattr(model, "hasher", None) is None:
         raise StorageError("the model has no Engram layers; there are no tables to load")
     header = open_table(path, model.hasher, model.cfg.engram.head_dim)
-    with torch.no_grad():
-        for e in model.engram_layers:
-            w = e.multi_head_embedding.embedding.weight
-            if w.is_meta:
-                raise StorageError("the model's tables are offloaded; load a table into an in-memory model")
-            w.copy_(read_layer(header, e.layer_id, w.dtype, progress=progress).to(w.device))
+    for lid, table in engram_tables(model).items():
+        if table.weight.is_meta:
+            raise StorageError("the model's tables are offloaded; load a table into an in-memory model")
+        table.load_full(read_layer(header, lid, table.weight.dtype, progress=progress))
     return header
 
 

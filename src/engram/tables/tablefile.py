@@ -468,7 +468,7 @@ def write_table(path: PathLike, tables: Mapping[int, torch.Tensor], *, fingerpri
 
 def model_tables(model: Any) -> dict[int, torch.Tensor]:
     """{layer_id: table weight [R, Dh]} of an ``EngramLM`` with in-memory tables."""
-    return {e.layer_id: e.multi_head_embedding.embedding.weight.detach() for e in model.engram_layers}
+    return {e.layer_id: e.table.weight.detach() for e in model.engram_layers}
 
 
 def save_model_tables(model: Any, path: PathLike, dtype: str = "fp32", *,

@@ -38,11 +38,11 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
-from engram.config import CACHE_POLICIES, StorageConfig, StorageError, StorageKind
+from engram.config import CachePolicy, StorageConfig, StorageError, TableLocation
 from engram.tables.rowindex import RowIndex
 from engram.tables.tablefile import TableHeader, map_layer
 
@@ -119,7 +119,7 @@ def _check_rows(rows: torch.Tensor, num_rows: int, out: torch.Tensor, dim: int) 
 class TableStorage(ABC):
     """One table (one Engram layer) behind ``lookup``. Thread-safe: one lookup at a time."""
 
-    kind: StorageKind
+    kind: TableLocation
 
     def __init__(self, num_rows: int, dim: int, dtype: torch.dtype) -> None:
         self.num_rows, self.dim, self.dtype = int(num_rows), int(dim), dtype
@@ -163,7 +163,7 @@ def _count_unique(rows: torch.Tensor, unique: bool) -> int:
 class MemoryStorage(TableStorage):
     """A [R, Dh] tensor in RAM (shared, not copied: a model's live, trainable table works)."""
 
-    kind = StorageKind.MEMORY
+    kind = TableLocation.MEMORY
 
     def __init__(self, table: torch.Tensor) -> None:
         if table.dim() != 2:
@@ -190,7 +190,7 @@ class MmapStorage(TableStorage):
     keeps recently read pages, as it would in normal use.
     """
 
-    kind = StorageKind.MMAP
+    kind = TableLocation.MMAP
     _PARALLEL_MIN = 512  # below this many rows a thread hand-off costs more than it hides
 
     def __init__(self, header: TableHeader, layer_id: int, io_threads: int = 8, cold: bool = False) -> None:
@@ -286,15 +286,15 @@ class CachedStorage(TableStorage):
     can free, only that many misses are admitted.
     """
 
-    kind = StorageKind.CACHED
+    kind = TableLocation.CACHED
     _LOG_SLACK = 2  # log entries per pool slot before compaction (>= 2: one lookup adds <= capacity)
     _LOG_MIN = 1024
 
-    def __init__(self, backing: TableStorage, capacity: int, policy: str = "lru") -> None:
+    def __init__(self, backing: TableStorage, capacity: int, policy: Union[str, CachePolicy] = CachePolicy.LRU
+                 ) -> None:
         if capacity < 1:
             raise StorageError(f"capacity={capacity} must be >= 1 rows")
-        if policy not in CACHE_POLICIES:
-            raise StorageError(f"policy={policy!r}; choose one of {CACHE_POLICIES}")
+        policy = CachePolicy.parse(policy, "policy", error=StorageError)
         super().__init__(backing.num_rows, backing.dim, backing.dtype)
         self.backing, self.policy = backing, policy
         self.capacity = int(min(capacity, backing.num_rows))
@@ -305,7 +305,7 @@ class CachedStorage(TableStorage):
         self.index = RowIndex(self.capacity)
         self.used = 0  # slots filled so far (they fill in order, then stay full)
         self.tick = 0
-        n_log = self._LOG_SLACK * self.capacity + self._LOG_MIN if policy == "lru" else 0
+        n_log = self._LOG_SLACK * self.capacity + self._LOG_MIN if policy == CachePolicy.LRU else 0
         self._log_slot = torch.empty(n_log, dtype=torch.int32)  # lru: touched slots, oldest first
         self._log_tick = torch.empty(n_log, dtype=torch.int32)  # ... and the tick of each touch
         self._head = self._tail = 0
@@ -351,7 +351,7 @@ class CachedStorage(TableStorage):
         need = min(rows.numel() - free, evictable)
         rows, vals = rows[:free + need], vals[:free + need]
         if need:
-            victims = self._lru_victims(need) if self.policy == "lru" else self._lfu_victims(need, old_used)
+            victims = self._lru_victims(need) if self.policy == CachePolicy.LRU else self._lfu_victims(need, old_used)
             rows, vals = rows[:free + victims.numel()], vals[:free + victims.numel()]
             _, where = self.index.find(self.slot_row[victims])
             self.index.remove_at(where)
@@ -371,7 +371,7 @@ class CachedStorage(TableStorage):
 
     # ------------------------------------------------------------------ lru touch log
     def _log(self, slots: torch.Tensor) -> None:
-        if self.policy != "lru" or slots.numel() == 0:
+        if self.policy != CachePolicy.LRU or slots.numel() == 0:
             return
         n = slots.numel()
         if self._tail + n > self._log_slot.numel():
@@ -454,9 +454,10 @@ class CachedStorage(TableStorage):
         return self.ram_bytes(self.capacity, self.dim, self.pool.element_size(), self.policy)
 
     @classmethod
-    def ram_bytes(cls, capacity: int, dim: int, itemsize: int, policy: str = "lru") -> int:
+    def ram_bytes(cls, capacity: int, dim: int, itemsize: int,
+                  policy: Union[str, CachePolicy] = CachePolicy.LRU) -> int:
         """RAM a pool of ``capacity`` rows needs: rows + 20 B/slot + index + (lru) touch log."""
-        log = (cls._LOG_SLACK * capacity + cls._LOG_MIN) * 8 if policy == "lru" else 0
+        log = (cls._LOG_SLACK * capacity + cls._LOG_MIN) * 8 if policy == CachePolicy.LRU else 0
         return capacity * dim * itemsize + capacity * 20 + RowIndex.nbytes_for(capacity) + log
 
     def tiers(self) -> list[tuple[str, TierStats]]:
@@ -466,7 +467,7 @@ class CachedStorage(TableStorage):
         self.backing.close()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "capacity": self.capacity, "policy": self.policy,
+        return {**super().describe(), "capacity": self.capacity, "policy": self.policy.value,
                 "pool_bytes": self.nbytes, "backing": self.backing.describe()}
 
 
@@ -474,13 +475,13 @@ def open_local_tier(cfg: StorageConfig, header: Optional[TableHeader], layer_id:
                     memory_table: Optional[torch.Tensor] = None) -> TableStorage:
     """The tier ``cfg`` asks for, for one Engram layer, in this process (``cfg.process`` is not
     looked at: ``engram.tables.process.open_layer_storage`` is the entry point that honours it)."""
-    if cfg.kind == StorageKind.MEMORY:
+    if cfg.kind == TableLocation.MEMORY:
         if memory_table is None:
             raise StorageError("memory storage needs the table tensor")
         return MemoryStorage(memory_table)
     if header is None:
         raise StorageError(f"storage={cfg.kind.value!r} needs a table file (--table FILE)")
     backing = MmapStorage(header, layer_id, io_threads=cfg.io_threads, cold=cfg.cold)
-    if cfg.kind == StorageKind.MMAP:
+    if cfg.kind == TableLocation.MMAP:
         return backing
     return CachedStorage(backing, cfg.cache_rows, cfg.cache_policy)

@@ -37,15 +37,14 @@ import mmap
 import os
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from engram.config import StorageError
+from engram.config import StorageError, TableLocation
+from engram.model.table import EngramTable, MemoryTable, convert_tables
 from engram.tables.rowindex import RowIndex
-
-TABLE_STORAGES = ("memory", "mmap", "cached")
 
 
 class RowFile:
@@ -100,7 +99,7 @@ class TrainableTier:
     what the model's parameter, checkpoints and resume see (after ``flush``).
     """
 
-    kind = "mmap"
+    kind = TableLocation.MMAP
 
     def __init__(self, directory: Path, name: str, init: torch.Tensor) -> None:
         if init.dim() != 2 or init.dtype != torch.float32 or init.device.type != "cpu":
@@ -157,7 +156,7 @@ class CachedTrainableTier(TrainableTier):
     step's rows is fast.
     """
 
-    kind = "cached"
+    kind = TableLocation.CACHED
 
     def __init__(self, directory: Path, name: str, init: torch.Tensor, capacity: int) -> None:
         super().__init__(directory, name, init)
@@ -259,14 +258,13 @@ class CachedTrainableTier(TrainableTier):
         return len(self.index)
 
 
-def open_trainable_tier(kind: str, directory: Path, name: str, init: torch.Tensor,
+def open_trainable_tier(kind: Union[str, TableLocation], directory: Path, name: str, init: torch.Tensor,
                         cache_rows: int) -> TrainableTier:
     """The ``mmap`` or ``cached`` working tier of one table, filled with ``init`` [R, Dh]."""
-    if kind == "mmap":
+    kind = TableLocation.parse(kind, "table_storage", (TableLocation.MMAP, TableLocation.CACHED), StorageError)
+    if kind == TableLocation.MMAP:
         return TrainableTier(directory, name, init)
-    if kind == "cached":
-        return CachedTrainableTier(directory, name, init, cache_rows)
-    raise StorageError(f"table_storage={kind!r} has no working file; choose one of {TABLE_STORAGES[1:]}")
+    return CachedTrainableTier(directory, name, init, cache_rows)
 
 
 class _TierLookup(torch.autograd.Function):
@@ -287,42 +285,63 @@ class _TierLookup(torch.autograd.Function):
         return g, None, None
 
 
-class TieredEmbedding(nn.Module):
-    """Stands in for an Engram layer's ``nn.Embedding`` (sparse gradients) whose rows live in a
+class TieredEmbedding(EngramTable):
+    """An Engram layer's trainable table (sparse gradients) whose rows live in a
     :class:`TrainableTier`. ``weight`` is the tier's file view, so state dicts, checkpoints and
-    parameter counts are those of the embedding it replaces."""
+    parameter counts are those of the in-memory table it replaces."""
 
     def __init__(self, tier: TrainableTier) -> None:
-        super().__init__()
+        super().__init__(tier.num_rows, tier.dim)
         self.tier = tier
-        self.num_embeddings, self.embedding_dim = tier.num_rows, tier.dim
         self.weight = nn.Parameter(tier.table)
         self.sparse = True
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:  # [B,T,H] -> [B,T,H,Dh]
+    @property
+    def location(self) -> TableLocation:  # type: ignore[override]
+        return self.tier.kind
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:  # [B,T,H] -> [B,T,H,Dh]
         return _TierLookup.apply(self.weight, rows, self.tier)
+
+    def full(self) -> torch.Tensor:
+        self.tier.flush()
+        return self.tier.table
+
+    @torch.no_grad()
+    def load_full(self, table: torch.Tensor) -> None:
+        self._check_full(table)
+        self.tier.write(torch.arange(self.num_embeddings), table.to(torch.float32))
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        self.tier.warm(torch.unique(rows.reshape(-1)))
+
+    def close(self) -> None:
+        self.tier.close()
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, tier={self.tier.kind}"
 
 
-def place_tables(model: nn.Module, kind: str, directory: Path, cache_rows: int,
+def place_tables(model: nn.Module, kind: Union[str, TableLocation], directory: Path, cache_rows: int,
                  tag: str = "rank0") -> list[TrainableTier]:
     """Move every Engram layer's table (its current values) into a working tier of ``kind``.
 
-    An ``nn.Embedding`` becomes a :class:`TieredEmbedding`; a module that already has a ``tier``
-    slot (the sharded table) keeps its place and gets the tier and a ``weight`` on its file.
-    Returns the tiers, in layer order. Call before the optimizers are built.
+    An in-memory table becomes a :class:`TieredEmbedding`; a table that takes a tier itself
+    (``use_tier``: the sharded table) keeps its place and puts its rows in the tier. Returns the
+    tiers, in layer order. Call before the optimizers are built.
     """
     tiers = []
-    for e in model.engram_layers:  # type: ignore[attr-defined]
-        mhe = e.multi_head_embedding
-        emb = mhe.embedding
-        tier = open_trainable_tier(kind, directory, f"{tag}-layer{e.layer_id}", emb.weight.detach(), cache_rows)
-        if hasattr(emb, "tier"):
-            emb.weight = nn.Parameter(tier.table)
-            emb.tier = tier
-        else:
-            mhe.embedding = TieredEmbedding(tier)
+
+    def place(layer_id: int, table: EngramTable) -> EngramTable:
+        if not (isinstance(table, MemoryTable) or hasattr(table, "use_tier")):
+            raise StorageError(f"layer {layer_id}: a {type(table).__name__} table cannot move into a "
+                               f"working file; train it with --table-storage memory")
+        tier = open_trainable_tier(kind, directory, f"{tag}-layer{layer_id}", table.weight.detach(), cache_rows)
         tiers.append(tier)
+        if hasattr(table, "use_tier"):
+            table.use_tier(tier)
+            return table
+        return TieredEmbedding(tier)
+
+    convert_tables(model, place)
     return tiers

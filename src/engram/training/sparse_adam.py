@@ -18,7 +18,7 @@ path, so a row that is touched at every step gets bit-for-bit the update dense A
 keep moving them with their decaying momentum): that is the "lazy" part, and the reason it is
 opt-in (``TrainConfig.table_optimizer = "sparse_adam"``).
 
-Gradients should be sparse (``use_sparse_table_grads`` sets ``nn.Embedding.sparse``) so that
+Gradients should be sparse (``use_sparse_table_grads`` sets ``EngramTable.sparse``) so that
 no table-sized gradient is ever allocated; dense gradients work too (rows with a non-zero
 gradient are taken as touched). :func:`clip_grad_norm_` handles a mix of dense and sparse
 gradients and gives ``torch.nn.utils.clip_grad_norm_``'s numbers when all are dense.
@@ -34,6 +34,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from engram.errors import EngramError
+from engram.model.table import engram_tables
 from engram.tables.rowindex import RowIndex
 from engram.tables.trainable import TrainableTier
 
@@ -303,8 +304,8 @@ class SparseRowAdam(torch.optim.Optimizer):
 
 def use_sparse_table_grads(model: Any, sparse: bool = True) -> None:
     """Make the Engram tables of ``model`` produce sparse (row) gradients."""
-    for e in model.engram_layers:
-        e.multi_head_embedding.embedding.sparse = sparse
+    for table in engram_tables(model).values():
+        table.sparse = sparse
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:

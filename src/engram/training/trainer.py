@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engram.config import ModelConfig, TrainConfig
+from engram.config import ModelConfig, TableLocation, TableOptimizer, TrainConfig
 from engram.data import shards as data
 from engram.errors import EngramError
 from engram.fsutil import PathLike
@@ -43,6 +43,7 @@ from engram.hashing.compression import CompressionMap, build_compression
 from engram.model import checkpoint as ckpt
 from engram.model.checkpoint import CheckpointError
 from engram.model.lm import EngramLM
+from engram.model.table import engram_tables
 from engram.tables.runtime import BatchPrefetcher, load_tables_into
 from engram.tables.trainable import TrainableTier, place_tables
 from engram.training.evaluation import check_dataset_for_model, dataset_identity, evaluate
@@ -87,13 +88,12 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim
                                       **_adam_impl(decay + no_decay, cfg)),
     }
     tables = model.table_parameters()
-    if tables and cfg.table_optimizer == "sparse_adam":
+    if tables and cfg.table_optimizer == TableOptimizer.SPARSE_ADAM:
         # Row-wise lazy Adam on sparse gradients: no table-sized gradient or moments.
 
         use_sparse_table_grads(model)
         # tables in a file-backed tier (place_tables): rows and moments go through the tier
-        tiers = {emb.weight: emb.tier for emb in (e.multi_head_embedding.embedding for e in model.engram_layers)
-                 if getattr(emb, "tier", None) is not None}
+        tiers = {t.weight: t.tier for t in engram_tables(model).values() if getattr(t, "tier", None) is not None}
         opts["tables"] = SparseRowAdam(
             [{"params": tables, "lr_mult": cfg.table_lr_mult}],
             lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas, weight_decay=cfg.table_weight_decay, tiers=tiers)
@@ -219,9 +219,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
         load_tables_into(model, tables_from, progress=progress)
     par.prepare(model)
     tiers: list[TrainableTier] = []
-    if train_cfg.table_storage != "memory" and model.engram_layers:
+    if train_cfg.table_storage != TableLocation.MEMORY and model.engram_layers:
         if device.type != "cpu":
-            raise EngramError(f"table_storage={train_cfg.table_storage!r} keeps the table rows in host "
+            raise EngramError(f"table_storage={train_cfg.table_storage.value!r} keeps the table rows in host "
                               f"files, but the model trains on {device}; use --table-storage memory there")
         work = Path(train_cfg.table_dir) if train_cfg.table_dir else run / TABLE_WORK_DIR
         tiers = place_tables(model, train_cfg.table_storage, work, train_cfg.table_cache_rows,
@@ -324,15 +324,11 @@ class TrainLoop:
         global batch itself and warms the rows it owns (``g % W == rank``, local ``g // W``),
         with no communication.
         """
-        rank, world = self.par.rank, self.par.world_size
-        if world > 1 or hash_ids is None:
+        if self.par.world_size > 1 or hash_ids is None:
             x, _ = data.get_batch(self.ds.train, self.cfg.batch_size, self.cfg.seq_len, step, self.cfg.seed)
             hash_ids = self.model.hasher.hash(x)
-        for e, tier in zip(self.model.engram_layers, self.tiers):
-            rows = torch.unique(e.multi_head_embedding.rows(hash_ids[e.layer_id].cpu()).reshape(-1))
-            if world > 1:
-                rows = rows[rows % world == rank] // world
-            tier.warm(rows)
+        for e in self.model.engram_layers:
+            e.table.prefetch(e.multi_head_embedding.rows(hash_ids[e.layer_id].cpu()))
 
     STATE_KEYS = ("step", "best_val_loss", "data_seed", "log_loss_sum", "log_loss_count",
                   "train_s", "tokens_seen")

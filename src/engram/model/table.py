@@ -1,0 +1,271 @@
+"""The rows of one Engram layer's tables, whatever holds them: the one interface every backend implements.
+
+An Engram layer owns one flat table of ``R = sum(head sizes)`` rows of width ``Dh``; it asks
+for rows by global row id and never cares where they live. :class:`EngramTable` is that
+contract. The backends:
+
+    =====================  =========================  ==============================================
+    class                  where                      location
+    =====================  =========================  ==============================================
+    MemoryTable            here                       in RAM (or on the model's device), trainable
+    OffloadedEmbedding     engram.tables.runtime      a storage tier (mmap / cached file, helper
+                                                      process), read-only, rows fetched ahead
+    TieredEmbedding        engram.tables.trainable    a writable working file (mmap / cached pool)
+    ShardedEmbedding       engram.distributed         rows ``r::W`` on each of W ranks
+    =====================  =========================  ==============================================
+
+The model holds one per Engram layer (``layer.table``; ``engram_tables(model)`` gives all of
+them by layer id). The module sits at the state-dict path ``...multi_head_embedding.embedding``
+and keeps its rows in ``weight`` (:data:`TABLE_KEY_SUFFIX`), so checkpoints are the same whatever
+the backend. Backends are swapped after the model is built by one function,
+:func:`convert_tables` (a module rewrite, as torchtitan's ``ModelConverter.convert``), never by
+setting attributes elsewhere.
+
+How to add a backend (``tests/model/test_table_backend.py`` does it for a dict of rows):
+
+1. Subclass :class:`EngramTable`, call ``super().__init__(num_embeddings, embedding_dim)`` and
+   register ``self.weight``: the ``nn.Parameter`` this process holds (the full table, a shard,
+   or a meta-device placeholder of the full shape when the rows live elsewhere).
+2. Implement :meth:`EngramTable.lookup`: global rows ``[...]`` int64 -> ``[..., Dh]``, with a
+   gradient reaching ``weight`` if the table trains (``self.sparse`` asks for a sparse one).
+3. Implement :meth:`EngramTable.full` (every row as one ``[R, Dh]`` tensor) and
+   :meth:`EngramTable.load_full` (replace every row), or raise :class:`TableError` saying why not.
+4. Optionally :meth:`EngramTable.prefetch` (a hint: these rows are needed soon) and
+   :meth:`EngramTable.close`; set ``location``.
+5. Install it: ``convert_tables(model, lambda layer_id, old: MyTable(old.full()))``.
+
+Overlays are handled here for every backend: a lookup given a :class:`RowOverlay` returns the
+overlay's values for the rows it lists and the table's for the others, without writing the
+table (copy-on-write at gather time). Patches served per request use it.
+
+Shape legend
+    R rows of the table    Dh row width    K overlay rows    ... any leading shape ([B,T,H])
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engram.config import TableLocation
+from engram.errors import EngramError
+
+TABLE_MODULE_PATH = "multi_head_embedding.embedding"  # where a layer's table sits in the state dict
+TABLE_KEY_SUFFIX = TABLE_MODULE_PATH + ".weight"  # state-dict key suffix of a table's rows
+
+
+class TableError(EngramError):
+    """A table cannot do what was asked (read-only, wrong shape); the message names the fix."""
+
+
+class RowOverlay(NamedTuple):
+    """Rows that replace a table's own values in a lookup, without touching the table.
+
+    ``rows`` [K] int64, sorted ascending, distinct, global row ids; ``values`` [K, Dh].
+    """
+
+    rows: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, values: torch.Tensor) -> "RowOverlay":
+        """An overlay from rows in any order (sorted here; a repeated row is refused)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        if values.dim() != 2 or values.shape[0] != rows.numel():
+            raise TableError(f"overlay values must be [{rows.numel()}, Dh] for {rows.numel()} rows, "
+                             f"got {tuple(values.shape)}")
+        rows, order = torch.sort(rows)
+        if rows.numel() > 1 and bool((rows[1:] == rows[:-1]).any()):
+            raise TableError("overlay rows repeat a row id; give each row once")
+        return cls(rows, values[order])
+
+
+class EngramTable(nn.Module):
+    """The rows of one Engram layer's table; see the module docstring for the contract."""
+
+    location: TableLocation = TableLocation.MEMORY
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.sparse = False  # sparse gradients for the row-sparse optimizer (as nn.Embedding.sparse)
+
+    # ------------------------------------------------------------------ what a backend implements
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Global rows [...] int64 -> their values [..., Dh] (with gradients where trainable)."""
+        raise NotImplementedError
+
+    def full(self) -> torch.Tensor:
+        """Every row, [R, Dh] (a copy or a read-only view; do not write into it)."""
+        raise NotImplementedError
+
+    def load_full(self, table: torch.Tensor) -> None:
+        """Replace every row by ``table`` [R, Dh]."""
+        raise NotImplementedError
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """A hint that global ``rows`` will be looked up soon (may run on another thread)."""
+
+    def close(self) -> None:
+        """Release files, pools or workers the backend holds."""
+
+    # ------------------------------------------------------------------ shared by every backend
+    def forward(self, rows: torch.Tensor, overlay: Optional[RowOverlay] = None) -> torch.Tensor:
+        """Global rows [...] -> [..., Dh]; with ``overlay`` its rows take the overlay's values."""
+        out = self.lookup(rows)
+        return out if overlay is None else apply_overlay(rows, out, overlay)
+
+    def _check_full(self, table: torch.Tensor) -> None:
+        if tuple(table.shape) != (self.num_embeddings, self.embedding_dim):
+            raise TableError(f"a table of {self.num_embeddings} x {self.embedding_dim} rows cannot load "
+                             f"one of shape {tuple(table.shape)}; was it made for another hash configuration?")
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.location.value}"
+
+
+def apply_overlay(rows: torch.Tensor, values: torch.Tensor, overlay: RowOverlay) -> torch.Tensor:
+    """``values`` [..., Dh] of ``rows`` [...] with the overlay's rows substituted (a new tensor)."""
+    k = overlay.rows.numel()
+    if k == 0:
+        return values
+    ov_rows = overlay.rows.to(rows.device)
+    at = torch.searchsorted(ov_rows, rows).clamp_max(k - 1)  # [...] candidate overlay index
+    hit = ov_rows[at] == rows
+    sub = overlay.values.to(device=values.device, dtype=values.dtype)[at]  # [..., Dh]
+    return torch.where(hit.unsqueeze(-1), sub, values)
+
+
+# ----------------------------------------------------------------------------- the in-memory table
+def _storage_refs(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _GradBuffer:
+    """The memory of a table's last gradient, zeroed and handed out again once nothing else holds it.
+
+    A fresh table-sized zero tensor every step costs its page faults (on CPU several times the
+    fill itself). The buffer is kept as a tensor that shares the gradient's storage without being
+    a view of it, so autograd still moves the gradient into ``weight.grad`` without a copy. It is
+    reused only when that storage has no other holder (``weight.grad`` set to None, no reference
+    kept anywhere): the storage's reference count equals a lone tensor's. Peak memory is the same
+    as before (the gradient existed during every backward); it is now also held between steps.
+    """
+
+    def __init__(self) -> None:
+        self.buf: Optional[torch.Tensor] = None  # flat [R*Dh]
+
+    @staticmethod
+    def _alias(storage: torch.UntypedStorage, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        stride = (shape[1], 1) if len(shape) == 2 else (1,)
+        return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, shape, stride)
+
+    def _free(self, buf: torch.Tensor) -> bool:
+        try:
+            return _storage_refs(buf) == _storage_refs(torch.empty(1, dtype=buf.dtype))
+        except (AttributeError, RuntimeError):  # no such private API in this torch: never reuse
+            return False
+
+    def zeros(self, like: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+        buf = self.buf
+        if (buf is not None and buf.numel() == rows * dim and buf.dtype == like.dtype
+                and buf.device == like.device and self._free(buf)):
+            return self._alias(buf.untyped_storage(), buf.dtype, (rows, dim)).zero_()
+        grad = like.new_zeros(rows, dim)
+        self.buf = self._alias(grad.untyped_storage(), grad.dtype, (rows * dim,))
+        return grad
+
+
+class _TableGather(torch.autograd.Function):
+    """``weight[rows]`` whose backward is one ``index_add_`` into a zero table.
+
+    It gives the dense gradient ``F.embedding``'s backward gives, with the same sums in the same
+    order (duplicate rows added in index order, from zero; checked bit for bit in
+    tests/model/test_model.py), about 5x faster on CPU for Engram's many-rows, narrow-row tables.
+    CPU only: on CUDA ``index_add_`` uses atomics, so the order of the sums would vary.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, buffer: _GradBuffer
+                ) -> torch.Tensor:  # [R,Dh], [...] -> [...,Dh]
+        ctx.save_for_backward(rows)
+        ctx.num_rows, ctx.buffer = weight.shape[0], buffer
+        return F.embedding(rows, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (rows,) = ctx.saved_tensors
+        dh = grad.shape[-1]
+        grad_weight = ctx.buffer.zeros(grad, ctx.num_rows, dh)
+        grad_weight.index_add_(0, rows.reshape(-1), grad.reshape(-1, dh))
+        return grad_weight, None, None
+
+
+class MemoryTable(EngramTable):
+    """The table as one ordinary parameter ``weight`` [R, Dh], trained like ``nn.Embedding``.
+
+    Built from scratch it draws N(0, 1) rows as ``nn.Embedding`` does (the model re-initialises
+    them; drawing them keeps the random stream, hence every later weight, what it was).
+    """
+
+    location = TableLocation.MEMORY
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, weight: Optional[torch.Tensor] = None) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        if weight is None:
+            self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+            nn.init.normal_(self.weight)
+        else:
+            self._check_full(weight)
+            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self._grad_buffer = _GradBuffer()  # training on CPU: the table gradient's memory, reused
+
+    @classmethod
+    def wrap(cls, weight: torch.Tensor) -> "MemoryTable":
+        """A table on ``weight`` [R, Dh] itself (no copy)."""
+        return cls(weight.shape[0], weight.shape[1], weight)
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (not self.sparse and w.requires_grad and w.device.type == "cpu" and torch.is_grad_enabled()):
+            return _TableGather.apply(w, rows, self._grad_buffer)
+        return F.embedding(rows, w, sparse=self.sparse)  # sparse gradients, no gradient, another device
+
+    def full(self) -> torch.Tensor:
+        return self.weight.detach()
+
+    @torch.no_grad()
+    def load_full(self, table: torch.Tensor) -> None:
+        self._check_full(table)
+        self.weight.copy_(table.to(self.weight.device))
+
+
+# ----------------------------------------------------------------------------- model-wide helpers
+def engram_tables(model: nn.Module) -> dict[int, EngramTable]:
+    """Every Engram layer's table, by layer id (in layer order)."""
+    return {e.layer_id: e.table for e in model.engram_layers}  # type: ignore[attr-defined]
+
+
+def convert_tables(model: nn.Module, convert: Callable[[int, EngramTable], EngramTable]
+                   ) -> dict[int, EngramTable]:
+    """Give every Engram layer the table ``convert(layer_id, current table)`` returns.
+
+    The one place a layer's table is replaced (after the model is built): serving from a file,
+    training from a working file, sharding over ranks and reloading all go through here. A
+    converter may return the table it was given. Returns the new tables by layer id.
+    """
+    out = {}
+    for e in model.engram_layers:  # type: ignore[attr-defined]
+        new = convert(e.layer_id, e.table)
+        if not isinstance(new, EngramTable):
+            raise TableError(f"layer {e.layer_id}: a table converter returned {type(new).__name__}, "
+                             f"not an EngramTable")
+        if (new.num_embeddings, new.embedding_dim) != (e.table.num_embeddings, e.table.embedding_dim):
+            raise TableError(f"layer {e.layer_id}: the new table is {new.num_embeddings} x {new.embedding_dim} "
+                             f"but the layer needs {e.table.num_embeddings} x {e.table.embedding_dim}")
+        e.multi_head_embedding.embedding = new
+        out[e.layer_id] = new
+    return out
