@@ -124,7 +124,7 @@ def test_training_on_a_file_tier_equals_memory_bit_for_bit(runs, tier: str) -> N
     assert not (got / TABLE_WORK_DIR).exists()  # working files are scratch, removed at the end
 
 
-def test_resume_may_change_the_tier(runs, tmp_path: Path) -> None:
+def test_resume_may_change_the_tier(runs, tmp_path: Path, one_thread) -> None:
     """A memory checkpoint stopped after step 1 resumed on the cached tier, and a cached one
     resumed in memory: both continue the uninterrupted in-memory run exactly."""
     data, vocab = runs["data"], runs["vocab"]
