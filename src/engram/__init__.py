@@ -3,13 +3,14 @@
 The public API is importable from here; the names resolve on first use so that ``import engram``
 (and the ``engram`` command's start-up) does not load torch::
 
-    from engram import EngramConfig, ModelConfig, EngramLM, NgramHasher, load_model
+    from engram import EngramConfig, ModelConfig, EngramLM, NgramHasher, load, save
 
 Layout (lower layers never import higher ones; ``docs/architecture.md``)::
 
     cli
     bench
     inspect | science
+    auto
     patches | ngram | retrofit | distributed
     training
     tables
@@ -43,6 +44,9 @@ _EXPORTS = {
     "ModelOutput": "engram.model.lm",
     "SamplingConfig": "engram.config",
     "generate": "engram.model.generation",
+    "load": "engram.auto.loader",
+    "save": "engram.auto.loader",
+    "LanguageModel": "engram.model.protocol",
     "load_model": "engram.model.checkpoint",
     "save_checkpoint": "engram.model.checkpoint",
     "train": "engram.training.trainer",

@@ -8,10 +8,9 @@ from engram.hashing.compression import build_compression
 from engram.model.generation import generate
 from engram.ngram.draft import NgramDrafter
 from engram.ngram.index import NgramIndex
-from engram.ngram.speculative import generate_speculative
+from engram.ngram.speculative import EngramTarget, generate_speculative
 from engram.retrofit.base import load_base
 from engram.retrofit.model import RetrofitLM
-from engram.retrofit.speculative import RetrofitTarget
 
 
 def _model(tiny_base) -> RetrofitLM:
@@ -66,7 +65,7 @@ def test_greedy_output_identical_with_and_without_drafts(tiny_base, tmp_path, on
     accepted = rejected = 0
     for k in (2, 4):
         for prompt, want in zip(prompts, plain):
-            res = generate_speculative(RetrofitTarget(model), _OracleDrafter(plain, k), prompt, greedy, progress=False)
+            res = generate_speculative(EngramTarget(model), _OracleDrafter(plain, k), prompt, greedy, progress=False)
             assert torch.equal(res.ids, want)
             accepted += res.accepted
             rejected += res.drafted - res.accepted
@@ -75,4 +74,4 @@ def test_greedy_output_identical_with_and_without_drafts(tiny_base, tmp_path, on
     index = NgramIndex.from_dataset(tmp_path / "idx", tiny_base["data"], progress=False)
     drafter = NgramDrafter(index, DraftConfig(max_len=4, min_count=1, min_prob=0.0))
     for prompt, want in zip(prompts, plain):
-        assert torch.equal(generate_speculative(RetrofitTarget(model), drafter, prompt, greedy, progress=False).ids, want)
+        assert torch.equal(generate_speculative(EngramTarget(model), drafter, prompt, greedy, progress=False).ids, want)

@@ -20,21 +20,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engram.cli.flags import add_common, add_config_flags, add_json_file, config_from_args
-from engram.cli.table import is_adapter_dir, load_adapter_for
 from engram.config import COLOR_MODES, SCALES, ServeLimits
 from engram.errors import EngramError
 
 
 def _load(ckpt: str):
-    """(model, tokenizer, meta) of a run, or of base + adapter for a retrofit adapter directory."""
-    from engram.data.tokenizer import load_tokenizer
-    from engram.model.checkpoint import load_model
+    """(model, tokenizer, meta) of the model in ``ckpt``, a run or a retrofit adapter (engram.load)."""
+    from engram.auto.loader import load
 
-    if is_adapter_dir(ckpt):
-        model, meta, tok = load_adapter_for(argparse.Namespace(ckpt=ckpt))
-        return model, tok, meta
-    model, meta = load_model(ckpt)
-    return model, load_tokenizer(Path(ckpt) / "tokenizer.json"), meta
+    model = load(ckpt)
+    return model, model.loaded_from.require_tokenizer(), model.loaded_from.meta
 
 
 def _dataset_for(model: Any, meta: Any, args: argparse.Namespace):

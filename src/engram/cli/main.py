@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 from engram.cli import bench as bench_commands
@@ -51,10 +50,8 @@ from engram.cli.table import (
     TRAIN_TABLE_FLAGS,
     add_storage_arguments,
     add_train_table_arguments,
-    is_adapter_dir,
-    load_for_generation,
+    load_from_args,
     report_generation,
-    storage_from_args,
 )
 from engram.config import PRESETS, DistributedConfig, SamplingConfig, TrainConfig, build_configs
 from engram.errors import EngramError
@@ -148,13 +145,11 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
         return cmd_eval_ngram(args)
-    if is_adapter_dir(args.ckpt):  # base + retrofit adapter (cli/retrofit.py)
-        return retrofit_commands.cmd_eval(args)
-    from engram.training.evaluation import evaluate_run
+    from engram.training.evaluation import evaluate_saved
 
-    result = evaluate_run(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,
-                          seq_len=args.seq_len, max_batches=args.max_batches,
-                          storage=storage_from_args(args))
+    model = load_from_args(args)  # a run or an adapter; tables per --table/--storage
+    result = evaluate_saved(model, model.loaded_from.meta, args.data, split=args.split,
+                            batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -163,25 +158,18 @@ def cmd_generate(args) -> int:
     if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
         return cmd_generate_ngram(args)
 
-    from engram.data.tokenizer import load_tokenizer
-    from engram.model.generation import generate, left_pad, strip_padding
+    from engram.model.generation import left_pad, strip_padding
 
     sampling = config_from_args(args, SamplingConfig)
     texts = prompts_from_args(args)
-    model, meta = load_for_generation(args.ckpt, args)  # load_model, or tables per --table/--storage
-    drafter = drafter_from_args(args, meta.tokenizer_fingerprint)
-    tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    model = load_from_args(args)  # a run or an adapter; tables per --table/--storage
+    drafter = drafter_from_args(args, model.loaded_from.tokenizer_fingerprint)
+    tok = model.loaded_from.require_tokenizer()
     prompts = encode_prompts(tok, texts)
     if drafter is not None:  # speculative decoding (cli/ngram.py, docs/speculative.md)
-        from engram.model.lm import EngramLM
         from engram.ngram.speculative import EngramTarget
 
-        if isinstance(model, EngramLM):
-            target = EngramTarget(model)
-        else:  # a retrofitted Hugging Face model (base + adapter)
-            from engram.retrofit.speculative import RetrofitTarget
-
-            target = RetrofitTarget(model)
+        target = EngramTarget(model)
         t0 = time.perf_counter()
         outs = [generate_drafted(target, drafter, ids, sampling)[0].tolist() for ids in prompts]  # one at a time
         report_generation(model, sum(len(o) - len(p) for o, p in zip(outs, prompts)),
@@ -190,7 +178,7 @@ def cmd_generate(args) -> int:
         return 0
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts)  # several prompts: one batch, each row as if alone
-    out = strip_padding(generate(model, ids, sampling, attention_mask=mask), mask, ids.shape[1])
+    out = strip_padding(model.generate(ids, sampling, attention_mask=mask), mask, ids.shape[1])
     report_generation(model, sum(len(o) - len(p) for o, p in zip(out, prompts)),
                       time.perf_counter() - t0)  # tokens/s, hit rate
     print_generations([tok.decode(o) for o in out])

@@ -30,7 +30,7 @@ from engram.cli.flags import (
     print_generations,
     prompts_from_args,
 )
-from engram.cli.table import load_for_generation
+from engram.cli.table import load_from_args
 from engram.config import DEFAULT_KN_ORDER, DRAFT_SOURCES, ESTIMATORS, DraftConfig, GateConfig, SamplingConfig
 from engram.errors import EngramError
 
@@ -64,11 +64,6 @@ def _top(index, dist, k: int) -> list[dict[str, Any]]:
 
     vals, ids = torch.topk(dist, min(k, dist.numel()))
     return [{"id": int(i), "token": _decode(index, [int(i)]), "p": float(v)} for v, i in zip(vals, ids) if v > 0]
-
-
-def _load_model(args):
-    """load_model, or the table-storage loader when --table/--storage switches are given."""
-    return load_for_generation(args.ckpt, args)
 
 
 def default_gate_dir(index_path: str, ckpt: str) -> Path:
@@ -178,7 +173,8 @@ def cmd_eval_ngram(args) -> int:
     from engram.ngram.mixture import LambdaGate, LMAdapter, collect, gate_weights, mixture_nll
     from engram.training.evaluation import check_dataset_for_model, perplexity
 
-    model, meta = _load_model(args)
+    model = load_from_args(args)  # a run or an adapter; tables per --table/--storage
+    meta = model.loaded_from.meta
     ds = load_dataset(args.data)
     check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data, f"run {args.ckpt}")
     index = _index(args.ngram)
@@ -227,13 +223,13 @@ def torch_mean(lam) -> float:
 def cmd_generate_ngram(args) -> int:
     import torch
 
-    from engram.data.tokenizer import load_tokenizer, special_ids
+    from engram.data.tokenizer import special_ids
     from engram.ngram.mixture import LMAdapter, generate_mixed
 
     sampling = config_from_args(args, SamplingConfig)
     texts = prompts_from_args(args)
-    model, meta = _load_model(args)
-    tok = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    model = load_from_args(args)
+    meta, tok = model.loaded_from.meta, model.loaded_from.require_tokenizer()
     index = _index(args.ngram)
     if index.fingerprint != meta.tokenizer_fingerprint and meta.tokenizer_fingerprint is not None:
         raise EngramError(f"index {args.ngram} was built with another tokenizer than run {args.ckpt}")
@@ -373,7 +369,6 @@ def cmd_stats(args) -> int:
 
 def cmd_train_gate(args) -> int:
     from engram.data.shards import load_dataset
-    from engram.model.checkpoint import load_model
     from engram.ngram.mixture import (
         LMAdapter,
         best_fixed,
@@ -386,7 +381,8 @@ def cmd_train_gate(args) -> int:
     )
     from engram.training.evaluation import check_dataset_for_model
 
-    model, meta = load_model(args.ckpt)
+    model = load_from_args(args)
+    meta = model.loaded_from.meta
     ds = load_dataset(args.data)
     check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, args.data, f"run {args.ckpt}")
     index = _index(args.index)

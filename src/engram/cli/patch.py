@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from engram.cli.flags import add_common, add_config_flags, config_from_args
-from engram.cli.table import is_adapter_dir, load_adapter_for
+from engram.cli.table import load_from_args
 from engram.config import PatchTrainConfig
 
 
@@ -30,12 +30,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engram.patches.trainer import train_patch_from_run
 
     cfg = config_from_args(args, PatchTrainConfig)
-    loaded = None
-    if is_adapter_dir(args.ckpt):  # a retrofitted Hugging Face model: base + adapter
-        model, meta, tok = load_adapter_for(args)
-        loaded = (model, tok, meta.tokenizer_fingerprint)
+    model = load_from_args(argparse.Namespace(ckpt=args.ckpt, quiet=args.quiet or args.json))  # run or adapter
+    src = model.loaded_from
     res = train_patch_from_run(args.ckpt, args.data, args.out, cfg, table=args.table, name=args.name or "",
-                               dtype=args.dtype, original_data=args.original_data, loaded=loaded,
+                               dtype=args.dtype, original_data=args.original_data,
+                               loaded=(model, src.require_tokenizer(), src.tokenizer_fingerprint),
                                progress=not (args.quiet or args.json))
     rows = sum(res["changed_rows"].values())
     text = (f"wrote {res['patch']} (patch {res['patch_id']}, parent {res['parent'] or '-'}): {rows:,} rows "

@@ -30,7 +30,7 @@ from engram.cli.flags import (
     print_generations,
     prompts_from_args,
 )
-from engram.cli.table import adapter_storage, load_adapter_for
+from engram.cli.table import storage_for
 from engram.config import RetrofitCompareConfig, RetrofitConfig, RetrofitFactsConfig, SamplingConfig, TrainConfig
 
 _RETROFIT_FLAGS = ("base", "rows_per_head", "max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "hash_seed",
@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from engram.retrofit.evaluation import evaluate_adapter
 
     result = evaluate_adapter(args.ckpt, args.data, args.split, batch_size=args.batch_size, seq_len=args.seq_len,
-                              max_batches=args.max_batches, storage=adapter_storage(args),
+                              max_batches=args.max_batches, storage=storage_for(args, args.ckpt),
                               base=getattr(args, "base", None), compare_base=not getattr(args, "no_base", False),
                               progress=not getattr(args, "quiet", False))
     print(json.dumps(result, indent=2))
@@ -86,11 +86,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from engram.cli.table import report_generation
-    from engram.model.generation import generate, left_pad, strip_padding
+    from engram.model.generation import left_pad, strip_padding
+    from engram.retrofit.adapter import load_adapter
 
     sampling = config_from_args(args, SamplingConfig)
     texts = prompts_from_args(args)
-    model, _, tok = load_adapter_for(args, adapter_storage(args))
+    model = load_adapter(args.ckpt, args.base, storage=storage_for(args, args.ckpt), progress=not args.quiet)
+    tok = model.base_model.tokenizer
     prompts = encode_prompts(tok, texts)
     eos = model.base.config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
@@ -106,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     else:
-        out = generate(model, ids, sampling, eos_id=eos, attention_mask=mask)
+        out = model.generate(ids, sampling, eos_id=eos, attention_mask=mask)
     out = strip_padding(out, mask, ids.shape[1], eos_id=eos)
     report_generation(model, sum(len(o) - len(p) for o, p in zip(out, prompts)), time.perf_counter() - t0)
     print_generations([tok.decode(o) for o in out])

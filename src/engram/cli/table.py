@@ -58,42 +58,27 @@ def storage_from_args(args: argparse.Namespace) -> Optional[StorageConfig]:
     return config_from_args(args, StorageConfig, kind=kind, prefetch=True if prefetch is None else prefetch)
 
 
-def is_adapter_dir(ckpt: Optional[str]) -> bool:
-    """True when ``--ckpt`` names a retrofit adapter (``engram retrofit train``), not a run."""
-    return ckpt is not None and (Path(ckpt) / "adapter_config.json").is_file()
+def storage_for(args: argparse.Namespace, ckpt: str) -> Optional[StorageConfig]:
+    """``storage_from_args`` for the model in ``ckpt``: ``--storage mmap|cached`` without
+    ``--table`` serves the directory's own table file, when it has one (an adapter's)."""
+    from engram.auto.loader import table_file
 
-
-def adapter_storage(args: argparse.Namespace) -> Optional[StorageConfig]:
-    """The storage switches for an adapter: a file-backed tier reads the adapter's own
-    tables.engt unless ``--table`` names another file."""
     if getattr(args, "table", None) is None and getattr(args, "storage", None) in ("mmap", "cached"):
-        args = argparse.Namespace(**{**vars(args), "table": str(Path(args.ckpt) / "tables.engt")})
+        own = table_file(ckpt)
+        if own is not None:
+            args = argparse.Namespace(**{**vars(args), "table": str(own)})
     return storage_from_args(args)
 
 
-def load_adapter_for(args: argparse.Namespace, storage: Optional[StorageConfig] = None):
-    """(model, meta, tokenizer) of the adapter in ``args.ckpt`` on ``args.base`` (default: its own)."""
-    from engram.retrofit.adapter import load_adapter, read_adapter_meta
+def load_from_args(args: argparse.Namespace, ckpt: Optional[str] = None) -> Any:
+    """The model saved in ``ckpt`` (default ``--ckpt``), whatever its kind, through ``engram.load``:
+    tables as the storage switches say, an adapter on ``--base`` (default: its own). What was
+    read about the directory (meta, tokenizer) is ``model.loaded_from``."""
+    from engram.auto.loader import load
 
-    meta = read_adapter_meta(args.ckpt)
-    model = load_adapter(args.ckpt, getattr(args, "base", None), storage=storage,
-                         progress=not getattr(args, "quiet", False))
-    return model, meta, model.base_model.tokenizer
-
-
-def load_for_generation(ckpt: str, args: argparse.Namespace):
-    """(model, meta) for ``engram generate``: ``load_model`` unless a table switch is given; a
-    retrofit adapter directory loads base + adapter."""
-    from engram.model.checkpoint import load_model
-    from engram.tables.runtime import load_model_with_tables
-
-    if is_adapter_dir(ckpt):
-        model, meta, _ = load_adapter_for(argparse.Namespace(**{**vars(args), "ckpt": ckpt}), adapter_storage(args))
-        return model, meta
-    storage = storage_from_args(args)
-    if storage is None:
-        return load_model(ckpt)
-    return load_model_with_tables(ckpt, storage)
+    ckpt = ckpt or args.ckpt
+    return load(ckpt, storage=storage_for(args, ckpt), base=getattr(args, "base", None),
+                progress=not getattr(args, "quiet", False))
 
 
 def report_generation(model: Any, tokens: int, seconds: float) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from engram.config import SamplingConfig
 from engram.errors import EngramError, RequestTooLargeError
-from engram.model.lm import EngramLM
+from engram.model.protocol import LanguageModel
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -89,7 +89,7 @@ def strip_padding(out: torch.Tensor, attention_mask: Optional[torch.Tensor], pro
 
 
 @torch.no_grad()
-def generate(model: EngramLM, prompt_ids: torch.Tensor, sampling: SamplingConfig,
+def generate(model: LanguageModel, prompt_ids: torch.Tensor, sampling: SamplingConfig,
              eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """prompt_ids [B,T0] -> [B, T0 + n] (stops early once every row has produced ``eos_id``).
 

@@ -34,13 +34,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engram.config import ModelConfig
+from engram.config import ModelConfig, SamplingConfig
 from engram.errors import EngramError, RequestTooLargeError
 from engram.hashing.hasher import NgramHasher, padding_mask
+from engram.model import generation
 from engram.model.attention import CausalSelfAttention, KVCache, rope_tables
 from engram.model.input_ngram import InputNgramEmbedding
 from engram.model.layer import EngramLayer, EngramLayerOutput, GateInputs
 from engram.model.moe import DeepSeekMoE, SwiGLU
+from engram.model.protocol import ModelOutput
 from engram.model.table import TABLE_KEY_SUFFIX, EngramTable, engram_tables
 
 
@@ -77,14 +79,6 @@ class InferenceCache:
     # decoding scores a draft, then forgets its rejected tail); the conv states keep as many
     # extra rows. 0: plain decoding, nothing kept.
     rollback: int = 0
-
-
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor  # [B,T,V]
-    loss: Optional[torch.Tensor] = None  # mean cross-entropy, when targets are given
-    gates: Optional[dict[int, torch.Tensor]] = None  # output_gates: {layer_id: alpha [B,T,M]}
-    gate_inputs: Optional[dict[int, GateInputs]] = None  # output_gate_inputs: {layer_id: (h, e)}
 
 
 class Block(nn.Module):
@@ -271,6 +265,12 @@ class EngramLM(nn.Module):
             pad = input_ids.new_full((input_ids.shape[0], k), self.input_ngram.cfg.pad_id)
             cache.ngram_hist = torch.cat([pad, kept[:, max(0, n - k):]], dim=1)[:, -k:]
         cache.pos = n
+
+    def generate(self, prompt_ids: torch.Tensor, sampling: Optional[SamplingConfig] = None,
+                 eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """prompt_ids [B,T0] -> [B, T0 + n]: ``engram.model.generation.generate`` on this model
+        (``attention_mask`` [B,T0] for left-padded prompts)."""
+        return generation.generate(self, prompt_ids, sampling or SamplingConfig(), eos_id, attention_mask)
 
     def _hash_for_cache(self, input_ids: torch.Tensor, cache: InferenceCache,
                         attention_mask: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:

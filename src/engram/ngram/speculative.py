@@ -11,10 +11,10 @@ The loop works against a small model protocol, ``ScoringTarget``:
     truncate(n)                forget every position from n on (only positions of the
                                latest ``score`` call, at most ``max_draft`` of them)
 
-``EngramTarget`` implements it for an ``EngramLM`` (KV cache, conv state and incremental
-hashing rolled back exactly by ``EngramLM.truncate_cache``), ``MixtureTarget`` for the N-gram
-mixture (the verified distribution is the mixture). Another model family (a retrofitted
-Hugging Face model) plugs in with its own three-method adapter.
+``EngramTarget`` implements it for any ``LanguageModel`` (``EngramLM``, or ``RetrofitLM``: the
+KV cache, conv state and hash history rolled back exactly by ``truncate_cache``),
+``MixtureTarget`` for the N-gram mixture (the verified distribution is the mixture). A model
+outside the library plugs in with its own three-method adapter.
 
 One step: the token x chosen last (not yet fed) and a draft d1..dk are scored in one call
 [x, d1..dk] -> k+1 rows. Row i is the model's distribution for the position of d(i+1):
@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from engram.config import DraftConfig, SamplingConfig
 from engram.errors import EngramError
 from engram.model.generation import check_prompt, filter_logits
-from engram.model.lm import EngramLM
+from engram.model.protocol import LanguageModel
 from engram.ngram.mixture import NgramMixture
 
 # a generation at least this long shows a progress bar (on a terminal)
@@ -70,9 +70,10 @@ class Drafter(Protocol):
 
 
 class EngramTarget:
-    """An ``EngramLM`` on a KV cache that can drop its newest positions again."""
+    """A ``LanguageModel`` (``EngramLM``, ``RetrofitLM``) on a KV cache that can drop its newest
+    positions again."""
 
-    def __init__(self, model: EngramLM):
+    def __init__(self, model: LanguageModel):
         self.model = model
         self.vocab_size, self.max_seq_len = model.cfg.vocab_size, model.cfg.max_seq_len
         self.device = model.embed.weight.device

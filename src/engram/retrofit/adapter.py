@@ -84,11 +84,6 @@ def read_adapter_meta(adapter_dir: PathLike) -> AdapterMeta:
                        step=step)
 
 
-def is_adapter(path: PathLike) -> bool:
-    """True when ``path`` is a directory holding an adapter (cheap: no file is parsed)."""
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
 # ----------------------------------------------------------------------------- saving
 def _fsync(path: Path) -> None:
     """Flush a staged file to disk, with the usual permissions (safetensors writes 0600)."""

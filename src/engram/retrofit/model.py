@@ -42,9 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engram.config import EngramConfig, RetrofitConfig, RetrofitError
+from engram.config import EngramConfig, RetrofitConfig, RetrofitError, SamplingConfig
 from engram.errors import EngramError
 from engram.hashing.hasher import NgramHasher, padding_mask
+from engram.model import generation
 from engram.model.layer import EngramLayer, GateInputs, MultiHeadEmbedding
 from engram.model.lm import ModelOutput
 from engram.model.table import EngramTable, engram_tables
@@ -280,10 +281,12 @@ class RetrofitLM(nn.Module):
         setattr(kv, _ROLLBACK_ATTR, int(rollback))
         return RetrofitCache(kv=kv)
 
-    def truncate_cache(self, cache: RetrofitCache, n: int) -> None:
+    def truncate_cache(self, cache: RetrofitCache, n: int, input_ids: Optional[torch.Tensor] = None) -> None:
         """Forget every position from ``n`` on (at most the cache's ``rollback`` newest, all from
         the latest call): the base's KV cache is cropped, the token history cut, and each short
-        conv state loses its newest rows, exactly as if the dropped tokens had never been fed."""
+        conv state loses its newest rows, exactly as if the dropped tokens had never been fed.
+        ``input_ids`` (the kept tokens, as ``EngramLM`` needs them) is not needed: the cache
+        keeps its own token history."""
         drop = cache.pos - n
         if drop == 0:
             return
@@ -443,9 +446,25 @@ class RetrofitLM(nn.Module):
             for m in loras:
                 m.enable_adapters(True)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``transformers``' ``generate()`` of the base, with Engram in it (KV cache included)."""
-        return self.base.generate(*args, **kwargs)
+    def generate(self, prompt_ids: Optional[torch.Tensor] = None, sampling: Optional[SamplingConfig] = None,
+                 eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
+                 **hf_kwargs: Any) -> Any:
+        """Sample as every model of the library does (``LanguageModel.generate``: ``sampling``,
+        ``eos_id``, ``attention_mask`` for left-padded prompts), or, given any of ``transformers``'
+        keywords (``max_new_tokens=``, ``do_sample=``, ``input_ids=``, ...), its own
+        ``generate()`` of the base with Engram in it (KV cache included)."""
+        hf_config = sampling is not None and not isinstance(sampling, SamplingConfig)  # a GenerationConfig
+        if hf_kwargs or hf_config:
+            if (sampling is not None and not hf_config) or eos_id is not None:
+                raise EngramError("generate() takes either sampling=/eos_id= or transformers' keywords "
+                                  f"({sorted(hf_kwargs)}), not both")
+            if attention_mask is not None:
+                hf_kwargs["attention_mask"] = attention_mask
+            args = (prompt_ids, sampling) if hf_config else (prompt_ids,) if prompt_ids is not None else ()
+            return self.base.generate(*args, **hf_kwargs)
+        if prompt_ids is None:
+            raise EngramError("generate() needs prompt_ids [batch, time]")
+        return generation.generate(self, prompt_ids, sampling or SamplingConfig(), eos_id, attention_mask)
 
     def remove_hooks(self) -> None:
         """Detach Engram (and LoRA) from the base model object: it is the unmodified base again."""

@@ -123,9 +123,20 @@ def evaluate_run(run_dir: PathLike, data_dir: PathLike, split: str = "val",
         model, meta = load_model_with_tables(run_dir, storage, device=device)
     else:
         model, meta = load_model(run_dir, device=device)
+    return evaluate_saved(model, meta, data_dir, split, batch_size, seq_len, max_batches, progress)
+
+
+def evaluate_saved(model: Any, meta: Any, data_dir: PathLike, split: str = "val",
+                   batch_size: Optional[int] = None, seq_len: Optional[int] = None,
+                   max_batches: Optional[int] = None, progress: bool = False) -> dict[str, Any]:
+    """``evaluate_run`` on a model already loaded (any ``LanguageModel``) with the ``meta`` of its
+    directory (``run_dir``, ``train_config``, ``tokenizer_fingerprint``, ``step``); closes the
+    model's table runtime, if it has one."""
+    if split not in ("train", "val"):
+        raise EngramError(f"split={split!r}; choose 'train' or 'val'")
     ds = data.load_dataset(data_dir)
     check_dataset_for_model(model.cfg.vocab_size, meta.tokenizer_fingerprint, ds, data_dir,
-                            f"run {run_dir}")
+                            f"run {meta.run_dir}")
     tcfg = meta.train_config
     batch_size = batch_size or (tcfg.batch_size if tcfg else 8)
     seq_len = seq_len or (tcfg.seq_len if tcfg else model.cfg.max_seq_len)
@@ -134,7 +145,7 @@ def evaluate_run(run_dir: PathLike, data_dir: PathLike, split: str = "val",
     if runtime is not None:
         result["tables"] = runtime.stats()
         runtime.close()
-    result.update(split=split, step=meta.step, run_dir=str(run_dir), batch_size=batch_size,
+    result.update(split=split, step=meta.step, run_dir=str(meta.run_dir), batch_size=batch_size,
                   seq_len=seq_len, param_counts=model.param_counts())
     unigram = unigram_entropy_nats(ds.meta)
     if unigram is not None:  # the loss a context-free model would reach
