@@ -31,7 +31,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Collection, Mapping, Optional, Sequence, Union
 
 from engram.errors import ConfigError, EngramError
 
@@ -1138,6 +1138,16 @@ def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
     ``train.steps=5.5``, or ``--set`` and ``train.steps='abc'``."""
     model = preset(preset_name, vocab_size).to_dict()
     train = TrainConfig().to_dict()
+    apply_config_sources(model, train, config_file, overrides, f"preset {preset_name!r}")
+    model["vocab_size"] = vocab_size
+    return ModelConfig.from_dict(model), TrainConfig.from_dict(train)
+
+
+def apply_config_sources(model: dict[str, Any], train: dict[str, Any], config_file: Optional[str],
+                         overrides: Sequence[str], owner: str) -> None:
+    """Apply a JSON file {"model": {...}, "train": {...}}, then ``--set section.key=value`` items,
+    to the config dicts ``model`` and ``train`` in place. ``owner`` names where ``model`` came
+    from (a preset, a run) in the error for ``engram.*`` on a model without Engram."""
     if config_file:
         try:
             data = json.loads(Path(config_file).read_text())
@@ -1164,7 +1174,7 @@ def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
         parsed = _parse_value(value)
         if section == "engram":
             if model.get("engram") is None:
-                raise ConfigError(f"--set {item!r}: preset {preset_name!r} has no Engram; pick an engram-* preset")
+                raise ConfigError(f"--set {item!r}: {owner} has no Engram; pick an engram-* preset")
             name = canonical_key(EngramConfig, name)  # engram.engram_vocab_size=... still works
             check_types(EngramConfig, {name: parsed}, "engram")
             model["engram"][name] = parsed
@@ -1174,5 +1184,31 @@ def build_configs(preset_name: str, vocab_size: int, config_file: Optional[str],
                 raise ConfigError(f"--set {item!r}: unknown {section} key {name!r}; known: {sorted(target)}")
             check_types(cls, {name: parsed}, section)
             target[name] = parsed
-    model["vocab_size"] = vocab_size
-    return ModelConfig.from_dict(model), TrainConfig.from_dict(train)
+
+
+def _flat_keys(model: Mapping[str, Any], train: Mapping[str, Any], model_section: str) -> dict[str, Any]:
+    """{"model.KEY" / "engram.KEY" / "train.KEY": value}: the names ``--set`` uses."""
+    flat = {f"train.{k}": v for k, v in train.items()}
+    for k, v in model.items():
+        if k == "engram" and isinstance(v, Mapping):
+            flat.update({f"engram.{ek}": ev for ek, ev in v.items()})
+        else:
+            flat[f"{model_section}.{k}"] = v
+    return flat
+
+
+def resume_changes(recorded: tuple[Mapping[str, Any], Mapping[str, Any]],
+                   given: tuple[Mapping[str, Any], Mapping[str, Any]], mutable: Collection[str],
+                   where: str, model_section: str = "model") -> dict[str, tuple[Any, Any]]:
+    """What a resumed run changes of its recorded (model, train) config dicts:
+    ``{"train.steps": (recorded, given)}``. Only train keys in ``mutable`` may change; any other
+    difference is a ConfigError naming the key (``model_section``: the model dict's name in it)."""
+    old, new = _flat_keys(*recorded, model_section), _flat_keys(*given, model_section)
+    changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    for key, (was, now) in changes.items():
+        if not (key.startswith("train.") and key[len("train."):] in mutable):
+            raise ConfigError(
+                f"{key}={now!r} cannot change when resuming {where} (it recorded {was!r}); only "
+                f"{', '.join('train.' + k for k in sorted(mutable))} may. Drop it, or start a new run "
+                f"with another --out")
+    return changes

@@ -61,6 +61,46 @@ def test_prepare_train_eval_generate(prepared, capsys):
     assert "no prompt given" in capsys.readouterr().err
 
 
+def test_a_bare_resume_continues_the_recorded_run(prepared, tmp_path, capsys):
+    """--resume takes the configs the run recorded (not the defaults), only mutable values given
+    on the command line change them, a change of steps is one stderr line, and a refused change
+    leaves config.json as it was."""
+    root, data = prepared
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--quiet",
+                 "--set", "train.steps=4", "--set", "train.batch_size=2", "--set", "train.seq_len=16",
+                 "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
+                 "--max-seconds", "1e-9"]) == 0  # stops (and saves) after its first step
+    stopped = json.loads(capsys.readouterr().out)
+    assert stopped["stopped_early"] and stopped["steps"] < 4
+    recorded = json.loads((run / "config.json").read_text())
+
+    bare = ["train", "--data", str(data), "--out", str(run), "--resume", "--quiet"]
+    assert main(bare) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (summary["steps"], summary["target_steps"], summary["resumed_from"]) == (4, 4, stopped["steps"])
+    assert err == ""  # nothing changed, nothing to say
+    now = json.loads((run / "config.json").read_text())
+    assert (now["model"], now["train"]) == (recorded["model"], recorded["train"])
+
+    assert main([*bare, "--set", "train.steps=6"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["steps"] == 6
+    assert err.count("\n") == 1 and "train.steps 4 -> 6" in err and "cosine schedule" in err
+    assert read_config(run).train_config.steps == 6
+
+    before = (run / "config.json").read_bytes()
+    for extra, key in ((["--set", "train.lr=0.5"], "train.lr=0.5 cannot change"),
+                       (["--set", "model.hidden_size=48"], "model.hidden_size=48 cannot change"),
+                       (["--set", "engram.max_ngram_size=2"], "engram.max_ngram_size=2 cannot change"),
+                       (["--preset", "tiny-dense"], "--preset tiny-dense does not describe the model")):
+        assert main([*bare, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("engram: error:") and err.count("\n") == 1 and key in err, err
+    assert (run / "config.json").read_bytes() == before
+
+
 def test_bad_inputs_give_one_line_errors(prepared, tmp_path, capsys):
     root, data = prepared
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",

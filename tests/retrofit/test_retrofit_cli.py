@@ -44,6 +44,31 @@ def test_train_eval_generate(adapter, tiny_base, capsys, one_thread):
     assert capsys.readouterr().out == batched
 
 
+def test_a_bare_resume_continues_the_recorded_adapter(adapter, tiny_base, tmp_path, capsys, one_thread):
+    """retrofit train --resume takes the adapter's recorded settings (not the flags' defaults);
+    only the train values a resume may change can be given, a change of steps is one line."""
+    import shutil
+
+    run = tmp_path / "a"
+    shutil.copytree(adapter, run)
+    bare = ["retrofit", "train", "--data", str(tiny_base["data"]), "--out", str(run), "--resume", "--quiet"]
+    capsys.readouterr()
+    assert main(bare) == 0  # the defaults (--layers 1, --steps 200, ...) would be refused or run on
+    out, err = capsys.readouterr()
+    assert json.loads(out)["steps"] == 4 and err == ""
+    assert main([*bare, "--steps", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["steps"] == 5 and err.count("\n") == 1 and "train.steps 4 -> 5" in err
+    before = (run / "adapter_config.json").read_bytes()
+    for extra, key in ((["--rows-per-head", "499"], "retrofit.rows_per_head=499 cannot change"),
+                       (["--layers", "1"], "retrofit.layers=[1] cannot change"),
+                       (["--lr", "0.5"], "train.lr=0.5 cannot change")):
+        assert main([*bare, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("engram: error:") and err.count("\n") == 1 and key in err, err
+    assert (run / "adapter_config.json").read_bytes() == before
+
+
 def test_existing_tools_take_an_adapter(adapter, tiny_base, tmp_path, capsys, one_thread):
     data = str(tiny_base["data"])
     assert main(["eval", "--ckpt", str(adapter), "--data", data, "--max-batches", "1"]) == 0

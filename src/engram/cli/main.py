@@ -68,6 +68,8 @@ COMMAND_GROUPS = (
     retrofit_commands,  # retrofit {data,train,eval,generate,compare,facts}
 )
 
+DEFAULT_PRESET = "engram-moe"  # `engram train` without --preset (a new run)
+
 # `engram generate` samples shorter and from the nucleus; the library default is plain sampling
 GENERATE_DEFAULTS = {"max_new_tokens": 60, "top_p": 0.95}
 
@@ -122,10 +124,21 @@ def cmd_train(args) -> int:
         from engram.distributed.launch import launch
 
         return launch(dist_cfg.nproc, args.argv)
-    model_cfg, train_cfg = build_configs(args.preset, _dataset_vocab(args.data), args.config, args.set)
     given = {k: getattr(args, k) for k in TRAIN_TABLE_FLAGS if getattr(args, k) is not None}
-    if given:  # --prefetch, --table-storage, ... override train.* (and are validated with it)
-        train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), **given})
+    if args.resume:  # the run's recorded configs; only what this command line gives changes them
+        from engram.training.trainer import resume_configs
+
+        model_cfg, train_cfg, changes = resume_configs(args.out, args.config, args.set, given, args.preset)
+        if changes and (not under_torchrun or os.environ["RANK"] == "0"):
+            shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            why = " (the cosine schedule now ends at the new step count)" if "train.steps" in changes else ""
+            print(f"engram: resuming {args.out} with its recorded config, changed: {shown}{why}; "
+                  f"config.json will record the new values", file=sys.stderr)
+    else:
+        model_cfg, train_cfg = build_configs(args.preset or DEFAULT_PRESET, _dataset_vocab(args.data),
+                                             args.config, args.set)
+        if given:  # --prefetch, --table-storage, ... override train.* (and are validated with it)
+            train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), **given})
     kwargs = dict(resume=args.resume, progress=not args.quiet, max_seconds=args.max_seconds,
                   overwrite=args.overwrite, tables_from=args.table)
     if under_torchrun:  # one rank of torchrun's processes: row-sharded tables, DDP backbone
@@ -221,11 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model")
     add_common(tr, "--data", required=True)
     add_common(tr, "--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
-    tr.add_argument("--preset", default="engram-moe", choices=sorted(PRESETS))
+    tr.add_argument("--preset", choices=sorted(PRESETS),
+                    help=f"model preset of a new run (default {DEFAULT_PRESET}; --resume uses the run's own)")
     tr.add_argument("--config", help="JSON file with optional 'model' and 'train' sections")
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one value, e.g. --set train.steps=500 --set engram.layer_ids=[1,2]")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out with the configs it recorded; --set / --config change "
+                         "only the train values a resume may change (steps, eval_every, ...)")
     tr.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
     tr.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
     add_common(tr, "--quiet")

@@ -57,14 +57,30 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engram.retrofit.trainer import DEFAULT_TRAIN, retrofit_train
+    import sys
 
-    layers = () if args.layers.strip().lower() == "none" else tuple(int_list(args.layers, "--layers"))
-    cfg = config_from_args(args, RetrofitConfig, layers=layers)
-    defaults = {k: getattr(DEFAULT_TRAIN, k) for k in _TRAIN_FLAGS}
-    tcfg = config_from_args(args, TrainConfig, **{k: v for k, v in defaults.items()
-                                                  if getattr(args, k, None) is None},
-                            table_optimizer="sparse_adam")
+    from engram.retrofit.trainer import DEFAULT_TRAIN, resume_configs, retrofit_train
+
+    layers = None
+    if args.layers is not None:
+        layers = () if args.layers.strip().lower() == "none" else tuple(int_list(args.layers, "--layers"))
+    if args.resume:  # the adapter's recorded configs; only what this command line gives changes them
+        given = {k: getattr(args, k) for k in _RETROFIT_FLAGS if getattr(args, k, None) is not None}
+        if layers is not None:
+            given["layers"] = layers
+        cfg, tcfg, changes = resume_configs(args.out, given, {k: getattr(args, k) for k in _TRAIN_FLAGS
+                                                              if getattr(args, k, None) is not None})
+        if changes:
+            shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            why = " (the cosine schedule now ends at the new step count)" if "train.steps" in changes else ""
+            print(f"engram: resuming {args.out} with its recorded config, changed: {shown}{why}; "
+                  f"adapter_config.json will record the new values", file=sys.stderr)
+    else:
+        cfg = config_from_args(args, RetrofitConfig, **({} if layers is None else {"layers": layers}))
+        defaults = {k: getattr(DEFAULT_TRAIN, k) for k in _TRAIN_FLAGS}
+        tcfg = config_from_args(args, TrainConfig, **{k: v for k, v in defaults.items()
+                                                      if getattr(args, k, None) is None},
+                                table_optimizer="sparse_adam")
     summary = retrofit_train(cfg, tcfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite,
                              progress=not args.quiet, max_seconds=args.max_seconds)
     print(json.dumps(summary, indent=2, default=str))
@@ -160,13 +176,16 @@ def register(sub: Any) -> None:
     t = r.add_parser("train", help="add Engram layers to a base and train them (the base stays frozen)")
     add_common(t, "--data", required=True, help="a dataset from `engram retrofit data`")
     add_common(t, "--out", required=True, help="adapter directory")
-    add_config_flags(t, RetrofitConfig, only=_RETROFIT_FLAGS)
-    t.add_argument("--layers", default="1", metavar="L[,L...]",
+    # None = not given: a new adapter takes RetrofitConfig's default, --resume the recorded value
+    add_config_flags(t, RetrofitConfig, only=_RETROFIT_FLAGS, defaults=dict.fromkeys(_RETROFIT_FLAGS))
+    t.add_argument("--layers", metavar="L[,L...]",
                    help="decoder layers that get an Engram layer before them (default 1; 'none' with "
                         "--lora-rank for LoRA alone)")
     g = t.add_argument_group("training (defaults suit SmolLM2-135M on a CPU)")
     add_config_flags(g, TrainConfig, only=_TRAIN_FLAGS, defaults={k: None for k in _TRAIN_FLAGS})
-    t.add_argument("--resume", action="store_true", help="continue the adapter in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the adapter in --out with the configs it recorded; flags change only the "
+                        "train values a resume may change (--steps, --eval-every, ...)")
     t.add_argument("--overwrite", action="store_true", help="start over even if --out holds an adapter")
     t.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
     add_common(t, "--quiet")

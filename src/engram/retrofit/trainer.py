@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from engram.config import RetrofitConfig, RetrofitError, TrainConfig
+from engram.config import RetrofitConfig, RetrofitError, TrainConfig, resume_changes
 from engram.data import shards as data
 from engram.data.tokenizer import tokenizer_fingerprint
 from engram.fsutil import PathLike
@@ -124,6 +124,22 @@ def retrofit_train(cfg: RetrofitConfig, train_cfg: TrainConfig, data_dir: PathLi
                         "reduction": cmap.reduction},
         "adapter": str(out),
     }
+
+
+def resume_configs(out_dir: PathLike, retrofit_given: Mapping[str, Any], train_given: Mapping[str, Any]
+                   ) -> tuple[RetrofitConfig, TrainConfig, dict[str, tuple[Any, Any]]]:
+    """The configs to resume the adapter in ``out_dir`` with: the retrofit and train configs it
+    recorded, changed only by the values given explicitly, and of those only the train keys in
+    ``RESUME_MUTABLE`` (anything else is a one-line error naming the key). Returns (retrofit
+    config, train config, {key: (recorded, new)})."""
+    rec = read_adapter_config(out_dir)
+    cfg_rec = rec["retrofit"].to_dict()
+    train_rec = TrainConfig.from_dict(rec["train"]).to_dict() if rec.get("train") else DEFAULT_TRAIN.to_dict()
+    cfg = RetrofitConfig.from_dict({**cfg_rec, **retrofit_given}, "the command line")
+    train_cfg = TrainConfig.from_dict({**train_rec, **train_given})
+    changes = resume_changes((cfg_rec, train_rec), (cfg.to_dict(), train_cfg.to_dict()), RESUME_MUTABLE,
+                             str(out_dir), model_section="retrofit")
+    return cfg, train_cfg, changes
 
 
 def _check_resume(out: Path, cfg: RetrofitConfig, train_cfg: TrainConfig) -> None:

@@ -24,18 +24,28 @@ the checkpoint's step are dropped so the curve has no duplicated or orphaned ste
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engram.config import ModelConfig, TableLocation, TableOptimizer, TrainConfig
+from engram.config import (
+    ConfigError,
+    ModelConfig,
+    TableLocation,
+    TableOptimizer,
+    TrainConfig,
+    apply_config_sources,
+    build_configs,
+    resume_changes,
+)
 from engram.data import shards as data
 from engram.errors import EngramError
 from engram.fsutil import PathLike
@@ -160,6 +170,34 @@ def _check_resume_config(meta: ckpt.CheckpointMeta, model_cfg: ModelConfig, trai
             f"checkpoint's ({ckpt._dict_diff({k: old[k] for k in changed}, {k: new[k] for k in changed})}); "
             f"only {sorted(RESUME_MUTABLE)} may change on resume. Pass the recorded values or "
             f"start a new run dir")
+
+
+def resume_configs(run_dir: PathLike, config_file: Optional[str] = None, overrides: Sequence[str] = (),
+                   given: Optional[Mapping[str, Any]] = None, preset_name: Optional[str] = None
+                   ) -> tuple[ModelConfig, TrainConfig, dict[str, tuple[Any, Any]]]:
+    """The configs to resume ``run_dir`` with: the model and train configs it recorded, changed
+    only by what is given explicitly (a JSON ``config_file``, ``--set`` ``overrides``, ``given``
+    train values such as ``--prefetch``), and of that only the train keys in ``RESUME_MUTABLE``;
+    anything else is a one-line ConfigError naming the key. ``preset_name``: a ``--preset`` given
+    again, which must describe the recorded model. Returns (model, train, {key: (recorded, new)})."""
+    run = Path(run_dir)
+    if not (run / ckpt.CONFIG_FILE).is_file():
+        raise CheckpointError(f"resume=True but {run} holds no checkpoint ({ckpt.CONFIG_FILE} is "
+                              f"missing); train without resume or point at an existing run")
+    meta = ckpt.read_config(run)
+    model_rec = meta.model_config.to_dict()
+    train_rec = (meta.train_config or TrainConfig()).to_dict()
+    model, train = copy.deepcopy(model_rec), dict(train_rec)
+    apply_config_sources(model, train, config_file, overrides, f"run {run}")
+    train.update(given or {})
+    changes = resume_changes((model_rec, train_rec), (model, train), RESUME_MUTABLE, str(run))
+    if preset_name is not None:
+        preset_model = build_configs(preset_name, meta.model_config.vocab_size, config_file, overrides)[0]
+        if preset_model.to_dict() != model:
+            raise ConfigError(f"--preset {preset_name} does not describe the model of {run} "
+                              f"({ckpt._dict_diff(model, preset_model.to_dict())}); drop --preset, "
+                              f"--resume continues the recorded model")
+    return ModelConfig.from_dict(model), TrainConfig.from_dict(train), changes
 
 
 def _to_tensor(batch: Iterable[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
