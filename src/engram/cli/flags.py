@@ -118,7 +118,7 @@ _COMMON: dict[str, dict[str, Any]] = {
     "--json": dict(action="store_true", help="print the result as JSON"),
     "--quiet": dict(action="store_true", help="no progress output"),
     "--data": dict(help="dataset directory from `engram data prepare`"),
-    "--ckpt": dict(help="run directory (from `engram train`)"),
+    "--ckpt": dict(help="a run directory (engram train) or a retrofit adapter (engram retrofit train)"),
     "--out": dict(help="where the result goes"),
 }
 

@@ -226,7 +226,7 @@ def cmd_analyze_ablate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parsers
 def register(sub: Any) -> None:
     i = sub.add_parser("inspect", help="per-token Engram gates as a terminal heatmap, HTML and JSON")
-    add_common(i, "--ckpt", required=True, help="run directory")
+    add_common(i, "--ckpt", required=True, help="a run or a retrofit adapter directory")
     i.add_argument("--text", help="text to inspect")
     i.add_argument("--file", help="read the text from this file instead")
     i.add_argument("--html", help="also write a standalone HTML heatmap here")

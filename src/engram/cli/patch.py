@@ -115,7 +115,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("patch", help="knowledge patches for the Engram tables: train, apply, revert, list"
                        ).add_subparsers(dest="sub", required=True)
     t = p.add_parser("train", help="train only the Engram tables on new text; write the changed rows")
-    add_common(t, "--ckpt", required=True, help="the run whose model learns (its backbone is frozen)")
+    add_common(t, "--ckpt", required=True, help="the run or retrofit adapter whose Engram tables learn (its backbone stays frozen)")
     add_common(t, "--data", required=True, nargs="+", help=".txt / .jsonl files (or directories) of new text")
     add_common(t, "--out", required=True, help="the patch file to write (e.g. facts.engp)")
     t.add_argument("--table", help="start from this table file (stacks on the patches applied to it)")
