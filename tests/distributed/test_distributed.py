@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from engram.cli.main import main
+from engram.distributed.sharding import reshard
 from engram.model import checkpoint as ckpt
-from engram.model.checkpoint import load_model, read_config, reshard
+from engram.model.checkpoint import load_model, read_config
 from engram.training.trainer import train
 
 WORKER = Path(__file__).with_name("worker.py")

@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 
 import engram.model.checkpoint as ckpt
 from engram.config import TrainConfig, preset
-from engram.model.checkpoint import CheckpointError, load_for_resume, load_model, save_checkpoint
+from engram.model.checkpoint import CheckpointError, load_model, save_checkpoint
 from engram.model.lm import EngramLM
+from engram.training import checkpointing
+from engram.training.checkpointing import load_for_resume, save_training_checkpoint
 from engram.training.trainer import build_optimizers
 
 VOCAB = 300
@@ -57,7 +59,7 @@ def saved(tmp_path: Path) -> tuple[Path, EngramLM, dict]:
     model = _model()
     opts = _trained(model)
     run = tmp_path / "run"
-    save_checkpoint(run, model, opts, {"step": 2, "best_val_loss": None}, TrainConfig())
+    save_training_checkpoint(run, model, opts, {"step": 2, "best_val_loss": None}, TrainConfig())
     return run, model, opts
 
 
@@ -120,11 +122,11 @@ def test_optimizer_state_roundtrip(saved) -> None:
 def test_rng_state_roundtrip() -> None:
     torch.manual_seed(3)
     np.random.seed(3)
-    state = json.loads(json.dumps(ckpt.capture_rng_state()))  # must survive JSON
+    state = json.loads(json.dumps(checkpointing.capture_rng_state()))  # must survive JSON
     a = (torch.rand(3), np.random.rand(3))
     torch.manual_seed(0)
     np.random.seed(0)
-    ckpt.restore_rng_state(state)
+    checkpointing.restore_rng_state(state)
     b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
@@ -263,7 +265,7 @@ def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch) -> None:
 
     monkeypatch.setattr(ckpt, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(run, model, opts, {"step": 3}, TrainConfig())
+        save_training_checkpoint(run, model, opts, {"step": 3}, TrainConfig())
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files_before  # untouched, no temp dir
     assert torch.equal(_logits(load_model(run)[0]), before)
 
@@ -283,12 +285,12 @@ def test_crash_between_renames_is_detected(saved, monkeypatch) -> None:
 
     monkeypatch.setattr(ckpt.os, "replace", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(run, model, opts, {"step": 3}, TrainConfig())
+        save_training_checkpoint(run, model, opts, {"step": 3}, TrainConfig())
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
     assert not any(p.name.startswith(".tmp-") for p in run.iterdir())
     with pytest.raises(CheckpointError, match=r"model\.safetensors has sha256 .*another save"):
         load_model(run)
-    save_checkpoint(run, model, opts, {"step": 3}, TrainConfig())  # a later save repairs the run
+    save_training_checkpoint(run, model, opts, {"step": 3}, TrainConfig())  # a later save repairs the run
     assert torch.equal(_logits(load_model(run)[0]), _logits(model))
 
 

@@ -38,6 +38,7 @@ from engram.fsutil import PathLike, fsync_dir
 from engram.model import checkpoint as ckpt
 from engram.model.lm import EngramLM
 from engram.model.table import engram_tables
+from engram.training.checkpointing import capture_rng_state, flatten_optimizers
 
 SHARD_DIR_PREFIX = ckpt.SHARD_DIR_PREFIX
 # Files of a one-process checkpoint that a sharded commit makes stale at the run root.
@@ -76,7 +77,7 @@ def save_sharded(run_dir: PathLike, model: EngramLM, optimizers: Mapping[str, to
     dist.barrier()
 
     tensors, tied = ckpt.model_tensors(model)
-    opt_tensors, opt_meta = ckpt.flatten_optimizers(optimizers)
+    opt_tensors, opt_meta = flatten_optimizers(optimizers)
     opt_backbone, opt_tables = _split_optimizer_tensors(opt_tensors, rank, world)
     mine = ckpt.shard_file(rank, world)
     _save_tensors({**{k: v for k, v in tensors.items() if k.endswith(ckpt.TABLE_KEY_SUFFIX)}, **opt_tables},
@@ -90,7 +91,7 @@ def save_sharded(run_dir: PathLike, model: EngramLM, optimizers: Mapping[str, to
         _save_tensors(opt_backbone, shard_dir / ckpt.OPTIMIZER_FILE)
         state = dict(trainer_state)
         state["optimizers"] = opt_meta
-        state.setdefault("rng", ckpt.capture_rng_state())
+        state.setdefault("rng", capture_rng_state())
         ckpt._write_json(shard_dir / ckpt.STATE_FILE, state, indent=None)
         for f in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE):
             written[f] = ckpt._file_digest(shard_dir / f)

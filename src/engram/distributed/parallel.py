@@ -26,6 +26,7 @@ save memory that is not short).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -37,13 +38,14 @@ from engram.config import DistributedConfig, ModelConfig, TrainConfig
 from engram.data.shards import load_dataset
 from engram.distributed.checkpoint import save_sharded
 from engram.distributed.sharded_table import ShardedEmbedding
+from engram.distributed.sharding import split_table_state
 from engram.distributed.world import RankFailure, World, check_agreement, close_world, init_world, is_rank_failure
 from engram.errors import EngramError
 from engram.fsutil import PathLike
-from engram.model import checkpoint as ckpt
 from engram.model.lm import EngramLM
 from engram.model.moe import DeepSeekMoE
 from engram.model.table import EngramTable, convert_tables
+from engram.training.checkpointing import load_for_resume
 from engram.training.parallel import Parallel
 from engram.training.sparse_adam import scale_grads_
 from engram.training.trainer import train
@@ -148,7 +150,8 @@ class DistributedParallel(Parallel):
 
     def load_for_resume(self, run: Path, model: EngramLM,
                         optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, Any]:
-        state, _ = ckpt.load_for_resume(run, model, optimizers, part=(self.rank, self.world_size))
+        rows = functools.partial(split_table_state, rank=self.rank, world=self.world_size)
+        state, _ = load_for_resume(run, model, optimizers, select_rows=rows)
         return state
 
 

@@ -1,7 +1,7 @@
 """An Engram table split by rows over the ranks of a process group, looked up with all-to-all.
 
 Ownership: global row ``g`` lives on rank ``g % W`` at local index ``g // W``
-(:func:`engram.model.checkpoint.shard_rows`). Hash ids are close to uniform, so modulo ownership
+(:func:`engram.distributed.sharding.shard_rows`). Hash ids are close to uniform, so modulo ownership
 spreads every head's rows evenly over the ranks without a lookup table.
 
 One lookup (forward), on every rank at once:
@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engram.config import TableLocation
-from engram.model.checkpoint import shard_rows
+from engram.distributed.sharding import shard_rows
 from engram.model.table import EngramTable
 
 

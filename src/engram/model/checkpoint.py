@@ -5,7 +5,7 @@ A run directory holds one checkpoint (the latest)::
     RUN/config.json            model + train configs, hash and tokenizer fingerprints, format
                                version, and a manifest (size + sha256) of the files below
     RUN/model.safetensors      the model state dict (a tied ``lm_head.weight`` is stored once)
-    RUN/optimizer.safetensors  optimizer state tensors, keys ``{optimizer}.state.{idx}.{name}``
+    RUN/optimizer.safetensors  optimizer state tensors (``engram.training.checkpointing``)
     RUN/trainer_state.json     step, RNG states, best val loss, data seed, optimizer scalars
     RUN/compression.npy        the tokenizer compression lookup, when the hasher uses one
     RUN/tokenizer.json         a copy of the dataset's tokenizer
@@ -23,8 +23,12 @@ but ``compression.npy`` and ``tokenizer.json`` lives in ``RUN/shards-<step>/``, 
 and rank 0 the backbone (``model.safetensors`` without the tables, ``optimizer.safetensors``,
 ``trainer_state.json``). ``config.json`` names the directory (``"sharded"``) and lists every file
 in its manifest, so replacing it is the single atomic commit of the whole checkpoint. Every
-loader here reads both layouts, and re-splits the rows for any number of ranks
-(:func:`read_table_state`): a checkpoint saved on N ranks loads on M.
+loader here reads both layouts (:func:`read_table_state` gathers the shards into whole tables);
+a caller that holds only one rank's rows passes ``select_rows``
+(:func:`engram.distributed.sharding.split_table_state`), so a checkpoint saved on N ranks loads on M.
+
+The optimizer file and the trainer state are opaque here (named tensors and JSON):
+:mod:`engram.training.checkpointing` flattens optimizer states and RNG states into them.
 
 Loading validates before it trusts: config keys (unknown keys are errors), the recorded hash
 fingerprint against the hasher rebuilt from the config and ``compression.npy`` (tables indexed by
@@ -34,14 +38,12 @@ tensors. Every problem is a :class:`CheckpointError` naming the file and the fix
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -54,8 +56,6 @@ from engram.errors import EngramError
 from engram.fsutil import PathLike, file_sha256, fsync_dir
 from engram.model.lm import EngramLM
 from engram.model.table import TABLE_KEY_SUFFIX  # noqa: F401 - re-exported: the state-dict key suffix of Engram tables
-
-Optimizers = Union[torch.optim.Optimizer, Mapping[str, torch.optim.Optimizer], None]
 
 FORMAT_NAME = "engram-lm-checkpoint"
 FORMAT_VERSION = 1
@@ -72,15 +72,9 @@ STALE_FILES = (OPTIMIZER_FILE, STATE_FILE, COMPRESSION_FILE)  # a kept tokenizer
 _REQUIRED_KEYS = {"format", "format_version", "model", "hash_fingerprint", "files"}
 _OPTIONAL_KEYS = {"train", "tokenizer_fingerprint", "hasher", "param_counts", "tied_keys", "sharded",
                   "engram_lm_version"}
-_DEFAULT_OPTIMIZER = "optimizer"  # name used when a single optimizer (not a dict) is passed
-TABLE_OPTIMIZER = "tables"  # the trainer's optimizer of the tables (state sharded with the rows)
+TABLE_OPTIMIZER = "tables"  # optimizer tensors "tables.*" are row-aligned with the tables (sharded with them)
 ROOT_FILES = (COMPRESSION_FILE, TOKENIZER_FILE)  # at the run root in both layouts
 SHARD_DIR_PREFIX = "shards-"  # RUN/shards-<step>-<tag>/: the files of a sharded checkpoint
-
-
-def shard_rows(num_rows: int, rank: int, world: int) -> int:
-    """How many rows of a ``num_rows`` table rank ``rank`` of ``world`` owns (rows ``rank::world``)."""
-    return (num_rows - rank + world - 1) // world
 
 
 def shard_file(rank: int, world: int) -> str:
@@ -147,127 +141,6 @@ def _read_json(path: Path) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the file is damaged, restore it "
                               f"or re-save the checkpoint") from e
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"))
-
-
-# ----------------------------------------------------------------------------- RNG state
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) RNG states as plain JSON."""
-    version, internal, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": _b64(torch.get_rng_state().numpy().tobytes()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state` (missing entries are left alone)."""
-    try:
-        if "python" in state:
-            version, internal, gauss = state["python"]
-            random.setstate((version, tuple(internal), gauss))
-        if "numpy" in state:
-            name, keys, pos, has_gauss, gauss_val = state["numpy"]
-            np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss_val))
-        if "torch" in state:
-            raw = np.frombuffer(_unb64(state["torch"]), dtype=np.uint8).copy()
-            torch.set_rng_state(torch.from_numpy(raw))
-        if "cuda" in state and torch.cuda.is_available():
-            cuda = [torch.from_numpy(np.frombuffer(_unb64(s), dtype=np.uint8).copy()) for s in state["cuda"]]
-            if len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{STATE_FILE}: the saved RNG state is malformed ({e}); re-save the "
-                              f"checkpoint or delete the 'rng' entry to resume without it") from e
-
-
-# ----------------------------------------------------------------------------- optimizer state
-def _as_optimizer_dict(optimizer: Optimizers) -> dict[str, torch.optim.Optimizer]:
-    if optimizer is None:
-        return {}
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return {_DEFAULT_OPTIMIZER: optimizer}
-    out = dict(optimizer)
-    bad = [k for k in out if not k or "." in k]
-    if bad:
-        raise CheckpointError(f"optimizer names {bad} are invalid; use non-empty names without '.'")
-    return out
-
-
-def flatten_optimizers(optimizers: Mapping[str, torch.optim.Optimizer]
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state dicts -> (tensors for safetensors, JSON for scalars and param groups)."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {}
-    for name, opt in optimizers.items():
-        sd = opt.state_dict()
-        scalars: dict[str, dict[str, Any]] = {}
-        for idx, entry in sd["state"].items():
-            plain: dict[str, Any] = {}
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    # clone: safetensors refuses tensors that share storage with anything else
-                    tensors[f"{name}.state.{idx}.{key}"] = value.detach().cpu().contiguous().clone()
-                else:
-                    plain[key] = value
-            scalars[str(idx)] = plain
-        meta[name] = {"state": scalars, "param_groups": sd["param_groups"]}
-    return tensors, meta
-
-
-def unflatten_optimizers(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
-                         source: str) -> dict[str, dict[str, Any]]:
-    """Inverse of :func:`flatten_optimizers`: {name: torch optimizer state_dict}."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, m in meta.items():
-        try:
-            state = {int(idx): dict(plain) for idx, plain in m["state"].items()}
-            # JSON turned tuples (betas) into lists; torch builds them as tuples
-            groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-                      for g in m["param_groups"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{source}: optimizer {name!r} entry is malformed ({e}); "
-                                  f"re-save the checkpoint") from e
-        out[name] = {"state": state, "param_groups": groups}
-    for key, value in tensors.items():
-        parts = key.split(".", 3)
-        if len(parts) != 4 or parts[1] != "state" or parts[0] not in out or not parts[2].isdigit():
-            raise CheckpointError(f"{source}: unexpected tensor {key!r}; expected keys like "
-                                  f"'<optimizer>.state.<param index>.<name>' for optimizers "
-                                  f"{sorted(out)}")
-        out[parts[0]]["state"].setdefault(int(parts[2]), {})[parts[3]] = value
-    return out
-
-
-def _check_state_shapes(name: str, opt: torch.optim.Optimizer, sd: Mapping[str, Any], source: str) -> None:
-    """torch does not check moment shapes on load; a mismatch would only fail at the next step."""
-    if getattr(opt, "row_sparse_state", False):
-        return  # state covers touched rows only ([n, Dh]); SparseRowAdam.load_state_dict checks it
-    params = [p for g in opt.param_groups for p in g["params"]]
-    saved_ids = [i for g in sd["param_groups"] for i in g.get("params", [])]
-    index = dict(zip(saved_ids, params))
-    for idx, entry in sd["state"].items():
-        p = index.get(idx)
-        if p is None:
-            raise CheckpointError(f"{source}: optimizer {name!r} has state for parameter index {idx} "
-                                  f"which none of its param groups lists; re-save the checkpoint")
-        for key, t in entry.items():
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
-                raise CheckpointError(
-                    f"{source}: optimizer {name!r} state {idx}.{key} has shape {tuple(t.shape)} but "
-                    f"the parameter has {tuple(p.shape)}; the checkpoint belongs to another model")
 
 
 # ----------------------------------------------------------------------------- model state
@@ -350,17 +223,17 @@ def _model_compression(model: EngramLM) -> Optional[np.ndarray]:
     return None if hasher is None else getattr(hasher, "lookup", None)
 
 
-def save_checkpoint(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
+def save_checkpoint(run_dir: PathLike, model: EngramLM, optimizer_tensors: Optional[Mapping[str, torch.Tensor]],
                     trainer_state: Optional[Mapping[str, Any]], train_cfg: Optional[TrainConfig],
                     tokenizer_path: Optional[PathLike] = None, *,
                     tokenizer_fingerprint: Optional[str] = None) -> Path:
     """Write a checkpoint into ``run_dir`` atomically (see the module docstring); returns run_dir.
 
-    ``optimizer`` is one optimizer, a ``{name: optimizer}`` dict, or None (weights only).
-    ``trainer_state`` is plain JSON (step, best val loss, ...); the RNG states are added under
-    ``"rng"`` unless already present. Files of a previous checkpoint that this one lacks
-    (optimizer, trainer state, compression) are removed after the commit. Without
-    ``optimizer`` and ``trainer_state`` it is a weights-only export that cannot be resumed.
+    ``optimizer_tensors`` (``optimizer.safetensors``) and ``trainer_state`` (``trainer_state.json``,
+    plain JSON) are opaque here: :mod:`engram.training.checkpointing` decides how optimizers and
+    RNG states are flattened into them (and saves through it). Files of a previous checkpoint that
+    this one lacks (optimizer, trainer state, compression) are removed after the commit. Without
+    both it is a weights-only export that cannot be resumed.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -369,8 +242,7 @@ def save_checkpoint(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
         shutil.rmtree(stage)  # left by an earlier crash of this same pid
     stage.mkdir()
     try:
-        written = _stage_files(stage, model, _as_optimizer_dict(optimizer), trainer_state,
-                               tokenizer_path)
+        written = _stage_files(stage, model, optimizer_tensors, trainer_state, tokenizer_path)
         manifest = {name: _file_digest(stage / name) for name in written}
         _write_json(stage / CONFIG_FILE, _config_record(model, train_cfg, tokenizer_fingerprint, manifest))
         for name in [*written, CONFIG_FILE]:  # config.json last: it commits the manifest
@@ -387,7 +259,7 @@ def save_checkpoint(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
     return run
 
 
-def _stage_files(stage: Path, model: EngramLM, optimizers: dict[str, torch.optim.Optimizer],
+def _stage_files(stage: Path, model: EngramLM, optimizer_tensors: Optional[Mapping[str, torch.Tensor]],
                  trainer_state: Optional[Mapping[str, Any]],
                  tokenizer_path: Optional[PathLike]) -> list[str]:
     """Write every checkpoint file except config.json into ``stage``; returns their names."""
@@ -397,18 +269,14 @@ def _stage_files(stage: Path, model: EngramLM, optimizers: dict[str, torch.optim
     _fsync_file(stage / MODEL_FILE)
     written.append(MODEL_FILE)
 
-    if trainer_state is None and not optimizers:
+    if trainer_state is None and optimizer_tensors is None:
         written += _stage_extras(stage, model, tokenizer_path)
         return written  # a weights-only export: nothing to resume from
-    state = dict(trainer_state or {})
-    if optimizers:
-        opt_tensors, opt_meta = flatten_optimizers(optimizers)
-        save_file(opt_tensors, str(stage / OPTIMIZER_FILE), metadata={"format": FORMAT_NAME})
+    if optimizer_tensors is not None:
+        save_file(dict(optimizer_tensors), str(stage / OPTIMIZER_FILE), metadata={"format": FORMAT_NAME})
         _fsync_file(stage / OPTIMIZER_FILE)
         written.append(OPTIMIZER_FILE)
-        state["optimizers"] = opt_meta
-    state.setdefault("rng", capture_rng_state())
-    _write_json(stage / STATE_FILE, state, indent=None)  # RNG and param index lists: keep it compact
+    _write_json(stage / STATE_FILE, dict(trainer_state or {}), indent=None)  # RNG and param index lists: keep it compact
     written.append(STATE_FILE)
     return written + _stage_extras(stage, model, tokenizer_path)
 
@@ -494,7 +362,7 @@ def read_config(run_dir: PathLike) -> CheckpointMeta:
         try:
             step = int(json.loads(state_path.read_text(encoding="utf-8")).get("step"))
         except (ValueError, TypeError, AttributeError, json.JSONDecodeError):
-            step = None  # reported properly by load_for_resume
+            step = None  # reported properly by read_resume_state
     return CheckpointMeta(run_dir=run, model_config=model_cfg, train_config=train_cfg,
                           hash_fingerprint=raw["hash_fingerprint"],
                           tokenizer_fingerprint=raw.get("tokenizer_fingerprint"),
@@ -570,15 +438,18 @@ def _load_weights(model: EngramLM, meta: CheckpointMeta,
     load_state_into(model, tensors, meta.raw.get("tied_keys") or {}, str(path))
 
 
-def load_for_resume(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
-                    restore_rng: bool = True, part: tuple[int, int] = (0, 1)
-                    ) -> tuple[dict[str, Any], CheckpointMeta]:
-    """Load weights, optimizer state and trainer state into existing objects for exact resume.
+def read_resume_state(run_dir: PathLike, model: EngramLM,
+                      select_rows: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None
+                      ) -> tuple[dict[str, Any], CheckpointMeta, Optional[dict[str, torch.Tensor]]]:
+    """Load the weights into ``model`` (built from the same config and compression: checked via the
+    hash fingerprint and the tensor shapes) and read what resuming needs besides them.
 
-    ``model`` must have been built from the same config and compression (checked via the hash
-    fingerprint and the tensor shapes). ``part=(r, W)``: the model holds only table rows
-    ``r::W`` (rank r of W processes, ``engram.distributed``); the checkpoint may have been saved
-    on any number of processes. Returns (trainer_state without optimizer scalars, meta).
+    Returns (trainer state, meta, optimizer tensors or None when the checkpoint has none); the
+    optimizer tensors' ``tables.*`` entries are those of the rows the model holds.
+    :func:`engram.training.checkpointing.load_for_resume` turns them back into optimizer states.
+    ``select_rows``: the model holds only some table rows (one rank of several); it maps the whole
+    tables and their optimizer state (:func:`read_table_state`) to those rows. The checkpoint may
+    have been saved on any number of processes.
     """
     meta = read_config(run_dir)
     if model.cfg.to_dict() != meta.model_config.to_dict():
@@ -586,13 +457,12 @@ def load_for_resume(run_dir: PathLike, model: EngramLM, optimizer: Optimizers,
         raise CheckpointError(f"{meta.run_dir / CONFIG_FILE}: the model config differs from the "
                               f"checkpoint's ({diff}); resume with the recorded config or use a new run dir")
     check_hash_fingerprint(model, meta)
-    tables = read_table_state(meta, *part) if meta.sharded or tuple(part) != (0, 1) else None
+    tables = read_table_state(meta) if meta.sharded or select_rows is not None else None
+    if select_rows is not None:
+        tables = select_rows(tables)
     _load_weights(model, meta, tables)
     state = _read_trainer_state(meta)
-    _load_optimizers(meta, _as_optimizer_dict(optimizer), state.pop("optimizers", {}), tables)
-    if restore_rng and "rng" in state:
-        restore_rng_state(state["rng"])
-    return state, meta
+    return state, meta, _read_optimizer_tensors(meta, tables)
 
 
 def _read_trainer_state(meta: CheckpointMeta) -> dict[str, Any]:
@@ -607,31 +477,16 @@ def _read_trainer_state(meta: CheckpointMeta) -> dict[str, Any]:
     return state
 
 
-def _load_optimizers(meta: CheckpointMeta, optimizers: dict[str, torch.optim.Optimizer],
-                     opt_meta: Mapping[str, Any], tables: Optional[dict[str, torch.Tensor]] = None) -> None:
-    if not optimizers:
-        return
-    path = meta.path(OPTIMIZER_FILE)
+def _read_optimizer_tensors(meta: CheckpointMeta, tables: Optional[dict[str, torch.Tensor]]
+                            ) -> Optional[dict[str, torch.Tensor]]:
     if OPTIMIZER_FILE not in meta.files:
-        raise CheckpointError(f"{meta.run_dir} has no {OPTIMIZER_FILE}; it was saved without "
-                              f"optimizer state and cannot be resumed exactly")
-    tensors = _load_safetensors(path, meta.files)
+        return None
+    tensors = _load_safetensors(meta.path(OPTIMIZER_FILE), meta.files)
     if tables is not None:  # the table optimizer's state goes with the rows it belongs to
         prefix = TABLE_OPTIMIZER + "."
         tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
         tensors.update({k: v for k, v in tables.items() if k.startswith(prefix)})
-    state_dicts = unflatten_optimizers(tensors, opt_meta, str(path))
-    if set(state_dicts) != set(optimizers):
-        raise CheckpointError(f"{path} holds optimizers {sorted(state_dicts)} but the trainer has "
-                              f"{sorted(optimizers)}; the checkpoint comes from another training setup")
-    for name, opt in optimizers.items():
-        sd = state_dicts[name]
-        _check_state_shapes(name, opt, sd, str(path))
-        try:
-            opt.load_state_dict(sd)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: optimizer {name!r} state does not fit ({e}); the "
-                                  f"checkpoint comes from another model or parameter grouping") from e
+    return tensors
 
 
 def _dict_diff(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str:
@@ -640,59 +495,45 @@ def _dict_diff(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- row shards
-def read_table_state(meta: CheckpointMeta, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """The table weights and the table optimizer's state of a checkpoint (either layout), as the
-    rows ``rank::world`` that rank ``rank`` of ``world`` owns: ``{key: tensor}`` with the model's
-    table keys and ``tables.state.<i>.<name>`` keys. ``world=1`` gives the whole tables.
-
-    Row-sharded tensors are the tables and dense Adam's moments (rows ``s::N`` in shard ``s``);
-    row-sparse Adam's state is stored with *global* row ids (``rows``) and is returned with the
-    ids local to ``rank`` (``g // world``). One source shard is in memory at a time.
-    """
+def read_table_state(meta: CheckpointMeta) -> dict[str, torch.Tensor]:
+    """The whole table weights and the table optimizer's state of a checkpoint (either layout):
+    ``{key: tensor}`` with the model's table keys and ``tables.state.<i>.<name>`` keys."""
     if meta.sharded:
         n_src = int(meta.sharded["world_size"])
-        sources = [_load_safetensors(meta.path(shard_file(s, n_src)), meta.files) for s in range(n_src)]
-    else:  # a one-process checkpoint is a single shard
-        n_src = 1
-        src = {k: v for k, v in _load_safetensors(meta.path(MODEL_FILE), meta.files).items()
-               if k.endswith(TABLE_KEY_SUFFIX)}
-        if OPTIMIZER_FILE in meta.files:
-            src.update({k: v for k, v in _load_safetensors(meta.path(OPTIMIZER_FILE), meta.files).items()
-                        if k.startswith(TABLE_OPTIMIZER + ".")})
-        sources = [src]
-    return reshard(sources, rank, world)
+        return gather_table_shards([_load_safetensors(meta.path(shard_file(s, n_src)), meta.files)
+                                    for s in range(n_src)])
+    src = {k: v for k, v in _load_safetensors(meta.path(MODEL_FILE), meta.files).items()
+           if k.endswith(TABLE_KEY_SUFFIX)}
+    if OPTIMIZER_FILE in meta.files:
+        src.update({k: v for k, v in _load_safetensors(meta.path(OPTIMIZER_FILE), meta.files).items()
+                    if k.startswith(TABLE_OPTIMIZER + ".")})
+    return src  # a one-process checkpoint is a single shard
 
 
-def reshard(sources: list[dict[str, torch.Tensor]], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """Rows of rank ``rank`` of ``world`` from the shards of ``len(sources)`` ranks (see
-    :func:`read_table_state`)."""
+def gather_table_shards(sources: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The whole tables from the table files of a checkpoint saved on ``len(sources)`` ranks.
+
+    This is the inverse of the row-sharding rule (:mod:`engram.distributed.sharding`), kept here
+    because every one-process reader of a sharded checkpoint needs it: shard ``s`` of ``N`` holds
+    global rows ``s::N`` of the tables and of dense Adam's moments; row-sparse Adam's state is
+    stored under global row ids (``rows``), so it is concatenated.
+    """
     n_src = len(sources)
     keys = list(sources[0])
     for s, src in enumerate(sources[1:], 1):
         if set(src) != set(keys):
             raise CheckpointError(f"shard {s} of {n_src} holds tensors {sorted(set(src) ^ set(keys))[:4]} "
                                   f"that shard 0 does not (or the reverse); the shards come from different saves")
-    sparse_prefixes = {k[:-len("rows")] for k in keys if k.startswith(TABLE_OPTIMIZER + ".") and k.endswith(".rows")}
+    sparse = {k[:-len("rows")] for k in keys if k.startswith(TABLE_OPTIMIZER + ".") and k.endswith(".rows")}
     out: dict[str, torch.Tensor] = {}
     for key in keys:
-        prefix = key[:key.rfind(".") + 1]
-        if prefix in sparse_prefixes:
-            if not key.endswith(".rows"):
-                continue  # handled with its rows below
-            rows = [src[key] for src in sources]
-            keep = [r % world == rank for r in rows]
-            out[key] = torch.cat([r[m] // world for r, m in zip(rows, keep)])
-            for name in ("exp_avg", "exp_avg_sq", "steps"):
-                out[prefix + name] = torch.cat([src[prefix + name][m] for src, m in zip(sources, keep)])
-        elif sources[0][key].dim() == 0:
-            out[key] = sources[0][key]  # a scalar shared by all rows (dense Adam's step)
-        else:  # row-sharded: shard s holds global rows s::n_src
-            total = sum(src[key].shape[0] for src in sources)
-            first = sources[0][key]
-            local = first.new_zeros(shard_rows(total, rank, world), *first.shape[1:])
+        first = sources[0][key]
+        if key[:key.rfind(".") + 1] in sparse:
+            out[key] = torch.cat([src[key] for src in sources])
+        elif first.dim() == 0:
+            out[key] = first  # a scalar shared by all rows (dense Adam's step)
+        else:
+            out[key] = whole = first.new_zeros(sum(src[key].shape[0] for src in sources), *first.shape[1:])
             for s, src in enumerate(sources):
-                g = s + n_src * torch.arange(src[key].shape[0])
-                m = g % world == rank
-                local[g[m] // world] = src[key][m]
-            out[key] = local
+                whole[s::n_src] = src[key]
     return out

@@ -37,13 +37,18 @@ from engram import __version__
 from engram.config import RetrofitConfig, RetrofitError, StorageConfig, TableLocation, TrainConfig
 from engram.data.tokenizer import save_tokenizer, tokenizer_fingerprint
 from engram.fsutil import PathLike, file_sha256, fsync_dir
-from engram.model import checkpoint as ckpt
 from engram.retrofit.base import BaseModel, architecture, load_base, weights_digest
 from engram.retrofit.model import RetrofitLM
 from engram.tables.process import open_layer_storage
 from engram.tables.runtime import attach_tables
 from engram.tables.tablefile import open_table, read_layer, save_model_tables
 from engram.tables.tiers import MemoryStorage
+from engram.training.checkpointing import (
+    capture_rng_state,
+    flatten_optimizers,
+    restore_rng_state,
+    unflatten_optimizers,
+)
 
 FORMAT_NAME = "engram-retrofit-adapter"
 FORMAT_VERSION = 1
@@ -136,12 +141,12 @@ def save_adapter(out_dir: PathLike, model: RetrofitLM, base: BaseModel, *,
         if optimizers or trainer_state is not None:
             state = dict(trainer_state or {})
             if optimizers:
-                opt_tensors, opt_meta = ckpt.flatten_optimizers(optimizers)
+                opt_tensors, opt_meta = flatten_optimizers(optimizers)
                 save_file(opt_tensors, str(stage / OPTIMIZER_FILE), metadata={"format": FORMAT_NAME})
                 _fsync(stage / OPTIMIZER_FILE)
                 written.append(OPTIMIZER_FILE)
                 state["optimizers"] = opt_meta
-            state.setdefault("rng", ckpt.capture_rng_state())
+            state.setdefault("rng", capture_rng_state())
             (stage / STATE_FILE).write_text(json.dumps(state))
             _fsync(stage / STATE_FILE)
             written.append(STATE_FILE)
@@ -343,7 +348,7 @@ def load_training_state(adapter_dir: PathLike, optimizers: Mapping[str, torch.op
     if optimizers:
         if OPTIMIZER_FILE not in rec["files"]:
             raise RetrofitError(f"{d} has no {OPTIMIZER_FILE}; it cannot be resumed exactly")
-        sds = ckpt.unflatten_optimizers(_load_tensors(_verify(d, rec, OPTIMIZER_FILE)), opt_meta,
+        sds = unflatten_optimizers(_load_tensors(_verify(d, rec, OPTIMIZER_FILE)), opt_meta,
                                         str(d / OPTIMIZER_FILE))
         if set(sds) != set(optimizers):
             raise RetrofitError(f"{d / OPTIMIZER_FILE} holds optimizers {sorted(sds)}, the trainer has "
@@ -351,5 +356,5 @@ def load_training_state(adapter_dir: PathLike, optimizers: Mapping[str, torch.op
         for name, opt in optimizers.items():
             opt.load_state_dict(sds[name])
     if "rng" in state:
-        ckpt.restore_rng_state(state.pop("rng"))
+        restore_rng_state(state.pop("rng"))
     return state

@@ -14,8 +14,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from engram.model import checkpoint as ckpt
 from engram.model.lm import EngramLM
+from engram.training.checkpointing import load_for_resume, save_training_checkpoint
 from engram.training.sparse_adam import clip_grad_norm_
 
 
@@ -61,10 +61,10 @@ class Parallel:
     def save_checkpoint(self, run: Path, model: EngramLM, optimizers: Mapping[str, torch.optim.Optimizer],
                         trainer_state: Mapping[str, Any], train_cfg: Any, tokenizer_path: Optional[Path],
                         tokenizer_fingerprint: Optional[str]) -> None:
-        ckpt.save_checkpoint(run, model, optimizers, trainer_state, train_cfg, tokenizer_path,
-                             tokenizer_fingerprint=tokenizer_fingerprint)
+        save_training_checkpoint(run, model, optimizers, trainer_state, train_cfg, tokenizer_path,
+                                 tokenizer_fingerprint=tokenizer_fingerprint)
 
     def load_for_resume(self, run: Path, model: EngramLM,
                         optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, Any]:
-        state, _ = ckpt.load_for_resume(run, model, optimizers)
+        state, _ = load_for_resume(run, model, optimizers)
         return state
