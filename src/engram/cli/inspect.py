@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engram.cli.flags import add_common, add_config_flags, add_json_file, config_from_args
-from engram.config import COLOR_MODES, SCALES, ServeLimits
+from engram.config import ServeLimits
 from engram.errors import EngramError
+from engram.inspect.settings import COLOR_MODES, SCALES  # torch-free, like engram.config
 
 
 def _load(ckpt: str):

