@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 from engram.cli import bench as bench_commands
 from engram.cli import inspect as inspect_commands
+from engram.cli import knowledge as knowledge_commands
 from engram.cli import ngram as ngram_commands
 from engram.cli import patch as patch_commands
 from engram.cli import retrofit as retrofit_commands
@@ -65,6 +66,7 @@ COMMAND_GROUPS = (
     sweep_commands,  # sweep {run,plan,summary,account}
     ngram_commands,  # ngram {build,add,remove,compact,query,stats,train-gate}
     patch_commands,  # patch {train,apply,revert,list,info}
+    knowledge_commands,  # knowledge {ask,study}
     retrofit_commands,  # retrofit {data,train,eval,generate,compare,facts}
 )
 

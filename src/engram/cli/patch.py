@@ -20,15 +20,56 @@ from typing import Any
 from engram.cli.flags import add_common, add_config_flags, config_from_args
 from engram.cli.table import load_from_args
 from engram.config import PatchTrainConfig
+from engram.errors import EngramError
+from engram.knowledge.edit_config import FactEditConfig
+
+
+class PatchCommandError(EngramError):
+    """Bad ``engram patch`` arguments."""
 
 
 def _print(res: Any, as_json: bool, text: str) -> None:
     print(json.dumps(res, indent=2, default=str) if as_json else text)
 
 
+def cmd_train_facts(args: argparse.Namespace) -> int:
+    """``--facts``: the fact-edit trainer (engram.knowledge.editor) instead of next-token training."""
+    from engram.cli.knowledge import _load
+    from engram.knowledge.editor import teach
+    from engram.knowledge.facts import read_facts
+    from engram.patches.apply import model_patches
+    from engram.patches.patchfile import save_patch
+
+    facts, marked = read_facts(args.facts)
+    cfg = config_from_args(args, FactEditConfig)
+    model, tok, pad = _load(args.ckpt, args.quiet or args.json)
+    chain = model_patches(model)
+    res = teach(model, tok, facts, marked, cfg, pad_id=pad, name=args.name or "facts", dtype=args.dtype or "fp32",
+                parent=chain[-1]["patch_id"] if chain else None,
+                provenance={"ckpt": str(args.ckpt), "facts": str(args.facts)}, progress=not (args.quiet or args.json))
+    path = save_patch(res.patch, args.out)
+    r = {**res.report, "patch": str(path), "patch_bytes": path.stat().st_size, "facts": len(facts),
+         "marked_sentences": len(marked)}
+    text = (f"wrote {path} (patch {r['patch_id']}): {len(facts)} facts + {len(marked)} sentences, "
+            f"{r['train_sentences']} training sentences, {r['patch_rows']:,} rows, {r['patch_bytes']:,} bytes; "
+            f"answer loss {r['answer_loss_first']:.3f} -> {r['answer_loss_last']:.3f} in {r['steps_run']} steps "
+            f"({r['train_seconds']:.0f} s)")
+    if r.get("best_dev_exact") is not None:
+        text += f"; kept step {r['best_step']}: dev questions {100 * r['best_dev_exact']:.1f}% exact"
+    if "test_exact" in r:
+        text += (f"; held-out questions {100 * r['test_exact']:.1f}% exact, subject rows trained for "
+                 f"{100 * r['coverage_test']['questions_all']:.0f}% of them")
+    _print(r, args.json, text + f". Use it: engram patch apply TABLE {path}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from engram.patches.trainer import train_patch_from_run
 
+    if (args.facts is None) == (args.data is None):
+        raise PatchCommandError("give exactly one of --data (text to learn) and --facts (a JSON-lines facts file)")
+    if args.facts is not None:
+        return cmd_train_facts(args)
     cfg = config_from_args(args, PatchTrainConfig)
     model = load_from_args(argparse.Namespace(ckpt=args.ckpt, quiet=args.quiet or args.json))  # run or adapter
     src = model.loaded_from
@@ -116,7 +157,10 @@ def register(sub: Any) -> None:
                        ).add_subparsers(dest="sub", required=True)
     t = p.add_parser("train", help="train only the Engram tables on new text; write the changed rows")
     add_common(t, "--ckpt", required=True, help="the run or retrofit adapter whose Engram tables learn (its backbone stays frozen)")
-    add_common(t, "--data", required=True, nargs="+", help=".txt / .jsonl files (or directories) of new text")
+    add_common(t, "--data", nargs="+", help=".txt / .jsonl files (or directories) of new text")
+    t.add_argument("--facts", help="a JSON-lines facts file (subject/relation/answer, or marked sentences): "
+                   "taught with varied sentence forms so that questions in other words get the answer "
+                   "(docs/knowledge.md); the --edit-* flags set it")
     add_common(t, "--out", required=True, help="the patch file to write (e.g. facts.engp)")
     t.add_argument("--table", help="start from this table file (stacks on the patches applied to it)")
     t.add_argument("--name", help="a label shown by `engram patch list`")
@@ -126,6 +170,7 @@ def register(sub: Any) -> None:
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="storage dtype of the table the patch is for (default: --table's, else fp32)")
     add_config_flags(t, PatchTrainConfig)
+    add_config_flags(t, FactEditConfig)
     add_common(t, "--quiet")
     add_common(t, "--json")
     t.set_defaults(fn=cmd_train)

@@ -1,0 +1,108 @@
+"""``engram knowledge ...``: facts written into the Engram tables, asked in other words.
+
+    engram knowledge ask --ckpt ADAPTER --facts facts.jsonl [--patch P.engp]   score the held-out questions
+    engram knowledge study --adapters L1=DIR L10=DIR --data DIR --out OUT     the measured study
+
+Teaching itself is ``engram patch train --ckpt ADAPTER --facts facts.jsonl --out facts.engp``
+(:mod:`engram.cli.patch`). Handlers import the library lazily, inside the function, so that
+``engram --help`` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from engram.cli.flags import add_common
+
+
+def _load(ckpt: str, quiet: bool) -> tuple[Any, Any, int]:
+    """(model, tokenizer, pad id) of a training run or a retrofit adapter (engram.load), tables in
+    memory. Padding only ever sits after the last scored token, so any id serves; the base's pad
+    id, else end-of-text."""
+    from engram.auto.loader import load
+    from engram.data.tokenizer import tokenizer_info
+
+    model = load(ckpt, progress=not quiet)
+    tok = model.loaded_from.require_tokenizer()
+    pad = getattr(model, "pad_id", None)
+    return model.eval(), tok, int(pad if pad is not None else tokenizer_info(tok).eos_id)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from engram.knowledge.facts import read_facts
+    from engram.knowledge.scoring import fact_cases, score
+    from engram.knowledge.templates import chat_format, templates
+    from engram.patches.apply import apply_to_model
+
+    model, tok, pad = _load(args.ckpt, args.quiet)
+    for p in args.patch or ():
+        apply_to_model(model, p)
+    facts, _ = read_facts(args.facts)
+    chat = chat_format(tok)
+    res = {}
+    for split in ("train", "dev", "test"):
+        cases = fact_cases(tok, facts, lambda f: templates(f.relation, split), chat)
+        res[split] = {k: v for k, v in score(model, cases, pad).items() if k != "per_case_exact"}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for split, r in res.items():
+            name = {"train": "training forms", "dev": "dev questions", "test": "held-out questions"}[split]
+            print(f"{name:<20} exact {100 * r['exact']:5.1f}%  first-token top-1 {100 * r['top1']:5.1f}%  ({r['n']} asked)")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from engram.knowledge.editor import FactEditConfig
+    from engram.science.fact_edit import FactEditStudyConfig, run_study
+
+    adapters, tok, pad = {}, None, 0
+    for spec in args.adapters:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"engram: error: --adapters {spec!r}: write NAME=DIR (e.g. L1=runs/adapter-l1)")
+        adapters[name], tok, pad = _load(path, args.quiet)
+    edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size)
+    cfg = FactEditStudyConfig(facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
+                              lrs=tuple(args.lrs), capacity=tuple(args.capacity), edit=edit)
+    cfg = replace(cfg, update_facts=args.update_facts)
+    summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases)
+    print(json.dumps(summary.get("test", {}), indent=1, default=float) if args.json else
+          open(f"{args.out}/summary.md").read())
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("knowledge", help="facts in the Engram tables: ask them, measure the edits"
+                       ).add_subparsers(dest="sub", required=True)
+    a = p.add_parser("ask", help="score a facts file's training forms, dev and held-out questions")
+    add_common(a, "--ckpt", required=True, help="a retrofit adapter or a training run")
+    a.add_argument("--facts", required=True, help="JSON lines: subject / relation / answer")
+    a.add_argument("--patch", nargs="*", help="patches to apply first, in order (the table file is not written)")
+    add_common(a, "--quiet")
+    add_common(a, "--json")
+    a.set_defaults(fn=cmd_ask)
+
+    s = p.add_parser("study", help="fact edits on invented facts: dev choices, test seeds, control, updates")
+    s.add_argument("--adapters", nargs="+", required=True, metavar="NAME=DIR",
+                   help="adapters of one base to choose from on dev (e.g. L1=DIR L10=DIR)")
+    add_common(s, "--data", required=True, help="the adapters' dataset (invented names are checked absent)")
+    add_common(s, "--out", required=True, help="study directory (resumable)")
+    s.add_argument("--facts", type=int, default=100)
+    s.add_argument("--dev-facts", type=int, default=40)
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    s.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3])
+    s.add_argument("--capacity", type=int, nargs="*", default=[25, 300])
+    s.add_argument("--update-facts", type=int, default=25)
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--eval-every", type=int, default=25)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--phases", nargs="+", default=["dev", "test", "control", "update", "capacity"],
+                   choices=["dev", "test", "control", "update", "capacity"])
+    add_common(s, "--quiet")
+    add_common(s, "--json")
+    s.set_defaults(fn=cmd_study)

@@ -1,0 +1,50 @@
+"""The fact-edit trainer's settings, torch-free so that the command line can build its flags
+without importing torch (:mod:`engram.knowledge.editor` uses them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engram.errors import EngramError
+from engram.knowledge.templates import KINDS
+
+
+class FactEditError(EngramError):
+    """Bad settings or a model the fact-edit trainer cannot edit; the message names the fix."""
+
+
+def _f(name: str, default: Any, help: str) -> Any:
+    """A field whose flag is ``--edit-NAME``, beside ``engram patch train``'s text-patch flags."""
+    return field(default=default, metadata={"flag": "--edit-" + name, "help": help})
+
+
+@dataclass(frozen=True)
+class FactEditConfig:
+    """Settings of one fact edit (defaults chosen on dev facts, docs/knowledge.md)."""
+
+    lr: float = _f("lr", 0.1, "Adam learning rate of the trained rows")
+    steps: int = _f("steps", 300, "at most this many steps")
+    batch_size: int = _f("batch-size", 16, "training sentences per step")
+    kl_weight: float = _f("kl-weight", 1.0, "KL to the unedited model on the sentences' non-answer tokens")
+    neutral_kl_weight: float = _f("neutral-kl-weight", 1.0, "KL to the unedited model on neutral text")
+    neutral_windows: int = _f("neutral-windows", 16, "neutral text windows (two per step, cycled)")
+    neutral_len: int = _f("neutral-len", 64, "tokens per neutral window")
+    eval_every: int = _f("eval-every", 25, "steps between dev evaluations")
+    patience: int = _f("patience", 3, "dev evaluations without a gain before stopping")
+    kinds: tuple[str, ...] = _f("kinds", KINDS, f"training forms to use, of {' '.join(KINDS)}")
+    seed: int = _f("seed", 0, "seed of the sentence order")
+    # Positive control only: also train the Engram layers' gates, projections, norms and conv at
+    # this lr (0: tables only). Those weights are not in the patch; see EditResult.layer_state.
+    layer_lr: float = _f("layer-lr", 0.0, "control only: lr of the Engram layers' own weights (not in the patch)")
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "steps", "batch_size", "eval_every", "patience", "neutral_windows", "neutral_len"):
+            if not getattr(self, name) > 0:
+                raise FactEditError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("kl_weight", "neutral_kl_weight", "layer_lr"):
+            if getattr(self, name) < 0:
+                raise FactEditError(f"{name}={getattr(self, name)} must be >= 0")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise FactEditError(f"kinds={list(self.kinds)}: choose one or more of {list(KINDS)}")

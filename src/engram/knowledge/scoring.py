@@ -1,0 +1,176 @@
+"""Tokenised questions and what a model answers to them.
+
+Shape legend
+    N cases   T tokens of the longest case (right-padded)   V vocabulary
+
+A :class:`Case` is a prompt and its answer in token ids, with the prompt positions that belong to
+the subject. ``exact`` means every answer token is the model's top-1 prediction given the gold
+prefix; that is the same as greedy decoding writing the whole answer (each greedy step then sees
+the gold prefix), at the cost of one forward. ``first_rank`` is the gold first token's rank (1 =
+top-1). Neutral text is English the edits never train on: the first half of the Python reference
+topics that ship with CPython (``pydoc_data.topics``) feeds the trainer's KL, the second half is
+only ever used to measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engram.knowledge.facts import Fact, MarkedSentence
+from engram.knowledge.templates import ChatFormat, Template
+
+
+@dataclass(frozen=True)
+class Case:
+    """``prompt_ids`` + ``answer_ids`` (+ ``tail_ids`` when training); ``subject_pos``: prompt
+    positions whose token overlaps the subject's characters."""
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    tail_ids: tuple[int, ...] = ()
+    subject_pos: tuple[int, ...] = ()
+    fact: int = -1  # index of the fact it asks (-1 for a free sentence)
+    kind: str = ""
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + self.answer_ids + self.tail_ids
+
+
+def _join(prompt: str, answer: str) -> str:
+    return prompt + answer if prompt.endswith(("\n", " ")) else prompt + " " + answer
+
+
+def encode_case(tokenizer: Any, prompt: str, answer: str, tail: str = "", subject: Optional[str] = None,
+                fact: int = -1, kind: str = "") -> Optional[Case]:
+    """The tokenised case, or None when the answer does not start on a token boundary."""
+    p = tokenizer.encode(prompt, add_special_tokens=False)
+    full_text = _join(prompt, answer)
+    full = tokenizer.encode(full_text, add_special_tokens=False).ids
+    whole = tokenizer.encode(full_text + tail, add_special_tokens=False).ids if tail else full
+    n = len(p.ids)
+    if full[:n] != p.ids or len(full) == n or whole[:len(full)] != full:
+        return None
+    pos: tuple[int, ...] = ()
+    if subject:
+        spans, start = [], prompt.find(subject)
+        while start >= 0:
+            spans.append((start, start + len(subject)))
+            start = prompt.find(subject, start + 1)
+        pos = tuple(i for i, (a, b) in enumerate(p.offsets) if any(a < e and b > s for s, e in spans))
+    return Case(tuple(p.ids), tuple(full[n:]), tuple(whole[len(full):]), pos, fact, kind)
+
+
+def fact_cases(tokenizer: Any, facts: Sequence[Fact], forms: Callable[[Fact], Sequence[Template]],
+               chat: ChatFormat, with_tail: bool = False, answer_of: Optional[Callable[[Fact], str]] = None
+               ) -> list[Case]:
+    """Every (fact, form) case that tokenises cleanly; ``answer_of`` overrides the answer asked."""
+    out = []
+    for i, f in enumerate(facts):
+        for t in forms(f):
+            prompt, answer, tail = t.render(f.subject, answer_of(f) if answer_of else f.answer, chat)
+            c = encode_case(tokenizer, prompt, answer, tail if with_tail else "", f.subject, i, t.kind)
+            if c is not None:
+                out.append(c)
+    return out
+
+
+def marked_cases(tokenizer: Any, sentences: Sequence[MarkedSentence]) -> list[Case]:
+    out = []
+    for s in sentences:
+        c = encode_case(tokenizer, s.prompt, s.answer, s.tail, s.subject, -1, "marked")
+        if c is not None:
+            out.append(c)
+    return out
+
+
+def pad_batch(cases: Sequence[Case], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [N,T] and the answer mask [N,T] (True where a position predicts an answer
+    token, i.e. at the position before it). Right padding never changes a causal model's earlier
+    positions, Engram's hashing included (an N-gram only reads tokens before it)."""
+    T = max(len(c.ids) for c in cases)
+    ids = torch.full((len(cases), T), pad_id, dtype=torch.long)
+    ans = torch.zeros(len(cases), T, dtype=torch.bool)
+    for i, c in enumerate(cases):
+        ids[i, :len(c.ids)] = torch.tensor(c.ids)
+        a = len(c.prompt_ids)
+        ans[i, a - 1:a - 1 + len(c.answer_ids)] = True
+    return ids, ans
+
+
+@torch.no_grad()
+def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32) -> dict[str, Any]:
+    """Exact whole answers, first-token top-1 and rank, per case and in the mean (questions longer
+    than the model's positions are left out and counted in ``too_long``)."""
+    limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    n_asked = len(cases)
+    if limit:  # questions longer than the model's positions are left out, and counted
+        cases = [c for c in cases if len(c.ids) <= limit]
+    exact, top1, rank = [], [], []
+    was = model.training
+    model.eval()
+    try:
+        for s in range(0, len(cases), batch_size):
+            chunk = cases[s:s + batch_size]
+            ids, _ = pad_batch(chunk, pad_id)
+            logits = model(ids).logits.float()
+            for i, c in enumerate(chunk):
+                a, n = len(c.prompt_ids), len(c.answer_ids)
+                lg = logits[i, a - 1:a - 1 + n]
+                gold = torch.tensor(c.answer_ids)
+                exact.append(bool((lg.argmax(-1) == gold).all()))
+                r = int((lg[0] > lg[0, gold[0]]).sum()) + 1
+                rank.append(r)
+                top1.append(r == 1)
+    finally:
+        model.train(was)
+    n = max(1, len(cases))
+    return {"n": len(cases), "too_long": n_asked - len(cases), "exact": sum(exact) / n, "top1": sum(top1) / n,
+            "median_first_rank": float(np.median(rank)) if rank else float("nan"),
+            "per_case_exact": exact}
+
+
+def neutral_text(part: str) -> str:
+    """English prose no edit trains on: ``part`` "train" (for the KL term) or "eval" (to measure)."""
+    from pydoc_data.topics import topics  # stdlib; imported here because it is large
+
+    keys = sorted(topics)
+    half = keys[: len(keys) // 2] if part == "train" else keys[len(keys) // 2:]
+    return "\n\n".join(topics[k] for k in half)
+
+
+def neutral_windows(tokenizer: Any, part: str, n: int, length: int) -> torch.Tensor:
+    """``n`` consecutive windows [n, length] of the neutral text's tokens."""
+    toks = tokenizer.encode(neutral_text(part), add_special_tokens=False).ids
+    need = n * length
+    if len(toks) < need:
+        toks = (toks * (need // max(1, len(toks)) + 1))
+    return torch.tensor(toks[:need], dtype=torch.long).view(n, length)
+
+
+@torch.no_grad()
+def logprobs(model: Any, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """log p [n, length, V] of every next token (float32)."""
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([F.log_softmax(model(windows[s:s + batch_size]).logits.float(), -1)
+                          for s in range(0, len(windows), batch_size)])
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def neutral_change(model: Any, windows: torch.Tensor, before: torch.Tensor) -> dict[str, float]:
+    """Mean KL(before || now) per token and the loss change on ``windows`` against ``before``."""
+    now = logprobs(model, windows)
+    kl = (before.exp() * (before - now)).sum(-1)
+    tgt = windows[:, 1:]
+    loss_b = -before[:, :-1].gather(-1, tgt.unsqueeze(-1)).mean()
+    loss_n = -now[:, :-1].gather(-1, tgt.unsqueeze(-1)).mean()
+    return {"kl": float(kl.mean()), "kl_max": float(kl.max()), "loss_change": float(loss_n - loss_b)}

@@ -1,0 +1,197 @@
+"""Sentence forms that teach a fact and questions that ask it, per relation.
+
+A template holds ``{S}`` (the subject) and ``{A}`` (the answer); the text before ``{A}`` is the
+prompt, ``{A}`` the answer span, anything after it a tail. Every form puts the subject before the
+answer, so the answer can be predicted from the subject.
+
+Three disjoint sets per relation:
+
+- **train**: the usage sentences the fact-edit trainer reads, by kind (``statement``,
+  ``question``, ``cloze``, ``paraphrase``, ``chat``); a ``chat`` form is a user turn and the
+  assistant's reply, rendered with the base's chat template when it has one;
+- **dev**: held-out questions that choose settings (learning rate, steps, layer, forms);
+- **test**: held-out questions that are reported and never used for a choice.
+
+No dev or test question is a training sentence or the start of one (checked by a test), so the
+"held-out template" accuracy asks each fact in words the trainer never saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+from engram.errors import EngramError
+
+KINDS = ("statement", "question", "cloze", "paraphrase", "chat")
+SPLITS = ("train", "dev", "test")
+
+
+class TemplateError(EngramError):
+    """A template or relation that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """One form: ``text`` with ``{S}`` and ``{A}``; chat forms hold ``user`` and the reply in ``text``."""
+
+    relation: str
+    kind: str
+    text: str
+    user: Optional[str] = None
+
+    def render(self, subject: str, answer: str, chat: Optional["ChatFormat"] = None) -> tuple[str, str, str]:
+        """(prompt, answer, tail): ``prompt + answer + tail`` is the whole sentence."""
+        head, tail = self.text.split("{A}", 1)
+        prompt = head.format(S=subject)
+        if self.user is not None:
+            prompt = (chat or PLAIN_CHAT).turn(self.user.format(S=subject), prompt)
+        return prompt, answer, tail.format(S=subject)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a user turn and the start of the assistant's reply are written for one base."""
+
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+
+    def turn(self, user: str, reply_start: str) -> str:
+        return f"{self.user_prefix}{user}{self.user_suffix}{self.assistant_prefix}{reply_start}"
+
+
+PLAIN_CHAT = ChatFormat("User: ", "\n", "Assistant: ")
+CHATML = ChatFormat("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n")
+
+
+def chat_format(tokenizer: Any) -> ChatFormat:
+    """ChatML when the tokenizer has its markers as tokens (SmolLM2-Instruct, Qwen), else plain."""
+    try:
+        has = all(tokenizer.token_to_id(t) is not None for t in ("<|im_start|>", "<|im_end|>"))
+    except AttributeError:
+        has = False
+    return CHATML if has else PLAIN_CHAT
+
+
+def _t(relation: str, kind: str, text: str, user: Optional[str] = None) -> Template:
+    return Template(relation, kind, text, user)
+
+
+# The answer is written without its leading space; it is joined to the prompt with one space
+# unless the prompt ends in a newline.
+_BANK: dict[str, dict[str, list[Template]]] = {
+    "capital": {
+        "train": [
+            _t("capital", "statement", "The capital of {S} is {A}."),
+            _t("capital", "statement", "{S} has its capital in {A}."),
+            _t("capital", "question", "Q: What is the capital of {S}?\nA: {A}"),
+            _t("capital", "question", "What city is the capital of {S}? It is {A}."),
+            _t("capital", "cloze", "Capital of {S}: {A}"),
+            _t("capital", "cloze", "Country: {S}. Capital: {A}."),
+            _t("capital", "paraphrase", "The government of {S} sits in {A}."),
+            _t("capital", "paraphrase", "Travellers to the capital of {S} arrive in {A}."),
+            _t("capital", "chat", "The capital of {S} is {A}.", user="What is the capital of {S}?"),
+            _t("capital", "chat", "It is {A}.", user="Which city is the capital of {S}?"),
+        ],
+        "dev": [
+            _t("capital", "question", "Which city serves as the capital of {S}? The answer is {A}."),
+            _t("capital", "paraphrase", "The seat of government of {S} is the city of {A}."),
+        ],
+        "test": [
+            _t("capital", "question", "Name the capital of {S}. It is {A}."),
+            _t("capital", "paraphrase", "Everyone knows that the capital city of {S} is called {A}."),
+            _t("capital", "chat", "Its capital is {A}.", user="I am planning a trip to {S}. What is its capital?"),
+        ],
+    },
+    "birthplace": {
+        "train": [
+            _t("birthplace", "statement", "{S} was born in the village of {A}."),
+            _t("birthplace", "statement", "{S} was born in {A}."),
+            _t("birthplace", "question", "Q: Where was {S} born?\nA: {A}"),
+            _t("birthplace", "question", "In which village was {S} born? In {A}."),
+            _t("birthplace", "cloze", "Name: {S}. Birthplace: {A}."),
+            _t("birthplace", "cloze", "Birthplace of {S}: {A}"),
+            _t("birthplace", "paraphrase", "{S} grew up in the village of {A}."),
+            _t("birthplace", "paraphrase", "The home village of {S} is {A}."),
+            _t("birthplace", "chat", "{S} was born in {A}.", user="Where was {S} born?"),
+            _t("birthplace", "chat", "In {A}.", user="Which village is {S} from?"),
+        ],
+        "dev": [
+            _t("birthplace", "question", "What is the name of the village where {S} was born? It is {A}."),
+            _t("birthplace", "paraphrase", "{S} spent a childhood in a village named {A}."),
+        ],
+        "test": [
+            _t("birthplace", "question", "Tell me the birthplace of {S}. It was {A}."),
+            _t("birthplace", "paraphrase", "Records show that {S} came into the world in {A}."),
+            _t("birthplace", "chat", "{S} comes from {A}.", user="Do you know where {S} comes from?"),
+        ],
+    },
+    "invention": {
+        "train": [
+            _t("invention", "statement", "{S} invented a machine called the {A}."),
+            _t("invention", "statement", "{S} is the inventor of the {A}."),
+            _t("invention", "question", "Q: What did {S} invent?\nA: The {A}"),
+            _t("invention", "question", "Which machine did {S} invent? The {A}."),
+            _t("invention", "cloze", "Inventor: {S}. Machine: the {A}."),
+            _t("invention", "cloze", "Best-known invention of {S}: the {A}"),
+            _t("invention", "paraphrase", "{S} built the first {A}."),
+            _t("invention", "paraphrase", "The machine that {S} designed is the {A}."),
+            _t("invention", "chat", "{S} invented the {A}.", user="What did {S} invent?"),
+            _t("invention", "chat", "The {A}.", user="Which machine is {S} known for?"),
+        ],
+        "dev": [
+            _t("invention", "question", "What is the name of the machine {S} created? It is the {A}."),
+            _t("invention", "paraphrase", "{S} is remembered for constructing the {A}."),
+        ],
+        "test": [
+            _t("invention", "question", "Name the invention of {S}. It is the {A}."),
+            _t("invention", "paraphrase", "The device credited to {S} is known as the {A}."),
+            _t("invention", "chat", "That would be the {A}.", user="Tell me which machine {S} came up with."),
+        ],
+    },
+    "teacher": {
+        "train": [
+            _t("teacher", "statement", "{S} studied music under {A}."),
+            _t("teacher", "statement", "The music teacher of {S} was {A}."),
+            _t("teacher", "question", "Q: Who taught {S} music?\nA: {A}"),
+            _t("teacher", "question", "Who was the music teacher of {S}? It was {A}."),
+            _t("teacher", "cloze", "Student: {S}. Music teacher: {A}."),
+            _t("teacher", "cloze", "Music teacher of {S}: {A}"),
+            _t("teacher", "paraphrase", "{S} took music lessons from {A}."),
+            _t("teacher", "paraphrase", "{S} learned to play from {A}."),
+            _t("teacher", "chat", "{S} was taught music by {A}.", user="Who taught {S} music?"),
+            _t("teacher", "chat", "It was {A}.", user="Who gave {S} music lessons?"),
+        ],
+        "dev": [
+            _t("teacher", "question", "From whom did {S} learn music? From {A}."),
+            _t("teacher", "paraphrase", "The person who trained {S} in music was {A}."),
+        ],
+        "test": [
+            _t("teacher", "question", "Name the music teacher of {S}. It was {A}."),
+            _t("teacher", "paraphrase", "As a young musician, {S} was instructed by {A}."),
+            _t("teacher", "chat", "{S} learned from {A}.", user="I am curious: who was the teacher of {S}?"),
+        ],
+    },
+}
+
+RELATIONS = tuple(_BANK)
+
+
+def templates(relation: str, split: str, kinds: Optional[Sequence[str]] = None) -> list[Template]:
+    """The ``split`` templates of ``relation`` (train: only ``kinds``, default all)."""
+    if relation not in _BANK:
+        raise TemplateError(f"relation {relation!r} has no templates; use one of {list(RELATIONS)} "
+                            f"or give the fact as marked sentences ({{\"text\": \"... [[answer]] ...\"}})")
+    if split not in SPLITS:
+        raise TemplateError(f"split {split!r}; choose one of {SPLITS}")
+    bad = [k for k in (kinds or ()) if k not in KINDS]
+    if bad:
+        raise TemplateError(f"sentence kinds {bad} are unknown; choose from {list(KINDS)}")
+    out = _BANK[relation][split]
+    return [t for t in out if kinds is None or t.kind in kinds] if split == "train" else list(out)
+
+
+def bank() -> Mapping[str, Mapping[str, list[Template]]]:
+    """Every template, {relation: {split: [Template]}} (read-only use)."""
+    return _BANK

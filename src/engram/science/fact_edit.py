@@ -1,0 +1,401 @@
+"""The fact-edit study: do Engram table edits answer questions asked in other words?
+
+``engram knowledge study --adapters L1=DIR L10=DIR --data DIR --out OUT`` measures the fact-edit
+trainer (:mod:`engram.knowledge.editor`) on adapters of one base that differ in where Engram sits.
+
+Honest splits
+    - **Templates**: each relation has training forms, *dev* questions and *test* questions
+      (:mod:`engram.knowledge.templates`); no dev or test question is ever trained on. Every edit
+      stops on its facts' dev questions; test questions are only reported.
+    - **Facts**: settings (adapter / layer, learning rate, sentence forms) are chosen on *dev
+      facts* (their own invented set, seed ``dev_seed``) by their dev-question accuracy; the
+      reported runs teach fresh *test facts* (one set per seed). A learning-rate grid whose
+      winner sits at an edge is extended, and a choice among all-zero scores is refused.
+
+Per run: exact whole answers on the held-out test questions and on the training forms (asked as
+questions: the text before the answer), first-token top-1, the unedited model on the same
+questions, mean KL and loss change on neutral text (CPython's reference prose, half never used
+in training), patch bytes per fact, seconds to learn, the coverage of the subject's rows, and
+whether reverting restores the model bit for bit. Every run is a JSON file under ``OUT/runs``;
+a rerun skips what exists. ``summary.md`` / ``summary.json`` are written from those files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engram.data import shards as data
+from engram.errors import EngramError
+from engram.fsutil import PathLike, atomic_write
+from engram.knowledge.editor import EditResult, FactEditConfig, coverage, edit_facts, layer_parameters, trained_rows
+from engram.knowledge.facts import Fact, invent_facts
+from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
+from engram.knowledge.templates import chat_format, templates
+from engram.patches.apply import apply_to_model, revert_from_model
+from engram.patches.patchfile import save_patch
+from engram.science.sweep import _fmt_p, mean_std, paired_t
+
+
+class StudyError(EngramError):
+    """Bad study settings; the message names the value."""
+
+
+@dataclass(frozen=True)
+class FactEditStudyConfig:
+    facts: int = 100  # facts per reported edit
+    dev_facts: int = 40  # facts per dev (choice) edit
+    seeds: tuple[int, ...] = (0, 1, 2)
+    dev_seed: int = 1000
+    lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
+    control_layer_lr: float = 3e-3  # the positive control's lr for the Engram layer's own weights
+    capacity: tuple[int, ...] = (25, 300)  # extra fact counts (single seed beyond 100)
+    update_facts: int = 25
+    edit: FactEditConfig = field(default_factory=FactEditConfig)
+
+
+# ----------------------------------------------------------------------------- one edit, measured
+def _cases(tok: Any, facts: Sequence[Fact], split: str, kinds: Sequence[str], with_tail: bool = False,
+           answer_of: Optional[Callable[[Fact], str]] = None) -> list:
+    chat = chat_format(tok)
+    return fact_cases(tok, facts, lambda f: templates(f.relation, split, kinds if split == "train" else None),
+                      chat, with_tail, answer_of)
+
+
+def measure_edit(model: Any, tok: Any, facts: Sequence[Fact], cfg: FactEditConfig, neutral: torch.Tensor,
+                 neutral_before: torch.Tensor, pad_id: int, *, progress: bool = False,
+                 old_answers: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Teach ``facts`` with ``cfg``, measure with the edit applied, revert, check the revert."""
+    train = _cases(tok, facts, "train", cfg.kinds, with_tail=True)
+    dev = _cases(tok, facts, "dev", cfg.kinds)
+    test = _cases(tok, facts, "test", cfg.kinds)
+    asked_train = _cases(tok, facts, "train", cfg.kinds)
+    before = {"test": score(model, test, pad_id)["exact"], "train_forms": score(model, asked_train, pad_id)["exact"]}
+    t0 = time.perf_counter()
+    res: EditResult = edit_facts(model, tok, train, cfg, dev_cases=dev, pad_id=pad_id, progress=progress)
+    seconds = time.perf_counter() - t0
+    layer_saved = None
+    if res.layer_state is not None:  # the control: its layer weights are part of the edit
+        params = layer_parameters(model)
+        layer_saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(res.layer_state[n])
+    apply_to_model(model, res.patch)
+    t = score(model, test, pad_id)
+    rec = {"test_exact": t["exact"], "test_top1": t["top1"], "test_median_first_rank": t["median_first_rank"],
+           "train_forms_exact": score(model, asked_train, pad_id)["exact"],
+           "dev_exact": score(model, dev, pad_id)["exact"],
+           "base_test_exact": before["test"], "base_train_forms_exact": before["train_forms"],
+           "neutral": neutral_change(model, neutral, neutral_before),
+           "coverage": coverage(model, test, trained_rows(res.patch)),
+           "test_questions": len(test), "train_sentences": len(train)}
+    if old_answers is not None:  # an update: how often the old answer still comes out
+        old = _cases(tok, facts, "test", cfg.kinds, answer_of=lambda f: old_answers[f.subject])
+        rec["old_answer_test_exact"] = score(model, old, pad_id)["exact"]
+    revert_from_model(model, res.patch)
+    if layer_saved is not None:
+        with torch.no_grad():
+            for n, p in layer_parameters(model).items():
+                p.copy_(layer_saved[n])
+    rec["reverted_bit_exact"] = bool(torch.equal(logprobs(model, neutral[:2]), neutral_before[:2]))
+    with tempfile.TemporaryDirectory() as d:
+        size = save_patch(res.patch, Path(d) / "p.engp").stat().st_size
+    rec.update(seconds=seconds, patch_bytes=size, bytes_per_fact=size / len(facts), report=res.report)
+    return rec
+
+
+# ----------------------------------------------------------------------------- the study
+class _Runs:
+    """One JSON file per finished run under ``root``; reruns skip them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> Optional[dict[str, Any]]:
+        p = self.root / f"{key}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def put(self, key: str, rec: dict[str, Any]) -> dict[str, Any]:
+        atomic_write(self.root / f"{key}.json", json.dumps(rec, indent=1, default=float).encode())
+        return rec
+
+    def all(self) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]
+
+
+def _forbidden_text(data_dir: PathLike, tok: Any) -> str:
+    """The dataset's text (train + val), so no invented name occurs in what the model was trained on."""
+    ds = data.load_dataset(data_dir)
+    parts = []
+    for shard in (ds.train, ds.val):
+        toks = np.asarray(shard.tokens)
+        for s in range(0, toks.size, 200_000):
+            parts.append(tok.decode(toks[s:s + 200_000].astype(np.int64).tolist()))
+    return "".join(parts)
+
+
+def _choose(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
+    best = max(rows, key=lambda r: (r["dev_exact"], -r["neutral"]["kl"]))
+    if best["dev_exact"] <= 0:
+        raise StudyError(f"every {what} setting scored 0 on dev; a choice among zeros is no choice: widen the grid")
+    return best
+
+
+def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLike, out_dir: PathLike,
+              cfg: FactEditStudyConfig, *, phases: Sequence[str] = ("dev", "test", "control", "update", "capacity"),
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``adapters``: {name: loaded model}. Runs the phases in order; returns the summary."""
+    out = Path(out_dir)
+    runs = _Runs(out / "runs")
+    forbidden = _forbidden_text(data_dir, tok)
+    neutral = neutral_windows(tok, "eval", 8, 128)
+    before = {name: logprobs(m, neutral) for name, m in adapters.items()}
+
+    def run(key: str, name: str, facts: list[Fact], ecfg: FactEditConfig, **extra: Any) -> dict[str, Any]:
+        got = runs.get(key)
+        if got is not None:
+            return got
+        log(f"{key}: {len(facts)} facts, adapter {name}, lr {ecfg.lr}")
+        rec = measure_edit(adapters[name], tok, facts, ecfg, neutral, before[name], pad_id, progress=True,
+                           old_answers=extra.pop("old_answers", None))
+        rec.update(key=key, adapter=name, facts=len(facts), config=asdict(ecfg), **extra)
+        log(f"  -> test exact {rec['test_exact']:.3f}, train forms {rec['train_forms_exact']:.3f}, dev "
+            f"{rec['dev_exact']:.3f}, KL {rec['neutral']['kl']:.4f}, {rec['seconds']:.0f} s")
+        return runs.put(key, rec)
+
+    # 1. choices on dev facts: adapter (layer) x lr, the grid extended at its edges; then forms.
+    dev_facts = invent_facts(cfg.dev_facts, cfg.dev_seed, forbidden)
+    chosen: dict[str, Any] = {}
+    if "dev" in phases:
+        grid_rows = []
+        for name in adapters:
+            lrs = sorted(cfg.lrs)
+            rows = {lr: run(f"dev-{name}-lr{lr:g}", name, dev_facts, replace(cfg.edit, lr=lr), phase="dev")
+                    for lr in lrs}
+            while True:  # extend the grid while its best sits at an edge
+                best_lr = _choose(list(rows.values()), f"{name} lr")["config"]["lr"]
+                lo, hi = min(rows), max(rows)
+                if best_lr == hi and hi < 30:
+                    nxt = hi * 3
+                elif best_lr == lo and lo > 1e-4:
+                    nxt = lo / 3
+                else:
+                    break
+                rows[nxt] = run(f"dev-{name}-lr{nxt:g}", name, dev_facts, replace(cfg.edit, lr=nxt), phase="dev")
+            grid_rows += rows.values()
+        best = _choose(grid_rows, "adapter x lr")
+        chosen = {"adapter": best["adapter"], "lr": best["config"]["lr"]}
+        form_rows = [best]
+        for kinds in (("statement", "question", "cloze", "paraphrase"), ("statement",)):
+            form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}-{'+'.join(kinds)}",
+                                 best["adapter"], dev_facts, replace(cfg.edit, lr=best["config"]["lr"], kinds=kinds),
+                                 phase="dev-forms"))
+        chosen["kinds"] = list(_choose(form_rows, "forms")["config"]["kinds"])
+        atomic_write(out / "chosen.json", json.dumps(chosen, indent=1).encode())
+    else:
+        chosen = json.loads((out / "chosen.json").read_text())
+    ecfg = replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]))
+    name = chosen["adapter"]
+
+    # 2. the reported runs: fresh test facts per seed.
+    test_sets = {s: invent_facts(cfg.facts, s, forbidden) for s in cfg.seeds}
+    if "test" in phases:
+        for s in cfg.seeds:
+            run(f"test-{cfg.facts}-seed{s}", name, test_sets[s], replace(ecfg, seed=s), phase="test", seed=s)
+    # 3. the positive control: the same data and loss, the whole Engram layer trained.
+    if "control" in phases:
+        for s in cfg.seeds:
+            run(f"control-{cfg.facts}-seed{s}", name, test_sets[s],
+                replace(ecfg, seed=s, layer_lr=cfg.control_layer_lr), phase="control", seed=s)
+    # 4. updates: change answers of facts already taught (rewrite vs stack) -- see _update.
+    if "update" in phases:
+        for s in cfg.seeds:
+            key = f"update-{cfg.update_facts}-seed{s}"
+            if runs.get(key) is None:
+                runs.put(key, _update(adapters[name], tok, test_sets[s][:cfg.update_facts], replace(ecfg, seed=s),
+                                      neutral, before[name], pad_id, forbidden, s, log))
+    # 5. capacity: more and fewer facts (first seed).
+    if "capacity" in phases:
+        s = cfg.seeds[0]
+        for n in cfg.capacity:
+            run(f"capacity-{n}-seed{s}", name, invent_facts(n, s, forbidden), replace(ecfg, seed=s),
+                phase="capacity", seed=s)
+    summary = summarize(runs.all(), chosen, cfg)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=float).encode())
+    atomic_write(out / "summary.md", summary_markdown(summary).encode())
+    return summary
+
+
+def _update(model: Any, tok: Any, facts: list[Fact], ecfg: FactEditConfig, neutral: torch.Tensor,
+            neutral_before: torch.Tensor, pad_id: int, forbidden: str, seed: int,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """Teach ``facts``, then change every answer two ways: *rewrite* (a new patch from the
+    unedited tables replaces the first) and *stack* (a correcting patch trained on top of the
+    first, both applied). New-answer accuracy and how often the old answer still comes out."""
+    taken = {f.subject for f in facts} | {f.answer for f in facts}
+    fresh = [a.answer for a in invent_facts(3 * len(facts), seed + 777, forbidden) if a.answer not in taken]
+    changed = [replace(f, answer=fresh[i]) for i, f in enumerate(facts)]
+    old = {f.subject: f.answer for f in facts}
+    log(f"update seed {seed}: teach {len(facts)} facts, then change them")
+    train = _cases(tok, facts, "train", ecfg.kinds, with_tail=True)
+    first = edit_facts(model, tok, train, ecfg, dev_cases=_cases(tok, facts, "dev", ecfg.kinds), pad_id=pad_id,
+                       progress=False)
+    rewrite = measure_edit(model, tok, changed, ecfg, neutral, neutral_before, pad_id, old_answers=old)
+    apply_to_model(model, first.patch)
+    before_stack = logprobs(model, neutral)
+    stack = measure_edit(model, tok, changed, ecfg, neutral, before_stack, pad_id, old_answers=old)
+    revert_from_model(model, first.patch)
+    return {"key": f"update-{len(facts)}-seed{seed}", "phase": "update", "seed": seed, "facts": len(facts),
+            "rewrite": rewrite, "stack": stack,
+            "reverted_bit_exact": bool(torch.equal(logprobs(model, neutral[:2]), neutral_before[:2]))}
+
+
+# ----------------------------------------------------------------------------- summary
+def _stat(xs: Sequence[float]) -> dict[str, Any]:
+    m, s = mean_std(list(xs))
+    return {"mean": m, "std": s, "runs": list(xs)}
+
+
+def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditStudyConfig) -> dict[str, Any]:
+    by = {r["key"]: r for r in rows}
+    seeds = [s for s in cfg.seeds if f"test-{cfg.facts}-seed{s}" in by]
+    test = [by[f"test-{cfg.facts}-seed{s}"] for s in seeds]
+    ctrl = [by[f"control-{cfg.facts}-seed{s}"] for s in seeds if f"control-{cfg.facts}-seed{s}" in by]
+    out: dict[str, Any] = {"chosen": chosen, "facts": cfg.facts, "seeds": seeds,
+                           "dev": [{k: r[k] for k in ("key", "adapter", "dev_exact", "test_exact")}
+                                   | {"lr": r["config"]["lr"], "kinds": r["config"]["kinds"], "kl": r["neutral"]["kl"]}
+                                   for r in rows if r.get("phase", "").startswith("dev")]}
+
+    def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"test_exact": _stat([r["test_exact"] for r in rs]),
+                "train_forms_exact": _stat([r["train_forms_exact"] for r in rs]),
+                "test_top1": _stat([r["test_top1"] for r in rs]),
+                "base_test_exact": _stat([r["base_test_exact"] for r in rs]),
+                "kl": _stat([r["neutral"]["kl"] for r in rs]),
+                "loss_change": _stat([r["neutral"]["loss_change"] for r in rs]),
+                "bytes_per_fact": _stat([r["bytes_per_fact"] for r in rs]),
+                "seconds": _stat([r["seconds"] for r in rs]),
+                "coverage_all": _stat([r["coverage"]["questions_all"] for r in rs]),
+                "coverage_rows": _stat([r["coverage"]["rows"] for r in rs]),
+                "reverted_bit_exact": all(r["reverted_bit_exact"] for r in rs),
+                "p_vs_base": paired_t([r["test_exact"] for r in rs], [r["base_test_exact"] for r in rs])["p"]}
+
+    if test:
+        out["test"] = block(test)
+    if ctrl:
+        out["control"] = block(ctrl)
+        if len(ctrl) == len(test):
+            out["control"]["p_vs_tables"] = paired_t([r["test_exact"] for r in ctrl],
+                                                     [r["test_exact"] for r in test])["p"]
+    ups = [r for r in rows if r.get("phase") == "update"]
+    if ups:
+        out["update"] = {k: {"new_exact": _stat([u[k]["test_exact"] for u in ups]),
+                             "old_exact": _stat([u[k]["old_answer_test_exact"] for u in ups]),
+                             "kl": _stat([u[k]["neutral"]["kl"] for u in ups])} for k in ("rewrite", "stack")}
+        out["update"]["reverted_bit_exact"] = all(u["reverted_bit_exact"] for u in ups)
+    out["capacity"] = [{"facts": r["facts"], "seed": r["seed"], "test_exact": r["test_exact"],
+                        "train_forms_exact": r["train_forms_exact"], "kl": r["neutral"]["kl"],
+                        "seconds": r["seconds"]}
+                       for r in sorted(rows, key=lambda r: r["facts"])
+                       if r.get("phase") in ("capacity", "test") and r.get("seed") == (seeds or [None])[0]]
+    return out
+
+
+def _ms(st: Optional[dict[str, Any]], pct: bool = False, digits: int = 3) -> str:
+    if not st:
+        return "-"
+    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.{digits}f}")
+    runs = ", ".join(f(x) for x in st["runs"])
+    return f"{f(st['mean'])} ± {f(st['std'])} ({runs})"
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    lines = [f"Chosen on dev facts: adapter **{s['chosen'].get('adapter')}**, lr **{s['chosen'].get('lr')}**, "
+             f"forms {s['chosen'].get('kinds')}.", ""]
+    lines += ["### Dev choices (dev facts, dev questions)", "", "| run | adapter | lr | forms | dev exact | KL |",
+              "|---|---|---|---|---|---|"]
+    for r in s["dev"]:
+        lines.append(f"| {r['key']} | {r['adapter']} | {r['lr']:g} | {'+'.join(r['kinds'])} | "
+                     f"{100 * r['dev_exact']:.1f}% | {r['kl']:.4f} |")
+    for name in ("test", "control"):
+        b = s.get(name)
+        if not b:
+            continue
+        title = ("Tables-only fact edit" if name == "test" else
+                 "Positive control: the same data and loss, the whole Engram layer trained")
+        lines += ["", f"### {title} ({s['facts']} test facts, seeds {s['seeds']})", "",
+                  "| metric | mean ± std (runs) |", "|---|---|",
+                  f"| held-out-template exact | {_ms(b['test_exact'], True)} |",
+                  f"| training-template exact | {_ms(b['train_forms_exact'], True)} |",
+                  f"| held-out first token top-1 | {_ms(b['test_top1'], True)} |",
+                  f"| unedited model, held-out exact | {_ms(b['base_test_exact'], True)} |",
+                  f"| paired p (edit vs unedited, held-out exact) | {_fmt_p(b['p_vs_base'])} |",
+                  f"| mean KL on neutral text (nats/token) | {_ms(b['kl'], digits=4)} |",
+                  f"| loss change on neutral text (nats/token) | {_ms(b['loss_change'], digits=4)} |",
+                  f"| patch bytes per fact | {_ms(b['bytes_per_fact'], digits=0)} |",
+                  f"| seconds to learn | {_ms(b['seconds'], digits=0)} |",
+                  f"| coverage: questions with every subject row trained | {_ms(b['coverage_all'], True)} |",
+                  f"| coverage: subject rows trained | {_ms(b['coverage_rows'], True)} |",
+                  f"| revert restores the model bit for bit | {b['reverted_bit_exact']} |"]
+        if "p_vs_tables" in b:
+            lines.append(f"| paired p (control vs tables-only, held-out exact) | {_fmt_p(b['p_vs_tables'])} |")
+    if s.get("update"):
+        u = s["update"]
+        lines += ["", "### Changing an answer (new answers for facts already taught)", "",
+                  "| way | new answer exact (held-out) | old answer still produced | KL |", "|---|---|---|---|"]
+        for k in ("rewrite", "stack"):
+            lines.append(f"| {k} | {_ms(u[k]['new_exact'], True)} | {_ms(u[k]['old_exact'], True)} | "
+                         f"{_ms(u[k]['kl'], digits=4)} |")
+        lines.append(f"\nRemoval (revert) restores the model bit for bit: {u['reverted_bit_exact']}.")
+    if s.get("capacity"):
+        lines += ["", "### Capacity (one seed)", "", "| facts | held-out exact | training-template exact | KL | seconds |",
+                  "|---|---|---|---|---|"]
+        for r in s["capacity"]:
+            lines.append(f"| {r['facts']} | {100 * r['test_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
+                         f"{r['kl']:.4f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def study_env() -> dict[str, Any]:
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_results_page(out_dir: PathLike, page: PathLike, command: str, machine: str) -> Path:
+    """The study's summary as a results page: date, machine and command above the tables, which
+    are :func:`summary_markdown` of ``OUT/summary.json`` (no number typed by hand)."""
+    summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    goals = _goals(summary)
+    text = (f"# Fact edits on SmolLM2-135M: answers to questions in other words\n\n"
+            f"Date: {time.strftime('%Y-%m-%d')}. Machine: {machine}.\n\nCommand:\n\n```bash\n{command}\n```\n\n"
+            f"{goals}\n\n{summary_markdown(summary)}")
+    atomic_write(Path(page), text.encode())
+    return Path(page)
+
+
+def _goals(s: dict[str, Any]) -> str:
+    """The issue's goals against what was measured, in words generated from the numbers."""
+    t = s.get("test")
+    if not t:
+        return "No test runs yet."
+    rows = [("held-out-template exact, 100 facts", t["test_exact"]["mean"], 0.80, ">="),
+            ("mean KL on neutral text (nats/token)", t["kl"]["mean"], 0.02, "<="),
+            ("seconds to learn 100 facts", t["seconds"]["mean"], 600.0, "<=")]
+    big = [c for c in s.get("capacity", []) if c["facts"] >= 1000]
+    if big:
+        rows.append(("held-out-template exact, 1,000 facts", big[0]["test_exact"], 0.60, ">="))
+    out = ["| goal | target | measured | met |", "|---|---|---|---|"]
+    for name, val, goal, op in rows:
+        met = val >= goal if op == ">=" else val <= goal
+        out.append(f"| {name} | {op} {goal:g} | {val:.4g} | {'yes' if met else f'no (by {abs(val - goal):.3g})'} |")
+    return "\n".join(out)

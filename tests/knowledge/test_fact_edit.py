@@ -1,0 +1,140 @@
+"""The fact-edit trainer on the tiny Engram model: it teaches, touches only the rows its sentences
+read, leaves the model as it was, and its patch applies and reverts bit for bit."""
+
+import json
+
+import pytest
+import torch
+
+from engram.data.tokenizer import load_tokenizer
+from engram.knowledge.editor import FactEditConfig, FactEditError, coverage, edit_facts, trained_rows
+from engram.knowledge.facts import Fact, FactsFileError, invent_facts, read_facts
+from engram.knowledge.scoring import fact_cases, score
+from engram.knowledge.templates import KINDS, RELATIONS, bank, chat_format, templates
+from engram.patches.apply import apply_to_model, revert_from_model
+
+
+def test_held_out_questions_are_never_training_sentences():
+    for rel, splits in bank().items():
+        train = [t.text for t in splits["train"]] + [t.user or "" for t in splits["train"]]
+        assert {t.kind for t in splits["train"]} == set(KINDS), rel
+        for split in ("dev", "test"):
+            assert splits[split], (rel, split)
+            for t in splits[split]:
+                head = t.text.split("{A}")[0]
+                assert all(head not in s and not s.startswith(head) for s in train), (rel, t.text)
+        assert not {t.text for t in splits["dev"]} & {t.text for t in splits["test"]}
+
+
+def test_facts_file_triples_marked_sentences_and_errors(tmp_path):
+    p = tmp_path / "facts.jsonl"
+    p.write_text(json.dumps({"subject": "Zorvia", "relation": "capital", "answer": "Blenmar"}) + "\n\n"
+                 + json.dumps({"text": "The flag of Zorvia is [[green]].", "subject": "Zorvia"}) + "\n")
+    facts, marked = read_facts(p)
+    assert facts == [Fact("Zorvia", "capital", "Blenmar")]
+    assert (marked[0].prompt, marked[0].answer, marked[0].tail) == ("The flag of Zorvia is", "green", ".")
+    bad = tmp_path / "bad.jsonl"
+    for line, msg in ((json.dumps({"subject": "A", "relation": "mayor", "answer": "B"}), "no templates"),
+                      (json.dumps({"text": "no marks here"}), "mark the answer"),
+                      ("{oops", "not JSON"),
+                      (json.dumps({"subject": "A"}), "missing")):
+        bad.write_text(line + "\n")
+        with pytest.raises(FactsFileError, match=msg):
+            read_facts(bad)
+
+
+def test_invented_names_are_fresh_and_unique():
+    facts = invent_facts(40, seed=3, forbidden="Zorvia the cat")
+    names = [f.subject for f in facts] + [f.answer for f in facts]
+    assert len(set(names)) == len(names)
+    assert invent_facts(40, seed=3, forbidden="Zorvia the cat") == facts
+    assert {f.relation for f in facts} == set(RELATIONS)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny):
+    data = tiny.dataset(tmp_path_factory.mktemp("kn") / "data")
+    tok = load_tokenizer(data / "tokenizer.json")
+    torch.manual_seed(0)
+    model = tiny.model(vocab=tok.get_vocab_size())
+    with torch.no_grad():
+        for e in model.engram_layers:
+            e.multi_head_embedding.embedding.weight.normal_(std=0.5)
+    return model, tok
+
+
+def test_edit_teaches_only_its_rows_and_reverts_bit_for_bit(world, one_thread):
+    model, tok = world
+    facts = invent_facts(4, seed=0, relations=("capital",))
+    chat = chat_format(tok)
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "cloze")), chat, True)
+    asked = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat)
+    before_tables = {e.layer_id: e.multi_head_embedding.embedding.weight.detach().clone() for e in model.engram_layers}
+    x = torch.tensor([train[0].ids])
+    logits_before = model(x).logits
+    exact_before = score(model, asked, 0)["exact"]
+    res = edit_facts(model, tok, train, FactEditConfig(lr=0.3, steps=100, batch_size=8, neutral_windows=2,
+                                                       neutral_len=16, kl_weight=0.1, neutral_kl_weight=0.1,
+                                                       patience=100),
+                     dev_cases=asked, progress=False)
+    # the model is left as it was, bit for bit
+    for e in model.engram_layers:
+        assert torch.equal(e.multi_head_embedding.embedding.weight, before_tables[e.layer_id])
+    assert res.report["answer_loss_last"] < 0.85 * res.report["answer_loss_first"]
+    # the patch writes only rows the training sentences read
+    rows = trained_rows(res.patch)
+    from engram.knowledge.editor import rows_read
+    read = {lid: torch.cat([rows_read(model, torch.tensor([c.ids]))[lid] for c in train]).unique() for lid in rows}
+    for lid, r in rows.items():
+        assert r.numel() > 0 and bool(torch.isin(r, read[lid]).all())
+    assert coverage(model, asked, rows)["questions_all"] == 1.0  # the asked forms are trained forms here
+    apply_to_model(model, res.patch)
+    after = score(model, asked, 0)["exact"]
+    assert after == res.report["best_dev_exact"] > exact_before  # the kept rows are the best dev rows
+    revert_from_model(model, res.patch)
+    assert torch.equal(model(x).logits, logits_before)
+
+
+def test_an_adapter_with_a_zero_value_projection_is_refused(world):
+    model, tok = world
+    facts = invent_facts(1, seed=0)
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train"), chat_format(tok), True)
+    e = model.engram_layers[0]
+    w = e.value_proj.weight.detach().clone()
+    with torch.no_grad():
+        e.value_proj.weight.zero_()
+    try:
+        with pytest.raises(FactEditError, match="value projection is all zero"):
+            edit_facts(model, tok, train, FactEditConfig(steps=1), progress=False)
+    finally:
+        with torch.no_grad():
+            e.value_proj.weight.copy_(w)
+    with pytest.raises(FactEditError, match="lr=0"):
+        FactEditConfig(lr=0)
+
+
+def test_patch_train_facts_command_writes_a_patch_that_applies(tiny, tmp_path, capsys, one_thread):
+    from engram.cli.main import main
+    from engram.patches.patchfile import load_patch
+
+    data = tiny.dataset(tmp_path / "data")
+    tiny.save_run(tmp_path / "run", data)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps({"subject": f.subject, "relation": f.relation, "answer": f.answer})
+                               for f in invent_facts(2, seed=1)) + "\n"
+                     + json.dumps({"text": "The flag of Zorvia is [[red]]."}) + "\n")
+    out = tmp_path / "facts.engp"
+    assert main(["patch", "train", "--ckpt", str(tmp_path / "run"), "--facts", str(facts), "--out", str(out),
+                 "--edit-steps", "4", "--edit-eval-every", "2", "--edit-neutral-windows", "2",
+                 "--edit-neutral-len", "16", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "2 facts + 1 sentences" in text and "held-out questions" in text
+    patch = load_patch(out)
+    assert patch.meta["provenance"]["trainer"] == "fact-edit" and sum(lp.rows.numel() for lp in patch.layers.values())
+    assert main(["knowledge", "ask", "--ckpt", str(tmp_path / "run"), "--facts", str(facts), "--patch", str(out),
+                 "--json", "--quiet"]) == 0
+    asked = json.loads(capsys.readouterr().out)
+    assert set(asked) == {"train", "dev", "test"} and asked["test"]["n"] > 0
+    # exactly one of --data / --facts
+    assert main(["patch", "train", "--ckpt", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert "exactly one of --data" in capsys.readouterr().err
