@@ -138,3 +138,13 @@ def test_patch_train_facts_command_writes_a_patch_that_applies(tiny, tmp_path, c
     # exactly one of --data / --facts
     assert main(["patch", "train", "--ckpt", str(tmp_path / "run"), "--out", str(out)]) == 2
     assert "exactly one of --data" in capsys.readouterr().err
+
+
+def test_every_form_tokenises_with_the_answer_on_a_token_boundary(world):
+    _, tok = world
+    facts = invent_facts(8, seed=5)
+    chat = chat_format(tok)
+    for split in ("train", "dev", "test"):
+        cases = fact_cases(tok, facts, lambda f: templates(f.relation, split), chat, with_tail=True)
+        assert len(cases) == sum(len(templates(f.relation, split)) for f in facts), split
+        assert all(c.subject_pos and c.answer_ids for c in cases)

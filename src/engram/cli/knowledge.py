@@ -16,6 +16,8 @@ from typing import Any
 
 from engram.cli.flags import add_common
 
+PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")  # engram.science.fact_edit's
+
 
 def _load(ckpt: str, quiet: bool) -> tuple[Any, Any, int]:
     """(model, tokenizer, pad id) of a training run or a retrofit adapter (engram.load), tables in
@@ -71,8 +73,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                               lrs=tuple(args.lrs), capacity=tuple(args.capacity), edit=edit)
     cfg = replace(cfg, update_facts=args.update_facts)
     summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases)
-    print(json.dumps(summary.get("test", {}), indent=1, default=float) if args.json else
-          open(f"{args.out}/summary.md").read())
+    if "summary" in args.phases:
+        print(json.dumps(summary, indent=1, default=float) if args.json else open(f"{args.out}/summary.md").read())
     return 0
 
 
@@ -101,8 +103,8 @@ def register(sub: Any) -> None:
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--eval-every", type=int, default=25)
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--phases", nargs="+", default=["dev", "test", "control", "update", "capacity"],
-                   choices=["dev", "test", "control", "update", "capacity"])
+    s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
+                   help="what to run (each is resumable; grids of several adapters may run in separate processes)")
     add_common(s, "--quiet")
     add_common(s, "--json")
     s.set_defaults(fn=cmd_study)

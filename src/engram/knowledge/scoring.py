@@ -43,7 +43,7 @@ class Case:
 
 
 def _join(prompt: str, answer: str) -> str:
-    return prompt + answer if prompt.endswith(("\n", " ")) else prompt + " " + answer
+    return prompt + answer if prompt.endswith("\n") else prompt + " " + answer
 
 
 def encode_case(tokenizer: Any, prompt: str, answer: str, tail: str = "", subject: Optional[str] = None,

@@ -43,7 +43,7 @@ class Template:
     def render(self, subject: str, answer: str, chat: Optional["ChatFormat"] = None) -> tuple[str, str, str]:
         """(prompt, answer, tail): ``prompt + answer + tail`` is the whole sentence."""
         head, tail = self.text.split("{A}", 1)
-        prompt = head.format(S=subject)
+        prompt = head.format(S=subject).rstrip(" ")  # the answer brings its own leading space
         if self.user is not None:
             prompt = (chat or PLAIN_CHAT).turn(self.user.format(S=subject), prompt)
         return prompt, answer, tail.format(S=subject)

@@ -44,6 +44,8 @@ from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
 from engram.science.sweep import _fmt_p, mean_std, paired_t
 
+PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")
+
 
 class StudyError(EngramError):
     """Bad study settings; the message names the value."""
@@ -114,6 +116,10 @@ def measure_edit(model: Any, tok: Any, facts: Sequence[Fact], cfg: FactEditConfi
 
 
 # ----------------------------------------------------------------------------- the study
+def _write_text(path: PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 class _Runs:
     """One JSON file per finished run under ``root``; reruns skip them."""
 
@@ -126,7 +132,7 @@ class _Runs:
         return json.loads(p.read_text()) if p.is_file() else None
 
     def put(self, key: str, rec: dict[str, Any]) -> dict[str, Any]:
-        atomic_write(self.root / f"{key}.json", json.dumps(rec, indent=1, default=float).encode())
+        _write_text(self.root / f"{key}.json", json.dumps(rec, indent=1, default=float))
         return rec
 
     def all(self) -> list[dict[str, Any]]:
@@ -152,7 +158,7 @@ def _choose(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
 
 
 def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLike, out_dir: PathLike,
-              cfg: FactEditStudyConfig, *, phases: Sequence[str] = ("dev", "test", "control", "update", "capacity"),
+              cfg: FactEditStudyConfig, *, phases: Sequence[str] = PHASES,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """``adapters``: {name: loaded model}. Runs the phases in order; returns the summary."""
     out = Path(out_dir)
@@ -175,13 +181,10 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
 
     # 1. choices on dev facts: adapter (layer) x lr, the grid extended at its edges; then forms.
     dev_facts = invent_facts(cfg.dev_facts, cfg.dev_seed, forbidden)
-    chosen: dict[str, Any] = {}
-    if "dev" in phases:
-        grid_rows = []
+    if "grid" in phases:
         for name in adapters:
-            lrs = sorted(cfg.lrs)
             rows = {lr: run(f"dev-{name}-lr{lr:g}", name, dev_facts, replace(cfg.edit, lr=lr), phase="dev")
-                    for lr in lrs}
+                    for lr in sorted(cfg.lrs)}
             while True:  # extend the grid while its best sits at an edge
                 best_lr = _choose(list(rows.values()), f"{name} lr")["config"]["lr"]
                 lo, hi = min(rows), max(rows)
@@ -192,20 +195,28 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
                 else:
                     break
                 rows[nxt] = run(f"dev-{name}-lr{nxt:g}", name, dev_facts, replace(cfg.edit, lr=nxt), phase="dev")
-            grid_rows += rows.values()
-        best = _choose(grid_rows, "adapter x lr")
-        chosen = {"adapter": best["adapter"], "lr": best["config"]["lr"]}
+    if "forms" in phases:  # the choice reads every grid run on disk (grids may run in several processes)
+        best = _choose([r for r in runs.all() if r.get("phase") == "dev"], "adapter x lr")
+        if best["adapter"] not in adapters:
+            raise StudyError(f"dev chose adapter {best['adapter']!r}; pass it with --adapters {best['adapter']}=DIR")
         form_rows = [best]
-        for kinds in (("statement", "question", "cloze", "paraphrase"), ("statement",)):
+        for kinds in (("statement", "question", "cloze", "paraphrase"), ("statement", "question")):
             form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}-{'+'.join(kinds)}",
                                  best["adapter"], dev_facts, replace(cfg.edit, lr=best["config"]["lr"], kinds=kinds),
                                  phase="dev-forms"))
-        chosen["kinds"] = list(_choose(form_rows, "forms")["config"]["kinds"])
-        atomic_write(out / "chosen.json", json.dumps(chosen, indent=1).encode())
-    else:
-        chosen = json.loads((out / "chosen.json").read_text())
+        chosen = {"adapter": best["adapter"], "lr": best["config"]["lr"],
+                  "kinds": list(_choose(form_rows, "forms")["config"]["kinds"])}
+        _write_text(out / "chosen.json", json.dumps(chosen, indent=1))
+    later = [p for p in phases if p not in ("grid", "forms")]
+    if not later:
+        return {}
+    if not (out / "chosen.json").is_file():
+        raise StudyError(f"{out}/chosen.json is missing: run the grid and forms phases first")
+    chosen = json.loads((out / "chosen.json").read_text())
     ecfg = replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]))
     name = chosen["adapter"]
+    if name not in adapters:
+        raise StudyError(f"dev chose adapter {name!r}; pass it with --adapters {name}=DIR")
 
     # 2. the reported runs: fresh test facts per seed.
     test_sets = {s: invent_facts(cfg.facts, s, forbidden) for s in cfg.seeds}
@@ -230,9 +241,11 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
         for n in cfg.capacity:
             run(f"capacity-{n}-seed{s}", name, invent_facts(n, s, forbidden), replace(ecfg, seed=s),
                 phase="capacity", seed=s)
+    if "summary" not in phases:
+        return {}
     summary = summarize(runs.all(), chosen, cfg)
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=float).encode())
-    atomic_write(out / "summary.md", summary_markdown(summary).encode())
+    _write_text(out / "summary.json", json.dumps(summary, indent=1, default=float))
+    _write_text(out / "summary.md", summary_markdown(summary))
     return summary
 
 
@@ -379,7 +392,7 @@ def write_results_page(out_dir: PathLike, page: PathLike, command: str, machine:
     text = (f"# Fact edits on SmolLM2-135M: answers to questions in other words\n\n"
             f"Date: {time.strftime('%Y-%m-%d')}. Machine: {machine}.\n\nCommand:\n\n```bash\n{command}\n```\n\n"
             f"{goals}\n\n{summary_markdown(summary)}")
-    atomic_write(Path(page), text.encode())
+    _write_text(Path(page), text)
     return Path(page)
 
 

@@ -1,0 +1,70 @@
+"""The fact-edit study's bookkeeping with a stand-in for the edit: the lr grid is extended while
+its best sits at an edge, a choice among zeros is refused, runs resume, the summary is computed."""
+
+import json
+
+import pytest
+import torch
+
+import engram.science.fact_edit as study
+from engram.knowledge.editor import FactEditConfig
+
+
+def _fake(score_of_lr):
+    calls = []
+
+    def measure_edit(model, tok, facts, cfg, neutral, neutral_before, pad_id, *, progress=False, old_answers=None):
+        calls.append(cfg.lr)
+        acc = score_of_lr(cfg.lr)
+        rec = {"test_exact": acc, "test_top1": acc, "test_median_first_rank": 1.0, "train_forms_exact": 1.0,
+               "dev_exact": acc, "base_test_exact": 0.0, "base_train_forms_exact": 0.0,
+               "neutral": {"kl": 0.01, "kl_max": 0.1, "loss_change": 0.001},
+               "coverage": {"questions_all": 1.0, "questions_any": 1.0, "rows": 1.0},
+               "reverted_bit_exact": True, "seconds": 1.0, "patch_bytes": 100, "bytes_per_fact": 10.0, "report": {}}
+        if old_answers is not None:
+            rec["old_answer_test_exact"] = 0.0
+        return rec
+
+    return measure_edit, calls
+
+
+def tok(data):
+    from engram.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(data / "tokenizer.json")
+
+
+@pytest.fixture
+def patched(monkeypatch, tiny, tmp_path):
+    data = tiny.dataset(tmp_path / "data")
+    monkeypatch.setattr(study, "neutral_windows", lambda tok, part, n, length: torch.zeros(n, length, dtype=torch.long))
+    monkeypatch.setattr(study, "logprobs", lambda model, windows: torch.zeros(1))
+    monkeypatch.setattr(study, "edit_facts", lambda *a, **k: type("R", (), {"patch": None})())
+    monkeypatch.setattr(study, "apply_to_model", lambda *a: None)
+    monkeypatch.setattr(study, "revert_from_model", lambda *a: None)
+    return data
+
+
+def test_grid_extends_at_its_edge_then_reports(patched, tmp_path, monkeypatch):
+    fake, calls = _fake(lambda lr: min(lr, 1.0) * (1.0 if lr <= 1.0 else 0.5))  # peaks at lr = 1.0
+    monkeypatch.setattr(study, "measure_edit", fake)
+    cfg = study.FactEditStudyConfig(facts=4, dev_facts=2, seeds=(0, 1, 2), lrs=(0.03, 0.1), capacity=(2,),
+                                    update_facts=2, edit=FactEditConfig())
+    out = tmp_path / "study"
+    s = study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, log=lambda m: None)
+    assert json.loads((out / "chosen.json").read_text())["lr"] == pytest.approx(0.9)  # 0.03, 0.1, 0.3, 0.9, 2.7
+    assert sorted(calls[:5]) == pytest.approx([0.03, 0.1, 0.3, 0.9, 2.7])
+    assert s["test"]["test_exact"]["runs"] == pytest.approx([0.9] * 3) and s["test"]["p_vs_base"] != 1.0
+    assert "control" in s and "update" in s and [c["facts"] for c in s["capacity"]] == [2, 4]
+    assert "Tables-only fact edit" in (out / "summary.md").read_text()
+    n = len(calls)
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, log=lambda m: None)  # resumes: nothing reruns
+    assert len(calls) == n
+
+
+def test_a_choice_among_zeros_is_refused(patched, tmp_path, monkeypatch):
+    fake, _ = _fake(lambda lr: 0.0)
+    monkeypatch.setattr(study, "measure_edit", fake)
+    cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, lrs=(0.1, 0.3), edit=FactEditConfig())
+    with pytest.raises(study.StudyError, match="scored 0 on dev"):
+        study.run_study({"a": object()}, tok(patched), 0, patched, tmp_path / "s", cfg, log=lambda m: None)
