@@ -19,13 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from engram.data.names import PERSON_SYLLABLES, NameGenerator
 from engram.errors import EngramError
 from engram.fsutil import PathLike
 from engram.knowledge.templates import RELATIONS
-
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "st", "th")
-_VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou")
-_CODAS = ("", "", "n", "r", "l", "s", "m", "th")
 
 
 class FactsFileError(EngramError):
@@ -102,24 +99,10 @@ def write_facts(path: PathLike, facts: Sequence[Fact]) -> None:
                                   + "\n" for f in facts), encoding="utf-8")
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                   for _ in range(rng.choice((2, 3)))).capitalize()
-
-
 def invent_facts(n: int, seed: int, forbidden: str = "", relations: Sequence[str] = RELATIONS) -> list[Fact]:
     """``n`` facts about invented names (unique, absent from ``forbidden``), relations in turn."""
     if n < 1:
         raise FactsFileError(f"n={n} facts; ask for at least 1")
-    rng = random.Random(seed)
     low = forbidden.lower()
-    used: set[str] = set()
-
-    def fresh() -> str:
-        while True:
-            w = _word(rng)
-            if w not in used and w.lower() not in low:
-                used.add(w)
-                return w
-
-    return [Fact(fresh(), relations[i % len(relations)], fresh()) for i in range(n)]
+    names = NameGenerator(random.Random(seed), PERSON_SYLLABLES, lambda w: w.lower() not in low)
+    return [Fact(names.fresh((2, 3)), relations[i % len(relations)], names.fresh((2, 3))) for i in range(n)]

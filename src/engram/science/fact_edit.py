@@ -42,7 +42,7 @@ from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutr
 from engram.knowledge.templates import chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
-from engram.science.sweep import _fmt_p, mean_std, paired_t
+from engram.stats import format_p, mean_std, paired_t
 
 PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")
 
@@ -352,7 +352,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"| training-template exact | {_ms(b['train_forms_exact'], True)} |",
                   f"| held-out first token top-1 | {_ms(b['test_top1'], True)} |",
                   f"| unedited model, held-out exact | {_ms(b['base_test_exact'], True)} |",
-                  f"| paired p (edit vs unedited, held-out exact) | {_fmt_p(b['p_vs_base'])} |",
+                  f"| paired p (edit vs unedited, held-out exact) | {format_p(b['p_vs_base'])} |",
                   f"| mean KL on neutral text (nats/token) | {_ms(b['kl'], digits=4)} |",
                   f"| loss change on neutral text (nats/token) | {_ms(b['loss_change'], digits=4)} |",
                   f"| patch bytes per fact | {_ms(b['bytes_per_fact'], digits=0)} |",
@@ -361,7 +361,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"| coverage: subject rows trained | {_ms(b['coverage_rows'], True)} |",
                   f"| revert restores the model bit for bit | {b['reverted_bit_exact']} |"]
         if "p_vs_tables" in b:
-            lines.append(f"| paired p (control vs tables-only, held-out exact) | {_fmt_p(b['p_vs_tables'])} |")
+            lines.append(f"| paired p (control vs tables-only, held-out exact) | {format_p(b['p_vs_tables'])} |")
     if s.get("update"):
         u = s["update"]
         lines += ["", "### Changing an answer (new answers for facts already taught)", "",
