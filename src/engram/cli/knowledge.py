@@ -72,7 +72,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg = FactEditStudyConfig(facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), capacity=tuple(args.capacity), edit=edit)
     cfg = replace(cfg, update_facts=args.update_facts)
-    summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases)
+    summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend)
     if "summary" in args.phases:
         print(json.dumps(summary, indent=1, default=float) if args.json else open(f"{args.out}/summary.md").read())
     return 0
@@ -105,6 +105,9 @@ def register(sub: Any) -> None:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
+    s.add_argument("--no-extend", action="store_true",
+                   help="run exactly --lrs (to split a grid over processes); the forms phase then refuses a "
+                   "choice at the grid's edge")
     add_common(s, "--quiet")
     add_common(s, "--json")
     s.set_defaults(fn=cmd_study)

@@ -139,15 +139,20 @@ class _Runs:
         return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]
 
 
-def _forbidden_text(data_dir: PathLike, tok: Any) -> str:
-    """The dataset's text (train + val), so no invented name occurs in what the model was trained on."""
+def _forbidden_text(data_dir: PathLike, tok: Any, cache: Path) -> str:
+    """The dataset's text (train + val), so no invented name occurs in what the model was trained
+    on; decoded once and kept in ``cache``."""
+    if cache.is_file():
+        return cache.read_text(encoding="utf-8")
     ds = data.load_dataset(data_dir)
     parts = []
     for shard in (ds.train, ds.val):
         toks = np.asarray(shard.tokens)
         for s in range(0, toks.size, 200_000):
             parts.append(tok.decode(toks[s:s + 200_000].astype(np.int64).tolist()))
-    return "".join(parts)
+    text = "".join(parts)
+    _write_text(cache, text)
+    return text
 
 
 def _choose(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
@@ -159,11 +164,11 @@ def _choose(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
 
 def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLike, out_dir: PathLike,
               cfg: FactEditStudyConfig, *, phases: Sequence[str] = PHASES,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, extend: bool = True) -> dict[str, Any]:
     """``adapters``: {name: loaded model}. Runs the phases in order; returns the summary."""
     out = Path(out_dir)
     runs = _Runs(out / "runs")
-    forbidden = _forbidden_text(data_dir, tok)
+    forbidden = _forbidden_text(data_dir, tok, out / "forbidden.txt")
     neutral = neutral_windows(tok, "eval", 8, 128)
     before = {name: logprobs(m, neutral) for name, m in adapters.items()}
 
@@ -185,7 +190,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
         for name in adapters:
             rows = {lr: run(f"dev-{name}-lr{lr:g}", name, dev_facts, replace(cfg.edit, lr=lr), phase="dev")
                     for lr in sorted(cfg.lrs)}
-            while True:  # extend the grid while its best sits at an edge
+            while extend:  # extend the grid while its best sits at an edge
                 best_lr = _choose(list(rows.values()), f"{name} lr")["config"]["lr"]
                 lo, hi = min(rows), max(rows)
                 if best_lr == hi and hi < 30:
@@ -196,7 +201,12 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
                     break
                 rows[nxt] = run(f"dev-{name}-lr{nxt:g}", name, dev_facts, replace(cfg.edit, lr=nxt), phase="dev")
     if "forms" in phases:  # the choice reads every grid run on disk (grids may run in several processes)
-        best = _choose([r for r in runs.all() if r.get("phase") == "dev"], "adapter x lr")
+        grid = [r for r in runs.all() if r.get("phase") == "dev"]
+        best = _choose(grid, "adapter x lr")
+        lrs = sorted(r["config"]["lr"] for r in grid if r["adapter"] == best["adapter"])
+        if len(lrs) < 3 or best["config"]["lr"] in (lrs[0], lrs[-1]):
+            raise StudyError(f"adapter {best['adapter']}'s best dev lr {best['config']['lr']:g} sits at the edge of "
+                             f"its grid {lrs}; run the grid phase with more --lrs before choosing")
         if best["adapter"] not in adapters:
             raise StudyError(f"dev chose adapter {best['adapter']!r}; pass it with --adapters {best['adapter']}=DIR")
         form_rows = [best]
