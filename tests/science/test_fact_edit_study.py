@@ -13,7 +13,8 @@ from engram.knowledge.editor import FactEditConfig
 def _fake(score_of_lr):
     calls = []
 
-    def measure_edit(model, tok, facts, cfg, neutral, neutral_before, pad_id, *, progress=False, old_answers=None):
+    def measure_edit(model, tok, facts, cfg, neutral, neutral_before, pad_id, *, progress=False, old_answers=None,
+                     on_eval=None):
         calls.append(cfg.lr)
         acc = score_of_lr(cfg.lr)
         rec = {"test_exact": acc, "test_top1": acc, "test_median_first_rank": 1.0, "train_forms_exact": 1.0,

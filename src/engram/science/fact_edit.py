@@ -74,7 +74,8 @@ def _cases(tok: Any, facts: Sequence[Fact], split: str, kinds: Sequence[str], wi
 
 def measure_edit(model: Any, tok: Any, facts: Sequence[Fact], cfg: FactEditConfig, neutral: torch.Tensor,
                  neutral_before: torch.Tensor, pad_id: int, *, progress: bool = False,
-                 old_answers: Optional[dict[str, str]] = None) -> dict[str, Any]:
+                 old_answers: Optional[dict[str, str]] = None,
+                 on_eval: Optional[Callable[[int, dict[str, Any]], None]] = None) -> dict[str, Any]:
     """Teach ``facts`` with ``cfg``, measure with the edit applied, revert, check the revert."""
     train = _cases(tok, facts, "train", cfg.kinds, with_tail=True)
     dev = _cases(tok, facts, "dev", cfg.kinds)
@@ -82,7 +83,8 @@ def measure_edit(model: Any, tok: Any, facts: Sequence[Fact], cfg: FactEditConfi
     asked_train = _cases(tok, facts, "train", cfg.kinds)
     before = {"test": score(model, test, pad_id)["exact"], "train_forms": score(model, asked_train, pad_id)["exact"]}
     t0 = time.perf_counter()
-    res: EditResult = edit_facts(model, tok, train, cfg, dev_cases=dev, pad_id=pad_id, progress=progress)
+    res: EditResult = edit_facts(model, tok, train, cfg, dev_cases=dev, pad_id=pad_id, progress=progress,
+                                 on_eval=on_eval)
     seconds = time.perf_counter() - t0
     layer_saved = None
     if res.layer_state is not None:  # the control: its layer weights are part of the edit
@@ -178,7 +180,9 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
             return got
         log(f"{key}: {len(facts)} facts, adapter {name}, lr {ecfg.lr}")
         rec = measure_edit(adapters[name], tok, facts, ecfg, neutral, before[name], pad_id, progress=True,
-                           old_answers=extra.pop("old_answers", None))
+                           old_answers=extra.pop("old_answers", None),
+                           on_eval=lambda step, r: log(f"  step {step}: dev exact {r['dev_exact']:.3f}, answer loss "
+                                                       f"{r['answer_loss']:.3f}, {r['seconds']:.0f} s"))
         rec.update(key=key, adapter=name, facts=len(facts), config=asdict(ecfg), **extra)
         log(f"  -> test exact {rec['test_exact']:.3f}, train forms {rec['train_forms_exact']:.3f}, dev "
             f"{rec['dev_exact']:.3f}, KL {rec['neutral']['kl']:.4f}, {rec['seconds']:.0f} s")
