@@ -17,8 +17,9 @@ What it does, and why (the recipe that made table edits generalise to new phrasi
    through the frozen model to the rows; the unedited model's distribution is the same model
    with the rows put back.
 4. **Stopping on dev accuracy**: every ``eval_every`` steps the dev questions (held-out
-   templates, never trained on) are scored; the best rows so far are kept, and training stops
-   after ``patience`` evaluations without a gain, or at ``steps``.
+   templates, never trained on) are scored; the best rows so far are kept (most exact answers,
+   ties broken by the answers' likelihood), and training stops after ``patience`` evaluations
+   without a gain, or at ``steps``.
 
 The result is an ordinary ``.engp`` patch over the tables the model had (apply, revert, stack,
 list); the model is left as it was.
@@ -209,8 +210,8 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         p.requires_grad_(True)
     was = model.training
     model.eval()
-    def snapshot(dev_exact: Optional[float]) -> dict[str, Any]:
-        return {"dev_exact": dev_exact, "step": step, "delta": {lid: h.delta.detach().clone() for lid, h in held.items()},
+    def snapshot(dev_exact: Optional[float], dev_nll: float = float("inf")) -> dict[str, Any]:
+        return {"dev_exact": dev_exact, "dev_nll": dev_nll, "step": step, "delta": {lid: h.delta.detach().clone() for lid, h in held.items()},
                 "layer": {n: p.detach().clone() for n, p in layer.items()}}
 
     step = 0
@@ -264,13 +265,15 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 for h in held.values():
                     h.write(edited=True)
                 dev = score(model, dev_cases, pad_id)
-                rec = {"step": step, "dev_exact": dev["exact"], "dev_top1": dev["top1"],
+                rec = {"step": step, "dev_exact": dev["exact"], "dev_top1": dev["top1"], "dev_nll": dev["answer_nll"],
                        "answer_loss": float(np.mean(losses[-cfg.eval_every:])), "seconds": time.perf_counter() - t0}
                 history.append(rec)
                 if on_eval is not None:
                     on_eval(step, rec)
-                if dev["exact"] > best["dev_exact"]:
-                    best = snapshot(dev["exact"])
+                # A gain: more exact answers, or as many with likelier answers (while no answer is
+                # exact yet the likelihood is what moves; stopping on exact alone stops at the start).
+                if (dev["exact"], -dev["answer_nll"]) > (best["dev_exact"], -best["dev_nll"]):
+                    best = snapshot(dev["exact"], dev["answer_nll"])
                     bad_evals = 0
                 else:
                     bad_evals += 1

@@ -105,13 +105,14 @@ def pad_batch(cases: Sequence[Case], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32) -> dict[str, Any]:
-    """Exact whole answers, first-token top-1 and rank, per case and in the mean (questions longer
+    """Exact whole answers, first-token top-1 and rank, the answer tokens' mean negative
+    log-likelihood, per case and in the mean (questions longer
     than the model's positions are left out and counted in ``too_long``)."""
     limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
     n_asked = len(cases)
     if limit:  # questions longer than the model's positions are left out, and counted
         cases = [c for c in cases if len(c.ids) <= limit]
-    exact, top1, rank = [], [], []
+    exact, top1, rank, nll = [], [], [], []
     was = model.training
     model.eval()
     try:
@@ -124,6 +125,7 @@ def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32) 
                 lg = logits[i, a - 1:a - 1 + n]
                 gold = torch.tensor(c.answer_ids)
                 exact.append(bool((lg.argmax(-1) == gold).all()))
+                nll.append(float(F.cross_entropy(lg, gold)))
                 r = int((lg[0] > lg[0, gold[0]]).sum()) + 1
                 rank.append(r)
                 top1.append(r == 1)
@@ -132,6 +134,7 @@ def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32) 
     n = max(1, len(cases))
     return {"n": len(cases), "too_long": n_asked - len(cases), "exact": sum(exact) / n, "top1": sum(top1) / n,
             "median_first_rank": float(np.median(rank)) if rank else float("nan"),
+            "answer_nll": float(np.mean(nll)) if nll else float("nan"),
             "per_case_exact": exact}
 
 
