@@ -21,15 +21,13 @@ PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")  
 
 def _load(ckpt: str, quiet: bool) -> tuple[Any, Any, int]:
     """(model, tokenizer, pad id) of a training run or a retrofit adapter (engram.load), tables in
-    memory. Padding only ever sits after the last scored token, so any id serves; the base's pad
-    id, else end-of-text."""
+    memory. Padding only ever sits after the last scored token, so any id serves: end-of-text."""
     from engram.auto.loader import load
     from engram.data.tokenizer import tokenizer_info
 
     model = load(ckpt, progress=not quiet)
     tok = model.loaded_from.require_tokenizer()
-    pad = getattr(model, "pad_id", None)
-    return model.eval(), tok, int(pad if pad is not None else tokenizer_info(tok).eos_id)
+    return model.eval(), tok, int(tokenizer_info(tok).eos_id)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
