@@ -21,7 +21,8 @@ def _fake(score_of_lr):
                "dev_exact": acc, "base_test_exact": 0.0, "base_train_forms_exact": 0.0,
                "neutral": {"kl": 0.01, "kl_max": 0.1, "loss_change": 0.001},
                "coverage": {"questions_all": 1.0, "questions_any": 1.0, "rows": 1.0},
-               "reverted_bit_exact": True, "seconds": 1.0, "patch_bytes": 100, "bytes_per_fact": 10.0, "report": {}}
+               "reverted_bit_exact": True, "seconds": 1.0, "patch_bytes": 100, "bytes_per_fact": 10.0,
+               "report": {"steps_run": 10, "best_step": 5, "answer_loss_first": 5.0, "answer_loss_last": 1.0}}
         if old_answers is not None:
             rec["old_answer_test_exact"] = 0.0
         return rec
@@ -61,6 +62,18 @@ def test_grid_extends_at_its_edge_then_reports(patched, tmp_path, monkeypatch):
     n = len(calls)
     study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, log=lambda m: None)  # resumes: nothing reruns
     assert len(calls) == n
+
+
+def test_a_dev_grid_alone_is_summarised(patched, tmp_path, monkeypatch):
+    fake, _ = _fake(lambda lr: 0.1)
+    monkeypatch.setattr(study, "measure_edit", fake)
+    cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, lrs=(0.1,), edit=FactEditConfig())
+    out = tmp_path / "s"
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid",), extend=False,
+                    log=lambda m: None)
+    s = study.run_study({}, tok(patched), 0, patched, out, cfg, phases=("summary",), log=lambda m: None)
+    assert [r["key"] for r in s["dev"]] == ["dev-a-lr0.1"] and "test" not in s
+    assert "only the dev grid has run" in (out / "summary.md").read_text()
 
 
 def test_a_choice_among_zeros_is_refused(patched, tmp_path, monkeypatch):

@@ -224,6 +224,8 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     later = [p for p in phases if p not in ("grid", "forms")]
     if not later:
         return {}
+    if later == ["summary"] and not (out / "chosen.json").is_file():  # the dev grid alone so far
+        return _write_summary(out, summarize(runs.all(), {}, cfg))
     if not (out / "chosen.json").is_file():
         raise StudyError(f"{out}/chosen.json is missing: run the grid and forms phases first")
     chosen = json.loads((out / "chosen.json").read_text())
@@ -257,7 +259,10 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
                 phase="capacity", seed=s)
     if "summary" not in phases:
         return {}
-    summary = summarize(runs.all(), chosen, cfg)
+    return _write_summary(out, summarize(runs.all(), chosen, cfg))
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
     _write_text(out / "summary.json", json.dumps(summary, indent=1, default=float))
     _write_text(out / "summary.md", summary_markdown(summary))
     return summary
@@ -299,8 +304,12 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
     test = [by[f"test-{cfg.facts}-seed{s}"] for s in seeds]
     ctrl = [by[f"control-{cfg.facts}-seed{s}"] for s in seeds if f"control-{cfg.facts}-seed{s}" in by]
     out: dict[str, Any] = {"chosen": chosen, "facts": cfg.facts, "seeds": seeds,
-                           "dev": [{k: r[k] for k in ("key", "adapter", "dev_exact", "test_exact")}
-                                   | {"lr": r["config"]["lr"], "kinds": r["config"]["kinds"], "kl": r["neutral"]["kl"]}
+                           "dev": [{k: r[k] for k in ("key", "adapter", "dev_exact", "train_forms_exact", "seconds")}
+                                   | {"lr": r["config"]["lr"], "kinds": r["config"]["kinds"], "kl": r["neutral"]["kl"],
+                                      "steps_run": r["report"].get("steps_run"), "best_step": r["report"].get("best_step"),
+                                      "answer_loss_first": r["report"].get("answer_loss_first"),
+                                      "answer_loss_last": r["report"].get("answer_loss_last"),
+                                      "coverage_all": r["coverage"]["questions_all"]}
                                    for r in rows if r.get("phase", "").startswith("dev")]}
 
     def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -347,13 +356,17 @@ def _ms(st: Optional[dict[str, Any]], pct: bool = False, digits: int = 3) -> str
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
-    lines = [f"Chosen on dev facts: adapter **{s['chosen'].get('adapter')}**, lr **{s['chosen'].get('lr')}**, "
-             f"forms {s['chosen'].get('kinds')}.", ""]
-    lines += ["### Dev choices (dev facts, dev questions)", "", "| run | adapter | lr | forms | dev exact | KL |",
-              "|---|---|---|---|---|---|"]
+    lines = ([f"Chosen on dev facts: adapter **{s['chosen'].get('adapter')}**, lr **{s['chosen'].get('lr')}**, "
+              f"forms {s['chosen'].get('kinds')}.", ""] if s["chosen"] else
+             ["No setting chosen yet: only the dev grid has run.", ""])
+    lines += ["### Dev grid (dev facts, asked with dev questions)", "",
+              "| run | adapter | lr | forms | dev exact | training-form exact | answer loss first -> last | "
+              "steps (kept) | subject rows trained | KL | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["dev"]:
         lines.append(f"| {r['key']} | {r['adapter']} | {r['lr']:g} | {'+'.join(r['kinds'])} | "
-                     f"{100 * r['dev_exact']:.1f}% | {r['kl']:.4f} |")
+                     f"{100 * r['dev_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
+                     f"{r['answer_loss_first']:.2f} -> {r['answer_loss_last']:.2f} | {r['steps_run']} ({r['best_step']}) | "
+                     f"{100 * r['coverage_all']:.0f}% | {r['kl']:.4f} | {r['seconds']:.0f} |")
     for name in ("test", "control"):
         b = s.get(name)
         if not b:
