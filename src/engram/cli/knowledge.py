@@ -66,7 +66,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         if not path:
             raise SystemExit(f"engram: error: --adapters {spec!r}: write NAME=DIR (e.g. L1=runs/adapter-l1)")
         adapters[name], tok, pad = _load(path, args.quiet)
-    edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size)
+    edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
+                          kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr)
     cfg = FactEditStudyConfig(facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), capacity=tuple(args.capacity), edit=edit)
     cfg = replace(cfg, update_facts=args.update_facts)
@@ -101,6 +102,10 @@ def register(sub: Any) -> None:
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--eval-every", type=int, default=25)
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--kl-weight", type=float, default=1.0, help="grid only: a diagnostic without the KL terms")
+    s.add_argument("--neutral-kl-weight", type=float, default=1.0)
+    s.add_argument("--layer-lr", type=float, default=0.0,
+                   help="grid only: the positive control (the Engram layer's own weights train too)")
     s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
     s.add_argument("--no-extend", action="store_true",

@@ -157,6 +157,18 @@ def _forbidden_text(data_dir: PathLike, tok: Any, cache: Path) -> str:
     return text
 
 
+def _variant(edit: FactEditConfig) -> str:
+    """Run-key suffix of a dev run that is not the recipe: a control or a diagnostic."""
+    base = FactEditConfig()
+    return "".join(f"-{k}{getattr(edit, k):g}" for k in ("kl_weight", "neutral_kl_weight", "layer_lr")
+                   if getattr(edit, k) != getattr(base, k))
+
+
+def _dev_phase(edit: FactEditConfig) -> str:
+    """Only recipe runs ("dev") take part in the choice; controls and diagnostics are reported."""
+    return "dev" if not _variant(edit) else "dev-control" if edit.layer_lr > 0 else "dev-diagnostic"
+
+
 def _choose(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
     best = max(rows, key=lambda r: (r["dev_exact"], -r["neutral"]["kl"]))
     if best["dev_exact"] <= 0:
@@ -192,8 +204,8 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     dev_facts = invent_facts(cfg.dev_facts, cfg.dev_seed, forbidden)
     if "grid" in phases:
         for name in adapters:
-            rows = {lr: run(f"dev-{name}-lr{lr:g}", name, dev_facts, replace(cfg.edit, lr=lr), phase="dev")
-                    for lr in sorted(cfg.lrs)}
+            rows = {lr: run(f"dev-{name}-lr{lr:g}{_variant(cfg.edit)}", name, dev_facts, replace(cfg.edit, lr=lr),
+                            phase=_dev_phase(cfg.edit)) for lr in sorted(cfg.lrs)}
             while extend:  # extend the grid while its best sits at an edge
                 best_lr = _choose(list(rows.values()), f"{name} lr")["config"]["lr"]
                 lo, hi = min(rows), max(rows)
@@ -203,7 +215,8 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
                     nxt = lo / 3
                 else:
                     break
-                rows[nxt] = run(f"dev-{name}-lr{nxt:g}", name, dev_facts, replace(cfg.edit, lr=nxt), phase="dev")
+                rows[nxt] = run(f"dev-{name}-lr{nxt:g}{_variant(cfg.edit)}", name, dev_facts,
+                                replace(cfg.edit, lr=nxt), phase=_dev_phase(cfg.edit))
     if "forms" in phases:  # the choice reads every grid run on disk (grids may run in several processes)
         grid = [r for r in runs.all() if r.get("phase") == "dev"]
         best = _choose(grid, "adapter x lr")
