@@ -59,7 +59,7 @@ def world(tmp_path_factory, tiny):
     model = tiny.model(vocab=tok.get_vocab_size())
     with torch.no_grad():
         for e in model.engram_layers:
-            e.multi_head_embedding.embedding.weight.normal_(std=0.5)
+            e.table.weight.normal_(std=0.5)
     return model, tok
 
 
@@ -69,7 +69,7 @@ def test_edit_teaches_only_its_rows_and_reverts_bit_for_bit(world, one_thread):
     chat = chat_format(tok)
     train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "cloze")), chat, True)
     asked = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat)
-    before_tables = {e.layer_id: e.multi_head_embedding.embedding.weight.detach().clone() for e in model.engram_layers}
+    before_tables = {e.layer_id: e.table.weight.detach().clone() for e in model.engram_layers}
     x = torch.tensor([train[0].ids])
     logits_before = model(x).logits
     exact_before = score(model, asked, 0)["exact"]
@@ -79,7 +79,7 @@ def test_edit_teaches_only_its_rows_and_reverts_bit_for_bit(world, one_thread):
                      dev_cases=asked, progress=False)
     # the model is left as it was, bit for bit
     for e in model.engram_layers:
-        assert torch.equal(e.multi_head_embedding.embedding.weight, before_tables[e.layer_id])
+        assert torch.equal(e.table.weight, before_tables[e.layer_id])
     assert res.report["answer_loss_last"] < 0.85 * res.report["answer_loss_first"]
     # the patch writes only rows the training sentences read
     rows = trained_rows(res.patch)

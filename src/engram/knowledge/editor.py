@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from engram.config import TableLocation
 from engram.knowledge.edit_config import FactEditConfig, FactEditError
 from engram.knowledge.scoring import Case, logprobs, neutral_windows, pad_batch, score
 from engram.patches.apply import model_fingerprint
@@ -50,10 +51,10 @@ def _tables(model: Any) -> dict[int, torch.nn.Parameter]:
     layers = list(getattr(model, "engram_layers", []) or [])
     if not layers:
         raise FactEditError("the model has no Engram layers; edit an engram-* run or a retrofit adapter")
-    tables = {e.layer_id: e.multi_head_embedding.embedding.weight for e in layers}
-    if any(w.is_meta or not isinstance(w, torch.Tensor) for w in tables.values()):
-        raise FactEditError("the model's tables are served from a file; load them into memory to edit facts")
-    return tables
+    if any(e.table.location != TableLocation.MEMORY for e in layers):
+        where = sorted({e.table.location.value for e in layers})
+        raise FactEditError(f"the model's tables live in {where}; load them into memory to edit facts")
+    return {e.layer_id: e.table.weight for e in layers}
 
 
 def _check_value_path(model: Any) -> None:
@@ -199,12 +200,11 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     layer_opt = torch.optim.Adam(list(layer.values()), lr=cfg.layer_lr) if layer else None
 
     saved = {id(p): p.requires_grad for p in model.parameters()}
-    sparse = {lid: e.multi_head_embedding.embedding.sparse for lid, e in
-              ((e.layer_id, e) for e in model.engram_layers)}
+    sparse = {e.layer_id: e.table.sparse for e in model.engram_layers}
     for p in model.parameters():
         p.requires_grad_(False)
     for e in model.engram_layers:
-        e.multi_head_embedding.embedding.sparse = True
+        e.table.sparse = True
         tables[e.layer_id].requires_grad_(True)
     for p in layer.values():
         p.requires_grad_(True)
@@ -291,7 +291,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])
         for e in model.engram_layers:
-            e.multi_head_embedding.embedding.sparse = sparse[e.layer_id]
+            e.table.sparse = sparse[e.layer_id]
         model.train(was)
     new = {}
     for lid, h in held.items():
