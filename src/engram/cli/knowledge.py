@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from engram.cli.flags import add_common
@@ -73,6 +74,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg = replace(cfg, update_facts=args.update_facts)
     summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend)
     if "summary" in args.phases:
+        if args.page:
+            from engram.science.fact_edit import write_results_page
+
+            write_results_page(args.out, args.page, args.page_command or " ".join(sys.argv), args.page_machine)
         print(json.dumps(summary, indent=1, default=float) if args.json else open(f"{args.out}/summary.md").read())
     return 0
 
@@ -106,6 +111,9 @@ def register(sub: Any) -> None:
     s.add_argument("--neutral-kl-weight", type=float, default=1.0)
     s.add_argument("--layer-lr", type=float, default=0.0,
                    help="grid only: the positive control (the Engram layer's own weights train too)")
+    s.add_argument("--page", help="with the summary phase: also write a results page here")
+    s.add_argument("--page-command", help="the commands that made the runs, shown on the page")
+    s.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
     s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
     s.add_argument("--no-extend", action="store_true",
