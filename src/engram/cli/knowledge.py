@@ -62,7 +62,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from engram.science.fact_edit import FactEditStudyConfig, run_study
 
     adapters, tok, pad = {}, None, 0
-    for spec in args.adapters:
+    for spec in args.adapters if args.phases != ["summary"] else ():  # a summary reads only the run files
         name, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"engram: error: --adapters {spec!r}: write NAME=DIR (e.g. L1=runs/adapter-l1)")

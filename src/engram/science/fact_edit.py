@@ -182,6 +182,10 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     """``adapters``: {name: loaded model}. Runs the phases in order; returns the summary."""
     out = Path(out_dir)
     runs = _Runs(out / "runs")
+    if list(phases) == ["summary"]:  # only the files on disk are read
+        chosen_file = out / "chosen.json"
+        return _write_summary(out, summarize(runs.all(), json.loads(chosen_file.read_text())
+                                             if chosen_file.is_file() else {}, cfg))
     forbidden = _forbidden_text(data_dir, tok, out / "forbidden.txt")
     neutral = neutral_windows(tok, "eval", 8, 128)
     before = {name: logprobs(m, neutral) for name, m in adapters.items()}
@@ -238,7 +242,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     if not later:
         return {}
     if later == ["summary"] and not (out / "chosen.json").is_file():  # the dev grid alone so far
-        return _write_summary(out, summarize(runs.all(), {}, cfg))
+        return run_study(adapters, tok, pad_id, data_dir, out, cfg, phases=("summary",))
     if not (out / "chosen.json").is_file():
         raise StudyError(f"{out}/chosen.json is missing: run the grid and forms phases first")
     chosen = json.loads((out / "chosen.json").read_text())
