@@ -326,7 +326,10 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                                       "steps_run": r["report"].get("steps_run"), "best_step": r["report"].get("best_step"),
                                       "answer_loss_first": r["report"].get("answer_loss_first"),
                                       "answer_loss_last": r["report"].get("answer_loss_last"),
-                                      "coverage_all": r["coverage"]["questions_all"]}
+                                      "coverage_all": r["coverage"]["questions_all"],
+                                      "kind": {"dev": "recipe", "dev-forms": "recipe (forms)",
+                                               "dev-control": "positive control: Engram layer trains too",
+                                               "dev-diagnostic": "diagnostic: no KL terms"}[r["phase"]]}
                                    for r in rows if r.get("phase", "").startswith("dev")]}
 
     def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -377,10 +380,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
               f"forms {s['chosen'].get('kinds')}.", ""] if s["chosen"] else
              ["No setting chosen yet: only the dev grid has run.", ""])
     lines += ["### Dev grid (dev facts, asked with dev questions)", "",
-              "| run | adapter | lr | forms | dev exact | training-form exact | answer loss first -> last | "
-              "steps (kept) | subject rows trained | KL | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| run | what | adapter | lr | forms | dev exact | training-form exact | answer loss first -> last | "
+              "steps (kept) | questions with all subject rows trained | KL | seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["dev"]:
-        lines.append(f"| {r['key']} | {r['adapter']} | {r['lr']:g} | {'+'.join(r['kinds'])} | "
+        lines.append(f"| {r['key']} | {r['kind']} | {r['adapter']} | {r['lr']:g} | {'+'.join(r['kinds'])} | "
                      f"{100 * r['dev_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
                      f"{r['answer_loss_first']:.2f} -> {r['answer_loss_last']:.2f} | {r['steps_run']} ({r['best_step']}) | "
                      f"{100 * r['coverage_all']:.0f}% | {r['kl']:.4f} | {r['seconds']:.0f} |")
