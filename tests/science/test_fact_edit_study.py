@@ -82,3 +82,9 @@ def test_a_choice_among_zeros_is_refused(patched, tmp_path, monkeypatch):
     cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, lrs=(0.1, 0.3), edit=FactEditConfig())
     with pytest.raises(study.StudyError, match="scored 0 on dev"):
         study.run_study({"a": object()}, tok(patched), 0, patched, tmp_path / "s", cfg, log=lambda m: None)
+
+
+def test_the_command_line_offers_the_study_phases():
+    from engram.cli.knowledge import PHASES
+
+    assert PHASES == study.PHASES  # the CLI keeps a torch-free copy for its --phases choices

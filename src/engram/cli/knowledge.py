@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from engram.cli.flags import add_common
+from engram.errors import EngramError
 
 PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")  # engram.science.fact_edit's
 
@@ -56,8 +58,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from engram.knowledge.editor import FactEditConfig
     from engram.science.fact_edit import FactEditStudyConfig, run_study
 
@@ -65,20 +65,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     for spec in args.adapters if args.phases != ["summary"] else ():  # a summary reads only the run files
         name, _, path = spec.partition("=")
         if not path:
-            raise SystemExit(f"engram: error: --adapters {spec!r}: write NAME=DIR (e.g. L1=runs/adapter-l1)")
+            raise EngramError(f"--adapters {spec!r}: write NAME=DIR (e.g. L1=runs/adapter-l1)")
         adapters[name], tok, pad = _load(path, args.quiet)
     edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
                           kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr)
     cfg = FactEditStudyConfig(facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
-                              lrs=tuple(args.lrs), capacity=tuple(args.capacity), edit=edit)
-    cfg = replace(cfg, update_facts=args.update_facts)
+                              lrs=tuple(args.lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
+                              edit=edit)
     summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend)
     if "summary" in args.phases:
         if args.page:
             from engram.science.fact_edit import write_results_page
 
             write_results_page(args.out, args.page, args.page_command or " ".join(sys.argv), args.page_machine)
-        print(json.dumps(summary, indent=1, default=float) if args.json else open(f"{args.out}/summary.md").read())
+        print(json.dumps(summary, indent=1, default=float) if args.json else
+              (Path(args.out) / "summary.md").read_text())
     return 0
 
 

@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 
 from engram.config import TableLocation
 from engram.knowledge.edit_config import FactEditConfig, FactEditError
-from engram.knowledge.scoring import Case, logprobs, neutral_windows, pad_batch, score
-from engram.patches.apply import model_fingerprint
+from engram.knowledge.scoring import Case, fact_cases, logprobs, marked_cases, neutral_windows, pad_batch, score
+from engram.knowledge.templates import chat_format, templates
+from engram.patches.apply import apply_to_model, model_fingerprint, revert_from_model
 from engram.patches.patchfile import TablePatch, make_patch
 
 
@@ -323,10 +324,6 @@ def teach(model: Any, tokenizer: Any, facts: Sequence[Any], marked: Sequence[Any
     """``engram patch train --facts``: the training forms of ``facts`` (triples) and the ``marked``
     sentences, stopping on the triples' dev questions; the report adds the coverage of the
     held-out (test) questions' subject rows and their score with the edit applied."""
-    from engram.knowledge.scoring import fact_cases, marked_cases
-    from engram.knowledge.templates import chat_format, templates
-    from engram.patches.apply import apply_to_model, revert_from_model
-
     chat = chat_format(tokenizer)
     train = fact_cases(tokenizer, facts, lambda f: templates(f.relation, "train", cfg.kinds), chat, True)
     train += marked_cases(tokenizer, marked)

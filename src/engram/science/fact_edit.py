@@ -23,7 +23,6 @@ a rerun skips what exists. ``summary.md`` / ``summary.json`` are written from th
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -425,11 +424,6 @@ def summary_markdown(s: dict[str, Any]) -> str:
             lines.append(f"| {r['facts']} | {100 * r['test_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
                          f"{r['kl']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def study_env() -> dict[str, Any]:
-    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
 
 
 def write_results_page(out_dir: PathLike, page: PathLike, command: str, machine: str) -> Path:
