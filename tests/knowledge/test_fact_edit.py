@@ -148,3 +148,68 @@ def test_every_form_tokenises_with_the_answer_on_a_token_boundary(world):
         cases = fact_cases(tok, facts, lambda f: templates(f.relation, split), chat, with_tail=True)
         assert len(cases) == sum(len(templates(f.relation, split)) for f in facts), split
         assert all(c.subject_pos and c.answer_ids for c in cases)
+
+
+def test_topk_kl_is_the_full_kl_when_it_keeps_every_token_and_a_lower_bound_otherwise():
+    from engram.knowledge.editor import _kl, _kl_topk
+
+    torch.manual_seed(0)
+    logits, base = torch.randn(2, 5, 30), torch.randn(2, 5, 30)
+    base_lp = torch.log_softmax(base, -1)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    full = _kl(logits, base_lp, mask)
+    for k, exact in ((30, True), (6, False)):
+        top = base_lp[mask].topk(k, -1)
+        approx = _kl_topk(logits, mask, top.indices, top.values)
+        if exact:
+            assert torch.allclose(approx, full, atol=1e-5)
+        else:
+            assert 0 < float(approx) < float(full)
+
+
+def test_epoch_batches_visit_every_sentence_once_with_little_padding():
+    import numpy as np
+
+    from engram.knowledge.editor import epoch_batches
+
+    lengths = list(np.random.default_rng(0).integers(5, 40, size=203))
+    batches = epoch_batches(lengths, 16, np.random.default_rng(1))
+    assert sorted(i for b in batches for i in b) == list(range(203))
+    assert all(len(b) <= 16 for b in batches)
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread < 10  # random batches of 16 from 5..39 spread ~30
+
+
+def test_subject_rows_edit_trains_only_subject_and_answer_rows(world, one_thread):
+    from engram.knowledge.editor import rows_read, rows_to_train
+
+    model, tok = world
+    facts = invent_facts(3, seed=1, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "question")),
+                       chat_format(tok), True)
+    every = rows_to_train(model, train, "all")
+    own = rows_to_train(model, train, "subject")
+    for lid in every:
+        assert torch.equal(every[lid], torch.cat([rows_read(model, torch.tensor([c.ids]))[lid] for c in train]).unique())
+        assert bool(torch.isin(own[lid], every[lid]).all()) and own[lid].numel() < every[lid].numel()
+    res = edit_facts(model, tok, train, FactEditConfig(lr=0.3, steps=4, batch_size=8, neutral_windows=2,
+                                                       neutral_len=16, rows="subject"), progress=False)
+    for lid, r in trained_rows(res.patch).items():
+        assert bool(torch.isin(r, own[lid]).all())
+
+
+def test_cached_topk_kl_trains_like_the_full_reference(world, one_thread):
+    """The base's distribution kept as its top-k (all tokens here) gives the reference's patch."""
+    model, tok = world
+    facts = invent_facts(2, seed=2, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat_format(tok), True)
+    V = model(torch.tensor([train[0].ids])).logits.shape[-1]
+    cfg = dict(lr=0.1, steps=3, batch_size=4, neutral_windows=2, neutral_len=16, kl_weight=1.0)
+    ref = edit_facts(model, tok, train, FactEditConfig(kl_topk=0, **cfg), progress=False)
+    fast = edit_facts(model, tok, train, FactEditConfig(kl_topk=V, **cfg), progress=False)
+    for lid, lp in ref.patch.layers.items():
+        assert torch.equal(lp.rows, fast.patch.layers[lid].rows)
+        assert torch.allclose(lp.new.float(), fast.patch.layers[lid].new.float(), atol=1e-4)
+    with pytest.raises(FactEditError, match="rows="):
+        FactEditConfig(rows="everything")

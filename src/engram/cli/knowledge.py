@@ -68,7 +68,8 @@ def cmd_study(args: argparse.Namespace) -> int:
             raise EngramError(f"--adapters {spec!r}: write NAME=DIR (e.g. L1=runs/adapter-l1)")
         adapters[name], tok, pad = _load(path, args.quiet)
     edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
-                          kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr)
+                          kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr,
+                          rows=args.rows)
     cfg = FactEditStudyConfig(facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
                               edit=edit)
@@ -112,6 +113,8 @@ def register(sub: Any) -> None:
     s.add_argument("--neutral-kl-weight", type=float, default=1.0)
     s.add_argument("--layer-lr", type=float, default=0.0,
                    help="grid only: the positive control (the Engram layer's own weights train too)")
+    s.add_argument("--rows", default="all", choices=["all", "subject"],
+                   help="grid only: which rows the recipe trains (both are recipe choices, made on dev)")
     s.add_argument("--page", help="with the summary phase: also write a results page here")
     s.add_argument("--page-command", help="the commands that made the runs, shown on the page")
     s.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")

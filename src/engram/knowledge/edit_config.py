@@ -14,9 +14,12 @@ class FactEditError(EngramError):
     """Bad settings or a model the fact-edit trainer cannot edit; the message names the fix."""
 
 
-def _f(name: str, default: Any, help: str) -> Any:
+def _f(name: str, default: Any, help: str, **meta: Any) -> Any:
     """A field whose flag is ``--edit-NAME``, beside ``engram patch train``'s text-patch flags."""
-    return field(default=default, metadata={"flag": "--edit-" + name, "help": help})
+    return field(default=default, metadata={"flag": "--edit-" + name, "help": help, **meta})
+
+
+ROW_CHOICES = ("all", "subject")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class FactEditConfig:
     patience: int = _f("patience", 3, "dev evaluations without a gain before stopping")
     kinds: tuple[str, ...] = _f("kinds", KINDS, f"training forms to use, of {' '.join(KINDS)}")
     seed: int = _f("seed", 0, "seed of the sentence order")
+    rows: str = _f("rows", "all", "which rows the sentences read are trained: all, or subject (only those read at the "
+                   "subject's and the answer's positions, so the edit cannot key on one phrasing's words)", choices=ROW_CHOICES)
+    kl_topk: int = _f("kl-topk", 64, "the unedited model's distribution on the sentences is computed once and kept as "
+                      "its top-k tokens plus the rest's mass (0: recomputed in full at every step, slower)")
     # Positive control only: also train the Engram layers' gates, projections, norms and conv at
     # this lr (0: tables only). Those weights are not in the patch; see EditResult.layer_state.
     layer_lr: float = _f("layer-lr", 0.0, "control only: lr of the Engram layers' own weights (not in the patch)")
@@ -42,7 +49,9 @@ class FactEditConfig:
         for name in ("lr", "steps", "batch_size", "eval_every", "patience", "neutral_windows", "neutral_len"):
             if not getattr(self, name) > 0:
                 raise FactEditError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("kl_weight", "neutral_kl_weight", "layer_lr"):
+        if self.rows not in ROW_CHOICES:
+            raise FactEditError(f"rows={self.rows!r}: choose one of {list(ROW_CHOICES)}")
+        for name in ("kl_weight", "neutral_kl_weight", "layer_lr", "kl_topk"):
             if getattr(self, name) < 0:
                 raise FactEditError(f"{name}={getattr(self, name)} must be >= 0")
         bad = [k for k in self.kinds if k not in KINDS]

@@ -9,13 +9,16 @@ What it does, and why (the recipe that made table edits generalise to new phrasi
    :mod:`engram.knowledge.templates`), plus any marked sentences given.
 2. **Every row those sentences read is trained**, at every position: the subject's own N-grams
    (the rows any later question about the subject reads again) as well as the ones before the
-   answer. Nothing else moves. The rows are held as a compact ``delta`` [rows, Dh] per layer
+   answer (``rows="all"``); or only the rows read at the subject's and the answer's own positions
+   (``rows="subject"``), so that the edit cannot key the answer on the words of one phrasing. Nothing else moves. The rows are held as a compact ``delta`` [rows, Dh] per layer
    and written into the table for each forward, so the shared table is never grown or copied.
 3. **The loss** is the cross-entropy of the answer tokens, plus ``kl_weight`` x the KL from the
    unedited model's next-token distribution on the sentences' other tokens, plus
    ``neutral_kl_weight`` x the same KL on neutral text (English no fact is in). Gradients flow
    through the frozen model to the rows; the unedited model's distribution is the same model
-   with the rows put back.
+   with the rows put back. Its distribution on the sentences is computed once, before training,
+   and kept as its top ``kl_topk`` tokens plus the rest's mass (``kl_topk=0``: recomputed in
+   full at every step, the slow reference).
 4. **Stopping on dev accuracy**: every ``eval_every`` steps the dev questions (held-out
    templates, never trained on) are scored; the best rows so far are kept (most exact answers,
    ties broken by the answers' likelihood), and training stops after ``patience`` evaluations
@@ -24,7 +27,10 @@ What it does, and why (the recipe that made table edits generalise to new phrasi
 The result is an ordinary ``.engp`` patch over the tables the model had (apply, revert, stack,
 list); the model is left as it was.
 
+Batches are drawn by length (:func:`epoch_batches`), so that padding costs little.
+
 Shape legend
+    M masked positions   k kept tokens of the base
     B sequences per step   T tokens   V vocabulary   R rows of one table   n trained rows   Dh row width
 """
 
@@ -142,6 +148,81 @@ def _kl(edited_logits: torch.Tensor, base_logp: torch.Tensor, mask: torch.Tensor
     return (bp.exp() * (bp - lp)).sum(-1).mean()
 
 
+def _kl_topk(edited_logits: torch.Tensor, mask: torch.Tensor, top_ids: torch.Tensor,
+             top_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over ``mask`` positions of KL(base || edited) between the distributions coarsened to
+    the base's top-k tokens plus one bucket for the rest (a lower bound of the full KL, equal to it
+    when the rest is empty); ``top_ids`` / ``top_logp`` [M, k] for the M masked positions in order."""
+    if not bool(mask.any()):
+        return edited_logits.sum() * 0
+    lq = F.log_softmax(edited_logits[mask].float(), -1)
+    q_k = lq.gather(-1, top_ids)
+    p_k = top_logp.exp()
+    p_rest = (1 - p_k.sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - q_k.exp().sum(-1)).clamp_min(1e-12)
+    kl = (p_k * (top_logp - q_k)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return kl.mean()
+
+
+def _other_mask(batch: Sequence[Case], ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
+    """[B,T] positions that have a next token of the sentence and do not predict the answer."""
+    lengths = torch.tensor([len(c.ids) for c in batch])
+    real = torch.arange(ids.shape[1])[None, :] < (lengths[:, None] - 1)
+    return real & ~ans
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, gen: np.random.Generator) -> list[list[int]]:
+    """One pass over the sentences in batches: shuffled, then sorted by length within windows of
+    eight batches so that a batch pads little (padding is most of the compute otherwise); the
+    batches' order is shuffled again."""
+    order = gen.permutation(len(lengths))
+    window = 8 * batch_size
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in gen.permutation(len(batches))]
+
+
+@torch.no_grad()
+def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int,
+              batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per case, the unedited model's top-``k`` next tokens and their log-probs at the case's
+    other (non-answer) positions: ([m, k] int64, [m, k] float32)."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))] * len(cases)
+    order = sorted(range(len(cases)), key=lambda i: len(cases[i].ids))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = [cases[i] for i in idx]
+        ids, ans = pad_batch(batch, pad_id)
+        lp = logprobs(model, ids, batch_size)
+        other = _other_mask(batch, ids, ans)
+        top = lp.topk(min(k, lp.shape[-1]), -1)
+        for j, i in enumerate(idx):
+            out[i] = (top.indices[j][other[j]].clone(), top.values[j][other[j]].clone())
+    return out
+
+
+def rows_to_train(model: Any, cases: Sequence[Case], which: str) -> dict[int, torch.Tensor]:
+    """{layer_id: sorted unique rows} the edit trains: every row the sentences' real tokens read
+    (``all``), or only those read at the subject's and the answer's own positions (``subject``:
+    the subject's N-grams, and the answer's, which continue the answer in any phrasing; a sentence
+    without a marked subject gives all its rows)."""
+    read: dict[int, list[torch.Tensor]] = {e.layer_id: [] for e in model.engram_layers}
+    for c in cases:
+        ids = torch.tensor([c.ids])
+        if which == "subject" and c.subject_pos:
+            hash_ids = model.compute_hash_ids(ids)
+            start = len(c.prompt_ids)
+            pos = torch.tensor(list(c.subject_pos) + list(range(start, start + len(c.answer_ids))), dtype=torch.long)
+            for e in model.engram_layers:
+                read[e.layer_id].append(e.multi_head_embedding.rows(hash_ids[e.layer_id])[0, pos].reshape(-1))
+        else:
+            for lid, r in rows_read(model, ids).items():
+                read[lid].append(r)
+    return {lid: torch.cat(r).unique() for lid, r in read.items()}
+
+
 @dataclass
 class EditResult:
     patch: TablePatch
@@ -183,18 +264,14 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     tables = _tables(model)
     torch.manual_seed(cfg.seed)
     gen = np.random.default_rng(cfg.seed)
-    all_ids, _ = pad_batch(train_cases, pad_id)
-    # The rows read by the sentences' real tokens only (pads read rows too; those are never trained).
-    read: dict[int, list[torch.Tensor]] = {lid: [] for lid in tables}
-    for c in train_cases:
-        for lid, r in rows_read(model, torch.tensor([c.ids])).items():
-            read[lid].append(r)
-    held = {lid: _Rows(w, torch.cat(read[lid]).unique()) for lid, w in tables.items()}
+    held = {lid: _Rows(tables[lid], r) for lid, r in rows_to_train(model, train_cases, cfg.rows).items()}
     fingerprint = model_fingerprint(model)
     base_tables = {lid: w.detach().clone() for lid, w in tables.items()}
 
     neutral = neutral_windows(tokenizer, "train", cfg.neutral_windows, cfg.neutral_len)
     neutral_lp = logprobs(model, neutral) if cfg.neutral_kl_weight > 0 else None
+    # The unedited model's answers on the sentences never change: computed once, kept as top-k.
+    cached = base_topk(model, train_cases, pad_id, cfg.kl_topk) if cfg.kl_weight > 0 and cfg.kl_topk else None
     opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98))
     layer = layer_parameters(model) if cfg.layer_lr > 0 else {}
     layer_before = {n: p.detach().clone() for n, p in layer.items()}
@@ -219,21 +296,21 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     best = snapshot(-1.0)
     history: list[dict[str, Any]] = []
     losses: list[float] = []
-    order: list[int] = []
+    batches: list[list[int]] = []
+    lengths = [len(c.ids) for c in train_cases]
     bad_evals = 0
     t0 = time.perf_counter()
     try:
         bar = tqdm(range(1, cfg.steps + 1), desc="fact edit", disable=not progress, dynamic_ncols=True)
         for step in bar:
-            if len(order) < cfg.batch_size:
-                order += list(gen.permutation(len(train_cases)))
-            batch = [train_cases[order.pop()] for _ in range(min(cfg.batch_size, len(train_cases)))]
+            if not batches:
+                batches = epoch_batches(lengths, cfg.batch_size, gen)
+            chosen = batches.pop()
+            batch = [train_cases[i] for i in chosen]
             ids, ans = pad_batch(batch, pad_id)
-            lengths = torch.tensor([len(c.ids) for c in batch])
-            real = torch.arange(ids.shape[1])[None, :] < (lengths[:, None] - 1)  # positions with a next token
-            other = real & ~ans
+            other = _other_mask(batch, ids, ans)
             base_lp = None
-            if cfg.kl_weight > 0:
+            if cfg.kl_weight > 0 and cached is None:  # the reference: the unedited model in full, each step
                 for h in held.values():
                     h.write(edited=False)
                 base_lp = logprobs(model, ids)
@@ -245,6 +322,10 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             total = loss
             if base_lp is not None:
                 total = total + cfg.kl_weight * _kl(logits, base_lp, other)
+            elif cached is not None:
+                top_ids = torch.cat([cached[i][0] for i in chosen])
+                top_lp = torch.cat([cached[i][1] for i in chosen])
+                total = total + cfg.kl_weight * _kl_topk(logits, other, top_ids, top_lp)
             if neutral_lp is not None:
                 k = (2 * step) % len(neutral)
                 nb = neutral[k:k + 2]

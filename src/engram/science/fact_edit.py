@@ -159,13 +159,20 @@ def _forbidden_text(data_dir: PathLike, tok: Any, cache: Path) -> str:
 def _variant(edit: FactEditConfig) -> str:
     """Run-key suffix of a dev run that is not the recipe: a control or a diagnostic."""
     base = FactEditConfig()
-    return "".join(f"-{k}{getattr(edit, k):g}" for k in ("kl_weight", "neutral_kl_weight", "layer_lr")
-                   if getattr(edit, k) != getattr(base, k))
+    out = "".join(f"-{k}{getattr(edit, k):g}" for k in ("kl_weight", "neutral_kl_weight", "layer_lr")
+                  if getattr(edit, k) != getattr(base, k))
+    return out + (f"-rows{edit.rows}" if edit.rows != base.rows else "")
 
 
 def _dev_phase(edit: FactEditConfig) -> str:
-    """Only recipe runs ("dev") take part in the choice; controls and diagnostics are reported."""
-    return "dev" if not _variant(edit) else "dev-control" if edit.layer_lr > 0 else "dev-diagnostic"
+    """Recipe runs ("dev", either choice of rows) take part in the choice; controls and
+    diagnostics are reported."""
+    base = FactEditConfig()
+    if edit.layer_lr > 0:
+        return "dev-control"
+    if (edit.kl_weight, edit.neutral_kl_weight) != (base.kl_weight, base.neutral_kl_weight):
+        return "dev-diagnostic"
+    return "dev"
 
 
 def _choose(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
@@ -222,19 +229,22 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
                                 replace(cfg.edit, lr=nxt), phase=_dev_phase(cfg.edit))
     if "forms" in phases:  # the choice reads every grid run on disk (grids may run in several processes)
         grid = [r for r in runs.all() if r.get("phase") == "dev"]
-        best = _choose(grid, "adapter x lr")
-        lrs = sorted(r["config"]["lr"] for r in grid if r["adapter"] == best["adapter"])
+        best = _choose(grid, "adapter x rows x lr")
+        rows_choice = best["config"].get("rows", "all")
+        lrs = sorted(r["config"]["lr"] for r in grid
+                     if r["adapter"] == best["adapter"] and r["config"].get("rows", "all") == rows_choice)
         if len(lrs) < 3 or best["config"]["lr"] in (lrs[0], lrs[-1]):
-            raise StudyError(f"adapter {best['adapter']}'s best dev lr {best['config']['lr']:g} sits at the edge of "
-                             f"its grid {lrs}; run the grid phase with more --lrs before choosing")
+            raise StudyError(f"adapter {best['adapter']} (rows {rows_choice})'s best dev lr {best['config']['lr']:g} "
+                             f"sits at the edge of its grid {lrs}; run the grid phase with more --lrs before choosing")
         if best["adapter"] not in adapters:
             raise StudyError(f"dev chose adapter {best['adapter']!r}; pass it with --adapters {best['adapter']}=DIR")
         form_rows = [best]
+        chosen_edit = replace(cfg.edit, lr=best["config"]["lr"], rows=rows_choice)
         for kinds in (("statement", "question", "cloze", "paraphrase"), ("statement", "question")):
-            form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}-{'+'.join(kinds)}",
-                                 best["adapter"], dev_facts, replace(cfg.edit, lr=best["config"]["lr"], kinds=kinds),
+            form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}{_variant(chosen_edit)}-"
+                                 f"{'+'.join(kinds)}", best["adapter"], dev_facts, replace(chosen_edit, kinds=kinds),
                                  phase="dev-forms"))
-        chosen = {"adapter": best["adapter"], "lr": best["config"]["lr"],
+        chosen = {"adapter": best["adapter"], "lr": best["config"]["lr"], "rows": rows_choice,
                   "kinds": list(_choose(form_rows, "forms")["config"]["kinds"])}
         _write_text(out / "chosen.json", json.dumps(chosen, indent=1))
     later = [p for p in phases if p not in ("grid", "forms")]
@@ -245,7 +255,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     if not (out / "chosen.json").is_file():
         raise StudyError(f"{out}/chosen.json is missing: run the grid and forms phases first")
     chosen = json.loads((out / "chosen.json").read_text())
-    ecfg = replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]))
+    ecfg = replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]), rows=chosen.get("rows", "all"))
     name = chosen["adapter"]
     if name not in adapters:
         raise StudyError(f"dev chose adapter {name!r}; pass it with --adapters {name}=DIR")
@@ -376,14 +386,14 @@ def _ms(st: Optional[dict[str, Any]], pct: bool = False, digits: int = 3) -> str
 
 def summary_markdown(s: dict[str, Any]) -> str:
     lines = ([f"Chosen on dev facts: adapter **{s['chosen'].get('adapter')}**, lr **{s['chosen'].get('lr')}**, "
-              f"forms {s['chosen'].get('kinds')}.", ""] if s["chosen"] else
+              f"rows trained: {s['chosen'].get('rows', 'all')}, forms {s['chosen'].get('kinds')}.", ""] if s["chosen"] else
              ["No setting chosen yet: only the dev grid has run.", ""])
     lines += ["### Dev grid (dev facts, asked with dev questions)", "",
-              "| run | what | adapter | lr | forms | dev exact | training-form exact | answer loss first -> last | "
+              "| run | what | adapter | rows | lr | forms | dev exact | training-form exact | answer loss first -> last | "
               "steps (kept) | questions with all subject rows trained | KL | seconds |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["dev"]:
-        lines.append(f"| {r['key']} | {r['kind']} | {r['adapter']} | {r['lr']:g} | {'+'.join(r['kinds'])} | "
+        lines.append(f"| {r['key']} | {r['kind']} | {r['adapter']} | {r.get('rows', 'all')} | {r['lr']:g} | {'+'.join(r['kinds'])} | "
                      f"{100 * r['dev_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
                      f"{r['answer_loss_first']:.2f} -> {r['answer_loss_last']:.2f} | {r['steps_run']} ({r['best_step']}) | "
                      f"{100 * r['coverage_all']:.0f}% | {r['kl']:.4f} | {r['seconds']:.0f} |")
