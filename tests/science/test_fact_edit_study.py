@@ -88,3 +88,32 @@ def test_the_command_line_offers_the_study_phases():
     from engram.cli.knowledge import PHASES
 
     assert PHASES == study.PHASES  # the CLI keeps a torch-free copy for its --phases choices
+
+
+def test_rows_are_a_dev_choice_and_forms_may_go_uncompared(patched, tmp_path, monkeypatch):
+    # "subject" rows score higher at every lr: the choice takes them, with the lr edge checked within them
+    fake, calls = _fake(lambda lr: 0.2)
+    rows_seen = []
+
+    def by_rows(model, tok, facts, cfg, *a, **k):
+        rows_seen.append(cfg.rows)
+        rec = fake(model, tok, facts, cfg, *a, **k)
+        if cfg.rows == "subject":
+            rec["dev_exact"] = {0.1: 0.3, 0.3: 0.5, 1.0: 0.4}.get(cfg.lr, 0.0)
+        return rec
+
+    monkeypatch.setattr(study, "measure_edit", by_rows)
+    out = tmp_path / "s"
+    for rows in ("all", "subject"):
+        cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, lrs=(0.1, 0.3, 1.0), edit=FactEditConfig(rows=rows))
+        study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid",), extend=False,
+                        log=lambda m: None)
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("forms",), compare_forms=False,
+                    log=lambda m: None)
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert (chosen["rows"], chosen["lr"], chosen["forms_compared"]) == ("subject", 0.3, False)
+    assert len(rows_seen) == 6  # no forms runs
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("test", "summary"),
+                    log=lambda m: None)
+    assert rows_seen[-1] == "subject"
+    assert "fewer forms were not compared" in (out / "summary.md").read_text()

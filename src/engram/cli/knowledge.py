@@ -73,7 +73,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg = FactEditStudyConfig(facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
                               edit=edit)
-    summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend)
+    summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend,
+                        compare_forms=not args.all_forms)
     if "summary" in args.phases:
         if args.page:
             from engram.science.fact_edit import write_results_page
@@ -120,6 +121,9 @@ def register(sub: Any) -> None:
     s.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
     s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
+    s.add_argument("--all-forms", action="store_true",
+                   help="forms phase: choose adapter x rows x lr only, and train on every form without comparing "
+                        "fewer (recorded as not compared on the page)")
     s.add_argument("--no-extend", action="store_true",
                    help="run exactly --lrs (to split a grid over processes); the forms phase then refuses a "
                    "choice at the grid's edge")

@@ -184,7 +184,7 @@ def _choose(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
 
 def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLike, out_dir: PathLike,
               cfg: FactEditStudyConfig, *, phases: Sequence[str] = PHASES,
-              log: Callable[[str], None] = print, extend: bool = True) -> dict[str, Any]:
+              log: Callable[[str], None] = print, extend: bool = True, compare_forms: bool = True) -> dict[str, Any]:
     """``adapters``: {name: loaded model}. Runs the phases in order; returns the summary."""
     out = Path(out_dir)
     runs = _Runs(out / "runs")
@@ -240,12 +240,12 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
             raise StudyError(f"dev chose adapter {best['adapter']!r}; pass it with --adapters {best['adapter']}=DIR")
         form_rows = [best]
         chosen_edit = replace(cfg.edit, lr=best["config"]["lr"], rows=rows_choice)
-        for kinds in (("statement", "question", "cloze", "paraphrase"), ("statement", "question")):
+        for kinds in (("statement", "question", "cloze", "paraphrase"), ("statement", "question")) if compare_forms else ():
             form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}{_variant(chosen_edit)}-"
                                  f"{'+'.join(kinds)}", best["adapter"], dev_facts, replace(chosen_edit, kinds=kinds),
                                  phase="dev-forms"))
         chosen = {"adapter": best["adapter"], "lr": best["config"]["lr"], "rows": rows_choice,
-                  "kinds": list(_choose(form_rows, "forms")["config"]["kinds"])}
+                  "kinds": list(_choose(form_rows, "forms")["config"]["kinds"]), "forms_compared": compare_forms}
         _write_text(out / "chosen.json", json.dumps(chosen, indent=1))
     later = [p for p in phases if p not in ("grid", "forms")]
     if not later:
@@ -386,7 +386,9 @@ def _ms(st: Optional[dict[str, Any]], pct: bool = False, digits: int = 3) -> str
 
 def summary_markdown(s: dict[str, Any]) -> str:
     lines = ([f"Chosen on dev facts: adapter **{s['chosen'].get('adapter')}**, lr **{s['chosen'].get('lr')}**, "
-              f"rows trained: {s['chosen'].get('rows', 'all')}, forms {s['chosen'].get('kinds')}.", ""] if s["chosen"] else
+              f"rows trained: {s['chosen'].get('rows', 'all')}, forms {s['chosen'].get('kinds')}"
+              + ("" if s["chosen"].get("forms_compared", True) else " (every form; fewer forms were not compared)")
+              + ".", ""] if s["chosen"] else
              ["No setting chosen yet: only the dev grid has run.", ""])
     lines += ["### Dev grid (dev facts, asked with dev questions)", "",
               "| run | what | adapter | rows | lr | forms | dev exact | training-form exact | answer loss first -> last | "
