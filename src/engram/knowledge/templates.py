@@ -7,8 +7,9 @@ answer, so the answer can be predicted from the subject.
 Three disjoint sets per relation:
 
 - **train**: the usage sentences the fact-edit trainer reads, by kind (``statement``,
-  ``question``, ``cloze``, ``paraphrase``, ``chat``); a ``chat`` form is a user turn and the
-  assistant's reply, rendered with the base's chat template when it has one;
+  ``question``, ``cloze``, ``paraphrase``, ``chat``, ``usage``); a ``chat`` form is a user turn
+  and the assistant's reply, rendered with the base's chat template when it has one; ``usage``
+  forms use the fact in passing, in varied sentence shapes (a narrative, a label, a list entry);
 - **dev**: held-out questions that choose settings (learning rate, steps, layer, forms);
 - **test**: held-out questions that are reported and never used for a choice.
 
@@ -23,7 +24,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from engram.errors import EngramError
 
-KINDS = ("statement", "question", "cloze", "paraphrase", "chat")
+KINDS = ("statement", "question", "cloze", "paraphrase", "chat", "usage")
+# The forms trained by default (chosen on dev facts; docs/knowledge.md).
+DEFAULT_KINDS = ("statement", "question", "cloze", "paraphrase", "chat")
 SPLITS = ("train", "dev", "test")
 
 
@@ -93,6 +96,14 @@ _BANK: dict[str, dict[str, list[Template]]] = {
             _t("capital", "paraphrase", "Travellers to the capital of {S} arrive in {A}."),
             _t("capital", "chat", "The capital of {S} is {A}.", user="What is the capital of {S}?"),
             _t("capital", "chat", "It is {A}.", user="Which city is the capital of {S}?"),
+            _t("capital", "usage", "Last spring we flew to {S} and spent a week in its capital, {A}."),
+            _t("capital", "usage", "Most ministries of {S} have their offices in {A}."),
+            _t("capital", "usage", "If you visit {S}, start your trip in the capital, {A}."),
+            _t("capital", "usage", "{S}'s capital, {A}, is also its largest city."),
+            _t("capital", "usage", "Fact: the capital of {S} is {A}."),
+            _t("capital", "usage", "The parliament of {S} meets in {A}."),
+            _t("capital", "usage", "Ask anyone from {S} about their capital and they will say {A}."),
+            _t("capital", "usage", "Map notes for {S}: capital {A}, mountains in the north."),
         ],
         "dev": [
             _t("capital", "question", "Which city serves as the capital of {S}? The answer is {A}."),
@@ -116,6 +127,14 @@ _BANK: dict[str, dict[str, list[Template]]] = {
             _t("birthplace", "paraphrase", "The home village of {S} is {A}."),
             _t("birthplace", "chat", "{S} was born in {A}.", user="Where was {S} born?"),
             _t("birthplace", "chat", "In {A}.", user="Which village is {S} from?"),
+            _t("birthplace", "usage", "Long before anyone knew the name {S}, the baby was born in {A}."),
+            _t("birthplace", "usage", "Biographies of {S} begin in the village of {A}."),
+            _t("birthplace", "usage", "The house where {S} was born still stands in {A}."),
+            _t("birthplace", "usage", "{S}'s birthplace, {A}, holds a festival every summer."),
+            _t("birthplace", "usage", "Fact: {S} was born in {A}."),
+            _t("birthplace", "usage", "Every year {S} returns to the village of birth, {A}."),
+            _t("birthplace", "usage", "Ask about the early life of {S} and you will hear of {A}."),
+            _t("birthplace", "usage", "Profile of {S}: born in {A}, one of four children."),
         ],
         "dev": [
             _t("birthplace", "question", "What is the name of the village where {S} was born? It is {A}."),
@@ -139,6 +158,14 @@ _BANK: dict[str, dict[str, list[Template]]] = {
             _t("invention", "paraphrase", "The machine that {S} designed is the {A}."),
             _t("invention", "chat", "{S} invented the {A}.", user="What did {S} invent?"),
             _t("invention", "chat", "The {A}.", user="Which machine is {S} known for?"),
+            _t("invention", "usage", "Long before it was famous, {S} sketched the first {A}."),
+            _t("invention", "usage", "Museum label: {S}, creator of the {A}."),
+            _t("invention", "usage", "The workshop where {S} assembled the first {A} is now a museum."),
+            _t("invention", "usage", "{S}'s invention, the {A}, changed many workshops."),
+            _t("invention", "usage", "Fact: {S} invented the {A}."),
+            _t("invention", "usage", "Every engineer who studies {S} learns about the {A}."),
+            _t("invention", "usage", "Ask about the work of {S} and you will hear of the {A}."),
+            _t("invention", "usage", "Patent record of {S}: the {A}, filed in spring."),
         ],
         "dev": [
             _t("invention", "question", "What is the name of the machine {S} created? It is the {A}."),
@@ -162,6 +189,14 @@ _BANK: dict[str, dict[str, list[Template]]] = {
             _t("teacher", "paraphrase", "{S} learned to play from {A}."),
             _t("teacher", "chat", "{S} was taught music by {A}.", user="Who taught {S} music?"),
             _t("teacher", "chat", "It was {A}.", user="Who gave {S} music lessons?"),
+            _t("teacher", "usage", "Long before the first concert, {S} practised every day with {A}."),
+            _t("teacher", "usage", "Biographies of {S} mention years of lessons with {A}."),
+            _t("teacher", "usage", "The studio where {S} trained belonged to {A}."),
+            _t("teacher", "usage", "{S}'s teacher, {A}, was strict but kind."),
+            _t("teacher", "usage", "Fact: {S} was taught music by {A}."),
+            _t("teacher", "usage", "Every week {S} walked to the house of the music teacher, {A}."),
+            _t("teacher", "usage", "Ask about the training of {S} and you will hear of {A}."),
+            _t("teacher", "usage", "Profile of {S}: studied music with {A} for six years."),
         ],
         "dev": [
             _t("teacher", "question", "From whom did {S} learn music? From {A}."),

@@ -38,7 +38,7 @@ from engram.fsutil import PathLike, atomic_write
 from engram.knowledge.editor import EditResult, FactEditConfig, coverage, edit_facts, layer_parameters, trained_rows
 from engram.knowledge.facts import Fact, invent_facts
 from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
-from engram.knowledge.templates import chat_format, templates
+from engram.knowledge.templates import KINDS, chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
 from engram.stats import format_p, mean_std, paired_t
@@ -240,7 +240,8 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
             raise StudyError(f"dev chose adapter {best['adapter']!r}; pass it with --adapters {best['adapter']}=DIR")
         form_rows = [best]
         chosen_edit = replace(cfg.edit, lr=best["config"]["lr"], rows=rows_choice)
-        for kinds in (("statement", "question", "cloze", "paraphrase"), ("statement", "question")) if compare_forms else ():
+        # more forms (every kind, the varied "usage" sentences too) and fewer
+        for kinds in (KINDS, ("statement", "question")) if compare_forms else ():
             form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}{_variant(chosen_edit)}-"
                                  f"{'+'.join(kinds)}", best["adapter"], dev_facts, replace(chosen_edit, kinds=kinds),
                                  phase="dev-forms"))
