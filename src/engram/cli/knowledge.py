@@ -61,6 +61,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     from engram.knowledge.editor import FactEditConfig
     from engram.science.fact_edit import FactEditStudyConfig, run_study
 
+    form_sets = (tuple(tuple(f.split("+")) for f in args.form_sets) if args.form_sets
+                 else FactEditStudyConfig.form_sets)
+    for kinds in form_sets:  # a misspelt kind fails now, not after the grid
+        FactEditConfig(kinds=kinds)
     adapters, tok, pad = {}, None, 0
     for spec in args.adapters if args.phases != ["summary"] else ():  # a summary reads only the run files
         name, _, path = spec.partition("=")
@@ -70,7 +74,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
                           kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr,
                           rows=args.rows)
-    cfg = FactEditStudyConfig(facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
+    cfg = FactEditStudyConfig(form_sets=form_sets, facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
                               edit=edit)
     summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend,
@@ -121,6 +125,9 @@ def register(sub: Any) -> None:
     s.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
     s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
+    s.add_argument("--form-sets", nargs="+", metavar="KIND+KIND",
+                   help="forms phase: the sets of training forms to compare with the default ones (default: every "
+                        "kind, and statement+question)")
     s.add_argument("--all-forms", action="store_true",
                    help="forms phase: choose adapter x rows x lr only, and train on every form without comparing "
                         "fewer (recorded as not compared on the page)")

@@ -60,6 +60,8 @@ class FactEditStudyConfig:
     control_layer_lr: float = 3e-3  # the positive control's lr for the Engram layer's own weights
     capacity: tuple[int, ...] = (25, 300)  # extra fact counts (single seed beyond 100)
     update_facts: int = 25
+    # forms phase: the sets of training forms compared with the grid's (the default forms)
+    form_sets: tuple[tuple[str, ...], ...] = (KINDS, ("statement", "question"))
     edit: FactEditConfig = field(default_factory=FactEditConfig)
 
 
@@ -240,8 +242,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
             raise StudyError(f"dev chose adapter {best['adapter']!r}; pass it with --adapters {best['adapter']}=DIR")
         form_rows = [best]
         chosen_edit = replace(cfg.edit, lr=best["config"]["lr"], rows=rows_choice)
-        # more forms (every kind, the varied "usage" sentences too) and fewer
-        for kinds in (KINDS, ("statement", "question")) if compare_forms else ():
+        for kinds in cfg.form_sets if compare_forms else ():
             form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}{_variant(chosen_edit)}-"
                                  f"{'+'.join(kinds)}", best["adapter"], dev_facts, replace(chosen_edit, kinds=kinds),
                                  phase="dev-forms"))
