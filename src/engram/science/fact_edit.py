@@ -340,7 +340,10 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                                       "coverage_all": r["coverage"]["questions_all"],
                                       "kind": {"dev": "recipe", "dev-forms": "recipe (forms)",
                                                "dev-control": "positive control: Engram layer trains too",
-                                               "dev-diagnostic": "diagnostic: no KL terms"}[r["phase"]]}
+                                               "dev-diagnostic": "diagnostic: no KL terms"}[r["phase"]]
+                                      # runs of the first trainer (before length-sorted batches and the
+                                      # cached top-k KL) are kept, and marked as such
+                                      + ("" if "kl_topk" in r["config"] else " (first trainer)")}
                                    for r in rows if r.get("phase", "").startswith("dev")]}
 
     def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -401,6 +404,10 @@ def summary_markdown(s: dict[str, Any]) -> str:
                      f"{100 * r['dev_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
                      f"{r['answer_loss_first']:.2f} -> {r['answer_loss_last']:.2f} | {r['steps_run']} ({r['best_step']}) | "
                      f"{100 * r['coverage_all']:.0f}% | {r['kl']:.4f} | {r['seconds']:.0f} |")
+    if any(r["kind"].endswith("(first trainer)") for r in s["dev"]):
+        lines += ["", "*(first trainer)*: a run of the trainer's first version, which recomputed the unedited "
+                  "model's distribution in full at every step and drew batches at random (same loss and data, "
+                  "slower); kept for the comparison it gives."]
     for name in ("test", "control"):
         b = s.get(name)
         if not b:
