@@ -334,6 +334,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
     out: dict[str, Any] = {"chosen": chosen, "facts": cfg.facts, "seeds": seeds,
                            "dev": [{k: r[k] for k in ("key", "adapter", "dev_exact", "train_forms_exact", "seconds")}
                                    | {"lr": r["config"]["lr"], "kinds": r["config"]["kinds"], "kl": r["neutral"]["kl"],
+                                         "rows": r["config"].get("rows", "all"),
                                       "steps_run": r["report"].get("steps_run"), "best_step": r["report"].get("best_step"),
                                       "answer_loss_first": r["report"].get("answer_loss_first"),
                                       "answer_loss_last": r["report"].get("answer_loss_last"),
