@@ -113,7 +113,8 @@ def test_rows_are_a_dev_choice_and_forms_may_go_uncompared(patched, tmp_path, mo
     chosen = json.loads((out / "chosen.json").read_text())
     assert (chosen["rows"], chosen["lr"], chosen["forms_compared"]) == ("subject", 0.3, False)
     assert len(rows_seen) == 6  # no forms runs
-    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("test", "summary"),
-                    log=lambda m: None)
+    s = study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("test", "summary"),
+                        log=lambda m: None)
     assert rows_seen[-1] == "subject"
+    assert sorted(r["rows"] for r in s["dev"]) == ["all"] * 3 + ["subject"] * 3
     assert "fewer forms were not compared" in (out / "summary.md").read_text()
