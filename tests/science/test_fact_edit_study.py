@@ -72,7 +72,9 @@ def test_a_dev_grid_alone_is_summarised(patched, tmp_path, monkeypatch):
     study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid",), extend=False,
                     log=lambda m: None)
     s = study.run_study({}, tok(patched), 0, patched, out, cfg, phases=("summary",), log=lambda m: None)
-    assert [r["key"] for r in s["dev"]] == ["dev-a-lr0.1"] and "test" not in s
+    # the key names each setting that differs from the fixed key base (rows all, five kinds)
+    assert [r["key"] for r in s["dev"]] == ["dev-a-lr0.1-rowssubject-statement+question+cloze+paraphrase+chat+usage"]
+    assert "test" not in s
     assert "only the dev grid has run" in (out / "summary.md").read_text()
 
 

@@ -118,7 +118,7 @@ def register(sub: Any) -> None:
     s.add_argument("--neutral-kl-weight", type=float, default=1.0)
     s.add_argument("--layer-lr", type=float, default=0.0,
                    help="grid only: the positive control (the Engram layer's own weights train too)")
-    s.add_argument("--rows", default="all", choices=["all", "subject"],
+    s.add_argument("--rows", default="subject", choices=["all", "subject"],
                    help="grid only: which rows the recipe trains (both are recipe choices, made on dev)")
     s.add_argument("--page", help="with the summary phase: also write a results page here")
     s.add_argument("--page-command", help="the commands that made the runs, shown on the page")
@@ -127,7 +127,7 @@ def register(sub: Any) -> None:
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
     s.add_argument("--form-sets", nargs="+", metavar="KIND+KIND",
                    help="forms phase: the sets of training forms to compare with the default ones (default: every "
-                        "kind, and statement+question)")
+                        "kind but usage, and statement+question)")
     s.add_argument("--all-forms", action="store_true",
                    help="forms phase: choose adapter x rows x lr only, and train on every form without comparing "
                         "fewer (recorded as not compared on the page)")

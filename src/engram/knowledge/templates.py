@@ -25,8 +25,6 @@ from typing import Any, Mapping, Optional, Sequence
 from engram.errors import EngramError
 
 KINDS = ("statement", "question", "cloze", "paraphrase", "chat", "usage")
-# The forms trained by default (chosen on dev facts; docs/knowledge.md).
-DEFAULT_KINDS = ("statement", "question", "cloze", "paraphrase", "chat")
 SPLITS = ("train", "dev", "test")
 
 

@@ -60,8 +60,8 @@ class FactEditStudyConfig:
     control_layer_lr: float = 3e-3  # the positive control's lr for the Engram layer's own weights
     capacity: tuple[int, ...] = (25, 300)  # extra fact counts (single seed beyond 100)
     update_facts: int = 25
-    # forms phase: the sets of training forms compared with the grid's (the default forms)
-    form_sets: tuple[tuple[str, ...], ...] = (KINDS, ("statement", "question"))
+    # forms phase: the sets of training forms compared with the grid's (the default: every kind)
+    form_sets: tuple[tuple[str, ...], ...] = (tuple(k for k in KINDS if k != "usage"), ("statement", "question"))
     edit: FactEditConfig = field(default_factory=FactEditConfig)
 
 
@@ -158,21 +158,28 @@ def _forbidden_text(data_dir: PathLike, tok: Any, cache: Path) -> str:
     return text
 
 
-def _variant(edit: FactEditConfig) -> str:
-    """Run-key suffix of a dev run that is not the recipe: a control or a diagnostic."""
-    base = FactEditConfig()
+# The settings a dev run's key leaves unsaid. Fixed here, not read from FactEditConfig's
+# defaults, so that the keys of runs on disk stay valid when the defaults change.
+_KEY_BASE: dict[str, Any] = {"kl_weight": 1.0, "neutral_kl_weight": 1.0, "layer_lr": 0.0, "rows": "all",
+                             "kinds": ("statement", "question", "cloze", "paraphrase", "chat")}
+
+
+def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
+    """Run-key suffix of a dev run: each setting that differs from ``_KEY_BASE``."""
     out = "".join(f"-{k}{getattr(edit, k):g}" for k in ("kl_weight", "neutral_kl_weight", "layer_lr")
-                  if getattr(edit, k) != getattr(base, k))
-    return out + (f"-rows{edit.rows}" if edit.rows != base.rows else "")
+                  if getattr(edit, k) != _KEY_BASE[k])
+    out += f"-rows{edit.rows}" if edit.rows != _KEY_BASE["rows"] else ""
+    if with_kinds and tuple(edit.kinds) != _KEY_BASE["kinds"]:
+        out += "-" + "+".join(edit.kinds)
+    return out
 
 
 def _dev_phase(edit: FactEditConfig) -> str:
-    """Recipe runs ("dev", either choice of rows) take part in the choice; controls and
+    """Recipe runs ("dev": either rows, any forms) take part in the choice; controls and
     diagnostics are reported."""
-    base = FactEditConfig()
     if edit.layer_lr > 0:
         return "dev-control"
-    if (edit.kl_weight, edit.neutral_kl_weight) != (base.kl_weight, base.neutral_kl_weight):
+    if (edit.kl_weight, edit.neutral_kl_weight) != (_KEY_BASE["kl_weight"], _KEY_BASE["neutral_kl_weight"]):
         return "dev-diagnostic"
     return "dev"
 
@@ -241,9 +248,11 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
         if best["adapter"] not in adapters:
             raise StudyError(f"dev chose adapter {best['adapter']!r}; pass it with --adapters {best['adapter']}=DIR")
         form_rows = [best]
-        chosen_edit = replace(cfg.edit, lr=best["config"]["lr"], rows=rows_choice)
+        chosen_edit = replace(cfg.edit, lr=best["config"]["lr"], rows=rows_choice, kinds=tuple(best["config"]["kinds"]))
         for kinds in cfg.form_sets if compare_forms else ():
-            form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}{_variant(chosen_edit)}-"
+            if tuple(kinds) == chosen_edit.kinds:
+                continue
+            form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}{_variant(chosen_edit, False)}-"
                                  f"{'+'.join(kinds)}", best["adapter"], dev_facts, replace(chosen_edit, kinds=kinds),
                                  phase="dev-forms"))
         chosen = {"adapter": best["adapter"], "lr": best["config"]["lr"], "rows": rows_choice,
