@@ -213,3 +213,15 @@ def test_cached_topk_kl_trains_like_the_full_reference(world, one_thread):
         assert torch.allclose(lp.new.float(), fast.patch.layers[lid].new.float(), atol=1e-4)
     with pytest.raises(FactEditError, match="rows="):
         FactEditConfig(rows="everything")
+
+
+def test_scoring_in_length_sorted_batches_matches_one_case_at_a_time(world, one_thread):
+    model, tok = world
+    facts = invent_facts(4, seed=5)
+    cases = [c for c in fact_cases(tok, facts, lambda f: templates(f.relation, "train"), chat_format(tok))
+             if len(c.ids) <= model.cfg.max_seq_len]
+    assert len({len(c.ids) for c in cases}) > 3  # lengths differ, so sorting reorders
+    batched = score(model, cases, 0, batch_size=8)
+    alone = [score(model, [c], 0) for c in cases]
+    assert batched["per_case_exact"] == [a["per_case_exact"][0] for a in alone]
+    assert batched["answer_nll"] == pytest.approx(sum(a["answer_nll"] for a in alone) / len(cases), rel=1e-4)

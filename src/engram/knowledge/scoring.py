@@ -112,23 +112,27 @@ def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32) 
     n_asked = len(cases)
     if limit:  # questions longer than the model's positions are left out, and counted
         cases = [c for c in cases if len(c.ids) <= limit]
-    exact, top1, rank, nll = [], [], [], []
+    n_cases = len(cases)
+    exact, top1 = [False] * n_cases, [False] * n_cases
+    rank, nll = [0] * n_cases, [0.0] * n_cases
+    # batches of similar length pad little; results go back to the cases' own order
+    order = sorted(range(n_cases), key=lambda i: len(cases[i].ids))
     was = model.training
     model.eval()
     try:
-        for s in range(0, len(cases), batch_size):
-            chunk = cases[s:s + batch_size]
-            ids, _ = pad_batch(chunk, pad_id)
+        for s in range(0, n_cases, batch_size):
+            idx = order[s:s + batch_size]
+            ids, _ = pad_batch([cases[i] for i in idx], pad_id)
             logits = model(ids).logits.float()
-            for i, c in enumerate(chunk):
+            for row, i in enumerate(idx):
+                c = cases[i]
                 a, n = len(c.prompt_ids), len(c.answer_ids)
-                lg = logits[i, a - 1:a - 1 + n]
+                lg = logits[row, a - 1:a - 1 + n]
                 gold = torch.tensor(c.answer_ids)
-                exact.append(bool((lg.argmax(-1) == gold).all()))
-                nll.append(float(F.cross_entropy(lg, gold)))
-                r = int((lg[0] > lg[0, gold[0]]).sum()) + 1
-                rank.append(r)
-                top1.append(r == 1)
+                exact[i] = bool((lg.argmax(-1) == gold).all())
+                nll[i] = float(F.cross_entropy(lg, gold))
+                rank[i] = int((lg[0] > lg[0, gold[0]]).sum()) + 1
+                top1[i] = rank[i] == 1
     finally:
         model.train(was)
     n = max(1, len(cases))
