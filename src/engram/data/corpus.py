@@ -437,6 +437,12 @@ def _city_documents(min_population: int) -> tuple[list[Document], list[Fact]]:
     return docs, all_facts
 
 
+def country_capitals() -> list[tuple[str, str]]:
+    """(country, capital) of every country with a capital, in ISO alpha-2 order; the country as
+    English writes it mid-sentence ("the United Kingdom"), as the corpus's sentences do."""
+    return [(_with_article(r["name"]), r["capital"]) for r in _country_table() if r["capital"]]
+
+
 @functools.lru_cache(maxsize=4)
 def _fact_corpus(min_city_population: int) -> tuple[tuple[Document, ...], tuple[Fact, ...]]:
     cdocs, cfacts = _country_documents()

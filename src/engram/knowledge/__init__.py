@@ -7,5 +7,10 @@ trainer that writes them into Engram tables as a patch, and the scorers.
 - :mod:`engram.knowledge.scoring`: exact greedy answers, first-token rank, KL on neutral text;
 - :mod:`engram.knowledge.editor`: the fact-edit trainer (answer loss + KL to the unedited model,
   every row the usage sentences read, stopping on dev accuracy) -> a ``.engp`` patch;
-- :mod:`engram.knowledge.study`: the measured study (dev/test facts and templates, seeds).
+- :mod:`engram.knowledge.study`: the measured study (dev/test facts and templates, seeds);
+- :mod:`engram.knowledge.counterfact`: counterfactual edits of capitals a model knows, and their
+  neighbourhood;
+- :mod:`engram.knowledge.rome`: ROME, a fact as a rank-one update of one MLP down-projection;
+- :mod:`engram.knowledge.retrieval`: retrieval-augmented prompting (BM25 over the facts' sentences
+  and distractor text), with the oracle passage as its upper bound.
 """
