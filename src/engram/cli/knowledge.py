@@ -2,6 +2,8 @@
 
     engram knowledge ask --ckpt ADAPTER --facts facts.jsonl [--patch P.engp]   score the held-out questions
     engram knowledge study --adapters L1=DIR L10=DIR --data DIR --out OUT     the measured study
+    engram knowledge counterfactual --base smollm2-135m --out cf.jsonl         capitals it knows, edited
+    engram knowledge rome --base smollm2-135m --subject France --answer Rome    one ROME edit, before/after
 
 Teaching itself is ``engram patch train --ckpt ADAPTER --facts facts.jsonl --out facts.engp``
 (:mod:`engram.cli.patch`). Handlers import the library lazily, inside the function, so that
@@ -31,6 +33,133 @@ def _load(ckpt: str, quiet: bool) -> tuple[Any, Any, int]:
     model = load(ckpt, progress=not quiet)
     tok = model.loaded_from.require_tokenizer()
     return model.eval(), tok, int(tokenizer_info(tok).eos_id)
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """--base NAME (the pretrained base alone) or --ckpt DIR (a run or an adapter), exactly one."""
+    if bool(args.base) == bool(args.ckpt):
+        raise EngramError("give exactly one of --base NAME (e.g. smollm2-135m) or --ckpt DIR")
+    if args.ckpt:
+        return _load(args.ckpt, args.quiet)
+    from engram.retrofit.base import load_base
+
+    base = load_base(args.base, progress=not args.quiet)
+    return base.model, base.tokenizer, base.pad_id
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    from engram.knowledge.counterfact import (
+        CounterfactError,
+        capital_facts,
+        known_fractions,
+        make_counterfacts,
+        write_counterfacts,
+    )
+
+    model, tok, pad = _load_model(args)
+    facts = capital_facts()
+    fractions = known_fractions(model, tok, facts, pad)
+    known = [f for f, x in zip(facts, fractions) if x >= args.min_fraction - 1e-9]
+    if len(known) < 2:
+        raise CounterfactError(f"the model knows {len(known)} of {len(facts)} capitals (held-out questions "
+                               f"answered >= {args.min_fraction:g}); an edit set needs at least 2: lower "
+                               f"--min-fraction or use a model that knows more")
+    edits, neighbours = make_counterfacts(known, min(args.n, len(known) - 1), args.seed, args.neighbours)
+    npath = write_counterfacts(args.out, edits, neighbours)
+    res = {"capital_facts": len(facts), "known": len(known), "min_fraction": args.min_fraction,
+           "known_at": {f"{t:g}": sum(x >= t - 1e-9 for x in fractions) for t in (1.0, 0.8, 0.6, 0.4, 0.2)},
+           "edits": len(edits), "neighbours": len(neighbours), "out": str(args.out), "neighbours_out": str(npath)}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{len(known)} of {len(facts)} capitals known (held-out questions answered: "
+              f">= {args.min_fraction:g}); {len(edits)} edits -> {args.out}, {len(neighbours)} neighbours -> {npath}")
+    return 0
+
+
+def _top(model: Any, tok: Any, prompt: str, answer: str) -> dict[str, Any]:
+    """The greedy next token after ``prompt`` and the probability of ``answer``'s first token."""
+    import torch
+
+    from engram.knowledge.scoring import encode_case
+
+    case = encode_case(tok, prompt, answer)
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([case.prompt_ids])).logits[0, -1].float(), -1)
+    return {"prompt": prompt, "top1": tok.decode([int(p.argmax())]), "p_answer": float(p[case.answer_ids[0]])}
+
+
+def cmd_rome(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from engram.fsutil import atomic_write
+    from engram.knowledge.facts import Fact
+    from engram.knowledge.rome import RomeConfig, RomeEditor, down_proj
+    from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
+    from engram.knowledge.templates import chat_format, templates
+
+    model, tok, pad = _load_model(args)
+    fact = Fact(args.subject, args.relation, args.answer)
+    neighbours = []
+    for spec in args.neighbour or ():
+        subject, _, answer = spec.partition("=")
+        if not answer:
+            raise EngramError(f"--neighbour {spec!r}: write SUBJECT=ANSWER (e.g. Germany=Berlin)")
+        neighbours.append(Fact(subject, args.relation, answer))
+    verbatim = templates(args.relation, "train", ["statement"])[0]
+    chat = chat_format(tok)
+    held_out = lambda facts: fact_cases(tok, facts, lambda f: templates(f.relation, "test"), chat)
+
+    def measure() -> dict[str, Any]:
+        out = {"edit": _top(model, tok, verbatim.render(fact.subject, fact.answer)[0], fact.answer),
+               "paraphrases_exact": score(model, held_out([fact]), pad)["exact"],
+               "paraphrases": [_top(model, tok, t.render(fact.subject, fact.answer, chat)[0], fact.answer)
+                               for t in templates(args.relation, "test")]}
+        if neighbours:
+            out["neighbours"] = [_top(model, tok, verbatim.render(f.subject, f.answer)[0], f.answer)
+                                 for f in neighbours]
+            out["neighbours_exact"] = score(model, held_out(neighbours), pad)["exact"]
+        return out
+
+    cfg = RomeConfig(layer=args.layer, steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
+                     cov_windows=args.cov_windows)
+    t0 = time.time()
+    editor = RomeEditor(model, tok, cfg, cov_windows=neutral_windows(tok, "train", cfg.cov_windows,
+                                                                     cfg.cov_window_len))
+    cov_s = time.time() - t0
+    windows = neutral_windows(tok, "eval", 8, 128)
+    before_lp = logprobs(model, windows)
+    before = measure()
+    w0 = down_proj(model, cfg.layer).weight.detach().clone()
+    t0 = time.time()
+    edit = editor.edit(fact)
+    edit_s = time.time() - t0
+    after = measure()
+    after["neutral"] = neutral_change(model, windows, before_lp)
+    editor.revert_all()
+    res = {"fact": {"subject": fact.subject, "relation": fact.relation, "answer": fact.answer},
+           "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+           "before": before, "after": after, "optimisation": edit.stats, "bytes": edit.nbytes,
+           "covariance_seconds": cov_s, "edit_seconds": edit_s,
+           "reverted_bit_for_bit": bool(torch.equal(down_proj(model, cfg.layer).weight, w0))}
+    if args.out:
+        data = (json.dumps(res, indent=1) + "\n").encode()
+        atomic_write(args.out, lambda f: f.write(data))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for name, r in (("before", before), ("after", after)):
+            e = r["edit"]
+            line = f"{name:<7} {e['prompt']!r} -> {e['top1']!r} (p({fact.answer})={e['p_answer']:.3f}); " \
+                   f"held-out exact {100 * r['paraphrases_exact']:.0f}%"
+            if neighbours:
+                line += f"; neighbours exact {100 * r['neighbours_exact']:.0f}% " + \
+                        ", ".join(f"{n['prompt'].split()[-2]}->{n['top1']!r}" for n in r["neighbours"])
+            print(line)
+        print(f"neutral-text KL {after['neutral']['kl']:.4f}; reverted bit for bit: {res['reverted_bit_for_bit']}")
+    return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -99,6 +228,38 @@ def register(sub: Any) -> None:
     add_common(a, "--quiet")
     add_common(a, "--json")
     a.set_defaults(fn=cmd_ask)
+
+    c = p.add_parser("counterfactual", help="CounterFact-style edits of the capitals a model knows, with a "
+                     "neighbourhood of known capitals that must stay right")
+    add_common(c, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
+    c.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
+    add_common(c, "--out", required=True, help="the edits, JSON lines (the neighbourhood goes next to it)")
+    c.add_argument("--n", type=int, default=100, help="edits (at most the known facts less one)")
+    c.add_argument("--neighbours", type=int, default=100, help="known, unedited facts kept as the neighbourhood")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--min-fraction", type=float, default=1.0,
+                   help="a fact is known when the model answers this fraction of its held-out questions")
+    add_common(c, "--quiet")
+    add_common(c, "--json")
+    c.set_defaults(fn=cmd_counterfactual)
+
+    r = p.add_parser("rome", help="one ROME edit (rank-one MLP update) measured before and after, then reverted")
+    add_common(r, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
+    r.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
+    r.add_argument("--subject", required=True)
+    r.add_argument("--answer", required=True, help="the new answer, e.g. Rome")
+    r.add_argument("--relation", default="capital", help="whose templates ask it (default capital)")
+    r.add_argument("--neighbour", action="append", metavar="SUBJECT=ANSWER",
+                   help="a fact that must stay right (repeatable), e.g. Germany=Berlin")
+    r.add_argument("--layer", type=int, default=4, help="decoder layer whose MLP is edited")
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--lr", type=float, default=0.5)
+    r.add_argument("--kl-weight", type=float, default=0.0625, help="the essence KL (0: off)")
+    r.add_argument("--cov-windows", type=int, default=64, help="128-token windows of neutral text for C")
+    add_common(r, "--out", help="also write the numbers here as JSON")
+    add_common(r, "--quiet")
+    add_common(r, "--json")
+    r.set_defaults(fn=cmd_rome)
 
     s = p.add_parser("study", help="fact edits on invented facts: dev choices, test seeds, control, updates")
     s.add_argument("--adapters", nargs="+", required=True, metavar="NAME=DIR",

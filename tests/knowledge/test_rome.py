@@ -1,0 +1,94 @@
+"""ROME on a tiny Llama: the rank-one update maps the key to the value and spares keys orthogonal
+to it in the covariance metric; an edit makes the model say the new answer; edits revert bit for bit."""
+
+import pytest
+import torch
+
+from engram.data.tokenizer import train_bpe
+from engram.knowledge.facts import Fact
+from engram.knowledge.rome import RomeConfig, RomeEditor, RomeError, down_proj, key_covariance, rank_one_update
+from engram.knowledge.scoring import encode_case, score
+
+pytest.importorskip("transformers", reason="ROME's tests build a tiny Llama with transformers")
+
+WORDS = "the capital of france is paris rome berlin germany spain madrid city a land river old new".split()
+
+
+def test_rank_one_update_writes_the_key_and_spares_c_orthogonal_keys():
+    g = torch.Generator().manual_seed(0)
+    D, Fd = 6, 10
+    w = torch.randn(D, Fd, generator=g)
+    a = torch.randn(Fd, 3 * Fd, generator=g)
+    cov = (a @ a.T / (3 * Fd)).double()
+    key, value = torch.randn(Fd, generator=g), torch.randn(D, generator=g)
+    right, left = rank_one_update(w, key, value, cov)
+    new = w + torch.outer(right, left)
+    assert torch.allclose(new @ key, value, atol=1e-4)
+    other = torch.randn(Fd, generator=g).double()
+    cinv_k = torch.linalg.solve(cov, key.double())
+    other = (other - (other @ cinv_k) / (cinv_k @ cinv_k) * cinv_k).float()  # other . C^-1 k* = 0
+    assert abs(float(other.double() @ cinv_k)) < 1e-5
+    assert torch.allclose(new @ other, w @ other, atol=1e-4)
+    assert not torch.allclose(new @ torch.randn(Fd, generator=g), w @ torch.randn(Fd, generator=g), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_bpe([" ".join(WORDS)] * 20, 300)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                      initializer_range=0.3)  # large enough weights that one MLP output can move the logits
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    windows = torch.randint(2, tok.get_vocab_size(), (8, 32), generator=torch.Generator().manual_seed(1))
+    return model, tok, windows
+
+
+def test_key_covariance_is_the_keys_second_moment(llama):
+    model, _, windows = llama
+    keys = []
+    h = down_proj(model, 1).register_forward_pre_hook(lambda m, a: keys.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(windows)  # the slow reference: every key of a full forward
+    h.remove()
+    k = torch.cat(keys).double()
+    assert torch.allclose(key_covariance(model, 1, windows), k.T @ k / k.shape[0], atol=1e-8)
+
+
+def test_edit_says_the_new_answer_and_reverts_bit_for_bit(llama, one_thread):
+    model, tok, windows = llama
+    cfg = RomeConfig(layer=1, steps=40, prefix_tokens=2, weight_decay=0.0, clamp=1e3)
+    ed = RomeEditor(model, tok, cfg, cov_windows=windows)
+    w0 = down_proj(model, 1).weight.clone()
+    rome, madrid = Fact("france", "capital", "rome"), Fact("germany", "capital", "madrid")
+    # the prompt ends in the subject: in a random tiny model the edit's own position carries it best
+    case = encode_case(tok, "The capital of france", "rome")
+    before = score(model, [case], 0)["exact"]
+    e1 = ed.edit(rome, prompt="The capital of france")
+    assert e1.stats["nll_optimised"] < e1.stats["nll_before"]
+    assert score(model, [case], 0)["exact"] == 1.0 and before == 0.0
+    assert e1.nbytes == (32 + 64) * 4
+    w1 = down_proj(model, 1).weight.clone()
+    ed.edit(madrid, prompt="The capital of germany")
+    assert not torch.equal(down_proj(model, 1).weight, w1)
+    ed.revert()
+    assert torch.equal(down_proj(model, 1).weight, w1)
+    ed.revert_all()
+    assert torch.equal(down_proj(model, 1).weight, w0)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RomeError, match="cannot revert"):
+        ed.revert()
+
+
+def test_bad_layer_and_missing_text_are_one_line_errors(llama, one_thread):
+    model, tok, windows = llama
+    with pytest.raises(RomeError, match="layer=7 out of range"):
+        RomeEditor(model, tok, RomeConfig(layer=7), cov_windows=windows)
+    with pytest.raises(RomeError, match="cov_windows"):
+        RomeEditor(model, tok, RomeConfig(layer=0))
+    ed = RomeEditor(model, tok, RomeConfig(layer=0, prefix_tokens=0), cov_windows=windows)
+    with pytest.raises(RomeError, match="subject must occur"):
+        ed.compute(Fact("france", "capital", "rome"), prompt="The capital city is")
