@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from engram.errors import EngramError
 from engram.knowledge.facts import Fact
 from engram.knowledge.scoring import Case, encode_case, pad_batch
-from engram.knowledge.templates import templates
+from engram.knowledge.templates import verbatim
 from engram.retrofit.model import decoder_layers
 
 CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")  # as in the ROME paper's code
@@ -214,7 +214,7 @@ class RomeEditor:
         """The edit that writes ``fact`` (asked with ``prompt``, default the relation's first
         training statement up to the answer), computed on the model as it is now."""
         if prompt is None:
-            prompt = templates(fact.relation, "train", ["statement"])[0].render(fact.subject, fact.answer)[0]
+            prompt = verbatim(fact.relation).render(fact.subject, fact.answer)[0]
         cfg, model, proj = self.cfg, self.model, self.proj
         rewrite = [self._case(p + prompt, fact.answer, fact.subject) for p in self.prefixes()]
         essence = [self._case(f"{fact.subject} is a", "x", fact.subject)] if cfg.kl_weight > 0 else []

@@ -228,3 +228,14 @@ def templates(relation: str, split: str, kinds: Optional[Sequence[str]] = None) 
 def bank() -> Mapping[str, Mapping[str, list[Template]]]:
     """Every template, {relation: {split: [Template]}} (read-only use)."""
     return _BANK
+
+
+def verbatim(relation: str) -> Template:
+    """The form an edit is requested in (CounterFact's "prompt"): the relation's first training
+    statement, e.g. "The capital of {S} is {A}."; asking it measures efficacy."""
+    return templates(relation, "train", ["statement"])[0]
+
+
+def asked(relation: str, split: str) -> list[Template]:
+    """The questions of ``split``, or ``"verbatim"``: the one verbatim form."""
+    return [verbatim(relation)] if split == "verbatim" else templates(relation, split)
