@@ -1,8 +1,12 @@
-"""`engram knowledge counterfactual` and `engram knowledge rome` on the tiny Llama base."""
+"""`engram knowledge counterfactual`, `rome` and `bench` on the tiny Llama base."""
 
 import json
 
+import pytest
+
 from engram.cli.main import main
+from engram.knowledge.counterfact import Counterfact, write_counterfacts
+from engram.knowledge.facts import Fact
 
 
 def test_counterfactual_needs_a_model_that_knows_capitals(tiny_base, tmp_path, capsys, one_thread):
@@ -27,3 +31,28 @@ def test_rome_edits_measures_and_reverts(tiny_base, tmp_path, capsys, one_thread
     assert main(["knowledge", "rome", "--base", str(tiny_base["base"]), "--subject", "the cat", "--answer", "dog",
                  "--neighbour", "oops", "--quiet"]) == 2
     assert "SUBJECT=ANSWER" in capsys.readouterr().err
+
+
+def test_bench_runs_every_method_once_and_resumes(tiny_base, tmp_path, capsys, one_thread):
+    pytest.importorskip("bm25s")
+    cf = tmp_path / "cf.jsonl"
+    write_counterfacts(cf, [Counterfact("France", "Paris", "Rome"), Counterfact("Peru", "Lima", "Oslo")],
+                       [Fact("Spain", "capital", "Madrid")])
+    out = tmp_path / "bench"
+    args = ["knowledge", "bench", "--base", str(tiny_base["base"]), "--counterfactual", str(cf), "--out", str(out),
+            "--facts", "2", "--distractors", "50", "--rome-layer", "1", "--rome-steps", "2", "--quiet", "--json"]
+    assert main(args) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert {(r["set"], r["method"]) for r in recs} == {(s, m) for s in ("counterfactual", "new")
+                                                      for m in ("none", "oracle", "retrieval", "rome")}
+    for r in recs:
+        assert r["reverted_bit_for_bit"] is True and r["facts"] == 2 and 0 <= r["generalisation"] <= 1
+        assert r["specificity_before"] == next(x for x in recs if x["method"] == "none")["specificity_before"]
+    rome = next(r for r in recs if r["method"] == "rome" and r["set"] == "counterfactual")
+    assert rome["bytes_per_fact"] == (64 + 128) * 4 and rome["neutral"]["kl"] >= 0
+    retr = next(r for r in recs if r["method"] == "retrieval" and r["set"] == "counterfactual")
+    assert 0 <= retr["hit_rate"] <= 1 and retr["extra_prompt_tokens"] > 0
+    stamp = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert main(args) == 0  # a rerun reads the run files and runs nothing
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == stamp
+    assert "| counterfactual | rome |" in (out / "summary.md").read_text()

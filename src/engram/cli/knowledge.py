@@ -4,6 +4,7 @@
     engram knowledge study --adapters L1=DIR L10=DIR --data DIR --out OUT     the measured study
     engram knowledge counterfactual --base smollm2-135m --out cf.jsonl         capitals it knows, edited
     engram knowledge rome --base smollm2-135m --subject France --answer Rome    one ROME edit, before/after
+    engram knowledge bench --base smollm2-135m --counterfactual cf.jsonl --out OUT   methods side by side
 
 Teaching itself is ``engram patch train --ckpt ADAPTER --facts facts.jsonl --out facts.engp``
 (:mod:`engram.cli.patch`). Handlers import the library lazily, inside the function, so that
@@ -99,6 +100,7 @@ def cmd_rome(args: argparse.Namespace) -> int:
     from engram.knowledge.rome import RomeConfig, RomeEditor, down_proj
     from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
     from engram.knowledge.templates import chat_format, templates
+    from engram.knowledge.templates import verbatim as templates_verbatim
 
     model, tok, pad = _load_model(args)
     fact = Fact(args.subject, args.relation, args.answer)
@@ -108,7 +110,7 @@ def cmd_rome(args: argparse.Namespace) -> int:
         if not answer:
             raise EngramError(f"--neighbour {spec!r}: write SUBJECT=ANSWER (e.g. Germany=Berlin)")
         neighbours.append(Fact(subject, args.relation, answer))
-    verbatim = templates(args.relation, "train", ["statement"])[0]
+    verbatim = templates_verbatim(args.relation)
     chat = chat_format(tok)
     held_out = lambda facts: fact_cases(tok, facts, lambda f: templates(f.relation, "test"), chat)
 
@@ -159,6 +161,28 @@ def cmd_rome(args: argparse.Namespace) -> int:
                         ", ".join(f"{n['prompt'].split()[-2]}->{n['top1']!r}" for n in r["neighbours"])
             print(line)
         print(f"neutral-text KL {after['neutral']['kl']:.4f}; reverted bit for bit: {res['reverted_bit_for_bit']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engram.fsutil import atomic_write
+    from engram.knowledge.bench import Bench, BenchConfig, table
+    from engram.knowledge.counterfact import neighbours_path, read_counterfacts
+    from engram.knowledge.facts import read_facts
+    from engram.knowledge.retrieval import RetrievalConfig
+    from engram.knowledge.rome import RomeConfig
+
+    counterfacts = read_counterfacts(args.counterfactual)
+    neighbours, _ = read_facts(neighbours_path(args.counterfactual))
+    cfg = BenchConfig(methods=tuple(args.methods), sets=tuple(args.sets), seeds=tuple(args.seeds), facts=args.facts,
+                      neighbours=args.neighbours, retrieval=RetrievalConfig(k=args.k, distractors=args.distractors),
+                      rome=RomeConfig(layer=args.rome_layer, steps=args.rome_steps))
+    model, tok, pad = _load_model(args)
+    recs = Bench(model, tok, pad, cfg, counterfacts, neighbours).run_all(args.out, progress=not args.quiet)
+    md = table(recs)
+    data = md.encode()
+    atomic_write(Path(args.out) / "summary.md", lambda f: f.write(data))
+    print(json.dumps(recs, indent=1, default=float) if args.json else md)
     return 0
 
 
@@ -260,6 +284,27 @@ def register(sub: Any) -> None:
     add_common(r, "--quiet")
     add_common(r, "--json")
     r.set_defaults(fn=cmd_rome)
+
+    b = p.add_parser("bench", help="the knowledge benchmark: methods side by side on counterfactual and new facts "
+                     "(one JSON per run, resumable)")
+    add_common(b, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
+    b.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
+    b.add_argument("--counterfactual", required=True,
+                   help="edits from `engram knowledge counterfactual` (its .neighbours.jsonl next to it)")
+    add_common(b, "--out", required=True, help="benchmark directory (runs/*.json, summary.md)")
+    b.add_argument("--methods", nargs="+", default=["none", "oracle", "retrieval", "rome"],
+                   choices=["none", "oracle", "retrieval", "rome"])
+    b.add_argument("--sets", nargs="+", default=["counterfactual", "new"], choices=["counterfactual", "new"])
+    b.add_argument("--seeds", type=int, nargs="+", default=[0], help="new facts: one set per seed")
+    b.add_argument("--facts", type=int, default=100, help="facts per run")
+    b.add_argument("--neighbours", type=int, default=100)
+    b.add_argument("--k", type=int, default=3, help="retrieval: passages before each question")
+    b.add_argument("--distractors", type=int, default=10_000, help="retrieval: built-in sentences in the store")
+    b.add_argument("--rome-layer", type=int, default=4)
+    b.add_argument("--rome-steps", type=int, default=20)
+    add_common(b, "--quiet")
+    add_common(b, "--json")
+    b.set_defaults(fn=cmd_bench)
 
     s = p.add_parser("study", help="fact edits on invented facts: dev choices, test seeds, control, updates")
     s.add_argument("--adapters", nargs="+", required=True, metavar="NAME=DIR",

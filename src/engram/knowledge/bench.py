@@ -1,0 +1,200 @@
+"""The knowledge benchmark: each method on the same facts, asked with the same questions, scored
+with the same scorer, one resumable JSON file per run.
+
+Fact sets
+    - ``counterfactual``: edits of capitals the model knows (:mod:`engram.knowledge.counterfact`);
+    - ``new``: invented facts (:func:`engram.knowledge.facts.invent_facts`, one set per seed).
+    Both are checked against the same *neighbourhood*: known capitals that no edit touches.
+
+Methods
+    - ``none``: the unedited model (the floor);
+    - ``oracle``: the fact's own sentence before each question (the upper bound of retrieval);
+    - ``retrieval``: BM25 top-k passages before each question (:mod:`engram.knowledge.retrieval`);
+    - ``rome``: ROME edits applied one after another, measured after the last, then reverted.
+
+Per run: ``efficacy`` (exact answers to the verbatim form the edit was asked in),
+``generalisation`` (the held-out test questions), ``specificity`` (the neighbourhood's test
+questions with their true answers), the neighbourhood unedited (``specificity_before``), the
+retrieval hit rate, extra prompt tokens per question, bytes added per fact, seconds to add the
+facts, the KL on neutral text (weight edits), and whether reverting restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from engram.errors import EngramError
+from engram.fsutil import PathLike, atomic_write
+from engram.knowledge.facts import Fact, invent_facts
+from engram.knowledge.retrieval import FactStore, RetrievalConfig, ask, distractor_sentences
+from engram.knowledge.rome import RomeConfig, RomeEditor, down_proj
+from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
+from engram.knowledge.templates import asked, chat_format
+
+METHODS = ("none", "oracle", "retrieval", "rome")
+SETS = ("counterfactual", "new")
+
+
+class BenchError(EngramError):
+    """Bad benchmark settings; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    methods: tuple[str, ...] = METHODS
+    sets: tuple[str, ...] = SETS
+    seeds: tuple[int, ...] = (0,)
+    facts: int = 100  # facts per run (the counterfactual file's first ones)
+    neighbours: int = 100
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    rome: RomeConfig = field(default_factory=RomeConfig)
+    neutral_windows: int = 8  # 128-token windows of neutral text for the KL
+
+
+class _Runs:
+    """One JSON file per finished run under ``root``; a rerun skips them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> Optional[dict[str, Any]]:
+        p = self.root / f"{key}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def put(self, key: str, rec: dict[str, Any]) -> dict[str, Any]:
+        data = (json.dumps(rec, indent=1, default=float) + "\n").encode()
+        atomic_write(self.root / f"{key}.json", lambda f: f.write(data))
+        return rec
+
+
+def _exact(model: Any, tok: Any, facts: Sequence[Fact], pad: int, split: str) -> float:
+    cases = fact_cases(tok, facts, lambda f: asked(f.relation, split), chat_format(tok))
+    return score(model, cases, pad)["exact"] if cases else float("nan")
+
+
+class Bench:
+    """The benchmark over one model; methods' shared state (the store's distractors, ROME's
+    covariance, the neutral text's reference) is built once."""
+
+    def __init__(self, model: Any, tokenizer: Any, pad_id: int, cfg: BenchConfig,
+                 counterfacts: Sequence[Any], neighbours: Sequence[Fact]) -> None:
+        bad = [m for m in cfg.methods if m not in METHODS] + [s for s in cfg.sets if s not in SETS]
+        if bad:
+            raise BenchError(f"{bad}: unknown; methods are {list(METHODS)}, fact sets {list(SETS)}")
+        self.model, self.tok, self.pad, self.cfg = model, tokenizer, pad_id, cfg
+        self.counterfacts = list(counterfacts)[:cfg.facts]
+        self.neighbours = list(neighbours)[:cfg.neighbours]
+        self._distractors: Optional[list[str]] = None
+        self._rome_cov: Optional[torch.Tensor] = None
+        self._neutral: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def facts(self, fact_set: str, seed: int) -> list[Fact]:
+        if fact_set == "counterfactual":
+            return [c.edit for c in self.counterfacts]
+        return invent_facts(self.cfg.facts, seed, forbidden=" ".join(self.distractors()))
+
+    def distractors(self) -> list[str]:
+        if self._distractors is None:
+            r = self.cfg.retrieval
+            self._distractors = distractor_sentences(r.distractors, r.sources, r.seed)
+        return self._distractors
+
+    def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._neutral is None:
+            w = neutral_windows(self.tok, "eval", self.cfg.neutral_windows, 128)
+            self._neutral = (w, logprobs(self.model, w))
+        return self._neutral
+
+    # ------------------------------------------------------------------ one run
+    def run(self, fact_set: str, method: str, seed: int) -> dict[str, Any]:
+        facts = self.facts(fact_set, seed)
+        m, tok, pad = self.model, self.tok, self.pad
+        rec: dict[str, Any] = {"set": fact_set, "method": method, "seed": seed, "facts": len(facts),
+                               "neighbours": len(self.neighbours),
+                               "specificity_before": _exact(m, tok, self.neighbours, pad, "test")}
+        if method == "none":
+            rec.update(efficacy=_exact(m, tok, facts, pad, "verbatim"),
+                       generalisation=_exact(m, tok, facts, pad, "test"),
+                       specificity=rec["specificity_before"], bytes_per_fact=0, add_seconds=0.0,
+                       extra_prompt_tokens=0.0, reverted_bit_for_bit=True)
+        elif method in ("oracle", "retrieval"):
+            t0 = time.time()
+            store = FactStore(facts, self.distractors())
+            k = self.cfg.retrieval.k
+            eff = ask(m, tok, facts, pad, store, "verbatim", method, k)
+            gen = ask(m, tok, facts, pad, store, "test", method, k)
+            spec = ask(m, tok, self.neighbours, pad, store, "test", method, k)
+            rec.update(efficacy=eff["exact"], generalisation=gen["exact"], specificity=spec["exact"],
+                       hit_rate_verbatim=eff["hit_rate"], hit_rate=gen["hit_rate"],
+                       extra_prompt_tokens=gen["extra_prompt_tokens"],
+                       bytes_per_fact=sum(len(p.encode()) for p, o in zip(store.passages, store.owner) if o >= 0)
+                       / max(1, len(facts)),
+                       add_seconds=time.time() - t0, reverted_bit_for_bit=True, k=k if method == "retrieval" else None)
+        else:  # rome
+            cfg = self.cfg.rome
+            if self._rome_cov is None:
+                ed = RomeEditor(m, tok, cfg, cov_windows=neutral_windows(tok, "train", cfg.cov_windows,
+                                                                        cfg.cov_window_len))
+                self._rome_cov = ed.covariance
+            ed = RomeEditor(m, tok, cfg, covariance=self._rome_cov)
+            w0 = down_proj(m, cfg.layer).weight.detach().clone()
+            windows, before = self.neutral()
+            t0 = time.time()
+            edits = [ed.edit(f) for f in facts]
+            add_s = time.time() - t0
+            try:
+                rec.update(efficacy=_exact(m, tok, facts, pad, "verbatim"),
+                           generalisation=_exact(m, tok, facts, pad, "test"),
+                           specificity=_exact(m, tok, self.neighbours, pad, "test"),
+                           neutral=neutral_change(m, windows, before), add_seconds=add_s,
+                           bytes_per_fact=sum(e.nbytes for e in edits) / max(1, len(edits)),
+                           extra_prompt_tokens=0.0, layer=cfg.layer,
+                           optimised_nll=[e.stats["nll_optimised"] for e in edits])
+            finally:
+                ed.revert_all()
+            rec["reverted_bit_for_bit"] = bool(torch.equal(down_proj(m, cfg.layer).weight, w0))
+        return rec
+
+    def run_all(self, out: PathLike, progress: bool = False) -> list[dict[str, Any]]:
+        runs = _Runs(Path(out) / "runs")
+        recs = []
+        for fact_set in self.cfg.sets:
+            for seed in (self.cfg.seeds if fact_set == "new" else self.cfg.seeds[:1]):
+                for method in self.cfg.methods:
+                    key = f"{fact_set}-{method}-s{seed}"
+                    rec = runs.get(key)
+                    if rec is None:
+                        t0 = time.time()
+                        rec = self.run(fact_set, method, seed)
+                        rec["wall_seconds"] = time.time() - t0
+                        rec["config"] = asdict(self.cfg)
+                        runs.put(key, rec)
+                    if progress:
+                        print(format_row(rec), flush=True)
+                    recs.append(rec)
+        return recs
+
+
+COLUMNS = ("set", "method", "seed", "facts", "efficacy", "generalisation", "specificity", "hit_rate",
+           "extra_prompt_tokens", "bytes_per_fact", "add_seconds", "reverted_bit_for_bit")
+
+
+def format_row(rec: dict[str, Any]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, bool) or v is None:
+            return "-" if v is None else ("yes" if v else "no")
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return " | ".join(cell(rec.get(c)) for c in COLUMNS)
+
+
+def table(recs: Sequence[dict[str, Any]]) -> str:
+    """The runs as a Markdown table."""
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return head + "".join(f"| {format_row(r)} |\n" for r in recs)
