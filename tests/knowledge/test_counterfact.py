@@ -44,6 +44,8 @@ def test_counterfacts_are_seeded_other_capitals_with_a_disjoint_neighbourhood():
         assert e.new_answer in real and e.new_answer != e.old_answer and truth[e.subject] == e.old_answer
     assert len(neigh) == 20 and not {f.subject for f in neigh} & {e.subject for e in edits}
     assert set(neigh) <= set(known)
+    rest = make_counterfacts(known, 10, seed=3)[1]  # by default every other known fact
+    assert len(rest) == 30 and rest[:20] == neigh
     with pytest.raises(CounterfactError, match="n=40 edits of 40 known facts"):
         make_counterfacts(known, 40, seed=0, n_neighbours=5)
 

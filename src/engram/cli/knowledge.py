@@ -57,6 +57,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         write_counterfacts,
     )
 
+    if not 0.0 < args.min_fraction <= 1.0:
+        raise CounterfactError(f"--min-fraction {args.min_fraction}; give a fraction in (0, 1]")
     model, tok, pad = _load_model(args)
     facts = capital_facts()
     fractions = known_fractions(model, tok, facts, pad)
@@ -65,7 +67,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         raise CounterfactError(f"the model knows {len(known)} of {len(facts)} capitals (held-out questions "
                                f"answered >= {args.min_fraction:g}); an edit set needs at least 2: lower "
                                f"--min-fraction or use a model that knows more")
-    edits, neighbours = make_counterfacts(known, min(args.n, len(known) - 1), args.seed, args.neighbours)
+    edits, neighbours = make_counterfacts(known, args.n or len(known) // 2, args.seed, args.neighbours or None)
     npath = write_counterfacts(args.out, edits, neighbours)
     res = {"capital_facts": len(facts), "known": len(known), "min_fraction": args.min_fraction,
            "known_at": {f"{t:g}": sum(x >= t - 1e-9 for x in fractions) for t in (1.0, 0.8, 0.6, 0.4, 0.2)},
@@ -258,11 +260,12 @@ def register(sub: Any) -> None:
     add_common(c, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
     c.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
     add_common(c, "--out", required=True, help="the edits, JSON lines (the neighbourhood goes next to it)")
-    c.add_argument("--n", type=int, default=100, help="edits (at most the known facts less one)")
-    c.add_argument("--neighbours", type=int, default=100, help="known, unedited facts kept as the neighbourhood")
+    c.add_argument("--n", type=int, default=0, help="edits (default: half the known facts; at most all but one)")
+    c.add_argument("--neighbours", type=int, default=0,
+                   help="known, unedited facts kept as the neighbourhood (default: all the others)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--min-fraction", type=float, default=1.0,
-                   help="a fact is known when the model answers this fraction of its held-out questions")
+    c.add_argument("--min-fraction", type=float, default=0.5,
+                   help="a fact is known when the model answers at least this fraction of its held-out questions")
     add_common(c, "--quiet")
     add_common(c, "--json")
     c.set_defaults(fn=cmd_counterfactual)

@@ -11,7 +11,8 @@ ambiguous, the second can be answered by copying the question.
 
 "Known" is measured, never assumed: :func:`known_facts` asks each fact with the relation's
 held-out (dev and test) questions, scored like every edit (:func:`engram.knowledge.scoring.score`,
-exact greedy answers), and keeps the facts answered in at least ``min_fraction`` of them.
+exact greedy answers), and keeps the facts answered in at least ``min_fraction`` of them (by
+default a majority: SmolLM2-135M answers no capital in all five of its held-out questions).
 
 A counterfactual file is JSON lines that :func:`engram.knowledge.facts.read_facts` reads as
 ordinary facts (the new answer); ``old_answer`` keeps what the model knew::
@@ -90,7 +91,10 @@ def known_fractions(model: Any, tokenizer: Any, facts: Sequence[Fact], pad_id: i
     return [r / a if a else 0.0 for r, a in zip(right, asked)]
 
 
-def known_facts(model: Any, tokenizer: Any, facts: Sequence[Fact], pad_id: int, min_fraction: float = 1.0,
+MIN_FRACTION = 0.5  # a fact is known when a majority of its held-out questions are answered
+
+
+def known_facts(model: Any, tokenizer: Any, facts: Sequence[Fact], pad_id: int, min_fraction: float = MIN_FRACTION,
                 splits: Sequence[str] = HELD_OUT) -> list[Fact]:
     """The facts ``model`` answers in at least ``min_fraction`` of their held-out questions."""
     if not 0.0 < min_fraction <= 1.0:
@@ -99,16 +103,17 @@ def known_facts(model: Any, tokenizer: Any, facts: Sequence[Fact], pad_id: int, 
     return [f for f, x in zip(facts, fractions) if x >= min_fraction - 1e-9]
 
 
-def make_counterfacts(known: Sequence[Fact], n: int, seed: int, n_neighbours: int,
+def make_counterfacts(known: Sequence[Fact], n: int, seed: int, n_neighbours: Optional[int] = None,
                       answers: Optional[Sequence[str]] = None) -> tuple[list[Counterfact], list[Fact]]:
-    """``n`` edits of known facts and up to ``n_neighbours`` other known facts as the neighbourhood.
+    """``n`` edits of known facts and up to ``n_neighbours`` (default: all) other known facts as
+    the neighbourhood.
 
     Each edit's new answer is another real capital (from ``answers``, default every usable
     capital), never its own. Everything is drawn from ``random.Random(seed)``."""
     if n < 1 or n >= len(known):
         raise CounterfactError(f"n={n} edits of {len(known)} known facts; ask for 1 to {len(known) - 1} so that "
                                f"some known facts are left for the neighbourhood")
-    if n_neighbours < 1:
+    if n_neighbours is not None and n_neighbours < 1:
         raise CounterfactError(f"n_neighbours={n_neighbours}; ask for at least 1")
     pool = sorted(set(answers if answers is not None else (f.answer for f in capital_facts())))
     rng = random.Random(seed)
@@ -120,7 +125,7 @@ def make_counterfacts(known: Sequence[Fact], n: int, seed: int, n_neighbours: in
         if not choices:
             raise CounterfactError(f"no other capital to give {f.subject}; pass more answers")
         edits.append(Counterfact(f.subject, f.answer, rng.choice(choices)))
-    return edits, order[n:n + n_neighbours]
+    return edits, order[n:] if n_neighbours is None else order[n:n + n_neighbours]
 
 
 def neighbours_path(path: PathLike) -> Path:
