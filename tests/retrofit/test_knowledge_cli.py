@@ -56,3 +56,5 @@ def test_bench_runs_every_method_once_and_resumes(tiny_base, tmp_path, capsys, o
     assert main(args) == 0  # a rerun reads the run files and runs nothing
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == stamp
     assert "| counterfactual | rome |" in (out / "summary.md").read_text()
+    assert main([*args[:-2], "--facts", "1", "--methods", "none", "--quiet"]) == 2  # other settings, same --out
+    assert "other settings" in capsys.readouterr().err

@@ -162,19 +162,28 @@ class Bench:
             rec["reverted_bit_for_bit"] = bool(torch.equal(down_proj(m, cfg.layer).weight, w0))
         return rec
 
+    def settings(self) -> dict[str, Any]:
+        """What shapes a run (not which runs are asked for), as its JSON file stores it."""
+        cfg = {k: v for k, v in asdict(self.cfg).items() if k not in ("methods", "sets", "seeds")}
+        return json.loads(json.dumps(cfg))
+
     def run_all(self, out: PathLike, progress: bool = False) -> list[dict[str, Any]]:
         runs = _Runs(Path(out) / "runs")
         recs = []
+        settings = self.settings()
         for fact_set in self.cfg.sets:
             for seed in (self.cfg.seeds if fact_set == "new" else self.cfg.seeds[:1]):
                 for method in self.cfg.methods:
                     key = f"{fact_set}-{method}-s{seed}"
                     rec = runs.get(key)
+                    if rec is not None and rec.get("settings") != settings:
+                        raise BenchError(f"{out}: run {key} was made with other settings; give another --out "
+                                         f"or the same settings")
                     if rec is None:
                         t0 = time.time()
                         rec = self.run(fact_set, method, seed)
                         rec["wall_seconds"] = time.time() - t0
-                        rec["config"] = asdict(self.cfg)
+                        rec["settings"] = settings
                         runs.put(key, rec)
                     if progress:
                         print(format_row(rec), flush=True)
