@@ -169,7 +169,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _patch_stack(args, model):
+    """``--patch P`` (repeatable): the patches read over the shared tables for this command only,
+    checked against the tables' content (their file's header, or one pass over them in memory)."""
+    from engram.cli.table import storage_for
+    from engram.patches.overlay import stack_patches
+    from engram.patches.patchfile import load_patch
+
+    storage = storage_for(args, args.ckpt)
+    return stack_patches(model, [load_patch(p) for p in args.patch],
+                         table_file=storage.path if storage is not None else None)
+
+
 def cmd_generate(args) -> int:
+    if args.patch and (getattr(args, "ngram", None) or getattr(args, "draft", None)):
+        raise EngramError("--patch works with plain generation; drop --ngram / --draft, or apply the "
+                          "patches to a copy of the table (`engram patch apply`) and pass --table")
     if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
         return cmd_generate_ngram(args)
 
@@ -191,9 +206,10 @@ def cmd_generate(args) -> int:
                           time.perf_counter() - t0)  # offloaded tables
         print_generations([tok.decode(o) for o in outs])
         return 0
+    patches = [_patch_stack(args, model)] if args.patch else None
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts)  # several prompts: one batch, each row as if alone
-    out = strip_padding(model.generate(ids, sampling, attention_mask=mask), mask, ids.shape[1])
+    out = strip_padding(model.generate(ids, sampling, attention_mask=mask, patches=patches), mask, ids.shape[1])
     report_generation(model, sum(len(o) - len(p) for o, p in zip(out, prompts)),
                       time.perf_counter() - t0)  # tokens/s, hit rate
     print_generations([tok.decode(o) for o in out])
@@ -269,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_arguments(g)
     add_mixture_args(g, scoring=False)
     add_draft_args(g)
+    g.add_argument("--patch", action="append", default=[], metavar="P.engp",
+                   help="read this patch over the tables for this command only (repeatable: stacked in "
+                        "order, a later patch wins on rows both change; the table is not written)")
     g.set_defaults(fn=cmd_generate)
 
     bench_commands.register(sub)  # engram bench ... (every benchmark)

@@ -15,13 +15,14 @@ Shape legend
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from engram.config import SamplingConfig
 from engram.errors import EngramError, RequestTooLargeError
 from engram.model.protocol import LanguageModel
+from engram.model.table import stack_overlays
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -90,11 +91,13 @@ def strip_padding(out: torch.Tensor, attention_mask: Optional[torch.Tensor], pro
 
 @torch.no_grad()
 def generate(model: LanguageModel, prompt_ids: torch.Tensor, sampling: SamplingConfig,
-             eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
+             patches: Optional[Sequence[Any]] = None) -> torch.Tensor:
     """prompt_ids [B,T0] -> [B, T0 + n] (stops early once every row has produced ``eos_id``).
 
     ``attention_mask`` [B,T0] (1 real, 0 padding) for prompts left-padded to one length
-    (``left_pad``); the rows are then generated as if each were alone."""
+    (``left_pad``); the rows are then generated as if each were alone. ``patches``: read for
+    every step of this generation only (``stack_overlays``; merged once here)."""
     prompt_ids, total = check_prompt(prompt_ids, sampling.max_new_tokens, model.cfg.max_seq_len)
     B, T0 = prompt_ids.shape
     if attention_mask is not None:
@@ -109,7 +112,9 @@ def generate(model: LanguageModel, prompt_ids: torch.Tensor, sampling: SamplingC
     model.eval()
     gen = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
     cache = model.new_cache(B, total)
-    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+    # the stack merged once for the whole generation; passed on as one {layer_id: RowOverlay}
+    step_kw = {} if patches is None else {"patches": [stack_overlays(model, patches)]}
+    kw = step_kw if attention_mask is None else {"attention_mask": attention_mask, **step_kw}
     logits = model(prompt_ids, cache=cache, **kw).logits[:, -1]
     out = [prompt_ids]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
@@ -124,5 +129,5 @@ def generate(model: LanguageModel, prompt_ids: torch.Tensor, sampling: SamplingC
             done |= nxt == eos_id
             if bool(done.all()):
                 break
-        logits = model(nxt.unsqueeze(1), cache=cache).logits[:, -1]
+        logits = model(nxt.unsqueeze(1), cache=cache, **step_kw).logits[:, -1]
     return torch.cat(out, dim=1)

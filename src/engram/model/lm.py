@@ -27,7 +27,7 @@ model runs exactly as before, bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from engram.model.input_ngram import InputNgramEmbedding
 from engram.model.layer import EngramLayer, EngramLayerOutput, GateInputs
 from engram.model.moe import DeepSeekMoE, SwiGLU
 from engram.model.protocol import ModelOutput
-from engram.model.table import TABLE_KEY_SUFFIX, EngramTable, engram_tables
+from engram.model.table import TABLE_KEY_SUFFIX, EngramTable, RowOverlay, engram_tables, stack_overlays
 
 
 class HyperConnection(nn.Module):
@@ -110,7 +110,8 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, cos, sin, hash_ids: Optional[torch.Tensor],
                 cache: Optional[InferenceCache], *, output_gates: bool = False,
                 output_gate_inputs: bool = False, ablate_engram: bool = False,
-                padding: Optional["_Padding"] = None) -> tuple[torch.Tensor, Optional[EngramLayerOutput]]:
+                padding: Optional["_Padding"] = None, table_overlay: Optional[RowOverlay] = None
+                ) -> tuple[torch.Tensor, Optional[EngramLayerOutput]]:
         """h [B,T,M,D] -> (new h, the Engram layer's output or None in a block without one)."""
         engram_out = None
         if self.engram is not None:
@@ -118,7 +119,8 @@ class Block(nn.Module):
             engram_out = self.engram(h, hash_ids, conv_state, output_gates=output_gates,
                                      output_gate_inputs=output_gate_inputs, zero_output=ablate_engram,
                                      conv_keep=cache.rollback if cache is not None else 0,
-                                     attention_mask=padding.engram if padding is not None else None)
+                                     attention_mask=padding.engram if padding is not None else None,
+                                     table_overlay=table_overlay)
             if cache is not None:
                 cache.conv[self.layer_id] = engram_out.conv_state
             h = h + engram_out.output
@@ -267,10 +269,12 @@ class EngramLM(nn.Module):
         cache.pos = n
 
     def generate(self, prompt_ids: torch.Tensor, sampling: Optional[SamplingConfig] = None,
-                 eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
+                 patches: Optional[Sequence[Any]] = None) -> torch.Tensor:
         """prompt_ids [B,T0] -> [B, T0 + n]: ``engram.model.generation.generate`` on this model
-        (``attention_mask`` [B,T0] for left-padded prompts)."""
-        return generation.generate(self, prompt_ids, sampling or SamplingConfig(), eos_id, attention_mask)
+        (``attention_mask`` [B,T0] for left-padded prompts, ``patches`` as in ``forward``)."""
+        return generation.generate(self, prompt_ids, sampling or SamplingConfig(), eos_id, attention_mask,
+                                   patches=patches)
 
     def _hash_for_cache(self, input_ids: torch.Tensor, cache: InferenceCache,
                         attention_mask: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
@@ -323,7 +327,8 @@ class EngramLM(nn.Module):
                 hash_ids: Optional[dict[int, torch.Tensor]] = None,
                 cache: Optional[InferenceCache] = None, output_gates: bool = False,
                 output_gate_inputs: bool = False, ablate_engram: bool = False,
-                attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
+                attention_mask: Optional[torch.Tensor] = None,
+                patches: Optional[Sequence[Any]] = None) -> ModelOutput:
         """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy if targets are given).
 
         ``output_gates`` / ``output_gate_inputs``: also return every Engram layer's gates /
@@ -332,6 +337,9 @@ class EngramLM(nn.Module):
         ``attention_mask`` [B,T] (1 real, 0 padding) for this call's tokens; with a cache, the
         cache remembers the earlier calls' padding. Rows left-padded to one length give what
         each gives alone (module docstring); the logits at padded positions mean nothing.
+        ``patches``: a stack of loaded patches (or ``{layer_id: RowOverlay}`` mappings) read for
+        this call only, as if applied in order to a copy of the tables; the tables are not
+        written (``engram.model.table.stack_overlays``). None or [] reads the tables alone.
         """
         if input_ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -344,6 +352,7 @@ class EngramLM(nn.Module):
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
             raise RequestTooLargeError(f"sequence of {pos + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+        overlays = stack_overlays(self, patches) if patches is not None else {}
         padding = self._padding(attention_mask, input_ids, cache)
         mask = padding.engram if padding is not None else None
         if self.hasher is not None and hash_ids is None:
@@ -370,7 +379,7 @@ class EngramLM(nn.Module):
             ids = hash_ids[block.layer_id] if block.engram is not None else None
             h, engram_out = block(h, cos, sin, ids, cache, output_gates=output_gates,
                                   output_gate_inputs=output_gate_inputs, ablate_engram=ablate_engram,
-                                  padding=padding)
+                                  padding=padding, table_overlay=overlays.get(block.layer_id))
             if engram_out is not None and gates is not None:
                 gates[block.layer_id] = engram_out.gates
             if engram_out is not None and gate_inputs is not None:

@@ -13,7 +13,7 @@ training) use only what is declared here, so they never ask which one they were 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -61,9 +61,11 @@ class LanguageModel(Protocol):
     def __call__(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                  hash_ids: Optional[dict[int, torch.Tensor]] = None, cache: Any = None,
                  output_gates: bool = False, output_gate_inputs: bool = False,
-                 ablate_engram: bool = False, attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
+                 ablate_engram: bool = False, attention_mask: Optional[torch.Tensor] = None,
+                 patches: Optional[Sequence[Any]] = None) -> ModelOutput:
         """input_ids [B,T] -> logits [B,T,V]; with ``cache`` T is the new positions of this call;
-        ``attention_mask`` [B,T] (1 real, 0 padding) runs left-padded rows as if each were alone."""
+        ``attention_mask`` [B,T] (1 real, 0 padding) runs left-padded rows as if each were alone;
+        ``patches`` a stack of patches read for this call only (``engram.model.table.stack_overlays``)."""
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, rollback: int = 0) -> Any:
         """An empty cache; ``rollback`` > 0 lets ``truncate_cache`` drop that many newest positions."""
@@ -72,6 +74,7 @@ class LanguageModel(Protocol):
         """Forget every position from ``n`` on; ``input_ids`` [B,n] are the tokens the cache keeps."""
 
     def generate(self, prompt_ids: torch.Tensor, sampling: Optional[SamplingConfig] = None,
-                 eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
+                 patches: Optional[Sequence[Any]] = None) -> torch.Tensor:
         """prompt_ids [B,T0] -> [B, T0 + n] with the KV cache and incremental hashing
-        (``attention_mask`` [B,T0] for prompts left-padded to one length)."""
+        (``attention_mask`` [B,T0] for prompts left-padded to one length; ``patches`` for every step)."""

@@ -36,7 +36,10 @@ How to add a backend (``tests/model/test_table_backend.py`` does it for a dict o
 
 Overlays are handled here for every backend: a lookup given a :class:`RowOverlay` returns the
 overlay's values for the rows it lists and the table's for the others, without writing the
-table (copy-on-write at gather time). Patches served per request use it.
+table (copy-on-write at gather time). Patches served per request use it: a model call takes
+``patches=[...]``, a stack of overlay sources (a ``{layer_id: RowOverlay}`` mapping, or an object
+with ``row_overlays(model)`` such as a loaded ``.engp`` patch), merged by :func:`stack_overlays`
+with the later source winning on rows several of them list.
 
 Shape legend
     R rows of the table    Dh row width    K overlay rows    ... any leading shape ([B,T,H])
@@ -44,7 +47,7 @@ Shape legend
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -137,6 +140,58 @@ def apply_overlay(rows: torch.Tensor, values: torch.Tensor, overlay: RowOverlay)
     hit = ov_rows[at] == rows
     sub = overlay.values.to(device=values.device, dtype=values.dtype)[at]  # [..., Dh]
     return torch.where(hit.unsqueeze(-1), sub, values)
+
+
+LayerOverlays = Mapping[int, RowOverlay]  # {layer_id: the rows that layer reads from the overlay}
+
+
+def merge_overlays(stack: Sequence[RowOverlay]) -> RowOverlay:
+    """One overlay from several of one layer: a row listed more than once takes the value of the
+    last overlay that lists it (the rule of applying them in order)."""
+    stack = [o for o in stack if o.rows.numel()]
+    if len(stack) <= 1:
+        return stack[0] if stack else RowOverlay(torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
+    dtype = stack[-1].values.dtype
+    rows = torch.cat([o.rows for o in stack])  # [K1+K2+...]
+    values = torch.cat([o.values.to(dtype) for o in stack])  # [K1+K2+..., Dh]
+    rows, order = torch.sort(rows, stable=True)  # equal rows keep the stack's order
+    last = torch.ones_like(rows, dtype=torch.bool)
+    last[:-1] = rows[1:] != rows[:-1]  # the last of each run of equal rows is the latest overlay's
+    return RowOverlay(rows[last], values[order[last]])
+
+
+def stack_overlays(model: nn.Module, patches: Sequence[Any]) -> dict[int, RowOverlay]:
+    """A model call's ``patches=`` -> one merged overlay per Engram layer they touch.
+
+    Each item is a ``{layer_id: RowOverlay}`` mapping or an object whose ``row_overlays(model)``
+    returns one (a loaded patch checks there that it fits the model). Later items win on rows
+    that several items list. An empty stack gives ``{}``: every layer reads its table.
+    """
+    if isinstance(patches, (str, bytes)) or not isinstance(patches, Sequence):
+        raise TableError(f"patches must be a list of loaded patches or overlays, got {type(patches).__name__}; "
+                         f"load patch files with engram.patches.patchfile.load_patch")
+    layers = {e.layer_id: e.table for e in model.engram_layers}  # type: ignore[attr-defined]
+    per_layer: dict[int, list[RowOverlay]] = {}
+    for i, item in enumerate(patches):
+        if isinstance(item, Mapping):
+            overlays = item
+        elif hasattr(item, "row_overlays"):
+            overlays = item.row_overlays(model)
+        else:
+            raise TableError(f"patches[{i}] is a {type(item).__name__}, not a loaded patch or a "
+                             f"{{layer_id: RowOverlay}} mapping; load .engp files with load_patch first")
+        for lid, ov in overlays.items():
+            if lid not in layers:
+                raise TableError(f"patches[{i}] changes Engram layer {lid} but the model has layers "
+                                 f"{sorted(layers)}; it belongs to another model")
+            t = layers[lid]
+            if ov.values.dim() != 2 or ov.values.shape[1] != t.embedding_dim or (
+                    ov.rows.numel() and (int(ov.rows[0]) < 0 or int(ov.rows[-1]) >= t.num_embeddings)):
+                raise TableError(f"patches[{i}]: layer {lid} overlay of {ov.rows.numel()} rows x "
+                                 f"{tuple(ov.values.shape)[1:]} does not fit the table of {t.num_embeddings} x "
+                                 f"{t.embedding_dim} rows; it belongs to another model")
+            per_layer.setdefault(lid, []).append(ov)
+    return {lid: merge_overlays(stack) for lid, stack in per_layer.items()}
 
 
 # ----------------------------------------------------------------------------- the in-memory table

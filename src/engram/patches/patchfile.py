@@ -54,6 +54,7 @@ from safetensors.torch import save as st_save
 from engram import __version__
 from engram.config import QUANTIZATIONS, PatchError
 from engram.fsutil import PathLike, atomic_write
+from engram.model.table import RowOverlay
 from engram.tables.tablefile import DTYPE_NAMES, DTYPES, as_bytes
 
 FORMAT_NAME = "engram-table-patch"
@@ -170,6 +171,7 @@ class TablePatch:
     layers: dict[int, LayerPatch]
     meta: dict[str, Any] = field(default_factory=dict)
     path: Optional[Path] = None
+    _overlays: Optional[dict[int, RowOverlay]] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def patch_id(self) -> str:
@@ -193,6 +195,43 @@ class TablePatch:
 
     def label(self) -> str:
         return f"{self.patch_id}" + (f" ({self.name})" if self.name else "")
+
+    def row_overlays(self, model: Any) -> dict[int, RowOverlay]:
+        """This patch's new rows as overlays for ``model`` ({layer_id: RowOverlay}, values in the
+        patch's table dtype): what ``model(ids, patches=[patch])`` reads. Checks the hash
+        configuration and the layer shapes (cheap); that the patch was made for this table's
+        content is checked by ``engram.patches.overlay.stack_patches`` (it needs the tables'
+        fingerprint)."""
+        hasher = getattr(model, "hasher", None)
+        if hasher is None:
+            raise PatchMismatchError(f"patch {self.label()}: the model has no Engram layers, so there is "
+                                     f"no table to read it over")
+        if hasher.fingerprint() != self.meta["hash_fingerprint"]:
+            raise PatchMismatchError(
+                f"patch {self.label()} was made for hash configuration {self.meta['hash_fingerprint'][:16]}... "
+                f"but the model hashes with {hasher.fingerprint()[:16]}...; its row ids mean other N-grams "
+                f"there. Use it with the model it was trained from, or retrain it with `engram patch train`")
+        tables = {e.layer_id: e.table for e in model.engram_layers}
+        for key, info in self.meta["layers"].items():
+            t = tables.get(int(key))
+            if t is None or (t.num_embeddings, t.embedding_dim) != (int(info["rows"]), int(info["dim"])):
+                raise PatchMismatchError(
+                    f"patch {self.label()}: layer {key} is {info['rows']} x {info['dim']} in the patch but "
+                    + (f"{t.num_embeddings} x {t.embedding_dim} in the model" if t is not None
+                       else f"the model has Engram layers {sorted(tables)}") + "; it belongs to another model")
+        return self.overlays()
+
+    def overlays(self) -> dict[int, RowOverlay]:
+        """The new rows per layer as overlays, unchecked (``row_overlays`` checks them against a model)."""
+        if self._overlays is None:  # dequantised once; rows are already sorted and unique
+            dt = DTYPES[self.dtype]
+            self._overlays = {lid: RowOverlay(lp.rows, lp.new_values(dt)) for lid, lp in self.layers.items()}
+        return self._overlays
+
+    def overlay_nbytes(self) -> int:
+        """Bytes the overlay of this patch holds (row ids and new values in the table dtype)."""
+        size = DTYPES[self.dtype].itemsize
+        return sum(lp.rows.numel() * 8 + lp.rows.numel() * lp.dim * size for lp in self.layers.values())
 
     def summary(self) -> dict[str, Any]:
         m = self.meta
@@ -313,7 +352,11 @@ def load_patch(path: PathLike) -> TablePatch:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"patch file {p} not found; make one with `engram patch train`")
-    data = p.read_bytes()
+    return patch_from_bytes(p.read_bytes(), p)
+
+
+def patch_from_bytes(data: bytes, p: Path) -> TablePatch:
+    """A patch from the bytes of file ``p`` (read once by the caller), validated as :func:`load_patch`."""
 
     def bad(msg: str) -> PatchFileError:
         return PatchFileError(f"{p}: {msg}")

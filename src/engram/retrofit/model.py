@@ -48,7 +48,7 @@ from engram.hashing.hasher import NgramHasher, padding_mask
 from engram.model import generation
 from engram.model.layer import EngramLayer, GateInputs, MultiHeadEmbedding
 from engram.model.lm import ModelOutput
-from engram.model.table import EngramTable, engram_tables
+from engram.model.table import EngramTable, RowOverlay, engram_tables, stack_overlays
 from engram.tables.runtime import OffloadedEmbedding
 
 _STATE_ATTR = "engram_state"  # attribute of the base's KV cache object
@@ -105,6 +105,7 @@ class _Call:
     output_gate_inputs: bool = False
     ablate: bool = False
     mask: Optional[torch.Tensor] = None  # [B,T] bool, False at the call's padded positions; None: all real
+    overlays: dict[int, RowOverlay] = field(default_factory=dict)  # patches= of the call, per layer
     gates: dict[int, torch.Tensor] = field(default_factory=dict)
     gate_inputs: dict[int, GateInputs] = field(default_factory=dict)
 
@@ -338,7 +339,7 @@ class RetrofitLM(nn.Module):
             state.ids = torch.cat([state.ids, input_ids], dim=1)
         elif hash_ids is None:
             hash_ids = self.hasher.hash(input_ids)
-        self._call = _Call(hash_ids, state, *flags, mask=mask)
+        self._call = _Call(hash_ids, state, *flags, mask=mask, overlays=pending.get("overlays") or {})
 
     def _end_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._last_call, self._call = self._call, None
@@ -355,7 +356,7 @@ class RetrofitLM(nn.Module):
             out = engram(h.unsqueeze(2), call.hash_ids[layer_id], conv, output_gates=call.output_gates,
                          output_gate_inputs=call.output_gate_inputs, zero_output=call.ablate,
                          conv_keep=call.state.keep if call.state is not None else 0,
-                         attention_mask=call.mask)
+                         attention_mask=call.mask, table_overlay=call.overlays.get(layer_id))
             if call.state is not None:
                 call.state.conv[layer_id] = out.conv_state
             if call.output_gates:
@@ -373,8 +374,10 @@ class RetrofitLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 hash_ids: Optional[dict[int, torch.Tensor]] = None, cache: Optional[RetrofitCache] = None,
                 output_gates: bool = False, output_gate_inputs: bool = False,
-                ablate_engram: bool = False, attention_mask: Optional[torch.Tensor] = None) -> ModelOutput:
+                ablate_engram: bool = False, attention_mask: Optional[torch.Tensor] = None,
+                patches: Optional[Sequence[Any]] = None) -> ModelOutput:
         """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy with targets), as ``EngramLM``.
+        ``patches``: read for this call only, as ``EngramLM``'s (the tables are not written).
 
         ``attention_mask`` [B,T] (1 real, 0 padding) for this call's tokens, as ``EngramLM``'s:
         the cache remembers earlier calls' padding, and the base gets the whole mask and the
@@ -386,8 +389,10 @@ class RetrofitLM(nn.Module):
             bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
             raise EngramError(f"token id {bad} is outside the base vocabulary [0, {V}); was the data "
                               f"tokenized with the base's tokenizer (engram retrofit data)?")
+        overlays = stack_overlays(self, patches) if patches is not None else {}
         self._pending = {"hash_ids": hash_ids, "output_gates": output_gates,
-                         "output_gate_inputs": output_gate_inputs, "ablate": ablate_engram}
+                         "output_gate_inputs": output_gate_inputs, "ablate": ablate_engram,
+                         "overlays": overlays}
         kv = cache.kv if cache is not None else None
         padded = self._padding_kwargs(input_ids, attention_mask, cache)
         try:
@@ -448,7 +453,7 @@ class RetrofitLM(nn.Module):
 
     def generate(self, prompt_ids: Optional[torch.Tensor] = None, sampling: Optional[SamplingConfig] = None,
                  eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
-                 **hf_kwargs: Any) -> Any:
+                 patches: Optional[Sequence[Any]] = None, **hf_kwargs: Any) -> Any:
         """Sample as every model of the library does (``LanguageModel.generate``: ``sampling``,
         ``eos_id``, ``attention_mask`` for left-padded prompts), or, given any of ``transformers``'
         keywords (``max_new_tokens=``, ``do_sample=``, ``input_ids=``, ...), its own
@@ -458,13 +463,17 @@ class RetrofitLM(nn.Module):
             if (sampling is not None and not hf_config) or eos_id is not None:
                 raise EngramError("generate() takes either sampling=/eos_id= or transformers' keywords "
                                   f"({sorted(hf_kwargs)}), not both")
+            if patches is not None:
+                raise EngramError("patches= works with the library's sampling (sampling=SamplingConfig(...)), "
+                                  "not with transformers' generate keywords; drop one of them")
             if attention_mask is not None:
                 hf_kwargs["attention_mask"] = attention_mask
             args = (prompt_ids, sampling) if hf_config else (prompt_ids,) if prompt_ids is not None else ()
             return self.base.generate(*args, **hf_kwargs)
         if prompt_ids is None:
             raise EngramError("generate() needs prompt_ids [batch, time]")
-        return generation.generate(self, prompt_ids, sampling or SamplingConfig(), eos_id, attention_mask)
+        return generation.generate(self, prompt_ids, sampling or SamplingConfig(), eos_id, attention_mask,
+                                   patches=patches)
 
     def remove_hooks(self) -> None:
         """Detach Engram (and LoRA) from the base model object: it is the unmodified base again."""
