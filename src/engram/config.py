@@ -978,6 +978,26 @@ class ServeLimits:
             raise ServeConfigError(f"cache_entries={self.cache_entries} must be >= 0 (0 disables)")
 
 
+@dataclass(frozen=True)
+class PatchServeConfig:
+    """``engram serve --patches DIR``: the tenant server's own settings (ServeLimits apply too)."""
+
+    patch_cache_mb: float = setting(256.0, "MiB of loaded patches kept (least recently used dropped first)")
+    max_stack: int = setting(16, "most patches one request may name")
+    max_new_tokens: int = setting(256, "longest generation one request may ask for")
+
+    def __post_init__(self) -> None:
+        if not self.patch_cache_mb > 0:
+            raise ServeConfigError(f"patch_cache_mb={self.patch_cache_mb} must be > 0")
+        for name in ("max_stack", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ServeConfigError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.patch_cache_mb * 2**20)
+
+
 # ----------------------------------------------------------------------------- retrofit
 # Used by engram.retrofit: Engram layers added to a pretrained Hugging Face causal LM.
 class RetrofitError(EngramError):

@@ -2,6 +2,7 @@
 
     engram inspect --ckpt RUN --text "the Prince of Wales" [--html out.html] [--json out.json]
     engram serve   --ckpt RUN [--host 127.0.0.1] [--port 8765]
+    engram serve   --ckpt RUN --patches DIR [--keys keys.json] [--table FILE]   (tenants, engram.serve)
     engram analyze gates  --ckpt RUN [--n 300] [--json out.json]
     engram analyze zipf   --ckpt RUN --data DATA [--split train] [--plot zipf.png] [--json out.json]
     engram analyze ablate --ckpt RUN --data DATA [--max-tokens 40000] [--json out.json]
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engram.cli.flags import add_common, add_config_flags, add_json_file, config_from_args
-from engram.config import ServeLimits
+from engram.cli.table import add_storage_arguments
+from engram.config import PatchServeConfig, ServeLimits
 from engram.errors import EngramError
 from engram.inspect.settings import COLOR_MODES, SCALES  # torch-free, like engram.config
 
@@ -72,17 +74,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- serve
+def _patch_server(args: argparse.Namespace, limits: ServeLimits):
+    """``--patches DIR``: the tenant server (engram.serve): patches by id, read per request."""
+    from engram.cli.table import load_from_args, storage_for
+    from engram.serve.keys import KeyRing
+    from engram.serve.server import make_patch_server
+    from engram.serve.service import TenantService
+    from engram.serve.store import PatchStore
+
+    cfg = config_from_args(args, PatchServeConfig)
+    keys = KeyRing.load(args.keys) if args.keys else None
+    model = load_from_args(args)  # a run or an adapter; tables per --table/--storage
+    storage = storage_for(args, args.ckpt)
+    service = TenantService(model, model.loaded_from.tokenizer, PatchStore(args.patches, model, cfg.cache_bytes),
+                            keys, cfg, limits, table_file=storage.path if storage is not None else None)
+    return make_patch_server(service, args.host, args.port, quiet=args.quiet), keys is not None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from engram.inspect.server import InspectService, is_loopback, make_server
 
     limits = config_from_args(args, ServeLimits)
-    model, tok, _ = _load(args.ckpt)
-    server = make_server(InspectService(model, tok, limits), args.host, args.port, quiet=args.quiet)
+    if args.keys and not args.patches:
+        raise EngramError("--keys goes with --patches DIR (the keys say which patches each key may use)")
+    if args.patches:
+        server, authenticated = _patch_server(args, limits)
+    else:
+        model, tok, _ = _load(args.ckpt)
+        server, authenticated = make_server(InspectService(model, tok, limits), args.host, args.port,
+                                            quiet=args.quiet), False
     host, port = server.server_address[:2]
     if not is_loopback(args.host):
         print(f"engram serve: warning: listening on {host}, reachable from other machines; "
-              f"there is no authentication", file=sys.stderr)
-    print(f"engram serve: http://{host}:{port}/  (Ctrl-C stops)", flush=True)
+              f"{'requests need an API key' if authenticated else 'there is no authentication'}",
+              file=sys.stderr)
+    what = (f"patches from {args.patches} (POST /v1/generate, /v1/logits)" if args.patches else "")
+    print(f"engram serve: http://{host}:{port}/ {what} (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -241,11 +268,19 @@ def register(sub: Any) -> None:
     add_common(i, "--quiet", help="only write --html/--json")
     i.set_defaults(fn=cmd_inspect)
 
-    s = sub.add_parser("serve", help="local web page: tokens shaded by gate as you type")
+    s = sub.add_parser("serve", help="local web page: tokens shaded by gate as you type; with --patches, "
+                       "a JSON API answering each request with its own patches")
     add_common(s, "--ckpt", required=True)
     s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     add_config_flags(s, ServeLimits)
+    t = s.add_argument_group("patches per request (docs/patches.md)")
+    t.add_argument("--patches", metavar="DIR", help="serve the JSON API instead of the page: each request "
+                   "names patches by id (DIR/ID.engp), read over the shared tables for that request only")
+    t.add_argument("--keys", metavar="FILE", help='JSON {"keys": {"KEY": ["patch-id", ...]}}: the patches '
+                   "each API key may use (403 outside them)")
+    add_config_flags(t, PatchServeConfig)
+    add_storage_arguments(t)
     add_common(s, "--quiet", help="no request log")
     s.set_defaults(fn=cmd_serve)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import struct
 import time
 import zlib
@@ -353,6 +354,20 @@ def load_patch(path: PathLike) -> TablePatch:
     if not p.is_file():
         raise FileNotFoundError(f"patch file {p} not found; make one with `engram patch train`")
     return patch_from_bytes(p.read_bytes(), p)
+
+
+def peek_checksum(fd: int, limit: int = 1 << 20) -> Optional[str]:
+    """The checksum a patch file's header states (its content's identity), read from open file
+    ``fd`` without reading the tensors; None when the header cannot be read (load it to find out why)."""
+    try:
+        head = os.pread(fd, 8, 0)
+        (hlen,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+        if not 0 < hlen <= limit:
+            return None
+        header = json.loads(os.pread(fd, hlen, 8).decode("utf-8"))
+        return str(json.loads(header["__metadata__"][_META_KEY])["checksum"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
 
 
 def patch_from_bytes(data: bytes, p: Path) -> TablePatch:

@@ -1,0 +1,141 @@
+"""``engram serve --patches DIR``: the tenant server's JSON API over ``ThreadingHTTPServer``.
+
+Routes
+    GET  /healthz       {"ok", "requests_served", "inflight", "patch_cache": {entries, bytes, ...}}
+    GET  /v1/patches    the patch ids this request's key may use
+    POST /v1/logits     {"prompt": "..." | "ids": [...], "patches": ["id", ...]}
+                        -> {"tokens", "logits" (last position), "top", "digest" (sha256 of every
+                        position's float32 logits), "patches": [{"id", "patch_id", "name"}]}
+    POST /v1/generate   the same input plus "max_new_tokens", "temperature" (default 0: greedy),
+                        "top_k", "top_p", "seed" -> {"ids", "completion", "patches"}
+
+The key goes in ``Authorization: Bearer KEY`` (or ``X-API-Key``) when the server has a keys
+file. Errors are ``{"error", "status"}`` with the error type's status: 400 bad body, 401 / 403
+keys, 404 unknown patch or route, 409 a patch or stack made for another table, 413 too long,
+503 busy or a patch file caught mid-write (retry), 507 a patch larger than the cache. The body
+limits, request slots and socket timeout are ``engram serve``'s (``ServeLimits``).
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Optional
+
+from engram.config import ServeConfigError
+from engram.errors import EngramError
+from engram.inspect.server import EngramServer, RequestError
+from engram.serve.service import TenantService
+
+ROUTES = {"/v1/logits": "logits", "/v1/generate": "generate"}
+
+
+def _handler_class(service: TenantService, quiet: bool) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "engram-serve-patches/1"
+        timeout = service.limits.socket_timeout_s
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            if not quiet:
+                super().log_message(format, *args)
+
+        def _json(self, status: int, obj: Any) -> None:
+            body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _error(self, err: EngramError) -> None:
+            self.close_connection = True  # the body may not have been read: do not reuse
+            self._json(err.http_status, {"error": str(err), "status": err.http_status})
+
+        def _key(self) -> Optional[str]:
+            auth = self.headers.get("Authorization", "")
+            if auth.lower().startswith("bearer "):
+                return auth[7:].strip()
+            return self.headers.get("X-API-Key")
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            try:
+                if path == "/healthz":
+                    self._json(200, service.health())
+                elif path == "/v1/patches":
+                    self._json(200, service.patch_list(self._key()))
+                elif path in ROUTES:
+                    raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"use POST {path} with a JSON body")
+                else:
+                    raise RequestError(HTTPStatus.NOT_FOUND, f"no route {path!r}; routes: GET /healthz, "
+                                       f"GET /v1/patches, POST /v1/logits, POST /v1/generate")
+            except EngramError as e:
+                self._error(e)
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            try:
+                what = ROUTES.get(path)
+                if what is None:
+                    raise RequestError(HTTPStatus.NOT_FOUND, f"no POST route {path!r}; use POST /v1/logits "
+                                       f"or POST /v1/generate")
+                if not service.enter():
+                    raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                       f"more than {service.limits.max_inflight} requests in flight; retry")
+                try:
+                    payload = self._read_json()
+                    answer = getattr(service, what)(self._key(), payload)
+                finally:
+                    service.leave()
+                self._json(200, answer)
+            except EngramError as e:
+                self._error(e)
+
+        def do_PUT(self) -> None:
+            self._error(RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not supported"))
+
+        do_DELETE = do_PATCH = do_PUT
+
+        def _read_json(self) -> dict[str, Any]:
+            ctype = self.headers.get("Content-Type", "")
+            if ctype.split(";", 1)[0].strip().lower() != "application/json":
+                raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                   f"Content-Type {ctype or '(none)'!r}; send application/json")
+            raw_len = self.headers.get("Content-Length")
+            if raw_len is None:
+                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+            try:
+                length = int(raw_len)
+            except ValueError:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {raw_len!r} is not a number") from None
+            if not 0 <= length <= service.limits.max_body_bytes:  # refuse before reading it
+                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else HTTPStatus.BAD_REQUEST,
+                                   f"body of {length} bytes; the limit is {service.limits.max_body_bytes}")
+            raw = self.rfile.read(length)
+            if len(raw) != length:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(raw)} of {length} bytes")
+            try:
+                payload = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid UTF-8 JSON: {e}") from None
+            if not isinstance(payload, dict):
+                raise RequestError(HTTPStatus.BAD_REQUEST,
+                                   f"body must be a JSON object, got {type(payload).__name__}")
+            return payload
+
+    return Handler
+
+
+def make_patch_server(service: TenantService, host: str = "127.0.0.1", port: int = 0,
+                      quiet: bool = False) -> EngramServer:
+    """A bound tenant server (``port=0`` picks a free port: ``server.server_address[1]``)."""
+    if not 0 <= port <= 65535:
+        raise ServeConfigError(f"port={port} must be in 0..65535 (0 picks a free port)")
+    return EngramServer((host, port), _handler_class(service, quiet))
