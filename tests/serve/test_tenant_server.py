@@ -261,3 +261,21 @@ def test_patch_larger_than_the_cache_is_refused(world) -> None:
         server.shutdown()
         server.server_close()
     assert Path(pdir / "t0.engp").is_file()
+
+
+def test_bench_overlay_reports_every_run_and_ratios_within_a_repeat(capsys) -> None:
+    from engram.cli.main import main
+
+    assert main(["bench", "overlay", "--preset", "tiny", "--vocab-size", "300", "--requests", "3", "--repeats", "2",
+                 "--tenants", "2", "--patch-rows", "16", "--prompt-len", "16", "--max-new-tokens", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [(x["repeat"], x["mode"]) for x in r["runs"]] == [(k, m) for k in (0, 1) for m in ("none", "0", "1", "2")]
+    assert all(x["requests"] == 3 and x["seconds"] > 0 for x in r["runs"])
+    for mode, s in r["summary"].items():
+        mine = [x for x in r["runs"] if x["mode"] == mode]
+        none = {x["repeat"]: x["requests_per_s"] for x in r["runs"] if x["mode"] == "none"}
+        assert s["throughput_vs_none"] == [x["requests_per_s"] / none[x["repeat"]] for x in mine]
+    m = r["memory"]
+    assert m["patch_cache"]["entries"] == 2 and m["overlay_bytes_per_tenant"] < m["patch_file_bytes"]
+    c = r["config"]  # the overlay holds each changed row's id (8 bytes) and its new values
+    assert m["overlay_bytes_per_tenant"] == len(c["engram_layers"]) * 16 * (8 + c["row_bytes"])

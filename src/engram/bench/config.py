@@ -177,3 +177,20 @@ class RetrofitBenchConfig:
                                  aliases=("--table-size",))
     threads: Optional[int] = setting(None, "torch threads (default: torch's)")
     lora_rank: int = setting(0, "also time LoRA of this rank (Engram off) and LoRA + Engram against the base")
+
+
+@dataclass
+class OverlayBenchConfig:
+    """``engram bench overlay``: requests/s and latency of the tenant server with 0, 1 and N tenants'
+    patches against none, and the memory each tenant's patch holds."""
+
+    preset: str = setting("engram-moe", "model preset (random weights; the shape is what costs)")
+    vocab_size: int = setting(4096, "vocabulary of the model (the demo's BPE size)")
+    tenants: int = setting(8, "tenants of the many-tenants mode, one patch each")
+    patch_rows: int = setting(2048, "rows each tenant's patch changes in every Engram layer")
+    requests: int = setting(32, "requests per mode and repeat")
+    prompt_len: int = setting(64, "prompt tokens per request")
+    max_new_tokens: int = setting(8, "greedy tokens generated per request")
+    repeats: int = setting(3, "rounds; in each the modes take turns request by request")
+    threads: Optional[int] = setting(1, "torch intra-op threads (default 1)")
+    seed: int = setting(0)

@@ -11,6 +11,7 @@
     engram bench patch                   the held-out-facts experiment (docs/patches.md)
     engram bench retrofit                tokens/s of a retrofitted model vs its base (and LoRA)
     engram bench distributed             row-sharded training on 1 vs W processes
+    engram bench overlay [--json]        tenant server with 0, 1, N tenants' patches vs none
 
 The benchmarks themselves live in ``engram.bench``; every subcommand's settings are a dataclass of
 ``engram.bench.config`` (``engram bench patch``: ``PatchBenchConfig``), its flags generated from
@@ -34,6 +35,7 @@ from engram.bench.config import (
     NgramBenchConfig,
     NgramMixBenchConfig,
     OffloadBenchConfig,
+    OverlayBenchConfig,
     RetrofitBenchConfig,
     StepBenchConfig,
     TableOptimizerBenchConfig,
@@ -227,6 +229,29 @@ def cmd_bench_distributed(args) -> int:
     return 0
 
 
+def cmd_bench_overlay(args) -> int:
+    from engram.bench.overlay import bench_overlay
+
+    r = bench_overlay(**_settings(args, OverlayBenchConfig))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    c, m = r["config"], r["memory"]
+    print(f"overlay: {c['preset']}, {c['requests']} requests x {c['repeats']} repeats per mode, "
+          f"{c['prompt_len']}-token prompts + {c['max_new_tokens']} greedy tokens, {c['patch_rows']} rows "
+          f"per layer per patch")
+    for mode, x in r["summary"].items():
+        ratios = ", ".join(f"{v:.3f}" for v in x["throughput_vs_none"])
+        print(f"  {mode:>4} tenants' patches: {x['requests_per_s_median']:7.2f} req/s, p50 {x['p50_ms']:7.1f} ms, "
+              f"p99 {x['p99_ms']:7.1f} ms; throughput vs none {x['throughput_vs_none_median']:.3f} ({ratios})")
+    print(f"  memory per tenant: {m['cache_bytes_per_tenant']:,.0f} bytes cached for a {m['patch_file_bytes']:,.0f}-byte "
+          f"patch file ({m['cache_bytes_per_tenant_vs_file']:.2f}x); the overlay alone {m['overlay_bytes_per_tenant']:,.0f}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- registration
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
@@ -313,3 +338,10 @@ def register(sub: Any) -> None:
     bdi.add_argument("--data", help="a prepared dataset (default: the built-in corpus, prepared in a temp dir)")
     add_config_flags(bdi, DistributedBenchConfig)
     bdi.set_defaults(fn=cmd_bench_distributed)
+
+    bo = bench.add_parser("overlay", help="requests/s and latency of the tenant server (engram serve --patches) "
+                          "with 0, 1 and N tenants' patches vs none; memory per tenant")
+    add_config_flags(bo, OverlayBenchConfig)
+    add_common(bo, "--out", help="also write the JSON result here")
+    add_common(bo, "--json")
+    bo.set_defaults(fn=cmd_bench_overlay)

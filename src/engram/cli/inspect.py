@@ -280,7 +280,7 @@ def register(sub: Any) -> None:
     t.add_argument("--keys", metavar="FILE", help='JSON {"keys": {"KEY": ["patch-id", ...]}}: the patches '
                    "each API key may use (403 outside them)")
     add_config_flags(t, PatchServeConfig)
-    add_storage_arguments(t)
+    add_storage_arguments(s)
     add_common(s, "--quiet", help="no request log")
     s.set_defaults(fn=cmd_serve)
 

@@ -81,10 +81,11 @@ class TenantService:
                 self._fingerprints[dtype] = fp
             return fp
 
-    def resolve(self, key: Optional[str], patch_ids: Any) -> tuple[list[LoadedPatch], Optional[PatchStack]]:
-        """A request's ``patches`` -> (the versions resolved, their checked and merged stack)."""
+    def resolve(self, key: Optional[str], patch_ids: Any) -> tuple[list[LoadedPatch], Optional[list[Any]]]:
+        """A request's ``patches`` -> (the versions resolved, the model's ``patches=``: None without
+        the field, else a list of the checked and merged stack, [] for an empty one)."""
         if patch_ids is None:
-            patch_ids = []
+            return [], None
         if not isinstance(patch_ids, list) or not all(isinstance(i, str) for i in patch_ids):
             raise ServeRequestError("field 'patches' must be a list of patch ids (strings)")
         if len(patch_ids) > self.config.max_stack:
@@ -95,13 +96,13 @@ class TenantService:
             self.keys.check(key, patch_ids)
         loaded = [self.store.get(pid) for pid in patch_ids]
         if not loaded:
-            return [], None
+            return [], []
         patches = [lp.patch for lp in loaded]
         try:
             stack = PatchStack(patches, self.base_fingerprint(patches[0].dtype), self.hash_fingerprint)
         except PatchError as e:
             raise PatchConflictError(f"patches {patch_ids}: {e}") from None
-        return loaded, stack
+        return loaded, [stack]
 
     def patch_list(self, key: Optional[str]) -> dict[str, Any]:
         ids = self.store.ids()
@@ -139,7 +140,7 @@ class TenantService:
         ids = self._ids(payload)
         loaded, stack = self.resolve(key, payload.get("patches"))
         with self._lock, torch.no_grad():
-            logits = self.model(ids, patches=[stack] if stack is not None else None).logits[0]  # [T,V]
+            logits = self.model(ids, patches=stack).logits[0]  # [T,V]
             self.requests_served += 1
         top = torch.topk(logits[-1], min(5, logits.shape[-1]))
         return {"tokens": int(ids.shape[1]), "digest": logits_digest(logits), "logits": logits[-1].tolist(),
@@ -162,7 +163,7 @@ class TenantService:
         sampling = SamplingConfig(**{k: (int(v) if k in ("max_new_tokens", "top_k", "seed") else float(v))
                                      for k, v in fields.items()})
         with self._lock:
-            out = self.model.generate(ids, sampling, patches=[stack] if stack is not None else None)
+            out = self.model.generate(ids, sampling, patches=stack)
             self.requests_served += 1
         new = out[0, ids.shape[1]:].tolist()
         res: dict[str, Any] = {"ids": new, "patches": self._used(loaded)}
