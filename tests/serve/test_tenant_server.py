@@ -87,7 +87,7 @@ def _post(port: int, route: str, body: dict, key: str | None = None) -> tuple[in
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {key}"} if key else {})})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=600) as r:  # 32 queued behind one model on a busy machine
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -192,7 +192,8 @@ def test_isolation_under_load_with_a_patch_replaced_mid_run(world) -> None:
     assert all(s == 200 and b["patches"][0]["patch_id"] == t7_new.patch_id for s, b in late)  # ... the new after
     assert late[0][1]["digest"] == expected[((t7_new.patch_id,), 0)]
     stats = service.store.stats()
-    assert stats["peak_bytes"] <= budget and stats["evictions"] > 0 and stats["reloads"] > 0
+    # (a changed t7 may be reloaded in place or, if it was evicted meanwhile, loaded afresh)
+    assert stats["peak_bytes"] <= budget and stats["evictions"] > 0 and stats["loads"] > len(patches)
     assert model_fingerprint(model) == before  # the shared table was never written
 
 
