@@ -96,8 +96,8 @@ def down_proj(model: nn.Module, layer: int) -> nn.Linear:
     return proj
 
 
-class _Stop(Exception):
-    pass
+class _Stop(EngramError):
+    """Ends a forward pass once the key is read (never leaves this module)."""
 
 
 @contextlib.contextmanager
