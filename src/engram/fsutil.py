@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 PathLike = Union[str, Path]
 """What every function that takes a file or directory accepts."""
@@ -64,3 +65,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class RunFiles:
+    """A folder of finished runs, one JSON file per run key, each written atomically; a resumed
+    study asks ``get`` first and skips what is on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> Optional[dict[str, Any]]:
+        p = self.root / f"{key}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def put(self, key: str, rec: dict[str, Any]) -> dict[str, Any]:
+        data = (json.dumps(rec, indent=1, default=float) + "\n").encode()
+        atomic_write(self.root / f"{key}.json", lambda f: f.write(data))
+        return rec
+
+    def all(self) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]

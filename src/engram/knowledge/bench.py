@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from engram.errors import EngramError
-from engram.fsutil import PathLike, atomic_write
+from engram.fsutil import PathLike, RunFiles
 from engram.knowledge.facts import Fact, invent_facts
 from engram.knowledge.retrieval import FactStore, RetrievalConfig, ask, distractor_sentences
 from engram.knowledge.rome import RomeConfig, RomeEditor, down_proj
@@ -55,23 +55,6 @@ class BenchConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     rome: RomeConfig = field(default_factory=RomeConfig)
     neutral_windows: int = 8  # 128-token windows of neutral text for the KL
-
-
-class _Runs:
-    """One JSON file per finished run under ``root``; a rerun skips them."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def get(self, key: str) -> Optional[dict[str, Any]]:
-        p = self.root / f"{key}.json"
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def put(self, key: str, rec: dict[str, Any]) -> dict[str, Any]:
-        data = (json.dumps(rec, indent=1, default=float) + "\n").encode()
-        atomic_write(self.root / f"{key}.json", lambda f: f.write(data))
-        return rec
 
 
 def _exact(model: Any, tok: Any, facts: Sequence[Fact], pad: int, split: str) -> float:
@@ -168,7 +151,7 @@ class Bench:
         return json.loads(json.dumps(cfg))
 
     def run_all(self, out: PathLike, progress: bool = False) -> list[dict[str, Any]]:
-        runs = _Runs(Path(out) / "runs")
+        runs = RunFiles(Path(out) / "runs")
         recs = []
         settings = self.settings()
         for fact_set in self.cfg.sets:

@@ -34,7 +34,7 @@ import torch
 
 from engram.data import shards as data
 from engram.errors import EngramError
-from engram.fsutil import PathLike, atomic_write
+from engram.fsutil import PathLike, RunFiles, atomic_write
 from engram.knowledge.editor import EditResult, FactEditConfig, coverage, edit_facts, layer_parameters, trained_rows
 from engram.knowledge.facts import Fact, invent_facts
 from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
@@ -123,25 +123,6 @@ def _write_text(path: PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-class _Runs:
-    """One JSON file per finished run under ``root``; reruns skip them."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def get(self, key: str) -> Optional[dict[str, Any]]:
-        p = self.root / f"{key}.json"
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def put(self, key: str, rec: dict[str, Any]) -> dict[str, Any]:
-        _write_text(self.root / f"{key}.json", json.dumps(rec, indent=1, default=float))
-        return rec
-
-    def all(self) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]
-
-
 def _forbidden_text(data_dir: PathLike, tok: Any, cache: Path) -> str:
     """The dataset's text (train + val), so no invented name occurs in what the model was trained
     on; decoded once and kept in ``cache``."""
@@ -196,7 +177,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
               log: Callable[[str], None] = print, extend: bool = True, compare_forms: bool = True) -> dict[str, Any]:
     """``adapters``: {name: loaded model}. Runs the phases in order; returns the summary."""
     out = Path(out_dir)
-    runs = _Runs(out / "runs")
+    runs = RunFiles(out / "runs")
     if list(phases) == ["summary"]:  # only the files on disk are read
         chosen_file = out / "chosen.json"
         return _write_summary(out, summarize(runs.all(), json.loads(chosen_file.read_text())
