@@ -244,6 +244,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_flags(parser: Any) -> None:
+    """``--ckpt`` or ``--base``: the model :func:`_load_model` loads."""
+    add_common(parser, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
+    parser.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("knowledge", help="facts in the Engram tables: ask them, measure the edits"
                        ).add_subparsers(dest="sub", required=True)
@@ -257,8 +263,7 @@ def register(sub: Any) -> None:
 
     c = p.add_parser("counterfactual", help="CounterFact-style edits of the capitals a model knows, with a "
                      "neighbourhood of known capitals that must stay right")
-    add_common(c, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
-    c.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
+    _add_model_flags(c)
     add_common(c, "--out", required=True, help="the edits, JSON lines (the neighbourhood goes next to it)")
     c.add_argument("--n", type=int, default=0, help="edits (default: half the known facts; at most all but one)")
     c.add_argument("--neighbours", type=int, default=0,
@@ -271,8 +276,7 @@ def register(sub: Any) -> None:
     c.set_defaults(fn=cmd_counterfactual)
 
     r = p.add_parser("rome", help="one ROME edit (rank-one MLP update) measured before and after, then reverted")
-    add_common(r, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
-    r.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
+    _add_model_flags(r)
     r.add_argument("--subject", required=True)
     r.add_argument("--answer", required=True, help="the new answer, e.g. Rome")
     r.add_argument("--relation", default="capital", help="whose templates ask it (default capital)")
@@ -290,8 +294,7 @@ def register(sub: Any) -> None:
 
     b = p.add_parser("bench", help="the knowledge benchmark: methods side by side on counterfactual and new facts "
                      "(one JSON per run, resumable)")
-    add_common(b, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
-    b.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
+    _add_model_flags(b)
     b.add_argument("--counterfactual", required=True,
                    help="edits from `engram knowledge counterfactual` (its .neighbours.jsonl next to it)")
     add_common(b, "--out", required=True, help="benchmark directory (runs/*.json, summary.md)")
