@@ -280,3 +280,31 @@ def test_bench_overlay_reports_every_run_and_ratios_within_a_repeat(capsys) -> N
     assert m["patch_cache"]["entries"] == 2 and m["overlay_bytes_per_tenant"] < m["patch_file_bytes"]
     c = r["config"]  # the overlay holds each changed row's id (8 bytes) and its new values
     assert m["overlay_bytes_per_tenant"] == len(c["engram_layers"]) * 16 * (8 + c["row_bytes"])
+
+
+def test_overlay_page_writes_every_number_from_the_result(tmp_path):
+    import json
+
+    from engram.cli.main import main
+
+    runs = [{"repeat": i, "mode": m, "requests": 4, "seconds": 1.0, "requests_per_s": rps, "p50_ms": 10.0,
+             "p99_ms": 20.0} for i in range(3) for m, rps in (("none", 2.0 + i), ("1", 1.5 + i))]
+    r = {"benchmark": "overlay", "date": "2031-01-02",
+         "machine": {"cpus": 2, "platform": "p", "python": "3", "torch": "t", "threads": 1},
+         "config": {"preset": "engram-moe", "vocab_size": 4096, "tenants": 1, "patch_rows": 7, "requests": 4,
+                    "prompt_len": 8, "max_new_tokens": 2, "repeats": 3},
+         "runs": runs,
+         "summary": {"none": {"requests_per_s_median": 3.0, "p50_ms": 10.0, "p99_ms": 20.0,
+                              "throughput_vs_none": [1.0, 1.0, 1.0], "throughput_vs_none_median": 1.0},
+                     "1": {"requests_per_s_median": 2.5, "p50_ms": 11.25, "p99_ms": 21.5,
+                           "throughput_vs_none": [0.75, 0.8, 0.8333], "throughput_vs_none_median": 0.8}},
+         "memory": {"patch_file_bytes": 1000.0, "cache_bytes_per_tenant": 990.0, "cache_bytes_per_tenant_vs_file": 0.99,
+                    "overlay_bytes_per_tenant": 500.0}}
+    (tmp_path / "r.json").write_text(json.dumps(r))
+    page = tmp_path / "p.md"
+    assert main(["bench", "overlay", "--from-json", str(tmp_path / "r.json"), "--page", str(page),
+                 "--page-command", "CMD"]) == 0
+    text = page.read_text()
+    assert "(2031-01-02)" in text and "CMD" in text
+    assert "| 1 tenant's patch | 1.500 / 2.500 / 3.500 | 0.750 / 0.800 / 0.833 | **0.800** | 11.2 | 21.5 |" in text
+    assert "990 bytes for a 1,000-byte patch file (0.99x)" in text and "500 bytes (0.50x)" in text

@@ -171,3 +171,33 @@ def _overlay_bytes(store: PatchStore, ids: list[str]) -> Optional[float]:
     sizes = [sum(o.rows.numel() * 8 + o.values.numel() * o.values.element_size()
                  for o in store.cached(pid).patch.overlays().values()) for pid in ids if store.cached(pid)]
     return statistics.median(sizes) if sizes else None
+
+
+_MODE_NAMES = {"none": "no patches (`none`)", "0": "`patches: []` (0 tenants)", "1": "1 tenant's patch"}
+
+
+def overlay_page(r: dict[str, Any], command: str) -> str:
+    """The results page of one ``bench_overlay`` result: every number below is read from ``r``."""
+    c, m, mach = r["config"], r["memory"], r["machine"]
+    rows = ["| mode | req/s per repeat | vs none, per repeat | median vs none | p50 ms | p99 ms |",
+            "|---|---|---|---:|---:|---:|"]
+    for mode, s in r["summary"].items():
+        rps = " / ".join(f"{x['requests_per_s']:.3f}" for x in r["runs"] if x["mode"] == mode)
+        ratios = " / ".join(f"{v:.3f}" for v in s["throughput_vs_none"])
+        name = _MODE_NAMES.get(mode, f"{mode} tenants' patches, round robin")
+        rows.append(f"| {name} | {rps} | {ratios} | **{s['throughput_vs_none_median']:.3f}** | "
+                    f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} |")
+    return "\n".join([
+        f"# Patches per request: what the tenant server pays for them ({r['date']})", "",
+        "Command:", "", "```bash", command, "```", "",
+        f"Machine: {mach['cpus']} CPUs ({mach['platform']}), Python {mach['python']}, torch {mach['torch']}, "
+        f"{mach['threads']} torch thread(s).", "",
+        f"Setup: the `{c['preset']}` preset with random weights (vocabulary {c['vocab_size']:,}), tables in memory; "
+        f"{c['tenants']} tenants, one patch each of {c['patch_rows']:,} changed rows; a request is a "
+        f"{c['prompt_len']}-token prompt and {c['max_new_tokens']} greedy tokens through the tenant server's request "
+        f"path without HTTP. {c['requests']} requests per mode and repeat, {c['repeats']} repeats, the modes taking "
+        f"turns request by request.", "", *rows, "",
+        f"Memory per tenant: the patch cache holds {m['cache_bytes_per_tenant']:,.0f} bytes for a "
+        f"{m['patch_file_bytes']:,.0f}-byte patch file ({m['cache_bytes_per_tenant_vs_file']:.2f}x); the overlay a "
+        f"request reads is {m['overlay_bytes_per_tenant']:,.0f} bytes "
+        f"({m['overlay_bytes_per_tenant'] / m['patch_file_bytes']:.2f}x).", ""])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from engram.bench.config import (
 )
 from engram.cli.flags import add_common, add_config_flags, config_from_args
 from engram.config import PatchBenchConfig
+from engram.fsutil import atomic_write
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -230,12 +232,19 @@ def cmd_bench_distributed(args) -> int:
 
 
 def cmd_bench_overlay(args) -> int:
-    from engram.bench.overlay import bench_overlay
+    from engram.bench.overlay import bench_overlay, overlay_page
 
-    r = bench_overlay(**_settings(args, OverlayBenchConfig))
+    if args.from_json:  # the page of a result already measured
+        r = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    else:
+        r = bench_overlay(**_settings(args, OverlayBenchConfig))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
+        data = (json.dumps(r, indent=2) + "\n").encode()
+        atomic_write(args.out, lambda f: f.write(data))
+    if args.page:
+        page = overlay_page(r, args.page_command or " ".join(sys.argv)).encode()
+        atomic_write(args.page, lambda f: f.write(page))
     if args.json:
         print(json.dumps(r))
         return 0
@@ -343,5 +352,8 @@ def register(sub: Any) -> None:
                           "with 0, 1 and N tenants' patches vs none; memory per tenant")
     add_config_flags(bo, OverlayBenchConfig)
     add_common(bo, "--out", help="also write the JSON result here")
+    bo.add_argument("--page", help="also write a results page (markdown) here, every number from the result")
+    bo.add_argument("--page-command", help="the command shown on the page (default: this one)")
+    bo.add_argument("--from-json", help="do not measure: read this result (from --out) and write --page / print it")
     add_common(bo, "--json")
     bo.set_defaults(fn=cmd_bench_overlay)
