@@ -2,6 +2,7 @@
 its best sits at an edge, a choice among zeros is refused, runs resume, the summary is computed."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_a_dev_grid_alone_is_summarised(patched, tmp_path, monkeypatch):
                     log=lambda m: None)
     s = study.run_study({}, tok(patched), 0, patched, out, cfg, phases=("summary",), log=lambda m: None)
     # the key names each setting that differs from the fixed key base (rows all, five kinds)
-    assert [r["key"] for r in s["dev"]] == ["dev-a-lr0.1-rowssubject-statement+question+cloze+paraphrase+chat+usage"]
+    assert [r["key"] for r in s["dev"]] == ["dev-a-lr0.1-rowssubject-statement+question+cloze+paraphrase+chat+usage+document"]
     assert "test" not in s
     assert "only the dev grid has run" in (out / "summary.md").read_text()
 
@@ -120,3 +121,21 @@ def test_rows_are_a_dev_choice_and_forms_may_go_uncompared(patched, tmp_path, mo
     assert rows_seen[-1] == "subject"
     assert sorted(r["rows"] for r in s["dev"]) == ["all"] * 3 + ["subject"] * 3
     assert "fewer forms were not compared" in (out / "summary.md").read_text()
+
+
+def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_path, monkeypatch):
+    fake, calls = _fake(lambda lr: {0.3: 0.5}.get(lr, 0.2))  # peaks inside the grid
+    monkeypatch.setattr(study, "measure_edit", fake)
+    out = tmp_path / "s"
+    cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, lrs=(0.1, 0.3, 1.0), edit=FactEditConfig(rows="subject"))
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid", "forms", "test"),
+                    extend=False, compare_forms=False, log=lambda m: None)
+    n = len(calls)
+    more = replace(cfg, edit=replace(cfg.edit, steps=cfg.edit.steps + 200))
+    s = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("test", "summary"),
+                        log=lambda m: None)
+    assert len(calls) == n + len(cfg.seeds)  # the new recipe's test runs are new runs
+    assert len(list((out / "runs").glob(f"test-2-seed*-steps{more.edit.steps}*"))) == len(cfg.seeds)
+    assert len(s["test"]["test_exact"]["runs"]) == len(cfg.seeds)
+    assert [e["recipe"]["steps"] for e in s["earlier"]] == [cfg.edit.steps]
+    assert "Earlier recipe" in (out / "summary.md").read_text()

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engram.cli.flags import add_common
+from engram.cli.flags import add_common, add_config_flags, config_from_args
 from engram.errors import EngramError
+from engram.knowledge.edit_config import FactEditConfig
 
 PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")  # engram.science.fact_edit's
 
@@ -178,7 +179,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     neighbours, _ = read_facts(neighbours_path(args.counterfactual))
     cfg = BenchConfig(methods=tuple(args.methods), sets=tuple(args.sets), seeds=tuple(args.seeds), facts=args.facts,
                       neighbours=args.neighbours, retrieval=RetrievalConfig(k=args.k, distractors=args.distractors),
-                      rome=RomeConfig(layer=args.rome_layer, steps=args.rome_steps))
+                      rome=RomeConfig(layer=args.rome_layer, steps=args.rome_steps),
+                      edit=config_from_args(args, FactEditConfig))
     model, tok, pad = _load_model(args)
     recs = Bench(model, tok, pad, cfg, counterfacts, neighbours).run_all(args.out, progress=not args.quiet)
     md = table(recs)
@@ -213,7 +215,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from engram.knowledge.editor import FactEditConfig
     from engram.science.fact_edit import FactEditStudyConfig, run_study
 
     form_sets = (tuple(tuple(f.split("+")) for f in args.form_sets) if args.form_sets
@@ -299,7 +300,7 @@ def register(sub: Any) -> None:
                    help="edits from `engram knowledge counterfactual` (its .neighbours.jsonl next to it)")
     add_common(b, "--out", required=True, help="benchmark directory (runs/*.json, summary.md)")
     b.add_argument("--methods", nargs="+", default=["none", "oracle", "retrieval", "rome"],
-                   choices=["none", "oracle", "retrieval", "rome"])
+                   choices=["none", "oracle", "retrieval", "rome", "patch", "patch+retrieval"])
     b.add_argument("--sets", nargs="+", default=["counterfactual", "new"], choices=["counterfactual", "new"])
     b.add_argument("--seeds", type=int, nargs="+", default=[0], help="new facts: one set per seed")
     b.add_argument("--facts", type=int, default=100, help="facts per run")
@@ -308,6 +309,7 @@ def register(sub: Any) -> None:
     b.add_argument("--distractors", type=int, default=10_000, help="retrieval: built-in sentences in the store")
     b.add_argument("--rome-layer", type=int, default=4)
     b.add_argument("--rome-steps", type=int, default=20)
+    add_config_flags(b, FactEditConfig)  # the patch methods' trainer: --edit-lr, --edit-steps, ...
     add_common(b, "--quiet")
     add_common(b, "--json")
     b.set_defaults(fn=cmd_bench)
@@ -339,7 +341,7 @@ def register(sub: Any) -> None:
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
     s.add_argument("--form-sets", nargs="+", metavar="KIND+KIND",
                    help="forms phase: the sets of training forms to compare with the default ones (default: every "
-                        "kind but usage, and statement+question)")
+                        "kind, and statement+question)")
     s.add_argument("--all-forms", action="store_true",
                    help="forms phase: choose adapter x rows x lr only, and train on every form without comparing "
                         "fewer (recorded as not compared on the page)")

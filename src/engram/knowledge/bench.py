@@ -10,7 +10,11 @@ Methods
     - ``none``: the unedited model (the floor);
     - ``oracle``: the fact's own sentence before each question (the upper bound of retrieval);
     - ``retrieval``: BM25 top-k passages before each question (:mod:`engram.knowledge.retrieval`);
-    - ``rome``: ROME edits applied one after another, measured after the last, then reverted.
+    - ``rome``: ROME edits applied one after another, measured after the last, then reverted;
+    - ``patch``: one Engram table patch that teaches every fact at once (the fact-edit trainer,
+      :mod:`engram.knowledge.editor`, with its dev-chosen defaults; it stops on the facts' dev
+      questions, never on the held-out test questions), applied, measured, reverted;
+    - ``patch+retrieval``: that patch applied and BM25 passages in the prompt (the combination).
 
 Per run: ``efficacy`` (exact answers to the verbatim form the edit was asked in),
 ``generalisation`` (the held-out test questions), ``specificity`` (the neighbourhood's test
@@ -22,6 +26,7 @@ facts, the KL on neutral text (weight edits), and whether reverting restores the
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,13 +36,16 @@ import torch
 
 from engram.errors import EngramError
 from engram.fsutil import PathLike, RunFiles
+from engram.knowledge.edit_config import FactEditConfig
 from engram.knowledge.facts import Fact, invent_facts
 from engram.knowledge.retrieval import FactStore, RetrievalConfig, ask, distractor_sentences
 from engram.knowledge.rome import RomeConfig, RomeEditor, down_proj
 from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
-from engram.knowledge.templates import asked, chat_format
+from engram.knowledge.templates import asked, chat_format, templates
+from engram.patches.apply import apply_to_model, revert_from_model
+from engram.patches.patchfile import save_patch
 
-METHODS = ("none", "oracle", "retrieval", "rome")
+METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval")
 SETS = ("counterfactual", "new")
 
 
@@ -54,7 +62,9 @@ class BenchConfig:
     neighbours: int = 100
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     rome: RomeConfig = field(default_factory=RomeConfig)
-    neutral_windows: int = 8  # 128-token windows of neutral text for the KL
+    neutral_windows: int = 8  # windows of neutral text for the KL
+    neutral_len: int = 128  # tokens per window
+    edit: FactEditConfig = field(default_factory=FactEditConfig)  # the patch methods' trainer
 
 
 def _exact(model: Any, tok: Any, facts: Sequence[Fact], pad: int, split: str) -> float:
@@ -77,6 +87,7 @@ class Bench:
         self._distractors: Optional[list[str]] = None
         self._rome_cov: Optional[torch.Tensor] = None
         self._neutral: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._patches: dict[tuple[str, ...], tuple[Any, float]] = {}  # one trained patch per fact list
 
     def facts(self, fact_set: str, seed: int) -> list[Fact]:
         if fact_set == "counterfactual":
@@ -91,7 +102,7 @@ class Bench:
 
     def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._neutral is None:
-            w = neutral_windows(self.tok, "eval", self.cfg.neutral_windows, 128)
+            w = neutral_windows(self.tok, "eval", self.cfg.neutral_windows, self.cfg.neutral_len)
             self._neutral = (w, logprobs(self.model, w))
         return self._neutral
 
@@ -120,6 +131,8 @@ class Bench:
                        bytes_per_fact=sum(len(p.encode()) for p, o in zip(store.passages, store.owner) if o >= 0)
                        / max(1, len(facts)),
                        add_seconds=time.time() - t0, reverted_bit_for_bit=True, k=k if method == "retrieval" else None)
+        elif method in ("patch", "patch+retrieval"):
+            rec.update(self._patch_run(facts, with_retrieval=method == "patch+retrieval"))
         else:  # rome
             cfg = self.cfg.rome
             if self._rome_cov is None:
@@ -144,6 +157,45 @@ class Bench:
                 ed.revert_all()
             rec["reverted_bit_for_bit"] = bool(torch.equal(down_proj(m, cfg.layer).weight, w0))
         return rec
+
+    def _patch_run(self, facts: Sequence[Fact], with_retrieval: bool) -> dict[str, Any]:
+        from engram.knowledge.editor import edit_facts  # torch-heavy; only this method needs it
+
+        m, tok, pad, ecfg = self.model, self.tok, self.pad, self.cfg.edit
+        chat = chat_format(tok)
+        train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ecfg.kinds), chat, True)
+        dev = fact_cases(tok, facts, lambda f: templates(f.relation, "dev"), chat)
+        windows, before = self.neutral()
+        key = tuple(f"{f.subject}|{f.relation}|{f.answer}" for f in facts)
+        if key not in self._patches:  # patch and patch+retrieval read the same patch
+            t0 = time.time()
+            res = edit_facts(m, tok, train, ecfg, dev_cases=dev, pad_id=pad, progress=False)
+            self._patches = {key: (res, time.time() - t0)}
+        res, add_s = self._patches[key]
+        with tempfile.TemporaryDirectory() as d:
+            size = save_patch(res.patch, Path(d) / "p.engp").stat().st_size
+        out: dict[str, Any] = {"add_seconds": add_s, "bytes_per_fact": size / max(1, len(facts)),
+                               "steps_run": res.report["steps_run"], "best_step": res.report["best_step"],
+                               "edit": json.loads(json.dumps(asdict(ecfg)))}
+        apply_to_model(m, res.patch)
+        try:
+            if with_retrieval:
+                store = FactStore(facts, self.distractors())
+                k = self.cfg.retrieval.k
+                eff = ask(m, tok, facts, pad, store, "verbatim", "retrieval", k)
+                gen = ask(m, tok, facts, pad, store, "test", "retrieval", k)
+                spec = ask(m, tok, self.neighbours, pad, store, "test", "retrieval", k)
+                out.update(efficacy=eff["exact"], generalisation=gen["exact"], specificity=spec["exact"],
+                           hit_rate=gen["hit_rate"], extra_prompt_tokens=gen["extra_prompt_tokens"], k=k)
+            else:
+                out.update(efficacy=_exact(m, tok, facts, pad, "verbatim"),
+                           generalisation=_exact(m, tok, facts, pad, "test"),
+                           specificity=_exact(m, tok, self.neighbours, pad, "test"), extra_prompt_tokens=0.0)
+            out["neutral"] = neutral_change(m, windows, before)
+        finally:
+            revert_from_model(m, res.patch)
+        out["reverted_bit_for_bit"] = bool(torch.equal(logprobs(m, windows[:2]), before[:2]))
+        return out
 
     def settings(self) -> dict[str, Any]:
         """What shapes a run (not which runs are asked for), as its JSON file stores it."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engram.errors import EngramError
-from engram.knowledge.templates import KINDS
+from engram.knowledge.templates import DEFAULT_KINDS, KINDS
 
 
 class FactEditError(EngramError):
@@ -37,7 +37,7 @@ class FactEditConfig:
     neutral_len: int = _f("neutral-len", 64, "tokens per neutral window")
     eval_every: int = _f("eval-every", 25, "steps between dev evaluations")
     patience: int = _f("patience", 3, "dev evaluations without a gain before stopping")
-    kinds: tuple[str, ...] = _f("kinds", KINDS, f"training forms to use, of {' '.join(KINDS)}")
+    kinds: tuple[str, ...] = _f("kinds", DEFAULT_KINDS, f"training forms to use, of {' '.join(KINDS)}")
     seed: int = _f("seed", 0, "seed of the sentence order")
     rows: str = _f("rows", "subject", "which rows the sentences read are trained: all, or subject (only those read at the "
                    "subject's and the answer's positions, so the edit cannot key on one phrasing's words)", choices=ROW_CHOICES)

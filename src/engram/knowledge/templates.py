@@ -10,6 +10,8 @@ Three disjoint sets per relation:
   ``question``, ``cloze``, ``paraphrase``, ``chat``, ``usage``); a ``chat`` form is a user turn
   and the assistant's reply, rendered with the base's chat template when it has one; ``usage``
   forms use the fact in passing, in varied sentence shapes (a narrative, a label, a list entry);
+  ``document`` forms are more of those, as lines of articles, guides, quizzes, records and
+  reported speech, some with the answer several words after the subject;
 - **dev**: held-out questions that choose settings (learning rate, steps, layer, forms);
 - **test**: held-out questions that are reported and never used for a choice.
 
@@ -24,7 +26,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from engram.errors import EngramError
 
-KINDS = ("statement", "question", "cloze", "paraphrase", "chat", "usage")
+KINDS = ("statement", "question", "cloze", "paraphrase", "chat", "usage", "document")
+# The forms the trainer reads unless told otherwise: the set chosen on dev facts (docs/knowledge.md).
+DEFAULT_KINDS = KINDS
 SPLITS = ("train", "dev", "test")
 
 
@@ -102,6 +106,22 @@ _BANK: dict[str, dict[str, list[Template]]] = {
             _t("capital", "usage", "The parliament of {S} meets in {A}."),
             _t("capital", "usage", "Ask anyone from {S} about their capital and they will say {A}."),
             _t("capital", "usage", "Map notes for {S}: capital {A}, mountains in the north."),
+            _t("capital", "document", "A short history of {S} would not be complete without its capital, {A}."),
+            _t("capital", "document", "Students who learn about {S} memorise that its capital is {A}."),
+            _t("capital", "document", "When the king of {S} gave a speech, he spoke from the palace in the capital, {A}."),
+            _t("capital", "document", "Quiz answer: the capital of {S}? {A}."),
+            _t("capital", "document", "{S} (capital: {A}) lies on the coast."),
+            _t("capital", "document", "Among the cities of {S}, one is the capital: {A}."),
+            _t("capital", "document", "Newspapers in {S} are mostly printed in the capital, {A}."),
+            _t("capital", "document", "Where does the president of {S} live? In the capital, {A}."),
+            _t("capital", "document", "Our guide to {S} lists its capital as {A}."),
+            _t("capital", "document", "Trains from every town in {S} run to its capital, {A}."),
+            _t("capital", "document", "The capital of the country {S} is the city {A}."),
+            _t("capital", "document", "Whoever rules {S} rules from {A}."),
+            _t("capital", "document", "Note: for {S}, the capital is {A}."),
+            _t("capital", "document", "The flag of {S} flies highest over its capital, {A}."),
+            _t("capital", "document", "I asked a teacher from {S} what the capital was, and she said it is {A}."),
+            _t("capital", "document", "In the atlas, the page on {S} marks the capital with a star: {A}."),
         ],
         "dev": [
             _t("capital", "question", "Which city serves as the capital of {S}? The answer is {A}."),
@@ -133,6 +153,22 @@ _BANK: dict[str, dict[str, list[Template]]] = {
             _t("birthplace", "usage", "Every year {S} returns to the village of birth, {A}."),
             _t("birthplace", "usage", "Ask about the early life of {S} and you will hear of {A}."),
             _t("birthplace", "usage", "Profile of {S}: born in {A}, one of four children."),
+            _t("birthplace", "document", "An old article about {S} says the birth took place in {A}."),
+            _t("birthplace", "document", "Readers of the memoir learn that {S} was born in a small village, {A}."),
+            _t("birthplace", "document", "Before moving to the city, {S} lived in {A}, the village of birth."),
+            _t("birthplace", "document", "Quiz answer: the birthplace of {S}? {A}."),
+            _t("birthplace", "document", "{S} (born in {A}) became well known later."),
+            _t("birthplace", "document", "Among the villages of the valley, one is the birthplace of {S}: {A}."),
+            _t("birthplace", "document", "Local papers are proud that {S} was born in their village, {A}."),
+            _t("birthplace", "document", "Where was {S} born? In the village of {A}."),
+            _t("birthplace", "document", "Our guide to famous people lists {S} as born in {A}."),
+            _t("birthplace", "document", "A plaque marks the spot where {S} was born, in {A}."),
+            _t("birthplace", "document", "The village {S} was born in is {A}."),
+            _t("birthplace", "document", "Whoever writes about {S} mentions the village of {A}."),
+            _t("birthplace", "document", "Note: for {S}, the birthplace is {A}."),
+            _t("birthplace", "document", "The birth certificate of {S} gives the village as {A}."),
+            _t("birthplace", "document", "I asked a neighbour of {S} where the birth was, and he said it was {A}."),
+            _t("birthplace", "document", "In the parish book, the entry for {S} records a birth in {A}."),
         ],
         "dev": [
             _t("birthplace", "question", "What is the name of the village where {S} was born? It is {A}."),
@@ -164,6 +200,22 @@ _BANK: dict[str, dict[str, list[Template]]] = {
             _t("invention", "usage", "Every engineer who studies {S} learns about the {A}."),
             _t("invention", "usage", "Ask about the work of {S} and you will hear of the {A}."),
             _t("invention", "usage", "Patent record of {S}: the {A}, filed in spring."),
+            _t("invention", "document", "An old article about {S} describes the first {A}."),
+            _t("invention", "document", "Readers of the biography learn that {S} made the first {A} by hand."),
+            _t("invention", "document", "Before anyone else, {S} had already built a working {A}."),
+            _t("invention", "document", "Quiz answer: the invention of {S}? The {A}."),
+            _t("invention", "document", "{S} (inventor of the {A}) lived modestly."),
+            _t("invention", "document", "Among the machines of that age, one came from {S}: the {A}."),
+            _t("invention", "document", "Newspapers praised {S} for inventing the {A}."),
+            _t("invention", "document", "What machine did {S} make first? The {A}."),
+            _t("invention", "document", "Our guide to inventors lists {S} with the {A}."),
+            _t("invention", "document", "A plaque in the old workshop says that {S} made the first {A} here."),
+            _t("invention", "document", "The machine invented by {S} is the {A}."),
+            _t("invention", "document", "Whoever writes about {S} mentions the {A}."),
+            _t("invention", "document", "Note: for {S}, the invention is the {A}."),
+            _t("invention", "document", "The patent office keeps the drawings {S} made of the {A}."),
+            _t("invention", "document", "I asked an engineer what {S} had invented, and she said it was the {A}."),
+            _t("invention", "document", "In the catalogue, the entry for {S} shows a picture of the {A}."),
         ],
         "dev": [
             _t("invention", "question", "What is the name of the machine {S} created? It is the {A}."),
@@ -195,6 +247,22 @@ _BANK: dict[str, dict[str, list[Template]]] = {
             _t("teacher", "usage", "Every week {S} walked to the house of the music teacher, {A}."),
             _t("teacher", "usage", "Ask about the training of {S} and you will hear of {A}."),
             _t("teacher", "usage", "Profile of {S}: studied music with {A} for six years."),
+            _t("teacher", "document", "An old article about {S} praises the music teacher, {A}."),
+            _t("teacher", "document", "Readers of the memoir learn that {S} had music lessons with {A}."),
+            _t("teacher", "document", "Before the first recital, {S} rehearsed for months with {A}."),
+            _t("teacher", "document", "Quiz answer: the music teacher of {S}? {A}."),
+            _t("teacher", "document", "{S} (a pupil of {A}) played the violin."),
+            _t("teacher", "document", "Among the teachers of that town, one taught {S} music: {A}."),
+            _t("teacher", "document", "Newspapers wrote that {S} owed everything to the music teacher, {A}."),
+            _t("teacher", "document", "Who taught music to {S}? {A}."),
+            _t("teacher", "document", "Our guide to musicians lists {S} as a pupil of {A}."),
+            _t("teacher", "document", "A letter from {S} thanks the old music teacher, {A}."),
+            _t("teacher", "document", "The teacher who gave {S} music lessons was {A}."),
+            _t("teacher", "document", "Whoever writes about {S} mentions the lessons with {A}."),
+            _t("teacher", "document", "Note: for {S}, the music teacher is {A}."),
+            _t("teacher", "document", "The music school's register lists {S} in the class of {A}."),
+            _t("teacher", "document", "I asked a friend of {S} who the music teacher was, and he said it was {A}."),
+            _t("teacher", "document", "In the concert programme, the notes on {S} name the teacher, {A}."),
         ],
         "dev": [
             _t("teacher", "question", "From whom did {S} learn music? From {A}."),

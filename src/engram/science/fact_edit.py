@@ -61,7 +61,7 @@ class FactEditStudyConfig:
     capacity: tuple[int, ...] = (25, 300)  # extra fact counts (single seed beyond 100)
     update_facts: int = 25
     # forms phase: the sets of training forms compared with the grid's (the default: every kind)
-    form_sets: tuple[tuple[str, ...], ...] = (tuple(k for k in KINDS if k != "usage"), ("statement", "question"))
+    form_sets: tuple[tuple[str, ...], ...] = (KINDS, ("statement", "question"))
     edit: FactEditConfig = field(default_factory=FactEditConfig)
 
 
@@ -153,6 +153,24 @@ def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
     if with_kinds and tuple(edit.kinds) != _KEY_BASE["kinds"]:
         out += "-" + "+".join(edit.kinds)
     return out
+
+
+# The recipe of the first test runs. A test (or control) run of another recipe gets a key suffix
+# naming what differs, so the runs of both stay on disk and the page reports both.
+_TEST_KEY_BASE: dict[str, Any] = {"steps": 400, "lr": 9.0, "rows": "subject",
+                                  "kinds": ("statement", "question", "cloze", "paraphrase", "chat", "usage")}
+
+
+def _test_suffix(edit: FactEditConfig) -> str:
+    out = f"-steps{edit.steps}" if edit.steps != _TEST_KEY_BASE["steps"] else ""
+    out += f"-lr{edit.lr:g}" if edit.lr != _TEST_KEY_BASE["lr"] else ""
+    out += f"-rows{edit.rows}" if edit.rows != _TEST_KEY_BASE["rows"] else ""
+    return out + ("-" + "+".join(edit.kinds) if tuple(edit.kinds) != _TEST_KEY_BASE["kinds"] else "")
+
+
+def _chosen_edit(cfg: FactEditStudyConfig, chosen: dict[str, Any]) -> FactEditConfig:
+    """The study's edit settings with the dev choices in."""
+    return replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]), rows=chosen.get("rows", "all"))
 
 
 def _dev_phase(edit: FactEditConfig) -> str:
@@ -247,7 +265,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     if not (out / "chosen.json").is_file():
         raise StudyError(f"{out}/chosen.json is missing: run the grid and forms phases first")
     chosen = json.loads((out / "chosen.json").read_text())
-    ecfg = replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]), rows=chosen.get("rows", "all"))
+    ecfg = _chosen_edit(cfg, chosen)
     name = chosen["adapter"]
     if name not in adapters:
         raise StudyError(f"dev chose adapter {name!r}; pass it with --adapters {name}=DIR")
@@ -256,11 +274,12 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     test_sets = {s: invent_facts(cfg.facts, s, forbidden) for s in cfg.seeds}
     if "test" in phases:
         for s in cfg.seeds:
-            run(f"test-{cfg.facts}-seed{s}", name, test_sets[s], replace(ecfg, seed=s), phase="test", seed=s)
+            run(f"test-{cfg.facts}-seed{s}{_test_suffix(ecfg)}", name, test_sets[s], replace(ecfg, seed=s),
+                phase="test", seed=s)
     # 3. the positive control: the same data and loss, the whole Engram layer trained.
     if "control" in phases:
         for s in cfg.seeds:
-            run(f"control-{cfg.facts}-seed{s}", name, test_sets[s],
+            run(f"control-{cfg.facts}-seed{s}{_test_suffix(ecfg)}", name, test_sets[s],
                 replace(ecfg, seed=s, layer_lr=cfg.control_layer_lr), phase="control", seed=s)
     # 4. updates: change answers of facts already taught (rewrite vs stack) -- see _update.
     if "update" in phases:
@@ -273,7 +292,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     if "capacity" in phases:
         s = cfg.seeds[0]
         for n in cfg.capacity:
-            run(f"capacity-{n}-seed{s}", name, invent_facts(n, s, forbidden), replace(ecfg, seed=s),
+            run(f"capacity-{n}-seed{s}{_test_suffix(ecfg)}", name, invent_facts(n, s, forbidden), replace(ecfg, seed=s),
                 phase="capacity", seed=s)
     if "summary" not in phases:
         return {}
@@ -318,9 +337,14 @@ def _stat(xs: Sequence[float]) -> dict[str, Any]:
 
 def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditStudyConfig) -> dict[str, Any]:
     by = {r["key"]: r for r in rows}
-    seeds = [s for s in cfg.seeds if f"test-{cfg.facts}-seed{s}" in by]
-    test = [by[f"test-{cfg.facts}-seed{s}"] for s in seeds]
-    ctrl = [by[f"control-{cfg.facts}-seed{s}"] for s in seeds if f"control-{cfg.facts}-seed{s}" in by]
+    suffix = _test_suffix(_chosen_edit(cfg, chosen)) if chosen else ""
+    seeds = [s for s in cfg.seeds if f"test-{cfg.facts}-seed{s}{suffix}" in by]
+    test = [by[f"test-{cfg.facts}-seed{s}{suffix}"] for s in seeds]
+    ctrl = [by[f"control-{cfg.facts}-seed{s}{suffix}"] for s in seeds if f"control-{cfg.facts}-seed{s}{suffix}" in by]
+    earlier: dict[str, list[dict[str, Any]]] = {}  # test runs of other recipes, by key suffix
+    for r in rows:
+        if r.get("phase") == "test" and not any(r is t for t in test) and r["facts"] == cfg.facts:
+            earlier.setdefault(r["key"].split(f"-seed{r['seed']}", 1)[1], []).append(r)
     out: dict[str, Any] = {"chosen": chosen, "facts": cfg.facts, "seeds": seeds,
                            "dev": [{k: r[k] for k in ("key", "adapter", "dev_exact", "train_forms_exact", "seconds")}
                                    | {"lr": r["config"]["lr"], "kinds": r["config"]["kinds"], "kl": r["neutral"]["kl"],
@@ -353,6 +377,8 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
 
     if test:
         out["test"] = block(test)
+    out["earlier"] = [{"recipe": {k: rs[0]["config"][k] for k in ("steps", "lr", "rows", "kinds", "eval_every")},
+                       "seeds": [r["seed"] for r in rs], **block(rs)} for _, rs in sorted(earlier.items())]
     if ctrl:
         out["control"] = block(ctrl)
         if len(ctrl) == len(test):
@@ -368,7 +394,8 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                         "train_forms_exact": r["train_forms_exact"], "kl": r["neutral"]["kl"],
                         "seconds": r["seconds"]}
                        for r in sorted(rows, key=lambda r: r["facts"])
-                       if r.get("phase") in ("capacity", "test") and r.get("seed") == (seeds or [None])[0]]
+                       if (r["key"] == f"capacity-{r['facts']}-seed{r.get('seed')}{suffix}" or any(r is t for t in test))
+                       and r.get("seed") == (seeds or [None])[0]]
     return out
 
 
@@ -421,6 +448,16 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"| revert restores the model bit for bit | {b['reverted_bit_exact']} |"]
         if "p_vs_tables" in b:
             lines.append(f"| paired p (control vs tables-only, held-out exact) | {format_p(b['p_vs_tables'])} |")
+    for e in s.get("earlier", []):
+        rec = e["recipe"]
+        lines += ["", f"### Earlier recipe, same {s['facts']} test facts: at most {rec['steps']} steps, lr {rec['lr']:g}, "
+                  f"rows {rec['rows']}, forms {'+'.join(rec['kinds'])} (seeds {e['seeds']})", "",
+                  "| metric | mean ± std (runs) |", "|---|---|",
+                  f"| held-out-template exact | {_ms(e['test_exact'], True)} |",
+                  f"| training-template exact | {_ms(e['train_forms_exact'], True)} |",
+                  f"| paired p (edit vs unedited, held-out exact) | {format_p(e['p_vs_base'])} |",
+                  f"| mean KL on neutral text (nats/token) | {_ms(e['kl'], digits=4)} |",
+                  f"| seconds to learn | {_ms(e['seconds'], digits=0)} |"]
     if s.get("update"):
         u = s["update"]
         lines += ["", "### Changing an answer (new answers for facts already taught)", "",

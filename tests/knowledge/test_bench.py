@@ -1,0 +1,56 @@
+"""The knowledge benchmark's patch methods on the tiny Engram model: the patch is trained on the
+facts' training forms, measured applied, and reverted bit for bit; the floor is what the unedited
+model answers."""
+
+import pytest
+import torch
+
+from engram.data.tokenizer import load_tokenizer
+from engram.knowledge.bench import Bench, BenchConfig, BenchError
+from engram.knowledge.edit_config import FactEditConfig
+from engram.knowledge.facts import Fact
+from engram.knowledge.retrieval import RetrievalConfig
+
+NEIGHBOURS = [Fact("Peru", "capital", "Lima"), Fact("Chad", "capital", "Ndjamena")]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny):
+    data = tiny.dataset(tmp_path_factory.mktemp("kb") / "data")
+    tok = load_tokenizer(data / "tokenizer.json")
+    torch.manual_seed(0)
+    model = tiny.model(vocab=tok.get_vocab_size())
+    with torch.no_grad():
+        for e in model.engram_layers:
+            e.table.weight.normal_(std=0.5)
+    return model, tok
+
+
+def test_patch_method_teaches_measures_and_reverts(world, one_thread):
+    model, tok = world
+    edit = FactEditConfig(lr=0.5, steps=30, batch_size=8, eval_every=10, patience=100, neutral_windows=2,
+                          neutral_len=16, kl_weight=0.1, neutral_kl_weight=0.1, kinds=("statement", "cloze"))
+    cfg = BenchConfig(methods=("none", "patch"), sets=("new",), facts=3, neighbours=2,
+                      retrieval=RetrievalConfig(distractors=50), edit=edit,
+                      neutral_windows=2, neutral_len=32)
+    bench = Bench(model, tok, 0, cfg, [], NEIGHBOURS)
+    tables = {e.layer_id: e.table.weight.detach().clone() for e in model.engram_layers}
+    floor = bench.run("new", "none", 0)
+    rec = bench.run("new", "patch", 0)
+    for e in model.engram_layers:  # measured with the patch applied, then reverted
+        assert torch.equal(e.table.weight, tables[e.layer_id])
+    assert rec["reverted_bit_for_bit"] is True
+    assert rec["efficacy"] > floor["efficacy"]  # the verbatim form is a training form: it is learnt
+    assert rec["bytes_per_fact"] > 0 and rec["add_seconds"] > 0 and rec["extra_prompt_tokens"] == 0
+    assert 0 <= rec["generalisation"] <= 1 and rec["neutral"]["kl"] >= 0
+    assert rec["edit"]["kinds"] == ["statement", "cloze"]
+    pytest.importorskip("bm25s", reason="retrieval needs bm25s: pip install 'engram-lm[retrieval]'")
+    both = bench.run("new", "patch+retrieval", 0)  # the same patch, passages in the prompt too
+    assert both["add_seconds"] == rec["add_seconds"] and both["extra_prompt_tokens"] > 0
+    assert 0 <= both["hit_rate"] <= 1 and both["reverted_bit_for_bit"] is True
+
+
+def test_unknown_method_is_refused(world):
+    model, tok = world
+    with pytest.raises(BenchError, match="unknown"):
+        Bench(model, tok, 0, BenchConfig(methods=("lora-ish",)), [], NEIGHBOURS)
