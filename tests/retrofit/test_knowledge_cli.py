@@ -58,3 +58,29 @@ def test_bench_runs_every_method_once_and_resumes(tiny_base, tmp_path, capsys, o
     assert "| counterfactual | rome |" in (out / "summary.md").read_text()
     assert main([*args[:-2], "--facts", "1", "--methods", "none", "--quiet"]) == 2  # other settings, same --out
     assert "other settings" in capsys.readouterr().err
+
+
+def test_bench_lora_trains_with_the_patch_recipe_and_is_removed(tiny_base, tmp_path, capsys, one_thread):
+    cf = tmp_path / "cf.jsonl"
+    write_counterfacts(cf, [Counterfact("France", "Paris", "Rome"), Counterfact("Peru", "Lima", "Oslo")],
+                       [Fact("Spain", "capital", "Madrid")])
+    adapter = tmp_path / "adapter"
+    assert main(["retrofit", "train", "--base", str(tiny_base["base"]), "--data", str(tiny_base["data"]),
+                 "--layers", "1", "--out", str(adapter), "--rows-per-head", "997", "--n-embed-per-ngram", "32",
+                 "--n-head-per-ngram", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "bench"
+    assert main(["knowledge", "bench", "--ckpt", str(adapter), "--counterfactual", str(cf), "--out", str(out),
+                 "--facts", "2", "--distractors", "50", "--methods", "none", "lora", "--sets", "counterfactual",
+                 "--lora-ranks", "2", "4", "--lora-lr", "0.05", "--edit-steps", "60", "--edit-eval-every", "20",
+                 "--edit-patience", "100",
+                 "--edit-kinds", "statement", "cloze", "--edit-neutral-windows", "2", "--edit-neutral-len", "16",
+                 "--quiet", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    lora = {r["lora_rank"]: r for r in recs if r["method"] == "lora"}
+    none = next(r for r in recs if r["method"] == "none")
+    assert sorted(lora) == [2, 4] and lora[4]["bytes_per_fact"] == 2 * lora[2]["bytes_per_fact"]
+    for r in lora.values():  # trained on the answers, measured, removed bit for bit
+        assert r["reverted_bit_for_bit"] is True and r["efficacy"] >= none["efficacy"]
+        assert r["answer_loss_last"] < 0.95 * r["answer_loss_first"] and r["neutral"]["kl"] >= 0
+    assert "| counterfactual | lora r2 |" in (out / "summary.md").read_text()

@@ -180,7 +180,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(methods=tuple(args.methods), sets=tuple(args.sets), seeds=tuple(args.seeds), facts=args.facts,
                       neighbours=args.neighbours, retrieval=RetrievalConfig(k=args.k, distractors=args.distractors),
                       rome=RomeConfig(layer=args.rome_layer, steps=args.rome_steps),
-                      edit=config_from_args(args, FactEditConfig))
+                      edit=config_from_args(args, FactEditConfig), lora_ranks=tuple(args.lora_ranks),
+                      lora_lr=args.lora_lr)
     model, tok, pad = _load_model(args)
     recs = Bench(model, tok, pad, cfg, counterfacts, neighbours).run_all(args.out, progress=not args.quiet)
     md = table(recs)
@@ -300,7 +301,7 @@ def register(sub: Any) -> None:
                    help="edits from `engram knowledge counterfactual` (its .neighbours.jsonl next to it)")
     add_common(b, "--out", required=True, help="benchmark directory (runs/*.json, summary.md)")
     b.add_argument("--methods", nargs="+", default=["none", "oracle", "retrieval", "rome"],
-                   choices=["none", "oracle", "retrieval", "rome", "patch", "patch+retrieval"])
+                   choices=["none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "lora"])
     b.add_argument("--sets", nargs="+", default=["counterfactual", "new"], choices=["counterfactual", "new"])
     b.add_argument("--seeds", type=int, nargs="+", default=[0], help="new facts: one set per seed")
     b.add_argument("--facts", type=int, default=100, help="facts per run")
@@ -309,6 +310,8 @@ def register(sub: Any) -> None:
     b.add_argument("--distractors", type=int, default=10_000, help="retrieval: built-in sentences in the store")
     b.add_argument("--rome-layer", type=int, default=4)
     b.add_argument("--rome-steps", type=int, default=20)
+    b.add_argument("--lora-ranks", type=int, nargs="+", default=[8], help="lora: one run per rank (alpha 2 x rank)")
+    b.add_argument("--lora-lr", type=float, default=1e-3, help="lora: Adam learning rate of the LoRA weights")
     add_config_flags(b, FactEditConfig)  # the patch methods' trainer: --edit-lr, --edit-steps, ...
     add_common(b, "--quiet")
     add_common(b, "--json")

@@ -14,7 +14,9 @@ Methods
     - ``patch``: one Engram table patch that teaches every fact at once (the fact-edit trainer,
       :mod:`engram.knowledge.editor`, with its dev-chosen defaults; it stops on the facts' dev
       questions, never on the held-out test questions), applied, measured, reverted;
-    - ``patch+retrieval``: that patch applied and BM25 passages in the prompt (the combination).
+    - ``patch+retrieval``: that patch applied and BM25 passages in the prompt (the combination);
+    - ``lora``: LoRA weights (each rank of ``lora_ranks``) trained with the patch's data, loss and
+      stopping, in place of table rows (a retrofitted Hugging Face model), measured, removed.
 
 Per run: ``efficacy`` (exact answers to the verbatim form the edit was asked in),
 ``generalisation`` (the held-out test questions), ``specificity`` (the neighbourhood's test
@@ -45,7 +47,7 @@ from engram.knowledge.templates import asked, chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
 
-METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval")
+METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "lora")
 SETS = ("counterfactual", "new")
 
 
@@ -65,6 +67,8 @@ class BenchConfig:
     neutral_windows: int = 8  # windows of neutral text for the KL
     neutral_len: int = 128  # tokens per window
     edit: FactEditConfig = field(default_factory=FactEditConfig)  # the patch methods' trainer
+    lora_ranks: tuple[int, ...] = (8,)  # one lora run per rank (alpha = 2 x rank)
+    lora_lr: float = 1e-3
 
 
 def _exact(model: Any, tok: Any, facts: Sequence[Fact], pad: int, split: str) -> float:
@@ -107,7 +111,7 @@ class Bench:
         return self._neutral
 
     # ------------------------------------------------------------------ one run
-    def run(self, fact_set: str, method: str, seed: int) -> dict[str, Any]:
+    def run(self, fact_set: str, method: str, seed: int, lora_rank: int = 0) -> dict[str, Any]:
         facts = self.facts(fact_set, seed)
         m, tok, pad = self.model, self.tok, self.pad
         rec: dict[str, Any] = {"set": fact_set, "method": method, "seed": seed, "facts": len(facts),
@@ -133,6 +137,8 @@ class Bench:
                        add_seconds=time.time() - t0, reverted_bit_for_bit=True, k=k if method == "retrieval" else None)
         elif method in ("patch", "patch+retrieval"):
             rec.update(self._patch_run(facts, with_retrieval=method == "patch+retrieval"))
+        elif method == "lora":
+            rec.update(self._lora_run(facts, lora_rank or self.cfg.lora_ranks[0]))
         else:  # rome
             cfg = self.cfg.rome
             if self._rome_cov is None:
@@ -162,9 +168,7 @@ class Bench:
         from engram.knowledge.editor import edit_facts  # torch-heavy; only this method needs it
 
         m, tok, pad, ecfg = self.model, self.tok, self.pad, self.cfg.edit
-        chat = chat_format(tok)
-        train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ecfg.kinds), chat, True)
-        dev = fact_cases(tok, facts, lambda f: templates(f.relation, "dev"), chat)
+        train, dev = self._train_dev(facts)
         windows, before = self.neutral()
         key = tuple(f"{f.subject}|{f.relation}|{f.answer}" for f in facts)
         if key not in self._patches:  # patch and patch+retrieval read the same patch
@@ -197,6 +201,42 @@ class Bench:
         out["reverted_bit_for_bit"] = bool(torch.equal(logprobs(m, windows[:2]), before[:2]))
         return out
 
+    def _train_dev(self, facts: Sequence[Fact]) -> tuple[list[Any], list[Any]]:
+        chat, kinds = chat_format(self.tok), self.cfg.edit.kinds
+        return (fact_cases(self.tok, facts, lambda f: templates(f.relation, "train", kinds), chat, True),
+                fact_cases(self.tok, facts, lambda f: templates(f.relation, "dev"), chat))
+
+    def _lora_run(self, facts: Sequence[Fact], rank: int) -> dict[str, Any]:
+        from engram.knowledge.editor import edit_facts
+
+        m, tok, pad, ecfg = self.model, self.tok, self.pad, self.cfg.edit
+        if not hasattr(m, "add_lora"):
+            raise BenchError("the lora method needs a retrofitted Hugging Face model: --ckpt a retrofit adapter")
+        train, dev = self._train_dev(facts)
+        windows, before = self.neutral()
+        m.add_lora(rank)
+        try:
+            params = {n: p for n, p in m.base.named_parameters() if "lora_" in n}
+            t0 = time.time()
+            res = edit_facts(m, tok, train, ecfg, dev_cases=dev, pad_id=pad, progress=False, extra=params,
+                             extra_lr=self.cfg.lora_lr, train_tables=False)
+            add_s = time.time() - t0
+            with torch.no_grad():  # the weights of the best dev step
+                for n, p in params.items():
+                    p.copy_(res.layer_state[n])
+            out: dict[str, Any] = {
+                "efficacy": _exact(m, tok, facts, pad, "verbatim"), "generalisation": _exact(m, tok, facts, pad, "test"),
+                "specificity": _exact(m, tok, self.neighbours, pad, "test"), "neutral": neutral_change(m, windows, before),
+                "add_seconds": add_s, "extra_prompt_tokens": 0.0, "lora_rank": rank, "lora_lr": self.cfg.lora_lr,
+                "bytes_per_fact": 4 * sum(p.numel() for p in params.values()) / max(1, len(facts)),
+                "steps_run": res.report["steps_run"], "best_step": res.report["best_step"],
+                "best_dev_exact": res.report["best_dev_exact"], "answer_loss_first": res.report["answer_loss_first"],
+                "answer_loss_last": res.report["answer_loss_last"]}
+        finally:
+            m.remove_lora()
+        out["reverted_bit_for_bit"] = bool(torch.equal(logprobs(m, windows[:2]), before[:2]))
+        return out
+
     def settings(self) -> dict[str, Any]:
         """What shapes a run (not which runs are asked for), as its JSON file stores it."""
         cfg = {k: v for k, v in asdict(self.cfg).items() if k not in ("methods", "sets", "seeds")}
@@ -208,15 +248,16 @@ class Bench:
         settings = self.settings()
         for fact_set in self.cfg.sets:
             for seed in (self.cfg.seeds if fact_set == "new" else self.cfg.seeds[:1]):
-                for method in self.cfg.methods:
-                    key = f"{fact_set}-{method}-s{seed}"
+                for method, rank in [(m, r) for m in self.cfg.methods
+                                     for r in (self.cfg.lora_ranks if m == "lora" else (0,))]:
+                    key = f"{fact_set}-{method}{rank or ''}-s{seed}"
                     rec = runs.get(key)
                     if rec is not None and rec.get("settings") != settings:
                         raise BenchError(f"{out}: run {key} was made with other settings; give another --out "
                                          f"or the same settings")
                     if rec is None:
                         t0 = time.time()
-                        rec = self.run(fact_set, method, seed)
+                        rec = self.run(fact_set, method, seed, lora_rank=rank)
                         rec["wall_seconds"] = time.time() - t0
                         rec["settings"] = settings
                         runs.put(key, rec)
@@ -235,7 +276,8 @@ def format_row(rec: dict[str, Any]) -> str:
         if isinstance(v, bool) or v is None:
             return "-" if v is None else ("yes" if v else "no")
         return f"{v:.3g}" if isinstance(v, float) else str(v)
-    return " | ".join(cell(rec.get(c)) for c in COLUMNS)
+    named = {**rec, "method": f"lora r{rec['lora_rank']}"} if rec.get("lora_rank") else rec
+    return " | ".join(cell(named.get(c)) for c in COLUMNS)
 
 
 def table(recs: Sequence[dict[str, Any]]) -> str:

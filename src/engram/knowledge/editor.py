@@ -225,10 +225,10 @@ def rows_to_train(model: Any, cases: Sequence[Case], which: str) -> dict[int, to
 
 @dataclass
 class EditResult:
-    patch: TablePatch
+    patch: Optional[TablePatch]  # None when only extra weights trained (train_tables=False)
     report: dict[str, Any]
-    # With ``layer_lr`` > 0 (the control): the Engram layers' non-table weights at the best dev
-    # step, {parameter name: tensor}; the model keeps its own until these are loaded.
+    # With ``layer_lr`` > 0 (the control), or ``extra`` weights (e.g. LoRA): those weights at the
+    # best dev step, {parameter name: tensor}; the model keeps its own until these are loaded.
     layer_state: Optional[dict[str, torch.Tensor]] = None
 
 
@@ -243,12 +243,21 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                dev_cases: Sequence[Case] = (), pad_id: int = 0, name: str = "facts", dtype: str = "fp32",
                parent: Optional[str] = None,
                provenance: Optional[dict[str, Any]] = None, progress: bool = True,
-               on_eval: Optional[Callable[[int, dict[str, Any]], None]] = None) -> EditResult:
+               on_eval: Optional[Callable[[int, dict[str, Any]], None]] = None,
+               extra: Optional[dict[str, torch.nn.Parameter]] = None, extra_lr: float = 0.0,
+               train_tables: bool = True) -> EditResult:
     """Train the rows ``train_cases`` read (see the module docstring) and return the patch.
 
     ``dev_cases`` (held-out questions) drive the stopping; without them training runs ``steps``.
     The model's tables are restored before returning: apply the patch to use the edit.
+
+    ``extra`` weights (e.g. LoRA's, for a baseline with the same data and loss) train too, at
+    ``extra_lr``; ``train_tables=False`` trains them alone (the patch is then empty). They are
+    put back as they were before returning; ``EditResult.layer_state`` holds their best values.
     """
+    if extra is not None and not (extra and extra_lr > 0 and cfg.kl_topk > 0 and cfg.layer_lr == 0):
+        raise FactEditError("extra weights need a non-empty set, extra_lr > 0, kl_topk > 0 (the unedited model "
+                            "is kept as its cached top-k) and layer_lr = 0")
     limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
     if limit:  # a sentence longer than the model's positions cannot be trained on; say how many
         n_all = len(train_cases)
@@ -260,22 +269,24 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     if not train_cases:
         raise FactEditError("no training sentences: every fact's forms failed to tokenise, none were given, or "
                             f"all are longer than the model's {limit} positions")
-    _check_value_path(model)
-    tables = _tables(model)
+    if train_tables:
+        _check_value_path(model)
+    tables = _tables(model) if train_tables else {}
     torch.manual_seed(cfg.seed)
     gen = np.random.default_rng(cfg.seed)
-    held = {lid: _Rows(tables[lid], r) for lid, r in rows_to_train(model, train_cases, cfg.rows).items()}
-    fingerprint = model_fingerprint(model)
+    held = ({lid: _Rows(tables[lid], r) for lid, r in rows_to_train(model, train_cases, cfg.rows).items()}
+            if train_tables else {})
+    fingerprint = model_fingerprint(model) if train_tables else None
     base_tables = {lid: w.detach().clone() for lid, w in tables.items()}
 
     neutral = neutral_windows(tokenizer, "train", cfg.neutral_windows, cfg.neutral_len)
     neutral_lp = logprobs(model, neutral) if cfg.neutral_kl_weight > 0 else None
     # The unedited model's answers on the sentences never change: computed once, kept as top-k.
     cached = base_topk(model, train_cases, pad_id, cfg.kl_topk) if cfg.kl_weight > 0 and cfg.kl_topk else None
-    opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98))
-    layer = layer_parameters(model) if cfg.layer_lr > 0 else {}
+    opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98)) if held else None
+    layer = dict(extra) if extra is not None else layer_parameters(model) if cfg.layer_lr > 0 else {}
     layer_before = {n: p.detach().clone() for n, p in layer.items()}
-    layer_opt = torch.optim.Adam(list(layer.values()), lr=cfg.layer_lr) if layer else None
+    layer_opt = torch.optim.Adam(list(layer.values()), lr=extra_lr if extra is not None else cfg.layer_lr) if layer else None
 
     saved = {id(p): p.requires_grad for p in model.parameters()}
     sparse = {e.layer_id: e.table.sparse for e in model.engram_layers}
@@ -283,7 +294,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         p.requires_grad_(False)
     for e in model.engram_layers:
         e.table.sparse = True
-        tables[e.layer_id].requires_grad_(True)
+        e.table.weight.requires_grad_(train_tables)
     for p in layer.values():
         p.requires_grad_(True)
     was = model.training
@@ -336,8 +347,9 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             total.backward()
             for h in held.values():
                 h.take_grad()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             if layer_opt is not None:
                 layer_opt.step()
                 layer_opt.zero_grad(set_to_none=True)
@@ -375,22 +387,24 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         for e in model.engram_layers:
             e.table.sparse = sparse[e.layer_id]
         model.train(was)
-    new = {}
-    for lid, h in held.items():
-        t = base_tables[lid].clone()
-        t[h.rows] = h.base + best["delta"][lid]
-        new[lid] = t
-    patch = make_patch(base_tables, new, hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe(),
-                       dtype=dtype, parent=parent, name=name,
-                       provenance={"trainer": "fact-edit", "config": asdict(cfg), **(provenance or {})})
+    patch = None
+    if train_tables:
+        new = dict(base_tables)  # a layer without trained rows stays as it is
+        for lid, h in held.items():
+            t = base_tables[lid].clone()
+            t[h.rows] = h.base + best["delta"][lid]
+            new[lid] = t
+        patch = make_patch(base_tables, new, hash_fingerprint=model.hasher.fingerprint(),
+                           hasher=model.hasher.describe(), dtype=dtype, parent=parent, name=name,
+                           provenance={"trainer": "fact-edit", "config": asdict(cfg), **(provenance or {})})
     report = {"config": asdict(cfg), "train_sentences": len(train_cases), "too_long_sentences": too_long,
               "trained_rows": {lid: int(h.rows.numel()) for lid, h in held.items()},
               "steps_run": step, "best_step": best["step"], "best_dev_exact": best["dev_exact"],
               "train_seconds": train_s, "history": history,
               "answer_loss_first": losses[0] if losses else None,
               "answer_loss_last": float(np.mean(losses[-10:])) if losses else None,
-              "tables_fingerprint_before": fingerprint, "patch_id": patch.meta.get("patch_id"),
-              "patch_rows": sum(int(lp.rows.numel()) for lp in patch.layers.values())}
+              "tables_fingerprint_before": fingerprint, "patch_id": patch.meta.get("patch_id") if patch else None,
+              "patch_rows": sum(int(lp.rows.numel()) for lp in patch.layers.values()) if patch else 0}
     return EditResult(patch, report, best["layer"] if layer else None)
 
 
