@@ -184,6 +184,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       lora_lr=args.lora_lr)
     model, tok, pad = _load_model(args)
     recs = Bench(model, tok, pad, cfg, counterfacts, neighbours).run_all(args.out, progress=not args.quiet)
+    if args.page:
+        from engram.knowledge.bench import write_page
+
+        write_page(args.out, args.page, args.page_command or " ".join(sys.argv), args.page_machine)
     md = table(recs)
     data = md.encode()
     atomic_write(Path(args.out) / "summary.md", lambda f: f.write(data))
@@ -312,6 +316,9 @@ def register(sub: Any) -> None:
     b.add_argument("--rome-steps", type=int, default=20)
     b.add_argument("--lora-ranks", type=int, nargs="+", default=[8], help="lora: one run per rank (alpha 2 x rank)")
     b.add_argument("--lora-lr", type=float, default=1e-3, help="lora: Adam learning rate of the LoRA weights")
+    b.add_argument("--page", help="also write a results page here, from every run in --out")
+    b.add_argument("--page-command", help="the commands that made the runs, shown on the page")
+    b.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
     add_config_flags(b, FactEditConfig)  # the patch methods' trainer: --edit-lr, --edit-steps, ...
     add_common(b, "--quiet")
     add_common(b, "--json")

@@ -284,3 +284,72 @@ def table(recs: Sequence[dict[str, Any]]) -> str:
     """The runs as a Markdown table."""
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     return head + "".join(f"| {format_row(r)} |\n" for r in recs)
+
+
+_PAGE_COLUMNS = (("efficacy", "efficacy", True), ("generalisation", "held-out questions", True),
+                 ("specificity", "neighbourhood kept", True), ("hit_rate", "retrieval hit rate", True),
+                 ("kl", "neutral KL", False), ("extra_prompt_tokens", "extra prompt tokens", False),
+                 ("bytes_per_fact", "bytes / fact", False), ("add_seconds", "seconds to add", False))
+
+
+def _cell(xs: Sequence[float], pct: bool) -> str:
+    if not xs:
+        return "-"
+    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.4g}")
+    if len(xs) == 1:
+        return f(xs[0])
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{f(m)} ± {f(sd)} ({', '.join(f(x) for x in xs)})"
+
+
+def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
+    """The runs as one table per fact set, a row per method (mean ± std over seeds, every run in
+    brackets), then each method's settings; every number comes from the run files."""
+    lines = []
+    for fact_set in SETS:
+        rows = [r for r in recs if r["set"] == fact_set]
+        if not rows:
+            continue
+        lines += [f"### {fact_set} facts ({rows[0]['facts']} per run, {rows[0]['neighbours']} neighbours)", "",
+                  "| method | seeds | " + " | ".join(c[1] for c in _PAGE_COLUMNS) + " | reverts bit for bit |",
+                  "|---|---|" + "---|" * (len(_PAGE_COLUMNS) + 1)]
+        names = []
+        for r in rows:
+            name = f"lora r{r['lora_rank']}" if r.get("lora_rank") else r["method"]
+            if name not in names:
+                names.append(name)
+        for name in names:
+            rs = [r for r in rows if (f"lora r{r['lora_rank']}" if r.get("lora_rank") else r["method"]) == name]
+            cells = []
+            for key, _, pct in _PAGE_COLUMNS:
+                xs = [(r.get("neutral") or {}).get("kl") if key == "kl" else r.get(key) for r in rs]
+                cells.append(_cell([float(x) for x in xs if x is not None], pct))
+            rev = "yes" if all(r.get("reverted_bit_for_bit") for r in rs) else "no"
+            lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {rev} |")
+        lines.append("")
+    st = recs[0].get("settings", {}) if recs else {}
+    if st:
+        e = st.get("edit", {})
+        lines += ["Settings: " + "; ".join([
+            f"patch: lr {e.get('lr')}, rows {e.get('rows')}, at most {e.get('steps')} steps, forms "
+            f"{'+'.join(e.get('kinds', []))}",
+            f"lora: ranks {st.get('lora_ranks')}, lr {st.get('lora_lr')} (same data, loss and stopping)",
+            f"rome: layer {st.get('rome', {}).get('layer')}, {st.get('rome', {}).get('steps')} steps",
+            f"retrieval: top {st.get('retrieval', {}).get('k')} of the facts' sentences and "
+            f"{st.get('retrieval', {}).get('distractors')} distractors"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_page(out: PathLike, page: PathLike, command: str, machine: str) -> Path:
+    """``OUT``'s runs as a results page: date, machine and command above :func:`page_markdown`."""
+    recs = RunFiles(Path(out) / "runs").all()
+    if not recs:
+        raise BenchError(f"{out}/runs holds no runs; run the benchmark first")
+    text = (f"# Knowledge edits side by side on one model\n\nDate: {time.strftime('%Y-%m-%d')}. Machine: {machine}."
+            f"\n\nCommand:\n\n```bash\n{command}\n```\n\n{page_markdown(recs)}")
+    data = text.encode()
+    from engram.fsutil import atomic_write
+
+    atomic_write(page, lambda f: f.write(data))
+    return Path(page)
