@@ -72,7 +72,7 @@ def test_bench_lora_trains_with_the_patch_recipe_and_is_removed(tiny_base, tmp_p
     out = tmp_path / "bench"
     assert main(["knowledge", "bench", "--ckpt", str(adapter), "--counterfactual", str(cf), "--out", str(out),
                  "--facts", "2", "--distractors", "50", "--methods", "none", "lora", "--sets", "counterfactual",
-                 "--lora-ranks", "2", "4", "--lora-lr", "0.05", "--edit-steps", "60", "--edit-eval-every", "20",
+                 "--lora-ranks", "2", "4", "--lora-lrs", "0.05", "--edit-steps", "60", "--edit-eval-every", "20",
                  "--edit-patience", "100",
                  "--edit-kinds", "statement", "cloze", "--edit-neutral-windows", "2", "--edit-neutral-len", "16",
                  "--quiet", "--json"]) == 0
@@ -87,4 +87,5 @@ def test_bench_lora_trains_with_the_patch_recipe_and_is_removed(tiny_base, tmp_p
     from engram.knowledge.bench import write_page
 
     page = write_page(out, tmp_path / "page.md", "engram knowledge bench ...", "test machine").read_text()
-    assert "| lora r4 | 0 |" in page and "Machine: test machine" in page and "lora: ranks [2, 4]" in page
+    assert "| lora r4 lr 0.05 (lr chosen on dev) | 0 |" in page and "Machine: test machine" in page
+    assert "LoRA dev questions answered" in page and "at most 60 steps" in page

@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       neighbours=args.neighbours, retrieval=RetrievalConfig(k=args.k, distractors=args.distractors),
                       rome=RomeConfig(layer=args.rome_layer, steps=args.rome_steps),
                       edit=config_from_args(args, FactEditConfig), lora_ranks=tuple(args.lora_ranks),
-                      lora_lr=args.lora_lr)
+                      lora_lrs=tuple(args.lora_lrs))
     model, tok, pad = _load_model(args)
     recs = Bench(model, tok, pad, cfg, counterfacts, neighbours).run_all(args.out, progress=not args.quiet)
     if args.page:
@@ -315,7 +315,8 @@ def register(sub: Any) -> None:
     b.add_argument("--rome-layer", type=int, default=4)
     b.add_argument("--rome-steps", type=int, default=20)
     b.add_argument("--lora-ranks", type=int, nargs="+", default=[8], help="lora: one run per rank (alpha 2 x rank)")
-    b.add_argument("--lora-lr", type=float, default=1e-3, help="lora: Adam learning rate of the LoRA weights")
+    b.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-3],
+                   help="lora: Adam learning rates of the LoRA weights, one run each (the page marks the dev choice)")
     b.add_argument("--page", help="also write a results page here, from every run in --out")
     b.add_argument("--page-command", help="the commands that made the runs, shown on the page")
     b.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")

@@ -67,8 +67,8 @@ class BenchConfig:
     neutral_windows: int = 8  # windows of neutral text for the KL
     neutral_len: int = 128  # tokens per window
     edit: FactEditConfig = field(default_factory=FactEditConfig)  # the patch methods' trainer
-    lora_ranks: tuple[int, ...] = (8,)  # one lora run per rank (alpha = 2 x rank)
-    lora_lr: float = 1e-3
+    lora_ranks: tuple[int, ...] = (8,)  # one lora run per rank and lr (alpha = 2 x rank)
+    lora_lrs: tuple[float, ...] = (1e-3,)  # the grid the page chooses from on dev questions
 
 
 def _exact(model: Any, tok: Any, facts: Sequence[Fact], pad: int, split: str) -> float:
@@ -111,7 +111,7 @@ class Bench:
         return self._neutral
 
     # ------------------------------------------------------------------ one run
-    def run(self, fact_set: str, method: str, seed: int, lora_rank: int = 0) -> dict[str, Any]:
+    def run(self, fact_set: str, method: str, seed: int, lora_rank: int = 0, lora_lr: float = 0.0) -> dict[str, Any]:
         facts = self.facts(fact_set, seed)
         m, tok, pad = self.model, self.tok, self.pad
         rec: dict[str, Any] = {"set": fact_set, "method": method, "seed": seed, "facts": len(facts),
@@ -138,7 +138,7 @@ class Bench:
         elif method in ("patch", "patch+retrieval"):
             rec.update(self._patch_run(facts, with_retrieval=method == "patch+retrieval"))
         elif method == "lora":
-            rec.update(self._lora_run(facts, lora_rank or self.cfg.lora_ranks[0]))
+            rec.update(self._lora_run(facts, lora_rank or self.cfg.lora_ranks[0], lora_lr or self.cfg.lora_lrs[0]))
         else:  # rome
             cfg = self.cfg.rome
             if self._rome_cov is None:
@@ -206,7 +206,7 @@ class Bench:
         return (fact_cases(self.tok, facts, lambda f: templates(f.relation, "train", kinds), chat, True),
                 fact_cases(self.tok, facts, lambda f: templates(f.relation, "dev"), chat))
 
-    def _lora_run(self, facts: Sequence[Fact], rank: int) -> dict[str, Any]:
+    def _lora_run(self, facts: Sequence[Fact], rank: int, lr: float) -> dict[str, Any]:
         from engram.knowledge.editor import edit_facts
 
         m, tok, pad, ecfg = self.model, self.tok, self.pad, self.cfg.edit
@@ -219,7 +219,7 @@ class Bench:
             params = {n: p for n, p in m.base.named_parameters() if "lora_" in n}
             t0 = time.time()
             res = edit_facts(m, tok, train, ecfg, dev_cases=dev, pad_id=pad, progress=False, extra=params,
-                             extra_lr=self.cfg.lora_lr, train_tables=False)
+                             extra_lr=lr, train_tables=False)
             add_s = time.time() - t0
             with torch.no_grad():  # the weights of the best dev step
                 for n, p in params.items():
@@ -227,7 +227,7 @@ class Bench:
             out: dict[str, Any] = {
                 "efficacy": _exact(m, tok, facts, pad, "verbatim"), "generalisation": _exact(m, tok, facts, pad, "test"),
                 "specificity": _exact(m, tok, self.neighbours, pad, "test"), "neutral": neutral_change(m, windows, before),
-                "add_seconds": add_s, "extra_prompt_tokens": 0.0, "lora_rank": rank, "lora_lr": self.cfg.lora_lr,
+                "add_seconds": add_s, "extra_prompt_tokens": 0.0, "lora_rank": rank, "lora_lr": lr,
                 "bytes_per_fact": 4 * sum(p.numel() for p in params.values()) / max(1, len(facts)),
                 "steps_run": res.report["steps_run"], "best_step": res.report["best_step"],
                 "best_dev_exact": res.report["best_dev_exact"], "answer_loss_first": res.report["answer_loss_first"],
@@ -237,27 +237,31 @@ class Bench:
         out["reverted_bit_for_bit"] = bool(torch.equal(logprobs(m, windows[:2]), before[:2]))
         return out
 
-    def settings(self) -> dict[str, Any]:
-        """What shapes a run (not which runs are asked for), as its JSON file stores it."""
-        cfg = {k: v for k, v in asdict(self.cfg).items() if k not in ("methods", "sets", "seeds")}
-        return json.loads(json.dumps(cfg))
+    def settings(self, method: str) -> dict[str, Any]:
+        """What shapes a run of ``method`` (not which runs are asked for), as its JSON file stores
+        it: the settings all methods share and the method's own (a LoRA run's rank and lr are in
+        its key), so that methods can be added to a benchmark directory later."""
+        cfg = json.loads(json.dumps(asdict(self.cfg)))
+        return {k: cfg[k] for k in _SHARED_SETTINGS + _METHOD_SETTINGS[method]}
 
     def run_all(self, out: PathLike, progress: bool = False) -> list[dict[str, Any]]:
         runs = RunFiles(Path(out) / "runs")
         recs = []
-        settings = self.settings()
+        grid = [(m, r, lr) for m in self.cfg.methods
+                for r, lr in ([(r, lr) for r in self.cfg.lora_ranks for lr in self.cfg.lora_lrs] if m == "lora"
+                              else [(0, 0.0)])]
         for fact_set in self.cfg.sets:
             for seed in (self.cfg.seeds if fact_set == "new" else self.cfg.seeds[:1]):
-                for method, rank in [(m, r) for m in self.cfg.methods
-                                     for r in (self.cfg.lora_ranks if m == "lora" else (0,))]:
-                    key = f"{fact_set}-{method}{rank or ''}-s{seed}"
+                for method, rank, lr in grid:
+                    key = f"{fact_set}-{method}" + (f"{rank}-lr{lr:g}" if rank else "") + f"-s{seed}"
+                    settings = self.settings(method)
                     rec = runs.get(key)
-                    if rec is not None and rec.get("settings") != settings:
+                    if rec is not None and {k: rec.get("settings", {}).get(k) for k in settings} != settings:
                         raise BenchError(f"{out}: run {key} was made with other settings; give another --out "
                                          f"or the same settings")
                     if rec is None:
                         t0 = time.time()
-                        rec = self.run(fact_set, method, seed, lora_rank=rank)
+                        rec = self.run(fact_set, method, seed, lora_rank=rank, lora_lr=lr)
                         rec["wall_seconds"] = time.time() - t0
                         rec["settings"] = settings
                         runs.put(key, rec)
@@ -266,6 +270,10 @@ class Bench:
                     recs.append(rec)
         return recs
 
+
+_SHARED_SETTINGS = ("facts", "neighbours", "neutral_windows", "neutral_len")
+_METHOD_SETTINGS = {"none": (), "oracle": ("retrieval",), "retrieval": ("retrieval",), "rome": ("rome",),
+                    "patch": ("edit",), "patch+retrieval": ("edit", "retrieval"), "lora": ("edit",)}
 
 COLUMNS = ("set", "method", "seed", "facts", "efficacy", "generalisation", "specificity", "hit_rate",
            "extra_prompt_tokens", "bytes_per_fact", "add_seconds", "reverted_bit_for_bit")
@@ -303,6 +311,23 @@ def _cell(xs: Sequence[float], pct: bool) -> str:
     return f"{f(m)} ± {f(sd)} ({', '.join(f(x) for x in xs)})"
 
 
+def _name(r: dict[str, Any]) -> str:
+    return f"lora r{r['lora_rank']} lr {r['lora_lr']:g}" if r.get("lora_rank") else r["method"]
+
+
+def _dev_choices(rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Per LoRA rank, the lr whose runs answer most dev questions (mean over seeds; ties: lower KL)."""
+    out = set()
+    for rank in sorted({r["lora_rank"] for r in rows if r.get("lora_rank")}):
+        by: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r.get("lora_rank") == rank:
+                by.setdefault(_name(r), []).append(r)
+        out.add(max(by, key=lambda n: (sum(r["best_dev_exact"] for r in by[n]) / len(by[n]),
+                                       -sum(r["neutral"]["kl"] for r in by[n]) / len(by[n]))))
+    return out
+
+
 def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
     """The runs as one table per fact set, a row per method (mean ± std over seeds, every run in
     brackets), then each method's settings; every number comes from the run files."""
@@ -311,33 +336,42 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
         rows = [r for r in recs if r["set"] == fact_set]
         if not rows:
             continue
+        chosen = _dev_choices(rows)
         lines += [f"### {fact_set} facts ({rows[0]['facts']} per run, {rows[0]['neighbours']} neighbours)", "",
                   "| method | seeds | " + " | ".join(c[1] for c in _PAGE_COLUMNS) + " | reverts bit for bit |",
                   "|---|---|" + "---|" * (len(_PAGE_COLUMNS) + 1)]
-        names = []
+        names: list[str] = []
         for r in rows:
-            name = f"lora r{r['lora_rank']}" if r.get("lora_rank") else r["method"]
-            if name not in names:
-                names.append(name)
+            if _name(r) not in names:
+                names.append(_name(r))
         for name in names:
-            rs = [r for r in rows if (f"lora r{r['lora_rank']}" if r.get("lora_rank") else r["method"]) == name]
+            rs = [r for r in rows if _name(r) == name]
             cells = []
             for key, _, pct in _PAGE_COLUMNS:
                 xs = [(r.get("neutral") or {}).get("kl") if key == "kl" else r.get(key) for r in rs]
                 cells.append(_cell([float(x) for x in xs if x is not None], pct))
             rev = "yes" if all(r.get("reverted_bit_for_bit") for r in rs) else "no"
-            lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {rev} |")
+            label = name + (" (lr chosen on dev)" if name in chosen else "")
+            lines.append(f"| {label} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {rev} |")
         lines.append("")
-    st = recs[0].get("settings", {}) if recs else {}
-    if st:
-        e = st.get("edit", {})
-        lines += ["Settings: " + "; ".join([
-            f"patch: lr {e.get('lr')}, rows {e.get('rows')}, at most {e.get('steps')} steps, forms "
-            f"{'+'.join(e.get('kinds', []))}",
-            f"lora: ranks {st.get('lora_ranks')}, lr {st.get('lora_lr')} (same data, loss and stopping)",
-            f"rome: layer {st.get('rome', {}).get('layer')}, {st.get('rome', {}).get('steps')} steps",
-            f"retrieval: top {st.get('retrieval', {}).get('k')} of the facts' sentences and "
-            f"{st.get('retrieval', {}).get('distractors')} distractors"]) + "."]
+        if any(r.get("lora_rank") for r in rows):
+            lines.append("LoRA dev questions answered (the lr choice): " + "; ".join(
+                f"{_name(r)} seed {r['seed']}: {100 * r['best_dev_exact']:.1f}%" for r in rows if r.get("lora_rank"))
+                + ".")
+            lines.append("")
+    first = {r["method"]: r.get("settings", {}) for r in reversed(list(recs))}
+    said = []
+    if "edit" in first.get("patch", first.get("lora", {})):
+        e = first.get("patch", first.get("lora", {}))["edit"]
+        said.append(f"patch (and lora's data, loss and stopping): lr {e.get('lr')}, rows {e.get('rows')}, at most "
+                    f"{e.get('steps')} steps, eval every {e.get('eval_every')}, forms {'+'.join(e.get('kinds', []))}")
+    if "rome" in first.get("rome", {}):
+        said.append(f"rome: layer {first['rome']['rome'].get('layer')}, {first['rome']['rome'].get('steps')} steps")
+    ret = first.get("retrieval", first.get("oracle", {})).get("retrieval")
+    if ret:
+        said.append(f"retrieval: top {ret.get('k')} of the facts' sentences and {ret.get('distractors')} distractors")
+    if said:
+        lines.append("Settings: " + "; ".join(said) + ".")
     return "\n".join(lines) + "\n"
 
 
