@@ -88,4 +88,4 @@ def test_bench_lora_trains_with_the_patch_recipe_and_is_removed(tiny_base, tmp_p
 
     page = write_page(out, tmp_path / "page.md", "engram knowledge bench ...", "test machine").read_text()
     assert "| lora r4 lr 0.05 (lr chosen on dev) | 0 |" in page and "Machine: test machine" in page
-    assert "LoRA dev questions answered" in page and "at most 60 steps" in page
+    assert "LoRA dev questions answered" in page and "lora: weights trained on forms statement+cloze" in page

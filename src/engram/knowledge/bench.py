@@ -361,10 +361,13 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
             lines.append("")
     first = {r["method"]: r.get("settings", {}) for r in reversed(list(recs))}
     said = []
-    if "edit" in first.get("patch", first.get("lora", {})):
-        e = first.get("patch", first.get("lora", {}))["edit"]
-        said.append(f"patch (and lora's data, loss and stopping): lr {e.get('lr')}, rows {e.get('rows')}, at most "
-                    f"{e.get('steps')} steps, eval every {e.get('eval_every')}, forms {'+'.join(e.get('kinds', []))}")
+    for method in ("patch", "lora"):
+        e = first.get(method, {}).get("edit")
+        if e:
+            said.append(f"{method}: {'rows' if method == 'patch' else 'weights'} trained on forms "
+                        f"{'+'.join(e.get('kinds', []))}, answer loss + KL, at most {e.get('steps')} steps, "
+                        f"stopping on dev questions every {e.get('eval_every')}"
+                        + (f", lr {e.get('lr')}, rows {e.get('rows')}" if method == "patch" else ""))
     if "rome" in first.get("rome", {}):
         said.append(f"rome: layer {first['rome']['rome'].get('layer')}, {first['rome']['rome'].get('steps')} steps")
     ret = first.get("retrieval", first.get("oracle", {})).get("retrieval")
