@@ -250,6 +250,29 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reach(args: argparse.Namespace) -> int:
+    from engram.knowledge.collisions import reach
+
+    model, tok, _ = _load(args.ckpt, args.quiet)
+    kinds = tuple(args.kinds) if args.kinds else FactEditConfig().kinds
+    FactEditConfig(kinds=kinds, rows=args.rows)  # a misspelt kind or rows fails with its one-line message
+    rows = reach(model, tok, args.facts, kinds=kinds, rows=args.rows, seed=args.seed, neutral_tokens=args.tokens)
+    if args.out:
+        from engram.fsutil import atomic_write
+
+        data = (json.dumps(rows, indent=1) + "\n").encode()
+        atomic_write(args.out, lambda f: f.write(data))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print("| facts | trained rows | share of the table | neutral tokens reading a trained row | reads of trained rows |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['facts']} | {r['trained_rows']:,} | {100 * r['trained_share']:.2f}% | "
+                  f"{100 * r['tokens_reading_a_trained_row']:.1f}% | {100 * r['reads_of_trained_rows']:.2f}% |")
+    return 0
+
+
 def _add_model_flags(parser: Any) -> None:
     """``--ckpt`` or ``--base``: the model :func:`_load_model` loads."""
     add_common(parser, "--ckpt", help="a retrofit adapter or a training run (or give --base)")
@@ -324,6 +347,19 @@ def register(sub: Any) -> None:
     add_common(b, "--quiet")
     add_common(b, "--json")
     b.set_defaults(fn=cmd_bench)
+
+    h = p.add_parser("reach", help="the rows an edit of N facts trains, and how much neutral text reads them "
+                     "through the hash (before any training)")
+    add_common(h, "--ckpt", required=True, help="a retrofit adapter or a training run")
+    h.add_argument("--facts", type=int, nargs="+", default=[25, 100, 300, 1000], help="fact counts to measure")
+    h.add_argument("--kinds", nargs="+", help="training forms (default: the trainer's)")
+    h.add_argument("--rows", default="subject", choices=["all", "subject"])
+    h.add_argument("--seed", type=int, default=0, help="seed of the invented facts")
+    h.add_argument("--tokens", type=int, default=50_000, help="tokens of neutral text to read")
+    add_common(h, "--out", help="also write the rows as JSON here")
+    add_common(h, "--quiet")
+    add_common(h, "--json")
+    h.set_defaults(fn=cmd_reach)
 
     s = p.add_parser("study", help="fact edits on invented facts: dev choices, test seeds, control, updates")
     s.add_argument("--adapters", nargs="+", required=True, metavar="NAME=DIR",
