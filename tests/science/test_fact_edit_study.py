@@ -139,3 +139,8 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     assert len(s["test"]["test_exact"]["runs"]) == len(cfg.seeds)
     assert [e["recipe"]["steps"] for e in s["earlier"]] == [cfg.edit.steps]
     assert "Earlier recipe" in (out / "summary.md").read_text()
+    reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,
+              "tokens_reading_a_trained_row": 0.2, "reads_of_trained_rows": 0.03}]
+    (out / "reach.json").write_text(json.dumps(reach))
+    page = study.write_results_page(out, tmp_path / "page.md", "engram knowledge study ...", "m").read_text()
+    assert "| goal | target | measured | met |" in page and "| 2 | 10 | 1.00% | 20.0% | 3.00% |" in page

@@ -480,11 +480,23 @@ def write_results_page(out_dir: PathLike, page: PathLike, command: str, machine:
     are :func:`summary_markdown` of ``OUT/summary.json`` (no number typed by hand)."""
     summary = json.loads((Path(out_dir) / "summary.json").read_text())
     goals = _goals(summary)
+    reach_file = Path(out_dir) / "reach.json"
+    reach = _reach_markdown(json.loads(reach_file.read_text())) if reach_file.is_file() else ""
     text = (f"# Fact edits on SmolLM2-135M: answers to questions in other words\n\n"
             f"Date: {time.strftime('%Y-%m-%d')}. Machine: {machine}.\n\nCommand:\n\n```bash\n{command}\n```\n\n"
-            f"{goals}\n\n{summary_markdown(summary)}")
+            f"{goals}\n\n{summary_markdown(summary)}{reach}")
     _write_text(Path(page), text)
     return Path(page)
+
+
+def _reach_markdown(rows: list[dict[str, Any]]) -> str:
+    """``engram knowledge reach``'s rows (OUT/reach.json) as a section of the page."""
+    lines = ["", "### How much other text reads the trained rows (`engram knowledge reach`, before training)", "",
+             "| facts | trained rows | share of the table | neutral tokens reading a trained row | "
+             "reads of trained rows |", "|---|---|---|---|---|"]
+    lines += [f"| {r['facts']} | {r['trained_rows']:,} | {100 * r['trained_share']:.2f}% | "
+              f"{100 * r['tokens_reading_a_trained_row']:.1f}% | {100 * r['reads_of_trained_rows']:.2f}% |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _goals(s: dict[str, Any]) -> str:
