@@ -47,6 +47,37 @@ class RequestError(EngramError):
         self.http_status = int(status)
 
 
+def read_json_object(handler: BaseHTTPRequestHandler, max_bytes: int, shape: str = "") -> dict[str, Any]:
+    """The request body of ``handler`` as a JSON object, refused with a :class:`RequestError`
+    (status and one-line reason) before anything is read when its type or length is wrong.
+    ``shape`` names the object expected, for the message."""
+    ctype = handler.headers.get("Content-Type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+        raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type {ctype or '(none)'!r}; send application/json")
+    raw_len = handler.headers.get("Content-Length")
+    if raw_len is None:
+        raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+    try:
+        length = int(raw_len)
+    except ValueError:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {raw_len!r} is not a number") from None
+    if length < 0:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {length} is negative")
+    if length > max_bytes:  # refuse before reading it
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is {max_bytes}")
+    raw = handler.rfile.read(length)
+    if len(raw) != length:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(raw)} of {length} bytes")
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           f"body must be a JSON object{' ' + shape if shape else ''}, got {type(payload).__name__}")
+    return payload
+
+
 class InspectService:
     """The model, its tokenizer, one lock around forward passes and a small result cache."""
 
@@ -179,32 +210,7 @@ def _handler_class(service: InspectService, quiet: bool) -> type[BaseHTTPRequest
         do_DELETE = do_PATCH = do_PUT
 
         def _read_text(self) -> str:
-            ctype = self.headers.get("Content-Type", "")
-            if ctype.split(";", 1)[0].strip().lower() != "application/json":
-                raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                                   f"Content-Type {ctype or '(none)'!r}; send application/json")
-            raw_len = self.headers.get("Content-Length")
-            if raw_len is None:
-                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-            try:
-                length = int(raw_len)
-            except ValueError:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {raw_len!r} is not a number") from None
-            if length < 0:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {length} is negative")
-            if length > service.limits.max_body_bytes:  # refuse before reading it
-                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                   f"body of {length} bytes; the limit is {service.limits.max_body_bytes}")
-            raw = self.rfile.read(length)
-            if len(raw) != length:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(raw)} of {length} bytes")
-            try:
-                payload = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid UTF-8 JSON: {e}") from None
-            if not isinstance(payload, dict):
-                raise RequestError(HTTPStatus.BAD_REQUEST,
-                                   f"body must be a JSON object {{\"text\": ...}}, got {type(payload).__name__}")
+            payload = read_json_object(self, service.limits.max_body_bytes, '{"text": ...}')
             if "text" not in payload:
                 raise RequestError(HTTPStatus.BAD_REQUEST, "missing field 'text'")
             text = payload["text"]

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from engram.config import ServeConfigError
 from engram.errors import EngramError
-from engram.inspect.server import EngramServer, RequestError
+from engram.inspect.server import EngramServer, RequestError, read_json_object
 from engram.serve.service import TenantService
 
 ROUTES = {"/v1/logits": "logits", "/v1/generate": "generate"}
@@ -104,31 +104,7 @@ def _handler_class(service: TenantService, quiet: bool) -> type[BaseHTTPRequestH
         do_DELETE = do_PATCH = do_PUT
 
         def _read_json(self) -> dict[str, Any]:
-            ctype = self.headers.get("Content-Type", "")
-            if ctype.split(";", 1)[0].strip().lower() != "application/json":
-                raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                                   f"Content-Type {ctype or '(none)'!r}; send application/json")
-            raw_len = self.headers.get("Content-Length")
-            if raw_len is None:
-                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-            try:
-                length = int(raw_len)
-            except ValueError:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {raw_len!r} is not a number") from None
-            if not 0 <= length <= service.limits.max_body_bytes:  # refuse before reading it
-                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else HTTPStatus.BAD_REQUEST,
-                                   f"body of {length} bytes; the limit is {service.limits.max_body_bytes}")
-            raw = self.rfile.read(length)
-            if len(raw) != length:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(raw)} of {length} bytes")
-            try:
-                payload = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid UTF-8 JSON: {e}") from None
-            if not isinstance(payload, dict):
-                raise RequestError(HTTPStatus.BAD_REQUEST,
-                                   f"body must be a JSON object, got {type(payload).__name__}")
-            return payload
+            return read_json_object(self, service.limits.max_body_bytes)
 
     return Handler
 
