@@ -5,25 +5,12 @@ model answers."""
 import pytest
 import torch
 
-from engram.data.tokenizer import load_tokenizer
 from engram.knowledge.bench import Bench, BenchConfig, BenchError
 from engram.knowledge.edit_config import FactEditConfig
 from engram.knowledge.facts import Fact
 from engram.knowledge.retrieval import RetrievalConfig
 
 NEIGHBOURS = [Fact("Peru", "capital", "Lima"), Fact("Chad", "capital", "Ndjamena")]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny):
-    data = tiny.dataset(tmp_path_factory.mktemp("kb") / "data")
-    tok = load_tokenizer(data / "tokenizer.json")
-    torch.manual_seed(0)
-    model = tiny.model(vocab=tok.get_vocab_size())
-    with torch.no_grad():
-        for e in model.engram_layers:
-            e.table.weight.normal_(std=0.5)
-    return model, tok
 
 
 def test_patch_method_teaches_measures_and_reverts(world, one_thread):

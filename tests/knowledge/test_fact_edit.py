@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from engram.data.tokenizer import load_tokenizer
 from engram.knowledge.editor import FactEditConfig, FactEditError, coverage, edit_facts, trained_rows
 from engram.knowledge.facts import Fact, FactsFileError, invent_facts, read_facts
 from engram.knowledge.scoring import fact_cases, score
@@ -49,18 +48,6 @@ def test_invented_names_are_fresh_and_unique():
     assert len(set(names)) == len(names)
     assert invent_facts(40, seed=3, forbidden="Zorvia the cat") == facts
     assert {f.relation for f in facts} == set(RELATIONS)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny):
-    data = tiny.dataset(tmp_path_factory.mktemp("kn") / "data")
-    tok = load_tokenizer(data / "tokenizer.json")
-    torch.manual_seed(0)
-    model = tiny.model(vocab=tok.get_vocab_size())
-    with torch.no_grad():
-        for e in model.engram_layers:
-            e.table.weight.normal_(std=0.5)
-    return model, tok
 
 
 def test_edit_teaches_only_its_rows_and_reverts_bit_for_bit(world, one_thread):

@@ -37,6 +37,19 @@ def _load(ckpt: str, quiet: bool) -> tuple[Any, Any, int]:
     return model.eval(), tok, int(tokenizer_info(tok).eos_id)
 
 
+def _emit_json(args: argparse.Namespace, obj: Any) -> bool:
+    """Write ``obj`` as JSON to ``--out`` (atomically) when given, and print it with ``--json``;
+    True when it was printed (the caller prints its table otherwise)."""
+    if args.out:
+        from engram.fsutil import atomic_write
+
+        data = (json.dumps(obj, indent=1) + "\n").encode()
+        atomic_write(args.out, lambda f: f.write(data))
+    if args.json:
+        print(json.dumps(obj, indent=1))
+    return bool(args.json)
+
+
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """--base NAME (the pretrained base alone) or --ckpt DIR (a run or an adapter), exactly one."""
     if bool(args.base) == bool(args.ckpt):
@@ -98,7 +111,6 @@ def cmd_rome(args: argparse.Namespace) -> int:
 
     import torch
 
-    from engram.fsutil import atomic_write
     from engram.knowledge.facts import Fact
     from engram.knowledge.rome import RomeConfig, RomeEditor, down_proj
     from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
@@ -149,12 +161,7 @@ def cmd_rome(args: argparse.Namespace) -> int:
            "before": before, "after": after, "optimisation": edit.stats, "bytes": edit.nbytes,
            "covariance_seconds": cov_s, "edit_seconds": edit_s,
            "reverted_bit_for_bit": bool(torch.equal(down_proj(model, cfg.layer).weight, w0))}
-    if args.out:
-        data = (json.dumps(res, indent=1) + "\n").encode()
-        atomic_write(args.out, lambda f: f.write(data))
-    if args.json:
-        print(json.dumps(res, indent=1))
-    else:
+    if not _emit_json(args, res):
         for name, r in (("before", before), ("after", after)):
             e = r["edit"]
             line = f"{name:<7} {e['prompt']!r} -> {e['top1']!r} (p({fact.answer})={e['p_answer']:.3f}); " \
@@ -257,14 +264,7 @@ def cmd_reach(args: argparse.Namespace) -> int:
     kinds = tuple(args.kinds) if args.kinds else FactEditConfig().kinds
     FactEditConfig(kinds=kinds, rows=args.rows)  # a misspelt kind or rows fails with its one-line message
     rows = reach(model, tok, args.facts, kinds=kinds, rows=args.rows, seed=args.seed, neutral_tokens=args.tokens)
-    if args.out:
-        from engram.fsutil import atomic_write
-
-        data = (json.dumps(rows, indent=1) + "\n").encode()
-        atomic_write(args.out, lambda f: f.write(data))
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
+    if not _emit_json(args, rows):
         print("| facts | trained rows | share of the table | neutral tokens reading a trained row | reads of trained rows |")
         print("|---|---|---|---|---|")
         for r in rows:
