@@ -182,6 +182,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engram.knowledge.retrieval import RetrievalConfig
     from engram.knowledge.rome import RomeConfig
 
+    if args.page_only:  # the page from the run files on disk; no model is loaded, nothing runs
+        from engram.knowledge.bench import write_page
+
+        if not args.page:
+            raise EngramError("--page-only needs --page FILE")
+        print(write_page(args.out, args.page, args.page_command or " ".join(sys.argv), args.page_machine))
+        return 0
+    if not args.counterfactual:
+        raise EngramError("give --counterfactual FILE (from `engram knowledge counterfactual`), or --page-only")
     counterfacts = read_counterfacts(args.counterfactual)
     neighbours, _ = read_facts(neighbours_path(args.counterfactual))
     cfg = BenchConfig(methods=tuple(args.methods), sets=tuple(args.sets), seeds=tuple(args.seeds), facts=args.facts,
@@ -324,7 +333,7 @@ def register(sub: Any) -> None:
     b = p.add_parser("bench", help="the knowledge benchmark: methods side by side on counterfactual and new facts "
                      "(one JSON per run, resumable)")
     _add_model_flags(b)
-    b.add_argument("--counterfactual", required=True,
+    b.add_argument("--counterfactual",
                    help="edits from `engram knowledge counterfactual` (its .neighbours.jsonl next to it)")
     add_common(b, "--out", required=True, help="benchmark directory (runs/*.json, summary.md)")
     b.add_argument("--methods", nargs="+", default=["none", "oracle", "retrieval", "rome"],
@@ -343,6 +352,7 @@ def register(sub: Any) -> None:
     b.add_argument("--page", help="also write a results page here, from every run in --out")
     b.add_argument("--page-command", help="the commands that made the runs, shown on the page")
     b.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
+    b.add_argument("--page-only", action="store_true", help="only write --page from the run files in --out")
     add_config_flags(b, FactEditConfig)  # the patch methods' trainer: --edit-lr, --edit-steps, ...
     add_common(b, "--quiet")
     add_common(b, "--json")
