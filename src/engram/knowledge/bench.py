@@ -295,7 +295,7 @@ def table(recs: Sequence[dict[str, Any]]) -> str:
 
 
 _PAGE_COLUMNS = (("efficacy", "efficacy", True), ("generalisation", "held-out questions", True),
-                 ("specificity", "neighbourhood kept", True), ("hit_rate", "retrieval hit rate", True),
+                 ("specificity", "neighbourhood answered", True), ("hit_rate", "retrieval hit rate", True),
                  ("kl", "neutral KL", False), ("extra_prompt_tokens", "extra prompt tokens", False),
                  ("bytes_per_fact", "bytes / fact", False), ("add_seconds", "seconds to add", False))
 
@@ -333,11 +333,13 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
     brackets), then each method's settings; every number comes from the run files."""
     lines = []
     for fact_set in SETS:
-        rows = [r for r in recs if r["set"] == fact_set]
+        rows = sorted((r for r in recs if r["set"] == fact_set),
+                      key=lambda r: (METHODS.index(r["method"]), r.get("lora_rank", 0), r.get("lora_lr", 0), r["seed"]))
         if not rows:
             continue
         chosen = _dev_choices(rows)
-        lines += [f"### {fact_set} facts ({rows[0]['facts']} per run, {rows[0]['neighbours']} neighbours)", "",
+        lines += [f"### {fact_set} facts ({rows[0]['facts']} per run, {rows[0]['neighbours']} neighbours; the unedited "
+                  f"model answers {100 * rows[0]['specificity_before']:.1f}% of the neighbours' questions)", "",
                   "| method | seeds | " + " | ".join(c[1] for c in _PAGE_COLUMNS) + " | reverts bit for bit |",
                   "|---|---|" + "---|" * (len(_PAGE_COLUMNS) + 1)]
         names: list[str] = []
