@@ -18,6 +18,13 @@ value projection gets gradients from the first step on, like LoRA's zero-initial
 Incremental decoding: the KV cache object of the base (a ``transformers`` ``Cache``) carries an
 :class:`EngramState` (the tokens seen, for hashing, and each layer's short-conv state) as an
 attribute, so ``generate()`` of ``transformers`` works unmodified, with or without a cache.
+The state follows every edit ``transformers`` makes to the cache: a crop (prompt-lookup and
+assisted decoding drop rejected drafts; ``cache.crop``) is matched at the start of the next call
+from the cache's length, which is why a cache created by ``transformers`` keeps the short-conv
+rows of every position (about as many floats per Engram layer as one layer's keys and values);
+a batch edit (beam search's ``reorder_cache``, ``batch_select_indices``,
+``batch_repeat_interleave``) is applied to the state by the cache itself, whose three methods
+are wrapped when the state is attached.
 
 Padding: the base hook reads the call's 2-D ``attention_mask`` (what ``generate()`` passes, for
 ``tokenizer(prompts, padding=True)`` left-padded batches): padded positions are hashed as the pad
@@ -34,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -68,10 +76,16 @@ class RetrofitShape:
     tie_embeddings: bool = False
 
 
+# ``EngramState.keep`` of a cache created by transformers: every short-conv row is kept, so that
+# any crop can be followed (ShortConv keeps min(all, receptive + keep) rows)
+KEEP_ALL = 1 << 62
+
+
 @dataclass
 class EngramState:
     """Carried by a KV cache between calls: tokens seen [B, n] (padded positions replaced by the
-    pad id, as hashing reads them) and short-conv states per layer."""
+    pad id, as hashing reads them) and short-conv states per layer [B, rows, D], the newest
+    ``rows`` normed inputs (the first ``receptive`` of them zeros while n is short)."""
 
     ids: torch.Tensor
     conv: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
@@ -80,6 +94,60 @@ class EngramState:
     @property
     def length(self) -> int:
         return int(self.ids.shape[1])
+
+    def crop(self, n: int, receptive: dict[int, int]) -> None:
+        """Forget every position from ``n`` on, as if never fed; ``receptive``: rows each
+        layer's short conv reads. Refused (state unchanged) when too few rows were kept."""
+        drop = self.length - n
+        if drop <= 0:
+            return
+        for lid, st in self.conv.items():
+            if st is not None and st.shape[1] - drop < receptive[lid]:
+                raise RetrofitError(f"cannot drop the newest {drop} positions of Engram's state: it keeps "
+                                    f"the short-conv rows of only the newest {st.shape[1] - receptive[lid]}; "
+                                    f"create the cache with new_cache(..., rollback={drop}) or larger")
+        self.conv = {lid: None if st is None else st[:, :st.shape[1] - drop] for lid, st in self.conv.items()}
+        self.ids = self.ids[:, :n]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` [B'] in that order (beam search's reorder; repeats allowed)."""
+        rows = rows.to(self.ids.device)
+        self.ids = self.ids.index_select(0, rows)
+        self.conv = {lid: None if st is None else st.index_select(0, rows.to(st.device))
+                     for lid, st in self.conv.items()}
+
+
+def _reorder_cache(kv: Any, beam_idx: torch.Tensor) -> None:
+    type(kv).reorder_cache(kv, beam_idx)
+    state = getattr(kv, _STATE_ATTR, None)
+    if state is not None:
+        state.select(beam_idx)
+
+
+def _batch_select_indices(kv: Any, indices: torch.Tensor) -> None:
+    type(kv).batch_select_indices(kv, indices)
+    state = getattr(kv, _STATE_ATTR, None)
+    if state is not None:
+        state.select(torch.as_tensor(indices, dtype=torch.long).reshape(-1))
+
+
+def _batch_repeat_interleave(kv: Any, repeats: int) -> None:
+    type(kv).batch_repeat_interleave(kv, repeats)
+    state = getattr(kv, _STATE_ATTR, None)
+    if state is not None:
+        state.select(torch.arange(state.ids.shape[0]).repeat_interleave(repeats))
+
+
+_BATCH_EDITS = {"reorder_cache": _reorder_cache, "batch_select_indices": _batch_select_indices,
+                "batch_repeat_interleave": _batch_repeat_interleave}
+
+
+def _follow_batch_edits(kv: Any) -> None:
+    """Wrap the cache object's batch edits so that they apply to its Engram state too. Bound to
+    the instance (a deep copy of the cache rebinds them to the copy); its class is untouched."""
+    for name, fn in _BATCH_EDITS.items():
+        if callable(getattr(type(kv), name, None)):
+            setattr(kv, name, types.MethodType(fn, kv))
 
 
 @dataclass
@@ -268,10 +336,25 @@ class RetrofitLM(nn.Module):
                         attention_mask: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
         """Hash ids of the next call with ``cache`` (for prefetching; the state is not advanced)."""
         input_ids = self.hasher.mask_ids(input_ids, attention_mask)
-        state = getattr(cache.kv, _STATE_ATTR, None)
-        if state is None or cache.pos == 0:
+        past = cache.pos
+        if past == 0:
             return self.hasher.hash(input_ids)
-        return self._hash_after(state.ids, input_ids)
+        return self._hash_after(self._state_of(cache.kv, past).ids[:, :past], input_ids)
+
+    def _receptive(self) -> dict[int, int]:
+        return {i: 0 if self.engram[str(i)].short_conv is None else self.engram[str(i)].short_conv.receptive
+                for i in self.retrofit_config.layers}
+
+    def _state_of(self, kv: Any, past: int) -> EngramState:
+        """The Engram state of a KV cache holding ``past`` > 0 positions, cut back to them if the
+        cache was cropped since the state last saw it."""
+        state = getattr(kv, _STATE_ATTR, None)
+        if state is None or state.length < past:
+            raise RetrofitError(f"the KV cache holds {past} positions but Engram's state has "
+                                f"{0 if state is None else state.length} (the cache was filled without "
+                                f"this retrofit's hooks); start from a fresh cache")
+        state.crop(past, self._receptive())
+        return state
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, rollback: int = 0) -> RetrofitCache:
         """An empty KV cache of the base; ``rollback`` > 0 lets :meth:`truncate_cache` drop up to
@@ -297,14 +380,7 @@ class RetrofitLM(nn.Module):
                               f"{rollback} of the newest can be dropped; create it with new_cache(..., rollback=k)")
         state = getattr(cache.kv, _STATE_ATTR, None)
         if state is not None:
-            for lid, st in state.conv.items():
-                if st is None:
-                    continue
-                if st.shape[1] - drop < self.engram[str(lid)].short_conv.receptive:
-                    raise EngramError(f"cannot drop {drop} positions: the latest call added fewer; truncate "
-                                      f"only positions of the latest call")
-                state.conv[lid] = st[:, :st.shape[1] - drop]
-            state.ids = state.ids[:, :n]
+            state.crop(n, self._receptive())
         if cache.key_mask is not None:
             cache.key_mask = cache.key_mask[:, :n]
         cache.kv.crop(-drop)  # negative: drop that many (transformers 4.x and 5.x agree on this form)
@@ -327,13 +403,12 @@ class RetrofitLM(nn.Module):
         state = None
         if kv is not None and kwargs.get("use_cache", True) is not False:
             past = int(kv.get_seq_length())
-            state = getattr(kv, _STATE_ATTR, None)
-            if past == 0:
-                state = EngramState(ids=input_ids[:, :0], keep=int(getattr(kv, _ROLLBACK_ATTR, 0)))
+            if past == 0:  # new_cache(rollback=k) keeps k rows to drop; transformers' caches keep all
+                state = EngramState(ids=input_ids[:, :0], keep=int(getattr(kv, _ROLLBACK_ATTR, KEEP_ALL)))
                 setattr(kv, _STATE_ATTR, state)
-            elif state is None or state.length != past:
-                raise RetrofitError(f"the KV cache holds {past} positions but Engram's state has "
-                                    f"{None if state is None else state.length}; start from a fresh cache")
+                _follow_batch_edits(kv)
+            else:
+                state = self._state_of(kv, past)  # follows a crop since the last call
             if hash_ids is None:
                 hash_ids = self._hash_after(state.ids, input_ids) if past else self.hasher.hash(input_ids)
             state.ids = torch.cat([state.ids, input_ids], dim=1)
@@ -418,7 +493,7 @@ class RetrofitLM(nn.Module):
             mask = padding_mask(attention_mask, input_ids.shape, input_ids.device)
             if bool(mask.all()):
                 mask = None
-        past = cache.key_mask if cache is not None else None
+        past = cache.key_mask[:, :cache.pos] if cache is not None and cache.key_mask is not None else None
         if mask is None and past is None:
             return {}
         if past is None:  # the first padded call: every earlier position was real
