@@ -289,6 +289,18 @@ def test_leakage_guard_refuses_indexed_text(tmp_path):
         idx.check_not_indexed(held, "held-out")
 
 
+@given(train=streams(60, 4), query=streams(20, 4))
+@settings(max_examples=40, **SETTINGS)
+def test_longest_match_is_the_longest_window_found_in_the_index(tmp_path_factory, train, query):
+    idx = _build(_fresh(tmp_path_factory), train, vocab=4)
+    found = [(j - i, i) for i in range(len(query)) for j in range(i + 1, len(query) + 1)
+             if idx.count(query[i:j]) > 0]
+    length, start = idx.longest_match(query)
+    assert length == max((n for n, _ in found), default=0)
+    if length:
+        assert idx.count(query[start:start + length]) > 0
+
+
 @pytest.mark.slow
 def test_counts_and_ntd_match_the_infinigram_package(tmp_path):
     """Same token stream through the PyPI infini-gram engine: identical counts and continuations."""

@@ -7,7 +7,7 @@
     engram bench train-tiers             training with the tables in memory, mmap, cached
     engram bench large-table             a table larger than RAM, eval + generate
     engram bench ngram / ngram-mix       N-gram index vs infini-gram / mixture + instant update
-    engram bench draft                   generation drafted from memory vs plain decoding
+    engram bench draft                   drafted generation vs plain decoding and prompt lookup
     engram bench patch                   the held-out-facts experiment (docs/patches.md)
     engram bench retrofit                tokens/s of a retrofitted model vs its base (and LoRA)
     engram bench distributed             row-sharded training on 1 vs W processes
@@ -44,6 +44,7 @@ from engram.bench.config import (
 )
 from engram.cli.flags import add_common, add_config_flags, config_from_args
 from engram.config import PatchBenchConfig
+from engram.errors import EngramError
 from engram.fsutil import atomic_write
 
 
@@ -158,18 +159,32 @@ def cmd_bench_ngram(args) -> int:
 
 
 def cmd_bench_draft(args) -> int:
-    from engram.bench.draft import bench_draft
+    from engram.bench.draft import bench_draft, draft_page
 
-    res = bench_draft(args.ckpt, args.data, args.index, **_settings(args, DraftBenchConfig), progress=not args.quiet)
+    if args.from_json:  # a page of results already measured (several: one section each)
+        records = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.from_json]
+    else:
+        if args.ckpt is None:
+            raise EngramError("bench draft needs --ckpt (or --from-json to render results already measured)")
+        records = [bench_draft(args.ckpt, args.data, args.index, **_settings(args, DraftBenchConfig),
+                               progress=not args.quiet)]
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            data = (json.dumps(records[0], indent=2) + "\n").encode()
+            atomic_write(args.out, lambda f: f.write(data))
+    if args.page:
+        page = draft_page(records, args.page_command or " ".join(sys.argv)).encode()
+        atomic_write(args.page, lambda f: f.write(page))
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
         return 0
-    for name, m in res["methods"].items():
-        extra = (f", acceptance {m['acceptance']:.1%}, mean accepted {m['mean_accepted']:.2f}"
-                 if "acceptance" in m else "")
-        print(f"{name:>8}: {m['tokens_per_s']['median']:8.1f} tokens/s, x{m['speedup']['median']:.2f} "
-              f"(x{m['speedup']['min']:.2f}-{m['speedup']['max']:.2f}), identical {m['identical']}{extra}")
-    print(f"best K={res['best_k']}: speedup x{res['speedup']:.2f}, outputs identical: {res['identical']}")
+    for res in records:
+        for name, m in res["methods"].items():
+            extra = (f", acceptance {m['acceptance']:.1%}, mean accepted {m['mean_accepted']:.2f}"
+                     if "acceptance" in m else "")
+            print(f"{name:>16}: {m['tokens_per_s']['median']:8.1f} tokens/s, x{m['speedup']['median']:.2f} "
+                  f"(x{m['speedup']['min']:.2f}-{m['speedup']['max']:.2f}), identical {m['identical']}{extra}")
+        print(f"best {res['best']}: speedup x{res['speedup']:.2f}, outputs identical: {res['identical']}")
     return 0
 
 
@@ -311,12 +326,18 @@ def register(sub: Any) -> None:
     add_common(bn, "--quiet")
     bn.set_defaults(fn=cmd_bench_ngram)
 
-    bd = bench.add_parser("draft", help="speculative decoding with drafts from memory vs plain decoding")
-    add_common(bd, "--ckpt", required=True)
-    add_common(bd, "--data", required=True)
+    bd = bench.add_parser("draft", help="speculative decoding with drafts from memory vs plain decoding "
+                                        "and transformers' prompt lookup")
+    add_common(bd, "--ckpt")
+    add_common(bd, "--data", help="prepared dataset: held-out prompts from its val split (or --prompts-file)")
     add_common(bd, "--json")
     bd.add_argument("--index", help="N-gram index of the train split to draft from (default: text-only drafts)")
     add_config_flags(bd, DraftBenchConfig)
+    bd.add_argument("--out", help="also write the result (JSON) here")
+    bd.add_argument("--page", help="also write a results page (markdown) here, every number from the result(s)")
+    bd.add_argument("--page-command", help="the command shown on the page (default: this one)")
+    bd.add_argument("--from-json", nargs="+", metavar="JSON",
+                    help="do not measure: read these results (from --out) and write --page / print them")
     add_common(bd, "--quiet")
     bd.set_defaults(fn=cmd_bench_draft)
 

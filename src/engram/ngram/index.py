@@ -618,6 +618,20 @@ class NgramIndex:
         hits = sum(1 for p in pick if self.count(t[p:p + k]) > 0)
         return hits / pick.size
 
+    def longest_match(self, tokens: Any) -> tuple[int, int]:
+        """(length, start) of the longest run of ``tokens`` that occurs in the index, every window
+        of every length considered. The longest match ending at a position is at most one longer
+        than the one ending before it, so a shrinking scan finds each in amortised O(1) counts."""
+        t = self._ids(tokens, "tokens")
+        best, best_start, cur = 0, 0, 0
+        for end in range(1, int(t.size) + 1):
+            cur += 1
+            while cur and self.count(t[end - cur:end]) == 0:
+                cur -= 1
+            if cur > best:
+                best, best_start = cur, end - cur
+        return best, best_start
+
     def check_not_indexed(self, tokens: Any, what: str, threshold: float = 0.5) -> float:
         """Raise :class:`LeakageError` when ``tokens`` look indexed; returns the indexed fraction."""
         digest = stream_sha256(normalise_stream(np.asarray(tokens), self.vocab_size, self.eos_id))
