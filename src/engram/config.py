@@ -865,6 +865,10 @@ class DraftConfig:
     context: int = setting(32, "longest suffix (tokens) looked up; longer matches continue the same way")
     source: str = setting("both", "where matches are looked up: the index, the generation's own text, or both",
                           choices=DRAFT_SOURCES)
+    adaptive: bool = setting(True, "adapt the draft length: after a rejection draft the accepted length + 1, "
+                             "after a full acceptance twice as many (up to K); after drafts rejected at their "
+                             "first token, draft nothing for 1, 2, 4, ... (at most max_skip) steps")
+    max_skip: int = setting(8, "adaptive: the most steps without drafts after repeated first-token rejections")
 
     def __post_init__(self) -> None:
         _check(self.method in DRAFT_METHODS, f"draft method {self.method!r}; choose one of {DRAFT_METHODS}")
@@ -875,6 +879,7 @@ class DraftConfig:
         _check(self.context >= self.min_match,
                f"draft context={self.context} must be >= min_match={self.min_match}")
         _check(self.source in DRAFT_SOURCES, f"draft source={self.source!r}; choose one of {DRAFT_SOURCES}")
+        _check(self.max_skip >= 0, f"draft max_skip={self.max_skip} must be >= 0")
 
     @classmethod
     def parse(cls, spec: str, **kw: Any) -> "DraftConfig":

@@ -153,11 +153,14 @@ class DraftBenchConfig:
     """``engram bench draft``: generation drafted from memory vs plain decoding."""
 
     ks: tuple[int, ...] = setting((2, 4, 8), "draft lengths K to compare (default 2,4,8)", metavar="K,K")
+    fixed_ks: tuple[int, ...] = setting((), "also time these K with a fixed draft length (--draft-fixed)",
+                                        metavar="K,K")
+    hf_plain: bool = setting(True, "retrofitted models: also time transformers' plain greedy generate()")
     prompt_lookup: tuple[int, ...] = setting((4, 10), "retrofitted models: transformers' prompt lookup with these "
                                              "prompt_lookup_num_tokens (default 4,10)", metavar="K,K")
     prompts_file: Optional[str] = setting(None, "prompts from this file instead of val windows: one per line, or "
                                           "for .jsonl one {\"text\": ...} object per line", metavar="FILE")
-    prompts: int = setting(8, "held-out prompts from the val split (default 8)")
+    prompts: int = setting(8, "held-out prompts from the val split, or the first of --prompts-file (default 8)")
     prompt_len: int = setting(32)
     max_new_tokens: int = setting(64)
     repeats: int = setting(3, "timed rounds (default 3)")

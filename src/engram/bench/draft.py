@@ -2,7 +2,7 @@
 transformers' prompt-lookup decoding.
 
 Same model, same prompts, one process, one torch thread. Prompts are held-out windows of the
-validation split (``--data``), or the texts of ``--prompts-file FILE``: one prompt per line, as
+validation split (``--data``), or the first ``prompts`` texts of ``--prompts-file FILE``: one prompt per line, as
 ``engram generate`` reads it, or for a ``.jsonl`` file one JSON object per line with the prompt
 under ``"text"`` (the format ``engram retrofit data --files`` reads; prompts may span lines).
 Before anything is timed, every prompt is checked against the index: the longest run of its
@@ -16,9 +16,10 @@ a shared machine does not always hit the same one:
 - ``plain``: ``engram.model.generation.generate``, one token per forward (what ``engram generate``
   runs without ``--draft``): the baseline of every ratio;
 - ``ngram:K``: the speculative loop with ``NgramDrafter`` (index + the generation's own text,
-  prompt included), for each K of ``ks``;
+  prompt included), for each K of ``ks`` (K = 0: the loop without a drafter, its own overhead),
+  and ``ngram:K fixed`` for each K of ``fixed_ks`` (always drafting up to K, not adapting);
 - for a retrofitted Hugging Face model, also transformers' own ``generate()`` of the base with
-  Engram in it: ``hf`` (plain greedy) and ``prompt-lookup:K`` (``prompt_lookup_num_tokens=K``),
+  Engram in it: ``hf`` (plain greedy; ``hf_plain``) and ``prompt-lookup:K`` (``prompt_lookup_num_tokens=K``),
   for each K of ``prompt_lookup`` (greedy only).
 
 Reported per method: tokens/s (median over rounds, min-max spread), the speedup over ``plain``
@@ -158,6 +159,7 @@ def _hf_runner(model: Any, max_new_tokens: int, eos: int, lookup: Optional[int]
 
 def bench_draft(ckpt: PathLike, data_dir: Optional[PathLike] = None, index_path: Optional[PathLike] = None, *,
                 prompts_file: Optional[str] = _D.prompts_file, ks: tuple[int, ...] = _D.ks,
+                fixed_ks: tuple[int, ...] = _D.fixed_ks, hf_plain: bool = _D.hf_plain,
                 prompt_lookup: tuple[int, ...] = _D.prompt_lookup, prompts: int = _D.prompts,
                 prompt_len: int = _D.prompt_len, max_new_tokens: int = _D.max_new_tokens, repeats: int = _D.repeats,
                 min_match: int = _D.min_match, leak_tokens: int = _D.leak_tokens, threads: int = _D.threads,
@@ -173,7 +175,7 @@ def bench_draft(ckpt: PathLike, data_dir: Optional[PathLike] = None, index_path:
     if repeats < 1 or prompts < 1 or max_new_tokens < 1:
         raise EngramError(f"repeats={repeats}, prompts={prompts} and max_new_tokens={max_new_tokens} must be >= 1")
     if data_dir is None and prompts_file is None:
-        raise EngramError("bench draft needs prompts: --data (held-out windows of its val split) or --prompts FILE")
+        raise EngramError("bench draft needs prompts: --data (held-out windows of its val split) or --prompts-file FILE")
     torch.set_num_threads(threads)
     model = load(ckpt)
     model.eval()
@@ -187,17 +189,19 @@ def bench_draft(ckpt: PathLike, data_dir: Optional[PathLike] = None, index_path:
     eos = ds.eos_id if ds is not None else index.eos_id if index is not None else _model_eos(model)
     if prompts_file is not None:
         tok = source.require_tokenizer()
-        ps = [tok.encode(t).ids for t in read_prompts_file(prompts_file)]
+        ps = [tok.encode(t).ids for t in read_prompts_file(prompts_file)[:prompts]]
     else:
         ps = heldout_prompts(np.asarray(ds.val.tokens, dtype=np.int64), eos, prompts, prompt_len, seed)
     leak = leakage(index, ps, leak_tokens) if index is not None else None
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     greedy = temperature == 0
     target = EngramTarget(model)
-    drafts = {f"ngram:{k}": DraftConfig(max_len=k, min_match=min_match) for k in ks}
+    drafts = {f"ngram:{k}": DraftConfig(max_len=k, min_match=min_match) if k else None for k in ks}
+    drafts.update({f"ngram:{k} fixed": DraftConfig(max_len=k, min_match=min_match, adaptive=False) for k in fixed_ks})
     hf: dict[str, Callable] = {}
     if greedy and isinstance(model, RetrofitLM):
-        hf["hf"] = _hf_runner(model, max_new_tokens, eos, None)
+        if hf_plain:
+            hf["hf"] = _hf_runner(model, max_new_tokens, eos, None)
         hf.update({f"prompt-lookup:{k}": _hf_runner(model, max_new_tokens, eos, k) for k in prompt_lookup})
 
     def run(method: str, prompt: list[int]) -> tuple[list[int], Optional[dict]]:
@@ -208,7 +212,9 @@ def bench_draft(ckpt: PathLike, data_dir: Optional[PathLike] = None, index_path:
             with torch.no_grad():
                 return hf[method](x)
         # a fresh drafter per generation: its lookup memo must not carry over between runs
-        r = generate_speculative(target, NgramDrafter(index, drafts[method]), x, sampling, eos_id=eos, progress=False)
+        cfg = drafts[method]
+        drafter = NgramDrafter(index, cfg) if cfg is not None else None
+        r = generate_speculative(target, drafter, x, sampling, eos_id=eos, progress=False)
         return r.ids[0].tolist(), r.stats()
 
     methods = [PLAIN, *hf, *drafts]
@@ -246,13 +252,13 @@ def bench_draft(ckpt: PathLike, data_dir: Optional[PathLike] = None, index_path:
         if st:
             drafted, accepted = sum(s["drafted"] for s in st), sum(s["accepted"] for s in st)
             entry.update({
-                "acceptance": accepted / drafted if drafted else 0.0,
+                "acceptance": accepted / drafted if drafted else None,
                 "mean_accepted": accepted / max(sum(s["draft_steps"] for s in st), 1),
                 "tokens_per_forward": sum(s["new_tokens"] for s in st) / max(sum(s["forwards"] for s in st), 1),
                 "drafted": drafted, "accepted": accepted,
             })
         rec_methods[m] = entry
-    ours = [m for m in methods if m in drafts]
+    ours = [m for m in methods if drafts.get(m) is not None] or [PLAIN]
     best = max(ours, key=lambda m: rec_methods[m]["speedup"]["median"])
     meta = source.meta
     return {
@@ -268,7 +274,7 @@ def bench_draft(ckpt: PathLike, data_dir: Optional[PathLike] = None, index_path:
                   "index": str(index_path) if index_path else None,
                   "index_tokens": index.num_tokens if index is not None else 0,
                   "prompts": len(ps), "prompt_tokens": [len(p) for p in ps], "max_new_tokens": max_new_tokens,
-                  "repeats": repeats, "min_match": min_match, "ks": list(ks),
+                  "repeats": repeats, "min_match": min_match, "ks": list(ks), "fixed_ks": list(fixed_ks),
                   "prompt_lookup": list(prompt_lookup) if hf else [],
                   "decoding": "greedy" if greedy else f"sampling, temperature {temperature}"},
         "leakage": leak,
@@ -326,7 +332,7 @@ def draft_page(records: list[dict], command: str) -> str:
                   "acceptance | tokens per forward | identical |", "|---|---|---|---|---|---|"]
         for name, m in r["methods"].items():
             t, x = m["tokens_per_s"], m["speedup"]
-            acc = f"{m['acceptance']:.1%}" if "acceptance" in m else "-"
+            acc = f"{m['acceptance']:.1%}" if m.get("acceptance") is not None else "-"
             tpf = f"{m['tokens_per_forward']:.2f}" if "tokens_per_forward" in m else "1.00"
             ident = {True: "yes", False: f"no ({m['prompts_identical']}/{s['prompts']})", None: "-"}[m["identical"]]
             lines.append(f"| `{name}` | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | "

@@ -181,7 +181,7 @@ def cmd_bench_draft(args) -> int:
     for res in records:
         for name, m in res["methods"].items():
             extra = (f", acceptance {m['acceptance']:.1%}, mean accepted {m['mean_accepted']:.2f}"
-                     if "acceptance" in m else "")
+                     if m.get("acceptance") is not None else "")
             print(f"{name:>16}: {m['tokens_per_s']['median']:8.1f} tokens/s, x{m['speedup']['median']:.2f} "
                   f"(x{m['speedup']['min']:.2f}-{m['speedup']['max']:.2f}), identical {m['identical']}{extra}")
         print(f"best {res['best']}: speedup x{res['speedup']:.2f}, outputs identical: {res['identical']}")

@@ -124,6 +124,9 @@ def add_draft_args(p) -> None:
                    help=f"index matches: the continuation's smallest share (default {DraftConfig.min_prob})")
     g.add_argument("--draft-source", default="both", choices=DRAFT_SOURCES,
                    help="look matches up in the index, the generation's own text, or both (default)")
+    g.add_argument("--draft-fixed", action="store_true",
+                   help="always draft up to K tokens (default: shorter drafts after rejections, none for a "
+                        "few steps after repeated first-token misses)")
 
 
 def drafter_from_args(args, fingerprint, index=None):
@@ -136,7 +139,8 @@ def drafter_from_args(args, fingerprint, index=None):
             raise EngramError("--index is read only with --draft ngram[:K]; add --draft ngram:4")
         return None
     cfg = DraftConfig.parse(args.draft, min_match=args.draft_min_match, min_count=args.draft_min_count,
-                            min_prob=args.draft_min_prob, source=args.draft_source)
+                            min_prob=args.draft_min_prob, source=args.draft_source,
+                            adaptive=not getattr(args, "draft_fixed", False))
     path = args.index or getattr(args, "ngram", None)
     if path and (index is None or args.index):
         index = _index(path)

@@ -157,6 +157,39 @@ class SpeculativeResult:
                 "tokens_per_forward": self.new_tokens / max(self.forwards, 1)}
 
 
+class DraftLength:
+    """How many tokens to draft at each step (``DraftConfig.adaptive``): a draft that keeps failing
+    should cost next to nothing. Starts at K; after a draft with a rejection, the accepted length
+    + 1 (at least 1); after a fully accepted one, twice the last (at most K). A draft rejected at
+    its first token also skips drafting for the next 1, 2, 4, ... steps (at most ``max_skip``),
+    the run reset by any accepted token. Depends only on the outcomes so far, so every draft is
+    still fixed before the step that verifies it (the sampling rule's condition)."""
+
+    def __init__(self, K: int, adaptive: bool = True, max_skip: int = 8):
+        self.K, self.adaptive, self.max_skip = K, adaptive, max_skip
+        self.k, self.skip, self.misses = K, 0, 0
+
+    def next(self) -> int:
+        """The draft length for this step (0: draft nothing)."""
+        if self.skip:
+            self.skip -= 1
+            return 0
+        return self.k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self.adaptive or drafted == 0:
+            return
+        if accepted == drafted:
+            self.k, self.misses = min(self.K, 2 * self.k), 0
+            return
+        self.k = max(1, accepted + 1)
+        if accepted:
+            self.misses = 0
+            return
+        self.skip = min(self.max_skip, 1 << self.misses) if self.max_skip else 0
+        self.misses += 1
+
+
 class _Chooser:
     """The sampling rule shared by plain and verified positions (as in ``generate``)."""
 
@@ -205,6 +238,7 @@ def generate_speculative(target: ScoringTarget, drafter: Optional[Drafter], prom
     if max_new == 0:
         return res
     K = drafter.cfg.max_len if drafter is not None else 0
+    length = DraftLength(K, drafter.cfg.adaptive, drafter.cfg.max_skip) if drafter is not None else None
     chooser = _Chooser(sampling)
     target.begin(total, K)
     x = chooser.choose(target.score(seq)[-1])  # the prompt in one call
@@ -215,8 +249,8 @@ def generate_speculative(target: ScoringTarget, drafter: Optional[Drafter], prom
     bar.update(1)
     new, done = 1, x == eos_id
     while new < max_new and not done:
-        k = min(K, max_new - new - 1)  # never draft past the token budget
-        draft = drafter.propose(seq, k) if (drafter is not None and k > 0) else []
+        k = min(length.next(), max_new - new - 1) if length is not None else 0  # never past the budget
+        draft = drafter.propose(seq, k) if k > 0 else []
         scored = len(seq) - 1  # positions the target holds before this call (x is not fed yet)
         rows = target.score([x] + draft)  # [1+k, V]
         res.forwards += 1
@@ -234,6 +268,7 @@ def generate_speculative(target: ScoringTarget, drafter: Optional[Drafter], prom
         else:
             x = chooser.choose(rows[len(draft)])  # every draft token accepted: one more for free
         if draft:
+            length.update(len(draft), n_acc)
             res.drafted += len(draft)
             res.accepted += n_acc
             res.accepted_lengths.append(n_acc)
