@@ -306,24 +306,29 @@ def draft_page(records: list[dict], command: str) -> str:
     envs = {(r["env"]["date"], r["env"]["cpus"], r["env"]["threads"], r["env"]["torch"]) for r in records}
     for date, cpus, threads, torch_v in sorted(envs):
         lines.append(f"Measured {date} on a shared {cpus}-CPU machine (other jobs running; load averages "
-                     f"below), {threads} torch thread, torch {torch_v}. Command:")
-    lines += ["", "```", command, "```", "",
+                     f"below), {threads} torch thread, torch {torch_v}. This page: `{command}`.")
+    lines += ["",
               "Every method runs every prompt back to back, in a rotating order, each round; the speedup "
               "is the ratio of tokens/s to `plain` (the library's one-token-per-forward loop) within a "
               "round, the median over rounds with every round's ratio listed. `hf` is transformers' own "
               "greedy `generate()` of the retrofitted model; `prompt-lookup:K` is it with "
               "`prompt_lookup_num_tokens=K`; `ngram:K` is `engram generate --draft ngram:K` (the N-gram "
-              "index and the generation's own text, prompt included). Identical: every greedy output "
+              "index and the generation's own text, prompt included; the draft length adapts to "
+              "rejections) and `ngram:K fixed` the same with `--draft-fixed`. Identical: every greedy output "
               "equals `plain`'s token for token.", ""]
     for r in records:
         s = r["setup"]
         where = s["prompts_file"] or f"{s['prompts']} held-out windows of {s['data']}'s val split"
         leak = r.get("leakage")
+        params = s["params"]
         lines += [f"## {s['ckpt']} ({s['model']}), prompts: {where}", "",
+                  f"Model: {params['total'] / 1e6:.1f}M parameters ({params['engram'] / 1e6:.1f}M of them Engram's), "
+                  f"trained {s['step']} steps. "
                   f"{s['prompts']} prompts of {min(s['prompt_tokens'])}-{max(s['prompt_tokens'])} tokens, "
                   f"{s['max_new_tokens']} new tokens, greedy, {s['repeats']} rounds; index "
                   f"{s['index']} ({s['index_tokens']:,} tokens). Load average at the end: "
-                  f"{', '.join(f'{x:.2f}' for x in r['env']['load_average'] or [])}."]
+                  f"{', '.join(f'{x:.2f}' for x in r['env']['load_average'] or [])}. Measured with:", "",
+                  "```", r["command"], "```", ""]
         if leak is not None:
             lines.append(f"Leakage check: the longest run of a prompt's tokens found in the index is "
                          f"{leak['max']} tokens (per prompt: {', '.join(map(str, leak['longest_match']))}; "

@@ -168,6 +168,7 @@ def cmd_bench_draft(args) -> int:
             raise EngramError("bench draft needs --ckpt (or --from-json to render results already measured)")
         records = [bench_draft(args.ckpt, args.data, args.index, **_settings(args, DraftBenchConfig),
                                progress=not args.quiet)]
+        records[0]["command"] = " ".join(["engram", *sys.argv[1:]])  # what measured it, for the page
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             data = (json.dumps(records[0], indent=2) + "\n").encode()
