@@ -6,6 +6,8 @@
     engram analyze gates  --ckpt RUN [--n 300] [--json out.json]
     engram analyze zipf   --ckpt RUN --data DATA [--split train] [--plot zipf.png] [--json out.json]
     engram analyze ablate --ckpt RUN --data DATA [--max-tokens 40000] [--json out.json]
+    engram analyze table-use --ckpt RUN --data DATA [--windows 64] [--json out.json] [--page page.md]
+    engram analyze table-use --from-json a.json [b.json ...] --page page.md
 
 The server's limits are flags generated from ``ServeLimits`` (``engram.config``). Handlers import
 the library (numpy included) lazily, inside the function, so that ``engram --help`` stays fast.
@@ -24,7 +26,7 @@ from engram.cli.flags import add_common, add_config_flags, add_json_file, config
 from engram.cli.table import add_storage_arguments
 from engram.config import PatchServeConfig, ServeLimits
 from engram.errors import EngramError
-from engram.inspect.settings import COLOR_MODES, SCALES  # torch-free, like engram.config
+from engram.inspect.settings import COLOR_MODES, SCALES, TABLE_USE_CONTROLS  # torch-free, like engram.config
 
 
 def _load(ckpt: str):
@@ -251,6 +253,64 @@ def cmd_analyze_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze_table_use(args: argparse.Namespace) -> int:
+    from engram.fsutil import atomic_write
+    from engram.inspect.table_use import table_use_page
+
+    if args.from_json:  # the page of results already measured
+        if args.ckpt or args.data:
+            raise EngramError("--from-json renders results already measured; drop --ckpt/--data, or drop "
+                              "--from-json to measure")
+        results = []
+        for path in args.from_json:
+            try:
+                results.append(json.loads(Path(path).read_text(encoding="utf-8")))
+            except (OSError, ValueError) as e:
+                raise EngramError(f"--from-json {path}: cannot read a JSON result ({e}); give a file written "
+                                  f"by engram analyze table-use --json") from None
+    else:
+        if not (args.ckpt and args.data):
+            raise EngramError("engram analyze table-use needs --ckpt RUN and --data DIR (or --from-json FILE "
+                              "... to render a page)")
+        results = [_measure_table_use(args)]
+    if args.page:
+        page = table_use_page(results, args.page_command or " ".join(["engram", *sys.argv[1:]])).encode()
+        atomic_write(args.page, lambda f: f.write(page))
+    for r in results:
+        print(f"{r['ckpt']}: {r['windows']} windows x {r['seq_len']} tokens of {r['data']} ({r['split']}); "
+              f"trained loss {r['loss_trained']:.4f}")
+        print(f"  {'control':<15} {'loss':>8} {'change':>8} {'kept':>7}  (fraction of Engram's gain kept)")
+        for c in r["controls"]:
+            print(f"  {c['control']:<15} {c['loss']:>8.4f} {c['delta_loss']:>+8.4f} "
+                  f"{_fmt(c['fraction_kept'], 3):>7}")
+    return 0
+
+
+def _measure_table_use(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    from engram.data.tokenizer import special_ids
+    from engram.fsutil import atomic_write
+    from engram.inspect.table_use import as_json, eval_windows, machine, table_use, today
+
+    model, tok, meta = _load(args.ckpt)
+    ds = _dataset_for(model, meta, args)
+    seq_len = args.seq_len or (meta.train_config.seq_len if meta.train_config else 128)
+    if not 1 <= seq_len <= model.cfg.max_seq_len:
+        raise EngramError(f"--seq-len {seq_len} must be in 1..{model.cfg.max_seq_len} (the model's max_seq_len)")
+    samples = eval_windows(getattr(ds, args.split), seq_len, args.windows)
+    t0 = time.perf_counter()
+    res = table_use(model, samples, pad_id=special_ids(tok)[0], controls=args.controls or TABLE_USE_CONTROLS,
+                    seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    res = as_json({"ckpt": args.ckpt, "kind": model.loaded_from.kind.value, "label": args.label, "data": args.data,
+                   "split": args.split, "seq_len": seq_len, **res, "seconds": time.perf_counter() - t0,
+                   "date": today(), "machine": machine(), "command": " ".join(["engram", *sys.argv[1:]])})
+    if args.json:
+        data = (json.dumps(res, indent=2, ensure_ascii=False) + "\n").encode()
+        atomic_write(args.json, lambda f: f.write(data))
+    return res
+
+
 # ----------------------------------------------------------------------------- parsers
 def register(sub: Any) -> None:
     i = sub.add_parser("inspect", help="per-token Engram gates as a terminal heatmap, HTML and JSON")
@@ -284,7 +344,7 @@ def register(sub: Any) -> None:
     add_common(s, "--quiet", help="no request log")
     s.set_defaults(fn=cmd_serve)
 
-    a = sub.add_parser("analyze", help="gate statistics, Zipf statistics, Engram ablation"
+    a = sub.add_parser("analyze", help="gate statistics, Zipf statistics, Engram ablation, table use"
                        ).add_subparsers(dest="sub", required=True)
     g = a.add_parser("gates", help="mean gate on fact sentences, entities, narrative, shuffled, random tokens")
     add_common(g, "--ckpt", required=True)
@@ -314,3 +374,23 @@ def register(sub: Any) -> None:
     b.add_argument("--seq-len", type=int, help="window length (default: the run's training seq_len)")
     add_json_file(b)
     b.set_defaults(fn=cmd_analyze_ablate)
+
+    u = a.add_parser("table-use", help="is the table used? loss under controls that destroy what the "
+                     "tables store (mean row, shuffled, re-drawn rows, re-seeded hash)")
+    add_common(u, "--ckpt", help="a run or a retrofit adapter directory (tables in memory)")
+    add_common(u, "--data", help="dataset the model reads (its tokenizer); windows of its --split")
+    u.add_argument("--split", default="val", choices=["train", "val"])
+    u.add_argument("--windows", type=int, default=64, help="windows scored, spread evenly over the split")
+    u.add_argument("--seq-len", type=int, help="window length (default: the run's training seq_len)")
+    u.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    u.add_argument("--seed", type=int, default=0, help="seed of the shuffle, the re-drawn rows and the new hash")
+    u.add_argument("--controls", nargs="+", choices=TABLE_USE_CONTROLS,
+                   help="controls to score (default: all; 'removed' is always scored)")
+    u.add_argument("--label", help="the model's name on the page")
+    add_json_file(u)
+    u.add_argument("--page", help="write a results page (markdown) here, every number from the JSON")
+    u.add_argument("--page-command", help="the command shown on the page (default: this one)")
+    u.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="do not measure: render --page from these results of --json (one section each)")
+    add_common(u, "--quiet", help="no progress bar")
+    u.set_defaults(fn=cmd_analyze_table_use)
