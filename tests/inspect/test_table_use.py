@@ -198,7 +198,7 @@ def test_cli_json_page_and_from_json(inspect_run, tmp_path, capsys, one_thread) 
     j, page = tmp_path / "r.json", tmp_path / "page.md"
     cmd = "engram analyze table-use --ckpt RUN --data DATA --windows 4"
     assert main(["analyze", "table-use", "--ckpt", str(run), "--data", str(data), "--windows", "4",
-                 "--seq-len", "16", "--label", "tiny", "--json", str(j), "--page", str(page),
+                 "--seq-len", "16", "--label", "tiny", "--note", "made by the fixture", "--json", str(j), "--page", str(page),
                  "--page-command", cmd, "--quiet"]) == 0
     out = capsys.readouterr().out
     r = json.loads(j.read_text())
@@ -206,7 +206,8 @@ def test_cli_json_page_and_from_json(inspect_run, tmp_path, capsys, one_thread) 
     assert [c["control"] for c in r["controls"]] == list(CONTROLS)
     text = page.read_text()
     assert text == table_use_page([r], cmd)
-    assert f"| trained | {r['loss_trained']:.4f} |" in text and "## tiny" in text
+    assert f"| trained | {r['loss_trained']:.4f} |" in text and "## tiny\n\nmade by the fixture\n" in text
+    assert r["step"] == 3 and "(run, step 3)" in text
     for c in r["controls"]:
         assert f"| {c['loss']:.4f} | {c['delta_loss']:+.4f} |" in text
         assert f"{c['loss']:.4f}" in out

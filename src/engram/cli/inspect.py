@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -274,7 +275,7 @@ def cmd_analyze_table_use(args: argparse.Namespace) -> int:
                               "... to render a page)")
         results = [_measure_table_use(args)]
     if args.page:
-        page = table_use_page(results, args.page_command or " ".join(["engram", *sys.argv[1:]])).encode()
+        page = table_use_page(results, args.page_command or shlex.join(["engram", *sys.argv[1:]])).encode()
         atomic_write(args.page, lambda f: f.write(page))
     for r in results:
         print(f"{r['ckpt']}: {r['windows']} windows x {r['seq_len']} tokens of {r['data']} ({r['split']}); "
@@ -302,9 +303,10 @@ def _measure_table_use(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = table_use(model, samples, pad_id=special_ids(tok)[0], controls=args.controls or TABLE_USE_CONTROLS,
                     seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
-    res = as_json({"ckpt": args.ckpt, "kind": model.loaded_from.kind.value, "label": args.label, "data": args.data,
-                   "split": args.split, "seq_len": seq_len, **res, "seconds": time.perf_counter() - t0,
-                   "date": today(), "machine": machine(), "command": " ".join(["engram", *sys.argv[1:]])})
+    res = as_json({"ckpt": args.ckpt, "kind": model.loaded_from.kind.value, "step": meta.step, "label": args.label,
+                   "note": args.note, "data": args.data, "split": args.split, "seq_len": seq_len, **res,
+                   "seconds": time.perf_counter() - t0, "date": today(), "machine": machine(),
+                   "command": shlex.join(["engram", *sys.argv[1:]])})
     if args.json:
         data = (json.dumps(res, indent=2, ensure_ascii=False) + "\n").encode()
         atomic_write(args.json, lambda f: f.write(data))
@@ -387,6 +389,7 @@ def register(sub: Any) -> None:
     u.add_argument("--controls", nargs="+", choices=TABLE_USE_CONTROLS,
                    help="controls to score (default: all; 'removed' is always scored)")
     u.add_argument("--label", help="the model's name on the page")
+    u.add_argument("--note", help="how the model was made, shown on the page under its name")
     add_json_file(u)
     u.add_argument("--page", help="write a results page (markdown) here, every number from the JSON")
     u.add_argument("--page-command", help="the command shown on the page (default: this one)")

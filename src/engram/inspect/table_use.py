@@ -259,9 +259,12 @@ def _num(v: Optional[float], fmt: str) -> str:
 def _model_section(r: dict[str, Any]) -> list[str]:
     e, p = r["engram"], r["param_counts"]
     rows = sum(e["rows"].values())
-    lines = [
-        f"## {r.get('label') or r['ckpt']}", "",
-        f"`{r['ckpt']}` ({r.get('kind', 'model')}), data `{r['data']}` ({r['split']} split). Engram at layer(s) "
+    step = f", step {r['step']:,}" if r.get("step") is not None else ""
+    lines = [f"## {r.get('label') or r['ckpt']}", ""]
+    if r.get("note"):
+        lines += [r["note"], ""]
+    lines += [
+        f"`{r['ckpt']}` ({r.get('kind', 'model')}{step}), data `{r['data']}` ({r['split']} split). Engram at layer(s) "
         f"{', '.join(str(l) for l in e['layers'])}: {e['heads_per_layer']} hash heads per layer "
         f"(N-grams up to {e['max_ngram_size']}), {rows:,} rows of {e['row_dim']} in all; "
         f"{p['tables']:,} table parameters of {p['total']:,}.",
@@ -277,6 +280,13 @@ def _model_section(r: dict[str, Any]) -> list[str]:
     for c in r["controls"]:
         lines.append(f"| {c['description']} | {c['loss']:.4f} | {c['delta_loss']:+.4f} | "
                      f"{_num(c['fraction_kept'], '.3f')} | {c['accuracy']:.4f} |")
+    kept = [c["fraction_kept"] for c in r["controls"] if c["control"] != "removed" and c["fraction_kept"] is not None]
+    if kept:
+        lines += ["", f"Removing Engram costs {r['gain_nats']:.4f} nats/token; the controls that keep Engram but "
+                      f"destroy what its tables store keep between {min(kept):.3f} and {max(kept):.3f} of that gain."]
+    elif r["gain_nats"] <= 0:
+        lines += ["", f"Removing Engram does not raise the loss here ({r['gain_nats']:+.4f} nats/token): there is "
+                      f"no gain to keep."]
     lines += ["", "Command:", "", "```bash", r["command"], "```", ""]
     return lines
 
