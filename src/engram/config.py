@@ -462,6 +462,13 @@ class TableOptimizer(_Choice):
     SPARSE_ADAM = "sparse_adam"  # row-wise lazy Adam: touched rows only (engram.training.sparse_adam)
 
 
+class Precision(_Choice):
+    """The precision forward passes compute in (``engram.model.accel``)."""
+
+    FP32 = "fp32"  # everything in float32
+    BF16 = "bf16"  # bfloat16 autocast; weights, tables and optimizer state stay float32
+
+
 
 
 @dataclass
@@ -508,10 +515,18 @@ class TrainConfig:
                                     "(default 65,536)")
     table_dir: Optional[str] = setting(None, "directory of the working files of mmap/cached tables "
                                        "(default: RUN/table-work)", metavar="DIR")
+    # Precision and compilation (engram.model.accel). bf16 is autocast: matmuls run in bfloat16,
+    # the master weights, the tables, the gradients and Adam's moments stay float32. compile runs
+    # torch.compile on each block's attention and FFN; the Engram layer (hashing, table gather,
+    # gate) stays eager, since its row lookups and tiers break graphs.
+    dtype: Union[str, Precision] = setting(Precision.FP32, "precision of the forward passes: fp32, or bf16 "
+                                           "(autocast; float32 master weights)", choices=Precision.values())
+    compile: bool = setting(False, "torch.compile each block's attention and FFN (the Engram layer stays eager)")
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.table_optimizer = TableOptimizer.parse(self.table_optimizer, "table_optimizer")
+        self.dtype = Precision.parse(self.dtype, "dtype")
         self.table_storage = TableLocation.parse(self.table_storage, "table_storage", TRAINING_LOCATIONS)
         _check(self.table_storage == TableLocation.MEMORY or self.table_optimizer == TableOptimizer.SPARSE_ADAM,
                f"table_storage={self.table_storage.value!r} trains with the row-sparse optimizer only (dense "
@@ -535,6 +550,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["table_optimizer"], d["table_storage"] = self.table_optimizer.value, self.table_storage.value
+        d["dtype"] = self.dtype.value
         return d
 
     @classmethod

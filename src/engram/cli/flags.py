@@ -133,6 +133,16 @@ def add_json_file(parser: Any, help: str = "also write the result as JSON to thi
     add_common(parser, "--json", action="store", help=help)
 
 
+def add_device_args(parser: Any, dtype: bool = True) -> None:
+    """``--device cpu|cuda|cuda:N`` (and ``--dtype fp32|bf16``): where and in what precision a
+    command runs its model (``engram.model.accel``)."""
+    g = parser.add_argument_group("device (docs/gpu.md)")
+    g.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda or cuda:N")
+    if dtype:
+        g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                       help="precision of the forward passes: fp32 (default) or bf16 autocast")
+
+
 def add_prompt_args(parser: Any) -> None:
     """``--prompt TEXT`` (repeatable) and ``--prompts-file FILE`` of the generate commands."""
     parser.add_argument("--prompt", action="append", metavar="TEXT",

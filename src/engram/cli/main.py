@@ -33,6 +33,7 @@ from engram.cli.flags import (
     ArgumentParser,
     add_common,
     add_config_flags,
+    add_device_args,
     add_prompt_args,
     config_from_args,
     encode_prompts,
@@ -122,6 +123,9 @@ def cmd_train(args) -> int:
 
     dist_cfg = config_from_args(args, DistributedConfig)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.device != "cpu" and (dist_cfg.nproc > 1 or under_torchrun):
+        raise EngramError(f"--device {args.device} places a one-process run; with several processes each rank's "
+                          f"device follows --dist-backend (nccl: GPU r for rank r; gloo: cpu), drop --device")
     if dist_cfg.nproc > 1 and not under_torchrun:  # relaunch this command on nproc processes
         from engram.distributed.launch import launch
 
@@ -152,19 +156,23 @@ def cmd_train(args) -> int:
     else:
         from engram.training.trainer import train
 
-        summary = train(model_cfg, train_cfg, args.data, args.out, **kwargs)
+        summary = train(model_cfg, train_cfg, args.data, args.out, device=args.device, **kwargs)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def cmd_eval(args) -> int:
     if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
+        _cpu_only(args, "--ngram")
         return cmd_eval_ngram(args)
+    from engram.model.accel import autocast
     from engram.training.evaluation import evaluate_saved
 
-    model = load_from_args(args)  # a run or an adapter; tables per --table/--storage
-    result = evaluate_saved(model, model.loaded_from.meta, args.data, split=args.split,
-                            batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches)
+    model = load_from_args(args)  # a run or an adapter; tables per --table/--storage, on --device
+    with autocast(args.dtype, args.device):
+        result = evaluate_saved(model, model.loaded_from.meta, args.data, split=args.split,
+                                batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches)
+    result.update(device=args.device, dtype=args.dtype)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -186,8 +194,12 @@ def cmd_generate(args) -> int:
         raise EngramError("--patch works with plain generation; drop --ngram / --draft, or apply the "
                           "patches to a copy of the table (`engram patch apply`) and pass --table")
     if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
+        _cpu_only(args, "--ngram")
         return cmd_generate_ngram(args)
+    if getattr(args, "draft", None):
+        _cpu_only(args, "--draft")
 
+    from engram.model.accel import autocast
     from engram.model.generation import left_pad, strip_padding
 
     sampling = config_from_args(args, SamplingConfig)
@@ -209,11 +221,19 @@ def cmd_generate(args) -> int:
     patches = [_patch_stack(args, model)] if args.patch else None
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts)  # several prompts: one batch, each row as if alone
-    out = strip_padding(model.generate(ids, sampling, attention_mask=mask, patches=patches), mask, ids.shape[1])
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    with autocast(args.dtype, args.device):
+        gen = model.generate(ids, sampling, attention_mask=mask, patches=patches)
+    out = strip_padding(gen.cpu(), mask.cpu(), ids.shape[1])
     report_generation(model, sum(len(o) - len(p) for o, p in zip(out, prompts)),
                       time.perf_counter() - t0)  # tokens/s, hit rate
     print_generations([tok.decode(o) for o in out])
     return 0
+
+
+def _cpu_only(args, flag: str) -> None:
+    if args.device != "cpu" or args.dtype != "fp32":
+        raise EngramError(f"{flag} runs on the CPU in fp32; drop --device {args.device} / --dtype {args.dtype}")
 
 
 def cmd_demo(args) -> int:
@@ -265,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(tr, "--quiet")
     add_train_table_arguments(tr)
     add_config_flags(tr, DistributedConfig)  # --nproc, --dist-backend, --dist-timeout
+    add_device_args(tr, dtype=False)  # precision and compile: --set train.dtype=bf16 / train.compile=true
     tr.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="loss, perplexity and tokens/s of a checkpoint")
@@ -275,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, help="default: the run's training sequence length")
     ev.add_argument("--max-batches", type=int)
     add_storage_arguments(ev)
+    add_device_args(ev)
     add_mixture_args(ev, scoring=True)
     ev.set_defaults(fn=cmd_eval)
 
@@ -283,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_args(g)
     add_config_flags(g, SamplingConfig, defaults=GENERATE_DEFAULTS)
     add_storage_arguments(g)
+    add_device_args(g)
     add_mixture_args(g, scoring=False)
     add_draft_args(g)
     g.add_argument("--patch", action="append", default=[], metavar="P.engp",

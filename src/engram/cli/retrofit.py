@@ -23,6 +23,7 @@ from typing import Any
 from engram.cli.flags import (
     add_common,
     add_config_flags,
+    add_device_args,
     add_prompt_args,
     config_from_args,
     encode_prompts,
@@ -37,7 +38,7 @@ _RETROFIT_FLAGS = ("base", "rows_per_head", "max_ngram_size", "n_head_per_ngram"
                    "lora_rank", "lora_alpha", "lora_targets")
 _TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                 "table_lr_mult", "grad_clip", "eval_every", "eval_batches", "save_every", "log_every", "seed",
-                "prefetch")
+                "prefetch", "dtype", "compile")
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -82,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                       if getattr(args, k, None) is None},
                                 table_optimizer="sparse_adam")
     summary = retrofit_train(cfg, tcfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite,
-                             progress=not args.quiet, max_seconds=args.max_seconds)
+                             progress=not args.quiet, max_seconds=args.max_seconds, device=args.device)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -188,6 +189,7 @@ def register(sub: Any) -> None:
                         "train values a resume may change (--steps, --eval-every, ...)")
     t.add_argument("--overwrite", action="store_true", help="start over even if --out holds an adapter")
     t.add_argument("--max-seconds", type=float, help="stop (and save) after this wall-clock budget")
+    add_device_args(t, dtype=False)  # --dtype and --compile are train settings, above
     add_common(t, "--quiet")
     t.set_defaults(fn=cmd_train)
 

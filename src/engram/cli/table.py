@@ -75,10 +75,12 @@ def load_from_args(args: argparse.Namespace, ckpt: Optional[str] = None) -> Any:
     tables as the storage switches say, an adapter on ``--base`` (default: its own). What was
     read about the directory (meta, tokenizer) is ``model.loaded_from``."""
     from engram.auto.loader import load
+    from engram.model.accel import resolve_device
 
     ckpt = ckpt or args.ckpt
     return load(ckpt, storage=storage_for(args, ckpt), base=getattr(args, "base", None),
-                progress=not getattr(args, "quiet", False))
+                progress=not getattr(args, "quiet", False),
+                device=resolve_device(getattr(args, "device", None) or "cpu"))
 
 
 def report_generation(model: Any, tokens: int, seconds: float) -> None:

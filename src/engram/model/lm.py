@@ -101,6 +101,9 @@ class Block(nn.Module):
             self.ffn = SwiGLU(D, cfg.intermediate_size)
         self.hc_attn = HyperConnection(M, 2 * layer_id) if M > 1 else None
         self.hc_ffn = HyperConnection(M, 2 * layer_id + 1) if M > 1 else None
+        # torch.compile'd attention_step / ffn_step (engram.model.accel.compile_backbone); None: eager
+        self.compiled_attention: Optional[Any] = None
+        self.compiled_ffn: Optional[Any] = None
 
     def _sublayer(self, h, hc, fn):
         if hc is None:  # plain residual: h is [B,T,1,D]
@@ -127,9 +130,19 @@ class Block(nn.Module):
         kv = cache.kv[self.layer_id] if cache is not None else None
         pos = cache.pos if cache is not None else 0
         attn_mask = padding.attn if padding is not None else None
-        h = self._sublayer(h, self.hc_attn, lambda x: self.attn(self.attn_norm(x), cos, sin, kv, pos, attn_mask))
-        h = self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
-        return h, engram_out
+        h = (self.compiled_attention or self.attention_step)(h, cos, sin, kv, pos, attn_mask)
+        return (self.compiled_ffn or self.ffn_step)(h), engram_out
+
+    # The two steps below are what engram.model.accel.compile_backbone compiles (the Engram layer
+    # stays eager; so does a DeepSeekMoE FFN, whose routing is data-dependent).
+    def attention_step(self, h: torch.Tensor, cos, sin, kv: Optional[KVCache], pos: int,
+                       attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """h [B,T,M,D] -> h + attention(norm(h)) (through the hyper-connection when M > 1)."""
+        return self._sublayer(h, self.hc_attn, lambda x: self.attn(self.attn_norm(x), cos, sin, kv, pos, attn_mask))
+
+    def ffn_step(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B,T,M,D] -> h + FFN(norm(h))."""
+        return self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -25,6 +25,7 @@ from engram.data import shards as data
 from engram.data.tokenizer import tokenizer_fingerprint
 from engram.fsutil import PathLike
 from engram.hashing.compression import build_compression
+from engram.model import accel
 from engram.retrofit.adapter import (
     CONFIG_FILE,
     load_adapter_into,
@@ -66,9 +67,14 @@ def compression_report(base: BaseModel) -> dict[str, Any]:
 
 def retrofit_train(cfg: RetrofitConfig, train_cfg: TrainConfig, data_dir: PathLike, out_dir: PathLike, *,
                    base: Optional[BaseModel] = None, resume: bool = False, overwrite: bool = False,
-                   progress: bool = True, max_seconds: Optional[float] = None) -> dict[str, Any]:
-    """Train (or resume) an adapter; returns a JSON-able summary (as ``engram.training.train``)."""
+                   progress: bool = True, max_seconds: Optional[float] = None,
+                   device: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+    """Train (or resume) an adapter; returns a JSON-able summary (as ``engram.training.train``).
+
+    ``device``: where the base and the Engram layers train (``cuda`` needs a GPU); the base is
+    moved back to the CPU afterwards, so the caller's base object is where it was."""
     t_start = time.perf_counter()
+    device = accel.resolve_device(device)
     out = Path(out_dir)
     if not resume and not overwrite and (out / CONFIG_FILE).is_file():
         raise RetrofitError(f"{out} already holds an adapter; pass --resume to continue it or --overwrite "
@@ -87,7 +93,9 @@ def retrofit_train(cfg: RetrofitConfig, train_cfg: TrainConfig, data_dir: PathLi
     cmap = build_compression(base.tokenizer)
     torch.manual_seed(train_cfg.seed)  # LoRA's A and the Engram tables are drawn from it
     model = RetrofitLM(base.model, cfg, cmap.lookup, base.pad_id)
+    home = next(base.model.parameters()).device
     try:
+        model.to(device)
         optimizers = build_optimizers(model, train_cfg)
         state: dict[str, Any] = {"step": 0, "best_val_loss": None, "data_seed": train_cfg.seed,
                                  "log_loss_sum": 0.0, "log_loss_count": 0, "train_s": 0.0, "tokens_seen": 0}
@@ -98,7 +106,7 @@ def retrofit_train(cfg: RetrofitConfig, train_cfg: TrainConfig, data_dir: PathLi
         metrics = MetricsLog(out / METRICS_FILE, fresh=not resume)
         if resume:
             metrics.keep_until(state["step"])
-        loop = TrainLoop(model, optimizers, train_cfg, ds, metrics, state, torch.device("cpu"), progress)
+        loop = TrainLoop(model, optimizers, train_cfg, ds, metrics, state, device, progress)
         resumed_from = state["step"] if resume else None
 
         def save() -> None:
@@ -112,7 +120,9 @@ def retrofit_train(cfg: RetrofitConfig, train_cfg: TrainConfig, data_dir: PathLi
                                 f"{digest_after[:12]}); the adapter was not saved")
         save()
     finally:
+        accel.uncompile_backbone(model)
         model.remove_hooks()  # the caller's base object is the plain base again
+        base.model.to(home)
     return {
         "steps": loop.step, "target_steps": train_cfg.steps,
         "final_val_loss": final["loss"], "final_val_ppl": final["perplexity"], "best_val_loss": loop.best_val,

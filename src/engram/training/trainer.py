@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from engram.config import (
     ConfigError,
     ModelConfig,
+    Precision,
     TableLocation,
     TableOptimizer,
     TrainConfig,
@@ -50,6 +51,7 @@ from engram.data import shards as data
 from engram.errors import EngramError
 from engram.fsutil import PathLike
 from engram.hashing.compression import CompressionMap, build_compression
+from engram.model import accel
 from engram.model import checkpoint as ckpt
 from engram.model.checkpoint import CheckpointError
 from engram.model.lm import EngramLM
@@ -65,7 +67,7 @@ METRICS_FILE = "metrics.jsonl"
 # Train-config fields that may change on resume: they do not alter the trajectory up to the
 # resumed step (``steps`` reshapes the cosine tail, which is what extending a run means).
 RESUME_MUTABLE = {"steps", "eval_every", "eval_batches", "save_every", "log_every", "prefetch",
-                  "table_storage", "table_cache_rows", "table_dir"}
+                  "table_storage", "table_cache_rows", "table_dir", "compile"}
 TABLE_WORK_DIR = "table-work"  # RUN/table-work: working files of mmap/cached tables (TrainConfig.table_dir)
 
 
@@ -113,6 +115,13 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> dict[str, torch.optim
             lr=cfg.lr * cfg.table_lr_mult, betas=cfg.betas, weight_decay=cfg.table_weight_decay,
             **_adam_impl(tables, cfg))
     return opts
+
+
+def check_precision(cfg: TrainConfig, device: torch.device) -> None:
+    """bf16 on a GPU without bfloat16 support is a one-line error, not a slow emulation."""
+    if cfg.dtype == Precision.BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise accel.DeviceError(f"train.dtype=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+                                f"support; use train.dtype=fp32")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -225,7 +234,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
     """
     t_start = time.perf_counter()
     data_dir, run = Path(data_dir), Path(run_dir)
-    device = torch.device(device)
+    device = accel.resolve_device(device)
     par = parallel or Parallel()
     progress = progress and par.is_main
     ds = data.load_dataset(data_dir)
@@ -333,6 +342,9 @@ class TrainLoop:
         par = par or Parallel()  # one process unless the distributed package passes its own
         self.par, self.forward = par, par.train_module(model)
         self.metrics, self.device, self.progress = metrics, device, progress
+        check_precision(cfg, device)
+        if cfg.compile:  # each block's attention + FFN; the Engram layer stays eager
+            accel.compile_backbone(model)
         self.extra = {k: v for k, v in state.items() if k not in TrainLoop.STATE_KEYS and k != "rng"}
         self.step = int(state["step"])
         self.best_val: Optional[float] = state.get("best_val_loss")
@@ -435,7 +447,8 @@ class TrainLoop:
         model.train()
         # Each process's loss is the mean over its equal part of the batch; averaging the
         # gradients over processes (DDP) gives the gradient of the mean over the global batch.
-        loss = self.forward(x, y, hash_ids=hash_ids).loss
+        with accel.autocast(cfg.dtype, self.device):  # bf16: the loss is float32 (autocast's policy)
+            loss = self.forward(x, y, hash_ids=hash_ids).loss
         mean_loss = self.par.mean(loss.detach())
         if not math.isfinite(mean_loss):  # the mean is the same on every process: all stop
             raise FloatingPointError(f"training loss is {mean_loss} at step {self.step}; lower "
@@ -471,8 +484,9 @@ class TrainLoop:
         return out
 
     def eval_fields(self) -> dict[str, Any]:
-        res = evaluate(self.model, self.ds.val, self.cfg.batch_size, self.cfg.seq_len,
-                       self.cfg.eval_batches)
+        with accel.autocast(self.cfg.dtype, self.device):
+            res = evaluate(self.model, self.ds.val, self.cfg.batch_size, self.cfg.seq_len,
+                           self.cfg.eval_batches)
         self.last_val, self.last_val_step = res, self.step
         if math.isfinite(res["loss"]) and (self.best_val is None or res["loss"] < self.best_val):
             self.best_val = res["loss"]
