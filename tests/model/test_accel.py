@@ -203,3 +203,27 @@ def test_cuda_forward_matches_cpu(tiny) -> None:
     gpu = model.to("cuda")(x.cuda()).logits.cpu()
     assert (gpu - cpu).abs().max().item() <= 1e-4
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_benchmarks_refuse_cuda_without_it_in_one_line(capsys) -> None:
+    assert main(["bench", "hash", "--device", "cuda", "--repeats", "1", "--batch-size", "1", "--seq-len", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("engram: error: --device cuda: ") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_bench_accel_measures_both_sides_and_renders_its_page(dataset, tmp_path, capsys) -> None:
+    out, page = tmp_path / "accel.json", tmp_path / "accel.md"
+    assert main(["bench", "accel", "--data", str(dataset), "--preset", "tiny", "--bf16-preset", "tiny",
+                 "--steps", "1", "--repeats", "2", "--warmup-steps", "1", "--bf16-steps", "10", "--eval-batches", "1",
+                 "--out", str(out), "--page", str(page), "--page-command", "engram bench accel ..."]) == 0
+    r = json.loads(out.read_text())
+    (c,) = r["compile"]
+    assert len(c["compiled_over_eager"]) == 2 and all(v > 0 for v in c["compiled_over_eager"])
+    b = r["bf16"]
+    assert len(b["train_loss"]["bf16"]) == 10 and b["train_loss"]["bf16"][-1] < b["train_loss"]["bf16"][0]
+    assert f"{c['ratio_median']:.3f}" in page.read_text() and f"{b['val_loss']['bf16']:.4f}" in page.read_text()
+    again = tmp_path / "again.md"  # the page is a function of the JSON alone
+    assert main(["bench", "accel", "--from-json", str(out), "--page", str(again),
+                 "--page-command", "engram bench accel ..."]) == 0
+    assert again.read_text() == page.read_text()

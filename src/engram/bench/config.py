@@ -24,6 +24,8 @@ class HashBenchConfig:
     seq_len: int = setting(4096)
     repeats: int = setting(5)
     threads: int = setting(1)
+    device: str = setting("cpu", "cpu, or cuda: also time the torch path on the GPU (ids already there, "
+                          "synchronized per call)", metavar="DEV")
 
 
 @dataclass
@@ -104,6 +106,9 @@ class OffloadBenchConfig:
                               "(default on with 2+ CPUs)")
     workdir: Optional[str] = setting(None, "where the temporary table file goes (default: $TMPDIR)")
     repeats: int = setting(3, "blocks the timed rounds are split into (the spread)")
+    device: str = setting("cpu", "where the model runs: cpu, or cuda (in_memory: tables on the GPU; the "
+                          "served modes: tables in host RAM / the file, rows copied through pinned memory on "
+                          "a side stream)", metavar="DEV")
     capacity_batches: int = setting(16, "batches of the serving-capacity run")
     standin_batches: int = setting(16, "batches per stand-in forward speed")
     standin_tokens_per_s: Optional[tuple[float, ...]] = setting(
@@ -201,4 +206,23 @@ class OverlayBenchConfig:
     max_new_tokens: int = setting(8, "greedy tokens generated per request")
     repeats: int = setting(3, "rounds; in each the modes take turns request by request")
     threads: Optional[int] = setting(1, "torch intra-op threads (default 1)")
+    seed: int = setting(0)
+
+
+@dataclass
+class AccelBenchConfig:
+    """``engram bench accel``: training steps/s with and without ``train.compile``, and bf16 against fp32."""
+
+    preset: str = setting("moe", "demo preset of the compile measurement (moe: the smaller of the demo's two)")
+    steps: int = setting(4, "training steps per side and repeat (demo preset)")
+    repeats: int = setting(3, "repeats; the side that goes first alternates")
+    warmup_steps: int = setting(2, "first steps of each side, timed apart (the compiled ones: compile time)")
+    retrofit_data: Optional[str] = setting(None, "a dataset in SmolLM2 tokens (`engram retrofit data`): also "
+                                           "measure compile on the SmolLM2-135M retrofit (default: skipped)",
+                                           metavar="DIR")
+    retrofit_steps: int = setting(2, "training steps per side and repeat (retrofit)")
+    bf16_preset: str = setting("engram-moe", "demo preset trained in bf16 and fp32")
+    bf16_steps: int = setting(100, "training steps of the bf16 / fp32 comparison")
+    eval_batches: int = setting(20, "validation batches after the bf16 / fp32 training (the demo's 20)")
+    threads: int = setting(1, "torch intra-op threads (default 1)")
     seed: int = setting(0)

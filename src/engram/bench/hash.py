@@ -28,6 +28,7 @@ from engram.bench.config import HashBenchConfig
 from engram.config import EngramConfig
 from engram.errors import EngramError
 from engram.hashing.hasher import NATIVE_KERNEL_AVAILABLE, NgramHasher
+from engram.model.accel import resolve_device
 
 DEEPSEEK_VOCAB = 129280  # DeepSeek-V3 tokenizer
 _BIG_FILL_BYTES = 256 << 20  # larger than any last-level cache here
@@ -45,14 +46,17 @@ def _spread(times: list[float], work: float) -> dict[str, float]:
 
 
 def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = HashBenchConfig.seq_len,
-               repeats: int = HashBenchConfig.repeats, threads: int = HashBenchConfig.threads) -> dict[str, Any]:
+               repeats: int = HashBenchConfig.repeats, threads: int = HashBenchConfig.threads,
+               device: str = HashBenchConfig.device) -> dict[str, Any]:
     """Tokens/s of ``hash`` (all layers) vs ``hash_reference``; ratio = fast / reference.
 
     The fast path is the native kernel with the hasher's default ids (int32 for these
     tables); the same kernel writing int64 ids and the torch path are timed alongside.
     ``threads`` sets torch's intra-op threads for the run (restored afterwards); the native
-    kernel and numpy are single-threaded either way.
+    kernel and numpy are single-threaded either way. ``device="cuda"`` adds the torch path on the
+    GPU (``cuda``: ids on the device, output compared with the reference, each call synchronized).
     """
+    dev = resolve_device(device)
     if batch_size < 1 or seq_len < 1 or repeats < 1 or threads < 1:
         raise EngramError(f"batch_size={batch_size}, seq_len={seq_len}, repeats={repeats}, "
                          f"threads={threads}: all must be >= 1")
@@ -81,6 +85,11 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
                     if not np.array_equal(got[layer_id].numpy(), want):
                         raise AssertionError(f"bench hash: {path} path ({dtype or hasher.id_dtype}) "
                                              f"disagrees with the reference on layer {layer_id}")
+        if dev.type == "cuda":
+            ids_dev = ids.to(dev)
+            got = hasher.hash(ids_dev, backend="torch")
+            if any(not np.array_equal(got[k].cpu().numpy(), want) for k, want in ref.items()):
+                raise AssertionError(f"bench hash: the torch path on {dev} disagrees with the reference")
         fill_big.fill(1)  # first touch: page faults are not bandwidth
         paths: dict[str, Callable[[], Any]] = {
             "reference": lambda: hasher.hash_reference(ids_np),
@@ -90,6 +99,11 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
             "fill_output": lambda: torch.empty(out_shape, dtype=hasher.id_dtype).fill_(2),
             "fill_256mib": lambda: fill_big.fill(2),
         }
+        if dev.type == "cuda":
+            def on_gpu() -> None:
+                hasher.hash(ids_dev, backend="torch")
+                torch.cuda.synchronize(dev)
+            paths["cuda"] = on_gpu
         t: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(repeats):
             for name, fn in paths.items():
@@ -104,8 +118,14 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
     bytes_per_token = out_bytes[hasher.id_dtype] / tokens
     written = fast * bytes_per_token  # bytes/s the fast path writes
     per_repeat_ratio = [r / f for r, f in zip(t["reference"], t["fast"])]
+    gpu = {}
+    if dev.type == "cuda":
+        gpu = {"cuda_tokens_per_s": tokens / med["cuda"], "cuda_ratio": tokens / med["cuda"] / base,
+               "cuda_device": torch.cuda.get_device_name(dev),
+               "cuda_spread_tokens_per_s": _spread(t["cuda"], tokens)}
     return {
         "bench": "hash",
+        **gpu,
         "tokens_per_s": fast,
         "baseline_tokens_per_s": base,
         "ratio": fast / base,

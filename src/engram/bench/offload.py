@@ -11,6 +11,12 @@ one process so machine noise hits all of them alike:
                          prefetched one batch ahead
     no_prefetch          the same tier, rows fetched when the Engram layer asks for them
 
+On ``device="cuda"`` every model's backbone is on the GPU: ``in_memory`` holds its tables there
+too, the other three keep them in host RAM or the file and their runtime copies each batch's
+rows through pinned host memory on a side CUDA stream (``engram.tables.runtime``), so
+``in_memory_prefetch`` against ``in_memory`` is what serving tables from the host costs a GPU.
+Round timings then synchronize the device first.
+
 The forward is evaluation's (``model(x, y)`` under ``no_grad``, prefetch via
 ``TableRuntime.prefetch_batches`` exactly as ``evaluate`` does). Storage is cold: the file is
 mapped with ``MADV_RANDOM`` and, after every read, its pages are dropped from the mapping
@@ -67,6 +73,7 @@ from engram.bench.config import TableOptimizerBenchConfig
 from engram.config import ModelConfig, TrainConfig, preset
 from engram.data.shards import Dataset, get_batch, iter_eval_batches, load_dataset, prepare_builtin
 from engram.errors import EngramError
+from engram.model.accel import resolve_device
 from engram.model.generation import SamplingConfig, generate
 from engram.model.lm import EngramLM
 from engram.model.table import TABLE_KEY_SUFFIX
@@ -232,7 +239,8 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = _O.batch_
                   threads: Optional[int] = _O.threads, process: bool = _O.process, pin: bool = _O.pin,
                   progress: bool = False, seed: int = 0, repeats: int = _O.repeats,
                   capacity_batches: int = _O.capacity_batches, standin_batches: int = _O.standin_batches,
-                  standin_tokens_per_s: Optional[Sequence[float]] = _O.standin_tokens_per_s) -> dict[str, Any]:
+                  standin_tokens_per_s: Optional[Sequence[float]] = _O.standin_tokens_per_s,
+                  device: str = _O.device) -> dict[str, Any]:
     """Tokens/s of the four modes (see the module docstring), the offload overheads with their
     spread over ``repeats`` blocks of rounds (at most ``rounds``), the tier's serving capacity and the overhead in
     front of a fixed-speed stand-in forward (``standin_tokens_per_s``; None: the paper's 9,031
@@ -258,6 +266,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = _O.batch_
         raise EngramError(f"standin_tokens_per_s={list(standin_tokens_per_s)}: speeds must be > 0")
     if threads is not None and threads < 1:
         raise EngramError(f"threads={threads} must be >= 1")
+    dev = resolve_device(device)
     s = _OffloadSettings(batch_size, seq_len, rounds, batches_per_round, warm_batches, cache_rows,
                          rows_per_head, policy, io_threads, dtype, cold, process,
                          min(repeats, rounds),  # a repeat is a block of whole rounds
@@ -273,7 +282,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = _O.batch_
         warm, batches, extra = _offload_batches(ds, s)
         table_path = tmp / "bench.engt"
         models, header = _offload_models(cfg, _dataset_compression(cfg, ds, data_path), table_path, s, seed,
-                                         progress, closing)
+                                         progress, closing, dev)
         warm_s, warm_hit_rate = _warm_pools(models, warm, table_path, s.cold, progress)
         equal = _outputs_equal(models, batches[0])
         for name in ("offload", "no_prefetch"):  # the check's lookups are not part of the measurement
@@ -282,6 +291,7 @@ def bench_offload(data_dir: Optional[str] = None, *, batch_size: int = _O.batch_
         rounds_run = _timed_rounds(models, batches, s, pin, progress)
         report = _offload_report(models, header, s, rounds_run, equal=equal, warm_s=warm_s,
                                  warm_hit_rate=warm_hit_rate, setup_s=setup_s)
+        report["device"] = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
         pinned = _pin_cpus(models) if pin else None
         try:
             report["capacity"] = cap = _capacity(models, extra[:s.capacity_batches], s)
@@ -324,7 +334,8 @@ def _offload_batches(ds: Dataset, s: _OffloadSettings) -> tuple[list[Any], list[
 
 
 def _offload_models(cfg: ModelConfig, compression: Any, table_path: Path, s: _OffloadSettings, seed: int,
-                    progress: bool, closing: ExitStack) -> tuple[dict[str, torch.nn.Module], TableHeader]:
+                    progress: bool, closing: ExitStack, device: torch.device = torch.device("cpu")
+                    ) -> tuple[dict[str, torch.nn.Module], TableHeader]:
     """The four models of the module docstring, by name, with the same weights: ``in_memory``
     (initialised from ``seed``; its tables are saved to ``table_path``) and three that a table
     runtime serves. Returns them and the table file's header.
@@ -337,13 +348,17 @@ def _offload_models(cfg: ModelConfig, compression: Any, table_path: Path, s: _Of
     save_model_tables(mem, table_path, dtype=s.dtype, progress=progress)
     header = open_table(table_path, mem.hasher, cfg.engram.head_dim)
     backbone = {k: v for k, v in mem.state_dict().items() if not k.endswith(TABLE_KEY_SUFFIX)}
-    mem_tables = {e.layer_id: e.table.weight for e in mem.engram_layers}
+    # the served modes' host copies (on a GPU, mem's own tables move to the device below)
+    mem_tables = {e.layer_id: e.table.weight if device.type == "cpu" else e.table.weight.detach().clone()
+                  for e in mem.engram_layers}
+    mem.to(device)
     scfg = StorageConfig(path=str(table_path), kind="cached", cache_rows=s.cache_rows, cache_policy=s.policy,
                          io_threads=s.io_threads, cold=s.cold, process=s.process)
 
     def served(prefetch: bool, in_memory: bool = False) -> torch.nn.Module:
         m = build_model_without_tables(cfg, compression)
         m.load_state_dict(backbone, strict=False)
+        m.to(device)
         # in_memory: the same runtime and worker thread, over mem's tables in RAM
         layer_ids = list(mem_tables) if in_memory else list(header.layers)
         storages = {}
@@ -351,7 +366,7 @@ def _offload_models(cfg: ModelConfig, compression: Any, table_path: Path, s: _Of
             st = MemoryStorage(mem_tables[lid]) if in_memory else open_layer_storage(scfg, header, lid)
             closing.callback(st.close)
             storages[lid] = st
-        closing.callback(attach_tables(m, storages, prefetch=prefetch).close)
+        closing.callback(attach_tables(m, storages, prefetch=prefetch, device=device).close)
         return m.eval()
 
     return {"in_memory": mem, "in_memory_prefetch": served(True, in_memory=True),
@@ -384,8 +399,19 @@ def _warm_pools(models: dict[str, torch.nn.Module], warm: list[Any], table_path:
 def _outputs_equal(models: dict[str, torch.nn.Module], batch: Any) -> bool:
     """Whether every model's logits on ``batch`` equal the in-memory model's, bit for bit."""
     with torch.no_grad():
-        ref = models["in_memory"](*batch).logits
-        return all(torch.equal(ref, m(*batch).logits) for k, m in models.items() if k != "in_memory")
+        x, y = (t.to(_device(models["in_memory"])) for t in batch)
+        ref = models["in_memory"](x, y).logits
+        return all(torch.equal(ref, m(x, y).logits) for k, m in models.items() if k != "in_memory")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return model.embed.weight.device
+
+
+def _sync(model: torch.nn.Module) -> None:
+    """Wait for the model's GPU work (a round's time is the device's, not the launches')."""
+    if _device(model).type == "cuda":
+        torch.cuda.synchronize(_device(model))
 
 
 def _primed(model: torch.nn.Module, chunk: list[Any]) -> tuple[Iterator[Any], Any]:
@@ -396,7 +422,8 @@ def _primed(model: torch.nn.Module, chunk: list[Any]) -> tuple[Iterator[Any], An
     of a round) out of the timed steady state. Applies alike to every mode that prefetches."""
     rt = table_runtime(model)
     if rt is None or not rt.prefetch:
-        it = iter(chunk)
+        dev = _device(model)
+        it = iter(chunk) if dev.type == "cpu" else ((x.to(dev), y.to(dev)) for x, y in chunk)
         return it, next(it)
     it = rt.prefetch_batches(chunk)
     first = next(it)  # submits the first batches; the first one's ticket is now pending
@@ -428,6 +455,7 @@ def _timed_rounds(models: dict[str, torch.nn.Module], batches: list[Any], s: _Of
                     m(*first)
                     for x, y in it:
                         m(x, y)
+                    _sync(m)
                 dt, dc = time.perf_counter() - t0, time.thread_time() - c0
                 if r == 0:  # warm-up round: fills the pools, not timed
                     if rt is not None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.bench.config import (
+    AccelBenchConfig,
     DistributedBenchConfig,
     DraftBenchConfig,
     HashBenchConfig,
@@ -247,6 +248,35 @@ def cmd_bench_distributed(args) -> int:
     return 0
 
 
+def cmd_bench_accel(args) -> int:
+    from engram.bench.accel import accel_page, bench_accel
+
+    if args.from_json:  # the page of a result already measured
+        r = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    else:
+        if not args.data:
+            raise EngramError("bench accel needs --data DIR (a dataset from `engram data prepare`) unless "
+                              "--from-json renders a result already measured")
+        r = bench_accel(args.data, **_settings(args, AccelBenchConfig), progress=not args.json)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        out = (json.dumps(r, indent=1) + "\n").encode()
+        atomic_write(args.out, lambda f: f.write(out))
+    if args.page:
+        page = accel_page(r, args.page_command or " ".join(["engram", *sys.argv[1:]])).encode()
+        atomic_write(args.page, lambda f: f.write(page))
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    for c in r["compile"]:
+        print(f"compile, {c['model']}: compiled / eager steps/s {c['ratio_median']:.3f} (repeats "
+              f"{c['ratio_spread'][0]:.3f} .. {c['ratio_spread'][1]:.3f}), compile {c['compile_s']:.1f} s")
+    b = r["bf16"]
+    print(f"bf16 vs fp32, {b['model']}, {b['steps']} steps: val loss {b['val_loss']['bf16']:.4f} vs "
+          f"{b['val_loss']['fp32']:.4f}; {b['bf16_over_fp32_time']:.2f}x the time per step")
+    return 0
+
+
 def cmd_bench_overlay(args) -> int:
     from engram.bench.overlay import bench_overlay, overlay_page
 
@@ -369,6 +399,17 @@ def register(sub: Any) -> None:
     bdi.add_argument("--data", help="a prepared dataset (default: the built-in corpus, prepared in a temp dir)")
     add_config_flags(bdi, DistributedBenchConfig)
     bdi.set_defaults(fn=cmd_bench_distributed)
+
+    ba = bench.add_parser("accel", help="training steps/s with and without train.compile (demo preset, SmolLM2 "
+                          "retrofit) and bf16 against fp32 (loss, time), on the CPU")
+    add_common(ba, "--data", help="a dataset from `engram data prepare` (the demo's)")
+    add_config_flags(ba, AccelBenchConfig)
+    add_common(ba, "--out", help="also write the JSON result here")
+    ba.add_argument("--page", help="also write a results page (markdown) here, every number from the result")
+    ba.add_argument("--page-command", help="the command shown on the page (default: this one)")
+    ba.add_argument("--from-json", help="do not measure: read this result (from --out) and write --page / print it")
+    add_common(ba, "--json")
+    ba.set_defaults(fn=cmd_bench_accel)
 
     bo = bench.add_parser("overlay", help="requests/s and latency of the tenant server (engram serve --patches) "
                           "with 0, 1 and N tenants' patches vs none; memory per tenant")
