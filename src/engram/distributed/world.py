@@ -58,6 +58,9 @@ def init_world(cfg: DistributedConfig) -> World:
     if backend == "nccl" and not torch.cuda.is_available():
         raise EngramError("backend='nccl' needs CUDA GPUs; use --dist-backend gloo on CPU")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl" and local_rank >= torch.cuda.device_count():
+        raise EngramError(f"backend='nccl' puts rank {local_rank} on GPU {local_rank}, but {torch.cuda.device_count()} "
+                          f"GPU(s) are visible; launch at most that many processes, or use --dist-backend gloo")
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
