@@ -227,13 +227,14 @@ def accel_page(r: dict[str, Any], command: str) -> str:
         f"{s['retrofit_steps']} for the retrofit, {s['repeats']} repeats, the side going first alternating. Compiled: "
         f"attention and dense FFNs of `EngramLM` blocks (DeepSeekMoE FFNs and the Engram layer stay eager), or "
         f"every decoder layer of the retrofit's base (Engram runs in its pre-hook, eager). Compile time: the first "
-        f"{s['warmup_steps']} compiled steps minus the first {s['warmup_steps']} eager steps, with inductor's on-disk "
+        f"{s['warmup_steps']} compiled step(s) minus the first {s['warmup_steps']} eager step(s), with inductor's on-disk "
         f"cache empty at the start (a cold compile; the retrofit row compiles after the demo preset's).", "",
         *rows, "",
         "## bf16 autocast (`train.dtype=bf16`) against fp32", "",
         f"`{b['model']}` at the demo's settings ({b['batch'][0]} x {b['batch'][1]} tokens per step, its learning "
         f"rate and warmup, a {b['steps']}-step cosine schedule), two copies of one initialisation trained on the same "
-        f"batches, one step each in turn.", "",
+        f"batches, one step each in turn. One run from one initialisation: the difference between them is "
+        f"not tested against run-to-run variation.", "",
         f"- validation loss after {b['steps']} steps ({b['eval_batches']} batches, each model in its own precision): "
         f"fp32 **{b['val_loss']['fp32']:.4f}**, bf16 **{b['val_loss']['bf16']:.4f}** "
         f"(bf16 - fp32 = {b['val_loss_bf16_minus_fp32']:+.4f});",
