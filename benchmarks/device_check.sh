@@ -139,7 +139,7 @@ DEMO=(--data "$DATA" --preset engram-moe --device "$DEV" --quiet --overwrite
       --set train.eval_every=50 --set train.eval_batches=5 --set train.save_every=50 --set train.log_every=10)
 
 # ---------------------------------------------------------------------------- the steps
-step cuda_tests 1 150 "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda --junitxml="$DC_OUT/steps/cuda_tests.xml" \
+step cuda_tests 1 180 "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda --junitxml="$DC_OUT/steps/cuda_tests.xml" \
     "$ROOT/tests/model/test_accel.py" "$ROOT/tests/retrofit/test_accel_retrofit.py" \
     "$ROOT/tests/tables/test_runtime.py" "$ROOT/tests/hashing/test_hasher.py"
 step data 1 90 "${ENGRAM[@]}" data prepare --out "$DATA"
