@@ -137,7 +137,7 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     assert len(calls) == n + len(cfg.seeds)  # the new recipe's test runs are new runs
     assert len(list((out / "runs").glob(f"test-2-seed*-steps{more.edit.steps}*"))) == len(cfg.seeds)
     assert len(s["test"]["test_exact"]["runs"]) == len(cfg.seeds)
-    assert [e["recipe"]["steps"] for e in s["earlier"]] == [cfg.edit.steps]
+    assert [e["recipe"]["steps"] for e in s["earlier"]] == [cfg.edit.steps] and "p_current_vs_this" in s["earlier"][0]
     assert "Earlier recipe" in (out / "summary.md").read_text()
     reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,
               "tokens_reading_a_trained_row": 0.2, "reads_of_trained_rows": 0.03}]

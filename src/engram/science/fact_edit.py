@@ -379,6 +379,11 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
         out["test"] = block(test)
     out["earlier"] = [{"recipe": {k: rs[0]["config"][k] for k in ("steps", "lr", "rows", "kinds", "eval_every")},
                        "seeds": [r["seed"] for r in rs], **block(rs)} for _, rs in sorted(earlier.items())]
+    for e, (_, rs) in zip(out["earlier"], sorted(earlier.items())):  # same test facts (seeds): a paired test
+        if test and sorted(e["seeds"]) == sorted(seeds):
+            now = {r["seed"]: r["test_exact"] for r in test}
+            then = {r["seed"]: r["test_exact"] for r in rs}
+            e["p_current_vs_this"] = paired_t([now[x] for x in seeds], [then[x] for x in seeds])["p"]
     if ctrl:
         out["control"] = block(ctrl)
         if len(ctrl) == len(test):
@@ -458,6 +463,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"| paired p (edit vs unedited, held-out exact) | {format_p(e['p_vs_base'])} |",
                   f"| mean KL on neutral text (nats/token) | {_ms(e['kl'], digits=4)} |",
                   f"| seconds to learn | {_ms(e['seconds'], digits=0)} |"]
+        if "p_current_vs_this" in e:
+            lines.append(f"| paired p (the recipe above vs this one, held-out exact, same facts) | "
+                         f"{format_p(e['p_current_vs_this'])} |")
     if s.get("update"):
         u = s["update"]
         lines += ["", "### Changing an answer (new answers for facts already taught)", "",
