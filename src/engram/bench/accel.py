@@ -80,9 +80,14 @@ def _compile_sides(model: torch.nn.Module, loop: TrainLoop, steps: int, repeats:
             "warmup_step_s": {"eager": eager_warm, "compiled": compiled_warm}}
 
 
+def _demo_step(cfg: Any) -> dict[str, Any]:
+    """The demo's batch shape and lr, its sequences cut to what the preset can read (tiny: 64)."""
+    return {**DEMO_STEP, "seq_len": min(DEMO_STEP["seq_len"], cfg.max_seq_len)}
+
+
 def _compile_preset(name: str, ds: "data.Dataset", data_path: Path, s: dict[str, Any], log) -> dict[str, Any]:
     cfg = preset(name, int(ds.meta["vocab_size"]))
-    tc = TrainConfig(steps=10_000, seed=s["seed"], **DEMO_STEP)
+    tc = TrainConfig(steps=10_000, seed=s["seed"], **_demo_step(cfg))
     torch.manual_seed(tc.seed)
     model = EngramLM(cfg, _dataset_compression(cfg, ds, data_path)).train()
     res = _compile_sides(model, _loop(model, tc, ds), s["steps"], s["repeats"], s["warmup_steps"],
@@ -115,7 +120,7 @@ def _compile_retrofit(retrofit_data: str, s: dict[str, Any], log) -> dict[str, A
 
 def _bf16_vs_fp32(ds: "data.Dataset", data_path: Path, s: dict[str, Any], log) -> dict[str, Any]:
     cfg = preset(s["bf16_preset"], int(ds.meta["vocab_size"]))
-    base = dict(steps=s["bf16_steps"], seed=s["seed"], eval_batches=s["eval_batches"], **DEMO_STEP)
+    base = dict(steps=s["bf16_steps"], seed=s["seed"], eval_batches=s["eval_batches"], **_demo_step(cfg))
     torch.manual_seed(s["seed"])
     fp32_model = EngramLM(cfg, _dataset_compression(cfg, ds, data_path)).train()
     models = {"fp32": fp32_model, "bf16": copy.deepcopy(fp32_model)}
