@@ -25,3 +25,29 @@ def tiny_base(tmp_path_factory, tiny) -> dict:
     LlamaForCausalLM(cfg).save_pretrained(base)
     shutil.copyfile(data_dir / "tokenizer.json", base / "tokenizer.json")
     return {"base": Path(base), "data": Path(data_dir)}
+
+
+@pytest.fixture(scope="session")
+def random_retrofit(tiny_base):
+    """make(layers=(0, 2)) -> (RetrofitLM, BaseModel): the tiny base with Engram before ``layers``
+    and every Engram weight drawn at random (at init Engram adds exact zeros, so nothing it reads
+    would show); a fresh model per call."""
+    return lambda layers=(0, 2), seed=1, scale=0.3: _random_retrofit(tiny_base["base"], layers, seed, scale)
+
+
+def _random_retrofit(base_dir, layers, seed: int, scale: float):
+    from engram.config import RetrofitConfig
+    from engram.hashing.compression import build_compression
+    from engram.retrofit.base import load_base
+    from engram.retrofit.model import RetrofitLM
+
+    base = load_base(str(base_dir))
+    cfg = RetrofitConfig(base=base.name, layers=tuple(layers), rows_per_head=997, n_embed_per_ngram=32,
+                         n_head_per_ngram=2)
+    model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for e in model.engram_layers:
+            for p in e.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model, base

@@ -4,31 +4,19 @@ every window, and transformers' prompt lookup beside our drafts, all with greedy
 import json
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 from engram.bench.draft import bench_draft, draft_page, read_prompts_file
-from engram.config import RetrofitConfig
 from engram.data.shards import load_dataset
 from engram.errors import EngramError
-from engram.hashing.compression import build_compression
 from engram.ngram.index import LeakageError, NgramIndex
 from engram.retrofit.adapter import save_adapter
-from engram.retrofit.base import load_base
-from engram.retrofit.model import RetrofitLM
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_base, tmp_path_factory):
+def setup(tiny_base, random_retrofit, tmp_path_factory):
     root = tmp_path_factory.mktemp("draftbench")
-    base = load_base(str(tiny_base["base"]))
-    cfg = RetrofitConfig(base=base.name, layers=(1,), rows_per_head=997, n_embed_per_ngram=32, n_head_per_ngram=2)
-    model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for e in model.engram_layers:
-            for p in e.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model, base = random_retrofit(layers=(1,))
     save_adapter(root / "adapter", model, base)
     model.remove_hooks()
     NgramIndex.from_dataset(root / "idx", tiny_base["data"], progress=False)

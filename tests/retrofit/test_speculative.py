@@ -2,31 +2,16 @@
 
 import torch
 
-from engram.config import DraftConfig, RetrofitConfig, SamplingConfig
+from engram.config import DraftConfig, SamplingConfig
 from engram.data.shards import load_dataset
-from engram.hashing.compression import build_compression
 from engram.model.generation import generate
 from engram.ngram.draft import NgramDrafter
 from engram.ngram.index import NgramIndex
 from engram.ngram.speculative import EngramTarget, generate_speculative
-from engram.retrofit.base import load_base
-from engram.retrofit.model import RetrofitLM
 
 
-def _model(tiny_base) -> RetrofitLM:
-    base = load_base(str(tiny_base["base"]))
-    cfg = RetrofitConfig(base=base.name, layers=(0, 2), rows_per_head=997, n_embed_per_ngram=32, n_head_per_ngram=2)
-    model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for e in model.engram_layers:
-            for p in e.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
-def test_rolled_back_cache_continues_like_one_that_never_saw_the_dropped_tokens(tiny_base, one_thread):
-    model = _model(tiny_base)
+def test_rolled_back_cache_continues_like_one_that_never_saw_the_dropped_tokens(tiny_base, random_retrofit, one_thread):
+    model = random_retrofit()[0]
     ids = torch.as_tensor(load_dataset(tiny_base["data"]).val.tokens[:20].astype("int64"))[None]
     with torch.no_grad():
         a = model.new_cache(1, rollback=4)
@@ -56,8 +41,8 @@ class _OracleDrafter:
         return []
 
 
-def test_greedy_output_identical_with_and_without_drafts(tiny_base, tmp_path, one_thread):
-    model = _model(tiny_base)
+def test_greedy_output_identical_with_and_without_drafts(tiny_base, tmp_path, random_retrofit, one_thread):
+    model = random_retrofit()[0]
     ds = load_dataset(tiny_base["data"])
     greedy = SamplingConfig(max_new_tokens=24, temperature=0)
     prompts = [torch.as_tensor(ds.val.tokens[r * 40: r * 40 + 12].astype("int64"))[None] for r in range(3)]

@@ -9,27 +9,17 @@ import torch
 
 from engram.auto.loader import load
 from engram.cli.main import main
-from engram.config import RetrofitConfig, StorageConfig
+from engram.config import StorageConfig
 from engram.data.shards import load_dataset
-from engram.hashing.compression import build_compression
 from engram.inspect.table_use import CONTROLS, TableUseError, eval_windows, table_control, table_use
 from engram.retrofit.adapter import save_adapter
-from engram.retrofit.base import load_base
-from engram.retrofit.model import RetrofitLM
 
 
 @pytest.fixture(scope="module")
-def retrofitted(tiny_base):
+def retrofitted(random_retrofit):
     """A RetrofitLM with Engram before decoder layers 0 and 2 and random Engram weights (at init its
     output is exactly zero, so no control could change anything), and its base."""
-    base = load_base(str(tiny_base["base"]))
-    cfg = RetrofitConfig(base=base.name, layers=(0, 2), rows_per_head=997, n_embed_per_ngram=32, n_head_per_ngram=2)
-    model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for e in model.engram_layers:
-            for p in e.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model, base = random_retrofit()
     yield model, base
     model.remove_hooks()
 
