@@ -78,19 +78,15 @@ def read_json_object(handler: BaseHTTPRequestHandler, max_bytes: int, shape: str
     return payload
 
 
-class InspectService:
-    """The model, its tokenizer, one lock around forward passes and a small result cache."""
+class RequestSlots:
+    """At most ``limits.max_inflight`` requests at once, each waiting at most ``queue_wait_s``
+    for a slot; the base of both servers' services, which hold ``limits`` and call
+    ``_open_slots`` from their ``__init__``."""
 
-    def __init__(self, model: EngramLM, tokenizer: Tokenizer, limits: Optional[ServeLimits] = None):
-        if not model.engram_layers:
-            raise InspectError("the model has no Engram layers; serve a run trained with an "
-                               "engram-* preset")
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.limits = limits or ServeLimits()
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
-        self.requests_served = 0
-        self.slots = threading.BoundedSemaphore(self.limits.max_inflight)
+    limits: ServeLimits
+
+    def _open_slots(self, limits: ServeLimits) -> None:
+        self.slots = threading.BoundedSemaphore(limits.max_inflight)
         self.inflight = 0  # requests holding a slot now (for /healthz and tests)
         self._count_lock = threading.Lock()
 
@@ -106,6 +102,21 @@ class InspectService:
         with self._count_lock:
             self.inflight -= 1
         self.slots.release()
+
+
+class InspectService(RequestSlots):
+    """The model, its tokenizer, one lock around forward passes and a small result cache."""
+
+    def __init__(self, model: EngramLM, tokenizer: Tokenizer, limits: Optional[ServeLimits] = None):
+        if not model.engram_layers:
+            raise InspectError("the model has no Engram layers; serve a run trained with an "
+                               "engram-* preset")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.limits = limits or ServeLimits()
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self.requests_served = 0
+        self._open_slots(self.limits)
 
     def info(self) -> dict[str, Any]:
         return {"model": model_info(self.model),

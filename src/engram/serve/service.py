@@ -23,6 +23,7 @@ import torch
 from engram.config import PatchServeConfig, SamplingConfig, ServeLimits
 from engram.errors import EngramError, RequestTooLargeError
 from engram.fsutil import PathLike
+from engram.inspect.server import RequestSlots
 from engram.patches.overlay import PatchStack, table_content_fingerprint
 from engram.patches.patchfile import PatchError
 from engram.serve.keys import KeyRing
@@ -38,7 +39,7 @@ def logits_digest(logits: torch.Tensor) -> str:
     return hashlib.sha256(logits.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
-class TenantService:
+class TenantService(RequestSlots):
     """The served model, its patch store and keys, and one lock around forward passes."""
 
     def __init__(self, model: Any, tokenizer: Any, store: PatchStore, keys: Optional[KeyRing] = None,
@@ -53,23 +54,8 @@ class TenantService:
         self.hash_fingerprint = model.hasher.fingerprint()
         self._fingerprints: dict[str, str] = {}  # table dtype -> the served content's fingerprint
         self._lock = threading.Lock()
-        self._count_lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(self.limits.max_inflight)
-        self.inflight = 0
         self.requests_served = 0
-
-    # ------------------------------------------------------------------ slots (as the inspect server's)
-    def enter(self) -> bool:
-        if not self.slots.acquire(timeout=self.limits.queue_wait_s):
-            return False
-        with self._count_lock:
-            self.inflight += 1
-        return True
-
-    def leave(self) -> None:
-        with self._count_lock:
-            self.inflight -= 1
-        self.slots.release()
+        self._open_slots(self.limits)
 
     # ------------------------------------------------------------------ patches
     def base_fingerprint(self, dtype: str) -> str:
