@@ -146,35 +146,51 @@ class InspectService(RequestSlots):
             return body
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """What both servers' request handlers share: JSON and byte responses with the same safety
+    headers, errors answered with their type's status, and a log that ``quiet_log`` silences."""
+
+    quiet_log = False
+    json_ascii = True  # json.dumps(ensure_ascii=...) of the responses
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        if not self.quiet_log:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=self.json_ascii).encode("utf-8"),
+                   "application/json; charset=utf-8")
+
+    def _error(self, err: EngramError) -> None:
+        """Answer ``err`` with its type's status (never chosen by the message's wording)."""
+        self.close_connection = True  # the body may not have been read: do not reuse
+        self._json(err.http_status, {"error": str(err), "status": err.http_status})
+
+
+def bind_server(handler: type[BaseHTTPRequestHandler], host: str, port: int) -> "EngramServer":
+    """An :class:`EngramServer` bound to host:port (``port=0`` picks a free port)."""
+    if not 0 <= port <= 65535:
+        raise ServeConfigError(f"port={port} must be in 0..65535 (0 picks a free port)")
+    return EngramServer((host, port), handler)
+
+
 def _handler_class(service: InspectService, quiet: bool) -> type[BaseHTTPRequestHandler]:
     page = render_page(None, live=True).encode("utf-8")
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         server_version = "engram-serve/1"
         timeout = service.limits.socket_timeout_s  # applied to the socket by StreamRequestHandler
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-            if not quiet:
-                super().log_message(format, *args)
-
-        # -- responses
-        def _send(self, status: int, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _json(self, status: int, obj: Any) -> None:
-            self._send(status, json.dumps(obj).encode("utf-8"), "application/json; charset=utf-8")
-
-        def _error(self, err: EngramError) -> None:
-            """Answer ``err`` with its type's status (never chosen by the message's wording)."""
-            self.close_connection = True  # the body may not have been read: do not reuse
-            self._json(err.http_status, {"error": str(err), "status": err.http_status})
+        quiet_log = quiet
 
         # -- routing
         def do_GET(self) -> None:
@@ -257,9 +273,7 @@ def is_loopback(host: str) -> bool:
 def make_server(service: InspectService, host: str = "127.0.0.1", port: int = 0,
                 quiet: bool = False) -> EngramServer:
     """A bound server (``port=0`` picks a free port: ``server.server_address[1]``)."""
-    if not 0 <= port <= 65535:
-        raise ServeConfigError(f"port={port} must be in 0..65535 (0 picks a free port)")
-    return EngramServer((host, port), _handler_class(service, quiet))
+    return bind_server(_handler_class(service, quiet), host, port)
 
 
 def serve_in_thread(server: EngramServer) -> threading.Thread:

@@ -18,42 +18,23 @@ limits, request slots and socket timeout are ``engram serve``'s (``ServeLimits``
 
 from __future__ import annotations
 
-import json
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Optional
 
-from engram.config import ServeConfigError
 from engram.errors import EngramError
-from engram.inspect.server import EngramServer, RequestError, read_json_object
+from engram.inspect.server import EngramServer, JsonHandler, RequestError, bind_server, read_json_object
 from engram.serve.service import TenantService
 
 ROUTES = {"/v1/logits": "logits", "/v1/generate": "generate"}
 
 
 def _handler_class(service: TenantService, quiet: bool) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         server_version = "engram-serve-patches/1"
         timeout = service.limits.socket_timeout_s
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-            if not quiet:
-                super().log_message(format, *args)
-
-        def _json(self, status: int, obj: Any) -> None:
-            body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _error(self, err: EngramError) -> None:
-            self.close_connection = True  # the body may not have been read: do not reuse
-            self._json(err.http_status, {"error": str(err), "status": err.http_status})
+        quiet_log = quiet
+        json_ascii = False
 
         def _key(self) -> Optional[str]:
             auth = self.headers.get("Authorization", "")
@@ -112,6 +93,4 @@ def _handler_class(service: TenantService, quiet: bool) -> type[BaseHTTPRequestH
 def make_patch_server(service: TenantService, host: str = "127.0.0.1", port: int = 0,
                       quiet: bool = False) -> EngramServer:
     """A bound tenant server (``port=0`` picks a free port: ``server.server_address[1]``)."""
-    if not 0 <= port <= 65535:
-        raise ServeConfigError(f"port={port} must be in 0..65535 (0 picks a free port)")
-    return EngramServer((host, port), _handler_class(service, quiet))
+    return bind_server(_handler_class(service, quiet), host, port)
