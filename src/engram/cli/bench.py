@@ -55,6 +55,14 @@ def _settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return dataclasses.asdict(config_from_args(args, cls))
 
 
+def _write_text(path: str, text: str, make_parent: bool = False) -> None:
+    """``text`` into ``path`` atomically (a result JSON or a results page)."""
+    if make_parent:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
 def cmd_bench_hash(args) -> int:
     from engram.bench.hash import bench_hash
 
@@ -171,12 +179,9 @@ def cmd_bench_draft(args) -> int:
                                progress=not args.quiet)]
         records[0]["command"] = " ".join(["engram", *sys.argv[1:]])  # what measured it, for the page
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            data = (json.dumps(records[0], indent=2) + "\n").encode()
-            atomic_write(args.out, lambda f: f.write(data))
+            _write_text(args.out, json.dumps(records[0], indent=2) + "\n", make_parent=True)
     if args.page:
-        page = draft_page(records, args.page_command or " ".join(sys.argv)).encode()
-        atomic_write(args.page, lambda f: f.write(page))
+        _write_text(args.page, draft_page(records, args.page_command or " ".join(sys.argv)))
     if args.json:
         print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
         return 0
@@ -259,12 +264,9 @@ def cmd_bench_accel(args) -> int:
                               "--from-json renders a result already measured")
         r = bench_accel(args.data, **_settings(args, AccelBenchConfig), progress=not args.json)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        out = (json.dumps(r, indent=1) + "\n").encode()
-        atomic_write(args.out, lambda f: f.write(out))
+        _write_text(args.out, json.dumps(r, indent=1) + "\n", make_parent=True)
     if args.page:
-        page = accel_page(r, args.page_command or " ".join(["engram", *sys.argv[1:]])).encode()
-        atomic_write(args.page, lambda f: f.write(page))
+        _write_text(args.page, accel_page(r, args.page_command or " ".join(["engram", *sys.argv[1:]])))
     if args.json:
         print(json.dumps(r))
         return 0
@@ -285,12 +287,9 @@ def cmd_bench_overlay(args) -> int:
     else:
         r = bench_overlay(**_settings(args, OverlayBenchConfig))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(r, indent=2) + "\n").encode()
-        atomic_write(args.out, lambda f: f.write(data))
+        _write_text(args.out, json.dumps(r, indent=2) + "\n", make_parent=True)
     if args.page:
-        page = overlay_page(r, args.page_command or " ".join(sys.argv)).encode()
-        atomic_write(args.page, lambda f: f.write(page))
+        _write_text(args.page, overlay_page(r, args.page_command or " ".join(sys.argv)))
     if args.json:
         print(json.dumps(r))
         return 0
