@@ -288,6 +288,13 @@ def _add_model_flags(parser: Any) -> None:
     parser.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
 
 
+def _add_page_flags(parser: Any, page_help: str) -> None:
+    """``--page FILE`` and what the page shows beside the numbers: the commands and the machine."""
+    parser.add_argument("--page", help=page_help)
+    parser.add_argument("--page-command", help="the commands that made the runs, shown on the page")
+    parser.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("knowledge", help="facts in the Engram tables: ask them, measure the edits"
                        ).add_subparsers(dest="sub", required=True)
@@ -349,9 +356,7 @@ def register(sub: Any) -> None:
     b.add_argument("--lora-ranks", type=int, nargs="+", default=[8], help="lora: one run per rank (alpha 2 x rank)")
     b.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-3],
                    help="lora: Adam learning rates of the LoRA weights, one run each (the page marks the dev choice)")
-    b.add_argument("--page", help="also write a results page here, from every run in --out")
-    b.add_argument("--page-command", help="the commands that made the runs, shown on the page")
-    b.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
+    _add_page_flags(b, "also write a results page here, from every run in --out")
     b.add_argument("--page-only", action="store_true", help="only write --page from the run files in --out")
     add_config_flags(b, FactEditConfig)  # the patch methods' trainer: --edit-lr, --edit-steps, ...
     add_common(b, "--quiet")
@@ -391,9 +396,7 @@ def register(sub: Any) -> None:
                    help="grid only: the positive control (the Engram layer's own weights train too)")
     s.add_argument("--rows", default="subject", choices=["all", "subject"],
                    help="grid only: which rows the recipe trains (both are recipe choices, made on dev)")
-    s.add_argument("--page", help="with the summary phase: also write a results page here")
-    s.add_argument("--page-command", help="the commands that made the runs, shown on the page")
-    s.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
+    _add_page_flags(s, "with the summary phase: also write a results page here")
     s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
     s.add_argument("--form-sets", nargs="+", metavar="KIND+KIND",
