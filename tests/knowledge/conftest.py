@@ -1,5 +1,7 @@
 """The tiny Engram model the knowledge tests edit: random tables of a readable scale."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -17,3 +19,32 @@ def world(tmp_path_factory, tiny):
         for e in model.engram_layers:
             e.table.weight.normal_(std=0.5)
     return model, tok
+
+
+class _StandIn:
+    """A stand-in model: every next token right for a sequence whose decoded text ``answers``
+    accepts, token 0 everywhere otherwise."""
+
+    def __init__(self, tok, answers):
+        self.tok, self.answers, self.training = tok, answers, False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, ids):
+        B, T = ids.shape
+        logits = torch.zeros(B, T, self.tok.get_vocab_size())
+        for b in range(B):
+            right = self.answers(self.tok.decode(ids[b].tolist()))
+            nxt = torch.cat([ids[b, 1:], ids[b, -1:]]) if right else torch.zeros(T, dtype=torch.long)
+            logits[b, torch.arange(T), nxt] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture
+def stand_in():
+    """make(tok, answers: text -> bool): a :class:`_StandIn` model."""
+    return _StandIn

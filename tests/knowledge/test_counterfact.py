@@ -3,10 +3,8 @@ neighbourhood disjoint from the edits, "known" measured with the held-out questi
 read_facts reads."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from engram.data.tokenizer import train_bpe
 from engram.knowledge.counterfact import (
@@ -65,34 +63,11 @@ def test_files_read_as_facts_and_as_counterfacts(tmp_path):
         read_counterfacts(bad)
 
 
-class _Knows:
-    """A stand-in model that answers a question (every next token right) only when its text names
-    one of ``subjects``, and predicts token 0 otherwise."""
-
-    def __init__(self, tok, subjects, vocab):
-        self.tok, self.subjects, self.vocab, self.training = tok, subjects, vocab, False
-
-    def eval(self):
-        return self
-
-    def train(self, mode=True):
-        return self
-
-    def __call__(self, ids):
-        B, T = ids.shape
-        logits = torch.zeros(B, T, self.vocab)
-        for b in range(B):
-            knows = any(s in self.tok.decode(ids[b].tolist()) for s in self.subjects)
-            nxt = torch.cat([ids[b, 1:], ids[b, -1:]]) if knows else torch.zeros(T, dtype=torch.long)
-            logits[b, torch.arange(T), nxt] = 1.0
-        return SimpleNamespace(logits=logits)
-
-
-def test_known_is_measured_on_the_held_out_questions():
+def test_known_is_measured_on_the_held_out_questions(stand_in):
     facts = [Fact("France", "capital", "Paris"), Fact("Germany", "capital", "Berlin"),
              Fact("Spain", "capital", "Madrid")]
     tok = train_bpe(["The capital of France is Paris. Germany Berlin Spain Madrid city seat name"] * 5, 300)
-    model = _Knows(tok, ("France", "Spain"), tok.get_vocab_size())
+    model = stand_in(tok, lambda text: any(s in text for s in ("France", "Spain")))
     assert known_fractions(model, tok, facts, pad_id=0) == [1.0, 0.0, 1.0]
     assert known_facts(model, tok, facts, pad_id=0) == [facts[0], facts[2]]
     with pytest.raises(CounterfactError, match="min_fraction=0"):

@@ -1,10 +1,8 @@
 """Retrieval-augmented prompting: BM25 finds the asked fact's sentences among distractors, the
 passages go before the question, and hits, answers and the oracle are counted as they should be."""
 
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from engram.data.tokenizer import train_bpe
 from engram.knowledge.facts import Fact
@@ -14,31 +12,6 @@ pytest.importorskip("bm25s", reason="retrieval needs bm25s: pip install 'engram-
 
 FACTS = [Fact("France", "capital", "Rome"), Fact("Peru", "capital", "Oslo"), Fact("Chad", "capital", "Lima")]
 DISTRACTORS = [f"The old king of the land said word {i} to the people of the city." for i in range(40)]
-
-
-class _Reader:
-    """A stand-in model that answers (every next token right) only when the answer of the fact its
-    question (after the blank line) names is already written in a passage: it reads and knows nothing."""
-
-    def __init__(self, tok):
-        self.tok, self.training = tok, False
-
-    def eval(self):
-        return self
-
-    def train(self, mode=True):
-        return self
-
-    def __call__(self, ids):
-        B, T = ids.shape
-        logits = torch.zeros(B, T, self.tok.get_vocab_size())
-        for b in range(B):
-            text = self.tok.decode(ids[b].tolist())
-            question = text.split("\n\n")[-1]
-            reads = any(f.subject in question and text.count(f.answer) >= 2 for f in FACTS)
-            nxt = torch.cat([ids[b, 1:], ids[b, -1:]]) if reads else torch.zeros(T, dtype=torch.long)
-            logits[b, torch.arange(T), nxt] = 1.0
-        return SimpleNamespace(logits=logits)
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +32,12 @@ def test_store_holds_the_facts_sentences_then_the_distractors(world):
         store.search(["x"], k=0)
 
 
-def test_hits_answers_and_the_oracle(world):
+def test_hits_answers_and_the_oracle(world, stand_in):
     tok, store = world
-    model = _Reader(tok)
+    # it reads and knows nothing: it answers only when the answer of the fact its question (after
+    # the blank line) names is already written in a passage
+    model = stand_in(tok, lambda text: any(f.subject in text.split("\n\n")[-1] and text.count(f.answer) >= 2
+                                           for f in FACTS))
     none = ask(model, tok, FACTS[:2], 0, store, "test", mode="none")
     assert none["exact"] == 0.0 and none["extra_prompt_tokens"] == 0.0 and none["hit_rate"] is None
     got = ask(model, tok, FACTS[:2], 0, store, "test", mode="retrieval", k=2)
