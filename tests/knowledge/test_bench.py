@@ -41,3 +41,10 @@ def test_unknown_method_is_refused(world):
     model, tok = world
     with pytest.raises(BenchError, match="unknown"):
         Bench(model, tok, 0, BenchConfig(methods=("lora-ish",)), [], NEIGHBOURS)
+
+
+def test_the_command_line_offers_the_bench_methods_and_sets():
+    from engram.cli.knowledge import BENCH_METHODS, BENCH_SETS
+    from engram.knowledge.bench import METHODS, SETS
+
+    assert (BENCH_METHODS, BENCH_SETS) == (METHODS, SETS)  # the CLI keeps torch-free copies for its choices

@@ -83,10 +83,11 @@ def test_bench_lora_trains_with_the_patch_recipe_and_is_removed(tiny_base, tmp_p
     for r in lora.values():  # trained on the answers, measured, removed bit for bit
         assert r["reverted_bit_for_bit"] is True and r["efficacy"] >= none["efficacy"]
         assert r["answer_loss_last"] < 0.95 * r["answer_loss_first"] and r["neutral"]["kl"] >= 0
-    assert "| counterfactual | lora r2 |" in (out / "summary.md").read_text()
+    assert "| counterfactual | lora r2 lr 0.05 |" in (out / "summary.md").read_text()
     page_file = tmp_path / "page.md"
     assert main(["knowledge", "bench", "--out", str(out), "--page", str(page_file), "--page-only",
                  "--page-command", "engram knowledge bench ...", "--page-machine", "test machine"]) == 0
     page = page_file.read_text()
     assert "| lora r4 lr 0.05 (lr chosen on dev) | 0 |" in page and "Machine: test machine" in page
     assert "LoRA dev questions answered" in page and "lora: weights trained on forms statement+cloze" in page
+    assert "LoRA's lr is chosen here on the edited facts' dev questions" in page

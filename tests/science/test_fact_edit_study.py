@@ -144,3 +144,33 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     (out / "reach.json").write_text(json.dumps(reach))
     page = study.write_results_page(out, tmp_path / "page.md", "engram knowledge study ...", "m").read_text()
     assert "| goal | target | measured | met |" in page and "| 2 | 10 | 1.00% | 20.0% | 3.00% |" in page
+
+
+def test_the_neutral_text_is_a_dev_choice_after_the_forms(patched, tmp_path, monkeypatch):
+    # 64 neutral windows score higher on dev than the default 16: the choice takes them and the test
+    # runs' keys say so, beside the runs of the default
+    fake, calls = _fake(lambda lr: {0.3: 0.5}.get(lr, 0.2))
+    windows = []
+
+    def by_windows(model, tok, facts, cfg, *a, **k):
+        windows.append(cfg.neutral_windows)
+        rec = fake(model, tok, facts, cfg, *a, **k)
+        rec["dev_exact"] += 0.1 * (cfg.neutral_windows == 64)
+        return rec
+
+    monkeypatch.setattr(study, "measure_edit", by_windows)
+    out = tmp_path / "s"
+    cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, seeds=(0,), lrs=(0.1, 0.3, 1.0),
+                                    edit=FactEditConfig(rows="subject"))
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid", "forms", "test"),
+                    extend=False, compare_forms=False, log=lambda m: None)
+    assert json.loads((out / "chosen.json").read_text())["neutral_windows"] == 16  # nothing compared yet
+    with_sets = replace(cfg, neutral_sets=(16, 64, 256))
+    s = study.run_study({"a": object()}, tok(patched), 0, patched, out, with_sets, phases=("forms", "test", "summary"),
+                        compare_forms=False, log=lambda m: None)
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert (chosen["neutral_windows"], chosen["neutral_compared"]) == (64, [16, 64, 256])
+    assert windows[-3:] == [64, 256, 64]  # two dev runs (16 is the forms' run), then the test run
+    assert (out / "runs" / "dev-a-lr0.3-rowssubject-nw64-statement+question+cloze+paraphrase+chat+usage+document.json").is_file()
+    assert list((out / "runs").glob("test-2-seed0*-nw64-*")) and s["earlier"][0]["recipe"]["neutral_windows"] == 16
+    assert "neutral text: 256 windows" in (out / "summary.md").read_text()

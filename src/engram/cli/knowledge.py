@@ -23,7 +23,10 @@ from engram.cli.flags import add_common, add_config_flags, config_from_args
 from engram.errors import EngramError
 from engram.knowledge.edit_config import FactEditConfig
 
+# torch-free copies for the flags' choices (tests check they match the modules' own)
 PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")  # engram.science.fact_edit's
+BENCH_METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "lora")  # engram.knowledge.bench's
+BENCH_SETS = ("counterfactual", "new")
 
 
 def _load(ckpt: str, quiet: bool) -> tuple[Any, Any, int]:
@@ -251,7 +254,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
                           kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr,
                           rows=args.rows)
-    cfg = FactEditStudyConfig(form_sets=form_sets, facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
+    cfg = FactEditStudyConfig(form_sets=form_sets, neutral_sets=tuple(args.neutral_sets), facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
                               edit=edit)
     summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend,
@@ -344,8 +347,8 @@ def register(sub: Any) -> None:
                    help="edits from `engram knowledge counterfactual` (its .neighbours.jsonl next to it)")
     add_common(b, "--out", required=True, help="benchmark directory (runs/*.json, summary.md)")
     b.add_argument("--methods", nargs="+", default=["none", "oracle", "retrieval", "rome"],
-                   choices=["none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "lora"])
-    b.add_argument("--sets", nargs="+", default=["counterfactual", "new"], choices=["counterfactual", "new"])
+                   choices=BENCH_METHODS)
+    b.add_argument("--sets", nargs="+", default=list(BENCH_SETS), choices=BENCH_SETS)
     b.add_argument("--seeds", type=int, nargs="+", default=[0], help="new facts: one set per seed")
     b.add_argument("--facts", type=int, default=100, help="facts per run")
     b.add_argument("--neighbours", type=int, default=100)
@@ -402,6 +405,9 @@ def register(sub: Any) -> None:
     s.add_argument("--form-sets", nargs="+", metavar="KIND+KIND",
                    help="forms phase: the sets of training forms to compare with the default ones (default: every "
                         "kind, and statement+question)")
+    s.add_argument("--neutral-sets", type=int, nargs="+", default=[], metavar="N",
+                   help="forms phase: after the forms, compare these neutral-text window counts for the KL term "
+                        "(the trainer's default is 16 windows of 64 tokens)")
     s.add_argument("--all-forms", action="store_true",
                    help="forms phase: choose adapter x rows x lr only, and train on every form without comparing "
                         "fewer (recorded as not compared on the page)")

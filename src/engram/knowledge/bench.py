@@ -284,7 +284,7 @@ def format_row(rec: dict[str, Any]) -> str:
         if isinstance(v, bool) or v is None:
             return "-" if v is None else ("yes" if v else "no")
         return f"{v:.3g}" if isinstance(v, float) else str(v)
-    named = {**rec, "method": f"lora r{rec['lora_rank']}"} if rec.get("lora_rank") else rec
+    named = {**rec, "method": _name(rec)}
     return " | ".join(cell(named.get(c)) for c in COLUMNS)
 
 
@@ -377,6 +377,17 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
         said.append(f"retrieval: top {ret.get('k')} of the facts' sentences and {ret.get('distractors')} distractors")
     if said:
         lines.append("Settings: " + "; ".join(said) + ".")
+        # How each setting was come by, so a reader can weigh the comparison.
+        how = []
+        if "patch" in first:
+            how.append("the patch's lr, rows and forms are the fact-edit study's choices on its own dev facts "
+                       "(invented, none of these); its stopping reads the edited facts' dev questions")
+        if "lora" in first:
+            how.append("LoRA's lr is chosen here on the edited facts' dev questions (templates never asked "
+                       "as held-out questions), the data the patch's stopping reads")
+        if "rome" in first.get("rome", {}):
+            how.append(f"ROME's layer ({first['rome']['rome'].get('layer')}) was set, not chosen on dev")
+        lines += ["", "How the settings were chosen: " + "; ".join(how) + "."] if how else []
     return "\n".join(lines) + "\n"
 
 

@@ -41,8 +41,8 @@ class FactEditConfig:
     seed: int = _f("seed", 0, "seed of the sentence order")
     rows: str = _f("rows", "subject", "which rows the sentences read are trained: all, or subject (only those read at the "
                    "subject's and the answer's positions, so the edit cannot key on one phrasing's words)", choices=ROW_CHOICES)
-    kl_topk: int = _f("kl-topk", 64, "the unedited model's distribution on the sentences is computed once and kept as "
-                      "its top-k tokens plus the rest's mass (0: recomputed in full at every step, slower)")
+    kl_topk: int = _f("kl-topk", 64, "the unedited model's distribution on the sentences and the neutral text is computed "
+                      "once and kept as its top-k tokens plus the rest's mass (0: kept or recomputed in full, slower)")
     # Positive control only: also train the Engram layers' gates, projections, norms and conv at
     # this lr (0: tables only). Those weights are not in the patch; see EditResult.layer_state.
     layer_lr: float = _f("layer-lr", 0.0, "control only: lr of the Engram layers' own weights (not in the patch)")

@@ -16,9 +16,10 @@ What it does, and why (the recipe that made table edits generalise to new phrasi
    unedited model's next-token distribution on the sentences' other tokens, plus
    ``neutral_kl_weight`` x the same KL on neutral text (English no fact is in). Gradients flow
    through the frozen model to the rows; the unedited model's distribution is the same model
-   with the rows put back. Its distribution on the sentences is computed once, before training,
-   and kept as its top ``kl_topk`` tokens plus the rest's mass (``kl_topk=0``: recomputed in
-   full at every step, the slow reference).
+   with the rows put back. Its distribution on the sentences and on the neutral text is computed
+   once, before training, and kept as its top ``kl_topk`` tokens plus the rest's mass, so a large
+   neutral set costs little memory (``kl_topk=0``: the sentences' recomputed in full at every
+   step and the neutral text's kept in full, the slow reference).
 4. **Stopping on dev accuracy**: every ``eval_every`` steps the dev questions (held-out
    templates, never trained on) are scored; the best rows so far are kept (most exact answers,
    ties broken by the answers' likelihood), and training stops after ``patience`` evaluations
@@ -203,6 +204,20 @@ def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int,
     return out
 
 
+@torch.no_grad()
+def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unedited model's top-``k`` next tokens and their log-probs at every position of
+    ``windows`` [n, L]: ([n, L, k] int64, [n, L, k] float32); a batch at a time, so the full
+    [n, L, V] log-probs are never held."""
+    ids, lps = [], []
+    for s in range(0, len(windows), batch_size):
+        lp = logprobs(model, windows[s:s + batch_size], batch_size)
+        top = lp.topk(min(k, lp.shape[-1]), -1)
+        ids.append(top.indices)
+        lps.append(top.values)
+    return torch.cat(ids), torch.cat(lps)
+
+
 def rows_to_train(model: Any, cases: Sequence[Case], which: str) -> dict[int, torch.Tensor]:
     """{layer_id: sorted unique rows} the edit trains: every row the sentences' real tokens read
     (``all``), or only those read at the subject's and the answer's own positions (``subject``:
@@ -280,7 +295,12 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     base_tables = {lid: w.detach().clone() for lid, w in tables.items()}
 
     neutral = neutral_windows(tokenizer, "train", cfg.neutral_windows, cfg.neutral_len)
-    neutral_lp = logprobs(model, neutral) if cfg.neutral_kl_weight > 0 else None
+    neutral_lp = neutral_top = None
+    if cfg.neutral_kl_weight > 0:
+        if cfg.kl_topk:
+            neutral_top = windows_topk(model, neutral, cfg.kl_topk)
+        else:  # the reference: the full distribution
+            neutral_lp = logprobs(model, neutral)
     # The unedited model's answers on the sentences never change: computed once, kept as top-k.
     cached = base_topk(model, train_cases, pad_id, cfg.kl_topk) if cfg.kl_weight > 0 and cfg.kl_topk else None
     opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98)) if held else None
@@ -337,11 +357,16 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 top_ids = torch.cat([cached[i][0] for i in chosen])
                 top_lp = torch.cat([cached[i][1] for i in chosen])
                 total = total + cfg.kl_weight * _kl_topk(logits, other, top_ids, top_lp)
-            if neutral_lp is not None:
+            if cfg.neutral_kl_weight > 0:
                 k = (2 * step) % len(neutral)
                 nb = neutral[k:k + 2]
-                total = total + cfg.neutral_kl_weight * _kl(model(nb).logits, neutral_lp[k:k + 2],
-                                                            torch.ones(nb.shape, dtype=torch.bool))
+                everywhere = torch.ones(nb.shape, dtype=torch.bool)
+                if neutral_top is not None:
+                    kl_n = _kl_topk(model(nb).logits, everywhere, neutral_top[0][k:k + 2].flatten(0, 1),
+                                    neutral_top[1][k:k + 2].flatten(0, 1))
+                else:
+                    kl_n = _kl(model(nb).logits, neutral_lp[k:k + 2], everywhere)
+                total = total + cfg.neutral_kl_weight * kl_n
             if not torch.isfinite(total):
                 raise FactEditError(f"the edit's loss is {float(total)} at step {step}; lower lr (now {cfg.lr})")
             total.backward()

@@ -62,6 +62,8 @@ class FactEditStudyConfig:
     update_facts: int = 25
     # forms phase: the sets of training forms compared with the grid's (the default: every kind)
     form_sets: tuple[tuple[str, ...], ...] = (KINDS, ("statement", "question"))
+    # forms phase, then: neutral-text window counts (the KL term's text) compared at the chosen forms
+    neutral_sets: tuple[int, ...] = ()
     edit: FactEditConfig = field(default_factory=FactEditConfig)
 
 
@@ -142,7 +144,7 @@ def _forbidden_text(data_dir: PathLike, tok: Any, cache: Path) -> str:
 # The settings a dev run's key leaves unsaid. Fixed here, not read from FactEditConfig's
 # defaults, so that the keys of runs on disk stay valid when the defaults change.
 _KEY_BASE: dict[str, Any] = {"kl_weight": 1.0, "neutral_kl_weight": 1.0, "layer_lr": 0.0, "rows": "all",
-                             "kinds": ("statement", "question", "cloze", "paraphrase", "chat")}
+                             "kinds": ("statement", "question", "cloze", "paraphrase", "chat"), "neutral_windows": 16}
 
 
 def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
@@ -150,6 +152,7 @@ def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
     out = "".join(f"-{k}{getattr(edit, k):g}" for k in ("kl_weight", "neutral_kl_weight", "layer_lr")
                   if getattr(edit, k) != _KEY_BASE[k])
     out += f"-rows{edit.rows}" if edit.rows != _KEY_BASE["rows"] else ""
+    out += f"-nw{edit.neutral_windows}" if edit.neutral_windows != _KEY_BASE["neutral_windows"] else ""
     if with_kinds and tuple(edit.kinds) != _KEY_BASE["kinds"]:
         out += "-" + "+".join(edit.kinds)
     return out
@@ -158,19 +161,22 @@ def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
 # The recipe of the first test runs. A test (or control) run of another recipe gets a key suffix
 # naming what differs, so the runs of both stay on disk and the page reports both.
 _TEST_KEY_BASE: dict[str, Any] = {"steps": 400, "lr": 9.0, "rows": "subject",
-                                  "kinds": ("statement", "question", "cloze", "paraphrase", "chat", "usage")}
+                                  "kinds": ("statement", "question", "cloze", "paraphrase", "chat", "usage"),
+                                  "neutral_windows": 16}
 
 
 def _test_suffix(edit: FactEditConfig) -> str:
     out = f"-steps{edit.steps}" if edit.steps != _TEST_KEY_BASE["steps"] else ""
     out += f"-lr{edit.lr:g}" if edit.lr != _TEST_KEY_BASE["lr"] else ""
     out += f"-rows{edit.rows}" if edit.rows != _TEST_KEY_BASE["rows"] else ""
+    out += f"-nw{edit.neutral_windows}" if edit.neutral_windows != _TEST_KEY_BASE["neutral_windows"] else ""
     return out + ("-" + "+".join(edit.kinds) if tuple(edit.kinds) != _TEST_KEY_BASE["kinds"] else "")
 
 
 def _chosen_edit(cfg: FactEditStudyConfig, chosen: dict[str, Any]) -> FactEditConfig:
     """The study's edit settings with the dev choices in."""
-    return replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]), rows=chosen.get("rows", "all"))
+    return replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]), rows=chosen.get("rows", "all"),
+                   neutral_windows=chosen.get("neutral_windows", _TEST_KEY_BASE["neutral_windows"]))
 
 
 def _dev_phase(edit: FactEditConfig) -> str:
@@ -254,8 +260,21 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
             form_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}{_variant(chosen_edit, False)}-"
                                  f"{'+'.join(kinds)}", best["adapter"], dev_facts, replace(chosen_edit, kinds=kinds),
                                  phase="dev-forms"))
+        kinds_best = _choose(form_rows, "forms")
+        # Then the neutral text of the KL term: how many windows, at the chosen forms.
+        neutral_rows = [kinds_best]
+        at = replace(chosen_edit, kinds=tuple(kinds_best["config"]["kinds"]))
+        for nw in cfg.neutral_sets:
+            if nw == kinds_best["config"]["neutral_windows"]:
+                continue
+            e = replace(at, neutral_windows=nw)
+            neutral_rows.append(run(f"dev-{best['adapter']}-lr{best['config']['lr']:g}{_variant(e, False)}-"
+                                    f"{'+'.join(e.kinds)}", best["adapter"], dev_facts, e, phase="dev-neutral"))
+        picked = _choose(neutral_rows, "neutral windows")
         chosen = {"adapter": best["adapter"], "lr": best["config"]["lr"], "rows": rows_choice,
-                  "kinds": list(_choose(form_rows, "forms")["config"]["kinds"]), "forms_compared": compare_forms}
+                  "kinds": list(picked["config"]["kinds"]), "forms_compared": compare_forms,
+                  "neutral_windows": picked["config"]["neutral_windows"],
+                  "neutral_compared": sorted({r["config"]["neutral_windows"] for r in neutral_rows})}
         _write_text(out / "chosen.json", json.dumps(chosen, indent=1))
     later = [p for p in phases if p not in ("grid", "forms")]
     if not later:
@@ -354,6 +373,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                                       "answer_loss_last": r["report"].get("answer_loss_last"),
                                       "coverage_all": r["coverage"]["questions_all"],
                                       "kind": {"dev": "recipe", "dev-forms": "recipe (forms)",
+                                               "dev-neutral": f"recipe (neutral text: {r['config']['neutral_windows']} windows)",
                                                "dev-control": "positive control: Engram layer trains too",
                                                "dev-diagnostic": "diagnostic: no KL terms"}[r["phase"]]
                                       # runs of the first trainer (before length-sorted batches and the
@@ -377,7 +397,8 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
 
     if test:
         out["test"] = block(test)
-    out["earlier"] = [{"recipe": {k: rs[0]["config"][k] for k in ("steps", "lr", "rows", "kinds", "eval_every")},
+    out["earlier"] = [{"recipe": {k: rs[0]["config"][k] for k in ("steps", "lr", "rows", "kinds", "eval_every",
+                                                                    "neutral_windows")},
                        "seeds": [r["seed"] for r in rs], **block(rs)} for _, rs in sorted(earlier.items())]
     for e, (_, rs) in zip(out["earlier"], sorted(earlier.items())):  # same test facts (seeds): a paired test
         if test and sorted(e["seeds"]) == sorted(seeds):
@@ -456,7 +477,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
     for e in s.get("earlier", []):
         rec = e["recipe"]
         lines += ["", f"### Earlier recipe, same {s['facts']} test facts: at most {rec['steps']} steps, lr {rec['lr']:g}, "
-                  f"rows {rec['rows']}, forms {'+'.join(rec['kinds'])} (seeds {e['seeds']})", "",
+                  f"rows {rec['rows']}, forms {'+'.join(rec['kinds'])}, {rec['neutral_windows']} neutral windows "
+                  f"(seeds {e['seeds']})", "",
                   "| metric | mean ± std (runs) |", "|---|---|",
                   f"| held-out-template exact | {_ms(e['test_exact'], True)} |",
                   f"| training-template exact | {_ms(e['train_forms_exact'], True)} |",
