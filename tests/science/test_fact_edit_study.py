@@ -73,8 +73,8 @@ def test_a_dev_grid_alone_is_summarised(patched, tmp_path, monkeypatch):
     study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid",), extend=False,
                     log=lambda m: None)
     s = study.run_study({}, tok(patched), 0, patched, out, cfg, phases=("summary",), log=lambda m: None)
-    # the key names each setting that differs from the fixed key base (rows all, five kinds)
-    assert [r["key"] for r in s["dev"]] == ["dev-a-lr0.1-rowssubject-statement+question+cloze+paraphrase+chat+usage+document"]
+    # the key names each setting that differs from the fixed key base (rows all, five kinds, 16 windows)
+    assert [r["key"] for r in s["dev"]] == ["dev-a-lr0.1-rowssubject-nw512-statement+question+cloze+paraphrase+chat+usage+document"]
     assert "test" not in s
     assert "only the dev grid has run" in (out / "summary.md").read_text()
 
@@ -161,7 +161,7 @@ def test_the_neutral_text_is_a_dev_choice_after_the_forms(patched, tmp_path, mon
     monkeypatch.setattr(study, "measure_edit", by_windows)
     out = tmp_path / "s"
     cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, seeds=(0,), lrs=(0.1, 0.3, 1.0),
-                                    edit=FactEditConfig(rows="subject"))
+                                    edit=FactEditConfig(rows="subject", neutral_windows=16))  # the CLI's start
     study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid", "forms", "test"),
                     extend=False, compare_forms=False, log=lambda m: None)
     assert json.loads((out / "chosen.json").read_text())["neutral_windows"] == 16  # nothing compared yet
@@ -173,4 +173,5 @@ def test_the_neutral_text_is_a_dev_choice_after_the_forms(patched, tmp_path, mon
     assert windows[-3:] == [64, 256, 64]  # two dev runs (16 is the forms' run), then the test run
     assert (out / "runs" / "dev-a-lr0.3-rowssubject-nw64-statement+question+cloze+paraphrase+chat+usage+document.json").is_file()
     assert list((out / "runs").glob("test-2-seed0*-nw64-*")) and s["earlier"][0]["recipe"]["neutral_windows"] == 16
-    assert "neutral text: 256 windows" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "neutral text: 256 windows" in md and "**64 windows** of 64 tokens (compared: [16, 64, 256])" in md

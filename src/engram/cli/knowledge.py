@@ -253,7 +253,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         adapters[name], tok, pad = _load(path, args.quiet)
     edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
                           kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr,
-                          rows=args.rows)
+                          rows=args.rows, neutral_windows=args.neutral_windows)
     cfg = FactEditStudyConfig(form_sets=form_sets, neutral_sets=tuple(args.neutral_sets), facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
                               edit=edit)
@@ -405,9 +405,12 @@ def register(sub: Any) -> None:
     s.add_argument("--form-sets", nargs="+", metavar="KIND+KIND",
                    help="forms phase: the sets of training forms to compare with the default ones (default: every "
                         "kind, and statement+question)")
+    s.add_argument("--neutral-windows", type=int, default=16,
+                   help="neutral-text windows of the KL term until the forms phase chooses (the study's runs on "
+                        "disk were keyed from 16)")
     s.add_argument("--neutral-sets", type=int, nargs="+", default=[], metavar="N",
-                   help="forms phase: after the forms, compare these neutral-text window counts for the KL term "
-                        "(the trainer's default is 16 windows of 64 tokens)")
+                   help="forms phase: after the forms, compare these neutral-text window counts (of 64 tokens) "
+                        "for the KL term")
     s.add_argument("--all-forms", action="store_true",
                    help="forms phase: choose adapter x rows x lr only, and train on every form without comparing "
                         "fewer (recorded as not compared on the page)")

@@ -24,16 +24,16 @@ ROW_CHOICES = ("all", "subject")
 
 @dataclass(frozen=True)
 class FactEditConfig:
-    """Settings of one fact edit. The defaults of lr, rows and kinds are the ones the study chose
-    on dev facts for SmolLM2-135M with Engram at layer 10 (docs/knowledge.md); steps, batch,
-    KL weights and stopping were set, not tuned."""
+    """Settings of one fact edit. The defaults of lr, rows, kinds and neutral windows are the ones
+    the study chose on dev facts for SmolLM2-135M with Engram at layer 10 (docs/knowledge.md);
+    steps, batch, KL weights and stopping were set, not tuned."""
 
     lr: float = _f("lr", 9.0, "Adam learning rate of the trained rows")
     steps: int = _f("steps", 600, "at most this many steps (training stops earlier when dev questions stop improving)")
     batch_size: int = _f("batch-size", 16, "training sentences per step")
     kl_weight: float = _f("kl-weight", 1.0, "KL to the unedited model on the sentences' non-answer tokens")
     neutral_kl_weight: float = _f("neutral-kl-weight", 1.0, "KL to the unedited model on neutral text")
-    neutral_windows: int = _f("neutral-windows", 16, "neutral text windows (two per step, cycled)")
+    neutral_windows: int = _f("neutral-windows", 512, "neutral text windows of the KL term (two per step, cycled)")
     neutral_len: int = _f("neutral-len", 64, "tokens per neutral window")
     eval_every: int = _f("eval-every", 25, "steps between dev evaluations")
     patience: int = _f("patience", 3, "dev evaluations without a gain before stopping")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engram.errors import EngramError
 from engram.knowledge.facts import Fact, MarkedSentence
 from engram.knowledge.templates import ChatFormat, Template
 
@@ -154,10 +155,10 @@ def neutral_text(part: str) -> str:
 def neutral_windows(tokenizer: Any, part: str, n: int, length: int) -> torch.Tensor:
     """``n`` consecutive windows [n, length] of the neutral text's tokens."""
     toks = tokenizer.encode(neutral_text(part), add_special_tokens=False).ids
-    need = n * length
-    if len(toks) < need:
-        toks = (toks * (need // max(1, len(toks)) + 1))
-    return torch.tensor(toks[:need], dtype=torch.long).view(n, length)
+    if n * length > len(toks):  # repeating the text would weigh some of it twice, unsaid
+        raise EngramError(f"{n} neutral windows of {length} tokens: the {part!r} neutral text has {len(toks)} "
+                          f"tokens; ask for at most {len(toks) // length} windows")
+    return torch.tensor(toks[:n * length], dtype=torch.long).view(n, length)
 
 
 @torch.no_grad()

@@ -437,6 +437,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
     lines = ([f"Chosen on dev facts: adapter **{s['chosen'].get('adapter')}**, lr **{s['chosen'].get('lr')}**, "
               f"rows trained: {s['chosen'].get('rows', 'all')}, forms {s['chosen'].get('kinds')}"
               + ("" if s["chosen"].get("forms_compared", True) else " (every form; fewer forms were not compared)")
+              + (f", neutral text for the KL term: **{s['chosen']['neutral_windows']} windows** of 64 tokens (compared: "
+                 f"{s['chosen']['neutral_compared']})" if s["chosen"].get("neutral_compared") else "")
               + ".", ""] if s["chosen"] else
              ["No setting chosen yet: only the dev grid has run.", ""])
     lines += ["### Dev grid (dev facts, asked with dev questions)", "",
