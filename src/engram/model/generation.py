@@ -110,12 +110,25 @@ def generate(model: LanguageModel, prompt_ids: torch.Tensor, sampling: SamplingC
             raise EngramError("attention_mask ends in padding; pad prompts on the left (left_pad), "
                               "so that every row's next token follows its last real one")
     model.eval()
-    gen = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
     cache = model.new_cache(B, total)
     # the stack merged once for the whole generation; passed on as one {layer_id: RowOverlay}
     step_kw = {} if patches is None else {"patches": [stack_overlays(model, patches)]}
     kw = step_kw if attention_mask is None else {"attention_mask": attention_mask, **step_kw}
     logits = model(prompt_ids, cache=cache, **kw).logits[:, -1]
+    return sample(model, prompt_ids, logits, cache, sampling, eos_id, step_kw)
+
+
+@torch.no_grad()
+def sample(model: LanguageModel, prompt_ids: torch.Tensor, logits: torch.Tensor, cache: Any,
+           sampling: SamplingConfig, eos_id: Optional[int] = None,
+           step_kw: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """The decoding loop after the prompt: ``logits`` [B,V] after prompt_ids [B,T0], ``cache``
+    holding the prompt; -> [B, T0 + n]. ``step_kw``: keywords of every one-token call
+    (``patches``). Shared by ``generate`` and generation from stored prompt states
+    (``engram.serve.state_cache``)."""
+    step_kw = step_kw or {}
+    B = prompt_ids.shape[0]
+    gen = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
     out = [prompt_ids]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     for _ in range(sampling.max_new_tokens):
