@@ -1019,6 +1019,51 @@ class PatchServeConfig:
         return int(self.patch_cache_mb * 2**20)
 
 
+class StateCacheError(EngramError):
+    """A state cache setting, or a stored generation state, that cannot be used."""
+
+
+@dataclass(frozen=True)
+class StateCacheConfig:
+    """``--state-cache DIR``: generation states of prompt prefixes, stored per block of tokens
+    (``engram.serve.state_cache``). ``storage`` reuses the tables' vocabulary: memory (RAM only,
+    this process), mmap (files in DIR, mapped when read) or cached (a RAM pool in front of DIR)."""
+
+    path: Optional[str] = setting(None, "keep the generation state after every block of prompt tokens in this "
+                                  "directory and start from the deepest stored one", flag="--state-cache",
+                                  metavar="DIR")
+    block_tokens: int = setting(64, "prompt tokens per stored state (default 64)", flag="--state-block")
+    storage: Union[str, TableLocation] = setting(
+        TableLocation.MMAP, "memory: states in RAM for this process only; mmap: files in DIR (default); "
+        "cached: a RAM pool in front of DIR", flag="--state-storage", choices=TableLocation.values(SERVING_LOCATIONS))
+    max_mb: float = setting(1024.0, "MiB of states kept (least recently used dropped first; default 1024)",
+                            flag="--state-cache-mb")
+    memory_mb: float = setting(256.0, "MiB of the RAM pool of --state-storage cached (default 256)",
+                               flag="--state-memory-mb")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage", TableLocation.parse(self.storage, "state_storage", SERVING_LOCATIONS,
+                                                                 StateCacheError))
+        if self.block_tokens < 1:
+            raise StateCacheError(f"block_tokens={self.block_tokens} must be >= 1 (tokens per stored state)")
+        for name in ("max_mb", "memory_mb"):
+            if not getattr(self, name) > 0:
+                raise StateCacheError(f"{name}={getattr(self, name)} must be > 0 (MiB)")
+        if self.storage != TableLocation.MEMORY and self.path is None:
+            raise StateCacheError(f"state_storage={self.storage.value!r} keeps states in a directory: pass "
+                                  f"--state-cache DIR (or --state-storage memory)")
+        if self.path is not None:
+            object.__setattr__(self, "path", str(self.path))
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 2**20)
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_mb * 2**20)
+
+
 # ----------------------------------------------------------------------------- retrofit
 # Used by engram.retrofit: Engram layers added to a pretrained Hugging Face causal LM.
 class RetrofitError(EngramError):

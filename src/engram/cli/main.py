@@ -55,7 +55,14 @@ from engram.cli.table import (
     load_from_args,
     report_generation,
 )
-from engram.config import PRESETS, DistributedConfig, SamplingConfig, TrainConfig, build_configs
+from engram.config import (
+    PRESETS,
+    DistributedConfig,
+    SamplingConfig,
+    StateCacheConfig,
+    TrainConfig,
+    build_configs,
+)
 from engram.errors import EngramError
 
 # Command groups of the feature packages: each module's register(sub) adds its subcommands to the
@@ -193,6 +200,8 @@ def cmd_generate(args) -> int:
     if args.patch and (getattr(args, "ngram", None) or getattr(args, "draft", None)):
         raise EngramError("--patch works with plain generation; drop --ngram / --draft, or apply the "
                           "patches to a copy of the table (`engram patch apply`) and pass --table")
+    if args.state_cache and (getattr(args, "ngram", None) or getattr(args, "draft", None)):
+        raise EngramError("--state-cache works with plain generation; drop --ngram / --draft")
     if getattr(args, "ngram", None):  # mixture with the N-gram memory (cli/ngram.py)
         _cpu_only(args, "--ngram")
         return cmd_generate_ngram(args)
@@ -219,6 +228,8 @@ def cmd_generate(args) -> int:
         print_generations([tok.decode(o) for o in outs])
         return 0
     patches = [_patch_stack(args, model)] if args.patch else None
+    if args.state_cache:
+        return _generate_with_states(args, model, tok, prompts, sampling, patches)
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts)  # several prompts: one batch, each row as if alone
     ids, mask = ids.to(args.device), mask.to(args.device)
@@ -227,6 +238,33 @@ def cmd_generate(args) -> int:
     out = strip_padding(gen.cpu(), mask.cpu(), ids.shape[1])
     report_generation(model, sum(len(o) - len(p) for o, p in zip(out, prompts)),
                       time.perf_counter() - t0)  # tokens/s, hit rate
+    print_generations([tok.decode(o) for o in out])
+    return 0
+
+
+def _generate_with_states(args, model, tok, prompts, sampling, patches) -> int:
+    """``generate --state-cache DIR``: each prompt alone, from the deepest stored state of its
+    prefix (engram.serve.state_cache); one stderr line per prompt says how much was loaded."""
+    import torch
+
+    from engram.cli.table import storage_for
+    from engram.model.accel import autocast
+    from engram.serve.state_cache import PromptStates, generate_with_states
+
+    storage = storage_for(args, args.ckpt)
+    states = PromptStates.from_config(model, config_from_args(args, StateCacheConfig),
+                                      table_file=storage.path if storage is not None else None)
+    t0 = time.perf_counter()
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p], dtype=torch.long, device=args.device)
+        with autocast(args.dtype, args.device):
+            gen, report = generate_with_states(model, ids, sampling, states, patches=patches)
+        out.append(gen[0].tolist())
+        print(f"engram: state cache: {report.cached_tokens} of {report.prompt_tokens} prompt tokens loaded, "
+              f"{report.read_tokens} read in {report.seconds:.3f} s, {report.stored_blocks} blocks stored",
+              file=sys.stderr)
+    report_generation(model, sum(len(o) - len(p) for o, p in zip(out, prompts)), time.perf_counter() - t0)
     print_generations([tok.decode(o) for o in out])
     return 0
 
@@ -311,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch", action="append", default=[], metavar="P.engp",
                    help="read this patch over the tables for this command only (repeatable: stacked in "
                         "order, a later patch wins on rows both change; the table is not written)")
+    add_config_flags(g, StateCacheConfig)  # --state-cache DIR, --state-block, --state-storage, ...
     g.set_defaults(fn=cmd_generate)
 
     bench_commands.register(sub)  # engram bench ... (every benchmark)

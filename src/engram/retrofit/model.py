@@ -365,6 +365,36 @@ class RetrofitLM(nn.Module):
         setattr(kv, _ROLLBACK_ATTR, int(rollback))
         return RetrofitCache(kv=kv)
 
+    def cache_tensors(self, cache: RetrofitCache) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                           Optional[EngramState]]:
+        """What ``cache`` holds: the base's keys and values per decoder layer ([B,Hkv,S,Dh] each)
+        and Engram's state (None without Engram layers). For saving a state (engram.serve.state_cache)."""
+        kv = cache.kv
+        if hasattr(kv, "layers"):  # transformers 5.x: one object per layer
+            layers = [(layer.keys, layer.values) for layer in kv.layers]
+            if any(getattr(layer, "is_sliding", False) for layer in kv.layers):
+                raise RetrofitError("the base's cache has sliding-window layers, whose keys cannot be "
+                                    "saved and restored as a prefix; use a base without sliding windows")
+        else:  # transformers 4.x
+            layers = list(zip(kv.key_cache, kv.value_cache))
+        past = cache.pos
+        return layers, self._state_of(kv, past) if self.hasher is not None and past else None
+
+    def restored_cache(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor,
+                       conv: dict[int, Optional[torch.Tensor]]) -> RetrofitCache:
+        """A fresh cache (no rollback) holding ``layers`` (keys, values [B,Hkv,S,Dh] per decoder
+        layer) and Engram's state after the tokens ``ids`` [B,S] (no padding) with short-conv
+        states ``conv``: the inverse of :meth:`cache_tensors`."""
+        cache = self.new_cache(int(ids.shape[0]))
+        for i, (k, v) in enumerate(layers):
+            cache.kv.update(k, v, i)
+        if cache.pos != ids.shape[1]:
+            raise RetrofitError(f"restored keys hold {cache.pos} positions but {ids.shape[1]} tokens were given")
+        if self.hasher is not None:
+            setattr(cache.kv, _STATE_ATTR, EngramState(ids=ids, conv=dict(conv), keep=0))
+            _follow_batch_edits(cache.kv)
+        return cache
+
     def truncate_cache(self, cache: RetrofitCache, n: int, input_ids: Optional[torch.Tensor] = None) -> None:
         """Forget every position from ``n`` on (at most the cache's ``rollback`` newest, all from
         the latest call): the base's KV cache is cropped, the token history cut, and each short
