@@ -212,3 +212,20 @@ def test_generate_state_cache_on_the_command_line(tiny, tmp_path, capsys):
     assert " 0 of " not in outs[1][1] and os.listdir(cache)
     assert main([*cmd, "--state-block", "0", "--state-cache", str(cache)]) == 2
     assert "block_tokens=0" in capsys.readouterr().err
+
+
+def test_bench_state_cache_measures_every_mode_and_renders_its_page(tmp_path):
+    from engram.bench.state_cache import bench_state_cache, state_cache_page
+
+    r = bench_state_cache(preset="tiny", vocab_size=300, prefix_lens=(16, 32), suffix_len=5, block_tokens=8,
+                          storage="mmap", repeats=2, threads=1)
+    assert {(x["prefix_len"], x["mode"]) for x in r["runs"]} == {(L, m) for L in (16, 32)
+                                                                 for m in ("plain", "cold", "warm")}
+    warm = [x for x in r["runs"] if x["mode"] == "warm"]
+    assert all(x["cached_tokens"] == x["prefix_len"] and x["read_tokens"] == 5 for x in warm)
+    assert all(x["warm_equals_cold"] for x in r["exactness"].values())
+    b = r["bytes"]["32"]
+    assert b["stored_tokens"] == 32 and b["bytes_per_token"] > r["kv_bytes_per_token"]
+    page = state_cache_page(r, "engram bench state-cache")
+    s = r["summary"]["32"]
+    assert f"**{s['plain_over_warm_median']:.1f}x**" in page and "shared with other jobs" in page

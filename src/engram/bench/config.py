@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from engram.config import CachePolicy, DraftConfig, TableOptimizer, setting
+from engram.config import SERVING_LOCATIONS, CachePolicy, DraftConfig, TableLocation, TableOptimizer, setting
 
 TABLE_DTYPES = ("fp32", "bf16", "fp16")
 
@@ -226,3 +226,21 @@ class AccelBenchConfig:
     eval_batches: int = setting(20, "validation batches after the bf16 / fp32 training (the demo's 20)")
     threads: int = setting(1, "torch intra-op threads (default 1)")
     seed: int = setting(0)
+
+
+@dataclass
+class StateCacheBenchConfig:
+    """``engram bench state-cache``: time to first token with and without stored prompt states
+    (``--state-cache``), for prompts that share a long prefix, and the bytes per cached token."""
+
+    preset: str = setting("engram-moe", "model preset (random weights; the shape is what costs)")
+    vocab_size: int = setting(4096, "vocabulary of the model (the demo's BPE size)")
+    prefix_lens: tuple[int, ...] = setting((256, 512, 1024, 2048, 4096), "lengths of the shared prefix, in tokens")
+    suffix_len: int = setting(32, "tokens after the prefix, new in every prompt")
+    block_tokens: int = setting(64, "prompt tokens per stored state")
+    storage: str = setting("mmap", "where the states live: memory, mmap (files) or cached",
+                           choices=TableLocation.values(SERVING_LOCATIONS))
+    repeats: int = setting(5, "prompts per prefix length; the modes take turns, in a rotating order")
+    threads: Optional[int] = setting(1, "torch intra-op threads (default 1)")
+    seed: int = setting(0)
+

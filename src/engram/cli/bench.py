@@ -12,6 +12,7 @@
     engram bench retrofit                tokens/s of a retrofitted model vs its base (and LoRA)
     engram bench distributed             row-sharded training on 1 vs W processes
     engram bench overlay [--json]        tenant server with 0, 1, N tenants' patches vs none
+    engram bench state-cache [--json]    time to first token with and without stored prompt states
 
 The benchmarks themselves live in ``engram.bench``; every subcommand's settings are a dataclass of
 ``engram.bench.config`` (``engram bench patch``: ``PatchBenchConfig``), its flags generated from
@@ -39,6 +40,7 @@ from engram.bench.config import (
     OffloadBenchConfig,
     OverlayBenchConfig,
     RetrofitBenchConfig,
+    StateCacheBenchConfig,
     StepBenchConfig,
     TableOptimizerBenchConfig,
     TrainTiersBenchConfig,
@@ -306,6 +308,32 @@ def cmd_bench_overlay(args) -> int:
     return 0
 
 
+def cmd_bench_state_cache(args) -> int:
+    from engram.bench.state_cache import bench_state_cache, state_cache_page
+
+    if args.from_json:  # the page of a result already measured
+        r = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    else:
+        r = bench_state_cache(**_settings(args, StateCacheBenchConfig))
+    if args.out:
+        _write_text(args.out, json.dumps(r, indent=2) + "\n", make_parent=True)
+    if args.page:
+        _write_text(args.page, state_cache_page(r, args.page_command or " ".join(sys.argv)))
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    c = r["config"]
+    print(f"state-cache: {c['preset']}, {c['repeats']} prompts per prefix, +{c['suffix_len']} new tokens each, "
+          f"blocks of {c['block_tokens']} in {c['storage']}")
+    for L, s in r["summary"].items():
+        med, x, b = s["median_ttft_s"], r["exactness"][L], r["bytes"][L]
+        ratios = ", ".join(f"{v:.1f}" for v in s["plain_over_warm"])
+        print(f"  prefix {int(L):>5}: TTFT plain {1e3 * med['plain']:8.1f} ms, cold {1e3 * med['cold']:8.1f} ms, "
+              f"warm {1e3 * med['warm']:7.1f} ms; plain/warm {s['plain_over_warm_median']:.1f}x ({ratios}); "
+              f"warm == cold: {x['warm_equals_cold']}; {b['bytes_per_token']:,.0f} bytes per cached token")
+    return 0
+
+
 # ----------------------------------------------------------------------------- registration
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
@@ -419,3 +447,13 @@ def register(sub: Any) -> None:
     bo.add_argument("--from-json", help="do not measure: read this result (from --out) and write --page / print it")
     add_common(bo, "--json")
     bo.set_defaults(fn=cmd_bench_overlay)
+
+    bs = bench.add_parser("state-cache", help="time to first token with and without stored prompt states "
+                          "(generate --state-cache) for prompts sharing a long prefix; bytes per cached token")
+    add_config_flags(bs, StateCacheBenchConfig)
+    add_common(bs, "--out", help="also write the JSON result here")
+    bs.add_argument("--page", help="also write a results page (markdown) here, every number from the result")
+    bs.add_argument("--page-command", help="the command shown on the page (default: this one)")
+    bs.add_argument("--from-json", help="do not measure: read this result (from --out) and write --page / print it")
+    add_common(bs, "--json")
+    bs.set_defaults(fn=cmd_bench_state_cache)
