@@ -229,3 +229,36 @@ def test_bench_state_cache_measures_every_mode_and_renders_its_page(tmp_path):
     page = state_cache_page(r, "engram bench state-cache")
     s = r["summary"]["32"]
     assert f"**{s['plain_over_warm_median']:.1f}x**" in page and "shared with other jobs" in page
+
+
+def test_the_tenant_service_generates_from_stored_states_per_patch_stack(tmp_path):
+    from engram.config import PatchServeConfig
+    from engram.patches.patchfile import make_patch, save_patch
+    from engram.serve.service import TenantService
+    from engram.serve.store import PatchStore
+
+    model = _model()
+    base = {e.layer_id: e.table.weight.detach() for e in model.engram_layers}
+    new = {lid: w.clone() for lid, w in base.items()}
+    for w in new.values():
+        w[:300] += 1.0  # rows a prompt surely reads
+    save_patch(make_patch(base, new, hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe()),
+               tmp_path / "t.engp")
+    states = PromptStates(model, StateStore(tmp_path / "states"), BLOCK)
+    service = TenantService(model, None, PatchStore(tmp_path, model, 1 << 24), None, PatchServeConfig(),
+                            states=states)
+    ids = _prompt(30)[0].tolist()
+    req = {"ids": ids, "max_new_tokens": 4}
+    ref = {}
+    for name, patches in (("none", None), ("t", ["t"])):
+        stack = service.resolve(None, patches)[1]
+        ref[name] = _reference(model, torch.tensor([ids]), SamplingConfig(temperature=0, max_new_tokens=4),
+                               patches=stack)[1][0, 30:].tolist()
+    first = service.generate(None, req)
+    second = service.generate(None, req)
+    assert first["state_cache"]["cached_tokens"] == 0 and second["state_cache"]["cached_tokens"] == 24
+    assert first["ids"] == second["ids"] == ref["none"]
+    patched = service.generate(None, {**req, "patches": ["t"]})  # another stack: its own states
+    assert patched["state_cache"]["cached_tokens"] == 0 and patched["ids"] == ref["t"] != ref["none"]
+    assert service.generate(None, {**req, "patches": ["t"]})["state_cache"]["cached_tokens"] == 24
+    assert service.health()["state_cache"]["puts"] == 6

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from engram.cli.flags import add_common, add_config_flags, add_json_file, config_from_args
 from engram.cli.table import add_storage_arguments
-from engram.config import PatchServeConfig, ServeLimits
+from engram.config import PatchServeConfig, ServeLimits, StateCacheConfig
 from engram.errors import EngramError
 from engram.inspect.settings import COLOR_MODES, SCALES, TABLE_USE_CONTROLS  # torch-free, like engram.config
 
@@ -89,8 +89,14 @@ def _patch_server(args: argparse.Namespace, limits: ServeLimits):
     keys = KeyRing.load(args.keys) if args.keys else None
     model = load_from_args(args)  # a run or an adapter; tables per --table/--storage
     storage = storage_for(args, args.ckpt)
+    table_file = storage.path if storage is not None else None
+    states = None
+    if args.state_cache or args.state_storage == "memory":  # prompts from their prefix's stored state
+        from engram.serve.state_cache import PromptStates
+
+        states = PromptStates.from_config(model, config_from_args(args, StateCacheConfig), table_file=table_file)
     service = TenantService(model, model.loaded_from.tokenizer, PatchStore(args.patches, model, cfg.cache_bytes),
-                            keys, cfg, limits, table_file=storage.path if storage is not None else None)
+                            keys, cfg, limits, table_file=table_file, states=states)
     return make_patch_server(service, args.host, args.port, quiet=args.quiet), keys is not None
 
 
@@ -100,6 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = config_from_args(args, ServeLimits)
     if args.keys and not args.patches:
         raise EngramError("--keys goes with --patches DIR (the keys say which patches each key may use)")
+    if (args.state_cache or args.state_storage == "memory") and not args.patches:
+        raise EngramError("--state-cache goes with --patches DIR (the JSON API's /v1/generate reads it)")
     if args.patches:
         server, authenticated = _patch_server(args, limits)
     else:
@@ -342,6 +350,7 @@ def register(sub: Any) -> None:
     t.add_argument("--keys", metavar="FILE", help='JSON {"keys": {"KEY": ["patch-id", ...]}}: the patches '
                    "each API key may use (403 outside them)")
     add_config_flags(t, PatchServeConfig)
+    add_config_flags(t, StateCacheConfig)  # --state-cache DIR: /v1/generate from stored prefix states
     add_storage_arguments(s)
     add_common(s, "--quiet", help="no request log")
     s.set_defaults(fn=cmd_serve)

@@ -27,6 +27,7 @@ from engram.inspect.server import RequestSlots
 from engram.patches.overlay import PatchStack, table_content_fingerprint
 from engram.patches.patchfile import PatchError
 from engram.serve.keys import KeyRing
+from engram.serve.state_cache import PromptStates, generate_with_states
 from engram.serve.store import LoadedPatch, PatchConflictError, PatchStore
 
 
@@ -44,13 +45,14 @@ class TenantService(RequestSlots):
 
     def __init__(self, model: Any, tokenizer: Any, store: PatchStore, keys: Optional[KeyRing] = None,
                  config: Optional[PatchServeConfig] = None, limits: Optional[ServeLimits] = None,
-                 table_file: Optional[PathLike] = None) -> None:
+                 table_file: Optional[PathLike] = None, states: Optional[PromptStates] = None) -> None:
         if getattr(model, "hasher", None) is None:
             raise EngramError("the model has no Engram layers, so there are no tables to read patches over; "
                               "serve a run trained with an engram-* preset or a retrofit adapter")
         self.model, self.tokenizer, self.store, self.keys = model.eval(), tokenizer, store, keys
         self.config, self.limits = config or PatchServeConfig(), limits or ServeLimits()
         self.table_file = table_file
+        self.states = states  # --state-cache: prompts start from their prefix's stored state
         self.hash_fingerprint = model.hasher.fingerprint()
         self._fingerprints: dict[str, str] = {}  # table dtype -> the served content's fingerprint
         self._lock = threading.Lock()
@@ -148,15 +150,24 @@ class TenantService(RequestSlots):
                                        f"{self.config.max_new_tokens}")
         sampling = SamplingConfig(**{k: (int(v) if k in ("max_new_tokens", "top_k", "seed") else float(v))
                                      for k, v in fields.items()})
+        report = None
         with self._lock:
-            out = self.model.generate(ids, sampling, patches=stack)
+            if self.states is None:
+                out = self.model.generate(ids, sampling, patches=stack)
+            else:
+                out, report = generate_with_states(self.model, ids, sampling, self.states, patches=stack)
             self.requests_served += 1
         new = out[0, ids.shape[1]:].tolist()
         res: dict[str, Any] = {"ids": new, "patches": self._used(loaded)}
+        if report is not None:
+            res["state_cache"] = {k: v for k, v in report.as_dict().items() if k != "refused"}
         if self.tokenizer is not None:
             res["completion"] = self.tokenizer.decode(new)
         return res
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "requests_served": self.requests_served, "inflight": self.inflight,
-                "patch_cache": self.store.stats()}
+        res = {"ok": True, "requests_served": self.requests_served, "inflight": self.inflight,
+               "patch_cache": self.store.stats()}
+        if self.states is not None:
+            res["state_cache"] = self.states.stats()
+        return res
