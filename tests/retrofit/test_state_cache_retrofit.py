@@ -44,3 +44,29 @@ def test_retrofit_states_of_other_engram_weights_miss(random_retrofit, tmp_path)
     PromptStates(model, StateStore(tmp_path), BLOCK).prefill(ids, model.new_cache(1))
     assert PromptStates(model, StateStore(tmp_path), BLOCK).prefill(ids, model.new_cache(1))[2].cached_tokens == 16
     assert PromptStates(other, StateStore(tmp_path), BLOCK).prefill(ids, other.new_cache(1))[2].cached_tokens == 0
+
+
+@pytest.mark.slow
+def test_smollm2_state_cache_is_exact(tmp_path):
+    """The real SmolLM2-135M with Engram before layers 1 and 10 (random weights, so Engram counts)."""
+    from engram.config import RetrofitConfig
+    from engram.hashing.compression import build_compression
+    from engram.retrofit.base import load_base
+    from engram.retrofit.model import RetrofitLM
+
+    base = load_base("smollm2-135m")
+    cfg = RetrofitConfig(base="smollm2-135m", layers=(1, 10), rows_per_head=4099)
+    model = RetrofitLM(base.model, cfg, build_compression(base.tokenizer).lookup, base.pad_id)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for e in model.engram_layers:
+            for p in e.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = _prompt(150, model.cfg.vocab_size)
+    ref = PromptStates(model, StateStore(None, "memory", max_bytes=1), 32)
+    ref_out, _ = generate_with_states(model, ids, GREEDY, ref)
+    states = PromptStates(model, StateStore(tmp_path), 32)
+    generate_with_states(model, ids, GREEDY, states)
+    _, warm, rep = states.prefill(ids, model.new_cache(1))
+    assert rep.cached_tokens == 128 and torch.equal(warm, ref.prefill(ids, model.new_cache(1))[1])
+    assert torch.equal(generate_with_states(model, ids, GREEDY, states)[0], ref_out)

@@ -111,15 +111,15 @@ class _EngramLMStates:
     def restore(self, cache: InferenceCache, entries: Sequence[StateEntry], ids: torch.Tensor) -> None:
         """Fill the fresh ``cache`` with the state after ``ids`` [1,S] from its blocks' entries."""
         S = ids.shape[1]
-        last = entries[-1].tensors
+        dev = cache.kv[0].k.device
+        last = {k: v.to(dev, copy=True) for k, v in entries[-1].tensors.items() if not k.startswith(("k.", "v."))}
         for i, kv in enumerate(cache.kv):
-            kv.k[:, :, :S] = torch.cat([e.tensors[f"k.{i}"] for e in entries], dim=2)
-            kv.v[:, :, :S] = torch.cat([e.tensors[f"v.{i}"] for e in entries], dim=2)
+            kv.k[:, :, :S] = torch.cat([e.tensors[f"k.{i}"] for e in entries], dim=2).to(dev)
+            kv.v[:, :, :S] = torch.cat([e.tensors[f"v.{i}"] for e in entries], dim=2).to(dev)
         for e in self.model.engram_layers:
-            st = last.get(f"conv.{e.layer_id}")
-            cache.conv[e.layer_id] = None if st is None else st.clone()
-        cache.hash_state = last["hash_state"].clone() if "hash_state" in last else None
-        cache.ngram_hist = last["ngram_hist"].clone() if "ngram_hist" in last else None
+            cache.conv[e.layer_id] = last.get(f"conv.{e.layer_id}")
+        cache.hash_state = last.get("hash_state")
+        cache.ngram_hist = last.get("ngram_hist")
         cache.pos = S
 
 
@@ -146,11 +146,12 @@ class _RetrofitStates:
         return out
 
     def restore(self, cache: Any, entries: Sequence[StateEntry], ids: torch.Tensor) -> Any:
+        dev = ids.device
         n = sum(1 for k in entries[0].tensors if k.startswith("k."))
-        layers = [(torch.cat([e.tensors[f"k.{i}"] for e in entries], dim=2),
-                   torch.cat([e.tensors[f"v.{i}"] for e in entries], dim=2)) for i in range(n)]
+        layers = [(torch.cat([e.tensors[f"k.{i}"] for e in entries], dim=2).to(dev),
+                   torch.cat([e.tensors[f"v.{i}"] for e in entries], dim=2).to(dev)) for i in range(n)]
         last = entries[-1].tensors
-        conv = {e.layer_id: (last[f"conv.{e.layer_id}"].clone() if f"conv.{e.layer_id}" in last else None)
+        conv = {e.layer_id: (last[f"conv.{e.layer_id}"].to(dev, copy=True) if f"conv.{e.layer_id}" in last else None)
                 for e in self.model.engram_layers}
         return self.model.restored_cache(layers, ids.clone(), conv)
 
@@ -164,9 +165,11 @@ def _states_of(model: Any):
 
 
 # ----------------------------------------------------------------------------- fingerprints
-def weights_digest(model: Any) -> str:
+def model_weights_digest(model: Any) -> str:
     """sha256 over every tensor of the model's state dict except the Engram tables (name, dtype,
-    shape, bytes; offloaded tables are placeholders and skipped too)."""
+    shape, bytes; offloaded tables are placeholders and skipped too). Unlike the base's digest of
+    a retrofit (``engram.retrofit.base.weights_digest``) it covers Engram's and LoRA's weights:
+    everything but the tables that changes what the model computes."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         if name.endswith(TABLE_KEY_SUFFIX) or t.is_meta:
@@ -225,7 +228,7 @@ class PromptStates:
         version = _version_key(self.model)
         if self._fingerprint is None or self._fingerprint[0] != version:
             hasher = getattr(self.model, "hasher", None)
-            fp = {"weights": weights_digest(self.model),
+            fp = {"weights": model_weights_digest(self.model),
                   "tables": (table_content_fingerprint(self.model, "fp32", self.table_file)
                              if hasher is not None else None),
                   "hasher": hasher.fingerprint() if hasher is not None else None}
