@@ -233,6 +233,7 @@ def test_bench_state_cache_measures_every_mode_and_renders_its_page(tmp_path):
 
 def test_the_tenant_service_generates_from_stored_states_per_patch_stack(tmp_path):
     from engram.config import PatchServeConfig
+    from engram.patches.apply import apply_to_model, revert_from_model
     from engram.patches.patchfile import make_patch, save_patch
     from engram.serve.service import TenantService
     from engram.serve.store import PatchStore
@@ -242,8 +243,8 @@ def test_the_tenant_service_generates_from_stored_states_per_patch_stack(tmp_pat
     new = {lid: w.clone() for lid, w in base.items()}
     for w in new.values():
         w[:300] += 1.0  # rows a prompt surely reads
-    save_patch(make_patch(base, new, hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe()),
-               tmp_path / "t.engp")
+    patch = make_patch(base, new, hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe())
+    save_patch(patch, tmp_path / "t.engp")
     states = PromptStates(model, StateStore(tmp_path / "states"), BLOCK)
     service = TenantService(model, None, PatchStore(tmp_path, model, 1 << 24), None, PatchServeConfig(),
                             states=states)
@@ -262,3 +263,8 @@ def test_the_tenant_service_generates_from_stored_states_per_patch_stack(tmp_pat
     assert patched["state_cache"]["cached_tokens"] == 0 and patched["ids"] == ref["t"] != ref["none"]
     assert service.generate(None, {**req, "patches": ["t"]})["state_cache"]["cached_tokens"] == 24
     assert service.health()["state_cache"]["puts"] == 6
+    apply_to_model(model, patch)  # the served table itself patched: its states are not the old table's
+    applied = service.generate(None, req)
+    assert applied["state_cache"]["cached_tokens"] == 0 and applied["ids"] == ref["t"]
+    revert_from_model(model, patch)  # the same bits as before: the first states serve again
+    assert service.generate(None, req)["state_cache"]["cached_tokens"] == 24
