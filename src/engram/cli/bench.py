@@ -27,7 +27,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engram.bench.config import (
     AccelBenchConfig,
@@ -255,20 +255,31 @@ def cmd_bench_distributed(args) -> int:
     return 0
 
 
-def cmd_bench_accel(args) -> int:
-    from engram.bench.accel import accel_page, bench_accel
-
+def _result_and_files(args, measure: Callable[[], dict[str, Any]], page: Callable[[dict[str, Any], str], str],
+                      indent: int = 2) -> dict[str, Any]:
+    """A result: measured, or read back with ``--from-json``; written to ``--out`` and rendered as
+    ``--page`` (with ``--page-command``, or the command line that ran)."""
     if args.from_json:  # the page of a result already measured
         r = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
     else:
+        r = measure()
+    if args.out:
+        _write_text(args.out, json.dumps(r, indent=indent) + "\n", make_parent=True)
+    if args.page:
+        _write_text(args.page, page(r, args.page_command or " ".join(["engram", *sys.argv[1:]])))
+    return r
+
+
+def cmd_bench_accel(args) -> int:
+    from engram.bench.accel import accel_page, bench_accel
+
+    def measure() -> dict[str, Any]:
         if not args.data:
             raise EngramError("bench accel needs --data DIR (a dataset from `engram data prepare`) unless "
                               "--from-json renders a result already measured")
-        r = bench_accel(args.data, **_settings(args, AccelBenchConfig), progress=not args.json)
-    if args.out:
-        _write_text(args.out, json.dumps(r, indent=1) + "\n", make_parent=True)
-    if args.page:
-        _write_text(args.page, accel_page(r, args.page_command or " ".join(["engram", *sys.argv[1:]])))
+        return bench_accel(args.data, **_settings(args, AccelBenchConfig), progress=not args.json)
+
+    r = _result_and_files(args, measure, accel_page, indent=1)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -284,14 +295,7 @@ def cmd_bench_accel(args) -> int:
 def cmd_bench_overlay(args) -> int:
     from engram.bench.overlay import bench_overlay, overlay_page
 
-    if args.from_json:  # the page of a result already measured
-        r = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-    else:
-        r = bench_overlay(**_settings(args, OverlayBenchConfig))
-    if args.out:
-        _write_text(args.out, json.dumps(r, indent=2) + "\n", make_parent=True)
-    if args.page:
-        _write_text(args.page, overlay_page(r, args.page_command or " ".join(sys.argv)))
+    r = _result_and_files(args, lambda: bench_overlay(**_settings(args, OverlayBenchConfig)), overlay_page)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -311,14 +315,7 @@ def cmd_bench_overlay(args) -> int:
 def cmd_bench_state_cache(args) -> int:
     from engram.bench.state_cache import bench_state_cache, state_cache_page
 
-    if args.from_json:  # the page of a result already measured
-        r = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-    else:
-        r = bench_state_cache(**_settings(args, StateCacheBenchConfig))
-    if args.out:
-        _write_text(args.out, json.dumps(r, indent=2) + "\n", make_parent=True)
-    if args.page:
-        _write_text(args.page, state_cache_page(r, args.page_command or " ".join(sys.argv)))
+    r = _result_and_files(args, lambda: bench_state_cache(**_settings(args, StateCacheBenchConfig)), state_cache_page)
     if args.json:
         print(json.dumps(r))
         return 0
