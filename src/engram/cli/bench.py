@@ -255,6 +255,15 @@ def cmd_bench_distributed(args) -> int:
     return 0
 
 
+def _add_result_flags(p: argparse.ArgumentParser) -> None:
+    """The flags :func:`_result_and_files` reads."""
+    add_common(p, "--out", help="also write the JSON result here")
+    p.add_argument("--page", help="also write a results page (markdown) here, every number from the result")
+    p.add_argument("--page-command", help="the command shown on the page (default: this one)")
+    p.add_argument("--from-json", help="do not measure: read this result (from --out) and write --page / print it")
+    add_common(p, "--json")
+
+
 def _result_and_files(args, measure: Callable[[], dict[str, Any]], page: Callable[[dict[str, Any], str], str],
                       indent: int = 2) -> dict[str, Any]:
     """A result: measured, or read back with ``--from-json``; written to ``--out`` and rendered as
@@ -428,29 +437,17 @@ def register(sub: Any) -> None:
                           "retrofit) and bf16 against fp32 (loss, time), on the CPU")
     add_common(ba, "--data", help="a dataset from `engram data prepare` (the demo's)")
     add_config_flags(ba, AccelBenchConfig)
-    add_common(ba, "--out", help="also write the JSON result here")
-    ba.add_argument("--page", help="also write a results page (markdown) here, every number from the result")
-    ba.add_argument("--page-command", help="the command shown on the page (default: this one)")
-    ba.add_argument("--from-json", help="do not measure: read this result (from --out) and write --page / print it")
-    add_common(ba, "--json")
+    _add_result_flags(ba)
     ba.set_defaults(fn=cmd_bench_accel)
 
     bo = bench.add_parser("overlay", help="requests/s and latency of the tenant server (engram serve --patches) "
                           "with 0, 1 and N tenants' patches vs none; memory per tenant")
     add_config_flags(bo, OverlayBenchConfig)
-    add_common(bo, "--out", help="also write the JSON result here")
-    bo.add_argument("--page", help="also write a results page (markdown) here, every number from the result")
-    bo.add_argument("--page-command", help="the command shown on the page (default: this one)")
-    bo.add_argument("--from-json", help="do not measure: read this result (from --out) and write --page / print it")
-    add_common(bo, "--json")
+    _add_result_flags(bo)
     bo.set_defaults(fn=cmd_bench_overlay)
 
     bs = bench.add_parser("state-cache", help="time to first token with and without stored prompt states "
                           "(generate --state-cache) for prompts sharing a long prefix; bytes per cached token")
     add_config_flags(bs, StateCacheBenchConfig)
-    add_common(bs, "--out", help="also write the JSON result here")
-    bs.add_argument("--page", help="also write a results page (markdown) here, every number from the result")
-    bs.add_argument("--page-command", help="the command shown on the page (default: this one)")
-    bs.add_argument("--from-json", help="do not measure: read this result (from --out) and write --page / print it")
-    add_common(bs, "--json")
+    _add_result_flags(bs)
     bs.set_defaults(fn=cmd_bench_state_cache)
