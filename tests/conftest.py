@@ -6,12 +6,15 @@
 - ``tiny``: factories for the tiny models, datasets and weights-only runs of the table, storage
   and patch tests (``tiny.VOCAB``, ``tiny.model()``, ``tiny.compression()``, ``tiny.dataset()``,
   ``tiny.save_run()``).
+- ``dataset`` and ``dataset_vocab``: the training tests' tiny dataset, built once per test
+  module, and its vocabulary size.
 - ``inspect_run``: one tiny *trained* run with two Engram layers and two hyper-connection
   branches, built once per session, for the inspection, server and browser tests.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -100,6 +103,17 @@ class TinyWorld:
 @pytest.fixture(scope="session")
 def tiny() -> TinyWorld:
     return TinyWorld()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tiny) -> Path:
+    """The training tests' dataset (``tiny.training_dataset``), built once per test module."""
+    return tiny.training_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def dataset_vocab(dataset) -> int:
+    return int(json.loads((dataset / "meta.json").read_text())["vocab_size"])
 
 
 # ----------------------------------------------------------------------------- a tiny trained run

@@ -29,15 +29,6 @@ from engram.training.trainer import train
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, tiny) -> Path:
-    return tiny.training_dataset(tmp_path_factory.mktemp("data"))
-
-
-def _vocab(data_dir: Path) -> int:
-    return int(json.loads((data_dir / "meta.json").read_text())["vocab_size"])
-
-
 def _cfg(**kw) -> TrainConfig:
     base = dict(steps=12, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=12,
                 eval_batches=1, save_every=12, log_every=1, seed=7)
@@ -99,12 +90,12 @@ def test_compile_leaves_engram_and_moe_eager_and_is_undone(tiny) -> None:
         accel.compile_backbone(torch.nn.Linear(2, 2))
 
 
-def test_train_compile_matches_eager_training(dataset, tmp_path, monkeypatch, one_thread) -> None:
+def test_train_compile_matches_eager_training(dataset_vocab, dataset, tmp_path, monkeypatch, one_thread) -> None:
     # The eager backend: the trainer's compiled path, without minutes of kernel generation.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     cfg = _cfg(steps=3, eval_every=3, save_every=3)
-    eager = train(preset("tiny", _vocab(dataset)), cfg, dataset, tmp_path / "eager", progress=False)
-    compiled = train(preset("tiny", _vocab(dataset)), TrainConfig.from_dict({**cfg.to_dict(), "compile": True}),
+    eager = train(preset("tiny", dataset_vocab), cfg, dataset, tmp_path / "eager", progress=False)
+    compiled = train(preset("tiny", dataset_vocab), TrainConfig.from_dict({**cfg.to_dict(), "compile": True}),
                      dataset, tmp_path / "compiled", progress=False)
     assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), abs=1e-5)
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=1e-5)
@@ -126,12 +117,12 @@ def test_bf16_autocast_computes_in_bf16_with_float32_weights(tiny) -> None:
         assert model(x).logits.dtype == torch.float32
 
 
-def test_bf16_trains(dataset, tmp_path, one_thread) -> None:
+def test_bf16_trains(dataset_vocab, dataset, tmp_path, one_thread) -> None:
     run = tmp_path / "bf16"
-    summary = train(preset("tiny", _vocab(dataset)), _cfg(dtype="bf16"), dataset, run, progress=False)
+    summary = train(preset("tiny", dataset_vocab), _cfg(dtype="bf16"), dataset, run, progress=False)
     losses = _losses(run)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses  # falls well below the first step
-    assert math.isfinite(summary["final_val_loss"]) and summary["final_val_loss"] < math.log(_vocab(dataset))
+    assert math.isfinite(summary["final_val_loss"]) and summary["final_val_loss"] < math.log(dataset_vocab)
     assert json.loads((run / "config.json").read_text())["train"]["dtype"] == "bf16"
 
 
@@ -187,9 +178,9 @@ def test_eval_and_generate_take_device_and_dtype(dataset, tmp_path, capsys, tiny
 # ----------------------------------------------------------------------------- CUDA (skipped here)
 @CUDA
 @pytest.mark.parametrize("options", [{}, {"dtype": "bf16"}, {"compile": True}])
-def test_cuda_training_learns(dataset, tmp_path, options) -> None:
+def test_cuda_training_learns(dataset_vocab, dataset, tmp_path, options) -> None:
     run = tmp_path / "cuda"
-    summary = train(preset("tiny", _vocab(dataset)), _cfg(**options), dataset, run, progress=False,
+    summary = train(preset("tiny", dataset_vocab), _cfg(**options), dataset, run, progress=False,
                     device="cuda")
     losses = _losses(run)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses

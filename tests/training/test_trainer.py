@@ -20,15 +20,6 @@ from engram.training.optimization import lr_at
 from engram.training.trainer import build_optimizers, train
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, tiny) -> Path:
-    return tiny.training_dataset(tmp_path_factory.mktemp("data"))
-
-
-def _vocab(data_dir: Path) -> int:
-    return int(json.loads((data_dir / "meta.json").read_text())["vocab_size"])
-
-
 def _cfg(**kw) -> TrainConfig:
     base = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=3, eval_every=4,
                 eval_batches=2, save_every=4, log_every=1, seed=7)
@@ -44,15 +35,15 @@ def _curve(run: Path) -> list[tuple[int, float]]:
 
 
 # ----------------------------------------------------------------------------- learning
-def test_loss_decreases_and_outputs(dataset: Path, tmp_path: Path) -> None:
+def test_loss_decreases_and_outputs(dataset_vocab, dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = _cfg(steps=40, eval_every=20, save_every=20, log_every=5, lr=1e-2)
-    summary = train(preset("tiny", _vocab(dataset)), cfg, dataset, run, progress=False)
+    summary = train(preset("tiny", dataset_vocab), cfg, dataset, run, progress=False)
     curve = _curve(run)
     assert [s for s, _ in curve] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert curve[-1][1] < curve[0][1] - 1.0, curve
     assert summary["steps"] == 40 and not summary["stopped_early"]
-    assert summary["final_val_loss"] < math.log(_vocab(dataset)) - 1.0  # well below uniform
+    assert summary["final_val_loss"] < math.log(dataset_vocab) - 1.0  # well below uniform
     assert summary["final_val_ppl"] == pytest.approx(math.exp(summary["final_val_loss"]))
     assert summary["best_val_loss"] <= summary["final_val_loss"]
     assert summary["param_counts"]["tables"] > 0 and summary["tokens_per_s"] > 0
@@ -84,7 +75,7 @@ def test_evaluate_restores_mode_and_counts_tokens(dataset: Path) -> None:
 # ----------------------------------------------------------------------------- exact resume
 def _straight(dataset: Path, tmp_path: Path, cfg: TrainConfig, name: str = "tiny") -> Path:
     run = tmp_path / "straight"
-    train(preset(name, _vocab(dataset)), cfg, dataset, run, progress=False)
+    train(preset(name, int(load_dataset(dataset).meta["vocab_size"])), cfg, dataset, run, progress=False)
     return run
 
 
@@ -98,7 +89,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(ma[k], mb[k]), k
 
 
-def test_resume_after_crash_is_exact(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_after_crash_is_exact(dataset_vocab, dataset: Path, tmp_path: Path, monkeypatch) -> None:
     cfg = _cfg()
     straight = _straight(dataset, tmp_path, cfg)
 
@@ -112,65 +103,65 @@ def test_resume_after_crash_is_exact(dataset: Path, tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(data, "get_batch", crash_in_step_10)
     with pytest.raises(KeyboardInterrupt):
-        train(preset("tiny", _vocab(dataset)), cfg, dataset, run, progress=False)
+        train(preset("tiny", dataset_vocab), cfg, dataset, run, progress=False)
     monkeypatch.setattr(data, "get_batch", real_get_batch)
     assert _curve(run)[-1][0] == 9
     assert json.loads((run / "trainer_state.json").read_text())["step"] == 8
 
     torch.manual_seed(12345)  # scribble on the global RNG: resume must restore it
-    summary = train(preset("tiny", _vocab(dataset)), cfg, dataset, run, resume=True, progress=False)
+    summary = train(preset("tiny", dataset_vocab), cfg, dataset, run, resume=True, progress=False)
     assert summary["resumed_from"] == 8 and summary["steps"] == 12
     steps = [r["step"] for r in _records(run)]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # step 9 was not duplicated
     _assert_same_run(straight, run)
 
 
-def test_time_budget_stops_saves_and_resumes_exactly(dataset: Path, tmp_path: Path) -> None:
+def test_time_budget_stops_saves_and_resumes_exactly(dataset_vocab, dataset: Path, tmp_path: Path) -> None:
     cfg = _cfg(steps=8, log_every=2, eval_every=4, save_every=4)
     straight = _straight(dataset, tmp_path, cfg)
     run = tmp_path / "budget"
-    first = train(preset("tiny", _vocab(dataset)), cfg, dataset, run, progress=False, max_seconds=0)
+    first = train(preset("tiny", dataset_vocab), cfg, dataset, run, progress=False, max_seconds=0)
     assert first["stopped_early"] and first["steps"] == 1  # one step, then the budget is gone
     assert json.loads((run / "trainer_state.json").read_text())["step"] == 1
     # Step 1 is logged as a partial interval; its sum is saved, so step 2 logs the full mean.
-    train(preset("tiny", _vocab(dataset)), cfg, dataset, run, resume=True, progress=False)
+    train(preset("tiny", dataset_vocab), cfg, dataset, run, resume=True, progress=False)
     assert [s for s, _ in _curve(run)] == [1, 2, 4, 6, 8]
     assert [c for c in _curve(run) if c[0] != 1] == _curve(straight)
     ma, mb = load_model(straight)[0].state_dict(), load_model(run)[0].state_dict()
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_resume_can_extend_steps(dataset: Path, tmp_path: Path) -> None:
+def test_resume_can_extend_steps(dataset_vocab, dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = _cfg(steps=4, eval_every=4, save_every=4)
-    train(preset("tiny-dense", _vocab(dataset)), cfg, dataset, run, progress=False)
-    summary = train(preset("tiny-dense", _vocab(dataset)), replace(cfg, steps=6), dataset, run,
+    train(preset("tiny-dense", dataset_vocab), cfg, dataset, run, progress=False)
+    summary = train(preset("tiny-dense", dataset_vocab), replace(cfg, steps=6), dataset, run,
                     resume=True, progress=False)
     assert summary["steps"] == 6 and [s for s, _ in _curve(run)] == [1, 2, 3, 4, 5, 6]
 
 
 # ----------------------------------------------------------------------------- refusals
-def test_resume_refuses_changed_recipe(dataset: Path, tmp_path: Path) -> None:
+def test_resume_refuses_changed_recipe(dataset_vocab, dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = _cfg(steps=2, save_every=2, eval_every=2)
-    model_cfg = preset("tiny-dense", _vocab(dataset))
+    model_cfg = preset("tiny-dense", dataset_vocab)
     train(model_cfg, cfg, dataset, run, progress=False)
     with pytest.raises(CheckpointError, match=r"train config \['lr'\] differ.*recorded 0.003"):
         train(model_cfg, replace(cfg, lr=1e-3), dataset, run, resume=True, progress=False)
     with pytest.raises(CheckpointError, match=r"model config differs.*hidden_size"):
-        train(preset("tiny-dense", _vocab(dataset)).__class__(
+        train(preset("tiny-dense", dataset_vocab).__class__(
             **{**model_cfg.__dict__, "hidden_size": 32, "num_heads": 2}), cfg, dataset, run,
             resume=True, progress=False)
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         train(model_cfg, cfg, dataset, tmp_path / "empty", resume=True, progress=False)
 
 
-def test_dataset_from_another_tokenizer_is_refused(dataset: Path, tmp_path: Path, tiny) -> None:
+def test_dataset_from_another_tokenizer_is_refused(dataset_vocab, dataset: Path, tmp_path: Path, tiny) -> None:
     other = tiny.training_dataset(tmp_path / "other", seed=1)  # same vocab size, different merges
-    assert _vocab(other) == _vocab(dataset)
+    assert int(load_dataset(other).meta["vocab_size"]) == dataset_vocab
     run = tmp_path / "run"
     cfg = _cfg(steps=2, save_every=2, eval_every=2)
-    model_cfg = preset("tiny", _vocab(dataset))
+    model_cfg = preset("tiny", dataset_vocab)
     train(model_cfg, cfg, dataset, run, progress=False)
     with pytest.raises(DatasetMismatchError, match=r"tokenized with tokenizer .* but run .* was "
                                                    r"trained with tokenizer .*prepare the data with "
@@ -180,15 +171,15 @@ def test_dataset_from_another_tokenizer_is_refused(dataset: Path, tmp_path: Path
         evaluate_run(run, other)
 
 
-def test_vocab_mismatch_is_refused(dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(DatasetMismatchError, match=rf"vocab_size={_vocab(dataset)} but the model "
+def test_vocab_mismatch_is_refused(dataset_vocab, dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetMismatchError, match=rf"vocab_size={dataset_vocab} but the model "
                                                    rf"config has vocab_size=512; set ModelConfig"):
         train(preset("tiny", 512), _cfg(), dataset, tmp_path / "run", progress=False)
 
 
-def test_seq_len_beyond_model_is_refused(dataset: Path, tmp_path: Path) -> None:
+def test_seq_len_beyond_model_is_refused(dataset_vocab, dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="seq_len=128 exceeds max_seq_len=64"):
-        train(preset("tiny", _vocab(dataset)), _cfg(seq_len=128), dataset, tmp_path / "run",
+        train(preset("tiny", dataset_vocab), _cfg(seq_len=128), dataset, tmp_path / "run",
               progress=False)
 
 
