@@ -23,7 +23,9 @@ def _fake(score_of_lr):
                "neutral": {"kl": 0.01, "kl_max": 0.1, "loss_change": 0.001},
                "coverage": {"questions_all": 1.0, "questions_any": 1.0, "rows": 1.0},
                "reverted_bit_exact": True, "seconds": 1.0, "patch_bytes": 100, "bytes_per_fact": 10.0,
-               "report": {"steps_run": 10, "best_step": 5, "answer_loss_first": 5.0, "answer_loss_last": 1.0}}
+               "report": {"steps_run": 10, "answer_loss_first": 5.0, "answer_loss_last": 1.0,
+                          # runs of at most 600 steps keep their last step: still improving at the cap
+                          "best_step": cfg.steps if cfg.steps <= 600 else 5}}
         if old_answers is not None:
             rec["old_answer_test_exact"] = 0.0
         return rec
@@ -138,7 +140,10 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     assert len(list((out / "runs").glob(f"test-2-seed*-steps{more.edit.steps}*"))) == len(cfg.seeds)
     assert len(s["test"]["test_exact"]["runs"]) == len(cfg.seeds)
     assert [e["recipe"]["steps"] for e in s["earlier"]] == [cfg.edit.steps] and "p_current_vs_this" in s["earlier"][0]
-    assert "Earlier recipe" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "Earlier recipe" in md
+    assert f"of at most {cfg.edit.steps} | {cfg.edit.steps}, " in md and "(3 of 3 still improving at the cap)" in md
+    assert f"of at most {more.edit.steps} | 5, 5, 5 (0 of 3 still improving at the cap)" in md
     reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,
               "tokens_reading_a_trained_row": 0.2, "reads_of_trained_rows": 0.03}]
     (out / "reach.json").write_text(json.dumps(reach))

@@ -393,6 +393,9 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                 "coverage_all": _stat([r["coverage"]["questions_all"] for r in rs]),
                 "coverage_rows": _stat([r["coverage"]["rows"] for r in rs]),
                 "reverted_bit_exact": all(r["reverted_bit_exact"] for r in rs),
+                # the step each run kept (best dev questions) and its cap: a run kept at its cap was
+                # still improving when stopped, so the cap, not the dev questions, ended it
+                "kept_steps": [r["report"].get("best_step") for r in rs], "max_steps": rs[0]["config"]["steps"],
                 "p_vs_base": paired_t([r["test_exact"] for r in rs], [r["base_test_exact"] for r in rs])["p"]}
 
     if test:
@@ -431,6 +434,16 @@ def _ms(st: Optional[dict[str, Any]], pct: bool = False, digits: int = 3) -> str
     f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.{digits}f}")
     runs = ", ".join(f(x) for x in st["runs"])
     return f"{f(st['mean'])} ± {f(st['std'])} ({runs})"
+
+
+def _kept_row(b: dict[str, Any]) -> str:
+    """The step each run kept, and how many were still improving at the step cap."""
+    kept = b.get("kept_steps") or []
+    if not kept:
+        return "| step kept (best dev questions) | - |"
+    at_cap = sum(k == b["max_steps"] for k in kept)
+    return (f"| step kept (best dev questions), of at most {b['max_steps']} | {', '.join(str(k) for k in kept)}"
+            f" ({at_cap} of {len(kept)} still improving at the cap) |")
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
@@ -473,7 +486,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"| seconds to learn | {_ms(b['seconds'], digits=0)} |",
                   f"| coverage: questions with every subject row trained | {_ms(b['coverage_all'], True)} |",
                   f"| coverage: subject rows trained | {_ms(b['coverage_rows'], True)} |",
-                  f"| revert restores the model bit for bit | {b['reverted_bit_exact']} |"]
+                  f"| revert restores the model bit for bit | {b['reverted_bit_exact']} |",
+                  _kept_row(b)]
         if "p_vs_tables" in b:
             lines.append(f"| paired p (control vs tables-only, held-out exact) | {format_p(b['p_vs_tables'])} |")
     for e in s.get("earlier", []):
@@ -486,7 +500,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"| training-template exact | {_ms(e['train_forms_exact'], True)} |",
                   f"| paired p (edit vs unedited, held-out exact) | {format_p(e['p_vs_base'])} |",
                   f"| mean KL on neutral text (nats/token) | {_ms(e['kl'], digits=4)} |",
-                  f"| seconds to learn | {_ms(e['seconds'], digits=0)} |"]
+                  f"| seconds to learn | {_ms(e['seconds'], digits=0)} |",
+                  _kept_row(e)]
         if "p_current_vs_this" in e:
             lines.append(f"| paired p (the recipe above vs this one, held-out exact, same facts) | "
                          f"{format_p(e['p_current_vs_this'])} |")
