@@ -34,6 +34,21 @@ def test_reach_grows_with_the_facts(world, one_thread):
     assert big["trained_share"] == big["trained_rows"] / big["table_rows"]
     assert 0 < small["tokens_reading_a_trained_row"] <= big["tokens_reading_a_trained_row"] <= 1
     assert 0 < big["reads_of_trained_rows"] <= big["tokens_reading_a_trained_row"]
+    for r in rows:  # reading the facts' own N-gram implies reading a trained row
+        assert 0 <= r["tokens_reading_a_trained_ngram"] <= r["tokens_reading_a_trained_row"]
+
+
+def test_text_that_repeats_the_facts_sentences_reads_their_ngrams(world, monkeypatch, one_thread):
+    import engram.knowledge.collisions as collisions
+    from engram.knowledge.facts import invent_facts
+    from engram.knowledge.templates import templates
+
+    model, tok = world
+    fact = invent_facts(1, 0)[0]
+    sentence = "".join(templates(fact.relation, "train", ("statement",))[0].render(fact.subject, " " + fact.answer))
+    monkeypatch.setattr(collisions, "neutral_text", lambda part: (sentence + " ") * 50)
+    (r,) = reach(model, tok, [1], kinds=("statement",), neutral_tokens=2000)
+    assert r["tokens_reading_a_trained_ngram"] > 0.2  # the subject's and answer's N-grams, every repeat
 
 
 def test_reach_command(tiny, tmp_path, capsys, one_thread):

@@ -148,7 +148,7 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
               "tokens_reading_a_trained_row": 0.2, "reads_of_trained_rows": 0.03}]
     (out / "reach.json").write_text(json.dumps(reach))
     page = study.write_results_page(out, tmp_path / "page.md", "engram knowledge study ...", "m").read_text()
-    assert "| goal | target | measured | met |" in page and "| 2 | 10 | 1.00% | 20.0% | 3.00% |" in page
+    assert "| goal | target | measured | met |" in page and "| 2 | 10 | 1.00% | 20.0% | - | 3.00% |" in page
 
 
 def test_the_neutral_text_is_a_dev_choice_after_the_forms(patched, tmp_path, monkeypatch):

@@ -270,18 +270,14 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_reach(args: argparse.Namespace) -> int:
-    from engram.knowledge.collisions import reach
+    from engram.knowledge.collisions import reach, reach_table
 
     model, tok, _ = _load(args.ckpt, args.quiet)
     kinds = tuple(args.kinds) if args.kinds else FactEditConfig().kinds
     FactEditConfig(kinds=kinds, rows=args.rows)  # a misspelt kind or rows fails with its one-line message
     rows = reach(model, tok, args.facts, kinds=kinds, rows=args.rows, seed=args.seed, neutral_tokens=args.tokens)
     if not _emit_json(args, rows):
-        print("| facts | trained rows | share of the table | neutral tokens reading a trained row | reads of trained rows |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['facts']} | {r['trained_rows']:,} | {100 * r['trained_share']:.2f}% | "
-                  f"{100 * r['tokens_reading_a_trained_row']:.1f}% | {100 * r['reads_of_trained_rows']:.2f}% |")
+        print(reach_table(rows))
     return 0
 
 

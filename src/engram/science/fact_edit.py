@@ -35,6 +35,7 @@ import torch
 from engram.data import shards as data
 from engram.errors import EngramError
 from engram.fsutil import PathLike, RunFiles, atomic_write
+from engram.knowledge.collisions import reach_table
 from engram.knowledge.editor import EditResult, FactEditConfig, coverage, edit_facts, layer_parameters, trained_rows
 from engram.knowledge.facts import Fact, invent_facts
 from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
@@ -538,12 +539,8 @@ def write_results_page(out_dir: PathLike, page: PathLike, command: str, machine:
 
 def _reach_markdown(rows: list[dict[str, Any]]) -> str:
     """``engram knowledge reach``'s rows (OUT/reach.json) as a section of the page."""
-    lines = ["", "### How much other text reads the trained rows (`engram knowledge reach`, before training)", "",
-             "| facts | trained rows | share of the table | neutral tokens reading a trained row | "
-             "reads of trained rows |", "|---|---|---|---|---|"]
-    lines += [f"| {r['facts']} | {r['trained_rows']:,} | {100 * r['trained_share']:.2f}% | "
-              f"{100 * r['tokens_reading_a_trained_row']:.1f}% | {100 * r['reads_of_trained_rows']:.2f}% |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return ("\n### How much other text reads the trained rows (`engram knowledge reach`, before training)\n\n"
+            + reach_table(rows) + "\n")
 
 
 def _goals(s: dict[str, Any]) -> str:
