@@ -255,6 +255,24 @@ def test_bench_offload_runs_end_to_end_on_tiny_sizes(tmp_path, tiny):
     assert not list(tmp_path.glob("engram-bench-*"))  # the temporary table is gone
 
 
+def test_bench_offload_text_leads_with_plain_in_ram_tables(monkeypatch, capsys):
+    """The printed headline is the overhead against plain in-RAM tables, the prefetch runtime's beside it."""
+    import engram.bench.offload as offload
+    from engram.cli.main import main
+
+    res = {"in_memory_tokens_per_s": 1000.0, "offload_tokens_per_s": 980.0, "overhead": 0.02, "hit_rate": 0.8,
+           "no_prefetch_tokens_per_s": 800.0, "no_prefetch_overhead": 0.2, "prefetch_speedup": 1.22,
+           "repeats": [{}, {}, {}], "overhead_spread": [0.01, 0.03], "overhead_vs_in_memory_prefetch": 0.005,
+           "overhead_vs_in_memory_prefetch_spread": [-0.01, 0.02], "capacity_tokens_per_s": 5000.0,
+           "capacity": {"distinct_rows_per_s": 4e4, "distinct_rows_per_token": 8.0}, "fast_forward": [],
+           "table": {"file_bytes": 2**30, "pool_bytes": 2**28, "file_to_pool": 4.0}, "cold_storage": "cold"}
+    monkeypatch.setattr(offload, "bench_offload", lambda *a, **k: res)
+    assert main(["bench", "offload", "--data", "unused"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "overhead vs plain in-RAM tables +2.0%, 3 repeats: +1.0% .. +3.0%" in out[1]
+    assert "prefetch runtime: overhead +0.5%" in out[3]
+
+
 def _child_pids() -> set[int]:
     """This process's children, zombies included, read from /proc (no psutil)."""
     me, out = os.getpid(), set()
