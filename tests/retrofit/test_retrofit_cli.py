@@ -116,6 +116,30 @@ def test_bench_retrofit_json(tiny_base, capsys, one_thread):
     for key in ("lora_tokens_per_s", "both_tokens_per_s", "lora_train_tokens_per_s", "both_train_tokens_per_s"):
         assert res[key] > 0, key
     assert res["lora_params"] > 0 and res["lora_overhead"] == res["lora_overhead"]
+    assert res["timing"].startswith("one loop, rounds rotating over base, engram, lora, both")
+
+
+def test_bench_retrofit_times_every_mode_in_one_rotating_loop():
+    """Each round runs every mode once (so one base timing serves every overhead), the order rotates,
+    and the untimed first round is dropped."""
+    import contextlib
+
+    from engram.bench.retrofit import _interleaved
+
+    seen, active = [], []
+
+    def mode(name):
+        @contextlib.contextmanager
+        def ctx():
+            active.append(name)
+            yield
+            active.pop()
+        return ctx
+
+    times = _interleaved(lambda x: seen.append(active[-1]), None, {m: mode(m) for m in ("base", "engram", "lora")}, 3)
+    assert seen == ["base", "engram", "lora", "engram", "lora", "base", "lora", "base", "engram",
+                    "base", "engram", "lora"]
+    assert {m: len(s) for m, s in times.items()} == {"base": 3, "engram": 3, "lora": 3}
 
 
 def test_bad_adapter_input_is_one_line(tiny_base, tmp_path, capsys):

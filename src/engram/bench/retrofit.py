@@ -1,7 +1,9 @@
 """``engram bench retrofit``: inference and training speed of a retrofitted model against its base.
 
-Base and retrofit run in one process on the same batches, interleaved (base, retrofit, base,
-...), so machine load affects both alike. The retrofit is the base object itself with Engram's
+Every variant runs in one process on the same batch, interleaved round by round (base,
+Engram, and with ``lora_rank`` LoRA and LoRA + Engram), so machine load affects all alike, and
+every variant's overhead is its time over *the same round's* base time: one base timing for the
+whole figure, reported beside it (``base_tokens_per_s``). The retrofit is the base object itself with Engram's
 hooks on: ``without_engram()`` switches them off for the base's turn, so both share weights,
 threads and memory layout. Inference is a full forward of [B,T] without gradients (what
 evaluation and prefill do); training is forward + backward + optimizer step of the Engram
@@ -11,8 +13,8 @@ Engram layers alone on the batch's shape; on a loaded machine it is the steadier
 what Engram adds (``engram_share_of_base_forward``).
 
 With ``lora_rank`` it also times LoRA of that rank on the same base (Engram off) and LoRA +
-Engram, again interleaved with the base: inference tokens/s, and training tokens/s with only
-the adapter's parameters trained (LoRA: AdamW; both: the retrofit trainer's optimizers).
+Engram: inference in the loop above, and training tokens/s with only the adapter's parameters
+trained (LoRA: AdamW; both: the retrofit trainer's optimizers).
 """
 
 from __future__ import annotations
@@ -54,44 +56,33 @@ def _time_train_steps(model: RetrofitLM, x: torch.Tensor, y: torch.Tensor,
     return out
 
 
-def _lora_speeds(model: RetrofitLM, x: torch.Tensor, y: torch.Tensor, rank: int, repeats: int,
-                 train_steps: int, tcfg: TrainConfig) -> dict[str, Any]:
-    """LoRA alone and LoRA + Engram against the base, interleaved (see the module docstring)."""
+def _add_lora(model: RetrofitLM, rank: int) -> None:
+    """LoRA of ``rank`` with a random B: it starts at zero, and a zero B is no less work but reads
+    as a no-op."""
     model.add_lora(rank)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # B starts at zero; random B does the same work and is not a no-op
+    with torch.no_grad():
         for name, p in model.lora_state().items():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    n = x.numel()
 
-    def infer(ctx: Callable[[], Any]) -> float:
-        with ctx(), torch.no_grad():
-            t0 = time.perf_counter()
-            model(x)
-            return time.perf_counter() - t0
 
-    modes = {"base": model.base_only, "lora": model.without_engram, "both": contextlib.nullcontext}
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for i in range(repeats + 1):  # the first round warms LoRA's kernels up
-        for m, ctx in modes.items():
-            s = infer(ctx)
+def _interleaved(model: RetrofitLM, x: torch.Tensor, modes: dict[str, Callable[[], Any]],
+                 repeats: int) -> dict[str, list[float]]:
+    """Seconds of one no-grad forward of ``x`` per mode (a context manager factory), ``repeats``
+    rounds of every mode in turn after one untimed round; the order rotates each round so no mode
+    always follows another."""
+    names = list(modes)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for i in range(repeats + 1):
+        for m in names[i % len(names):] + names[:i % len(names)]:
+            with modes[m](), torch.no_grad():
+                t0 = time.perf_counter()
+                model(x)
+                s = time.perf_counter() - t0
             if i:
                 times[m].append(s)
-
-    lora_params = list(model.lora_state().values())
-    with model.without_engram():
-        lora_train = _time_train_steps(model, x, y, {"lora": torch.optim.AdamW(lora_params, lr=1e-4)}, train_steps)
-    both_train = _time_train_steps(model, x, y, build_optimizers(model, tcfg), train_steps)
-    res: dict[str, Any] = {"lora_rank": rank, "lora_params": sum(p.numel() for p in lora_params)}
-    for m in ("lora", "both"):
-        ratios = [a / b for a, b in zip(times[m], times["base"])]
-        res[f"{m}_tokens_per_s"] = statistics.median(n / s for s in times[m])
-        res[f"{m}_overhead"] = statistics.median(ratios) - 1.0
-        res[f"{m}_overhead_spread"] = {k: v - 1.0 for k, v in _spread(ratios).items()}
-    res["lora_train_tokens_per_s"] = n / statistics.median(lora_train) if lora_train else None
-    res["both_train_tokens_per_s"] = n / statistics.median(both_train) if both_train else None
-    return res
+    return times
 
 
 def bench_retrofit(base: str = _R.base, layers: tuple[int, ...] = _R.layers, batch_size: int = _R.batch_size,
@@ -113,21 +104,18 @@ def bench_retrofit(base: str = _R.base, layers: tuple[int, ...] = _R.layers, bat
         x = torch.randint(0, V, (batch_size, seq_len), generator=g)
         n = x.numel()
 
-        def infer() -> float:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model(x)
-            return time.perf_counter() - t0
-
-        with torch.no_grad():  # warm-up: allocator, kernels, hashing tables
-            model(x)
-            with model.without_engram():
-                model(x)
-        base_s, retro_s = [], []
-        for _ in range(repeats):
-            with model.without_engram():
-                base_s.append(infer())
-            retro_s.append(infer())
+        # Engram's own training steps first, before any LoRA weights exist
+        tcfg = TrainConfig(steps=max(train_steps, 1), batch_size=batch_size, seq_len=seq_len, lr=1e-3,
+                           table_optimizer="sparse_adam")
+        y = torch.randint(0, V, (batch_size, seq_len), generator=g)
+        train_s = _time_train_steps(model, x, y, build_optimizers(model, tcfg), train_steps)
+        counts = model.param_counts()
+        modes: dict[str, Callable[[], Any]] = {"base": model.base_only, "engram": model.without_lora}
+        if lora_rank:
+            _add_lora(model, lora_rank)
+            modes.update(lora=model.without_engram, both=contextlib.nullcontext)
+        times = _interleaved(model, x, modes, repeats)
+        base_s, retro_s = times["base"], times["engram"]
         # Engram alone (hash + every Engram layer on hidden states of the batch's shape): what the
         # overhead would be on a quiet machine, since it cannot hide behind other work on a CPU.
         h = torch.randn(batch_size, seq_len, 1, model.cfg.hidden_size, generator=g)
@@ -143,17 +131,27 @@ def bench_retrofit(base: str = _R.base, layers: tuple[int, ...] = _R.layers, bat
         retro_tps = [n / s for s in retro_s]
         ratios = [r / bb for r, bb in zip(retro_s, base_s)]
 
-        tcfg = TrainConfig(steps=max(train_steps, 1), batch_size=batch_size, seq_len=seq_len, lr=1e-3,
-                           table_optimizer="sparse_adam")
-        y = torch.randint(0, V, (batch_size, seq_len), generator=g)
-        train_s = _time_train_steps(model, x, y, build_optimizers(model, tcfg), train_steps)
-        counts = model.param_counts()
-        lora = _lora_speeds(model, x, y, lora_rank, repeats, train_steps, tcfg) if lora_rank else {}
+        lora: dict[str, Any] = {}
+        if lora_rank:
+            lora_params = list(model.lora_state().values())
+            lora = {"lora_rank": lora_rank, "lora_params": sum(p.numel() for p in lora_params)}
+            for m in ("lora", "both"):
+                ratios_m = [a / b for a, b in zip(times[m], base_s)]
+                lora[f"{m}_tokens_per_s"] = statistics.median(n / s for s in times[m])
+                lora[f"{m}_overhead"] = statistics.median(ratios_m) - 1.0
+                lora[f"{m}_overhead_spread"] = {k: v - 1.0 for k, v in _spread(ratios_m).items()}
+            with model.without_engram():
+                lora_train = _time_train_steps(model, x, y, {"lora": torch.optim.AdamW(lora_params, lr=1e-4)},
+                                               train_steps)
+            both_train = _time_train_steps(model, x, y, build_optimizers(model, tcfg), train_steps)
+            lora["lora_train_tokens_per_s"] = n / statistics.median(lora_train) if lora_train else None
+            lora["both_train_tokens_per_s"] = n / statistics.median(both_train) if both_train else None
     finally:
         model.remove_hooks()
     return {**lora,
         "base": b.name, "layers": list(layers), "batch_size": batch_size, "seq_len": seq_len,
         "repeats": repeats, "threads": torch.get_num_threads(),
+        "timing": "one loop, rounds rotating over " + ", ".join(modes) + "; each overhead against the same round's base",
         "base_tokens_per_s": statistics.median(base_tps),
         "retrofit_tokens_per_s": statistics.median(retro_tps),
         "overhead": statistics.median(ratios) - 1.0,

@@ -232,7 +232,8 @@ def cmd_bench_retrofit(args: argparse.Namespace) -> int:
               f"{res['engram_ms']['median']:.0f} ms = {res['engram_share_of_base_forward']:.1%} of a base forward; training "
               f"{res['train_tokens_per_s']:,.0f} tokens/s")
         if "lora_tokens_per_s" in res:
-            print(f"LoRA r{res['lora_rank']}: {res['lora_tokens_per_s']:,.0f} tokens/s ({res['lora_overhead']:+.1%}), "
+            print(f"against the same base timing, LoRA r{res['lora_rank']}: {res['lora_tokens_per_s']:,.0f} tokens/s "
+                  f"({res['lora_overhead']:+.1%}), "
                   f"training {res['lora_train_tokens_per_s']:,.0f}; LoRA + Engram: {res['both_tokens_per_s']:,.0f} "
                   f"tokens/s ({res['both_overhead']:+.1%}), training {res['both_train_tokens_per_s']:,.0f}")
     return 0

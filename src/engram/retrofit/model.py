@@ -544,17 +544,22 @@ class RetrofitLM(nn.Module):
             self._engram_off = prev
 
     @contextlib.contextmanager
-    def base_only(self) -> Iterator[None]:
-        """Run as the untouched base inside this block: Engram skipped and LoRA switched off."""
+    def without_lora(self) -> Iterator[None]:
+        """Run with LoRA's weights switched off inside this block (Engram stays on)."""
         loras = _lora_layers(self.base)
         for m in loras:
             m.enable_adapters(False)
         try:
-            with self.without_engram():
-                yield
+            yield
         finally:
             for m in loras:
                 m.enable_adapters(True)
+
+    @contextlib.contextmanager
+    def base_only(self) -> Iterator[None]:
+        """Run as the untouched base inside this block: Engram skipped and LoRA switched off."""
+        with self.without_lora(), self.without_engram():
+            yield
 
     def generate(self, prompt_ids: Optional[torch.Tensor] = None, sampling: Optional[SamplingConfig] = None,
                  eos_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
