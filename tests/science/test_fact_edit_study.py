@@ -129,19 +129,23 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     fake, calls = _fake(lambda lr: {0.3: 0.5}.get(lr, 0.2))  # peaks inside the grid
     monkeypatch.setattr(study, "measure_edit", fake)
     out = tmp_path / "s"
-    cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, lrs=(0.1, 0.3, 1.0), edit=FactEditConfig(rows="subject"))
-    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid", "forms", "test"),
+    cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, lrs=(0.1, 0.3, 1.0), capacity=(1,),
+                                    edit=FactEditConfig(rows="subject"))
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid", "forms", "test", "capacity"),
                     extend=False, compare_forms=False, log=lambda m: None)
     n = len(calls)
     more = replace(cfg, edit=replace(cfg.edit, steps=cfg.edit.steps + 200))
     s = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("test", "summary"),
                         log=lambda m: None)
     assert len(calls) == n + len(cfg.seeds)  # the new recipe's test runs are new runs
+    # the earlier recipe's capacity run is still shown, marked as another recipe's, beside the new test run
+    assert [(c["facts"], c["max_steps"], c["current_recipe"]) for c in s["capacity"]] == [
+        (1, cfg.edit.steps, False), (2, more.edit.steps, True)]
     assert len(list((out / "runs").glob(f"test-2-seed*-steps{more.edit.steps}*"))) == len(cfg.seeds)
     assert len(s["test"]["test_exact"]["runs"]) == len(cfg.seeds)
     assert [e["recipe"]["steps"] for e in s["earlier"]] == [cfg.edit.steps] and "p_current_vs_this" in s["earlier"][0]
     md = (out / "summary.md").read_text()
-    assert "Earlier recipe" in md
+    assert "Earlier recipe" in md and f"| 1 | {cfg.edit.steps} (other recipe) |" in md
     assert f"of at most {cfg.edit.steps} | {cfg.edit.steps}, " in md and "(3 of 3 still improving at the cap)" in md
     assert f"of at most {more.edit.steps} | 5, 5, 5 (0 of 3 still improving at the cap)" in md
     reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,

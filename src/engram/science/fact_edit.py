@@ -420,11 +420,15 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                              "old_exact": _stat([u[k]["old_answer_test_exact"] for u in ups]),
                              "kl": _stat([u[k]["neutral"]["kl"] for u in ups])} for k in ("rewrite", "stack")}
         out["update"]["reverted_bit_exact"] = all(u["reverted_bit_exact"] for u in ups)
+    # every capacity run of the first seed (each with its step cap: a capacity run need not share
+    # the current recipe's), and the current recipe's own test run at its fact count
     out["capacity"] = [{"facts": r["facts"], "seed": r["seed"], "test_exact": r["test_exact"],
                         "train_forms_exact": r["train_forms_exact"], "kl": r["neutral"]["kl"],
-                        "seconds": r["seconds"]}
+                        "seconds": r["seconds"], "max_steps": r.get("config", {}).get("steps"),
+                        "current_recipe": r["key"] == f"capacity-{r['facts']}-seed{r.get('seed')}{suffix}"
+                        or any(r is t for t in test)}
                        for r in sorted(rows, key=lambda r: r["facts"])
-                       if (r["key"] == f"capacity-{r['facts']}-seed{r.get('seed')}{suffix}" or any(r is t for t in test))
+                       if (r.get("phase") == "capacity" or any(r is t for t in test))
                        and r.get("seed") == (seeds or [None])[0]]
     return out
 
@@ -515,10 +519,13 @@ def summary_markdown(s: dict[str, Any]) -> str:
                          f"{_ms(u[k]['kl'], digits=4)} |")
         lines.append(f"\nRemoval (revert) restores the model bit for bit: {u['reverted_bit_exact']}.")
     if s.get("capacity"):
-        lines += ["", "### Capacity (one seed)", "", "| facts | held-out exact | training-template exact | KL | seconds |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "### Capacity (one seed)", "",
+                  "| facts | at most steps | held-out exact | training-template exact | KL | seconds |",
+                  "|---|---|---|---|---|---|"]
         for r in s["capacity"]:
-            lines.append(f"| {r['facts']} | {100 * r['test_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
+            cap = r.get("max_steps")
+            lines.append(f"| {r['facts']} | {'-' if cap is None else cap}{'' if r.get('current_recipe', True) else ' (other recipe)'} | "
+                         f"{100 * r['test_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
                          f"{r['kl']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
