@@ -22,7 +22,8 @@ class HashBenchConfig:
 
     batch_size: int = setting(8)
     seq_len: int = setting(4096)
-    repeats: int = setting(5)
+    repeats: int = setting(5, "timed repeats of every path, after the warm-up ones (the headline is their median)")
+    warmup: int = setting(2, "untimed-for-the-headline repeats of every path first, reported apart (warmup_*)")
     threads: int = setting(1)
     device: str = setting("cpu", "cpu, or cuda: also time the torch path on the GPU (ids already there, "
                           "synchronized per call)", metavar="DEV")

@@ -47,7 +47,7 @@ def _spread(times: list[float], work: float) -> dict[str, float]:
 
 def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = HashBenchConfig.seq_len,
                repeats: int = HashBenchConfig.repeats, threads: int = HashBenchConfig.threads,
-               device: str = HashBenchConfig.device) -> dict[str, Any]:
+               device: str = HashBenchConfig.device, warmup: int = HashBenchConfig.warmup) -> dict[str, Any]:
     """Tokens/s of ``hash`` (all layers) vs ``hash_reference``; ratio = fast / reference.
 
     The fast path is the native kernel with the hasher's default ids (int32 for these
@@ -55,11 +55,15 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
     ``threads`` sets torch's intra-op threads for the run (restored afterwards); the native
     kernel and numpy are single-threaded either way. ``device="cuda"`` adds the torch path on the
     GPU (``cuda``: ids on the device, output compared with the reference, each call synchronized).
+
+    Both sides warm up first: ``warmup`` rounds of every path, interleaved like the timed ones,
+    are kept out of the headline (their ratios are reported apart, ``warmup_ratio_per_repeat``),
+    so the headline is steady state; a first repeat can differ several-fold from the rest.
     """
     dev = resolve_device(device)
-    if batch_size < 1 or seq_len < 1 or repeats < 1 or threads < 1:
+    if batch_size < 1 or seq_len < 1 or repeats < 1 or threads < 1 or warmup < 0:
         raise EngramError(f"batch_size={batch_size}, seq_len={seq_len}, repeats={repeats}, "
-                         f"threads={threads}: all must be >= 1")
+                         f"threads={threads}, warmup={warmup}: all must be >= 1 (warmup >= 0)")
     cfg = EngramConfig()
     hasher = NgramHasher(cfg, DEEPSEEK_VOCAB, np.arange(DEEPSEEK_VOCAB, dtype=np.int64))
     ids_np = np.random.default_rng(0).integers(0, DEEPSEEK_VOCAB, size=(batch_size, seq_len),
@@ -105,9 +109,10 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
                 torch.cuda.synchronize(dev)
             paths["cuda"] = on_gpu
         t: dict[str, list[float]] = {k: [] for k in paths}
-        for _ in range(repeats):
+        warm: dict[str, list[float]] = {k: [] for k in paths}
+        for i in range(warmup + repeats):
             for name, fn in paths.items():
-                t[name].append(_timed(fn))
+                (warm if i < warmup else t)[name].append(_timed(fn))
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -131,6 +136,8 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
         "ratio": fast / base,
         "ratio_per_repeat": per_repeat_ratio,
         "ratio_spread": [min(per_repeat_ratio), max(per_repeat_ratio)],
+        "warmup": warmup,
+        "warmup_ratio_per_repeat": [r / f for r, f in zip(warm["reference"], warm["fast"])],
         "backend": backend,
         "id_dtype": str(hasher.id_dtype).replace("torch.", ""),
         "ns_per_token": 1e9 / fast,
@@ -152,8 +159,9 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
         "batch_size": batch_size,
         "seq_len": seq_len,
         "repeats": repeats,
-        "timing": "median of interleaved repeats, all layers per call; bandwidth: allocate + fill a fresh "
-                  "output-sized tensor (and numpy fill of 256 MiB), one thread, same loop",
+        "timing": "median of interleaved repeats after the warm-up repeats (steady state), all layers per call; "
+                  "bandwidth: allocate + fill a fresh output-sized tensor (and numpy fill of 256 MiB), one thread, "
+                  "same loop",
         "config": {"layer_ids": list(cfg.layer_ids), "max_ngram_size": cfg.max_ngram_size,
                    "n_head_per_ngram": cfg.n_head_per_ngram,
                    "rows_per_head": list(cfg.rows_per_head),

@@ -72,8 +72,11 @@ def cmd_bench_hash(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"hash: {result['tokens_per_s']:,.0f} tokens/s vs reference "
-              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x; "
+        lo, hi = result["ratio_spread"]
+        warm = ", ".join(f"{r:.1f}x" for r in result["warmup_ratio_per_repeat"]) or "none"
+        print(f"hash, steady state: {result['tokens_per_s']:,.0f} tokens/s vs reference "
+              f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x "
+              f"({result['repeats']} repeats: {lo:.2f}x .. {hi:.2f}x; warm-up repeats apart: {warm}); "
               f"{result['ns_per_token']:.1f} ns and {result['bytes_written_per_token']:.0f} bytes written "
               f"per token, {result['bandwidth_fraction']:.0%} of one thread's write bandwidth")
     return 0
