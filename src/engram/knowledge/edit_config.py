@@ -29,7 +29,7 @@ class FactEditConfig:
     steps, batch, KL weights and stopping were set, not tuned."""
 
     lr: float = _f("lr", 9.0, "Adam learning rate of the trained rows")
-    steps: int = _f("steps", 600, "at most this many steps (training stops earlier when dev questions stop improving)")
+    steps: int = _f("steps", 1200, "at most this many steps (training stops earlier when dev questions stop improving)")
     batch_size: int = _f("batch-size", 16, "training sentences per step")
     kl_weight: float = _f("kl-weight", 1.0, "KL to the unedited model on the sentences' non-answer tokens")
     neutral_kl_weight: float = _f("neutral-kl-weight", 1.0, "KL to the unedited model on neutral text")
