@@ -2,7 +2,7 @@
 ``engram train / eval / generate`` (``--table``, ``--storage``, ``--cache-rows``, ``--prefetch``).
 
     engram table inspect FILE [--verify] [--json]       header, layers, fingerprint; --verify CRCs
-    engram table convert SRC DST [--dtype bf16]         checkpoint -> file, file -> file
+    engram table convert SRC DST [--dtype bf16|fp8]     checkpoint -> file, file -> file
     engram table convert FILE OUT_RUN --base RUN        file -> new checkpoint (base run's model)
     engram table stats --data DIR (--ckpt RUN | --preset P)   Zipf curve + simulated hit rates
 
@@ -134,7 +134,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"from {src}")
     elif args.base:
         if args.dtype:
-            raise EngramError("--dtype does not apply when writing a checkpoint (its tables are fp32)")
+            raise EngramError(f"--dtype {args.dtype} does not apply when writing a checkpoint (its tables are "
+                              f"fp32; an fp8 table is dequantised into them); drop --dtype")
         res = import_table_into_checkpoint(src, args.base, args.dst, progress=not args.quiet)
         print(f"wrote checkpoint {res['checkpoint']}: {args.base}'s model with tables from {src}")
     else:
@@ -246,7 +247,9 @@ def register(sub: Any) -> None:
                      "table file -> checkpoint (with --base)")
     c.add_argument("src", help="a run directory or a table file")
     c.add_argument("dst", help="a table file, or with --base a new run directory")
-    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="storage dtype of the written table")
+    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8"],
+                   help="storage dtype of the written table (fp8: float8 e4m3 values and a scale per row; "
+                        "from an fp8 table, fp32/bf16/fp16 dequantise)")
     c.add_argument("--base", metavar="RUN", help="write a checkpoint: RUN's model with SRC's tables")
     add_common(c, "--quiet")
     c.set_defaults(fn=cmd_convert)

@@ -4,23 +4,40 @@ One file holds every Engram layer of a model (a per-layer directory in the heade
 ``--table PATH`` names the whole memory. Layout (all integers little-endian)::
 
     offset 0    8 bytes   magic b"ENGRAMTB"
-    offset 8    u32       format version (1)
+    offset 8    u32       format version (1; 2 for fp8 files)
     offset 12   u32       header length L (bytes of UTF-8 JSON)
     offset 16   u32       CRC-32 of the JSON bytes
     offset 20   u32       reserved (0)
     offset 24   L bytes   JSON header (below)
     ...         zero padding up to the first layer's data offset
-    data        per layer, starting on a 4096-byte boundary: rows x dim values of the storage
-                dtype, row-major and contiguous (row r starts at offset + r * dim * itemsize)
+    data        per layer, starting on a 4096-byte boundary: one record per row, row-major and
+                contiguous (row r starts at offset + r * row_bytes). fp32 / bf16 / fp16: the
+                row's dim values (row_bytes = dim * itemsize). fp8: the row's dim float8 e4m3
+                values (``torch.float8_e4m3fn``) followed by its fp32 scale (row_bytes = dim + 4);
+                the row is value * scale, computed in fp32 (see "fp8 rows" below)
 
 JSON header keys: ``format`` ("engram-table"), ``version``, ``dtype`` ("fp32" | "bf16" |
-"fp16"), ``byteorder`` ("little"), ``rows`` and ``dim`` (totals: rows summed over layers, the
+"fp16" | "fp8"), ``byteorder`` ("little"), ``rows`` and ``dim`` (totals: rows summed over layers, the
 common row width), ``fingerprint`` (``NgramHasher.fingerprint()``: seeds, orders, heads,
 prime sizes, compression map), ``hasher`` (``NgramHasher.describe()``, used to name what
 differs on a mismatch), ``file_bytes`` (the exact file size: a torn or truncated file is
 caught on open), ``layers`` (a list of ``{layer_id, rows, dim, head_sizes, offset, nbytes,
 crc32}``; ``crc32`` is the CRC-32 of the layer's data bytes, or null when the writer did not
 see every byte in order, e.g. a sparsely written file), ``created_by`` and free-form ``meta``.
+An fp8 file also has ``row_layout`` (:data:`FP8_LAYOUT`: value encoding, scale dtype and
+place, bytes per row), checked on open, so that another scale layout is refused rather than
+misread.
+
+fp8 rows
+    Each row has one fp32 scale, a power of two: the smallest 2^k with amax / 2^k <= 448
+    (448 is e4m3's largest finite value), then moved down one step when rounding left the
+    largest value at 224, so that the largest stored value is always in (224, 448]. Values
+    are ``round_to_e4m3(v / scale)``. A power of two makes ``value * scale`` exact in fp32
+    and makes the encoding a fixed point: encoding the decoded rows gives back the same bytes.
+    That is what lets a patch be reverted bit for bit, a re-export reproduce the file, and an
+    in-memory copy of the rows be fingerprinted as the file is. fp8 files are written with
+    format version 2, so a reader that predates them refuses them ("upgrade engram-lm")
+    instead of misreading the records; fp32/bf16/fp16 files stay version 1.
 
 Writes are atomic: data goes to ``.NAME.tmp-PID`` beside the target (space reserved up front
 with ``posix_fallocate`` so a full disk fails before anything is written), the header is
@@ -58,13 +75,21 @@ from engram.fsutil import PathLike, fsync_dir
 
 MAGIC = b"ENGRAMTB"
 FORMAT_NAME = "engram-table"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version read and written; plain dtypes are still written as 1
+_PLAIN_VERSION = 1  # fp32 / bf16 / fp16 files: readable by every engram-lm
+FP8_VERSION = 2  # fp8 files: older readers must refuse them
 ALIGN = 4096  # data offsets are page-aligned so mmap and O_DIRECT can address them
 _PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header crc32, reserved
 _MAX_HEADER = 64 << 20  # a sane bound: a header is a few KiB per layer
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FP8 = "fp8"
+STORAGE_DTYPES = (*DTYPES, FP8)  # what a table file can store; DTYPES are the plain-tensor ones
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+_SCALE_BYTES = 4
+FP8_LAYOUT = {"values": "float8_e4m3fn", "scale": "fp32", "scale_per": "row", "scale_at": "end",
+              "scale_kind": "power-of-two"}
 _HEADER_KEYS = {"format", "version", "dtype", "byteorder", "rows", "dim", "fingerprint", "hasher",
                 "file_bytes", "layers", "created_by", "meta"}
 _LAYER_KEYS = {"layer_id", "rows", "dim", "head_sizes", "offset", "nbytes", "crc32"}
@@ -83,9 +108,103 @@ class TableWriteError(TableFileError):
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise TableFileError(f"dtype={name!r} is not a table storage dtype; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    """The torch dtype a table of storage dtype ``name`` is read into exactly (fp8 -> fp32)."""
+    if name not in STORAGE_DTYPES:
+        raise TableFileError(f"dtype={name!r} is not a table storage dtype; choose one of {sorted(STORAGE_DTYPES)}")
+    return torch.float32 if name == FP8 else DTYPES[name]
+
+
+def value_dtype(name: str) -> torch.dtype:
+    """Alias of :func:`dtype_from_name`: the dtype whose values are a table's rows bit for bit."""
+    return dtype_from_name(name)
+
+
+def row_nbytes(name: str, dim: int) -> int:
+    """Bytes of one stored row of width ``dim``."""
+    if name == FP8:
+        return dim + _SCALE_BYTES
+    return dim * dtype_from_name(name).itemsize
+
+
+# ----------------------------------------------------------------------------- fp8 rows
+def fp8_encode(values: torch.Tensor) -> torch.Tensor:
+    """Rows [n, Dh] (any float dtype) -> fp8 records uint8 [n, Dh + 4] (values, then fp32 scale).
+
+    Power-of-two scale per row (module docstring): decoding is exact and
+    ``fp8_encode(fp8_decode(r)) == r`` bit for bit.
+    """
+    v = values.detach().to("cpu", torch.float32)
+    n, dim = v.shape
+    amax = v.abs().amax(dim=1) if dim else torch.zeros(n)  # [n]
+    if not bool(torch.isfinite(amax).all()):
+        bad = int(torch.nonzero(~torch.isfinite(amax))[0])
+        raise TableFileError(f"row {bad} holds inf or NaN, which fp8 cannot store; fix the table "
+                             f"or keep it as fp32/bf16")
+    # smallest 2^k >= amax / 448: frexp gives amax/448 = m * 2^e with m in [0.5, 1)
+    m, e = torch.frexp(amax / FP8_MAX)
+    k = torch.where(m == 0.5, e - 1, e)
+    scale = torch.where(amax > 0, torch.ldexp(torch.ones(n), k.to(torch.float32)), torch.ones(n))
+    q = (v / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # [n, Dh]
+    # Rounding can leave the largest value at 224 (e.g. 225 -> 224); re-encoding the decoded row
+    # would then pick scale / 2. Take that form now (doubling an e4m3 value is exact).
+    low = (q.float().abs().amax(dim=1) == FP8_MAX / 2) if dim else torch.zeros(n, dtype=torch.bool)
+    if bool(low.any()):
+        q[low] = (q[low].float() * 2).to(torch.float8_e4m3fn)
+        scale[low] = scale[low] / 2
+    out = torch.empty(n, dim + _SCALE_BYTES, dtype=torch.uint8)
+    out[:, :dim] = q.view(torch.uint8)
+    out[:, dim:] = scale.view(torch.uint8).view(n, _SCALE_BYTES)
+    return out
+
+
+def fp8_decode(records: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fp8 records uint8 [n, Dh + 4] -> rows [n, Dh] in ``dtype`` (exact in fp32)."""
+    n = records.shape[0]
+    q = records[:, :dim].contiguous()  # [n, Dh] e4m3 bits
+    scale = torch.empty(n, _SCALE_BYTES, dtype=torch.uint8).copy_(records[:, dim:]).view(torch.float32)  # [n, 1]
+    out = _e4m3_to_fp32(q).mul_(scale)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+_SIGN_AND_LOW7 = -2013265921  # 0x87FFFFFF as an int32: the sign bit and the 27 bits below the exponent's top 4
+
+
+def _e4m3_to_fp32(q: torch.Tensor) -> torch.Tensor:
+    """e4m3 bit patterns uint8 [...] -> their values as fp32 (exact; no NaN patterns expected).
+
+    The 7 bits below the sign (eeee mmm) are moved to the bottom of fp32's exponent and the top
+    of its mantissa, the sign to fp32's sign: that is the e4m3 value times 2^-120 (subnormals
+    included), and one exact multiply restores it. torch's own float8 conversion is scalar on
+    CPUs and about 6x slower; it is the cost of every fp8 row a tier serves.
+    """
+    bits = (q.view(torch.int8).to(torch.int32) << 20).bitwise_and_(_SIGN_AND_LOW7)
+    return bits.view(torch.float32).mul_(2.0 ** 120)
+
+
+def encode_records(values: torch.Tensor, name: str) -> torch.Tensor:
+    """Rows [n, Dh] -> their stored records uint8 [n, row_bytes] in storage dtype ``name``."""
+    if name == FP8:
+        return fp8_encode(values)
+    t = values.detach().to("cpu", dtype_from_name(name)).contiguous()
+    return t.view(torch.uint8).view(t.shape[0], -1)
+
+
+def decode_records(records: torch.Tensor, name: str, dim: int, dtype: Optional[torch.dtype] = None
+                ) -> torch.Tensor:
+    """Stored records uint8 [n, row_bytes] -> rows [n, Dh] in ``dtype`` (default: the table's
+    value dtype, in which they are exact; a view of ``records`` for plain dtypes when possible)."""
+    vdt = dtype_from_name(name)
+    if name == FP8:
+        return fp8_decode(records, dim, dtype or vdt)
+    t = records.contiguous().view(vdt).view(records.shape[0], dim)
+    return t if dtype is None or dtype == vdt else t.to(dtype)
+
+
+def storage_bytes(values: torch.Tensor, name: str) -> memoryview:
+    """Rows as the bytes a ``name`` table file stores them (what its CRC-32 is taken over)."""
+    if name == FP8:
+        return memoryview(fp8_encode(values).numpy()).cast("B")
+    return as_bytes(values, dtype_from_name(name))
 
 
 def _align(n: int) -> int:
@@ -127,11 +246,18 @@ class TableHeader:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The dtype rows are read into exactly (fp8 files: fp32, the dequantised rows)."""
+        return dtype_from_name(self.dtype)
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        """Bytes per stored value (fp8: 1; its per-row scale is in ``row_bytes``)."""
+        return 1 if self.dtype == FP8 else self.torch_dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored row (fp8: values and scale)."""
+        return row_nbytes(self.dtype, self.dim)
 
     @property
     def rows(self) -> int:
@@ -172,11 +298,11 @@ def layer_specs_for(hasher: Any) -> list[tuple[int, int, tuple[int, ...]]]:
     return out
 
 
-def _plan_layers(specs: Iterable[tuple[int, int, tuple[int, ...]]], dim: int, itemsize: int,
+def _plan_layers(specs: Iterable[tuple[int, int, tuple[int, ...]]], dim: int, row_bytes: int,
                  header_room: int) -> list[LayerInfo]:
     layers, offset = [], _align(header_room)
     for lid, rows, sizes in specs:
-        nbytes = int(rows) * dim * itemsize
+        nbytes = int(rows) * row_bytes
         layers.append(LayerInfo(int(lid), int(rows), dim, tuple(sizes), offset, nbytes))
         offset = _align(offset + nbytes)
     return layers
@@ -185,13 +311,19 @@ def _plan_layers(specs: Iterable[tuple[int, int, tuple[int, ...]]], dim: int, it
 def _header_json(dtype: str, fingerprint: str, hasher: Optional[Mapping[str, Any]],
                  layers: list[LayerInfo], file_bytes: int, meta: Mapping[str, Any]) -> bytes:
     rec = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": dtype, "byteorder": "little",
+        "format": FORMAT_NAME, "version": _version_for(dtype), "dtype": dtype, "byteorder": "little",
         "rows": sum(l.rows for l in layers), "dim": layers[0].dim if layers else 0,
         "fingerprint": fingerprint, "hasher": dict(hasher) if hasher is not None else None,
         "file_bytes": file_bytes, "layers": [l.to_dict() for l in layers],
         "created_by": f"engram-lm {__version__}", "meta": dict(meta),
     }
+    if dtype == FP8:
+        rec["row_layout"] = {**FP8_LAYOUT, "row_bytes": row_nbytes(dtype, rec["dim"])}
     return json.dumps(rec, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _version_for(dtype: str) -> int:
+    return FP8_VERSION if dtype == FP8 else _PLAIN_VERSION
 
 
 # ----------------------------------------------------------------------------- writing
@@ -261,13 +393,13 @@ class TableWriter:
                  drop_cache: bool = False) -> None:
         self.path = Path(path)
         self.dtype_name = dtype
-        self.dtype = dtype_from_name(dtype)
-        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.dtype = dtype_from_name(dtype)  # the dtype rows are exact in (fp8: fp32)
+        if dim < 1:
+            raise TableFileError(f"dim={dim} must be >= 1")
+        self.row_bytes = row_nbytes(dtype, dim)
         if not isinstance(fingerprint, str) or not fingerprint:
             raise TableFileError("fingerprint must be the hasher's fingerprint (a non-empty string); "
                                  "pass model.hasher.fingerprint()")
-        if dim < 1:
-            raise TableFileError(f"dim={dim} must be >= 1")
         specs = [(int(l), int(r), tuple(int(s) for s in h)) for l, r, h in specs]
         if not specs:
             raise TableFileError("a table file needs at least one Engram layer")
@@ -279,10 +411,10 @@ class TableWriter:
             raise TableFileError(f"duplicate layer ids in {[s[0] for s in specs]}")
         self.fingerprint, self.hasher, self.meta = fingerprint, hasher, dict(meta or {})
         # Plan with a generous header reservation, then fix it: the header size depends on offsets.
-        probe = _header_json(dtype, fingerprint, hasher, _plan_layers(specs, dim, self.itemsize, 0),
+        probe = _header_json(dtype, fingerprint, hasher, _plan_layers(specs, dim, self.row_bytes, 0),
                              0, self.meta)
         room = _PREFIX.size + len(probe) + 256 + 64 * len(specs)  # digits grow when offsets are filled
-        self.layers = _plan_layers(specs, dim, self.itemsize, room)
+        self.layers = _plan_layers(specs, dim, self.row_bytes, room)
         self._room = room
         last = self.layers[-1]
         self.file_bytes = last.offset + last.nbytes
@@ -320,20 +452,30 @@ class TableWriter:
 
     # ------------------------------------------------------------------ data
     def write(self, layer_id: int, start_row: int, values: torch.Tensor) -> None:
-        """Rows ``start_row .. start_row + len(values)`` of a layer: values [n, Dh], any float dtype."""
-        i, info = self._layer(layer_id)
+        """Rows ``start_row .. start_row + len(values)`` of a layer: values [n, Dh], any float dtype
+        (encoded into the file's storage dtype: rounded, or fp8-quantised with per-row scales)."""
+        _, info = self._layer(layer_id)
         self._check_values(info, values)
-        n = values.shape[0]
+        self.write_records(layer_id, start_row, encode_records(values, self.dtype_name))
+
+    def write_records(self, layer_id: int, start_row: int, records: torch.Tensor) -> None:
+        """Rows already encoded for this file: uint8 [n, row_bytes] (from :func:`iter_layer_records`
+        of a file of the same dtype, or :func:`encode_records`); written as they are."""
+        i, info = self._layer(layer_id)
+        if records.dtype != torch.uint8 or records.dim() != 2 or records.shape[1] != self.row_bytes:
+            raise TableFileError(f"layer {layer_id}: records must be uint8 [n, {self.row_bytes}], got "
+                                 f"{records.dtype} {tuple(records.shape)}")
+        n = records.shape[0]
         if not 0 <= start_row <= info.rows - n:
             raise TableFileError(f"layer {layer_id}: rows [{start_row}, {start_row + n}) fall outside "
                                  f"[0, {info.rows})")
-        data = as_bytes(values, self.dtype)
+        data = memoryview(records.contiguous().numpy()).cast("B")
         if self._crc_valid[i] and start_row == self._next_row[i]:
             self._crc[i] = zlib.crc32(data, self._crc[i])
             self._next_row[i] += n
         else:
             self._crc_valid[i] = False
-        self._pwrite(data, info.offset + start_row * info.dim * self.itemsize)
+        self._pwrite(data, info.offset + start_row * self.row_bytes)
 
     def write_rows(self, layer_id: int, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Scattered rows (e.g. only the rows a corpus touches): rows [n] int, values [n, Dh].
@@ -350,8 +492,8 @@ class TableWriter:
         self._crc_valid[i] = False
         order = torch.argsort(rows)
         rows, values = rows[order], values[order]
-        data = as_bytes(values, self.dtype)
-        row_bytes = info.dim * self.itemsize
+        data = memoryview(encode_records(values, self.dtype_name).numpy()).cast("B")
+        row_bytes = self.row_bytes
         # Coalesce runs of consecutive rows into one write each.
         r = rows.numpy()
         breaks = np.flatnonzero(np.diff(r) != 1) + 1
@@ -400,7 +542,7 @@ class TableWriter:
         if _PREFIX.size + len(blob) > self._room:  # pragma: no cover - the room has slack
             self.abort()
             raise TableWriteError(f"internal error: header of {len(blob)} bytes overflows its reservation")
-        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob), zlib.crc32(blob), 0)
+        prefix = _PREFIX.pack(MAGIC, _version_for(self.dtype_name), len(blob), zlib.crc32(blob), 0)
         self._pwrite(memoryview(prefix + blob), 0)
         assert self._fd is not None
         try:
@@ -522,8 +664,16 @@ def _parse_header(p: Path, raw: Any, size: int) -> TableHeader:
     missing = sorted(_HEADER_KEYS - set(raw))
     if missing:
         raise bad(f"missing header keys {missing}")
-    if raw["dtype"] not in DTYPES:
-        raise bad(f"dtype {raw['dtype']!r} is not one of {sorted(DTYPES)}")
+    if raw["dtype"] not in STORAGE_DTYPES:
+        raise bad(f"dtype {raw['dtype']!r} is not one of {sorted(STORAGE_DTYPES)}")
+    if raw["dtype"] == FP8:
+        if raw["version"] < FP8_VERSION:
+            raise bad(f"dtype fp8 in a version-{raw['version']} header (fp8 needs version {FP8_VERSION})")
+        layout = raw.get("row_layout")
+        want = {**FP8_LAYOUT, "row_bytes": row_nbytes(FP8, int(raw["dim"]))}
+        if layout != want:
+            raise TableFileError(f"{p}: fp8 row layout {layout!r} is not the one this engram-lm reads "
+                                 f"({want!r}); upgrade engram-lm or re-convert the table")
     if raw["byteorder"] != "little" or sys.byteorder != "little":
         raise TableFileError(f"{p}: stored {raw['byteorder']}-endian, this machine is {sys.byteorder}-"
                              f"endian; convert the table on a little-endian machine")
@@ -534,7 +684,6 @@ def _parse_header(p: Path, raw: Any, size: int) -> TableHeader:
             f"{p} is {size:,} bytes but its header records {raw['file_bytes']:,}: the file is "
             f"{'truncated (an interrupted copy or write?)' if size < raw['file_bytes'] else 'padded or overwritten'}"
             f"; restore it or re-export the table")
-    itemsize = torch.empty((), dtype=DTYPES[raw["dtype"]]).element_size()
     layers: dict[int, LayerInfo] = {}
     if not isinstance(raw["layers"], list) or not raw["layers"]:
         raise bad("no layers")
@@ -544,7 +693,7 @@ def _parse_header(p: Path, raw: Any, size: int) -> TableHeader:
         info = LayerInfo(int(entry["layer_id"]), int(entry["rows"]), int(entry["dim"]),
                          tuple(int(s) for s in entry["head_sizes"]), int(entry["offset"]),
                          int(entry["nbytes"]), entry["crc32"])
-        if info.rows < 1 or info.dim < 1 or info.nbytes != info.rows * info.dim * itemsize:
+        if info.rows < 1 or info.dim < 1 or info.nbytes != info.rows * row_nbytes(raw["dtype"], info.dim):
             raise bad(f"layer {info.layer_id}: {info.nbytes} bytes for {info.rows} x {info.dim} {raw['dtype']}")
         if info.head_sizes and sum(info.head_sizes) != info.rows:
             raise bad(f"layer {info.layer_id}: head sizes sum to {sum(info.head_sizes)}, rows={info.rows}")
@@ -624,9 +773,18 @@ def open_table(path: PathLike, hasher: Any = None, dim: Optional[int] = None) ->
 
 def iter_layer_chunks(header: TableHeader, layer_id: int, chunk_rows: int = 1 << 18
                       ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start_row, rows [n, Dh] in the storage dtype) over one layer, read with plain reads."""
+    """(start_row, rows [n, Dh] in ``header.torch_dtype``) over one layer: the stored values
+    (fp8 files: dequantised, exact in fp32), read with plain reads."""
+    dim = header.layer(layer_id).dim
+    for start, rec in iter_layer_records(header, layer_id, chunk_rows):
+        yield start, decode_records(rec, header.dtype, dim)
+
+
+def iter_layer_records(header: TableHeader, layer_id: int, chunk_rows: int = 1 << 18
+                       ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start_row, stored rows uint8 [n, row_bytes]) over one layer: the file's bytes as they are."""
     info = header.layer(layer_id)
-    row_bytes = info.dim * header.itemsize
+    row_bytes = row_nbytes(header.dtype, info.dim)
     with open(header.path, "rb", buffering=0) as f:
         for start in range(0, info.rows, chunk_rows):
             n = min(chunk_rows, info.rows - start)
@@ -635,8 +793,7 @@ def iter_layer_chunks(header: TableHeader, layer_id: int, chunk_rows: int = 1 <<
             got = f.readinto(buf)
             if got != len(buf):
                 raise TableFileError(f"{header.path}: short read in layer {layer_id}; the file is truncated")
-            t = torch.frombuffer(buf, dtype=header.torch_dtype).view(n, info.dim)
-            yield start, t
+            yield start, torch.frombuffer(buf, dtype=torch.uint8).view(n, row_bytes)
 
 
 def read_layer(header: TableHeader, layer_id: int, dtype: torch.dtype = torch.float32,
@@ -656,7 +813,7 @@ def layer_crc32(header: TableHeader, layer_id: int,
                 on_bytes: Optional[Callable[[int], Any]] = None) -> int:
     """CRC-32 of one layer's data as stored, streamed in chunks; ``on_bytes(n)`` after each."""
     crc = 0
-    for _, chunk in iter_layer_chunks(header, layer_id):
+    for _, chunk in iter_layer_records(header, layer_id):
         data = as_bytes(chunk)
         crc = zlib.crc32(data, crc)
         if on_bytes is not None:
@@ -687,7 +844,10 @@ def verify_checksums(header: TableHeader, progress: bool = False) -> dict[int, O
 
 
 def map_layer(header: TableHeader, layer_id: int) -> tuple[mmap.mmap, torch.Tensor]:
-    """(the mmap, a tensor view [R, Dh] of the layer in the storage dtype). Never write to it.
+    """(the mmap, a tensor view of the layer's stored rows). Never write to it.
+
+    The view is [R, Dh] in the storage dtype for fp32/bf16/fp16 files, and the raw records
+    uint8 [R, Dh + 4] for fp8 files (decode gathered rows with :func:`decode_records`).
 
     The mapping is read-only and shared (``ACCESS_READ``): a private writable mapping would be
     charged against the commit limit, so a table larger than RAM could not be mapped at all
@@ -701,6 +861,10 @@ def map_layer(header: TableHeader, layer_id: int) -> tuple[mmap.mmap, torch.Tens
         mm = mmap.mmap(f.fileno(), delta + info.nbytes, access=mmap.ACCESS_READ, offset=start)
     with warnings.catch_warnings():  # torch warns that the buffer is read-only: that is the point
         warnings.simplefilter("ignore", UserWarning)
-        view = torch.frombuffer(mm, dtype=header.torch_dtype, count=info.rows * info.dim,
-                                offset=delta).view(info.rows, info.dim)
+        if header.dtype == FP8:
+            rb = row_nbytes(FP8, info.dim)
+            view = torch.frombuffer(mm, dtype=torch.uint8, count=info.rows * rb, offset=delta).view(info.rows, rb)
+        else:
+            view = torch.frombuffer(mm, dtype=header.torch_dtype, count=info.rows * info.dim,
+                                    offset=delta).view(info.rows, info.dim)
     return mm, view
