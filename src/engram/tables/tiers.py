@@ -3,7 +3,8 @@
 Row ids depend only on the input tokens, so a table does not have to sit in fast memory: rows
 can be fetched from slower storage ahead of time (see ``engram.tables.runtime``). Every tier
 implements the same interface and returns exactly the stored values (bit for bit; a bf16/fp16
-file yields its stored values widened to ``out.dtype``):
+file yields its stored values widened to ``out.dtype``; an fp8 file its dequantised rows,
+value * per-row scale, which are exact in fp32):
 
     ========  ============================================================================
     MEMORY    a tensor in RAM, e.g. the model's trainable ``nn.Embedding`` weight (default)
@@ -11,7 +12,9 @@ file yields its stored values widened to ``out.dtype``):
               reads are spread over ``io_threads`` threads so several page faults are in
               flight at once (one thread manages ~16k cold rows/s, 16 threads ~90k)
     CACHED    a fixed pool of hot rows (LRU or LFU, ``capacity`` rows) in front of another
-              tier; misses are read from the backing tier and admitted, evicting the coldest
+              tier; misses are read from the backing tier and admitted, evicting the coldest.
+              In front of an fp8 file the pool keeps the fp8 records (Dh + 4 bytes a row) and
+              decodes hits, so it holds 4x the rows of an fp32 pool in the same RAM
     ========  ============================================================================
 
 ``open_layer_storage`` runs file-backed tiers in a helper process by default
@@ -44,7 +47,7 @@ import torch
 
 from engram.config import CachePolicy, StorageConfig, StorageError, TableLocation
 from engram.tables.rowindex import RowIndex
-from engram.tables.tablefile import TableHeader, map_layer
+from engram.tables.tablefile import FP8, TableHeader, decode_records, map_layer, row_nbytes
 
 
 @dataclass
@@ -197,8 +200,12 @@ class MmapStorage(TableStorage):
         info = header.layer(layer_id)
         super().__init__(info.rows, info.dim, header.torch_dtype)
         self.path, self.layer_id, self.cold = Path(header.path), layer_id, cold
+        self.storage_dtype = header.dtype
+        # fp8 files: the view holds records uint8 [R, Dh + 4]; lookups decode what they gather
+        self.record_bytes = row_nbytes(header.dtype, info.dim) if header.dtype == FP8 else None
+        self.row_bytes = row_nbytes(header.dtype, info.dim)
         self._offset, self._nbytes = info.offset, info.nbytes
-        self._mm, self.view = map_layer(header, layer_id)  # view: [R, Dh] storage dtype
+        self._mm, self.view = map_layer(header, layer_id)  # view: [R, Dh] storage dtype, or fp8 records
         self._mm.madvise(mmap.MADV_RANDOM)  # rows are scattered: readahead would waste I/O
         self._fd = os.open(self.path, os.O_RDONLY)
         self.io_threads = io_threads
@@ -237,19 +244,40 @@ class MmapStorage(TableStorage):
         for f in [self._pool.submit(part, i) for i in range(k)]:
             f.result()
 
-    def _lookup(self, rows: torch.Tensor, out: torch.Tensor, unique: bool) -> None:
-        if out.dtype == self.dtype and out.is_contiguous():
+    def lookup_records(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """fp8 files: distinct rows [N] -> their stored records ``out`` uint8 [N, Dh + 4], undecoded
+        (the cached tier keeps records in its pool)."""
+        if self.record_bytes is None:
+            raise StorageError("lookup_records serves fp8 table files; use lookup")
+        t0 = time.perf_counter()
+        with self._lock:
             self._gather(rows, out)
-        else:
-            tmp = torch.empty(rows.numel(), self.dim, dtype=self.dtype)
-            self._gather(rows, tmp)
-            out.copy_(tmp)
+            self._count(rows, True)
+            self.stats.calls += 1
+            self.stats.lookups += rows.numel()
+            self.stats.lookup_s += time.perf_counter() - t0
+        return out
+
+    def _count(self, rows: torch.Tensor, unique: bool) -> None:
         u = _count_unique(rows, unique)
         self.stats.unique_rows += u
         self.stats.misses += u
         self.stats.bytes_read += u * self.row_bytes
         if self.cold:
             self.drop_page_cache()
+
+    def _lookup(self, rows: torch.Tensor, out: torch.Tensor, unique: bool) -> None:
+        if self.record_bytes is not None:
+            rec = torch.empty(rows.numel(), self.record_bytes, dtype=torch.uint8)
+            self._gather(rows, rec)
+            out.copy_(decode_records(rec, self.storage_dtype, self.dim))
+        elif out.dtype == self.dtype and out.is_contiguous():
+            self._gather(rows, out)
+        else:
+            tmp = torch.empty(rows.numel(), self.dim, dtype=self.dtype)
+            self._gather(rows, tmp)
+            out.copy_(tmp)
+        self._count(rows, unique)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -265,8 +293,8 @@ class MmapStorage(TableStorage):
             pass
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "path": str(self.path), "io_threads": self.io_threads,
-                "cold": self.cold}
+        return {**super().describe(), "path": str(self.path), "storage_dtype": self.storage_dtype,
+                "io_threads": self.io_threads, "cold": self.cold}
 
 
 class CachedStorage(TableStorage):
@@ -298,7 +326,11 @@ class CachedStorage(TableStorage):
         super().__init__(backing.num_rows, backing.dim, backing.dtype)
         self.backing, self.policy = backing, policy
         self.capacity = int(min(capacity, backing.num_rows))
-        self.pool = torch.empty(self.capacity, self.dim, dtype=self.dtype)  # [C, Dh] hot rows
+        # In front of an fp8 file the pool holds its records [C, Dh + 4] (decoded per lookup)
+        self.record_bytes: Optional[int] = getattr(backing, "record_bytes", None)
+        self.row_bytes = backing.row_bytes
+        self.pool = (torch.empty(self.capacity, self.dim, dtype=self.dtype) if self.record_bytes is None
+                     else torch.empty(self.capacity, self.record_bytes, dtype=torch.uint8))  # hot rows
         self.slot_row = torch.full((self.capacity,), -1, dtype=torch.int64)  # row held by each slot
         self.last_used = torch.zeros(self.capacity, dtype=torch.int64)  # tick of last use
         self.freq = torch.zeros(self.capacity, dtype=torch.int32)  # uses since admission (lfu)
@@ -322,18 +354,27 @@ class CachedStorage(TableStorage):
         self.last_used[hit_slots] = self.tick
         self.freq[hit_slots] += 1
         self._log(hit_slots)
-        vals = out if inv is None and out.dtype == self.dtype else torch.empty(uniq.numel(), self.dim,
-                                                                                 dtype=self.dtype)
+        rec = self.record_bytes
+        if rec is not None:  # pool rows are fp8 records: gather records, decode once at the end
+            vals = torch.empty(uniq.numel(), rec, dtype=torch.uint8)
+        else:
+            vals = out if inv is None and out.dtype == self.dtype else torch.empty(uniq.numel(), self.dim,
+                                                                                     dtype=self.dtype)
         n_hit = int(hit_slots.numel())
         miss = ~hit
         if n_hit:
             vals[hit] = self.pool[hit_slots]
         if n_hit < uniq.numel():
             miss_rows = uniq[miss]
-            miss_vals = torch.empty(miss_rows.numel(), self.dim, dtype=self.dtype)
-            self.backing.lookup(miss_rows, miss_vals, unique=True)
+            miss_vals = torch.empty(miss_rows.numel(), *self.pool.shape[1:], dtype=self.pool.dtype)
+            if rec is not None:
+                self.backing.lookup_records(miss_rows, miss_vals)  # type: ignore[attr-defined]
+            else:
+                self.backing.lookup(miss_rows, miss_vals, unique=True)
             vals[miss] = miss_vals
             self._admit(miss_rows, miss_vals, n_hit)
+        if rec is not None:
+            vals = decode_records(vals, FP8, self.dim)
         if vals is not out:
             out.copy_(vals if inv is None else vals[inv])
         st = self.stats
@@ -451,12 +492,13 @@ class CachedStorage(TableStorage):
     @property
     def nbytes(self) -> int:
         """RAM of the fast tier: rows, per-slot bookkeeping, index and LRU log."""
-        return self.ram_bytes(self.capacity, self.dim, self.pool.element_size(), self.policy)
+        return self.ram_bytes(self.capacity, self.pool.shape[1], self.pool.element_size(), self.policy)
 
     @classmethod
     def ram_bytes(cls, capacity: int, dim: int, itemsize: int,
                   policy: Union[str, CachePolicy] = CachePolicy.LRU) -> int:
-        """RAM a pool of ``capacity`` rows needs: rows + 20 B/slot + index + (lru) touch log."""
+        """RAM a pool of ``capacity`` rows needs: rows + 20 B/slot + index + (lru) touch log.
+        (fp8 pools: ``dim`` = Dh + 4 record bytes, ``itemsize`` = 1.)"""
         log = (cls._LOG_SLACK * capacity + cls._LOG_MIN) * 8 if policy == CachePolicy.LRU else 0
         return capacity * dim * itemsize + capacity * 20 + RowIndex.nbytes_for(capacity) + log
 
