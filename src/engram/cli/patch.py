@@ -167,7 +167,7 @@ def register(sub: Any) -> None:
     t.add_argument("--original-data", metavar="DIR",
                    help="the base run's prepared dataset (engram data prepare): the original corpus, replayed "
                    "during training (--rehearsal) so that its loss stays put")
-    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8"],
                    help="storage dtype of the table the patch is for (default: --table's, else fp32)")
     add_config_flags(t, PatchTrainConfig)
     add_config_flags(t, FactEditConfig)

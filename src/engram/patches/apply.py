@@ -63,14 +63,16 @@ from engram.patches.patchfile import (
     tables_fingerprint,
 )
 from engram.tables.tablefile import (
-    DTYPES,
     TableHeader,
     TableWriter,
     _hasher_diff,
     as_bytes,
-    iter_layer_chunks,
+    decode_records,
+    encode_records,
+    iter_layer_records,
     layer_crc32,
     read_header,
+    value_dtype,
 )
 
 CHAIN_KEY = "patches"
@@ -241,7 +243,9 @@ def revert_patch(table: PathLike, patch: Union[TablePatch, PathLike], *, chunk_r
     expect = (patch.meta["base_fingerprint"] if table_fingerprint(header) == chain[i]["result_fingerprint"]
               else None)
     tdt = header.torch_dtype
-    targets = {lid: (lp.rows, lp.new_values(tdt), lp.old) for lid, lp in patch.layers.items()}
+    # what the apply wrote (an fp8 file holds the new rows as fp8; other dtypes: the values)
+    targets = {lid: (lp.rows, decode_records(encode_records(lp.new_values(tdt), header.dtype), header.dtype,
+                                             lp.dim), lp.old) for lid, lp in patch.layers.items()}
     new_chain = chain[:i] + chain[i + 1:]
     fp = _rewrite(header, targets, _with_chain(header.meta, new_chain), patch.label(), "revert",
                   expect, chunk_rows, progress)
@@ -270,21 +274,24 @@ def _rewrite(header: TableHeader, targets: Mapping[int, tuple[torch.Tensor, torc
         for lid, info in header.layers.items():
             rows, expected, values = targets.get(lid, (None, None, None))
             old_crc, new_crc = 0, 0
-            for start, chunk in iter_layer_chunks(header, lid, chunk_rows):
+            # The stored records are copied as they are; only touched rows are decoded and
+            # encoded, so an fp8 table's other rows are never re-quantised.
+            for start, chunk in iter_layer_records(header, lid, chunk_rows):
                 old_crc = zlib.crc32(as_bytes(chunk), old_crc)
                 if rows is not None:
                     n = chunk.shape[0]
                     lo, hi = np.searchsorted(rows.numpy(), [start, start + n])
                     if hi > lo:
                         local = rows[lo:hi] - start
-                        if not same_bits(chunk[local].contiguous(), expected[lo:hi].contiguous()):
+                        now = decode_records(chunk[local], header.dtype, info.dim)
+                        if not same_bits(now.contiguous(), expected[lo:hi].contiguous()):
                             raise PatchMismatchError(
                                 f"cannot {verb} {label} on {where}: layer {lid} rows near {int(rows[lo])} do "
                                 f"not hold the values the patch expects; the table was changed outside "
                                 f"the patch chain. Nothing was written; restore the table")
-                        chunk[local] = values[lo:hi]
+                        chunk[local] = encode_records(values[lo:hi], header.dtype)
                 new_crc = zlib.crc32(as_bytes(chunk), new_crc)
-                w.write(lid, start, chunk)
+                w.write_records(lid, start, chunk)
                 bar.update(chunk.shape[0])
                 if first and pause > 0:
                     first = False
@@ -337,7 +344,7 @@ def _model_check(model: Any, patch: TablePatch) -> dict[int, torch.nn.Parameter]
     wdt = dt.pop()
     # An fp32 model patched with bf16-made rows would hold bf16 values afterwards and a revert
     # could not give its fp32 bits back; the dtypes must agree for bit-exact revert.
-    if DTYPES[patch.dtype] != wdt:
+    if value_dtype(patch.dtype) != wdt:
         raise PatchMismatchError(f"patch {patch.label()} was made for a {patch.dtype} table but the "
                                  f"model's tables are {wdt}; apply it to the {patch.dtype} table file "
                                  f"or retrain it on this model")

@@ -7,7 +7,9 @@ and reverting it need no other file and revert is bit-exact. Tensors::
     layer{L}.rows    int64 [n]        row ids into layer L's table (sorted, unique)
     layer{L}.new     [n, Dh]          new values: the table dtype, or bf16 / int8 (quantised)
     layer{L}.scale   fp32 [n]         only with int8: per-row scale, new = int8 * scale
-    layer{L}.old     [n, Dh]          old values, always in the table's storage dtype (exact)
+    layer{L}.old     [n, Dh]          old values, always exact: the table's storage dtype, and for
+                                      an fp8 table its dequantised rows in fp32 (fp8 encoding is a
+                                      fixed point, so they re-encode to the very bytes of the file)
 
 The safetensors metadata holds one key, ``engram_patch``: JSON with ``format``
 ("engram-table-patch"), ``version``, ``patch_id`` (first 16 hex digits of ``checksum``),
@@ -23,11 +25,18 @@ raises a :class:`PatchFileError` (a ``ValueError``) that names the file, the val
 
 Content fingerprint
     ``sha256(json{hash fingerprint, dtype, per layer (rows, dim, CRC-32 of its bytes in the
-    storage dtype)})``. A table file's header already carries each layer's CRC-32 (written
+    storage dtype; fp8: of its records, values and scales)})``. A table file's header already carries each layer's CRC-32 (written
     sequentially by :class:`~engram.tables.tablefile.TableWriter`), so checking a patch's base costs
     no data read; an in-memory model's tables are CRC'd in the patch's dtype. Because the
     dtype is part of it, a patch made from fp32 tables is refused by a bf16 copy of the table
     (its content differs), instead of being applied to rows it was not made for.
+
+Patches for fp8 tables
+    ``dtype`` "fp8": the new values are kept at full precision (fp32, or the chosen
+    quantisation), so an overlay (``model(ids, patches=...)``) serves them unrounded over the
+    fp8 base rows, which are never re-quantised. Applying the patch to the fp8 *file* encodes
+    the changed rows into fp8 (the file holds fp8 rows only; ``result_fingerprint`` is of that
+    content); reverting writes the old records back bit for bit.
 
 Shape legend
     n rows changed in one layer    Dh row width (head_dim)    R rows of one layer
@@ -56,7 +65,16 @@ from engram import __version__
 from engram.config import QUANTIZATIONS, PatchError
 from engram.fsutil import PathLike, atomic_write
 from engram.model.table import RowOverlay
-from engram.tables.tablefile import DTYPE_NAMES, DTYPES, as_bytes
+from engram.tables.tablefile import (
+    DTYPE_NAMES,
+    FP8,
+    STORAGE_DTYPES,
+    as_bytes,
+    fp8_decode,
+    fp8_encode,
+    storage_bytes,
+    value_dtype,
+)
 
 FORMAT_NAME = "engram-table-patch"
 FORMAT_VERSION = 1
@@ -90,7 +108,16 @@ def content_fingerprint(hash_fingerprint: str, dtype: str,
 
 def tensor_crc(t: torch.Tensor, dtype: str) -> int:
     """CRC-32 of ``t``'s bytes in storage dtype ``dtype`` (as a table file would hold them)."""
-    return zlib.crc32(as_bytes(t, DTYPES[dtype]))
+    return zlib.crc32(storage_bytes(t, dtype))
+
+
+def as_stored(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` [R, Dh] as a ``dtype`` table holds it, in that table's value dtype (fp8: encoded and
+    decoded, fp32; otherwise cast)."""
+    t = t.detach().cpu()
+    if dtype == FP8:
+        return fp8_decode(fp8_encode(t), t.shape[1])
+    return t.to(value_dtype(dtype))
 
 
 def tables_fingerprint(tables: Mapping[int, torch.Tensor], dtype: str, hash_fingerprint: str) -> str:
@@ -225,13 +252,13 @@ class TablePatch:
     def overlays(self) -> dict[int, RowOverlay]:
         """The new rows per layer as overlays, unchecked (``row_overlays`` checks them against a model)."""
         if self._overlays is None:  # dequantised once; rows are already sorted and unique
-            dt = DTYPES[self.dtype]
+            dt = value_dtype(self.dtype)
             self._overlays = {lid: RowOverlay(lp.rows, lp.new_values(dt)) for lid, lp in self.layers.items()}
         return self._overlays
 
     def overlay_nbytes(self) -> int:
         """Bytes the overlay of this patch holds (row ids and new values in the table dtype)."""
-        size = DTYPES[self.dtype].itemsize
+        size = value_dtype(self.dtype).itemsize
         return sum(lp.rows.numel() * 8 + lp.rows.numel() * lp.dim * size for lp in self.layers.values())
 
     def summary(self) -> dict[str, Any]:
@@ -293,18 +320,18 @@ def make_patch(base: Mapping[int, torch.Tensor], new: Mapping[int, torch.Tensor]
     revert is bit-exact either way. ``result_fingerprint`` is computed from what an apply will
     really write (the dequantised values in ``dtype``), so an apply can check its own result.
     """
-    if dtype not in DTYPES:
-        raise PatchError(f"dtype={dtype!r} is not a table storage dtype; choose one of {sorted(DTYPES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise PatchError(f"dtype={dtype!r} is not a table storage dtype; choose one of {sorted(STORAGE_DTYPES)}")
     if quantization not in QUANTIZATIONS:
         raise PatchError(f"quantization={quantization!r}; choose one of {list(QUANTIZATIONS)}")
     if set(base) != set(new):
         raise PatchError(f"base layers {sorted(base)} and new layers {sorted(new)} differ")
-    tdt = DTYPES[dtype]
+    tdt = value_dtype(dtype)
     layers: dict[int, LayerPatch] = {}
     result: dict[int, torch.Tensor] = {}
     for lid in sorted(base):
-        b = base[lid].detach().cpu().to(tdt)
-        n = new[lid].detach().cpu().to(tdt)
+        b = as_stored(base[lid], dtype)  # the rows the table holds (old values are exact)
+        n = new[lid].detach().cpu().to(tdt)  # fp8: new rows stay fp32, never re-quantised here
         if b.shape != n.shape or b.dim() != 2:
             raise PatchError(f"layer {lid}: base {tuple(b.shape)} and new {tuple(n.shape)} must be one [R, Dh]")
         rows = rows_changed(b, n)
@@ -406,7 +433,7 @@ def patch_from_bytes(data: bytes, p: Path) -> TablePatch:
     if got != meta["checksum"] or meta["patch_id"] != meta["checksum"][:16]:
         raise bad(f"checksum mismatch (stored {str(meta['checksum'])[:16]}..., computed {got[:16]}...): "
                   f"the file is corrupted; re-copy it or re-make the patch")
-    if meta["dtype"] not in DTYPES or meta["quantization"] not in QUANTIZATIONS:
+    if meta["dtype"] not in STORAGE_DTYPES or meta["quantization"] not in QUANTIZATIONS:
         raise bad(f"dtype {meta['dtype']!r} / quantization {meta['quantization']!r} unknown")
     layers: dict[int, LayerPatch] = {}
     for key, info in meta["layers"].items():
@@ -418,7 +445,7 @@ def patch_from_bytes(data: bytes, p: Path) -> TablePatch:
             raise bad(f"layer {lid} lacks tensor {e}; re-make the patch") from None
         except PatchError as e:
             raise bad(f"layer {lid}: {e}") from None
-        if lp.old.dtype != DTYPES[meta["dtype"]] or lp.dim != int(info["dim"]) or \
+        if lp.old.dtype != value_dtype(meta["dtype"]) or lp.dim != int(info["dim"]) or \
                 lp.rows.numel() != int(info["changed"]) or \
                 (lp.rows.numel() and (int(lp.rows[0]) < 0 or int(lp.rows[-1]) >= int(info["rows"]))):
             raise bad(f"layer {lid}: tensors disagree with the metadata (dtype {DTYPE_NAMES.get(lp.old.dtype)}, "

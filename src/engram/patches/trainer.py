@@ -63,6 +63,7 @@ from engram.patches.apply import table_chain, table_fingerprint
 from engram.patches.patchfile import PatchError, TablePatch, make_patch, save_patch, tables_fingerprint
 from engram.tables.access import row_access_counts
 from engram.tables.runtime import load_tables_into
+from engram.tables.tablefile import row_nbytes
 from engram.training.optimization import lr_at, optimizer_params, optimizer_step, set_lr
 
 
@@ -380,8 +381,7 @@ def train_patch_from_run(ckpt: PathLike, data: Sequence[PathLike], out: PathLike
                                 provenance=prov, original_tokens=original, row_counts=row_counts,
                                 progress=progress)
     path = save_patch(patch, out)
-    table_bytes = sum(int(r) for r in report["table_rows"].values()) * model.cfg.engram.head_dim * \
-        torch.empty((), dtype=patch.layers[next(iter(patch.layers))].old.dtype).element_size()
+    table_bytes = sum(int(r) for r in report["table_rows"].values()) * row_nbytes(dtype, model.cfg.engram.head_dim)
     return {**report, "patch": str(path), "patch_id": patch.patch_id, "parent": parent, "dtype": dtype,
             "patch_bytes": path.stat().st_size, "table_bytes": table_bytes,
             "size_ratio": path.stat().st_size / max(table_bytes, 1)}
