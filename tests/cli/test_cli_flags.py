@@ -207,6 +207,7 @@ def test_bench_flags_and_functions_share_their_defaults():
     from engram.bench.offload import bench_large_table, bench_offload, bench_table_optimizer
     from engram.bench.retrofit import bench_retrofit
     from engram.bench.step import bench_step
+    from engram.bench.table_dtype import bench_table_dtype
     from engram.bench.train_tiers import bench_train_tiers
 
     needed = ("--ckpt", "R", "--data", "D")  # the inputs some subcommands require
@@ -219,7 +220,8 @@ def test_bench_flags_and_functions_share_their_defaults():
              (bc.NgramBenchConfig, bench_vs_infinigram, "ngram", "--data", "D"),
              (bc.NgramMixBenchConfig, mixture_experiment, "ngram-mix", *needed),
              (bc.DraftBenchConfig, bench_draft, "draft", *needed),
-             (bc.RetrofitBenchConfig, bench_retrofit, "retrofit")]
+             (bc.RetrofitBenchConfig, bench_retrofit, "retrofit"),
+             (bc.TableDtypeBenchConfig, bench_table_dtype, "table-dtype")]
     for cls, fn, name, *inputs in pairs:
         defaults = dataclasses.asdict(cls())
         params = inspect.signature(fn).parameters

@@ -250,3 +250,39 @@ def test_convert_cli_and_one_line_errors(tmp_path, capsys) -> None:
     assert err.count("\n") == 0 and "row 9 holds inf or NaN" in err
     assert not (tmp_path / "c.engt").exists() and not list(tmp_path.glob(".c.engt.tmp-*"))
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the benchmark's pieces
+def test_bench_pieces_and_page(tmp_path) -> None:
+    from engram.bench.table_dtype import (
+        amax_scale_rows,
+        bytes_report,
+        loss_summary,
+        quantisation_error,
+        table_dtype_page,
+        tier_rows_per_s,
+    )
+
+    v = _rows(6)
+    files = {dt: _write(tmp_path / f"{dt}.engt", v, dt) for dt in ("fp32", "bf16", "fp8")}
+    err = quantisation_error(files)
+    assert 0 < err["bf16"] < err["fp8"] < 0.05 and 0 < err["fp8-amax"] < 0.05
+    assert bool(((amax_scale_rows(v) - v).abs() <= v.abs() / 16 + v.abs().amax(1, keepdim=True) / 448 * 2 ** -9).all())
+    b = bytes_report(files)
+    assert b["dtypes"]["fp8"]["row_bytes"] == DIM + 4 and b["fp8_over_bf16"] == (DIM + 4) / (2 * DIM)
+    losses = {"fp32": [2.0, 3.0, 4.0], "bf16": [2.1, 3.0, 4.2], "fp8": [2.2, 3.3, 4.2]}
+    s = loss_summary(losses)
+    d = s["minus_bf16"]["fp8"]
+    assert s["batches"] == 3 and abs(d["mean"] - 0.4 / 3) < 1e-12 and abs(s["minus_fp32"]["bf16"]["mean"] - 0.1) < 1e-12
+    t = tier_rows_per_s(files, ("memory", "mmap", "cached"), lookups=2, rows_per_lookup=64, repeats=3,
+                        cache_fraction=0.25, seed=0)
+    assert [len(x["fp8_over_bf16"]) for x in t["summary"].values()] == [3, 3, 3] and len(t["runs"]) == 18
+    t["source"] = "demo"
+    block = {"batch_size": 1, "seq_len": 4, "tokens_per_variant": 12, "eval_s": 1.0, "losses": losses,
+             "summary": s, "quantisation_error": err, "bytes": b}
+    r = {"date": "2026-12-07", "machine": "m", "config": {"repeats": 3},
+         "platform": {"cpus": 2, "platform": "p", "python": "3", "torch": "2", "threads": 1},
+         "demo": {"ckpt": "runs/x", "data": "d", "step": 5, **block}, "tiers": t}
+    page = table_dtype_page(r, "engram bench table-dtype")
+    assert f"{d['mean']:+.5f}" in page and f"{t['summary']['mmap']['fp8_over_bf16_median']:.2f}" in page
+    assert "| demo (700 rows x 8) | fp8 | 12 |" in page

@@ -245,3 +245,29 @@ class StateCacheBenchConfig:
     threads: Optional[int] = setting(1, "torch intra-op threads (default 1)")
     seed: int = setting(0)
 
+
+
+@dataclass
+class TableDtypeBenchConfig:
+    """``engram bench table-dtype``: fp8 table files against bf16 and fp32 - paired eval loss of an
+    Engram run and/or a retrofit adapter, bytes per row, and rows/s through every storage tier."""
+
+    workdir: str = setting("table-dtype-work", "where the converted table files are written")
+    variants: tuple[str, ...] = setting(("fp32", "bf16", "fp8", "fp8-amax"),
+                                        "table variants evaluated (fp8-amax: amax/448 scales, not a file format)")
+    adapter_variants: tuple[str, ...] = setting(("fp32", "bf16", "fp8"), "table variants of the adapter "
+                                                "(its evaluations are the slow part)")
+    demo_batches: int = setting(40, "validation batches of the run (--ckpt)")
+    demo_batch_size: int = setting(8)
+    demo_seq_len: int = setting(128)
+    adapter_batches: int = setting(40, "validation batches of the adapter (--adapter)")
+    adapter_batch_size: int = setting(2)
+    adapter_seq_len: int = setting(256)
+    tiers: tuple[str, ...] = setting(("memory", "mmap", "mmap-cold", "cached", "cached-process"),
+                                     "storage tiers timed")
+    lookups: int = setting(20, "lookups per timed run")
+    rows_per_lookup: int = setting(4096, "distinct random rows per lookup")
+    repeats: int = setting(3, "timed runs per tier and dtype (bf16 and fp8 take turns)")
+    cache_fraction: float = setting(0.25, "rows of the cached tiers' pool, as a fraction of the table")
+    threads: int = setting(1, "torch intra-op threads")
+    seed: int = setting(0)

@@ -13,6 +13,7 @@
     engram bench distributed             row-sharded training on 1 vs W processes
     engram bench overlay [--json]        tenant server with 0, 1, N tenants' patches vs none
     engram bench state-cache [--json]    time to first token with and without stored prompt states
+    engram bench table-dtype [--json]    fp8 tables vs bf16 / fp32: eval loss, bytes, tier rows/s
 
 The benchmarks themselves live in ``engram.bench``; every subcommand's settings are a dataclass of
 ``engram.bench.config`` (``engram bench patch``: ``PatchBenchConfig``), its flags generated from
@@ -42,6 +43,7 @@ from engram.bench.config import (
     RetrofitBenchConfig,
     StateCacheBenchConfig,
     StepBenchConfig,
+    TableDtypeBenchConfig,
     TableOptimizerBenchConfig,
     TrainTiersBenchConfig,
 )
@@ -326,6 +328,29 @@ def cmd_bench_overlay(args) -> int:
     return 0
 
 
+def cmd_bench_table_dtype(args) -> int:
+    from engram.bench.table_dtype import bench_table_dtype, table_dtype_page
+
+    def measure() -> dict[str, Any]:
+        return bench_table_dtype(ckpt=args.ckpt, data_dir=args.data, adapter=args.adapter,
+                                 adapter_data=args.adapter_data, **_settings(args, TableDtypeBenchConfig),
+                                 progress=not args.json)
+
+    r = _result_and_files(args, measure, table_dtype_page)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    for key in ("demo", "retrofit"):
+        if key in r:
+            s = r[key]["summary"]
+            diffs = ", ".join(f"{v} {d['mean']:+.5f} (std {d['std']:.5f})" for v, d in s["minus_bf16"].items())
+            print(f"{key}: mean loss " + ", ".join(f"{v} {m:.5f}" for v, m in s["mean"].items())
+                  + f"; minus bf16 per batch: {diffs}")
+    for kind, s in r["tiers"]["summary"].items():
+        print(f"{kind}: fp8 / bf16 rows/s " + " / ".join(f"{x:.2f}" for x in s["fp8_over_bf16"]))
+    return 0
+
+
 def cmd_bench_state_cache(args) -> int:
     from engram.bench.state_cache import bench_state_cache, state_cache_page
 
@@ -456,3 +481,13 @@ def register(sub: Any) -> None:
     add_config_flags(bs, StateCacheBenchConfig)
     _add_result_flags(bs)
     bs.set_defaults(fn=cmd_bench_state_cache)
+
+    bt = bench.add_parser("table-dtype", help="fp8 table files against bf16 and fp32: paired eval loss "
+                          "(a run and/or a retrofit adapter), bytes per row, rows/s per storage tier")
+    add_common(bt, "--ckpt", help="an Engram run (engram train / engram demo)")
+    add_common(bt, "--data", help="the run's dataset (its val split is evaluated)")
+    bt.add_argument("--adapter", help="a retrofit adapter directory (engram retrofit train)")
+    bt.add_argument("--adapter-data", help="the adapter's dataset (engram retrofit data)")
+    add_config_flags(bt, TableDtypeBenchConfig)
+    _add_result_flags(bt)
+    bt.set_defaults(fn=cmd_bench_table_dtype)
