@@ -58,6 +58,10 @@ def table_files(src: PathLike, workdir: Path) -> dict[str, TableHeader]:
     fp32 = workdir / "fp32.engt"
     if src.is_dir() and (src / "tables.engt").is_file():
         src = src / "tables.engt"  # a retrofit adapter's own table file
+    done = [workdir / f"{dt}.engt" for dt in FILE_DTYPES]
+    if not src.is_dir() and all(f.is_file() for f in done) and \
+            [l.crc32 for l in read_header(src).layers.values()] == [l.crc32 for l in read_header(fp32).layers.values()]:
+        return {dt: read_header(f) for dt, f in zip(FILE_DTYPES, done)}  # converted by an earlier run
     if src.is_dir():
         export_checkpoint_tables(src, fp32, "fp32")
     elif read_header(src).dtype == "fp32":
@@ -216,24 +220,33 @@ def tier_rows_per_s(files: dict[str, TableHeader], tiers: Sequence[str], lookups
     g = torch.Generator().manual_seed(seed)
     requests = [torch.randperm(n_rows, generator=g)[:rows_per_lookup] for _ in range(lookups)]
     runs = []
+    memory = {}  # the decoded rows of the memory tier, read once per dtype
     for kind in tiers:
         for r in range(repeats):
             order = ("bf16", "fp8") if r % 2 == 0 else ("fp8", "bf16")
             for dt in order:
-                tier = _open_tier(kind, files[dt], lid, cache_rows)
+                if kind == "memory":
+                    if dt not in memory:
+                        memory[dt] = read_layer(files[dt], lid)
+                    tier: TableStorage = MemoryStorage(memory[dt])
+                else:
+                    tier = _open_tier(kind, files[dt], lid, cache_rows)
                 try:
                     out = torch.empty(rows_per_lookup, h.dim)
                     if kind.startswith("cached"):  # warm the pool with the same stream once
                         for rows in requests:
                             tier.lookup(rows, out, unique=True)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     for rows in requests:
                         tier.lookup(rows, out, unique=True)
-                    dt_s = time.perf_counter() - t0
+                    dt_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
                 finally:
                     tier.close()
-                runs.append({"tier": kind, "dtype": dt, "repeat": r, "seconds": dt_s,
-                             "rows_per_s": lookups * rows_per_lookup / dt_s})
+                n = lookups * rows_per_lookup
+                # CPU time of this process: on a machine shared with other jobs the wall time is
+                # mostly waiting for a core (the helper process's own CPU is not in it)
+                runs.append({"tier": kind, "dtype": dt, "repeat": r, "seconds": dt_s, "cpu_s": cpu_s,
+                             "rows_per_s": n / dt_s, "rows_per_cpu_s": n / max(cpu_s, 1e-9)})
     summary = {}
     for kind in tiers:
         mine = [x for x in runs if x["tier"] == kind]
@@ -242,7 +255,12 @@ def tier_rows_per_s(files: dict[str, TableHeader], tiers: Sequence[str], lookups
         summary[kind] = {"bf16_rows_per_s": [by["bf16"][r] for r in range(repeats)],
                          "fp8_rows_per_s": [by["fp8"][r] for r in range(repeats)],
                          "fp8_over_bf16": ratios, "fp8_over_bf16_median": statistics.median(ratios)}
-    return {"table": str(h.path), "layer": lid, "rows": n_rows, "dim": h.dim, "lookups": lookups,
+        cpu = {dt: {x["repeat"]: x.get("rows_per_cpu_s") for x in mine if x["dtype"] == dt} for dt in ("bf16", "fp8")}
+        cratios = [cpu["fp8"][r] / cpu["bf16"][r] for r in range(repeats)]
+        summary[kind].update(bf16_rows_per_cpu_s=[cpu["bf16"][r] for r in range(repeats)],
+                             fp8_rows_per_cpu_s=[cpu["fp8"][r] for r in range(repeats)],
+                             fp8_over_bf16_cpu=cratios, fp8_over_bf16_cpu_median=statistics.median(cratios))
+    return {"table": str(h.path), "layer": lid, "rows": n_rows, "dim": h.dim, "lookups": lookups, "repeats": repeats,
             "rows_per_lookup": rows_per_lookup, "cache_rows": cache_rows, "runs": runs, "summary": summary}
 
 
@@ -255,9 +273,16 @@ def bench_table_dtype(*, ckpt: Optional[str] = None, data_dir: Optional[str] = N
                       demo_seq_len: int = 128, adapter_batches: int = 40, adapter_batch_size: int = 2,
                       adapter_seq_len: int = 256, tiers: Sequence[str] = TIERS, lookups: int = 20,
                       rows_per_lookup: int = 4096, repeats: int = 3, cache_fraction: float = 0.25,
-                      threads: int = 1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """The result dict (see the module docstring); ``workdir`` receives the converted table files."""
-    if ckpt is None and adapter is None:
+                      threads: int = 1, seed: int = 0, progress: bool = True,
+                      earlier: Optional[Sequence[dict[str, Any]]] = None) -> dict[str, Any]:
+    """The result dict (see the module docstring); ``workdir`` receives the converted table files.
+
+    ``earlier``: results of earlier runs (later ones win) whose parts (``demo``, ``retrofit``, ``tiers``) are
+    kept where this run does not measure them (an empty ``tiers`` skips the tier timing), so
+    slow parts can be measured in separate processes and rendered on one page.
+    """
+    tiers = tuple(t for t in tiers if t)
+    if ckpt is None and adapter is None and not tiers and earlier is None:
         raise EngramError("bench table-dtype needs --ckpt RUN --data DIR and/or --adapter DIR --adapter-data DIR")
     if (ckpt is None) != (data_dir is None) or (adapter is None) != (adapter_data is None):
         raise EngramError("give --ckpt with --data, and --adapter with --adapter-data")
@@ -273,19 +298,26 @@ def bench_table_dtype(*, ckpt: Optional[str] = None, data_dir: Optional[str] = N
                    "adapter_batch_size": adapter_batch_size, "adapter_seq_len": adapter_seq_len,
                    "tiers": list(tiers), "lookups": lookups, "rows_per_lookup": rows_per_lookup,
                    "repeats": repeats, "cache_fraction": cache_fraction, "seed": seed}}
+    for e in earlier or []:  # later results win
+        result.setdefault("earlier", {}).update({k: e["config"] for k in ("demo", "retrofit", "tiers") if k in e})
+        result.update({k: e[k] for k in ("demo", "retrofit", "tiers") if k in e})
     partial = work / "partial.json"  # what is measured so far, should a later stage fail
     if ckpt is not None:
         log(f"demo model {ckpt}")
         result["demo"] = demo_losses(ckpt, data_dir, work / "demo", variants, demo_batch_size, demo_seq_len,
                                      demo_batches, log)
         partial.write_text(json.dumps(result))
-    largest = "retrofit" if adapter is not None else "demo"
+    if ckpt is None and adapter is None and not tiers:
+        return result  # only merging earlier results
+    largest = "retrofit" if adapter is not None or (work / "adapter" / "fp8.engt").is_file() else "demo"
     files = (table_files(adapter, work / "adapter") if adapter is not None else
-             {dt: read_header(work / "demo" / f"{dt}.engt") for dt in FILE_DTYPES})
-    log(f"tier throughput on the {largest} table")
-    result["tiers"] = tier_rows_per_s(files, tiers, lookups, rows_per_lookup, repeats, cache_fraction, seed)
-    result["tiers"]["source"] = largest
-    partial.write_text(json.dumps(result))
+             {dt: read_header(work / ("adapter" if largest == "retrofit" else "demo") / f"{dt}.engt")
+              for dt in FILE_DTYPES})
+    if tiers:
+        log(f"tier throughput on the {largest} table")
+        result["tiers"] = tier_rows_per_s(files, tiers, lookups, rows_per_lookup, repeats, cache_fraction, seed)
+        result["tiers"]["source"] = largest
+        partial.write_text(json.dumps(result))
     if adapter is not None:
         log(f"retrofit adapter {adapter}")
         result["retrofit"] = adapter_losses(adapter, adapter_data, files, adapter_variants,
@@ -331,10 +363,14 @@ def _loss_section(title: str, r: dict[str, Any], who: str) -> list[str]:
 def table_dtype_page(r: dict[str, Any], command: str) -> str:
     """The results page of one ``bench_table_dtype`` result; every number below is read from ``r``."""
     c, p = r["config"], r["platform"]
+    kept = sorted(r.get("earlier", {}))  # parts measured by an earlier run (--merge)
     out = [f"# fp8 Engram tables against bf16 and fp32 ({r['date']})", "",
            "Command:", "", "```bash", command, "```", "",
            f"Machine: {r['machine']}. {p['cpus']} CPUs seen ({p['platform']}), Python {p['python']}, "
            f"torch {p['torch']}, {p['threads']} torch thread(s), run under `nice -n 19`.", "",
+           *(["Measured in separate runs of the command (above, in order), each later one keeping the parts of "
+              "the earlier results it did not measure (`--merge`); each part's settings are in the JSON.", ""]
+             if kept else []),
            "The fp32 table of each model is exported to a table file and converted with "
            "`engram table convert SRC DST --dtype bf16|fp8`; each variant's rows are read back from its "
            "file (fp8: dequantised, value x per-row scale). `fp8` is the stored format (per-row power-of-two "
@@ -366,18 +402,32 @@ def table_dtype_page(r: dict[str, Any], command: str) -> str:
                 byts.append(f"| {key} ({b['rows']:,} rows x {b['dim']}) | {dt} | {v['row_bytes']} | "
                             f"{_fmt_bytes(v['data_bytes'])} | {_fmt_bytes(v['file_bytes'])} |")
     out += byts + [""]
-    t = r["tiers"]
+    t = r.get("tiers")
+    if t is None:
+        return "\n".join(out)
     out += ["## Tier throughput (rows/s)", "",
             f"Table: the {t['source']} table's layer {t['layer']} ({t['rows']:,} rows x {t['dim']}). Each run reads "
             f"{t['lookups']} lookups of {t['rows_per_lookup']:,} distinct random rows into fp32; cached tiers hold "
             f"{t['cache_rows']:,} rows and are warmed with the same lookups once first. bf16 and fp8 take turns "
-            f"(ABBA) in one process, {c['repeats']} repeats each; one I/O thread. `memory` holds the decoded fp32 "
+            f"(ABBA) in one process, {t.get('repeats', c['repeats'])} repeats each; one I/O thread. `memory` holds the decoded fp32 "
             f"rows for both (what `--storage memory` loads), `mmap-cold` drops the page cache after every lookup.",
-            "", "| tier | bf16 rows/s (each run) | fp8 rows/s (each run) | fp8 / bf16 (each run) | median ratio |",
+            "", "Wall-clock rows/s:", "",
+            "| tier | bf16 rows/s (each run) | fp8 rows/s (each run) | fp8 / bf16 (each run) | median ratio |",
             "|---|---|---|---|---:|"]
     for kind, s in t["summary"].items():
         out.append(f"| {kind} | {' / '.join(f'{v:,.0f}' for v in s['bf16_rows_per_s'])} | "
                    f"{' / '.join(f'{v:,.0f}' for v in s['fp8_rows_per_s'])} | "
                    f"{' / '.join(f'{v:.2f}' for v in s['fp8_over_bf16'])} | {s['fp8_over_bf16_median']:.2f} |")
+    if all("fp8_over_bf16_cpu" in s for s in t["summary"].values()):
+        out += ["", "Rows per CPU-second of the benchmark's process (its lookups' own cost: on the shared machine "
+                "the wall time was mostly waiting for a core; `cached-process` does its work in a helper process, "
+                "which this does not count):", "",
+                "| tier | bf16 rows/CPU-s (each run) | fp8 rows/CPU-s (each run) | fp8 / bf16 (each run) | median ratio |",
+                "|---|---|---|---|---:|"]
+        for kind, s in t["summary"].items():
+            out.append(f"| {kind} | {' / '.join(f'{v:,.0f}' for v in s['bf16_rows_per_cpu_s'])} | "
+                       f"{' / '.join(f'{v:,.0f}' for v in s['fp8_rows_per_cpu_s'])} | "
+                       f"{' / '.join(f'{v:.2f}' for v in s['fp8_over_bf16_cpu'])} | "
+                       f"{s['fp8_over_bf16_cpu_median']:.2f} |")
     out.append("")
     return "\n".join(out)

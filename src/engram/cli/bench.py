@@ -332,9 +332,10 @@ def cmd_bench_table_dtype(args) -> int:
     from engram.bench.table_dtype import bench_table_dtype, table_dtype_page
 
     def measure() -> dict[str, Any]:
+        earlier = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge or []]
         return bench_table_dtype(ckpt=args.ckpt, data_dir=args.data, adapter=args.adapter,
                                  adapter_data=args.adapter_data, **_settings(args, TableDtypeBenchConfig),
-                                 progress=not args.json)
+                                 progress=not args.json, earlier=earlier)
 
     r = _result_and_files(args, measure, table_dtype_page)
     if args.json:
@@ -346,7 +347,7 @@ def cmd_bench_table_dtype(args) -> int:
             diffs = ", ".join(f"{v} {d['mean']:+.5f} (std {d['std']:.5f})" for v, d in s["minus_bf16"].items())
             print(f"{key}: mean loss " + ", ".join(f"{v} {m:.5f}" for v, m in s["mean"].items())
                   + f"; minus bf16 per batch: {diffs}")
-    for kind, s in r["tiers"]["summary"].items():
+    for kind, s in r.get("tiers", {}).get("summary", {}).items():
         print(f"{kind}: fp8 / bf16 rows/s " + " / ".join(f"{x:.2f}" for x in s["fp8_over_bf16"]))
     return 0
 
@@ -488,6 +489,9 @@ def register(sub: Any) -> None:
     add_common(bt, "--data", help="the run's dataset (its val split is evaluated)")
     bt.add_argument("--adapter", help="a retrofit adapter directory (engram retrofit train)")
     bt.add_argument("--adapter-data", help="the adapter's dataset (engram retrofit data)")
+    bt.add_argument("--merge", metavar="JSON", action="append", help="keep the parts of this earlier result "
+                    "(--out) that this run does not measure (repeatable, later files win); with --tiers '' the "
+                    "tier timing is skipped")
     add_config_flags(bt, TableDtypeBenchConfig)
     _add_result_flags(bt)
     bt.set_defaults(fn=cmd_bench_table_dtype)
