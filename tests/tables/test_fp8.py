@@ -284,5 +284,5 @@ def test_bench_pieces_and_page(tmp_path) -> None:
          "platform": {"cpus": 2, "platform": "p", "python": "3", "torch": "2", "threads": 1},
          "demo": {"ckpt": "runs/x", "data": "d", "step": 5, **block}, "tiers": t}
     page = table_dtype_page(r, "engram bench table-dtype")
-    assert f"{d['mean']:+.5f}" in page and f"{t['summary']['mmap']['fp8_over_bf16_median']:.2f}" in page
+    assert f"{d['mean']:+.6f}" in page and f"{t['summary']['mmap']['fp8_over_bf16_median']:.2f}" in page
     assert "| demo (700 rows x 8) | fp8 | 12 |" in page

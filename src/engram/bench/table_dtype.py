@@ -348,14 +348,14 @@ def _loss_section(title: str, r: dict[str, Any], who: str) -> list[str]:
     for v in variants:
         b = s.get("minus_bf16", {}).get(v)
         f = s.get("minus_fp32", {}).get(v)
-        bcell = f"{b['mean']:+.5f} | {b['std']:.5f} | {b['se']:.5f}" if b else "0 | - | -"
-        fcell = f"{f['mean']:+.5f} | {f['std']:.5f}" if f else "0 | -"
+        bcell = f"{b['mean']:+.6f} | {b['std']:.6f} | {b['se']:.6f}" if b else "0 | - | -"
+        fcell = f"{f['mean']:+.6f} | {f['std']:.6f}" if f else "0 | -"
         row_b = rb.get(v, rb["fp8"] if v.startswith("fp8") else None)
         err = qe.get(v)
         lines.append(f"| {v} | {s['mean'][v]:.5f} | {bcell} | {fcell} | {row_b} | "
                      f"{'0' if v == 'fp32' else f'{err:.4f}' if err is not None else '-'} |")
     lines += ["", "Per-batch paired differences fp8 minus bf16 (nats): " + ", ".join(
-        f"{a - b:+.4f}" for a, b in zip(r["losses"]["fp8"], r["losses"]["bf16"])) if "fp8" in r["losses"]
+        f"{a - b:+.6f}" for a, b in zip(r["losses"]["fp8"], r["losses"]["bf16"])) if "fp8" in r["losses"]
         and "bf16" in r["losses"] else "", ""]
     return lines
 
@@ -387,7 +387,7 @@ def table_dtype_page(r: dict[str, Any], command: str) -> str:
         out += _loss_section(title, x, who)
         d = x["summary"].get("minus_bf16", {}).get("fp8")
         if d is not None:
-            goal.append(f"| {title} | {d['mean']:+.5f} +- {d['se']:.5f} | "
+            goal.append(f"| {title} | {d['mean']:+.6f} +- {d['se']:.6f} | "
                         f"{'yes' if d['mean'] + 2 * d['se'] <= 0.01 else 'no'} | "
                         f"{x['bytes']['fp8_over_bf16']:.3f} | {x['bytes']['fp8_over_fp32']:.3f} |")
     if goal:
