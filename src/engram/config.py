@@ -181,6 +181,9 @@ def _from_dict(cls, data: dict[str, Any], where: str, error: type = ConfigError)
     return cls(**data)
 
 
+ENGRAM_PLACEMENTS = ("layer", "expert")  # EngramConfig.placement
+
+
 @dataclass
 class EngramConfig:
     """Conditional memory: multi-head N-gram hashing plus the gated Engram layer.
@@ -208,6 +211,11 @@ class EngramConfig:
     # stream (250-step run, engram-moe preset: val loss 4.74 with std 1.0 vs 4.48 with 0.02),
     # so tables start at the backbone's scale. Set 1.0 to reproduce the demo's init.
     table_init_std: float = 0.02
+    # Where the memory sits at each layer of ``layer_ids``. "layer": the gated Engram layer
+    # before attention (the paper). "expert": the "historian", one routed expert of that layer's
+    # DeepSeekMoE whose output is the memory read (``engram.model.historian``); the router decides
+    # per token whether to consult it. Needs ffn="moe" (checked by ModelConfig).
+    placement: str = "layer"
 
     def __post_init__(self) -> None:
         self.rows_per_head = tuple(int(v) for v in self.rows_per_head)
@@ -239,6 +247,8 @@ class EngramConfig:
         _check(self.kernel_size >= 1, f"kernel_size={self.kernel_size} must be >= 1")
         _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
         _check(self.table_init_std > 0, f"table_init_std={self.table_init_std} must be > 0")
+        _check(self.placement in ENGRAM_PLACEMENTS,
+               f"engram.placement={self.placement!r}; choose one of {list(ENGRAM_PLACEMENTS)}")
 
     @property
     def head_dim(self) -> int:
@@ -259,6 +269,8 @@ class EngramConfig:
         d = dataclasses.asdict(self)
         d["rows_per_head"] = list(self.rows_per_head)
         d["layer_ids"] = list(self.layer_ids)
+        if self.placement == "layer":  # written only when set: configs, checkpoints and sweep run
+            del d["placement"]  # keys (hashes of these dicts) from before the option stay the same
         return d
 
     @classmethod
@@ -381,6 +393,14 @@ class ModelConfig:
                 f"engram.layer_ids={list(self.engram.layer_ids)} has {bad} outside the "
                 f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})",
             )
+            if self.engram.placement == "expert":
+                _check(self.ffn == "moe", f"engram.placement='expert' makes the memory a routed expert, but "
+                                          f"ffn={self.ffn!r} has no experts; set ffn='moe' or placement='layer'")
+                dense = [i for i in self.engram.layer_ids if i < self.first_k_dense]
+                _check(not dense, f"engram.placement='expert': engram.layer_ids {dense} are dense layers "
+                                  f"(first_k_dense={self.first_k_dense}); choose MoE layers or lower first_k_dense")
+                _check(self.n_routed_experts >= 2, f"engram.placement='expert' needs n_routed_experts >= 2 "
+                                                   f"(the memory takes one slot), got {self.n_routed_experts}")
 
     @property
     def head_dim(self) -> int:

@@ -10,6 +10,9 @@ static hyper-connection stream: each sublayer reads a learned mix of the branche
 branches (one gate per branch) and adds its [B,T,M,D] output directly, as in the paper.
 
 Block order (as in DeepSeek's reference): Engram (if this layer has one) -> attention -> FFN.
+With ``engram.placement = "expert"`` a layer of ``layer_ids`` has no Engram layer: its memory is
+the last routed expert of its DeepSeekMoE (the historian, ``engram.model.historian``), which
+reads the layer's hash ids [B,T,H] for the tokens the router sends to it.
 
 ``model(ids, output_gates=True)`` also returns every Engram layer's gate alpha [B,T,M] in
 ``ModelOutput.gates`` ({layer_id: tensor}, as Hugging Face models return router logits with
@@ -39,6 +42,7 @@ from engram.errors import EngramError, RequestTooLargeError
 from engram.hashing.hasher import NgramHasher, padding_mask
 from engram.model import generation
 from engram.model.attention import CausalSelfAttention, KVCache, rope_tables
+from engram.model.historian import HistorianExpert
 from engram.model.input_ngram import InputNgramEmbedding
 from engram.model.layer import EngramLayer, EngramLayerOutput, GateInputs
 from engram.model.moe import DeepSeekMoE, SwiGLU
@@ -87,16 +91,20 @@ class Block(nn.Module):
         self.layer_id = layer_id
         D, M = cfg.hidden_size, cfg.hc_mult
         self.engram = None
+        historian = None
         if cfg.engram is not None and layer_id in cfg.engram.layer_ids:
             assert hasher is not None
-            self.engram = EngramLayer(cfg.engram, layer_id, D, M, hasher.head_sizes(layer_id))
+            if cfg.engram.placement == "expert":  # ModelConfig checked that this layer is an MoE
+                historian = HistorianExpert(cfg.engram, layer_id, D, hasher.head_sizes(layer_id))
+            else:
+                self.engram = EngramLayer(cfg.engram, layer_id, D, M, hasher.head_sizes(layer_id))
         self.attn_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(D, cfg.num_heads)
         self.ffn_norm = nn.RMSNorm(D, eps=cfg.norm_eps)
         if cfg.ffn == "moe" and layer_id >= cfg.first_k_dense:
             self.ffn = DeepSeekMoE(D, cfg.moe_intermediate_size, cfg.n_routed_experts,
                                    cfg.num_experts_per_tok, cfg.n_shared_experts,
-                                   cfg.bias_update_speed, cfg.routed_scaling_factor)
+                                   cfg.bias_update_speed, cfg.routed_scaling_factor, historian=historian)
         else:
             self.ffn = SwiGLU(D, cfg.intermediate_size)
         self.hc_attn = HyperConnection(M, 2 * layer_id) if M > 1 else None
@@ -104,6 +112,15 @@ class Block(nn.Module):
         # torch.compile'd attention_step / ffn_step (engram.model.accel.compile_backbone); None: eager
         self.compiled_attention: Optional[Any] = None
         self.compiled_ffn: Optional[Any] = None
+
+    @property
+    def historian(self) -> Optional[HistorianExpert]:
+        """This layer's memory expert (``engram.placement = "expert"``), or None."""
+        return getattr(self.ffn, "historian", None)
+
+    @property
+    def reads_hash_ids(self) -> bool:
+        return self.engram is not None or self.historian is not None
 
     def _sublayer(self, h, hc, fn):
         if hc is None:  # plain residual: h is [B,T,1,D]
@@ -131,6 +148,8 @@ class Block(nn.Module):
         pos = cache.pos if cache is not None else 0
         attn_mask = padding.attn if padding is not None else None
         h = (self.compiled_attention or self.attention_step)(h, cos, sin, kv, pos, attn_mask)
+        if self.historian is not None:  # a DeepSeekMoE: never compiled
+            return self.ffn_step(h, hash_ids, table_overlay, ablate_engram), engram_out
         return (self.compiled_ffn or self.ffn_step)(h), engram_out
 
     # The two steps below are what engram.model.accel.compile_backbone compiles (the Engram layer
@@ -140,9 +159,13 @@ class Block(nn.Module):
         """h [B,T,M,D] -> h + attention(norm(h)) (through the hyper-connection when M > 1)."""
         return self._sublayer(h, self.hc_attn, lambda x: self.attn(self.attn_norm(x), cos, sin, kv, pos, attn_mask))
 
-    def ffn_step(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B,T,M,D] -> h + FFN(norm(h))."""
-        return self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
+    def ffn_step(self, h: torch.Tensor, hash_ids: Optional[torch.Tensor] = None,
+                 table_overlay: Optional[RowOverlay] = None, zero_historian: bool = False) -> torch.Tensor:
+        """h [B,T,M,D] -> h + FFN(norm(h)); the historian's arguments only in a layer with one."""
+        if self.historian is None:
+            return self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
+        return self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x), hash_ids, overlay=table_overlay,
+                                                                 zero_historian=zero_historian))
 
 
 @dataclass
@@ -196,17 +219,25 @@ class EngramLM(nn.Module):
                 e.short_conv.reset_parameters()
         if self.input_ngram is not None:
             self.input_ngram.reset_parameters()
+        for x in self.historian_experts:  # as the Engram layer's value projection
+            nn.init.zeros_(x.value_proj.bias)
 
     @property
     def engram_layers(self) -> list[EngramLayer]:
         return [b.engram for b in self.layers if b.engram is not None]
+
+    @property
+    def historian_experts(self) -> list[HistorianExpert]:
+        """The Engram memories that are routed experts (``engram.placement = "expert"``)."""
+        return [b.historian for b in self.layers if b.historian is not None]
 
     def engram_tables(self) -> dict[int, EngramTable]:
         """Every Engram layer's table (``engram.model.table``), by layer id."""
         return engram_tables(self)
 
     def table_parameters(self) -> list[nn.Parameter]:
-        """The Engram embedding tables (sparse, large; trained with their own Adam settings)."""
+        """The Engram embedding tables (sparse, large; trained with their own Adam settings),
+        the historian experts' included (``engram_tables``)."""
         tables = [t.weight for t in self.engram_tables().values()]
         if self.input_ngram is not None:
             tables.append(self.input_ngram.embedding.weight)
@@ -389,7 +420,7 @@ class EngramLM(nn.Module):
         for i, block in enumerate(self.layers):
             if ngram_rows is not None:  # the every-layer bigram baseline: its row before every block
                 h = h + self.input_ngram.layer_rows(ngram_rows, i)
-            ids = hash_ids[block.layer_id] if block.engram is not None else None
+            ids = hash_ids[block.layer_id] if block.reads_hash_ids else None
             h, engram_out = block(h, cos, sin, ids, cache, output_gates=output_gates,
                                   output_gate_inputs=output_gate_inputs, ablate_engram=ablate_engram,
                                   padding=padding, table_overlay=overlays.get(block.layer_id))

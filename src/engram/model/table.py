@@ -170,7 +170,7 @@ def stack_overlays(model: nn.Module, patches: Sequence[Any]) -> dict[int, RowOve
     if isinstance(patches, (str, bytes)) or not isinstance(patches, Sequence):
         raise TableError(f"patches must be a list of loaded patches or overlays, got {type(patches).__name__}; "
                          f"load patch files with engram.patches.patchfile.load_patch")
-    layers = {e.layer_id: e.table for e in model.engram_layers}  # type: ignore[attr-defined]
+    layers = engram_tables(model)
     per_layer: dict[int, list[RowOverlay]] = {}
     for i, item in enumerate(patches):
         if isinstance(item, Mapping):
@@ -299,9 +299,17 @@ class MemoryTable(EngramTable):
 
 
 # ----------------------------------------------------------------------------- model-wide helpers
+def table_holders(model: nn.Module) -> list[nn.Module]:
+    """The modules holding ``model``'s Engram tables, in layer order: its Engram layers and its
+    historian experts (``engram.model.historian``; at most one of the two per layer). Each has
+    ``layer_id``, ``table`` and ``multi_head_embedding``."""
+    holders = list(model.engram_layers) + list(getattr(model, "historian_experts", []))  # type: ignore[attr-defined]
+    return sorted(holders, key=lambda e: e.layer_id)
+
+
 def engram_tables(model: nn.Module) -> dict[int, EngramTable]:
-    """Every Engram layer's table, by layer id (in layer order)."""
-    return {e.layer_id: e.table for e in model.engram_layers}  # type: ignore[attr-defined]
+    """Every Engram table (of an Engram layer or a historian expert), by layer id (in layer order)."""
+    return {e.layer_id: e.table for e in table_holders(model)}
 
 
 def convert_tables(model: nn.Module, convert: Callable[[int, EngramTable], EngramTable]
@@ -313,7 +321,7 @@ def convert_tables(model: nn.Module, convert: Callable[[int, EngramTable], Engra
     converter may return the table it was given. Returns the new tables by layer id.
     """
     out = {}
-    for e in model.engram_layers:  # type: ignore[attr-defined]
+    for e in table_holders(model):
         new = convert(e.layer_id, e.table)
         if not isinstance(new, EngramTable):
             raise TableError(f"layer {e.layer_id}: a table converter returned {type(new).__name__}, "

@@ -14,6 +14,11 @@ Activated parameters per token (what one token's forward pass reads):
     (one row per hash head per Engram layer; one row per order for input N-grams)
     + the LM head (V x D; with tied embeddings this is the embedding matrix, counted once).
 The token's own embedding row is part of the head's V x D and is not counted again.
+A historian expert (``engram.placement = "expert"``) is one of the routed slots: its table is
+counted under ``tables``, its projection under ``routed``. Activated counts are then an upper
+bound: k SwiGLU experts per MoE layer (the historian is smaller than one) plus the historian's
+rows for every token (read only when it is chosen); ``historian_routing`` in
+``engram.science.routing`` gives the expected count from the measured routing.
 
 FLOPs per token (forward, multiply-add = 2): 2 x (activated matmul weights, i.e. activated minus
 table rows and minus norm / bias / gain vectors) + attention scores and values,
@@ -101,9 +106,9 @@ def account_model(cfg: ModelConfig, seq_len: Optional[int] = None) -> Account:
         experts = getattr(b.ffn, "experts", None)
         if experts is not None:
             moe_layers += 1
-            per_expert = sum(p.numel() for p in experts[0].parameters())
+            per_expert = sum(p.numel() for p in experts[0].parameters())  # a SwiGLU (a historian is last)
     rows = 0
-    for e in model.engram_layers:
+    for e in model.engram_layers + model.historian_experts:
         rows += e.cfg.num_heads_total * e.cfg.head_dim
     if model.input_ngram is not None:
         rows += len(model.input_ngram.cfg.orders) * cfg.hidden_size

@@ -20,6 +20,9 @@ as JSON (``engram sweep run --spec my.json``) or taken from the built-in named s
 - ``bigram``: the modded-nanogpt bigram baseline in its own form (a table of 5x the vocabulary,
   its row added before every block) with a table learning-rate sweep, against Engram filled to
   the same total on the same backbone.
+- ``historian``: Engram as a routed expert (``engram.placement = "expert"``, the "historian"):
+  the last of 12 routed slots at layer 1 reads the memory, the router picks it per token; tables
+  filled to the MoE's total, table lr 5x or 1x chosen on dev; against ``moe`` and ``engram``.
 - ``smoke``: tiny, a few steps; used by the test suite.
 
 A config with ``"fill_to": "reference"`` (or an int) gets its table size computed so that its
@@ -64,6 +67,7 @@ from engram.fsutil import PathLike
 from engram.model.checkpoint import load_model
 from engram.science.accounting import account, check_budget, format_account
 from engram.science.knowledge import FactSet, build_fact_set, evaluate_facts
+from engram.science.routing import historian_routing
 from engram.stats import format_p, mean_std, paired_t
 from engram.training.trainer import train
 
@@ -323,6 +327,9 @@ def _execute(plan_d: dict[str, Any], data_dir: str, facts: Optional[dict[str, An
               "account": account(mcfg, tcfg.seq_len)}
     model, _ = load_model(run_dir)
     result.update(dev_test_losses(model, data_dir, tcfg))
+    routing = historian_routing(model, data_dir, tcfg, result["account"])
+    if routing is not None:  # a model with a historian expert: how the router uses it, on test
+        result["routing"] = routing
     if facts is not None:
         result["facts"] = evaluate_facts(model, FactSet.from_dict(facts))
         gates = _gate_stats(model, data_dir, tcfg)
@@ -480,6 +487,7 @@ def collect(spec: SweepSpec, runs_root: PathLike) -> dict[str, Any]:
                "dev_loss": [runs[s]["dev_loss"] for s in seeds if "dev_loss" in runs[s]],
                "fact_acc": acc, "stored_bits": bits,
                "gates": [runs[s]["gates"] for s in seeds if "gates" in runs[s]],
+               "routing": {str(s): runs[s]["routing"] for s in seeds if "routing" in runs[s]},
                "tokens_per_s": [runs[s]["tokens_per_s"] for s in seeds]}
         if any("test_loss" not in runs[s] for s in seeds):
             row["split_note"] = "some runs predate the dev/test split: their whole validation loss is used"
@@ -737,6 +745,18 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
                                    note=f"Engram tables filled to the bigram's total, table lr x{m:g}"))
         return SweepSpec("bigram", cfgs, base="science", train=train, seeds=seeds, reference="moe",
                          kind="baselines", vocab_size=vocab_size)
+    if name == "historian":
+        e12 = {"n_routed_experts": 12}
+        hist = {**eng, "placement": "expert"}
+        cfgs = [ConfigSpec("moe", {}, note="16 routed experts (rho=1): the budget"),
+                ConfigSpec("engram", {**e12, "engram": eng}, fill_to="reference",
+                           note="rho=0.75, gated Engram layer before attention at layer 1 (table lr 5x)"),
+                ConfigSpec("historian", {**e12, "engram": hist}, fill_to="reference", group="historian",
+                           note="12 routed slots; at layer 1 the last is the Engram memory (table lr 5x)"),
+                ConfigSpec("historian-lr1", {**e12, "engram": hist}, fill_to="reference", group="historian",
+                           train={"table_lr_mult": 1.0}, note="historian, table at the backbone lr")]
+        return SweepSpec("historian", cfgs, base="science", train=train, seeds=seeds, reference="moe",
+                         kind="baselines", vocab_size=vocab_size)
     if name == "smoke":
         tiny_eng = {"rows_per_head": [101, 101], "max_ngram_size": 3, "n_embed_per_ngram": 16,
                     "n_head_per_ngram": 2, "layer_ids": [1], "pad_id": 0}
@@ -748,8 +768,8 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
               "eval_batches": 2, "save_every": 3, "log_every": 1}
         return SweepSpec("smoke", cfgs, base="tiny-moe", train=tr, seeds=given or (0, 1),
                          reference="moe", kind="rho", vocab_size=vocab_size, fact_per_relation=0)
-    raise SweepError(f"unknown built-in sweep {name!r}; choose rho, table-size, baselines, bigram or smoke, "
+    raise SweepError(f"unknown built-in sweep {name!r}; choose rho, table-size, baselines, bigram, historian or smoke, "
                      f"or pass --spec FILE.json")
 
 
-BUILTIN_SWEEPS = ("rho", "table-size", "baselines", "bigram", "smoke")
+BUILTIN_SWEEPS = ("rho", "table-size", "baselines", "bigram", "historian", "smoke")
