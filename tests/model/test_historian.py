@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,14 @@ def test_checkpoint_round_trip_keeps_the_option_and_the_logits(tmp_path: Path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert torch.equal(loaded.layers[1].ffn.expert_bias, model.layers[1].ffn.expert_bias)
+
+
+def test_file_backed_table_tiers_are_refused_with_the_fix_named(tiny, tmp_path: Path):
+    from engram.training.trainer import train
+
+    data_dir = tiny.training_dataset(tmp_path / "data", vocab_size=VOCAB, n_docs=10)
+    cfg = preset("tiny", int(json.loads((data_dir / "meta.json").read_text())["vocab_size"]))
+    cfg = dataclasses.replace(cfg, engram=dataclasses.replace(cfg.engram, placement="expert"))
+    with pytest.raises(EngramError, match="table_storage='mmap' is not supported with engram.placement='expert'"):
+        train(cfg, TrainConfig(steps=1, batch_size=2, seq_len=16, table_storage="mmap", table_optimizer="sparse_adam"),
+              data_dir, tmp_path / "run", progress=False)

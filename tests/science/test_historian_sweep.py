@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -85,3 +86,46 @@ def test_routing_statistics_on_the_test_windows(tiny, tmp_path):
         moe.expert_bias[moe.historian_index] = -50.0  # never picked
     r = historian_routing(model, data_dir, tcfg)
     assert r["overall"]["pick_rate"] == 0.0 and "expected_activated_per_token" not in r
+
+
+def _page_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "historian_page.py"
+    spec = importlib.util.spec_from_file_location("historian_page", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_page_is_rendered_from_the_summary(tmp_path):
+    page = _page_module()
+    acc = {"total": 1000, "activated_per_token": 500, "table_params": 0}
+    stats = lambda rate, n: {"tokens": n, "pick_rate": rate, "ratio": rate / 0.25, "weight": 0.4}
+    routing = {"uniform": 0.25, "top_k": 2, "n_routed_experts": 8, "expected_activated_per_token": 480.0,
+               "overall": stats(0.5, 100),
+               "per_layer": {"1": {"overall": stats(0.5, 100), "expert_bias": -0.01, "expert_bias_others_mean": 0.0}},
+               "by_class": {c: stats(0.6, 10) for _, cs in page.CLASS_ORDER for c in cs}}
+
+    def row(name, losses, group="", chosen=None, table=0, rt=False):
+        return {"config": name, "seeds": [0, 1, 2], "test_loss": losses, "dev_loss": [x + 0.5 for x in losses],
+                "group": group, "chosen": chosen, "account": {**acc, "table_params": table},
+                "routing": {str(s): routing for s in (0, 1, 2)} if rt else {}}
+
+    summary = {"spec": {"train": {"steps": 5, "batch_size": 2, "seq_len": 8}, "vocab_size": 300, "seeds": [0, 1, 2],
+                        "configs": [{"name": "historian-lr1", "train": {"table_lr_mult": 1.0}}]},
+               "runs_done": 12, "runs_total": 12, "missing": [],
+               "rows": [row("moe", [4.60, 4.62, 4.61]), row("engram", [4.50, 4.53, 4.52], table=9),
+                        row("historian", [4.55, 4.58, 4.56], "historian", True, 9, True),
+                        row("historian-lr1", [4.70, 4.50, 4.62], "historian", False, 9, True)]}
+    text = page.render(summary, "engram sweep run --name historian", "abc1234")
+    assert "helps (-0.0467 nats, p = " in text  # historian vs moe: lower in every seed
+    assert "**historian vs engram**: hurts (+0.0467" in text
+    assert "historian (chosen on dev) | 5x" in text and "historian-lr1 | 1x" in text
+    assert "| **all** | all | 50.00% ± 0.00% | 2.00 |" in text and "| 480 |" in text
+    assert "0: 4.5500, 1: 4.5800, 2: 4.5600" in text and "abc1234" in text
+    out = tmp_path / "page.md"
+    (tmp_path / "s.json").write_text(json.dumps(summary))
+    page.main([str(tmp_path / "s.json"), str(out), "--commit", "abc1234"])
+    assert out.read_text() == text.replace("engram sweep run --name historian", "# (commands not given)")

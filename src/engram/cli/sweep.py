@@ -1,6 +1,6 @@
 """``engram sweep``: iso-parameter experiment grids (see ``engram.science.sweep`` and docs/science.md).
 
-    engram sweep run  --data D --out DIR (--name rho|table-size|baselines|bigram|smoke | --spec S.json)
+    engram sweep run  --data D --out DIR (--name rho|table-size|baselines|bigram|historian|smoke | --spec S.json)
     engram sweep plan (--name ... | --spec ...)            budgets of every config, no training
     engram sweep summary --out DIR (--name ... | --spec ...)  table, paired tests, PNG plots
     engram sweep account --preset P [--set ...]            parameter / FLOP accounting of one config

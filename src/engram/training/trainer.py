@@ -266,6 +266,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: PathLike, ru
         load_tables_into(model, tables_from, progress=progress)
     par.prepare(model)
     tiers: list[TrainableTier] = []
+    if train_cfg.table_storage != TableLocation.MEMORY and model.historian_experts:
+        raise EngramError(f"table_storage={train_cfg.table_storage.value!r} is not supported with "
+                          f"engram.placement='expert' (historian experts); use --table-storage memory")
     if train_cfg.table_storage != TableLocation.MEMORY and model.engram_layers:
         if device.type != "cpu":
             raise EngramError(f"table_storage={train_cfg.table_storage.value!r} keeps the table rows in host "
