@@ -66,6 +66,20 @@ def chosen_historian(rows: dict[str, dict[str, Any]]) -> Optional[dict[str, Any]
     return picked[0] if picked else rows.get("historian")
 
 
+def lr_choice(summary: dict[str, Any]) -> str:
+    """What the page says about the historian's table lr: the dev choice, or why there is none."""
+    group = [r for r in summary["rows"] if r["group"] == "historian"]
+    n = len(summary["spec"]["seeds"])
+    if len(group) >= 2 and all(len(r["dev_loss"]) == n for r in group):
+        best = next(r for r in group if r.get("chosen"))
+        devs = ", ".join(f"{r['config']} {mean_std(r['dev_loss'])[0]:.4f}" for r in group)
+        return f"the historian's table lr was chosen on dev (mean dev loss: {devs}): **{best['config']}**"
+    ran = [r["config"] for r in group if r["test_loss"]]
+    return (f"the historian's table lr was not chosen on dev: only {', '.join(ran) or 'none'} has all its runs, "
+            f"so it runs at the engram arm's table lr ({TrainConfig().table_lr_mult:g}x, that arm's dev choice "
+            f"in the 2026-12-02 baselines sweep)")
+
+
 def arms_table(summary: dict[str, Any]) -> list[str]:
     rows = {r["config"]: r for r in summary["rows"]}
     out = ["| arm | table lr | total params | activated/token (account) | activated/token (measured routing) | "
@@ -143,8 +157,8 @@ def render(summary: dict[str, Any], commands: str, commit: str = "") -> str:
              f"top-2), {spec['train'].get('steps')} steps of {spec['train'].get('batch_size')} x "
              f"{spec['train'].get('seq_len')} tokens, built-in corpus, BPE {spec['vocab_size']:,}; seeds "
              f"{', '.join(str(s) for s in spec['seeds'])} (same seed: same initialisation and batches; p = "
-             f"two-sided paired t-test over seeds). Test loss is the second half of the validation windows; "
-             f"the historian's table lr (5x or 1x the backbone's) was chosen on the first half (dev).",
+             f"two-sided paired t-test over seeds). Test loss is the second half of the validation windows "
+             f"(dev, the first half, is for choices); {lr_choice(summary)}.",
              f"- **Runs**: {summary['runs_done']} of {summary['runs_total']} finished"
              + (f"; missing: {', '.join(summary['missing'])}" if summary["missing"] else "") + ".",
              "", "## Reproduce", "", "```bash", commands.strip(), "```", "",

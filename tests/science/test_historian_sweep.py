@@ -125,6 +125,9 @@ def test_results_page_is_rendered_from_the_summary(tmp_path):
     assert "historian (chosen on dev) | 5x" in text and "historian-lr1 | 1x" in text
     assert "| **all** | all | 50.00% ± 0.00% | 2.00 |" in text and "| 480 |" in text
     assert "0: 4.5500, 1: 4.5800, 2: 4.5600" in text and "abc1234" in text
+    assert "chosen on dev (mean dev loss: historian 5.0633, historian-lr1 5.1067): **historian**" in text
+    partial = {**summary, "rows": summary["rows"][:3]}  # the 1x setting never ran: no choice is claimed
+    assert "was not chosen on dev: only historian has all its runs" in page.render(partial, "", "")
     out = tmp_path / "page.md"
     (tmp_path / "s.json").write_text(json.dumps(summary))
     page.main([str(tmp_path / "s.json"), str(out), "--commit", "abc1234"])
