@@ -107,6 +107,7 @@ class Block(nn.Module):
                                    cfg.bias_update_speed, cfg.routed_scaling_factor, historian=historian)
         else:
             self.ffn = SwiGLU(D, cfg.intermediate_size)
+        self.has_historian = historian is not None  # a plain flag: the expert is registered in the MoE only
         self.hc_attn = HyperConnection(M, 2 * layer_id) if M > 1 else None
         self.hc_ffn = HyperConnection(M, 2 * layer_id + 1) if M > 1 else None
         # torch.compile'd attention_step / ffn_step (engram.model.accel.compile_backbone); None: eager
@@ -116,11 +117,11 @@ class Block(nn.Module):
     @property
     def historian(self) -> Optional[HistorianExpert]:
         """This layer's memory expert (``engram.placement = "expert"``), or None."""
-        return getattr(self.ffn, "historian", None)
+        return self.ffn.historian if self.has_historian else None
 
     @property
     def reads_hash_ids(self) -> bool:
-        return self.engram is not None or self.historian is not None
+        return self.engram is not None or self.has_historian
 
     def _sublayer(self, h, hc, fn):
         if hc is None:  # plain residual: h is [B,T,1,D]
@@ -148,8 +149,8 @@ class Block(nn.Module):
         pos = cache.pos if cache is not None else 0
         attn_mask = padding.attn if padding is not None else None
         h = (self.compiled_attention or self.attention_step)(h, cos, sin, kv, pos, attn_mask)
-        if self.historian is not None:  # a DeepSeekMoE: never compiled
-            return self.ffn_step(h, hash_ids, table_overlay, ablate_engram), engram_out
+        if self.has_historian:  # a DeepSeekMoE: never compiled
+            return self.historian_ffn_step(h, hash_ids, table_overlay, ablate_engram), engram_out
         return (self.compiled_ffn or self.ffn_step)(h), engram_out
 
     # The two steps below are what engram.model.accel.compile_backbone compiles (the Engram layer
@@ -159,11 +160,13 @@ class Block(nn.Module):
         """h [B,T,M,D] -> h + attention(norm(h)) (through the hyper-connection when M > 1)."""
         return self._sublayer(h, self.hc_attn, lambda x: self.attn(self.attn_norm(x), cos, sin, kv, pos, attn_mask))
 
-    def ffn_step(self, h: torch.Tensor, hash_ids: Optional[torch.Tensor] = None,
-                 table_overlay: Optional[RowOverlay] = None, zero_historian: bool = False) -> torch.Tensor:
-        """h [B,T,M,D] -> h + FFN(norm(h)); the historian's arguments only in a layer with one."""
-        if self.historian is None:
-            return self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
+    def ffn_step(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B,T,M,D] -> h + FFN(norm(h))."""
+        return self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x)))
+
+    def historian_ffn_step(self, h: torch.Tensor, hash_ids: torch.Tensor, table_overlay: Optional[RowOverlay],
+                           zero_historian: bool) -> torch.Tensor:
+        """``ffn_step`` of a layer whose DeepSeekMoE has a historian: it also reads the hash ids [B,T,H]."""
         return self._sublayer(h, self.hc_ffn, lambda x: self.ffn(self.ffn_norm(x), hash_ids, overlay=table_overlay,
                                                                  zero_historian=zero_historian))
 
