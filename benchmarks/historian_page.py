@@ -97,7 +97,8 @@ def arms_table(summary: dict[str, Any]) -> list[str]:
                   if "expected_activated_per_token" in v]
         meas = f"{mean_std(routed)[0]:,.0f}" if routed else "—"
         per_seed = ", ".join(f"{s}: {x:.4f}" for s, x in zip(r["seeds"], r["test_loss"]))
-        name = r["config"] + (" (chosen on dev)" if r.get("chosen") else "")
+        peers = [q for q in summary["rows"] if r["group"] and q["group"] == r["group"]]
+        name = r["config"] + (" (chosen on dev)" if r.get("chosen") and len(peers) >= 2 else "")  # a choice needs two
         vs_moe = "ref" if r["config"] == "moe" else _diff(compare(r, rows["moe"]))
         vs_eng = "ref" if r["config"] == "engram" else _diff(compare(r, rows["engram"])) if "engram" in rows else "—"
         dev = f"{mean_std(r['dev_loss'])[0]:.4f}" if r["dev_loss"] else "—"
