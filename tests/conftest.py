@@ -28,6 +28,7 @@ from engram.data.shards import load_dataset, prepare_dataset
 from engram.data.tokenizer import train_bpe
 from engram.model.checkpoint import save_checkpoint
 from engram.model.lm import EngramLM
+from engram.model.table import engram_tables
 from engram.training.trainer import _dataset_compression, train
 
 CONFORMANCE = Path(__file__).resolve().parent / "conformance"
@@ -61,9 +62,16 @@ class TinyWorld:
     def compression(vocab: int = VOCAB) -> np.ndarray:
         return np.arange(vocab, dtype=np.int64) // 2  # pairs of ids share a compressed id
 
-    def model(self, seed: int = 0, vocab: int = VOCAB) -> EngramLM:
+    def model(self, seed: int = 0, vocab: int = VOCAB, random_rows: bool = False) -> EngramLM:
+        """``random_rows``: every table row drawn from N(0, 1), distinct and non-trivial, so that a
+        wrong lookup or a lost patch row shows."""
         torch.manual_seed(seed)
-        return EngramLM(preset("tiny", vocab), self.compression(vocab)).eval()
+        model = EngramLM(preset("tiny", vocab), self.compression(vocab)).eval()
+        if random_rows:
+            with torch.no_grad():
+                for table in engram_tables(model).values():
+                    table.weight.normal_()
+        return model
 
     def dataset(self, out: Path, seed: int = 0, vocab_size: int = 300, n_docs: int = 30,
                 doc_words: int = 150, val_fraction: float = 0.15) -> Path:

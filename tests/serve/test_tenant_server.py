@@ -19,14 +19,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from engram.config import PatchServeConfig, ServeLimits, preset
+from engram.config import PatchServeConfig, ServeLimits
 from engram.inspect.server import serve_in_thread
-from engram.model.lm import EngramLM
-from engram.model.table import engram_tables
 from engram.patches.apply import model_fingerprint
 from engram.patches.patchfile import TablePatch, make_patch, save_patch
 from engram.serve.keys import KeyRing
@@ -39,14 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TENANTS = 8
 LAYER = 1
 
-
-def _model() -> EngramLM:
-    torch.manual_seed(0)
-    model = EngramLM(preset("tiny", 300), np.arange(300, dtype=np.int64) // 2).eval()
-    with torch.no_grad():
-        for t in engram_tables(model).values():
-            t.weight.normal_()
-    return model
 
 
 def _prompts(model, n: int = 4) -> list[list[int]]:
@@ -94,8 +83,8 @@ def _post(port: int, route: str, body: dict, key: str | None = None) -> tuple[in
 
 
 @pytest.fixture
-def world(tmp_path):
-    model = _model()
+def world(tmp_path, tiny):
+    model = tiny.model(random_rows=True)
     prompts = _prompts(model)
     rows = _read_rows(model, prompts)
     pdir = tmp_path / "patches"
@@ -206,9 +195,9 @@ def _combos(ids, versions, patches):
     return out
 
 
-def test_keys_ids_and_damaged_files_give_their_statuses(world) -> None:
+def test_keys_ids_and_damaged_files_give_their_statuses(world, tiny) -> None:
     model, prompts, rows, pdir, patches, keys_file = world
-    other = _model()
+    other = tiny.model(random_rows=True)
     with torch.no_grad():
         other.engram_layers[0].table.weight.add_(1.0)  # same hashing, other content
     save_patch(_make(other, rows, 5, "for another table"), pdir / "foreign.engp")

@@ -6,13 +6,11 @@ from __future__ import annotations
 import copy
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from engram.cli.main import main
-from engram.config import StorageConfig, preset
-from engram.model.lm import EngramLM
+from engram.config import StorageConfig
 from engram.model.table import engram_tables
 from engram.patches.apply import apply_patch, apply_to_model, model_fingerprint, revert_patch, table_fingerprint
 from engram.patches.overlay import stack_patches
@@ -156,17 +154,9 @@ def test_every_tier_serves_the_dequantised_rows(tmp_path, threads) -> None:
 
 
 # ----------------------------------------------------------------------------- patches and overlays
-def _model() -> EngramLM:
-    torch.manual_seed(0)
-    model = EngramLM(preset("tiny", 300), np.arange(300, dtype=np.int64) // 2).eval()
-    with torch.no_grad():
-        for t in engram_tables(model).values():
-            t.weight.normal_()
-    return model
 
-
-def test_patch_apply_revert_is_bit_exact_on_an_fp8_file(tmp_path) -> None:
-    model = _model()
+def test_patch_apply_revert_is_bit_exact_on_an_fp8_file(tmp_path, tiny) -> None:
+    model = tiny.model(random_rows=True)
     table = tmp_path / "t.engt"
     header = save_model_tables(model, table, "fp8")
     original = table.read_bytes()
@@ -192,8 +182,8 @@ def test_patch_apply_revert_is_bit_exact_on_an_fp8_file(tmp_path) -> None:
     assert table.read_bytes() == original  # bit for bit, header included
 
 
-def test_overlay_over_served_fp8_rows_keeps_new_rows_at_full_precision(tmp_path) -> None:
-    model = _model()
+def test_overlay_over_served_fp8_rows_keeps_new_rows_at_full_precision(tmp_path, tiny) -> None:
+    model = tiny.model(random_rows=True)
     table = tmp_path / "t.engt"
     header = save_model_tables(model, table, "fp8")
     ref = copy.deepcopy(model)  # in-memory model holding the dequantised rows
