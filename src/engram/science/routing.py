@@ -4,9 +4,10 @@ the Engram memory (``engram.placement = "expert"``, ``engram.model.historian``).
 Shape legend
     B batch   T positions   N = B*T tokens   K experts per token   E routed slots
 
-Measured on the **test** half of the validation windows (the batches ``engram.science.sweep.
-dev_test_losses`` scores as test). For every token at every historian layer the router's top-K
-is recomputed from the MoE's input (a forward hook; the model's output is not changed):
+Measured on the **test** half of the validation windows (``engram.science.evalsplit``, the
+batches ``engram.science.sweep.dev_test_losses`` scores as test). For every token at every
+historian layer the router's top-K is recomputed from the MoE's input (a forward hook; the
+model's output is not changed):
 
 - ``pick_rate``: share of tokens whose top-K holds the historian; a router that ignored content
   and spread load evenly would give ``uniform`` = K / E. ``ratio`` = pick_rate / uniform (the
@@ -42,6 +43,7 @@ import torch
 from engram.config import TrainConfig
 from engram.data import shards as data
 from engram.fsutil import PathLike
+from engram.science.evalsplit import dev_test_batches
 
 FREQ_BANDS = (("frequent", 0.5), ("mid", 0.9), ("rare", 1.0))  # upper edges of cumulative train mass
 _SENTENCE_END = (".", "!", "?", "\n")
@@ -132,9 +134,6 @@ def historian_routing(model, data_dir: PathLike, tcfg: TrainConfig,
     V = model.cfg.vocab_size
     texts = token_texts(ds.tokenizer, V)
     bands = frequency_bands(ds.train.tokens, V)
-    # The windows and halves of dev_test_losses (engram.science.sweep): the second half is test.
-    windows = min(data.num_eval_windows(ds.val, tcfg.seq_len), tcfg.eval_batches * tcfg.batch_size)
-    n = -(-windows // tcfg.batch_size)
     picked: dict[int, list[torch.Tensor]] = {lid: [] for lid, _ in moes}
     weight: dict[int, list[torch.Tensor]] = {lid: [] for lid, _ in moes}
     current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -152,8 +151,8 @@ def historian_routing(model, data_dir: PathLike, tcfg: TrainConfig,
     was_training = model.training
     model.eval()
     try:
-        for i, (x, y) in enumerate(data.iter_eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, n)):
-            if i < n // 2:
+        for half, x, y in dev_test_batches(ds.val, tcfg):  # the sweep's test windows only
+            if half != "test":
                 continue
             model(x)
             for lid, (p, w) in current.items():

@@ -66,6 +66,7 @@ from engram.errors import EngramError
 from engram.fsutil import PathLike
 from engram.model.checkpoint import load_model
 from engram.science.accounting import account, check_budget, format_account
+from engram.science.evalsplit import dev_test_batches, eval_batch_count
 from engram.science.knowledge import FactSet, build_fact_set, evaluate_facts
 from engram.science.routing import historian_routing
 from engram.stats import format_p, mean_std, paired_t
@@ -347,9 +348,7 @@ def dev_test_losses(model, data_dir: PathLike, tcfg: TrainConfig) -> dict[str, f
     **dev** (for choices between configs, e.g. a learning rate), the second half **test** (what
     tables report). Same windows as the trainer's final evaluation (``eval_batches``)."""
     ds = data.load_dataset(data_dir)
-    # The batches actually drawn: a small validation split gives fewer than eval_batches.
-    windows = min(data.num_eval_windows(ds.val, tcfg.seq_len), tcfg.eval_batches * tcfg.batch_size)
-    n = -(-windows // tcfg.batch_size)
+    n = eval_batch_count(ds.val, tcfg)  # a small validation split gives fewer than eval_batches
     if n < 2:
         raise SweepError(f"{n} evaluation batch(es) of {tcfg.batch_size} x {tcfg.seq_len} tokens (train.eval_batches="
                          f"{tcfg.eval_batches}, validation split of {data_dir}): a dev/test split needs >= 2; "
@@ -359,10 +358,8 @@ def dev_test_losses(model, data_dir: PathLike, tcfg: TrainConfig) -> dict[str, f
     model.eval()
     try:
         with torch.no_grad():
-            # iter_eval_batches spreads its windows evenly over the shard, in order: the first
-            # n // 2 batches read the first half of the validation text.
-            for i, (x, y) in enumerate(data.iter_eval_batches(ds.val, tcfg.batch_size, tcfg.seq_len, n)):
-                acc = sums["dev_loss" if i < n // 2 else "test_loss"]
+            for half, x, y in dev_test_batches(ds.val, tcfg):
+                acc = sums[f"{half}_loss"]
                 acc[0] += float(model(x, y).loss) * y.numel()
                 acc[1] += y.numel()
     finally:
