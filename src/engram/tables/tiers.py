@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -136,13 +136,17 @@ class TableStorage(ABC):
         ``unique=True`` promises the ids are distinct (lets tiers skip deduplication).
         """
         rows = _check_rows(rows, self.num_rows, out, self.dim)
+        self._served(rows, lambda: self._lookup(rows, out, unique))
+        return out
+
+    def _served(self, rows: torch.Tensor, serve: Callable[[], None]) -> None:
+        """Run ``serve`` (which fills the lookup's output) under the lock, counting the call."""
         t0 = time.perf_counter()
         with self._lock:
-            self._lookup(rows, out, unique)
+            serve()
             self.stats.calls += 1
             self.stats.lookups += rows.numel()
             self.stats.lookup_s += time.perf_counter() - t0
-        return out
 
     @abstractmethod
     def _lookup(self, rows: torch.Tensor, out: torch.Tensor, unique: bool) -> None: ...
@@ -202,8 +206,8 @@ class MmapStorage(TableStorage):
         self.path, self.layer_id, self.cold = Path(header.path), layer_id, cold
         self.storage_dtype = header.dtype
         # fp8 files: the view holds records uint8 [R, Dh + 4]; lookups decode what they gather
-        self.record_bytes = row_nbytes(header.dtype, info.dim) if header.dtype == FP8 else None
         self.row_bytes = row_nbytes(header.dtype, info.dim)
+        self.record_bytes = self.row_bytes if header.dtype == FP8 else None
         self._offset, self._nbytes = info.offset, info.nbytes
         self._mm, self.view = map_layer(header, layer_id)  # view: [R, Dh] storage dtype, or fp8 records
         self._mm.madvise(mmap.MADV_RANDOM)  # rows are scattered: readahead would waste I/O
@@ -249,13 +253,12 @@ class MmapStorage(TableStorage):
         (the cached tier keeps records in its pool)."""
         if self.record_bytes is None:
             raise StorageError("lookup_records serves fp8 table files; use lookup")
-        t0 = time.perf_counter()
-        with self._lock:
+
+        def serve() -> None:
             self._gather(rows, out)
             self._count(rows, True)
-            self.stats.calls += 1
-            self.stats.lookups += rows.numel()
-            self.stats.lookup_s += time.perf_counter() - t0
+
+        self._served(rows, serve)
         return out
 
     def _count(self, rows: torch.Tensor, unique: bool) -> None:
