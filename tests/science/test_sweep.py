@@ -293,3 +293,17 @@ def test_cli_sweep_plan_and_account(capsys):
     assert main(["sweep", "account", "--preset", "moe"]) == 0
     acc = json.loads(capsys.readouterr().out)
     assert acc["total"] == EngramLM(preset("moe", 4096)).param_counts()["total"]
+
+
+def test_every_builtin_sweep_is_named_in_the_cli_help_and_errors(capsys):
+    """The --name help is spelt out (importing the tuple would load torch at --help): it must list
+    every built-in sweep, and a wrong name's error lists them from the tuple itself."""
+    from engram.cli.main import main
+    from engram.science.sweep import BUILTIN_SWEEPS, builtin_sweep
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"built-in sweep: {', '.join(BUILTIN_SWEEPS)}" in help_text
+    with pytest.raises(SweepError, match=", ".join(BUILTIN_SWEEPS)):
+        builtin_sweep("nope")

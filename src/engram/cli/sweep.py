@@ -18,10 +18,10 @@ from engram.config import PRESETS, build_configs
 
 
 def _spec(args):
-    from engram.science.sweep import SweepError, builtin_sweep, load_spec
+    from engram.science.sweep import BUILTIN_SWEEPS, SweepError, builtin_sweep, load_spec
 
     if bool(args.name) == bool(args.spec):
-        raise SweepError("give exactly one of --name (rho, table-size, baselines, bigram, historian, smoke) or --spec FILE.json")
+        raise SweepError(f"give exactly one of --name ({', '.join(BUILTIN_SWEEPS)}) or --spec FILE.json")
     seeds = int_list(args.seeds, "--seeds") if args.seeds else None
     if args.spec:
         spec = load_spec(args.spec)
@@ -104,6 +104,7 @@ def register(sub) -> None:
     ss = sw.add_subparsers(dest="sweep_cmd", required=True)
 
     def spec_args(p) -> None:
+        # spelt out: the names' tuple (engram.science.sweep.BUILTIN_SWEEPS) would import torch at --help
         p.add_argument("--name", help="built-in sweep: rho, table-size, baselines, bigram, historian, smoke")
         p.add_argument("--spec", help="JSON sweep spec (see docs/science.md)")
         p.add_argument("--seeds", help="comma-separated seeds (default: the sweep's)")

@@ -36,6 +36,7 @@ import torch
 from engram.config import ModelConfig
 from engram.errors import EngramError
 from engram.model.lm import EngramLM
+from engram.model.table import table_holders
 
 
 class AccountingError(EngramError):
@@ -108,7 +109,7 @@ def account_model(cfg: ModelConfig, seq_len: Optional[int] = None) -> Account:
             moe_layers += 1
             per_expert = sum(p.numel() for p in experts[0].parameters())  # a SwiGLU (a historian is last)
     rows = 0
-    for e in model.engram_layers + model.historian_experts:
+    for e in table_holders(model):  # Engram layers and historian experts
         rows += e.cfg.num_heads_total * e.cfg.head_dim
     if model.input_ngram is not None:
         rows += len(model.input_ngram.cfg.orders) * cfg.hidden_size

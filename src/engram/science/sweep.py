@@ -765,7 +765,7 @@ def builtin_sweep(name: str, vocab_size: int = 4096, seeds: Optional[Sequence[in
               "eval_batches": 2, "save_every": 3, "log_every": 1}
         return SweepSpec("smoke", cfgs, base="tiny-moe", train=tr, seeds=given or (0, 1),
                          reference="moe", kind="rho", vocab_size=vocab_size, fact_per_relation=0)
-    raise SweepError(f"unknown built-in sweep {name!r}; choose rho, table-size, baselines, bigram, historian or smoke, "
+    raise SweepError(f"unknown built-in sweep {name!r}; choose one of {', '.join(BUILTIN_SWEEPS)}, "
                      f"or pass --spec FILE.json")
 
 
