@@ -62,6 +62,8 @@ def test_grid_extends_at_its_edge_then_reports(patched, tmp_path, monkeypatch):
     assert sorted(calls[:5]) == pytest.approx([0.03, 0.1, 0.3, 0.9, 2.7])
     assert s["test"]["test_exact"]["runs"] == pytest.approx([0.9] * 3) and s["test"]["p_vs_base"] != 1.0
     assert "control" in s and "update" in s and [c["facts"] for c in s["capacity"]] == [2, 4]
+    assert s["update"]["facts"] == [2] and s["update"]["seeds"] == [0, 1, 2]
+    assert "2 facts, seeds [0, 1, 2])" in (out / "summary.md").read_text()
     assert "Tables-only fact edit" in (out / "summary.md").read_text()
     n = len(calls)
     study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, log=lambda m: None)  # resumes: nothing reruns

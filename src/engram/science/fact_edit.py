@@ -420,6 +420,8 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                              "old_exact": _stat([u[k]["old_answer_test_exact"] for u in ups]),
                              "kl": _stat([u[k]["neutral"]["kl"] for u in ups])} for k in ("rewrite", "stack")}
         out["update"]["reverted_bit_exact"] = all(u["reverted_bit_exact"] for u in ups)
+        out["update"]["facts"] = sorted({u["facts"] for u in ups})
+        out["update"]["seeds"] = [u["seed"] for u in ups]
     # every capacity run of the first seed (each with its step cap: a capacity run need not share
     # the current recipe's), and the current recipe's own test run at its fact count
     out["capacity"] = [{"facts": r["facts"], "seed": r["seed"], "test_exact": r["test_exact"],
@@ -512,7 +514,12 @@ def summary_markdown(s: dict[str, Any]) -> str:
                          f"{format_p(e['p_current_vs_this'])} |")
     if s.get("update"):
         u = s["update"]
-        lines += ["", "### Changing an answer (new answers for facts already taught)", "",
+        lines += ["", f"### Changing an answer (new answers for facts already taught; "
+                  f"{' / '.join(str(n) for n in u.get('facts', [])) or '?'} facts, "
+                  f"seeds {u.get('seeds', '?')})", "",
+                  "*rewrite*: a new patch trained from the unedited tables replaces the first; *stack*: a "
+                  "correcting patch trained on top of the first, both applied. KL: on neutral text, against the "
+                  "model the correction starts from (unedited for rewrite, first patch applied for stack).", "",
                   "| way | new answer exact (held-out) | old answer still produced | KL |", "|---|---|---|---|"]
         for k in ("rewrite", "stack"):
             lines.append(f"| {k} | {_ms(u[k]['new_exact'], True)} | {_ms(u[k]['old_exact'], True)} | "
