@@ -30,7 +30,12 @@ def test_patch_method_teaches_measures_and_reverts(world, one_thread):
     assert rec["efficacy"] > floor["efficacy"]  # the verbatim form is a training form: it is learnt
     assert rec["bytes_per_fact"] > 0 and rec["add_seconds"] > 0 and rec["extra_prompt_tokens"] == 0
     assert 0 <= rec["generalisation"] <= 1 and rec["neutral"]["kl"] >= 0
-    assert rec["edit"]["kinds"] == ["statement", "cloze"]
+    assert rec["edit"]["kinds"] == ["statement", "cloze"] and rec["edit"]["keyed"] is False
+    keyed = bench.run("new", "keyed-patch", 0)  # the same trainer with entries keyed by N-gram
+    assert keyed["edit"]["keyed"] is True and keyed["reverted_bit_for_bit"] is True
+    assert keyed["efficacy"] > floor["efficacy"] and keyed["add_seconds"] != rec["add_seconds"]
+    for e in model.engram_layers:
+        assert torch.equal(e.table.weight, tables[e.layer_id]) and not e.multi_head_embedding.installed
     pytest.importorskip("bm25s", reason="retrieval needs bm25s: pip install 'engram-lm[retrieval]'")
     both = bench.run("new", "patch+retrieval", 0)  # the same patch, passages in the prompt too
     assert both["add_seconds"] == rec["add_seconds"] and both["extra_prompt_tokens"] > 0

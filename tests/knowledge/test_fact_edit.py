@@ -125,6 +125,22 @@ def test_patch_train_facts_command_writes_a_patch_that_applies(tiny, tmp_path, c
     # exactly one of --data / --facts
     assert main(["patch", "train", "--ckpt", str(tmp_path / "run"), "--out", str(out)]) == 2
     assert "exactly one of --data" in capsys.readouterr().err
+    # keyed entries: a keyed patch, asked through the model, refused by a table file with a one-line reason
+    keyed = tmp_path / "keyed.engp"
+    assert main(["patch", "train", "--ckpt", str(tmp_path / "run"), "--facts", str(facts), "--out", str(keyed),
+                 "--edit-steps", "4", "--edit-eval-every", "2", "--edit-neutral-windows", "2",
+                 "--edit-neutral-len", "16", "--edit-keyed", "--quiet"]) == 0
+    assert "keyed entries" in capsys.readouterr().out and load_patch(keyed).keyed
+    assert main(["patch", "info", str(keyed)]) == 0 and "N-gram-keyed entries" in capsys.readouterr().out
+    assert main(["knowledge", "ask", "--ckpt", str(tmp_path / "run"), "--facts", str(facts), "--patch", str(keyed),
+                 "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["n"] > 0
+    table = tmp_path / "t.engt"
+    assert main(["table", "convert", str(tmp_path / "run"), str(table), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["patch", "apply", str(table), str(keyed)]) != 0
+    err = capsys.readouterr().err
+    assert "is keyed" in err and "Traceback" not in err
 
 
 def test_every_form_tokenises_with_the_answer_on_a_token_boundary(world):
@@ -212,3 +228,83 @@ def test_scoring_in_length_sorted_batches_matches_one_case_at_a_time(world, one_
     alone = [score(model, [c], 0) for c in cases]
     assert batched["per_case_exact"] == [a["per_case_exact"][0] for a in alone]
     assert batched["answer_nll"] == pytest.approx(sum(a["answer_nll"] for a in alone) / len(cases), rel=1e-4)
+
+
+def test_keyed_edit_teaches_leaves_other_ngrams_alone_and_reverts(world, one_thread, tmp_path):
+    """A keyed edit trains one entry per (head, N-gram) its sentences read; text whose N-grams
+    only share hashed rows with them reads the table as before; apply installs, revert removes."""
+    from engram.knowledge.editor import keys_to_train
+    from engram.patches.patchfile import load_patch, save_patch
+
+    model, tok = world
+    facts = invent_facts(4, seed=0, relations=("capital",))
+    chat = chat_format(tok)
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "cloze")), chat, True)
+    asked = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat)
+    x = torch.tensor([train[0].ids])
+    logits_before = model(x).logits
+    exact_before = score(model, asked, 0)["exact"]
+    cfg = FactEditConfig(lr=0.3, steps=100, batch_size=8, neutral_windows=2, neutral_len=16, kl_weight=0.1,
+                         neutral_kl_weight=0.1, patience=100, rows="all", keyed=True)
+    res = edit_facts(model, tok, train, cfg, dev_cases=asked, progress=False)
+    assert res.patch.keyed and res.report["answer_loss_last"] < 0.85 * res.report["answer_loss_first"]
+    assert torch.equal(model(x).logits, logits_before)  # nothing installed after training
+    want = keys_to_train(model, train, "all")
+    for lid, lp in res.patch.layers.items():
+        assert bool(torch.isin(lp.keys, want[lid][0]).all()) and lp.keys.numel() > 0
+    assert coverage(model, asked, trained_rows(res.patch), keyed=True)["questions_all"] == 1.0
+    p = load_patch(save_patch(res.patch, tmp_path / "k.engp"))
+    assert p.keyed and p.patch_id == res.patch.patch_id
+    # a sequence reading exactly the trained rows at one head but other N-grams elsewhere: made by
+    # hand, a position whose rows equal a trained entry's on one head only reads the table there
+    e = model.engram_layers[0]
+    hid = model.compute_hash_ids(x)[e.layer_id]  # [1, T, H]
+    other = hid.clone()
+    other[..., 1:] = (other[..., 1:] + 1) % torch.tensor(e.multi_head_embedding.head_sizes[1:])
+    apply_to_model(model, p)
+    assert score(model, asked, 0)["exact"] == res.report["best_dev_exact"] > exact_before
+    plain = e.multi_head_embedding.embedding(e.multi_head_embedding.rows(other))
+    assert torch.equal(e.multi_head_embedding(other), plain)  # same head-0 rows, other N-grams: untouched
+    assert not torch.equal(e.multi_head_embedding(hid), e.multi_head_embedding.embedding(e.multi_head_embedding.rows(hid)))
+    revert_from_model(model, p)
+    assert torch.equal(model(x).logits, logits_before) and not e.multi_head_embedding.installed
+
+
+def test_keyed_edit_skipping_unread_neutral_windows_gives_the_reference_kl_and_gradient(world, one_thread):
+    """The neutral windows that read no trained entry have a KL of 0 (the edited model computes
+    them as the unedited one): skipping their forward gives the KL and the gradient of the
+    reference that computes every window."""
+    from engram.knowledge.editor import _Keyed, _neutral_kl, _windows_reading, keys_to_train, windows_topk
+    from engram.knowledge.scoring import neutral_windows
+
+    model, tok = world
+    facts = invent_facts(3, seed=2, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "cloze")), chat_format(tok), True)
+    e = model.engram_layers[0]
+    keys, rows = keys_to_train(model, train, "subject")[e.layer_id]
+    held = {e.layer_id: _Keyed(e.multi_head_embedding, e.table.weight, keys, rows)}
+    with torch.no_grad():
+        held[e.layer_id].delta.normal_()
+    neutral = neutral_windows(tok, "train", 16, 16)
+    top = windows_topk(model, neutral, 8)
+    reads = _windows_reading(model, neutral, held)
+    assert 0 < int(reads.sum()) < len(neutral)  # some windows read an entry, some do not
+
+    def fwd(x):
+        return model(x, patches=[{lid: h.overlay() for lid, h in held.items()}]).logits
+
+    for k in range(0, len(neutral), 2):
+        sel = torch.arange(k, k + 2)
+        got = [_neutral_kl(fwd, neutral, sel, top, None, r) for r in (reads, None)]
+        if got[0] is None:  # both skipped: the reference's KL is 0 up to rounding, its gradient exactly 0
+            assert not bool(reads[sel].any()) and float(got[1].detach()) < 1e-6
+            got[1].backward()
+            assert held[e.layer_id].delta.grad is None or not bool(held[e.layer_id].delta.grad.any())
+            continue
+        grads = []
+        for g in got:
+            held[e.layer_id].delta.grad = None
+            g.backward()
+            grads.append(held[e.layer_id].delta.grad.clone())
+        assert torch.allclose(got[0], got[1], rtol=1e-5, atol=1e-7)
+        assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)

@@ -292,3 +292,108 @@ def test_generate_patch_flag_equals_generating_from_a_patched_copy(tmp_path, ins
     assert main(gen + ["--patch", str(other)]) == 2  # refused before generating
     assert "hash configuration" in capsys.readouterr().err
 
+
+
+# ----------------------------------------------------------------------------- keyed patches
+def _keyed_patch(model, ids, delta, pick=slice(None, None, 3), name="k", parent=None):
+    """A keyed patch over the N-grams of ``ids``' first sequence: every ``pick``-th (head, N-gram)
+    entry takes its row's value + ``delta``."""
+    from engram.patches.patchfile import make_keyed_patch
+
+    e = model.engram_layers[0]
+    hid = model.compute_hash_ids(ids[:1])[e.layer_id].reshape(-1, len(e.multi_head_embedding.head_sizes))  # [T, H]
+    keys, first = torch.unique(e.multi_head_embedding.keys(hid).reshape(-1), return_inverse=True)
+    rows_all = e.multi_head_embedding.rows(hid).reshape(-1)
+    rows = torch.zeros_like(keys)
+    rows[first] = rows_all
+    keys, rows = keys[pick], rows[pick]
+    base = _tables(model)
+    return make_keyed_patch(base, {LAYER: (keys, rows, base[LAYER][rows] + delta)},
+                            hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe(),
+                            name=name, parent=parent)
+
+
+def _reference_keyed(model, ids, patch) -> torch.Tensor:
+    """What a keyed patch should give, computed the slow way: each position's head reads the
+    entry whose key equals its own, looked up one by one in a dict."""
+    e = model.engram_layers[0]
+    lp = patch.layers[LAYER]
+    table = dict(zip(lp.keys.tolist(), lp.new))
+    mhe = e.multi_head_embedding
+    orig = mhe.forward
+
+    def slow(hash_ids, overlay=None):
+        out = orig(hash_ids, overlay).clone()
+        keys = mhe.keys(hash_ids)
+        for idx in np.ndindex(*keys.shape):
+            v = table.get(int(keys[idx]))
+            if v is not None:
+                out[idx] = v
+        return out
+
+    mhe.forward = slow
+    try:
+        return model(ids).logits
+    finally:
+        del mhe.forward
+
+
+def test_keyed_patch_reads_only_its_ngrams_and_serves_like_installing_it(tmp_path) -> None:
+    model = _model()
+    ids = _ids(model, n=24)
+    k = _keyed_patch(model, ids, 0.75)
+    k = load_patch(save_patch(k, tmp_path / "k.engp"))
+    assert k.keyed and k.meta["version"] == 2 and k.meta["result_fingerprint"] == k.meta["base_fingerprint"]
+    base_logits = model(ids).logits
+    got = model(ids, patches=[k]).logits
+    assert not torch.equal(got, base_logits)
+    assert torch.equal(got, _reference_keyed(model, ids, k))  # the fast path against the slow one
+    # other text: the second sequence's N-grams are not the patch's, so it reads the table as before
+    assert torch.equal(got[1], base_logits[1])
+    before = model_fingerprint(model)
+    ref = copy.deepcopy(model)
+    apply_to_model(ref, k)
+    assert model_fingerprint(ref) == before  # installing writes no row
+    assert torch.equal(ref(ids).logits, got)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    assert torch.equal(model.generate(ids, sampling, patches=[k]), ref.generate(ids, sampling))
+    with pytest.raises(PatchChainError, match="already applied"):
+        apply_to_model(ref, k)
+    revert_from_model(ref, k)
+    assert torch.equal(ref(ids).logits, base_logits)
+
+
+def test_keyed_and_row_patches_stack_and_a_table_file_refuses_a_keyed_one(tmp_path) -> None:
+    model = _model()
+    ids = _ids(model, n=24)
+    a, _, _ = _chain(model, ids)
+    k = _keyed_patch(model, ids, -1.0)
+    ref = copy.deepcopy(model)
+    apply_to_model(ref, k)  # keyed entries installed; the tables keep their content ...
+    apply_to_model(ref, a)  # ... so a patch made on them applies on top (its rows are written)
+    stack = stack_patches(model, [k, a])
+    assert torch.equal(model(ids, patches=[k, a]).logits, ref(ids).logits)  # keyed entries win where both apply
+    assert torch.equal(model(ids, patches=[stack]).logits, ref(ids).logits)
+    assert not torch.equal(ref(ids).logits, model(ids, patches=[a]).logits)
+    revert_from_model(ref, k)  # a keyed patch writes no row: its revert is never blocked, nor blocks
+    revert_from_model(ref, a)
+    assert torch.equal(ref(ids).logits, model(ids).logits)
+    table = tmp_path / "t.engt"
+    save_model_tables(model, table)
+    from engram.config import PatchError
+    with pytest.raises(PatchError, match="keyed"):
+        apply_patch(table, k)
+
+
+def test_ngram_keys_depend_on_every_head_of_the_order_and_only_on_it() -> None:
+    from engram.model.table import ngram_keys
+
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randint(0, 1 << 20, (64, 8), generator=g)
+    keys = ngram_keys(hid, 4)
+    assert torch.equal(keys, ngram_keys(hid.clone(), 4)) and bool((keys >= 0).all())
+    assert torch.unique(keys).numel() == keys.numel()  # distinct heads and N-grams: distinct keys
+    moved = hid.clone()
+    moved[:, 5] += 1  # one head of the second order
+    changed = ngram_keys(moved, 4) != keys
+    assert bool(changed[:, 4:].all()) and not bool(changed[:, :4].any())

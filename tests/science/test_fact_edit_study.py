@@ -187,3 +187,63 @@ def test_the_neutral_text_is_a_dev_choice_after_the_forms(patched, tmp_path, mon
     assert list((out / "runs").glob("test-2-seed0*-nw64-*")) and s["earlier"][0]["recipe"]["neutral_windows"] == 16
     md = (out / "summary.md").read_text()
     assert "neutral text: 256 windows" in md and "**64 windows** of 64 tokens (compared: [16, 64, 256])" in md
+
+
+def test_keyed_entries_are_a_dev_choice_against_the_chosen_recipe(patched, tmp_path, monkeypatch):
+    # keyed entries score higher on dev: the keyed phase runs one dev run beside the chosen one,
+    # records the choice, and the test runs (and the summary's main block) are then keyed
+    fake, _ = _fake(lambda lr: {0.3: 0.5}.get(lr, 0.2))
+    seen = []
+
+    def by_keyed(model, tok, facts, cfg, *a, **k):
+        seen.append(cfg.keyed)
+        rec = fake(model, tok, facts, cfg, *a, **k)
+        rec["dev_exact"] += 0.1 * cfg.keyed
+        return rec
+
+    monkeypatch.setattr(study, "measure_edit", by_keyed)
+    out = tmp_path / "s"
+    cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, seeds=(0,), lrs=(0.1, 0.3, 1.0),
+                                    edit=FactEditConfig(rows="subject", neutral_windows=16))
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid", "forms", "test"),
+                    extend=False, compare_forms=False, log=lambda m: None)
+    with pytest.raises(study.StudyError, match="no dev run of the chosen recipe"):  # other steps: nothing to compare
+        study.run_study({"a": object()}, tok(patched), 0, patched, out, replace(cfg, edit=replace(cfg.edit, steps=7)),
+                        phases=("keyed",), log=lambda m: None)
+    s = study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("keyed", "test", "summary"),
+                        log=lambda m: None)
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert chosen["keyed"] is True and chosen["keyed_compared"] is True
+    assert seen == [False, False, False, False, True, True]  # grid x3, the unkeyed test run, keyed dev, keyed test
+    assert (out / "runs" / "dev-a-lr0.3-rowssubject-keyed-statement+question+cloze+paraphrase+chat+usage+document.json").is_file()
+    assert s["test"]["keyed"] and not s["earlier"][0].get("keyed")
+    md = (out / "summary.md").read_text()
+    assert "entries: **keyed by N-gram**" in md and "entries keyed by N-gram" in md
+    assert "recipe (N-gram-keyed entries)" in md
+
+
+def test_the_keyed_lr_grid_is_extended_at_its_edge(patched, tmp_path, monkeypatch):
+    fake, _ = _fake(lambda lr: {0.3: 0.5}.get(lr, 0.2))
+    lrs = []
+
+    def by_lr(model, tok, facts, cfg, *a, **k):
+        rec = fake(model, tok, facts, cfg, *a, **k)
+        if cfg.keyed:
+            lrs.append(cfg.lr)
+            rec["dev_exact"] = min(cfg.lr, 2.7) / 2.7  # keyed entries peak at lr 2.7
+        return rec
+
+    monkeypatch.setattr(study, "measure_edit", by_lr)
+    out = tmp_path / "s"
+    cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, seeds=(0,), lrs=(0.1, 0.3, 1.0), keyed_lrs=(0.9,),
+                                    edit=FactEditConfig(rows="subject", neutral_windows=16))
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("grid", "forms"),
+                    extend=False, compare_forms=False, log=lambda m: None)
+    notes = []
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("keyed",), extend=False, log=notes.append)
+    assert lrs == [0.3, 0.9] and "no choice made" in notes[-1] and "keyed" not in json.loads((out / "chosen.json").read_text())
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("keyed",), log=lambda m: None)
+    assert lrs == pytest.approx([0.3, 0.9, 2.7, 8.1])  # extended past the edge until the best lies inside
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert chosen["keyed"] is True and chosen["lr"] == pytest.approx(2.7)
+    assert chosen["keyed_lrs"] == pytest.approx([0.3, 0.9, 2.7, 8.1])

@@ -13,7 +13,7 @@ import torch
 from engram.cli.main import main
 from engram.config import SamplingConfig, StateCacheConfig, StateCacheError, preset
 from engram.model.lm import EngramLM
-from engram.model.table import RowOverlay
+from engram.model.table import KeyedOverlay, RowOverlay
 from engram.serve.state_cache import PromptStates, generate_with_states
 from engram.serve.state_store import StateEntryError, StateStore, read_entry
 
@@ -117,6 +117,20 @@ def test_states_of_another_model_table_or_patch_stack_miss(tmp_path):
     assert rep.cached_tokens == 0 and torch.equal(logits, _reference(model, ids)[0])
     with torch.no_grad():
         e.table.weight[5] = row  # the same bits again: the first states are valid again
+    assert _prefill(states, ids)[2].cached_tokens == 32
+    # keyed entries read per call, and the same installed on the model (no row written): each its own context
+    hid = model.compute_hash_ids(ids)[e.layer_id]
+    key = e.multi_head_embedding.keys(hid)[0, 3, :1]  # one (head, N-gram) the prompt reads
+    keyed = {e.layer_id: KeyedOverlay.of(key, torch.randn(1, e.table.embedding_dim))}
+    assert _prefill(states, ids, patches=[keyed])[2].cached_tokens == 0
+    _, logits, rep = _prefill(states, ids, patches=[keyed])
+    assert rep.cached_tokens == 32 and torch.equal(logits, _reference(model, ids, patches=[keyed])[0])
+    e.multi_head_embedding.set_installed([("k", keyed[e.layer_id])])
+    try:
+        _, logits, rep = _prefill(states, ids)
+        assert rep.cached_tokens == 0 and torch.equal(logits, _reference(model, ids, patches=[keyed])[0])
+    finally:
+        e.multi_head_embedding.set_installed([])
     assert _prefill(states, ids)[2].cached_tokens == 32
 
 

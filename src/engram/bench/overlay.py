@@ -168,7 +168,7 @@ def _run(preset_name: str, vocab: int, tenants: int, patch_rows: int, requests: 
 
 def _overlay_bytes(store: PatchStore, ids: list[str]) -> Optional[float]:
     """Bytes of the overlay alone (row ids and new values), the part a request reads."""
-    sizes = [sum(o.rows.numel() * 8 + o.values.numel() * o.values.element_size()
+    sizes = [sum(o[0].numel() * 8 + o.values.numel() * o.values.element_size()
                  for o in store.cached(pid).patch.overlays().values()) for pid in ids if store.cached(pid)]
     return statistics.median(sizes) if sizes else None
 

@@ -24,8 +24,8 @@ from engram.errors import EngramError
 from engram.knowledge.edit_config import FactEditConfig
 
 # torch-free copies for the flags' choices (tests check they match the modules' own)
-PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")  # engram.science.fact_edit's
-BENCH_METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "lora")  # engram.knowledge.bench's
+PHASES = ("grid", "forms", "keyed", "test", "control", "update", "capacity", "summary")  # engram.science.fact_edit's
+BENCH_METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora")  # engram.knowledge.bench's
 BENCH_SETS = ("counterfactual", "new")
 
 
@@ -253,9 +253,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         adapters[name], tok, pad = _load(path, args.quiet)
     edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
                           kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr,
-                          rows=args.rows, neutral_windows=args.neutral_windows)
+                          rows=args.rows, neutral_windows=args.neutral_windows, keyed=args.keyed)
     cfg = FactEditStudyConfig(form_sets=form_sets, neutral_sets=tuple(args.neutral_sets), facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
-                              lrs=tuple(args.lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
+                              lrs=tuple(args.lrs), keyed_lrs=tuple(args.keyed_lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
                               edit=edit)
     summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend,
                         compare_forms=not args.all_forms)
@@ -395,6 +395,12 @@ def register(sub: Any) -> None:
                    help="grid only: the positive control (the Engram layer's own weights train too)")
     s.add_argument("--rows", default="subject", choices=["all", "subject"],
                    help="grid only: which rows the recipe trains (both are recipe choices, made on dev)")
+    s.add_argument("--keyed", action="store_true",
+                   help="train N-gram-keyed entries whatever the keyed phase chose (runs keyed so get a '-keyed' key "
+                        "suffix; the summary reports them under their own recipe unless dev chose keyed)")
+    s.add_argument("--keyed-lrs", type=float, nargs="*", default=[], metavar="LR",
+                   help="keyed phase: learning rates of keyed entries tried beside the chosen one (the grid is extended "
+                        "at its edge unless --no-extend)")
     _add_page_flags(s, "with the summary phase: also write a results page here")
     s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")

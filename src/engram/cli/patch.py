@@ -51,7 +51,8 @@ def cmd_train_facts(args: argparse.Namespace) -> int:
     r = {**res.report, "patch": str(path), "patch_bytes": path.stat().st_size, "facts": len(facts),
          "marked_sentences": len(marked)}
     text = (f"wrote {path} (patch {r['patch_id']}): {len(facts)} facts + {len(marked)} sentences, "
-            f"{r['train_sentences']} training sentences, {r['patch_rows']:,} rows, {r['patch_bytes']:,} bytes; "
+            f"{r['train_sentences']} training sentences, {r['patch_rows']:,} {'keyed entries' if res.patch.keyed else 'rows'}, "
+            f"{r['patch_bytes']:,} bytes; "
             f"answer loss {r['answer_loss_first']:.3f} -> {r['answer_loss_last']:.3f} in {r['steps_run']} steps "
             f"({r['train_seconds']:.0f} s)")
     if r.get("best_dev_exact") is not None:
@@ -59,7 +60,9 @@ def cmd_train_facts(args: argparse.Namespace) -> int:
     if "test_exact" in r:
         text += (f"; held-out questions {100 * r['test_exact']:.1f}% exact, subject rows trained for "
                  f"{100 * r['coverage_test']['questions_all']:.0f}% of them")
-    _print(r, args.json, text + f". Use it: engram patch apply TABLE {path}")
+    use = (f"engram generate --ckpt {args.ckpt} --patch {path} --prompt ... (keyed: served per request, never "
+           f"written into a table file)" if res.patch.keyed else f"engram patch apply TABLE {path}")
+    _print(r, args.json, text + f". Use it: {use}")
     return 0
 
 
@@ -144,7 +147,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     s = load_patch(args.patch).summary()
     _print(s, args.json, "\n".join([
         f"{s['file']}: patch {s['patch_id']} ({s['name'] or 'unnamed'}), parent {s['parent'] or '-'}",
-        f"  {s['changed_rows']:,} rows, {s['dtype']} table, new values {s['quantization']}, "
+        f"  {s['changed_rows']:,} {'N-gram-keyed entries (served per request, not written into a table file)' if s['keyed'] else 'rows'}, "
+        f"{s['dtype']} table, new values {s['quantization']}, "
         f"{s['file_bytes']:,} bytes; made {s['created_at']}",
         f"  applies to content {s['base_fingerprint'][:16]}... -> {s['result_fingerprint'][:16]}..., "
         f"hash config {s['hash_fingerprint'][:16]}...",

@@ -15,6 +15,8 @@ Methods
       :mod:`engram.knowledge.editor`, with its dev-chosen defaults; it stops on the facts' dev
       questions, never on the held-out test questions), applied, measured, reverted;
     - ``patch+retrieval``: that patch applied and BM25 passages in the prompt (the combination);
+    - ``keyed-patch``: the same trainer and settings with entries keyed by N-gram
+      (``FactEditConfig.keyed``): read only where their own N-gram recurs;
     - ``lora``: LoRA weights (each rank of ``lora_ranks``) trained with the patch's data, loss and
       stopping, in place of table rows (a retrofitted Hugging Face model), measured, removed.
 
@@ -30,7 +32,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -47,7 +49,7 @@ from engram.knowledge.templates import asked, chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
 
-METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "lora")
+METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora")
 SETS = ("counterfactual", "new")
 
 
@@ -135,8 +137,8 @@ class Bench:
                        bytes_per_fact=sum(len(p.encode()) for p, o in zip(store.passages, store.owner) if o >= 0)
                        / max(1, len(facts)),
                        add_seconds=time.time() - t0, reverted_bit_for_bit=True, k=k if method == "retrieval" else None)
-        elif method in ("patch", "patch+retrieval"):
-            rec.update(self._patch_run(facts, with_retrieval=method == "patch+retrieval"))
+        elif method in ("patch", "patch+retrieval", "keyed-patch"):
+            rec.update(self._patch_run(facts, with_retrieval=method == "patch+retrieval", keyed=method == "keyed-patch"))
         elif method == "lora":
             rec.update(self._lora_run(facts, lora_rank or self.cfg.lora_ranks[0], lora_lr or self.cfg.lora_lrs[0]))
         else:  # rome
@@ -164,17 +166,19 @@ class Bench:
             rec["reverted_bit_for_bit"] = bool(torch.equal(down_proj(m, cfg.layer).weight, w0))
         return rec
 
-    def _patch_run(self, facts: Sequence[Fact], with_retrieval: bool) -> dict[str, Any]:
+    def _patch_run(self, facts: Sequence[Fact], with_retrieval: bool, keyed: bool = False) -> dict[str, Any]:
         from engram.knowledge.editor import edit_facts  # torch-heavy; only this method needs it
 
-        m, tok, pad, ecfg = self.model, self.tok, self.pad, self.cfg.edit
+        m, tok, pad = self.model, self.tok, self.pad
+        ecfg = replace(self.cfg.edit, keyed=keyed or self.cfg.edit.keyed)
         train, dev = self._train_dev(facts)
         windows, before = self.neutral()
-        key = tuple(f"{f.subject}|{f.relation}|{f.answer}" for f in facts)
+        key = (ecfg.keyed, *(f"{f.subject}|{f.relation}|{f.answer}" for f in facts))
         if key not in self._patches:  # patch and patch+retrieval read the same patch
             t0 = time.time()
             res = edit_facts(m, tok, train, ecfg, dev_cases=dev, pad_id=pad, progress=False)
-            self._patches = {key: (res, time.time() - t0)}
+            self._patches = {k: v for k, v in self._patches.items() if k[0] != ecfg.keyed}  # one set of facts per kind
+            self._patches[key] = (res, time.time() - t0)
         res, add_s = self._patches[key]
         with tempfile.TemporaryDirectory() as d:
             size = save_patch(res.patch, Path(d) / "p.engp").stat().st_size
@@ -273,7 +277,8 @@ class Bench:
 
 _SHARED_SETTINGS = ("facts", "neighbours", "neutral_windows", "neutral_len")
 _METHOD_SETTINGS = {"none": (), "oracle": ("retrieval",), "retrieval": ("retrieval",), "rome": ("rome",),
-                    "patch": ("edit",), "patch+retrieval": ("edit", "retrieval"), "lora": ("edit",)}
+                    "patch": ("edit",), "patch+retrieval": ("edit", "retrieval"), "keyed-patch": ("edit",),
+                    "lora": ("edit",)}
 
 COLUMNS = ("set", "method", "seed", "facts", "efficacy", "generalisation", "specificity", "hit_rate",
            "extra_prompt_tokens", "bytes_per_fact", "add_seconds", "reverted_bit_for_bit")

@@ -41,6 +41,9 @@ class FactEditConfig:
     seed: int = _f("seed", 0, "seed of the sentence order")
     rows: str = _f("rows", "subject", "which rows the sentences read are trained: all, or subject (only those read at the "
                    "subject's and the answer's positions, so the edit cannot key on one phrasing's words)", choices=ROW_CHOICES)
+    keyed: bool = _f("keyed", False, "train N-gram-keyed entries instead of hashed rows: an entry is read only where the "
+                     "whole N-gram it was trained on recurs, so other text that hashes to the same rows is untouched "
+                     "(the patch is then served as an overlay or applied to a loaded model, not written into a table file)")
     kl_topk: int = _f("kl-topk", 64, "the unedited model's distribution on the sentences and the neutral text is computed "
                       "once and kept as its top-k tokens plus the rest's mass (0: kept or recomputed in full, slower)")
     # Positive control only: also train the Engram layers' gates, projections, norms and conv at

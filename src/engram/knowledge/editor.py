@@ -12,6 +12,10 @@ What it does, and why (the recipe that made table edits generalise to new phrasi
    answer (``rows="all"``); or only the rows read at the subject's and the answer's own positions
    (``rows="subject"``), so that the edit cannot key the answer on the words of one phrasing. Nothing else moves. The rows are held as a compact ``delta`` [rows, Dh] per layer
    and written into the table for each forward, so the shared table is never grown or copied.
+   With ``keyed`` the trained entries are keyed by N-gram instead (one per head and distinct
+   N-gram the sentences read there, ``engram.model.table.KeyedOverlay``): read only where that
+   N-gram recurs, so neutral text that merely hashes to a trained row is not changed; they are
+   passed to each forward as the call's ``patches=`` and the patch is a keyed ``.engp``.
 3. **The loss** is the cross-entropy of the answer tokens, plus ``kl_weight`` x the KL from the
    unedited model's next-token distribution on the sentences' other tokens, plus
    ``neutral_kl_weight`` x the same KL on neutral text (English no fact is in). Gradients flow
@@ -50,8 +54,9 @@ from engram.config import TableLocation
 from engram.knowledge.edit_config import FactEditConfig, FactEditError
 from engram.knowledge.scoring import Case, fact_cases, logprobs, marked_cases, neutral_windows, pad_batch, score
 from engram.knowledge.templates import chat_format, templates
+from engram.model.table import KeyedOverlay
 from engram.patches.apply import apply_to_model, model_fingerprint, revert_from_model
-from engram.patches.patchfile import TablePatch, make_patch
+from engram.patches.patchfile import TablePatch, make_keyed_patch, make_patch
 
 
 def _tables(model: Any) -> dict[int, torch.nn.Parameter]:
@@ -83,25 +88,27 @@ def rows_read(model: Any, ids: torch.Tensor) -> dict[int, torch.Tensor]:
             for e in model.engram_layers}
 
 
-def subject_rows(model: Any, cases: Sequence[Case]) -> list[dict[int, torch.Tensor]]:
-    """Per case, {layer_id: the rows read at its subject positions} (empty without a subject)."""
+def subject_rows(model: Any, cases: Sequence[Case], keyed: bool = False) -> list[dict[int, torch.Tensor]]:
+    """Per case, {layer_id: the rows (``keyed``: the N-gram keys) read at its subject positions}
+    (empty without a subject)."""
     out = []
     for c in cases:
         ids = torch.tensor([c.prompt_ids])
         hash_ids = model.compute_hash_ids(ids)
         pos = torch.tensor(c.subject_pos, dtype=torch.long)
-        out.append({e.layer_id: e.multi_head_embedding.rows(hash_ids[e.layer_id])[0, pos].reshape(-1)
-                    for e in model.engram_layers})
+        out.append({e.layer_id: (e.multi_head_embedding.keys if keyed else e.multi_head_embedding.rows)(
+            hash_ids[e.layer_id])[0, pos].reshape(-1) for e in model.engram_layers})
     return out
 
 
-def coverage(model: Any, cases: Sequence[Case], trained: dict[int, torch.Tensor]) -> dict[str, float]:
-    """How many questions read, at their subject's positions, rows the edit trained.
+def coverage(model: Any, cases: Sequence[Case], trained: dict[int, torch.Tensor], keyed: bool = False) -> dict[str, float]:
+    """How many questions read, at their subject's positions, rows the edit trained (``keyed``:
+    ``trained`` holds N-gram keys, and a position's key must be among them).
 
     ``questions_all``: fraction of questions whose every subject-position row was trained;
     ``questions_any``: with at least one; ``rows``: fraction of all subject-position rows."""
     full, anyc, hit, tot = 0, 0, 0, 0
-    for per in subject_rows(model, cases):
+    for per in subject_rows(model, cases, keyed):
         inside = torch.cat([torch.isin(r, trained[lid]) for lid, r in per.items()]) if per else torch.zeros(0)
         if inside.numel() == 0:
             continue
@@ -138,6 +145,98 @@ class _Rows:
         grad = torch.zeros_like(self.base)
         grad.index_add_(0, pos[keep], val[keep])
         self.delta.grad = grad
+
+
+class _Keyed:
+    """The trained entries of one keyed layer: N-gram keys [n], the rows they stand in for, their
+    unedited values and the delta [n, Dh]; read through the call's ``patches=`` while training,
+    installed on the layer (``write``) while the dev questions are scored."""
+
+    def __init__(self, mhe: Any, weight: torch.nn.Parameter, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        self.mhe, self.keys, self.rows = mhe, keys, rows
+        self.base = weight.detach()[rows].clone()
+        self.delta = torch.zeros_like(self.base, requires_grad=True)
+        self._before: Optional[list[Any]] = None
+
+    def overlay(self) -> KeyedOverlay:
+        return KeyedOverlay(self.keys, self.base + self.delta)
+
+    @torch.no_grad()
+    def write(self, edited: bool) -> None:
+        if self._before is not None:
+            self.mhe.set_installed(self._before)
+            self._before = None
+        if edited:
+            self._before = list(self.mhe.installed)
+            self.mhe.set_installed(self._before + [("fact-edit", KeyedOverlay(self.keys, self.base + self.delta))])
+
+    def take_grad(self) -> None:
+        """The delta's gradient came straight from autograd (the tables do not train)."""
+
+
+def keys_to_train(model: Any, cases: Sequence[Case], which: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer_id: (sorted unique N-gram keys, the row of each)} read at the positions that
+    :func:`rows_to_train` takes rows from (every real token, or the subject's and answer's)."""
+    read: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {e.layer_id: [] for e in model.engram_layers}
+    for c in cases:
+        ids = torch.tensor([c.ids])
+        hash_ids = model.compute_hash_ids(ids)
+        if which == "subject" and c.subject_pos:
+            start = len(c.prompt_ids)
+            pos = torch.tensor(list(c.subject_pos) + list(range(start, start + len(c.answer_ids))), dtype=torch.long)
+        else:
+            pos = torch.arange(len(c.ids))
+        for e in model.engram_layers:
+            h = hash_ids[e.layer_id][0, pos]  # [P, H]
+            read[e.layer_id].append((e.multi_head_embedding.keys(h).reshape(-1), e.multi_head_embedding.rows(h).reshape(-1)))
+    out = {}
+    for lid, parts in read.items():
+        keys = torch.cat([k for k, _ in parts])
+        rows = torch.cat([r for _, r in parts])
+        keys, first = _unique_first(keys)
+        out[lid] = (keys, rows[first])
+    return out
+
+
+def _neutral_kl(fwd: Callable[[torch.Tensor], torch.Tensor], neutral: torch.Tensor, sel: torch.Tensor,
+                neutral_top: Optional[tuple[torch.Tensor, torch.Tensor]], neutral_lp: Optional[torch.Tensor],
+                reads: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Mean KL(unedited || edited) over every position of the neutral windows ``sel`` [m] (the
+    unedited model as its cached top-k, or in full); with ``reads`` the windows that read no
+    trained entry are not computed (their KL is 0, their positions still count). None when
+    every window is skipped."""
+    m = sel.numel()
+    if reads is not None:
+        sel = sel[reads[sel]]
+    if not sel.numel():
+        return None
+    nb = neutral[sel]
+    everywhere = torch.ones(nb.shape, dtype=torch.bool)
+    if neutral_top is not None:
+        kl = _kl_topk(fwd(nb), everywhere, neutral_top[0][sel].flatten(0, 1), neutral_top[1][sel].flatten(0, 1))
+    else:
+        kl = _kl(fwd(nb), neutral_lp[sel], everywhere)
+    return kl * (sel.numel() / m)  # windows are equally long: the mean over all m windows' positions
+
+
+@torch.no_grad()
+def _windows_reading(model: Any, windows: torch.Tensor, held: dict[int, Any]) -> torch.Tensor:
+    """[n] bool: which of ``windows`` [n, L] read, at some position and head, a trained keyed entry."""
+    hash_ids = model.compute_hash_ids(windows)
+    hit = torch.zeros(windows.shape[0], dtype=torch.bool)
+    for e in model.engram_layers:
+        if e.layer_id in held:
+            keys = e.multi_head_embedding.keys(hash_ids[e.layer_id])  # [n, L, H]
+            hit |= torch.isin(keys, held[e.layer_id].keys).flatten(1).any(1)
+    return hit
+
+
+def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique values of ``x`` [n] and the index of one occurrence of each."""
+    u, inv = torch.unique(x, return_inverse=True)
+    idx = torch.full((u.numel(),), x.numel(), dtype=torch.long)
+    idx.scatter_reduce_(0, inv, torch.arange(x.numel()), reduce="amin")
+    return u, idx
 
 
 def _kl(edited_logits: torch.Tensor, base_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -260,7 +359,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                provenance: Optional[dict[str, Any]] = None, progress: bool = True,
                on_eval: Optional[Callable[[int, dict[str, Any]], None]] = None,
                extra: Optional[dict[str, torch.nn.Parameter]] = None, extra_lr: float = 0.0,
-               train_tables: bool = True) -> EditResult:
+               train_tables: bool = True, skip_unread_neutral: bool = True) -> EditResult:
     """Train the rows ``train_cases`` read (see the module docstring) and return the patch.
 
     ``dev_cases`` (held-out questions) drive the stopping; without them training runs ``steps``.
@@ -269,6 +368,9 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     ``extra`` weights (e.g. LoRA's, for a baseline with the same data and loss) train too, at
     ``extra_lr``; ``train_tables=False`` trains them alone (the patch is then empty). They are
     put back as they were before returning; ``EditResult.layer_state`` holds their best values.
+
+    ``skip_unread_neutral=False`` computes every neutral window of a keyed edit, also those that
+    read no trained entry (the slow reference of the skip; the result is the same).
     """
     if extra is not None and not (extra and extra_lr > 0 and cfg.kl_topk > 0 and cfg.layer_lr == 0):
         raise FactEditError("extra weights need a non-empty set, extra_lr > 0, kl_topk > 0 (the unedited model "
@@ -289,8 +391,20 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     tables = _tables(model) if train_tables else {}
     torch.manual_seed(cfg.seed)
     gen = np.random.default_rng(cfg.seed)
-    held = ({lid: _Rows(tables[lid], r) for lid, r in rows_to_train(model, train_cases, cfg.rows).items()}
-            if train_tables else {})
+    keyed = train_tables and cfg.keyed
+    mhes = {e.layer_id: e.multi_head_embedding for e in model.engram_layers}
+    if keyed:
+        held: dict[int, Any] = {lid: _Keyed(mhes[lid], tables[lid], k, r)
+                                for lid, (k, r) in keys_to_train(model, train_cases, cfg.rows).items()}
+    else:
+        held = ({lid: _Rows(tables[lid], r) for lid, r in rows_to_train(model, train_cases, cfg.rows).items()}
+                if train_tables else {})
+
+    def fwd(x: torch.Tensor) -> torch.Tensor:  # the edited model's logits (keyed: entries read per call)
+        if keyed:
+            return model(x, patches=[{lid: h.overlay() for lid, h in held.items()}]).logits
+        return model(x).logits
+
     fingerprint = model_fingerprint(model) if train_tables else None
     base_tables = {lid: w.detach().clone() for lid, w in tables.items()}
 
@@ -301,6 +415,11 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             neutral_top = windows_topk(model, neutral, cfg.kl_topk)
         else:  # the reference: the full distribution
             neutral_lp = logprobs(model, neutral)
+    # Keyed entries are read only where their own N-gram recurs: a neutral window none of whose
+    # positions reads one is computed exactly as by the unedited model, so its KL is 0 and its
+    # forward is skipped (the mean still counts its positions). ``reads`` [n] bool, or None.
+    reads = (_windows_reading(model, neutral, held) if keyed and cfg.neutral_kl_weight > 0 and skip_unread_neutral
+             else None)
     # The unedited model's answers on the sentences never change: computed once, kept as top-k.
     cached = base_topk(model, train_cases, pad_id, cfg.kl_topk) if cfg.kl_weight > 0 and cfg.kl_topk else None
     opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98)) if held else None
@@ -314,7 +433,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         p.requires_grad_(False)
     for e in model.engram_layers:
         e.table.sparse = True
-        e.table.weight.requires_grad_(train_tables)
+        e.table.weight.requires_grad_(train_tables and not keyed)
     for p in layer.values():
         p.requires_grad_(True)
     was = model.training
@@ -345,9 +464,10 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 for h in held.values():
                     h.write(edited=False)
                 base_lp = logprobs(model, ids)
-            for h in held.values():
-                h.write(edited=True)
-            logits = model(ids).logits
+            if not keyed:
+                for h in held.values():
+                    h.write(edited=True)
+            logits = fwd(ids)
             tgt = torch.roll(ids, -1, dims=1)
             loss = F.cross_entropy(logits[ans].float(), tgt[ans])
             total = loss
@@ -359,14 +479,9 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 total = total + cfg.kl_weight * _kl_topk(logits, other, top_ids, top_lp)
             if cfg.neutral_kl_weight > 0:
                 k = (2 * step) % len(neutral)
-                nb = neutral[k:k + 2]
-                everywhere = torch.ones(nb.shape, dtype=torch.bool)
-                if neutral_top is not None:
-                    kl_n = _kl_topk(model(nb).logits, everywhere, neutral_top[0][k:k + 2].flatten(0, 1),
-                                    neutral_top[1][k:k + 2].flatten(0, 1))
-                else:
-                    kl_n = _kl(model(nb).logits, neutral_lp[k:k + 2], everywhere)
-                total = total + cfg.neutral_kl_weight * kl_n
+                kl_n = _neutral_kl(fwd, neutral, torch.arange(k, min(k + 2, len(neutral))), neutral_top, neutral_lp, reads)
+                if kl_n is not None:
+                    total = total + cfg.neutral_kl_weight * kl_n
             if not torch.isfinite(total):
                 raise FactEditError(f"the edit's loss is {float(total)} at step {step}; lower lr (now {cfg.lr})")
             total.backward()
@@ -384,6 +499,9 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 for h in held.values():
                     h.write(edited=True)
                 dev = score(model, dev_cases, pad_id)
+                if keyed:
+                    for h in held.values():
+                        h.write(edited=False)
                 rec = {"step": step, "dev_exact": dev["exact"], "dev_top1": dev["top1"], "dev_nll": dev["answer_nll"],
                        "answer_loss": float(np.mean(losses[-cfg.eval_every:])), "seconds": time.perf_counter() - t0}
                 history.append(rec)
@@ -413,17 +531,21 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             e.table.sparse = sparse[e.layer_id]
         model.train(was)
     patch = None
-    if train_tables:
+    meta = dict(hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe(), dtype=dtype,
+                parent=parent, name=name, provenance={"trainer": "fact-edit", "config": asdict(cfg), **(provenance or {})})
+    if keyed:
+        patch = make_keyed_patch(base_tables, {lid: (h.keys, h.rows, h.base + best["delta"][lid])
+                                               for lid, h in held.items()}, **meta)
+    elif train_tables:
         new = dict(base_tables)  # a layer without trained rows stays as it is
         for lid, h in held.items():
             t = base_tables[lid].clone()
             t[h.rows] = h.base + best["delta"][lid]
             new[lid] = t
-        patch = make_patch(base_tables, new, hash_fingerprint=model.hasher.fingerprint(),
-                           hasher=model.hasher.describe(), dtype=dtype, parent=parent, name=name,
-                           provenance={"trainer": "fact-edit", "config": asdict(cfg), **(provenance or {})})
+        patch = make_patch(base_tables, new, **meta)
     report = {"config": asdict(cfg), "train_sentences": len(train_cases), "too_long_sentences": too_long,
               "trained_rows": {lid: int(h.rows.numel()) for lid, h in held.items()},
+              "neutral_windows_reading_edit": None if reads is None else int(reads.sum()),
               "steps_run": step, "best_step": best["step"], "best_dev_exact": best["dev_exact"],
               "train_seconds": train_s, "history": history,
               "answer_loss_first": losses[0] if losses else None,
@@ -434,8 +556,9 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
 
 
 def trained_rows(patch: TablePatch) -> dict[int, torch.Tensor]:
-    """{layer_id: sorted rows a patch writes}, for :func:`coverage`."""
-    return {lid: torch.as_tensor(lp.rows).long().sort().values for lid, lp in patch.layers.items()}
+    """{layer_id: sorted rows a patch writes (a keyed patch: its N-gram keys)}, for :func:`coverage`."""
+    return {lid: torch.as_tensor(lp.rows if lp.keys is None else lp.keys).long().sort().values
+            for lid, lp in patch.layers.items()}
 
 
 def teach(model: Any, tokenizer: Any, facts: Sequence[Any], marked: Sequence[Any], cfg: FactEditConfig, *,
@@ -452,7 +575,7 @@ def teach(model: Any, tokenizer: Any, facts: Sequence[Any], marked: Sequence[Any
     res = edit_facts(model, tokenizer, train, cfg, dev_cases=dev, pad_id=pad_id, name=name, dtype=dtype,
                      parent=parent, provenance=provenance, progress=progress)
     if test:
-        res.report["coverage_test"] = coverage(model, test, trained_rows(res.patch))
+        res.report["coverage_test"] = coverage(model, test, trained_rows(res.patch), keyed=res.patch.keyed)
         apply_to_model(model, res.patch)
         res.report["test_exact"] = score(model, test, pad_id)["exact"]
         revert_from_model(model, res.patch)

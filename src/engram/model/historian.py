@@ -48,7 +48,7 @@ class HistorianExpert(nn.Module):
             raise EngramError(f"HistorianExpert(layer_id={layer_id}) got {len(head_sizes)} head sizes but the "
                               f"config has {cfg.num_heads_total} heads ((max_ngram_size-1) * n_head_per_ngram)")
         self.cfg, self.layer_id = cfg, layer_id
-        self.multi_head_embedding = MultiHeadEmbedding(head_sizes, cfg.head_dim)
+        self.multi_head_embedding = MultiHeadEmbedding(head_sizes, cfg.head_dim, group_size=cfg.n_head_per_ngram)
         self.value_proj = nn.Linear(cfg.engram_hidden_size, hidden_size)
 
     @property

@@ -22,7 +22,7 @@ gate's inputs (h [B,T,M,D], e [B,T,E]) with the output; nothing is kept on the m
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,16 @@ from engram.config import EngramConfig
 from engram.errors import EngramError
 from engram.hashing.hasher import head_offsets
 from engram.model.ops import causal_conv_silu, rms_norm
-from engram.model.table import EngramTable, MemoryTable, RowOverlay
+from engram.model.table import (
+    EngramTable,
+    KeyedOverlay,
+    MemoryTable,
+    RowOverlay,
+    apply_keyed,
+    merge_overlays,
+    ngram_keys,
+    split_overlay,
+)
 
 
 class GateInputs(NamedTuple):
@@ -61,13 +70,21 @@ class MultiHeadEmbedding(nn.Module):
 
     ``embedding`` is the table (an :class:`~engram.model.table.EngramTable`; in memory unless
     ``table`` names another backend); the name keeps the state-dict keys of every checkpoint.
+    ``group_size`` heads hash each N-gram order (the heads whose ids make one N-gram's key,
+    :func:`~engram.model.table.ngram_keys`). ``installed``: keyed patches applied to this loaded
+    model, ``[(patch_id, KeyedOverlay)]`` in order (``engram.patches.apply.apply_to_model``);
+    they are read at every call, under the call's own ``patches=``.
     """
 
-    def __init__(self, head_sizes: list[int], head_dim: int, table: Optional[EngramTable] = None):
+    def __init__(self, head_sizes: list[int], head_dim: int, table: Optional[EngramTable] = None,
+                 group_size: Optional[int] = None):
         super().__init__()
         self.head_sizes = list(head_sizes)
+        self.group_size = int(group_size or len(head_sizes))
         self.register_buffer("offsets", torch.tensor(head_offsets(head_sizes), dtype=torch.long))
         self.embedding = table if table is not None else MemoryTable(sum(head_sizes), head_dim)
+        self.installed: list[tuple[str, KeyedOverlay]] = []
+        self._installed_merged: Optional[KeyedOverlay] = None
 
     @property
     def num_rows(self) -> int:
@@ -78,9 +95,23 @@ class MultiHeadEmbedding(nn.Module):
         (the offsets are int64, so the sum is too: callers index tiers and masks with it)."""
         return hash_ids + self.offsets
 
-    def forward(self, hash_ids: torch.Tensor, overlay: Optional[RowOverlay] = None
+    def keys(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        """Per-head N-gram keys of hash ids [..., H] -> [..., H] int64 (what keyed overlays match)."""
+        return ngram_keys(hash_ids, self.group_size)
+
+    def set_installed(self, installed: list[tuple[str, KeyedOverlay]]) -> None:
+        """Replace the installed keyed patches (merged once here, not at every call)."""
+        self.installed = list(installed)
+        self._installed_merged = merge_overlays([ov for _, ov in self.installed]) if self.installed else None
+
+    def forward(self, hash_ids: torch.Tensor, overlay: Any = None
                 ) -> torch.Tensor:  # [B,T,H] -> [B,T,H,Dh]
-        return self.embedding(self.rows(hash_ids), overlay)
+        rows_ov, keyed = split_overlay(overlay)
+        out = self.embedding(self.rows(hash_ids), rows_ov)
+        stack = [ov for ov in (self._installed_merged, keyed) if ov is not None and ov.keys.numel()]
+        if stack:
+            out = apply_keyed(self.keys(hash_ids), out, stack[0] if len(stack) == 1 else merge_overlays(stack))
+        return out
 
 
 class ShortConv(nn.Module):
@@ -156,7 +187,7 @@ class EngramLayer(nn.Module):
             )
         self.cfg, self.layer_id = cfg, layer_id
         self.hidden_size, self.hc_mult = hidden_size, hc_mult
-        self.multi_head_embedding = MultiHeadEmbedding(head_sizes, cfg.head_dim)
+        self.multi_head_embedding = MultiHeadEmbedding(head_sizes, cfg.head_dim, group_size=cfg.n_head_per_ngram)
         E = cfg.engram_hidden_size
         self.value_proj = nn.Linear(E, hidden_size)
         self.key_projs = nn.ModuleList(nn.Linear(E, hidden_size) for _ in range(hc_mult))

@@ -41,8 +41,18 @@ table (copy-on-write at gather time). Patches served per request use it: a model
 with ``row_overlays(model)`` such as a loaded ``.engp`` patch), merged by :func:`stack_overlays`
 with the later source winning on rows several of them list.
 
+Keyed overlays (:class:`KeyedOverlay`) are the collision-free kind: an entry replaces a head's
+row only where the position's whole N-gram is the one the entry was made for. A hashed row is
+shared by every N-gram that lands on it (with 1M rows and 100 edited facts, a quarter of ordinary
+tokens read some edited row); the *key* of a position's head is a 62-bit hash of the hash ids of
+all heads of its N-gram order (:func:`ngram_keys`), so another N-gram matches it only if it
+collides on every head of the order at once. Patches trained as keyed (``engram patch train
+--edit-keyed``) use them; they are served per request like row overlays, or installed on a
+loaded model (:func:`install_keyed`).
+
 Shape legend
-    R rows of the table    Dh row width    K overlay rows    ... any leading shape ([B,T,H])
+    R rows of the table    Dh row width    K overlay rows or keys    G heads per N-gram order
+    ... any leading shape ([B,T,H])
 """
 
 from __future__ import annotations
@@ -84,6 +94,71 @@ class RowOverlay(NamedTuple):
         if rows.numel() > 1 and bool((rows[1:] == rows[:-1]).any()):
             raise TableError("overlay rows repeat a row id; give each row once")
         return cls(rows, values[order])
+
+
+class KeyedOverlay(NamedTuple):
+    """Values that replace a head's row at the positions whose N-gram key matches (see the module
+    docstring): ``keys`` [K] int64 sorted, distinct (:func:`ngram_keys`); ``values`` [K, Dh]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, values: torch.Tensor) -> "KeyedOverlay":
+        """A keyed overlay from keys in any order (sorted here; a repeated key is refused)."""
+        keys = torch.as_tensor(keys, dtype=torch.int64).reshape(-1)
+        if values.dim() != 2 or values.shape[0] != keys.numel():
+            raise TableError(f"keyed overlay values must be [{keys.numel()}, Dh] for {keys.numel()} keys, "
+                             f"got {tuple(values.shape)}")
+        keys, order = torch.sort(keys)
+        if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
+            raise TableError("keyed overlay keys repeat; give each key once")
+        return cls(keys, values[order])
+
+
+class LayerOverlay(NamedTuple):
+    """What one layer reads over its table in a call: rows first, then keyed entries (the more
+    specific, so they win where both apply). Either may be None."""
+
+    rows: Optional[RowOverlay]
+    keyed: Optional[KeyedOverlay]
+
+
+# Two Mersenne-free primes below 2**31 and their bases: each running hash stays < 2**31, so a
+# product stays < 2**62 and int64 arithmetic never overflows.
+_Q1, _B1 = 2147483629, 1000003
+_Q2, _B2 = 2147483587, 998244353 % 2147483587
+
+
+def ngram_keys(hash_ids: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-head N-gram keys: hash ids [..., H] (heads grouped by order, ``group_size`` heads each)
+    -> [..., H] int64. Head j of a group gets a 62-bit hash of (j, the group's G hash ids), so two
+    positions share a key only if their N-grams of that order hash alike on every head."""
+    H = hash_ids.shape[-1]
+    if group_size < 1 or H % group_size:
+        raise TableError(f"{H} heads cannot be split into N-gram orders of {group_size} heads each")
+    ids = hash_ids.to(torch.int64).unflatten(-1, (H // group_size, group_size))  # [..., H/G, G]
+    a = torch.zeros(ids.shape[:-1], dtype=torch.int64, device=ids.device)  # [..., H/G]
+    b = torch.zeros_like(a)
+    for g in range(group_size):
+        a = (a * _B1 + ids[..., g] + 1) % _Q1
+        b = (b * _B2 + ids[..., g] + 1) % _Q2
+    j = torch.arange(group_size, dtype=torch.int64, device=ids.device)  # the head within the group
+    a = (a.unsqueeze(-1) * _B1 + j + 1) % _Q1  # [..., H/G, G]
+    return (a * _Q2 + b.unsqueeze(-1)).flatten(-2)
+
+
+def apply_keyed(keys: torch.Tensor, values: torch.Tensor, overlay: KeyedOverlay) -> torch.Tensor:
+    """``values`` [..., Dh] of positions with ``keys`` [...], the keyed overlay's values put in
+    where a key matches (a new tensor; gradients reach ``overlay.values``)."""
+    k = overlay.keys.numel()
+    if k == 0:
+        return values
+    ov_keys = overlay.keys.to(keys.device)
+    at = torch.searchsorted(ov_keys, keys).clamp_max(k - 1)  # [...]
+    hit = ov_keys[at] == keys
+    sub = overlay.values.to(device=values.device, dtype=values.dtype)[at]  # [..., Dh]
+    return torch.where(hit.unsqueeze(-1), sub, values)
 
 
 class EngramTable(nn.Module):
@@ -145,33 +220,38 @@ def apply_overlay(rows: torch.Tensor, values: torch.Tensor, overlay: RowOverlay)
 LayerOverlays = Mapping[int, RowOverlay]  # {layer_id: the rows that layer reads from the overlay}
 
 
-def merge_overlays(stack: Sequence[RowOverlay]) -> RowOverlay:
-    """One overlay from several of one layer: a row listed more than once takes the value of the
-    last overlay that lists it (the rule of applying them in order)."""
-    stack = [o for o in stack if o.rows.numel()]
+def merge_overlays(stack: Sequence[Any]) -> Any:
+    """One overlay from several of one layer and one kind (all :class:`RowOverlay` or all
+    :class:`KeyedOverlay`): a row (key) listed more than once takes the value of the last overlay
+    that lists it (the rule of applying them in order)."""
+    kind = type(stack[0]) if stack else RowOverlay
+    stack = [o for o in stack if o[0].numel()]
     if len(stack) <= 1:
-        return stack[0] if stack else RowOverlay(torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
+        return stack[0] if stack else kind(torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
     dtype = stack[-1].values.dtype
-    rows = torch.cat([o.rows for o in stack])  # [K1+K2+...]
+    rows = torch.cat([o[0] for o in stack])  # [K1+K2+...]
     values = torch.cat([o.values.to(dtype) for o in stack])  # [K1+K2+..., Dh]
     rows, order = torch.sort(rows, stable=True)  # equal rows keep the stack's order
     last = torch.ones_like(rows, dtype=torch.bool)
     last[:-1] = rows[1:] != rows[:-1]  # the last of each run of equal rows is the latest overlay's
-    return RowOverlay(rows[last], values[order[last]])
+    return kind(rows[last], values[order[last]])
 
 
-def stack_overlays(model: nn.Module, patches: Sequence[Any]) -> dict[int, RowOverlay]:
+def stack_overlays(model: nn.Module, patches: Sequence[Any]) -> dict[int, Any]:
     """A model call's ``patches=`` -> one merged overlay per Engram layer they touch.
 
-    Each item is a ``{layer_id: RowOverlay}`` mapping or an object whose ``row_overlays(model)``
-    returns one (a loaded patch checks there that it fits the model). Later items win on rows
-    that several items list. An empty stack gives ``{}``: every layer reads its table.
+    Each item is a ``{layer_id: overlay}`` mapping (a :class:`RowOverlay`, :class:`KeyedOverlay`
+    or :class:`LayerOverlay` per layer) or an object whose ``row_overlays(model)`` returns one (a
+    loaded patch checks there that it fits the model). Later items win on rows (keys) that
+    several items list. A layer gets a :class:`RowOverlay` when only row overlays touch it, else a
+    :class:`LayerOverlay`. An empty stack gives ``{}``: every layer reads its table.
     """
     if isinstance(patches, (str, bytes)) or not isinstance(patches, Sequence):
         raise TableError(f"patches must be a list of loaded patches or overlays, got {type(patches).__name__}; "
                          f"load patch files with engram.patches.patchfile.load_patch")
     layers = engram_tables(model)
     per_layer: dict[int, list[RowOverlay]] = {}
+    keyed: dict[int, list[KeyedOverlay]] = {}
     for i, item in enumerate(patches):
         if isinstance(item, Mapping):
             overlays = item
@@ -185,13 +265,44 @@ def stack_overlays(model: nn.Module, patches: Sequence[Any]) -> dict[int, RowOve
                 raise TableError(f"patches[{i}] changes Engram layer {lid} but the model has layers "
                                  f"{sorted(layers)}; it belongs to another model")
             t = layers[lid]
-            if ov.values.dim() != 2 or ov.values.shape[1] != t.embedding_dim or (
-                    ov.rows.numel() and (int(ov.rows[0]) < 0 or int(ov.rows[-1]) >= t.num_embeddings)):
-                raise TableError(f"patches[{i}]: layer {lid} overlay of {ov.rows.numel()} rows x "
-                                 f"{tuple(ov.values.shape)[1:]} does not fit the table of {t.num_embeddings} x "
-                                 f"{t.embedding_dim} rows; it belongs to another model")
-            per_layer.setdefault(lid, []).append(ov)
-    return {lid: merge_overlays(stack) for lid, stack in per_layer.items()}
+            parts = [p for p in ov if p is not None] if isinstance(ov, LayerOverlay) else [ov]
+            for part in parts:
+                is_keyed = isinstance(part, KeyedOverlay)
+                if part.values.dim() != 2 or part.values.shape[1] != t.embedding_dim or (
+                        not is_keyed and part.rows.numel() and (
+                            int(part.rows[0]) < 0 or int(part.rows[-1]) >= t.num_embeddings)):
+                    raise TableError(f"patches[{i}]: layer {lid} overlay of {part[0].numel()} "
+                                     f"{'keys' if is_keyed else 'rows'} x {tuple(part.values.shape)[1:]} does not fit "
+                                     f"the table of {t.num_embeddings} x {t.embedding_dim} rows; it belongs to another model")
+                (keyed if is_keyed else per_layer).setdefault(lid, []).append(part)
+    return {lid: merge_layer_overlays(per_layer.get(lid, []) + keyed.get(lid, []))
+            for lid in sorted(set(per_layer) | set(keyed))}
+
+
+def merge_layer_overlays(stack: Sequence[Any]) -> Any:
+    """One layer's overlays of either kind, in stack order -> a :class:`RowOverlay` when all are
+    row overlays, else a :class:`LayerOverlay` (rows merged, keyed entries merged)."""
+    rows = [o for o in stack if isinstance(o, RowOverlay)]
+    keyed = [o for o in stack if isinstance(o, KeyedOverlay)]
+    merged = merge_overlays(rows) if rows or not keyed else None
+    return merged if not keyed else LayerOverlay(merged, merge_overlays(keyed))
+
+
+def overlay_nbytes(overlay: Any) -> int:
+    """Bytes a layer's overlay holds (ids and values), whatever its kind."""
+    parts = [p for p in overlay if p is not None] if isinstance(overlay, LayerOverlay) else [overlay]
+    return sum(p[0].numel() * p[0].element_size() + p.values.numel() * p.values.element_size() for p in parts)
+
+
+def split_overlay(overlay: Any) -> tuple[Optional[RowOverlay], Optional[KeyedOverlay]]:
+    """A layer's overlay argument (None, a RowOverlay, a KeyedOverlay or a LayerOverlay) -> (rows, keyed)."""
+    if overlay is None:
+        return None, None
+    if isinstance(overlay, LayerOverlay):
+        return overlay.rows, overlay.keyed
+    if isinstance(overlay, KeyedOverlay):
+        return None, overlay
+    return overlay, None
 
 
 # ----------------------------------------------------------------------------- the in-memory table

@@ -22,7 +22,10 @@ Table files (``.engt``)
 Loaded models (``EngramLM`` with in-memory tables)
     :func:`apply_to_model` / :func:`revert_from_model` do the same on the table weights: each
     layer is patched in a copy that is then swapped in (one reference assignment), and the
-    chain is kept on the model as ``model.engram_patches``.
+    chain is kept on the model as ``model.engram_patches``. A *keyed* patch (entries keyed by
+    N-gram, ``engram.patches.patchfile``) writes no row: applying it installs its entries on the
+    layers (``MultiHeadEmbedding.installed``), reverting removes them; it never blocks, and is
+    never blocked by, the revert of another patch. A table file cannot take a keyed patch.
 
 The chain rule
     A patch applies only on top of the exact content it was made for (its base fingerprint;
@@ -50,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engram.fsutil import PathLike
+from engram.model.table import KeyedOverlay
 from engram.patches.patchfile import (
     PatchChainError,
     PatchError,
@@ -140,7 +144,7 @@ def _revert_position(patch: TablePatch, where: str, chain: list[dict[str, Any]])
         raise PatchChainError(f"patch {patch.label()} is not applied to {where} (chain: {_chain_text(chain)}); "
                               f"nothing to revert")
     i = ids.index(patch.patch_id)
-    mine = {lid: lp.rows.numpy() for lid, lp in patch.layers.items()}
+    mine = {} if patch.keyed else {lid: lp.rows.numpy() for lid, lp in patch.layers.items()}
     for later in chain[i + 1:]:
         for key, text in later.get("rows", {}).items():
             lid = int(key)
@@ -159,7 +163,8 @@ def _chain_entry(patch: TablePatch) -> dict[str, Any]:
             "changed_rows": patch.changed_rows,
             "applied_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "file": str(patch.path) if patch.path is not None else None,
-            "rows": {str(lid): encode_rows(lp.rows) for lid, lp in patch.layers.items()}}
+            # a keyed patch writes no row, so it blocks no other patch's revert
+            "rows": {} if patch.keyed else {str(lid): encode_rows(lp.rows) for lid, lp in patch.layers.items()}}
 
 
 def _as_patch(patch: Union[TablePatch, PathLike]) -> TablePatch:
@@ -212,6 +217,10 @@ def _open_for(table: PathLike, patch: Union[TablePatch, PathLike]
     patch = _as_patch(patch)
     header = read_header(table)
     where = str(header.path)
+    if patch.keyed:
+        raise PatchError(f"patch {patch.label()} is keyed (its entries apply only at the N-grams it was trained on), "
+                         f"so it cannot be written into table file {where}; serve it per request "
+                         f"(engram generate --patch, engram serve) or apply it to a loaded model")
     _check_target(patch, where, header.fingerprint, header.hasher, header.dtype, _shapes(header))
     return patch, header, where, table_chain(header)
 
@@ -372,6 +381,16 @@ def _swap_rows(tables: Mapping[int, torch.nn.Parameter], patch: TablePatch, verb
             tables[lid].data = copy  # one reference swap per layer: readers see old or new rows
 
 
+def _install(model: Any, patch: TablePatch, tables: Mapping[int, torch.nn.Parameter], remove: bool = False) -> None:
+    """Install a keyed patch's entries on the model's layers (or remove them), in chain order."""
+    holders = {e.layer_id: e.multi_head_embedding for e in model.engram_layers}
+    for lid, ov in patch.overlays().items():
+        mhe = holders[lid]
+        rest = [(pid, o) for pid, o in mhe.installed if pid != patch.patch_id]
+        dev = tables[lid].device
+        mhe.set_installed(rest if remove else rest + [(patch.patch_id, KeyedOverlay(ov.keys.to(dev), ov.values.to(dev)))])
+
+
 def apply_to_model(model: Any, patch: Union[TablePatch, PathLike]) -> dict[str, Any]:
     """Apply ``patch`` to a loaded model's in-memory tables (checked like a table file)."""
     t0 = time.perf_counter()
@@ -379,7 +398,10 @@ def apply_to_model(model: Any, patch: Union[TablePatch, PathLike]) -> dict[str, 
     tables = _model_check(model, patch)
     chain = getattr(model, MODEL_ATTR, [])
     _check_base(patch, "the model", model_fingerprint(model, patch.dtype), chain)
-    _swap_rows(tables, patch, "apply", forward=True)
+    if patch.keyed:
+        _install(model, patch, tables)
+    else:
+        _swap_rows(tables, patch, "apply", forward=True)
     setattr(model, MODEL_ATTR, chain + [_chain_entry(patch)])
     return {"patch_id": patch.patch_id, "changed_rows": patch.changed_rows,
             "seconds": time.perf_counter() - t0}
@@ -392,7 +414,10 @@ def revert_from_model(model: Any, patch: Union[TablePatch, PathLike]) -> dict[st
     tables = _model_check(model, patch)
     chain = getattr(model, MODEL_ATTR, [])
     i = _revert_position(patch, "the model", chain)
-    _swap_rows(tables, patch, "revert", forward=False)
+    if patch.keyed:
+        _install(model, patch, tables, remove=True)
+    else:
+        _swap_rows(tables, patch, "revert", forward=False)
     setattr(model, MODEL_ATTR, chain[:i] + chain[i + 1:])
     return {"patch_id": patch.patch_id, "changed_rows": patch.changed_rows,
             "out_of_order": i != len(chain) - 1, "seconds": time.perf_counter() - t0}

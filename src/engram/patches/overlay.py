@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from engram.fsutil import PathLike
-from engram.model.table import RowOverlay, merge_overlays
+from engram.model.table import RowOverlay, merge_layer_overlays, overlay_nbytes
 from engram.patches.apply import table_fingerprint
 from engram.patches.patchfile import PatchChainError, PatchMismatchError, TablePatch, tables_fingerprint
 from engram.tables.tablefile import read_header
@@ -58,7 +58,7 @@ class PatchStack:
         for p in self.patches:
             for lid, ov in p.overlays().items():  # dequantised once, outside any model call
                 per_layer.setdefault(lid, []).append(ov)
-        self.overlays = {lid: merge_overlays(stack) for lid, stack in per_layer.items()}
+        self.overlays = {lid: merge_layer_overlays(stack) for lid, stack in per_layer.items()}
 
     @property
     def ids(self) -> list[str]:
@@ -66,8 +66,7 @@ class PatchStack:
 
     def nbytes(self) -> int:
         """Bytes of the merged overlay (row ids and values)."""
-        return sum(o.rows.numel() * o.rows.element_size() + o.values.numel() * o.values.element_size()
-                   for o in self.overlays.values())
+        return sum(overlay_nbytes(o) for o in self.overlays.values())
 
     def row_overlays(self, model: Any) -> dict[int, RowOverlay]:
         hasher = getattr(model, "hasher", None)

@@ -10,6 +10,16 @@ and reverting it need no other file and revert is bit-exact. Tensors::
     layer{L}.old     [n, Dh]          old values, always exact: the table's storage dtype, and for
                                       an fp8 table its dequantised rows in fp32 (fp8 encoding is a
                                       fixed point, so they re-encode to the very bytes of the file)
+    layer{L}.keys    int64 [n]        keyed patches only (format version 2): the N-gram key of each
+                                      entry (``engram.model.table.ngram_keys``; sorted, unique);
+                                      ``rows`` is then the row each entry stands in for (may repeat)
+
+Keyed patches
+    A keyed patch's entries replace a head's row only at the positions whose whole N-gram is the
+    one the entry was trained on, so text that merely hashes to the same row reads the table as
+    before. Its tables are never written: it is served as an overlay (``model(ids,
+    patches=[...])``, ``engram generate --patch``) or installed on a loaded model
+    (``apply_to_model``); a table *file* cannot take it. Its result fingerprint is its base's.
 
 The safetensors metadata holds one key, ``engram_patch``: JSON with ``format``
 ("engram-table-patch"), ``version``, ``patch_id`` (first 16 hex digits of ``checksum``),
@@ -64,7 +74,7 @@ from safetensors.torch import save as st_save
 from engram import __version__
 from engram.config import QUANTIZATIONS, PatchError
 from engram.fsutil import PathLike, atomic_write
-from engram.model.table import RowOverlay
+from engram.model.table import KeyedOverlay, RowOverlay
 from engram.tables.tablefile import (
     DTYPE_NAMES,
     FP8,
@@ -77,7 +87,7 @@ from engram.tables.tablefile import (
 )
 
 FORMAT_NAME = "engram-table-patch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keyed patches (row patches are still written as version 1)
 SUFFIX = ".engp"
 _META_KEY = "engram_patch"
 _META_KEYS = {"format", "version", "patch_id", "parent", "name", "dtype", "quantization",
@@ -164,6 +174,7 @@ class LayerPatch:
     new: torch.Tensor
     old: torch.Tensor
     scale: Optional[torch.Tensor] = None  # int8 only: [n] fp32
+    keys: Optional[torch.Tensor] = None  # keyed patches only: int64 [n] N-gram keys, sorted, unique
 
     def __post_init__(self) -> None:
         n = int(self.rows.numel())
@@ -174,8 +185,11 @@ class LayerPatch:
                              f"must both be [{n}, Dh] for {n} row ids")
         if (self.new.dtype == torch.int8) != (self.scale is not None):
             raise PatchError("int8 values need a per-row scale, and only int8 values have one")
-        if n > 1 and not bool((self.rows[1:] > self.rows[:-1]).all()):
-            raise PatchError("row ids must be sorted and unique")
+        ids, what = (self.rows, "row ids") if self.keys is None else (self.keys, "keys")
+        if self.keys is not None and (self.keys.dtype != torch.int64 or tuple(self.keys.shape) != (n,)):
+            raise PatchError(f"keys must be int64 [{n}], got {self.keys.dtype} {tuple(self.keys.shape)}")
+        if n > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise PatchError(f"{what} must be sorted and unique")
 
     @property
     def dim(self) -> int:
@@ -189,7 +203,8 @@ class LayerPatch:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.rows, self.new, self.old)
-                   ) + (0 if self.scale is None else self.scale.numel() * 4)
+                   ) + (0 if self.scale is None else self.scale.numel() * 4) + (
+                       0 if self.keys is None else self.keys.numel() * 8)
 
 
 @dataclass
@@ -219,7 +234,13 @@ class TablePatch:
 
     @property
     def changed_rows(self) -> int:
+        """Entries of the patch (rows it writes; for a keyed patch, N-gram keys)."""
         return sum(int(lp.rows.numel()) for lp in self.layers.values())
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the entries are keyed by N-gram (see the module docstring), not by row."""
+        return any(lp.keys is not None for lp in self.layers.values())
 
     def label(self) -> str:
         return f"{self.patch_id}" + (f" ({self.name})" if self.name else "")
@@ -253,7 +274,8 @@ class TablePatch:
         """The new rows per layer as overlays, unchecked (``row_overlays`` checks them against a model)."""
         if self._overlays is None:  # dequantised once; rows are already sorted and unique
             dt = value_dtype(self.dtype)
-            self._overlays = {lid: RowOverlay(lp.rows, lp.new_values(dt)) for lid, lp in self.layers.items()}
+            self._overlays = {lid: RowOverlay(lp.rows, lp.new_values(dt)) if lp.keys is None
+                              else KeyedOverlay(lp.keys, lp.new_values(dt)) for lid, lp in self.layers.items()}
         return self._overlays
 
     def overlay_nbytes(self) -> int:
@@ -264,7 +286,7 @@ class TablePatch:
     def summary(self) -> dict[str, Any]:
         m = self.meta
         return {"patch_id": self.patch_id, "name": self.name, "parent": self.parent, "dtype": self.dtype,
-                "quantization": m["quantization"], "changed_rows": self.changed_rows,
+                "quantization": m["quantization"], "changed_rows": self.changed_rows, "keyed": self.keyed,
                 "layers": m["layers"], "base_fingerprint": m["base_fingerprint"],
                 "result_fingerprint": m["result_fingerprint"], "hash_fingerprint": m["hash_fingerprint"],
                 "created_at": m["created_at"], "provenance": m.get("provenance") or {},
@@ -281,6 +303,8 @@ def _tensors(layers: Mapping[int, LayerPatch]) -> dict[str, torch.Tensor]:
         out[f"layer{lid}.old"] = lp.old.contiguous()
         if lp.scale is not None:
             out[f"layer{lid}.scale"] = lp.scale.contiguous()
+        if lp.keys is not None:
+            out[f"layer{lid}.keys"] = lp.keys.contiguous()
     return out
 
 
@@ -341,8 +365,16 @@ def make_patch(base: Mapping[int, torch.Tensor], new: Mapping[int, torch.Tensor]
         after[rows] = lp.new_values(tdt)
         result[lid] = after
         layers[lid] = lp
+    return _finish(layers, base, result, dtype=dtype, quantization=quantization, hash_fingerprint=hash_fingerprint,
+                   hasher=hasher, parent=parent, name=name, provenance=provenance, version=1)
+
+
+def _finish(layers: dict[int, LayerPatch], base: Mapping[int, torch.Tensor], result: Mapping[int, torch.Tensor], *,
+            dtype: str, quantization: str, hash_fingerprint: str, hasher: Optional[Mapping[str, Any]],
+            parent: Optional[str], name: str, provenance: Optional[Mapping[str, Any]], version: int) -> TablePatch:
+    """The patch's metadata, checksum and id around its ``layers``."""
     meta: dict[str, Any] = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "parent": parent, "name": str(name),
+        "format": FORMAT_NAME, "version": version, "parent": parent, "name": str(name),
         "dtype": dtype, "quantization": quantization, "hash_fingerprint": hash_fingerprint,
         "hasher": dict(hasher) if hasher is not None else None,
         "base_fingerprint": tables_fingerprint(base, dtype, hash_fingerprint),
@@ -355,6 +387,41 @@ def make_patch(base: Mapping[int, torch.Tensor], new: Mapping[int, torch.Tensor]
     meta["checksum"] = _checksum(_tensors(layers), meta)
     meta["patch_id"] = meta["checksum"][:16]
     return TablePatch(layers, meta)
+
+
+def make_keyed_patch(base: Mapping[int, torch.Tensor], entries: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     *, hash_fingerprint: str, hasher: Optional[Mapping[str, Any]] = None, dtype: str = "fp32",
+                     quantization: str = "none", parent: Optional[str] = None, name: str = "",
+                     provenance: Optional[Mapping[str, Any]] = None) -> TablePatch:
+    """A keyed patch over tables ``base`` ({layer_id: [R, Dh]}, left as they are): per layer
+    ``(keys [n], rows [n], values [n, Dh])``, each entry the value head-row ``rows[i]`` takes at
+    positions whose N-gram key is ``keys[i]`` (see the module docstring). Entries whose value
+    equals the row's own (in ``dtype``) are dropped: they change nothing."""
+    if dtype not in STORAGE_DTYPES:
+        raise PatchError(f"dtype={dtype!r} is not a table storage dtype; choose one of {sorted(STORAGE_DTYPES)}")
+    if quantization not in QUANTIZATIONS:
+        raise PatchError(f"quantization={quantization!r}; choose one of {list(QUANTIZATIONS)}")
+    bad = sorted(set(entries) - set(base))
+    if bad:
+        raise PatchError(f"keyed entries for layers {bad} that the tables {sorted(base)} do not have")
+    tdt = value_dtype(dtype)
+    layers: dict[int, LayerPatch] = {}
+    for lid in sorted(entries):
+        keys, rows, values = entries[lid]
+        keys, order = torch.sort(torch.as_tensor(keys, dtype=torch.int64).reshape(-1))
+        if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
+            raise PatchError(f"layer {lid}: keyed entries repeat a key; give each key once")
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)[order]
+        b = as_stored(base[lid], dtype)
+        old = b[rows]
+        n = values.detach().cpu().to(tdt)[order]
+        if n.shape != old.shape:
+            raise PatchError(f"layer {lid}: values {tuple(n.shape)} must be [{rows.numel()}, {b.shape[1]}]")
+        keep = rows_changed(old, n)
+        q, scale = _quantize(n[keep], quantization, tdt)
+        layers[lid] = LayerPatch(rows[keep], q, old[keep].clone(), scale, keys[keep])
+    return _finish(layers, base, base, dtype=dtype, quantization=quantization, hash_fingerprint=hash_fingerprint,
+                   hasher=hasher, parent=parent, name=name, provenance=provenance, version=2)
 
 
 # ----------------------------------------------------------------------------- file I/O
@@ -440,14 +507,16 @@ def patch_from_bytes(data: bytes, p: Path) -> TablePatch:
         lid = int(key)
         try:
             lp = LayerPatch(tensors[f"layer{lid}.rows"], tensors[f"layer{lid}.new"],
-                            tensors[f"layer{lid}.old"], tensors.get(f"layer{lid}.scale"))
+                            tensors[f"layer{lid}.old"], tensors.get(f"layer{lid}.scale"),
+                            tensors.get(f"layer{lid}.keys"))
         except KeyError as e:
             raise bad(f"layer {lid} lacks tensor {e}; re-make the patch") from None
         except PatchError as e:
             raise bad(f"layer {lid}: {e}") from None
         if lp.old.dtype != value_dtype(meta["dtype"]) or lp.dim != int(info["dim"]) or \
                 lp.rows.numel() != int(info["changed"]) or \
-                (lp.rows.numel() and (int(lp.rows[0]) < 0 or int(lp.rows[-1]) >= int(info["rows"]))):
+                (lp.rows.numel() and (int(lp.rows.min()) < 0 or int(lp.rows.max()) >= int(info["rows"]))) or \
+                (lp.keys is not None and meta["version"] < 2):
             raise bad(f"layer {lid}: tensors disagree with the metadata (dtype {DTYPE_NAMES.get(lp.old.dtype)}, "
                       f"dim {lp.dim}, {lp.rows.numel()} rows); re-make the patch")
         layers[lid] = lp

@@ -260,7 +260,8 @@ class RetrofitLM(nn.Module):
             nn.init.normal_(e.table.weight, std=ecfg.table_init_std)
         else:  # the real sizes around a placeholder table: a storage tier will serve the rows
             e.multi_head_embedding = MultiHeadEmbedding(
-                sizes, ecfg.head_dim, table=OffloadedEmbedding(sum(sizes), ecfg.head_dim, layer_id))
+                sizes, ecfg.head_dim, table=OffloadedEmbedding(sum(sizes), ecfg.head_dim, layer_id),
+                group_size=ecfg.n_head_per_ngram)
         nn.init.zeros_(e.value_proj.weight)  # output exactly zero: logits equal the base's
         nn.init.zeros_(e.value_proj.bias)
         for k in e.key_projs:

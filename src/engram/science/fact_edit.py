@@ -44,7 +44,7 @@ from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
 from engram.stats import format_p, mean_std, paired_t
 
-PHASES = ("grid", "forms", "test", "control", "update", "capacity", "summary")
+PHASES = ("grid", "forms", "keyed", "test", "control", "update", "capacity", "summary")
 
 
 class StudyError(EngramError):
@@ -65,6 +65,8 @@ class FactEditStudyConfig:
     form_sets: tuple[tuple[str, ...], ...] = (KINDS, ("statement", "question"))
     # forms phase, then: neutral-text window counts (the KL term's text) compared at the chosen forms
     neutral_sets: tuple[int, ...] = ()
+    # keyed phase: learning rates of keyed entries tried beside the chosen lr (extended at an edge)
+    keyed_lrs: tuple[float, ...] = ()
     edit: FactEditConfig = field(default_factory=FactEditConfig)
 
 
@@ -104,7 +106,7 @@ def measure_edit(model: Any, tok: Any, facts: Sequence[Fact], cfg: FactEditConfi
            "dev_exact": score(model, dev, pad_id)["exact"],
            "base_test_exact": before["test"], "base_train_forms_exact": before["train_forms"],
            "neutral": neutral_change(model, neutral, neutral_before),
-           "coverage": coverage(model, test, trained_rows(res.patch)),
+           "coverage": coverage(model, test, trained_rows(res.patch), keyed=res.patch.keyed),
            "test_questions": len(test), "train_sentences": len(train)}
     if old_answers is not None:  # an update: how often the old answer still comes out
         old = _cases(tok, facts, "test", cfg.kinds, answer_of=lambda f: old_answers[f.subject])
@@ -154,6 +156,7 @@ def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
                   if getattr(edit, k) != _KEY_BASE[k])
     out += f"-rows{edit.rows}" if edit.rows != _KEY_BASE["rows"] else ""
     out += f"-nw{edit.neutral_windows}" if edit.neutral_windows != _KEY_BASE["neutral_windows"] else ""
+    out += "-keyed" if edit.keyed else ""
     if with_kinds and tuple(edit.kinds) != _KEY_BASE["kinds"]:
         out += "-" + "+".join(edit.kinds)
     return out
@@ -171,13 +174,15 @@ def _test_suffix(edit: FactEditConfig) -> str:
     out += f"-lr{edit.lr:g}" if edit.lr != _TEST_KEY_BASE["lr"] else ""
     out += f"-rows{edit.rows}" if edit.rows != _TEST_KEY_BASE["rows"] else ""
     out += f"-nw{edit.neutral_windows}" if edit.neutral_windows != _TEST_KEY_BASE["neutral_windows"] else ""
+    out += "-keyed" if edit.keyed else ""
     return out + ("-" + "+".join(edit.kinds) if tuple(edit.kinds) != _TEST_KEY_BASE["kinds"] else "")
 
 
 def _chosen_edit(cfg: FactEditStudyConfig, chosen: dict[str, Any]) -> FactEditConfig:
     """The study's edit settings with the dev choices in."""
     return replace(cfg.edit, lr=chosen["lr"], kinds=tuple(chosen["kinds"]), rows=chosen.get("rows", "all"),
-                   neutral_windows=chosen.get("neutral_windows", _TEST_KEY_BASE["neutral_windows"]))
+                   neutral_windows=chosen.get("neutral_windows", _TEST_KEY_BASE["neutral_windows"]),
+                   keyed=bool(cfg.edit.keyed or chosen.get("keyed", False)))
 
 
 def _dev_phase(edit: FactEditConfig) -> str:
@@ -277,7 +282,46 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
                   "neutral_windows": picked["config"]["neutral_windows"],
                   "neutral_compared": sorted({r["config"]["neutral_windows"] for r in neutral_rows})}
         _write_text(out / "chosen.json", json.dumps(chosen, indent=1))
-    later = [p for p in phases if p not in ("grid", "forms")]
+    if "keyed" in phases:  # hashed rows vs N-gram-keyed entries, at every other dev choice
+        if not (out / "chosen.json").is_file():
+            raise StudyError(f"{out}/chosen.json is missing: run the grid and forms phases first")
+        chosen = json.loads((out / "chosen.json").read_text())
+        at = replace(_chosen_edit(cfg, {**chosen, "keyed": False}), steps=cfg.edit.steps, eval_every=cfg.edit.eval_every)
+        want = json.loads(json.dumps(asdict(at)))  # as the run files hold it (tuples as lists)
+        same = [r for r in runs.all() if r.get("phase", "").startswith("dev") and r["adapter"] == chosen["adapter"]
+                and all(r["config"].get(k) == v for k, v in want.items() if k not in ("seed", "keyed"))
+                and not r["config"].get("keyed", False)]
+        if not same:
+            raise StudyError(f"no dev run of the chosen recipe at --steps {at.steps} --eval-every {at.eval_every} "
+                             f"is on disk to compare keyed entries with; pass the flags of the forms phase")
+        keyed_runs = {}
+
+        def keyed_run(lr: float) -> dict[str, Any]:
+            e = replace(at, keyed=True, lr=lr)
+            return run(f"dev-{chosen['adapter']}-lr{lr:g}{_variant(e, False)}-{'+'.join(e.kinds)}",
+                       chosen["adapter"], dev_facts, e, phase="dev-keyed")
+
+        for lr in sorted({at.lr, *cfg.keyed_lrs}):
+            keyed_runs[lr] = keyed_run(lr)
+        while extend and len(keyed_runs) > 1:  # the keyed lr grid, extended while its best sits at an edge
+            best_lr = _choose(list(keyed_runs.values()), "keyed lr")["config"]["lr"]
+            lo, hi = min(keyed_runs), max(keyed_runs)
+            nxt = hi * 3 if best_lr == hi and hi < 100 else lo / 3 if best_lr == lo and lo > 1e-3 else None
+            if nxt is None:
+                break
+            keyed_runs[nxt] = keyed_run(nxt)
+        best_keyed = _choose(list(keyed_runs.values()), "keyed lr")
+        lrs = sorted(keyed_runs)
+        if len(lrs) > 1 and best_keyed["config"]["lr"] in (lrs[0], lrs[-1]):  # only without extending
+            log(f"keyed entries' best dev lr {best_keyed['config']['lr']:g} sits at the edge of {lrs}: no choice "
+                f"made; run the keyed phase with more --keyed-lrs, or without --no-extend")
+        else:
+            picked = _choose([same[0], best_keyed], "hashed rows vs keyed entries")
+            keyed = bool(picked["config"].get("keyed", False))
+            chosen.update(keyed=keyed, keyed_compared=True, keyed_lrs=lrs,
+                          **({"lr": picked["config"]["lr"]} if keyed else {}))
+            _write_text(out / "chosen.json", json.dumps(chosen, indent=1))
+    later = [p for p in phases if p not in ("grid", "forms", "keyed")]
     if not later:
         return {}
     if later == ["summary"] and not (out / "chosen.json").is_file():  # the dev grid alone so far
@@ -376,7 +420,8 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                                       "kind": {"dev": "recipe", "dev-forms": "recipe (forms)",
                                                "dev-neutral": f"recipe (neutral text: {r['config']['neutral_windows']} windows)",
                                                "dev-control": "positive control: Engram layer trains too",
-                                               "dev-diagnostic": "diagnostic: no KL terms"}[r["phase"]]
+                                               "dev-diagnostic": "diagnostic: no KL terms",
+                                               "dev-keyed": "recipe (N-gram-keyed entries)"}[r["phase"]]
                                       # runs of the first trainer (before length-sorted batches and the
                                       # cached top-k KL) are kept, and marked as such
                                       + ("" if "kl_topk" in r["config"] else " (first trainer)")}
@@ -397,6 +442,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                 # the step each run kept (best dev questions) and its cap: a run kept at its cap was
                 # still improving when stopped, so the cap, not the dev questions, ended it
                 "kept_steps": [r["report"].get("best_step") for r in rs], "max_steps": rs[0]["config"]["steps"],
+                "keyed": bool(rs[0]["config"].get("keyed", False)),
                 "p_vs_base": paired_t([r["test_exact"] for r in rs], [r["base_test_exact"] for r in rs])["p"]}
 
     if test:
@@ -459,6 +505,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
               + ("" if s["chosen"].get("forms_compared", True) else " (every form; fewer forms were not compared)")
               + (f", neutral text for the KL term: **{s['chosen']['neutral_windows']} windows** of 64 tokens (compared: "
                  f"{s['chosen']['neutral_compared']})" if s["chosen"].get("neutral_compared") else "")
+              + ((", entries: **" + ("keyed by N-gram" if s["chosen"].get("keyed") else "hashed rows")
+                  + "** (compared: hashed rows, keyed by N-gram)") if s["chosen"].get("keyed_compared") else "")
               + ".", ""] if s["chosen"] else
              ["No setting chosen yet: only the dev grid has run.", ""])
     lines += ["### Dev grid (dev facts, asked with dev questions)", "",
@@ -478,7 +526,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
         b = s.get(name)
         if not b:
             continue
-        title = ("Tables-only fact edit" if name == "test" else
+        title = (("Tables-only fact edit" + (", entries keyed by N-gram" if b.get("keyed") else "")) if name == "test" else
                  "Positive control: the same data and loss, the whole Engram layer trained")
         lines += ["", f"### {title} ({s['facts']} test facts, seeds {s['seeds']})", "",
                   "| metric | mean ± std (runs) |", "|---|---|",
@@ -500,7 +548,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
     for e in s.get("earlier", []):
         rec = e["recipe"]
         lines += ["", f"### Earlier recipe, same {s['facts']} test facts: at most {rec['steps']} steps, lr {rec['lr']:g}, "
-                  f"rows {rec['rows']}, forms {'+'.join(rec['kinds'])}, {rec['neutral_windows']} neutral windows "
+                  f"rows {rec['rows']}{' (keyed by N-gram)' if e.get('keyed') else ''}, forms {'+'.join(rec['kinds'])}, "
+                  f"{rec['neutral_windows']} neutral windows "
                   f"(seeds {e['seeds']})", "",
                   "| metric | mean ± std (runs) |", "|---|---|",
                   f"| held-out-template exact | {_ms(e['test_exact'], True)} |",

@@ -54,7 +54,7 @@ from engram.config import SamplingConfig, StateCacheConfig, StateCacheError
 from engram.fsutil import PathLike
 from engram.model import generation
 from engram.model.lm import EngramLM, InferenceCache
-from engram.model.table import TABLE_KEY_SUFFIX, stack_overlays
+from engram.model.table import TABLE_KEY_SUFFIX, LayerOverlay, stack_overlays
 from engram.patches.overlay import table_content_fingerprint
 from engram.retrofit.model import RetrofitLM
 from engram.serve.state_store import StateEntry, StateEntryError, StateStore
@@ -186,9 +186,12 @@ def overlays_digest(overlays: dict[int, Any]) -> Optional[str]:
     h = hashlib.sha256()
     for lid in sorted(overlays):
         ov = overlays[lid]
-        h.update(f"{lid}:{ov.values.dtype}:{tuple(ov.values.shape)}\n".encode())
-        h.update(_bytes(ov.rows))
-        h.update(_bytes(ov.values))
+        for kind, part in (zip(("rows", "keyed"), ov) if isinstance(ov, LayerOverlay) else [(type(ov).__name__, ov)]):
+            if part is None:
+                continue
+            h.update(f"{lid}:{kind}:{part.values.dtype}:{tuple(part.values.shape)}\n".encode())
+            h.update(_bytes(part[0]))
+            h.update(_bytes(part.values))
     return h.hexdigest()
 
 
@@ -239,7 +242,10 @@ class PromptStates:
         """The root key for prompts read now with ``overlays`` (see the module docstring)."""
         dev = device or next(self.model.parameters()).device
         autocast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+        installed = {str(e.layer_id): [pid for pid, _ in e.multi_head_embedding.installed]
+                     for e in getattr(self.model, "engram_layers", [])}  # keyed patches applied to the model
         record = {"kind": self.states.kind, **self._model_fingerprint(), "patches": overlays_digest(overlays or {}),
+                  "installed": installed,
                   "block_tokens": self.block_tokens, "torch": torch.__version__, "device": str(dev),
                   "autocast": str(autocast) if autocast is not None else None, "threads": torch.get_num_threads()}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -396,7 +396,8 @@ def build_model_without_tables(cfg: ModelConfig, compression: Optional[np.ndarra
         layer.cfg = cfg.engram
         sizes = model.hasher.head_sizes(block.layer_id)
         layer.multi_head_embedding = MultiHeadEmbedding(
-            sizes, cfg.engram.head_dim, table=OffloadedEmbedding(sum(sizes), cfg.engram.head_dim, block.layer_id))
+            sizes, cfg.engram.head_dim, table=OffloadedEmbedding(sum(sizes), cfg.engram.head_dim, block.layer_id),
+            group_size=cfg.engram.n_head_per_ngram)
     return model
 
 
