@@ -62,7 +62,7 @@ def test_grid_extends_at_its_edge_then_reports(patched, tmp_path, monkeypatch):
     assert sorted(calls[:5]) == pytest.approx([0.03, 0.1, 0.3, 0.9, 2.7])
     assert s["test"]["test_exact"]["runs"] == pytest.approx([0.9] * 3) and s["test"]["p_vs_base"] != 1.0
     assert "control" in s and "update" in s and [c["facts"] for c in s["capacity"]] == [2, 4]
-    assert s["update"]["facts"] == [2] and s["update"]["seeds"] == [0, 1, 2]
+    assert len(s["update"]) == 1 and s["update"][0]["facts"] == [2] and s["update"][0]["seeds"] == [0, 1, 2]
     assert "2 facts, seeds [0, 1, 2])" in (out / "summary.md").read_text()
     assert "Tables-only fact edit" in (out / "summary.md").read_text()
     n = len(calls)
@@ -210,11 +210,13 @@ def test_keyed_entries_are_a_dev_choice_against_the_chosen_recipe(patched, tmp_p
     with pytest.raises(study.StudyError, match="no dev run of the chosen recipe"):  # other steps: nothing to compare
         study.run_study({"a": object()}, tok(patched), 0, patched, out, replace(cfg, edit=replace(cfg.edit, steps=7)),
                         phases=("keyed",), log=lambda m: None)
-    s = study.run_study({"a": object()}, tok(patched), 0, patched, out, cfg, phases=("keyed", "test", "summary"),
-                        log=lambda m: None)
+    s = study.run_study({"a": object()}, tok(patched), 0, patched, out, replace(cfg, update_facts=2),
+                        phases=("keyed", "test", "update", "summary"), log=lambda m: None)
     chosen = json.loads((out / "chosen.json").read_text())
     assert chosen["keyed"] is True and chosen["keyed_compared"] is True
-    assert seen == [False, False, False, False, True, True]  # grid x3, the unkeyed test run, keyed dev, keyed test
+    # grid x3, the unkeyed test run, keyed dev, keyed test, the keyed update's rewrite and stack
+    assert seen == [False, False, False, False, True, True, True, True]
+    assert [u["keyed"] for u in s["update"]] == [True] and (out / "runs" / "update-2-seed0-keyed.json").is_file()
     assert (out / "runs" / "dev-a-lr0.3-rowssubject-keyed-statement+question+cloze+paraphrase+chat+usage+document.json").is_file()
     assert s["test"]["keyed"] and not s["earlier"][0].get("keyed")
     md = (out / "summary.md").read_text()

@@ -348,7 +348,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     # 4. updates: change answers of facts already taught (rewrite vs stack) -- see _update.
     if "update" in phases:
         for s in cfg.seeds:
-            key = f"update-{cfg.update_facts}-seed{s}"
+            key = f"update-{cfg.update_facts}-seed{s}" + ("-keyed" if ecfg.keyed else "")
             if runs.get(key) is None:
                 runs.put(key, _update(adapters[name], tok, test_sets[s][:cfg.update_facts], replace(ecfg, seed=s),
                                       neutral, before[name], pad_id, forbidden, s, log))
@@ -388,8 +388,8 @@ def _update(model: Any, tok: Any, facts: list[Fact], ecfg: FactEditConfig, neutr
     before_stack = logprobs(model, neutral)
     stack = measure_edit(model, tok, changed, ecfg, neutral, before_stack, pad_id, old_answers=old)
     revert_from_model(model, first.patch)
-    return {"key": f"update-{len(facts)}-seed{seed}", "phase": "update", "seed": seed, "facts": len(facts),
-            "rewrite": rewrite, "stack": stack,
+    return {"key": f"update-{len(facts)}-seed{seed}" + ("-keyed" if ecfg.keyed else ""), "phase": "update",
+            "seed": seed, "facts": len(facts), "keyed": ecfg.keyed, "rewrite": rewrite, "stack": stack,
             "reverted_bit_exact": bool(torch.equal(logprobs(model, neutral[:2]), neutral_before[:2]))}
 
 
@@ -460,14 +460,17 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
         if len(ctrl) == len(test):
             out["control"]["p_vs_tables"] = paired_t([r["test_exact"] for r in ctrl],
                                                      [r["test_exact"] for r in test])["p"]
-    ups = [r for r in rows if r.get("phase") == "update"]
-    if ups:
-        out["update"] = {k: {"new_exact": _stat([u[k]["test_exact"] for u in ups]),
-                             "old_exact": _stat([u[k]["old_answer_test_exact"] for u in ups]),
-                             "kl": _stat([u[k]["neutral"]["kl"] for u in ups])} for k in ("rewrite", "stack")}
-        out["update"]["reverted_bit_exact"] = all(u["reverted_bit_exact"] for u in ups)
-        out["update"]["facts"] = sorted({u["facts"] for u in ups})
-        out["update"]["seeds"] = [u["seed"] for u in ups]
+    ups_all = [r for r in rows if r.get("phase") == "update"]
+    if ups_all:  # one group per kind of entries (hashed rows, keyed entries)
+        out["update"] = []
+        for keyed in sorted({bool(u.get("keyed")) for u in ups_all}):
+            ups = [u for u in ups_all if bool(u.get("keyed")) == keyed]
+            g: dict[str, Any] = {k: {"new_exact": _stat([u[k]["test_exact"] for u in ups]),
+                                     "old_exact": _stat([u[k]["old_answer_test_exact"] for u in ups]),
+                                     "kl": _stat([u[k]["neutral"]["kl"] for u in ups])} for k in ("rewrite", "stack")}
+            g.update(keyed=keyed, reverted_bit_exact=all(u["reverted_bit_exact"] for u in ups),
+                     facts=sorted({u["facts"] for u in ups}), seeds=[u["seed"] for u in ups])
+            out["update"].append(g)
     # every capacity run of the first seed (each with its step cap: a capacity run need not share
     # the current recipe's), and the current recipe's own test run at its fact count
     out["capacity"] = [{"facts": r["facts"], "seed": r["seed"], "test_exact": r["test_exact"],
@@ -561,10 +564,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
         if "p_current_vs_this" in e:
             lines.append(f"| paired p (the recipe above vs this one, held-out exact, same facts) | "
                          f"{format_p(e['p_current_vs_this'])} |")
-    if s.get("update"):
-        u = s["update"]
-        lines += ["", f"### Changing an answer (new answers for facts already taught; "
-                  f"{' / '.join(str(n) for n in u.get('facts', [])) or '?'} facts, "
+    for u in s.get("update") or []:
+        lines += ["", f"### Changing an answer{', keyed entries' if u.get('keyed') else ''} (new answers for facts "
+                  f"already taught; {' / '.join(str(n) for n in u.get('facts', [])) or '?'} facts, "
                   f"seeds {u.get('seeds', '?')})", "",
                   "*rewrite*: a new patch trained from the unedited tables replaces the first; *stack*: a "
                   "correcting patch trained on top of the first, both applied. KL: on neutral text, against the "
