@@ -1,6 +1,7 @@
 """The fact-edit study's bookkeeping with a stand-in for the edit: the lr grid is extended while
 its best sits at an edge, a choice among zeros is refused, runs resume, the summary is computed."""
 
+import dataclasses
 import json
 from dataclasses import replace
 
@@ -148,7 +149,7 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     assert len(s["test"]["test_exact"]["runs"]) == len(cfg.seeds)
     assert [e["recipe"]["steps"] for e in s["earlier"]] == [cfg.edit.steps] and "p_current_vs_this" in s["earlier"][0]
     md = (out / "summary.md").read_text()
-    assert "Earlier recipe" in md and f"| 1 | {cfg.edit.steps} (other recipe) |" in md
+    assert "Other recipe" in md and f"| 1 | {cfg.edit.steps} (other recipe) |" in md
     assert f"of at most {cfg.edit.steps} | {cfg.edit.steps}, " in md and "(3 of 3 still improving at the cap)" in md
     assert f"of at most {more.edit.steps} | 5, 5, 5 (0 of 3 still improving at the cap)" in md
     reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,
@@ -249,3 +250,22 @@ def test_the_keyed_lr_grid_is_extended_at_its_edge(patched, tmp_path, monkeypatc
     chosen = json.loads((out / "chosen.json").read_text())
     assert chosen["keyed"] is True and chosen["lr"] == pytest.approx(2.7)
     assert chosen["keyed_lrs"] == pytest.approx([0.3, 0.9, 2.7, 8.1])
+
+
+def test_keyed_test_runs_are_paired_with_their_hashed_twin():
+    """A keyed recipe's test runs are compared, seed by seed, with the same recipe's hashed-row runs."""
+    def run(seed, keyed, exact, kl):
+        cfg = json.loads(json.dumps(dataclasses.asdict(FactEditConfig(steps=600, keyed=keyed, seed=seed))))
+        return {"key": f"test-4-seed{seed}-steps600" + ("-keyed" if keyed else ""), "phase": "test", "seed": seed,
+                "facts": 4, "config": cfg, "test_exact": exact, "train_forms_exact": 1.0, "test_top1": exact,
+                "base_test_exact": 0.0, "neutral": {"kl": kl, "loss_change": kl}, "bytes_per_fact": 1.0,
+                "seconds": 1.0, "coverage": {"questions_all": 1.0, "rows": 1.0}, "reverted_bit_exact": True,
+                "report": {"best_step": 100}}
+
+    rows = [run(s, False, 0.5 + 0.1 * s, 0.1 + 0.01 * s) for s in range(3)]
+    rows += [run(s, True, 0.45 + 0.1 * s + 0.01 * (s == 1), 0.001) for s in range(3)]
+    s = study.summarize(rows, {}, study.FactEditStudyConfig(facts=4))
+    keyed = [e for e in s["earlier"] if e["keyed"]]
+    assert len(keyed) == 1 and keyed[0]["vs_hashed"]["seeds"] == [0, 1, 2]
+    assert keyed[0]["vs_hashed"]["p_exact"] < 0.05 and keyed[0]["vs_hashed"]["p_kl"] < 0.05
+    assert "keyed entries vs the same recipe with hashed rows" in study.summary_markdown(s)

@@ -455,6 +455,26 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
             now = {r["seed"]: r["test_exact"] for r in test}
             then = {r["seed"]: r["test_exact"] for r in rs}
             e["p_current_vs_this"] = paired_t([now[x] for x in seeds], [then[x] for x in seeds])["p"]
+    # a keyed block against its hashed twin (the same recipe with hashed rows), on the same facts
+    by_recipe = {json.dumps(e["recipe"], sort_keys=True): (e, rs) for e, (_, rs) in zip(out["earlier"], sorted(earlier.items()))
+                 if not e.get("keyed")}
+    twins = [(test, out.get("test"))] if test else []
+    twins += [(rs, e) for e, (_, rs) in zip(out["earlier"], sorted(earlier.items()))]
+    for rs, e in twins:
+        if not e or not e.get("keyed"):
+            continue
+        recipe = {k: rs[0]["config"][k] for k in ("steps", "lr", "rows", "kinds", "eval_every", "neutral_windows")}
+        twin = by_recipe.get(json.dumps(recipe, sort_keys=True))
+        if twin is None:
+            continue
+        common = sorted({r["seed"] for r in rs} & {r["seed"] for r in twin[1]})
+        if len(common) >= 2:
+            mine = {r["seed"]: r for r in rs}
+            theirs = {r["seed"]: r for r in twin[1]}
+            e["vs_hashed"] = {"seeds": common, "p_exact": paired_t([mine[x]["test_exact"] for x in common],
+                                                                   [theirs[x]["test_exact"] for x in common])["p"],
+                              "p_kl": paired_t([mine[x]["neutral"]["kl"] for x in common],
+                                               [theirs[x]["neutral"]["kl"] for x in common])["p"]}
     if ctrl:
         out["control"] = block(ctrl)
         if len(ctrl) == len(test):
@@ -548,9 +568,12 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   _kept_row(b)]
         if "p_vs_tables" in b:
             lines.append(f"| paired p (control vs tables-only, held-out exact) | {format_p(b['p_vs_tables'])} |")
+        if "vs_hashed" in b:
+            lines.append(f"| paired p (these keyed entries vs the same recipe with hashed rows, same facts; "
+                         f"held-out exact / KL) | {format_p(b['vs_hashed']['p_exact'])} / {format_p(b['vs_hashed']['p_kl'])} |")
     for e in s.get("earlier", []):
         rec = e["recipe"]
-        lines += ["", f"### Earlier recipe, same {s['facts']} test facts: at most {rec['steps']} steps, lr {rec['lr']:g}, "
+        lines += ["", f"### Other recipe, same {s['facts']} test facts: at most {rec['steps']} steps, lr {rec['lr']:g}, "
                   f"rows {rec['rows']}{' (keyed by N-gram)' if e.get('keyed') else ''}, forms {'+'.join(rec['kinds'])}, "
                   f"{rec['neutral_windows']} neutral windows "
                   f"(seeds {e['seeds']})", "",
@@ -564,6 +587,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
         if "p_current_vs_this" in e:
             lines.append(f"| paired p (the recipe above vs this one, held-out exact, same facts) | "
                          f"{format_p(e['p_current_vs_this'])} |")
+        if "vs_hashed" in e:
+            lines.append(f"| paired p (these keyed entries vs the same recipe with hashed rows, same facts; "
+                         f"held-out exact / KL) | {format_p(e['vs_hashed']['p_exact'])} / {format_p(e['vs_hashed']['p_kl'])} |")
     for u in s.get("update") or []:
         lines += ["", f"### Changing an answer{', keyed entries' if u.get('keyed') else ''} (new answers for facts "
                   f"already taught; {' / '.join(str(n) for n in u.get('facts', [])) or '?'} facts, "
