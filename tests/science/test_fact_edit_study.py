@@ -35,6 +35,21 @@ def _fake(score_of_lr):
     return measure_edit, calls
 
 
+def _fake_favouring(setting, favoured):
+    """A stand-in whose dev score is higher by 0.1 where ``setting`` of the edit config equals
+    ``favoured``; returns it and the list of that setting's values it was called with."""
+    fake, _ = _fake(lambda lr: {0.3: 0.5}.get(lr, 0.2))
+    seen = []
+
+    def measure_edit(model, tok, facts, cfg, *a, **k):
+        seen.append(getattr(cfg, setting))
+        rec = fake(model, tok, facts, cfg, *a, **k)
+        rec["dev_exact"] += 0.1 * (getattr(cfg, setting) == favoured)
+        return rec
+
+    return measure_edit, seen
+
+
 def tok(data):
     from engram.data.tokenizer import load_tokenizer
 
@@ -162,15 +177,7 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
 def test_the_neutral_text_is_a_dev_choice_after_the_forms(patched, tmp_path, monkeypatch):
     # 64 neutral windows score higher on dev than the default 16: the choice takes them and the test
     # runs' keys say so, beside the runs of the default
-    fake, calls = _fake(lambda lr: {0.3: 0.5}.get(lr, 0.2))
-    windows = []
-
-    def by_windows(model, tok, facts, cfg, *a, **k):
-        windows.append(cfg.neutral_windows)
-        rec = fake(model, tok, facts, cfg, *a, **k)
-        rec["dev_exact"] += 0.1 * (cfg.neutral_windows == 64)
-        return rec
-
+    by_windows, windows = _fake_favouring("neutral_windows", 64)
     monkeypatch.setattr(study, "measure_edit", by_windows)
     out = tmp_path / "s"
     cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, seeds=(0,), lrs=(0.1, 0.3, 1.0),
@@ -193,15 +200,7 @@ def test_the_neutral_text_is_a_dev_choice_after_the_forms(patched, tmp_path, mon
 def test_keyed_entries_are_a_dev_choice_against_the_chosen_recipe(patched, tmp_path, monkeypatch):
     # keyed entries score higher on dev: the keyed phase runs one dev run beside the chosen one,
     # records the choice, and the test runs (and the summary's main block) are then keyed
-    fake, _ = _fake(lambda lr: {0.3: 0.5}.get(lr, 0.2))
-    seen = []
-
-    def by_keyed(model, tok, facts, cfg, *a, **k):
-        seen.append(cfg.keyed)
-        rec = fake(model, tok, facts, cfg, *a, **k)
-        rec["dev_exact"] += 0.1 * cfg.keyed
-        return rec
-
+    by_keyed, seen = _fake_favouring("keyed", True)
     monkeypatch.setattr(study, "measure_edit", by_keyed)
     out = tmp_path / "s"
     cfg = study.FactEditStudyConfig(facts=2, dev_facts=2, seeds=(0,), lrs=(0.1, 0.3, 1.0),

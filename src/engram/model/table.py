@@ -86,14 +86,32 @@ class RowOverlay(NamedTuple):
     @classmethod
     def of(cls, rows: torch.Tensor, values: torch.Tensor) -> "RowOverlay":
         """An overlay from rows in any order (sorted here; a repeated row is refused)."""
-        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
-        if values.dim() != 2 or values.shape[0] != rows.numel():
-            raise TableError(f"overlay values must be [{rows.numel()}, Dh] for {rows.numel()} rows, "
-                             f"got {tuple(values.shape)}")
-        rows, order = torch.sort(rows)
-        if rows.numel() > 1 and bool((rows[1:] == rows[:-1]).any()):
-            raise TableError("overlay rows repeat a row id; give each row once")
-        return cls(rows, values[order])
+        return cls(*_sorted_distinct(rows, values, "overlay", "rows", "a row id"))
+
+
+def _sorted_distinct(ids: torch.Tensor, values: torch.Tensor, what: str, unit: str, one: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` [K] (any order) and ``values`` [K, Dh] sorted by id; a repeated id is refused."""
+    ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+    if values.dim() != 2 or values.shape[0] != ids.numel():
+        raise TableError(f"{what} values must be [{ids.numel()}, Dh] for {ids.numel()} {unit}, "
+                         f"got {tuple(values.shape)}")
+    ids, order = torch.sort(ids)
+    if ids.numel() > 1 and bool((ids[1:] == ids[:-1]).any()):
+        raise TableError(f"{what} {unit} repeat {one}; give each once")
+    return ids, values[order]
+
+
+def _substitute(ids: torch.Tensor, sub: torch.Tensor, query: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` [..., Dh] at ``query`` ids [...], with ``sub`` [K, Dh] put in where a query id
+    is among the sorted ``ids`` [K] (a new tensor; gradients reach ``sub``)."""
+    k = ids.numel()
+    if k == 0:
+        return values
+    ids = ids.to(query.device)
+    at = torch.searchsorted(ids, query).clamp_max(k - 1)  # [...] candidate index
+    hit = ids[at] == query
+    return torch.where(hit.unsqueeze(-1), sub.to(device=values.device, dtype=values.dtype)[at], values)
 
 
 class KeyedOverlay(NamedTuple):
@@ -106,14 +124,7 @@ class KeyedOverlay(NamedTuple):
     @classmethod
     def of(cls, keys: torch.Tensor, values: torch.Tensor) -> "KeyedOverlay":
         """A keyed overlay from keys in any order (sorted here; a repeated key is refused)."""
-        keys = torch.as_tensor(keys, dtype=torch.int64).reshape(-1)
-        if values.dim() != 2 or values.shape[0] != keys.numel():
-            raise TableError(f"keyed overlay values must be [{keys.numel()}, Dh] for {keys.numel()} keys, "
-                             f"got {tuple(values.shape)}")
-        keys, order = torch.sort(keys)
-        if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
-            raise TableError("keyed overlay keys repeat; give each key once")
-        return cls(keys, values[order])
+        return cls(*_sorted_distinct(keys, values, "keyed overlay", "keys", "a key"))
 
 
 class LayerOverlay(NamedTuple):
@@ -151,14 +162,7 @@ def ngram_keys(hash_ids: torch.Tensor, group_size: int) -> torch.Tensor:
 def apply_keyed(keys: torch.Tensor, values: torch.Tensor, overlay: KeyedOverlay) -> torch.Tensor:
     """``values`` [..., Dh] of positions with ``keys`` [...], the keyed overlay's values put in
     where a key matches (a new tensor; gradients reach ``overlay.values``)."""
-    k = overlay.keys.numel()
-    if k == 0:
-        return values
-    ov_keys = overlay.keys.to(keys.device)
-    at = torch.searchsorted(ov_keys, keys).clamp_max(k - 1)  # [...]
-    hit = ov_keys[at] == keys
-    sub = overlay.values.to(device=values.device, dtype=values.dtype)[at]  # [..., Dh]
-    return torch.where(hit.unsqueeze(-1), sub, values)
+    return _substitute(overlay.keys, overlay.values, keys, values)
 
 
 class EngramTable(nn.Module):
@@ -207,14 +211,7 @@ class EngramTable(nn.Module):
 
 def apply_overlay(rows: torch.Tensor, values: torch.Tensor, overlay: RowOverlay) -> torch.Tensor:
     """``values`` [..., Dh] of ``rows`` [...] with the overlay's rows substituted (a new tensor)."""
-    k = overlay.rows.numel()
-    if k == 0:
-        return values
-    ov_rows = overlay.rows.to(rows.device)
-    at = torch.searchsorted(ov_rows, rows).clamp_max(k - 1)  # [...] candidate overlay index
-    hit = ov_rows[at] == rows
-    sub = overlay.values.to(device=values.device, dtype=values.dtype)[at]  # [..., Dh]
-    return torch.where(hit.unsqueeze(-1), sub, values)
+    return _substitute(overlay.rows, overlay.values, rows, values)
 
 
 LayerOverlays = Mapping[int, RowOverlay]  # {layer_id: the rows that layer reads from the overlay}
