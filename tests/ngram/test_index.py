@@ -46,14 +46,45 @@ def test_suffix_array_matches_sorted_suffixes(tokens):
     assert build_suffix_array(t).tolist() == expected
 
 
-def test_suffix_array_large_vocab_and_long_repeats():
+@given(st.lists(st.integers(0, 300), max_size=60))
+@settings(max_examples=100, deadline=None)
+def test_suffix_array_methods_agree(tokens):
+    """divsufsort over the ids' big-endian bytes gives the reference (prefix doubling) order."""
+    t = np.asarray(tokens, dtype=np.uint16)
+    ref = build_suffix_array(t, method="doubling")
+    assert ref.tolist() == sorted(range(len(tokens)), key=lambda i: tokens[i:])
+    if sam._divsufsort is not None:
+        got = build_suffix_array(t, method="divsufsort")
+        assert got.dtype == ref.dtype and got.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("method", ["auto", "doubling"])
+def test_suffix_array_large_vocab_and_long_repeats(method):
     rng = np.random.default_rng(0)
-    t = rng.integers(0, 70_000, 3000).astype(np.uint32)  # ids above 65535
+    t = rng.integers(0, 70_000, 3000).astype(np.uint32)  # ids above 65535: 4 bytes per id for divsufsort
     t[1000:2000] = t[0:1000]  # a 1000-token repeat forces many doubling rounds
-    sa = build_suffix_array(t)
+    sa = build_suffix_array(t, method=method)
     s = [tuple(t[i:].tolist()) for i in sa[:: 50]]
     assert s == sorted(s)
     assert sorted(sa.tolist()) == list(range(t.size))
+    if method == "auto":
+        assert sa.tolist() == build_suffix_array(t, method="doubling").tolist()
+
+
+def test_suffix_array_method_is_checked():
+    with pytest.raises(sam.SuffixArrayError, match="method='quick'"):
+        build_suffix_array(np.arange(4), method="quick")
+
+
+@pytest.mark.skipif(not sam.NATIVE_KERNEL_AVAILABLE, reason="native kernel not built")
+@given(streams(80, vocab=5), st.integers(1, 7))
+@settings(max_examples=120, deadline=None)
+def test_count_of_counts_native_matches_reference(ref, tokens, order):
+    from engram.ngram.segment import count_of_counts, count_of_counts_py
+
+    t = np.asarray(ref.normalise(tokens, EOS), dtype=np.uint16)
+    sa = build_suffix_array(t)
+    assert count_of_counts(t, sa, EOS, order, native=True) == count_of_counts_py(t, sa, EOS, order)
 
 
 @pytest.mark.skipif(not sam.NATIVE_KERNEL_AVAILABLE, reason="native kernel not built")

@@ -21,6 +21,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct {
@@ -272,10 +273,118 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------- count of counts */
+static inline void tally(int64_t *n1234, int64_t c) {
+    if (c >= 1 && c <= 4) n1234[c - 1]++;
+}
+
+/* The reference is count_of_counts_py in engram/ngram/segment.py. At depth d the groups of equal
+ * d-grams are the runs of sa joined by lcp >= d. A run's size is the raw count of its d-gram (all
+ * members share the d-gram, so the document rule holds for all or none of them), and the number
+ * of distinct tokens just before its members is the continuation count of that d-gram. Distinct
+ * left neighbours are counted with a stamp per token id, so no sorting is needed.
+ *
+ * One pass with random reads lays out, in sa order, what the depth loops need: the token before
+ * each suffix (the BWT), how far the suffix runs before its first eos (from its first token, and
+ * from its second), its length, all capped at 255 (K <= 254), and its common prefix with the
+ * suffix before it, capped at K. The depth loops then read memory in order. */
+static PyObject *py_count_of_counts(PyObject *self, PyObject *args) {
+    PyObject *o_tok, *o_sa, *o_out;
+    long long eos, K;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOLLO", &o_tok, &o_sa, &eos, &K, &o_out)) return NULL;
+    Py_buffer tok = {0}, sa = {0}, out = {0};
+    PyObject *result = NULL;
+    int64_t *stamp = NULL;
+    uint32_t *bwt = NULL;
+    uint8_t *dist = NULL, *f0 = NULL, *f1 = NULL, *rem = NULL, *L = NULL;
+    Text T;
+    if (get_text(o_tok, o_sa, &T, &tok, &sa)) return NULL;
+    if (get_i64(o_out, "out", 3, 1, &out)) goto done;
+    if (K < 1 || K > 254 || out.shape[0] != 2 || out.shape[1] != K || out.shape[2] != 4) {
+        PyErr_SetString(PyExc_ValueError, "count_of_counts: out must be int64 [2, K, 4] with 1 <= K <= 254");
+        goto done;
+    }
+    const int64_t n = T.n;
+    int64_t vmax = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = tok_at(&T, i);
+        if (t > vmax) vmax = t;
+    }
+    stamp = (int64_t *)calloc((size_t)vmax + 1, sizeof(int64_t));
+    bwt = (uint32_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(uint32_t));
+    dist = (uint8_t *)malloc((size_t)n + 1);
+    f0 = (uint8_t *)malloc((size_t)(n > 0 ? n : 1));
+    f1 = (uint8_t *)malloc((size_t)(n > 0 ? n : 1));
+    rem = (uint8_t *)malloc((size_t)(n > 0 ? n : 1));
+    L = (uint8_t *)malloc((size_t)(n > 0 ? n : 1));
+    if (!stamp || !bwt || !dist || !f0 || !f1 || !rem || !L) { PyErr_NoMemory(); goto done; }
+    int64_t *raw = (int64_t *)out.buf, *cont = raw + 4 * K;
+    memset(raw, 0, (size_t)(8 * K * sizeof(int64_t)));
+    Py_BEGIN_ALLOW_THREADS
+    dist[n] = 255; /* dist[p]: tokens from p to the first eos at or after p (255: none that close) */
+    for (int64_t p = n - 1; p >= 0; p--)
+        dist[p] = tok_at(&T, p) == eos ? 0 : (dist[p + 1] == 255 ? 255 : (uint8_t)(dist[p + 1] + 1));
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t p = sa_at(&T, i);
+        bwt[i] = p > 0 ? (uint32_t)tok_at(&T, p - 1) : UINT32_MAX; /* none before the first token */
+        f0[i] = dist[p];
+        f1[i] = dist[p + 1] >= 254 ? 255 : (uint8_t)(dist[p + 1] + 1);
+        rem[i] = n - p >= 255 ? 255 : (uint8_t)(n - p);
+        if (i > 0) { /* L[i-1]: common prefix of suffixes sa[i-1] and sa[i], capped at K */
+            const int64_t a = sa_at(&T, i - 1);
+            int64_t l = 0;
+            while (l < K && a + l < n && p + l < n && tok_at(&T, a + l) == tok_at(&T, p + l)) l++;
+            L[i - 1] = (uint8_t)l;
+        }
+    }
+    int64_t group = 0; /* stamps of all depths share one counter, so they never need clearing */
+    for (int64_t d = 1; d <= K; d++) {
+        int64_t *rawd = raw + 4 * (d - 1), *contd = cont + 4 * (d - 1);
+        int64_t i0 = 0;
+        while (i0 < n) {
+            int64_t i1 = i0 + 1;
+            while (i1 < n && L[i1 - 1] >= d) i1++;
+            /* sa[i0..i1): one d-gram shared by all members, or a single suffix shorter than d */
+            if (rem[i0] >= d) {
+                if (d <= 2 || f1[i0] >= d - 1) tally(rawd, i1 - i0); /* no eos strictly inside */
+                if (f0[i0] >= d - 1) {                                /* no eos in g[:-1] */
+                    int64_t distinct = 0;
+                    group++;
+                    for (int64_t i = i0; i < i1; i++) {
+                        const uint32_t u = bwt[i];
+                        if (u != UINT32_MAX && stamp[u] != group) { stamp[u] = group; distinct++; }
+                    }
+                    tally(contd, distinct);
+                }
+            }
+            i0 = i1;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(stamp);
+    free(bwt);
+    free(dist);
+    free(f0);
+    free(f1);
+    free(rem);
+    free(L);
+    PyBuffer_Release(&tok);
+    PyBuffer_Release(&sa);
+    if (out.obj) PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"lcp_capped", py_lcp_capped, METH_VARARGS,
      "lcp_capped(tokens, sa, cap, out): out[i-1] = min(cap, LCP of the suffixes sa[i-1], sa[i]) "
      "into out uint8 [n-1]."},
+    {"count_of_counts", py_count_of_counts, METH_VARARGS,
+     "count_of_counts(tokens, sa, eos, K, out): n1..n4 of raw (out[0]) and continuation "
+     "(out[1]) counts of orders 1..K into out int64 [2, K, 4]."},
     {"find", py_find, METH_VARARGS,
      "find(tokens, sa, query, lo, hi) -> (lo, hi): the sa range, within [lo,hi), of suffixes "
      "that start with query (int64 1-D)."},

@@ -109,8 +109,21 @@ def normalise_stream(tokens: Any, vocab_size: int, eos_id: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- statistics
 def count_of_counts(tokens: np.ndarray, sa: np.ndarray, eos_id: int, max_order: int,
-                    progress: bool = False) -> dict[str, list[list[int]]]:
-    """n1..n4 (how many distinct n-grams occur exactly 1, 2, 3, 4 times) for orders 1..max_order.
+                    progress: bool = False, native: Optional[bool] = None) -> dict[str, list[list[int]]]:
+    """:func:`count_of_counts_py`, by the native kernel when it was built (one pass per order, no
+    sorting; the same numbers). ``native=None`` uses the kernel when available."""
+    use = sa_mod.NATIVE_KERNEL_AVAILABLE if native is None else native
+    native_fn = getattr(sa_mod._native, "count_of_counts", None)
+    if not use or native_fn is None or int(tokens.shape[0]) == 0:
+        return count_of_counts_py(tokens, sa, eos_id, max_order, progress)
+    out = np.zeros((2, max_order, 4), dtype=np.int64)
+    native_fn(tokens, sa, int(eos_id), int(max_order), out)
+    return {"raw": out[0].tolist(), "cont": out[1].tolist()}
+
+
+def count_of_counts_py(tokens: np.ndarray, sa: np.ndarray, eos_id: int, max_order: int,
+                       progress: bool = False) -> dict[str, list[list[int]]]:
+    """The reference: n1..n4 (how many distinct n-grams occur exactly 1, 2, 3, 4 times) for orders 1..max_order.
 
     "raw": counts of k-grams; "cont": continuation counts (distinct left neighbours u of u·g) of
     k-grams g whose first k-1 tokens hold no eos (the contexts that use continuation counts).

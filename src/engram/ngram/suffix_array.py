@@ -7,7 +7,10 @@ Order: the suffix starting at ``p`` is ``tokens[p:]``; suffixes compare lexicogr
 token id, and a suffix that is a proper prefix of another is smaller (no sentinel is stored).
 Every occurrence of a query ``q`` is then one contiguous range ``sa[lo:hi]``.
 
-Construction (:func:`build_suffix_array`) is prefix doubling with numpy sorts (Manber & Myers,
+Construction (:func:`build_suffix_array`) uses libdivsufsort (the ``pydivsufsort`` package) when it
+is installed: the tokens are sorted as the bytes of their big-endian values, and the suffixes
+that start mid-token are dropped, which gives the same order. The reference, always available
+and the fallback, is prefix doubling with numpy sorts (Manber & Myers,
 with Larsson-Sadakane's "only re-sort unfinished groups"): the first round sorts keys that pack
 as many tokens as fit in 62 bits (5 tokens of a 4,096-id vocabulary), and each further round
 doubles the compared length ``h`` while sorting only the suffixes whose rank is still shared.
@@ -40,6 +43,14 @@ try:  # built by setup.py when a C compiler is available; optional by design
 except ImportError:  # pragma: no cover - depends on the build environment
     _native = None
 
+try:  # a wheel bundling libdivsufsort; the numpy reference below is the fallback
+    import pydivsufsort as _divsufsort
+except ImportError:  # pragma: no cover - depends on the environment
+    _divsufsort = None
+
+SA_METHODS = ("auto", "divsufsort", "doubling")
+"""``build_suffix_array(method=...)``: auto picks divsufsort when installed, else doubling."""
+
 NATIVE_KERNEL_AVAILABLE: bool = _native is not None
 """True when the native search kernel was built and imported."""
 
@@ -54,11 +65,17 @@ def sa_dtype(n: int) -> np.dtype:
     return np.dtype("<u4") if n < 2**32 else np.dtype("<i8")
 
 
-def build_suffix_array(tokens: np.ndarray, progress: Optional[object] = None) -> np.ndarray:
+def build_suffix_array(tokens: np.ndarray, progress: Optional[object] = None, method: str = "auto") -> np.ndarray:
     """Suffix array of a 1-D array of non-negative integer ids (see the module docstring).
 
-    ``progress``: an optional tqdm-like object; ``update(1)`` is called once per doubling round.
+    ``progress``: an optional tqdm-like object; ``update(1)`` is called once per doubling round
+    (divsufsort reports one step). ``method``: one of :data:`SA_METHODS`; every method gives the
+    same array.
     """
+    if method not in SA_METHODS:
+        raise SuffixArrayError(f"method={method!r}; choose one of {list(SA_METHODS)}")
+    if method == "divsufsort" and _divsufsort is None:
+        raise SuffixArrayError("method='divsufsort' needs the pydivsufsort package: pip install pydivsufsort")
     t = np.asarray(tokens)
     if t.ndim != 1:
         raise SuffixArrayError(f"tokens must be 1-D, got shape {t.shape}")
@@ -67,6 +84,28 @@ def build_suffix_array(tokens: np.ndarray, progress: Optional[object] = None) ->
         return np.empty(0, dtype=sa_dtype(0))
     if not np.issubdtype(t.dtype, np.integer) or int(t.min()) < 0:
         raise SuffixArrayError("tokens must be non-negative integers")
+    if method != "doubling" and _divsufsort is not None and int(t.max()) < 2**32:
+        sa = _by_divsufsort(t)
+        if progress is not None:
+            progress.update(1)
+        return sa
+    return _by_doubling(t, progress)
+
+
+def _by_divsufsort(t: np.ndarray) -> np.ndarray:
+    """Suffix-sort the big-endian bytes of the ids (2 bytes each when they fit, else 4) and keep
+    the suffixes that start on a token: byte order equals token order, shorter first."""
+    width = 2 if int(t.max()) < 2**16 else 4
+    raw = np.ascontiguousarray(t, dtype=np.dtype(f">u{width}")).view(np.uint8)
+    sa = _divsufsort.divsufsort(raw)  # int32, or int64 past 2**31 bytes
+    sa = sa[(sa & (width - 1)) == 0]
+    sa //= width
+    return sa.astype(sa_dtype(int(t.size)))
+
+
+def _by_doubling(t: np.ndarray, progress: Optional[object]) -> np.ndarray:
+    """The reference construction: prefix doubling with numpy sorts."""
+    n = int(t.size)
     if n >= 2**62:
         raise SuffixArrayError(f"{n} tokens is too many for int64 keys")
     t64 = t.astype(np.int64) + 1  # 0 stands for "past the end", smaller than every token
