@@ -92,3 +92,54 @@ def test_bad_layer_and_missing_text_are_one_line_errors(llama, one_thread):
     ed = RomeEditor(model, tok, RomeConfig(layer=0, prefix_tokens=0), cov_windows=windows)
     with pytest.raises(RomeError, match="subject must occur"):
         ed.compute(Fact("france", "capital", "rome"), prompt="The capital city is")
+
+
+def test_bench_runs_rome_per_layer_with_its_accumulation_curve(llama, one_thread, tmp_path):
+    """One run per layer in --rome-layers; each measures the edits so far after 1, 2 and all 3
+    edits, answers dev questions for the layer choice, and reverts bit for bit."""
+    from types import SimpleNamespace
+
+    from engram.knowledge.bench import Bench, BenchConfig, page_markdown
+    from engram.knowledge.retrieval import RetrievalConfig
+
+    model, tok, _ = llama
+    edits = [Fact("france", "capital", "rome"), Fact("germany", "capital", "madrid"), Fact("spain", "capital", "berlin")]
+    cfg = BenchConfig(methods=("rome",), sets=("counterfactual",), facts=3, neighbours=1, rome_layers=(0, 2),
+                      rome=RomeConfig(steps=3, prefix_tokens=0, cov_windows=2, cov_window_len=16),
+                      rome_curve=(1, 2), retrieval=RetrievalConfig(distractors=10), neutral_windows=2, neutral_len=16)
+    w0 = [down_proj(model, i).weight.clone() for i in (0, 2)]
+    bench = Bench(model, tok, 0, cfg, [SimpleNamespace(edit=f) for f in edits], [Fact("italy", "capital", "rome")])
+    recs = bench.run_all(tmp_path)
+    assert [r["layer"] for r in recs] == [0, 2]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["counterfactual-rome-L0-s0.json",
+                                                                    "counterfactual-rome-L2-s0.json"]
+    for r in recs:
+        assert [c["edits"] for c in r["curve"]] == [1, 2, 3] and r["reverted_bit_for_bit"] is True
+        assert r["efficacy"] == r["curve"][-1]["efficacy"] and 0 <= r["dev_exact"] <= 1
+    assert all(torch.equal(down_proj(model, i).weight, w) for i, w in zip((0, 2), w0))
+    page = page_markdown(recs)
+    assert "ROME at layer 0 (seed 0), as edits accumulate" in page and "| 3 |" in page
+    assert "ROME dev questions answered (the layer choice)" in page
+
+
+def test_rome_layer_choice_is_the_best_dev_layer_and_none_when_all_answer_nothing():
+    from engram.knowledge.bench import _dev_choices
+
+    def run(layer, dev, kl=0.1):
+        return {"method": "rome", "layer": layer, "seed": 0, "dev_exact": dev, "neutral": {"kl": kl}}
+
+    assert _dev_choices([run(2, 0.1), run(4, 0.3), run(6, 0.2)]) == {"rome L4"}
+    assert _dev_choices([run(2, 0.3, kl=0.5), run(4, 0.3, kl=0.2)]) == {"rome L4"}  # a tie goes to the lower KL
+    assert _dev_choices([run(2, 0.0), run(4, 0.0, kl=0.01)]) == set()  # zeros everywhere: no choice
+
+
+def test_lora_lr_choice_is_per_rank_and_none_when_all_answer_nothing():
+    from engram.knowledge.bench import _dev_choices
+
+    def run(rank, lr, dev):
+        return {"method": "lora", "lora_rank": rank, "lora_lr": lr, "seed": 0, "best_dev_exact": dev,
+                "neutral": {"kl": 0.1}}
+
+    assert _dev_choices([run(8, 1e-3, 0.5), run(8, 1e-2, 0.7), run(2, 1e-3, 0.2)]) == {"lora r8 lr 0.01",
+                                                                                      "lora r2 lr 0.001"}
+    assert _dev_choices([run(8, 1e-3, 0.0), run(8, 1e-2, 0.0)]) == set()

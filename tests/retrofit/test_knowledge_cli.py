@@ -40,7 +40,7 @@ def test_bench_runs_every_method_once_and_resumes(tiny_base, tmp_path, capsys, o
                        [Fact("Spain", "capital", "Madrid")])
     out = tmp_path / "bench"
     args = ["knowledge", "bench", "--base", str(tiny_base["base"]), "--counterfactual", str(cf), "--out", str(out),
-            "--facts", "2", "--distractors", "50", "--rome-layer", "1", "--rome-steps", "2", "--quiet", "--json"]
+            "--facts", "2", "--distractors", "50", "--rome-layers", "1", "--rome-steps", "2", "--quiet", "--json"]
     assert main(args) == 0
     recs = json.loads(capsys.readouterr().out)
     assert {(r["set"], r["method"]) for r in recs} == {(s, m) for s in ("counterfactual", "new")
@@ -55,7 +55,7 @@ def test_bench_runs_every_method_once_and_resumes(tiny_base, tmp_path, capsys, o
     stamp = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert main(args) == 0  # a rerun reads the run files and runs nothing
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == stamp
-    assert "| counterfactual | rome |" in (out / "summary.md").read_text()
+    assert "| counterfactual | rome L1 |" in (out / "summary.md").read_text()
     assert main([*args[:-2], "--facts", "1", "--methods", "none", "--quiet"]) == 2  # other settings, same --out
     assert "other settings" in capsys.readouterr().err
 
@@ -88,6 +88,9 @@ def test_bench_lora_trains_with_the_patch_recipe_and_is_removed(tiny_base, tmp_p
     assert main(["knowledge", "bench", "--out", str(out), "--page", str(page_file), "--page-only",
                  "--page-command", "engram knowledge bench ...", "--page-machine", "test machine"]) == 0
     page = page_file.read_text()
-    assert "| lora r4 lr 0.05 (lr chosen on dev) | 0 |" in page and "Machine: test machine" in page
+    # a rank's lr is chosen only where some lr answers a dev question (zeros everywhere choose nothing)
+    assert ("| lora r4 lr 0.05 (lr chosen on dev) | 0 |" in page) == (lora[4]["best_dev_exact"] > 0)
+    assert ("none answers any, so no lr is chosen" in page) == (max(r["best_dev_exact"] for r in lora.values()) == 0)
+    assert "Machine: test machine" in page
     assert "LoRA dev questions answered" in page and "lora: weights trained on forms statement+cloze" in page
     assert "LoRA's lr is chosen here on the edited facts' dev questions" in page

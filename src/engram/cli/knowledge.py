@@ -198,7 +198,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     neighbours, _ = read_facts(neighbours_path(args.counterfactual))
     cfg = BenchConfig(methods=tuple(args.methods), sets=tuple(args.sets), seeds=tuple(args.seeds), facts=args.facts,
                       neighbours=args.neighbours, retrieval=RetrievalConfig(k=args.k, distractors=args.distractors),
-                      rome=RomeConfig(layer=args.rome_layer, steps=args.rome_steps),
+                      rome=RomeConfig(layer=args.rome_layers[0], steps=args.rome_steps),
+                      rome_layers=tuple(args.rome_layers),
                       edit=config_from_args(args, FactEditConfig), lora_ranks=tuple(args.lora_ranks),
                       lora_lrs=tuple(args.lora_lrs))
     model, tok, pad = _load_model(args)
@@ -350,7 +351,8 @@ def register(sub: Any) -> None:
     b.add_argument("--neighbours", type=int, default=100)
     b.add_argument("--k", type=int, default=3, help="retrieval: passages before each question")
     b.add_argument("--distractors", type=int, default=10_000, help="retrieval: built-in sentences in the store")
-    b.add_argument("--rome-layer", type=int, default=4)
+    b.add_argument("--rome-layers", type=int, nargs="+", default=[4],
+                   help="rome: one run per decoder layer; the page chooses one on dev questions")
     b.add_argument("--rome-steps", type=int, default=20)
     b.add_argument("--lora-ranks", type=int, nargs="+", default=[8], help="lora: one run per rank (alpha 2 x rank)")
     b.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-3],

@@ -71,6 +71,8 @@ class BenchConfig:
     edit: FactEditConfig = field(default_factory=FactEditConfig)  # the patch methods' trainer
     lora_ranks: tuple[int, ...] = (8,)  # one lora run per rank and lr (alpha = 2 x rank)
     lora_lrs: tuple[float, ...] = (1e-3,)  # the grid the page chooses from on dev questions
+    rome_layers: tuple[int, ...] = ()  # one rome run per layer, chosen on dev questions; () = (rome.layer,)
+    rome_curve: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # measure after this many edits (and the last)
 
 
 def _exact(model: Any, tok: Any, facts: Sequence[Fact], pad: int, split: str) -> float:
@@ -91,7 +93,7 @@ class Bench:
         self.counterfacts = list(counterfacts)[:cfg.facts]
         self.neighbours = list(neighbours)[:cfg.neighbours]
         self._distractors: Optional[list[str]] = None
-        self._rome_cov: Optional[torch.Tensor] = None
+        self._rome_cov: dict[int, torch.Tensor] = {}  # per layer
         self._neutral: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._patches: dict[tuple[str, ...], tuple[Any, float]] = {}  # one trained patch per fact list
 
@@ -113,7 +115,8 @@ class Bench:
         return self._neutral
 
     # ------------------------------------------------------------------ one run
-    def run(self, fact_set: str, method: str, seed: int, lora_rank: int = 0, lora_lr: float = 0.0) -> dict[str, Any]:
+    def run(self, fact_set: str, method: str, seed: int, lora_rank: int = 0, lora_lr: float = 0.0,
+            rome_layer: Optional[int] = None) -> dict[str, Any]:
         facts = self.facts(fact_set, seed)
         m, tok, pad = self.model, self.tok, self.pad
         rec: dict[str, Any] = {"set": fact_set, "method": method, "seed": seed, "facts": len(facts),
@@ -142,29 +145,43 @@ class Bench:
         elif method == "lora":
             rec.update(self._lora_run(facts, lora_rank or self.cfg.lora_ranks[0], lora_lr or self.cfg.lora_lrs[0]))
         else:  # rome
-            cfg = self.cfg.rome
-            if self._rome_cov is None:
-                ed = RomeEditor(m, tok, cfg, cov_windows=neutral_windows(tok, "train", cfg.cov_windows,
-                                                                        cfg.cov_window_len))
-                self._rome_cov = ed.covariance
-            ed = RomeEditor(m, tok, cfg, covariance=self._rome_cov)
-            w0 = down_proj(m, cfg.layer).weight.detach().clone()
-            windows, before = self.neutral()
-            t0 = time.time()
-            edits = [ed.edit(f) for f in facts]
-            add_s = time.time() - t0
-            try:
-                rec.update(efficacy=_exact(m, tok, facts, pad, "verbatim"),
-                           generalisation=_exact(m, tok, facts, pad, "test"),
-                           specificity=_exact(m, tok, self.neighbours, pad, "test"),
-                           neutral=neutral_change(m, windows, before), add_seconds=add_s,
-                           bytes_per_fact=sum(e.nbytes for e in edits) / max(1, len(edits)),
-                           extra_prompt_tokens=0.0, layer=cfg.layer,
-                           optimised_nll=[e.stats["nll_optimised"] for e in edits])
-            finally:
-                ed.revert_all()
-            rec["reverted_bit_for_bit"] = bool(torch.equal(down_proj(m, cfg.layer).weight, w0))
+            rec.update(self._rome_run(facts, self.cfg.rome.layer if rome_layer is None else rome_layer))
         return rec
+
+    def _rome_run(self, facts: Sequence[Fact], layer: int) -> dict[str, Any]:
+        """Edits applied one after another at one layer; after the counts in ``cfg.rome_curve``
+        (and the last) the edits so far and the neighbours are asked again, which shows how the
+        edits degrade as they accumulate. Edit time excludes these measurements."""
+        m, tok, pad = self.model, self.tok, self.pad
+        cfg = replace(self.cfg.rome, layer=layer)
+        if layer not in self._rome_cov:
+            ed = RomeEditor(m, tok, cfg, cov_windows=neutral_windows(tok, "train", cfg.cov_windows,
+                                                                    cfg.cov_window_len))
+            self._rome_cov[layer] = ed.covariance
+        ed = RomeEditor(m, tok, cfg, covariance=self._rome_cov[layer])
+        w0 = down_proj(m, layer).weight.detach().clone()
+        windows, before = self.neutral()
+        marks = {c for c in self.cfg.rome_curve if c < len(facts)} | {len(facts)}
+        edits, curve, add_s = [], [], 0.0
+        try:
+            for i, f in enumerate(facts, 1):
+                t0 = time.time()
+                edits.append(ed.edit(f))
+                add_s += time.time() - t0
+                if i in marks:
+                    curve.append({"edits": i, "efficacy": _exact(m, tok, facts[:i], pad, "verbatim"),
+                                  "generalisation": _exact(m, tok, facts[:i], pad, "test"),
+                                  "specificity": _exact(m, tok, self.neighbours, pad, "test")})
+            out = {"efficacy": curve[-1]["efficacy"], "generalisation": curve[-1]["generalisation"],
+                   "specificity": curve[-1]["specificity"], "dev_exact": _exact(m, tok, facts, pad, "dev"),
+                   "neutral": neutral_change(m, windows, before), "add_seconds": add_s,
+                   "bytes_per_fact": sum(e.nbytes for e in edits) / max(1, len(edits)),
+                   "extra_prompt_tokens": 0.0, "layer": layer, "curve": curve,
+                   "optimised_nll": [e.stats["nll_optimised"] for e in edits]}
+        finally:
+            ed.revert_all()
+        out["reverted_bit_for_bit"] = bool(torch.equal(down_proj(m, layer).weight, w0))
+        return out
 
     def _patch_run(self, facts: Sequence[Fact], with_retrieval: bool, keyed: bool = False) -> dict[str, Any]:
         from engram.knowledge.editor import edit_facts  # torch-heavy; only this method needs it
@@ -246,18 +263,22 @@ class Bench:
         it: the settings all methods share and the method's own (a LoRA run's rank and lr are in
         its key), so that methods can be added to a benchmark directory later."""
         cfg = json.loads(json.dumps(asdict(self.cfg)))
+        cfg["rome"].pop("layer")  # a rome run's layer is in its key
         return {k: cfg[k] for k in _SHARED_SETTINGS + _METHOD_SETTINGS[method]}
 
     def run_all(self, out: PathLike, progress: bool = False) -> list[dict[str, Any]]:
         runs = RunFiles(Path(out) / "runs")
         recs = []
-        grid = [(m, r, lr) for m in self.cfg.methods
-                for r, lr in ([(r, lr) for r in self.cfg.lora_ranks for lr in self.cfg.lora_lrs] if m == "lora"
-                              else [(0, 0.0)])]
+        rome_layers = self.cfg.rome_layers or (self.cfg.rome.layer,)
+        grid = [(m, r, lr, layer) for m in self.cfg.methods
+                for r, lr, layer in ([(r, lr, None) for r in self.cfg.lora_ranks for lr in self.cfg.lora_lrs]
+                                     if m == "lora" else [(0, 0.0, la) for la in rome_layers] if m == "rome"
+                                     else [(0, 0.0, None)])]
         for fact_set in self.cfg.sets:
             for seed in (self.cfg.seeds if fact_set == "new" else self.cfg.seeds[:1]):
-                for method, rank, lr in grid:
-                    key = f"{fact_set}-{method}" + (f"{rank}-lr{lr:g}" if rank else "") + f"-s{seed}"
+                for method, rank, lr, layer in grid:
+                    key = (f"{fact_set}-{method}" + (f"{rank}-lr{lr:g}" if rank else "")
+                           + (f"-L{layer}" if layer is not None else "") + f"-s{seed}")
                     settings = self.settings(method)
                     rec = runs.get(key)
                     if rec is not None and {k: rec.get("settings", {}).get(k) for k in settings} != settings:
@@ -265,7 +286,7 @@ class Bench:
                                          f"or the same settings")
                     if rec is None:
                         t0 = time.time()
-                        rec = self.run(fact_set, method, seed, lora_rank=rank, lora_lr=lr)
+                        rec = self.run(fact_set, method, seed, lora_rank=rank, lora_lr=lr, rome_layer=layer)
                         rec["wall_seconds"] = time.time() - t0
                         rec["settings"] = settings
                         runs.put(key, rec)
@@ -317,20 +338,52 @@ def _cell(xs: Sequence[float], pct: bool) -> str:
 
 
 def _name(r: dict[str, Any]) -> str:
-    return f"lora r{r['lora_rank']} lr {r['lora_lr']:g}" if r.get("lora_rank") else r["method"]
+    if r.get("lora_rank"):
+        return f"lora r{r['lora_rank']} lr {r['lora_lr']:g}"
+    return f"rome L{r['layer']}" if r["method"] == "rome" else r["method"]
+
+
+def _best_on_dev(groups: dict[str, list[dict[str, Any]]], dev_key: str) -> Optional[str]:
+    """The group whose runs answer most dev questions (mean over seeds; ties: lower neutral KL).
+    None when every group answers none: a tie-break among zeros is not a choice."""
+    def mean(n: str, f: Any) -> float:
+        return sum(f(r) for r in groups[n]) / len(groups[n])
+
+    if not groups or all(mean(n, lambda r: r[dev_key]) == 0 for n in groups):
+        return None
+    return max(groups, key=lambda n: (mean(n, lambda r: r[dev_key]), -mean(n, lambda r: r["neutral"]["kl"])))
 
 
 def _dev_choices(rows: Sequence[dict[str, Any]]) -> set[str]:
-    """Per LoRA rank, the lr whose runs answer most dev questions (mean over seeds; ties: lower KL)."""
+    """Per LoRA rank, the lr chosen on dev questions, and ROME's layer (see :func:`_best_on_dev`)."""
     out = set()
-    for rank in sorted({r["lora_rank"] for r in rows if r.get("lora_rank")}):
+    pools = [("best_dev_exact", lambda r, rank=rank: r.get("lora_rank") == rank)
+             for rank in sorted({r["lora_rank"] for r in rows if r.get("lora_rank")})]
+    pools.append(("dev_exact", lambda r: r["method"] == "rome" and "dev_exact" in r))
+    for dev_key, member in pools:
         by: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            if r.get("lora_rank") == rank:
+            if member(r):
                 by.setdefault(_name(r), []).append(r)
-        out.add(max(by, key=lambda n: (sum(r["best_dev_exact"] for r in by[n]) / len(by[n]),
-                                       -sum(r["neutral"]["kl"] for r in by[n]) / len(by[n]))))
+        best = _best_on_dev(by, dev_key)
+        if best is not None:
+            out.add(best)
     return out
+
+
+def _rome_curves(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """ROME's answers as its edits accumulate, one table per run."""
+    lines = []
+    for r in rows:
+        if r["method"] != "rome" or not r.get("curve"):
+            continue
+        lines += [f"ROME at layer {r['layer']} (seed {r['seed']}), as edits accumulate:", "",
+                  "| edits applied | efficacy (edits so far) | held-out questions (edits so far) | neighbourhood answered |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['edits']} | {100 * c['efficacy']:.1f}% | {100 * c['generalisation']:.1f}% | "
+                  f"{100 * c['specificity']:.1f}% |" for c in r["curve"]]
+        lines.append("")
+    return lines
 
 
 def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
@@ -358,14 +411,23 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
                 xs = [(r.get("neutral") or {}).get("kl") if key == "kl" else r.get(key) for r in rs]
                 cells.append(_cell([float(x) for x in xs if x is not None], pct))
             rev = "yes" if all(r.get("reverted_bit_for_bit") for r in rs) else "no"
-            label = name + (" (lr chosen on dev)" if name in chosen else "")
+            label = name + ((" (layer chosen on dev)" if name.startswith("rome") else " (lr chosen on dev)")
+                            if name in chosen else "")
             lines.append(f"| {label} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {rev} |")
         lines.append("")
         if any(r.get("lora_rank") for r in rows):
             lines.append("LoRA dev questions answered (the lr choice): " + "; ".join(
                 f"{_name(r)} seed {r['seed']}: {100 * r['best_dev_exact']:.1f}%" for r in rows if r.get("lora_rank"))
-                + ".")
+                + ("." if any(n.startswith("lora") for n in chosen)
+                   else "; none answers any, so no lr is chosen."))
             lines.append("")
+        rome_dev = [r for r in rows if r["method"] == "rome" and "dev_exact" in r]
+        if rome_dev:
+            lines.append("ROME dev questions answered (the layer choice): " + "; ".join(
+                f"{_name(r)} seed {r['seed']}: {100 * r['dev_exact']:.1f}%" for r in rome_dev)
+                + ("." if any(n.startswith("rome") for n in chosen) else "; none answers any, so no layer is chosen."))
+            lines.append("")
+        lines += _rome_curves(rows)
     first = {r["method"]: r.get("settings", {}) for r in reversed(list(recs))}
     said = []
     for method in ("patch", "lora"):
@@ -375,8 +437,10 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
                         f"{'+'.join(e.get('kinds', []))}, answer loss + KL, at most {e.get('steps')} steps, "
                         f"stopping on dev questions every {e.get('eval_every')}"
                         + (f", lr {e.get('lr')}, rows {e.get('rows')}" if method == "patch" else ""))
-    if "rome" in first.get("rome", {}):
-        said.append(f"rome: layer {first['rome']['rome'].get('layer')}, {first['rome']['rome'].get('steps')} steps")
+    rome_layers = sorted({r["layer"] for r in recs if r["method"] == "rome"})
+    if rome_layers:
+        said.append(f"rome: layer{'s' if len(rome_layers) > 1 else ''} {', '.join(map(str, rome_layers))}, "
+                    f"{first['rome']['rome'].get('steps')} steps")
     ret = first.get("retrieval", first.get("oracle", {})).get("retrieval")
     if ret:
         said.append(f"retrieval: top {ret.get('k')} of the facts' sentences and {ret.get('distractors')} distractors")
@@ -390,8 +454,10 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
         if "lora" in first:
             how.append("LoRA's lr is chosen here on the edited facts' dev questions (templates never asked "
                        "as held-out questions), the data the patch's stopping reads")
-        if "rome" in first.get("rome", {}):
-            how.append(f"ROME's layer ({first['rome']['rome'].get('layer')}) was set, not chosen on dev")
+        if len(rome_layers) > 1:
+            how.append("ROME's layer is chosen here on the edited facts' dev questions after all edits")
+        elif rome_layers:
+            how.append(f"ROME's layer ({rome_layers[0]}) was set, not chosen on dev")
         lines += ["", "How the settings were chosen: " + "; ".join(how) + "."] if how else []
     return "\n".join(lines) + "\n"
 
