@@ -141,6 +141,7 @@ class NgramBenchConfig:
                                      flag="--results")
     queries: int = setting(2000)
     repeats: int = setting(3)
+    build_repeats: int = setting(3, "builds of both indexes timed again, alternating, after the queries")
 
 
 @dataclass

@@ -132,7 +132,7 @@ def _sample_queries(val: np.ndarray, eos: int, lengths: tuple[int, ...], per_len
 def bench_vs_infinigram(data_dir: PathLike, workdir: PathLike = NgramBenchConfig.workdir,
                         queries: int = NgramBenchConfig.queries, repeats: int = NgramBenchConfig.repeats,
                         out_dir: Optional[PathLike] = NgramBenchConfig.out_dir, progress: bool = True,
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, build_repeats: int = NgramBenchConfig.build_repeats) -> dict[str, Any]:
     """Our index against infini-gram on the same training split (the module docstring); writes
     ``ngram_vs_infinigram.json``/``.md`` to ``out_dir`` (unless None) and returns the record."""
     ds = load_dataset(data_dir)
@@ -155,6 +155,8 @@ def bench_vs_infinigram(data_dir: PathLike, workdir: PathLike = NgramBenchConfig
     except Exception as e:  # report precisely why the comparison could not run
         record["infini_gram"] = {"error": f"{type(e).__name__}: {e}"}
     record["env"]["load_average_after_infinigram"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if "error" not in record["infini_gram"] and build_repeats > 0:
+        record["builds"] = _interleaved_builds(train, eos, data_dir, work / "builds", build_repeats)
     record["summary"] = _summary(record)
     if out_dir:
         _write_results(out_dir, "ngram_vs_infinigram", record, _markdown_vs(record))
@@ -214,11 +216,9 @@ def _time_our_queries(index: NgramIndex, val: np.ndarray, count_q: list, ctx_q: 
     return out
 
 
-def _bench_infinigram(train, eos, V, work: Path, count_q, ctx_q, inf_q, repeats, index) -> dict[str, Any]:
-    import importlib.metadata
-
-    from infini_gram.engine import InfiniGramEngine  # local: the optional `ngram-bench` extra
-
+def _infinigram_build(train: np.ndarray, eos: int, work: Path) -> tuple[Path, int, float, float]:
+    """infini-gram's indexer over our stream in ``work``: (index dir, documents, seconds writing
+    its input, seconds of its indexer process)."""
     shutil.rmtree(work, ignore_errors=True)
     idx_dir, raw = work / "index", work / "raw"
     raw.mkdir(parents=True)
@@ -232,6 +232,32 @@ def _bench_infinigram(train, eos, V, work: Path, count_q, ctx_q, inf_q, repeats,
     build = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"infini_gram.indexing exited {r.returncode}: {r.stderr[-500:]}")
+    return idx_dir, docs, prep, build
+
+
+def _interleaved_builds(train: np.ndarray, eos: int, data_dir: PathLike, work: Path, repeats: int) -> dict[str, Any]:
+    """Both builds ``repeats`` times, alternating (ours first in even rounds, theirs in odd), so
+    that drift in the machine's speed falls on both: seconds per run and the per-round ratio."""
+    ours, theirs = [], []
+    for r in range(repeats):
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            if side == 0:
+                shutil.rmtree(work / "ours", ignore_errors=True)
+                t0 = time.perf_counter()
+                NgramIndex.from_dataset(work / "ours", data_dir, progress=False)
+                ours.append(time.perf_counter() - t0)
+            else:
+                theirs.append(_infinigram_build(train, eos, work / "infini-gram")[3])
+    shutil.rmtree(work, ignore_errors=True)
+    return {"ours_s": ours, "infini_gram_s": theirs, "ratio": [a / b for a, b in zip(ours, theirs)]}
+
+
+def _bench_infinigram(train, eos, V, work: Path, count_q, ctx_q, inf_q, repeats, index) -> dict[str, Any]:
+    import importlib.metadata
+
+    from infini_gram.engine import InfiniGramEngine  # local: the optional `ngram-bench` extra
+
+    idx_dir, docs, prep, build = _infinigram_build(train, eos, work)
     res: dict[str, Any] = {
         "version": importlib.metadata.version("infini-gram"), "documents": docs, "prepare_input_s": prep,
         "build_s": build, "index_bytes": _dir_bytes(idx_dir, ["tokenized.0", "table.0", "offset.0"]),
@@ -288,6 +314,10 @@ def _summary(rec: dict[str, Any]) -> dict[str, Any]:
                   "ig_ntd_exact_median_us": t["ntd_exact"]["median_us"],
                   "ig_infgram_median_us": t["infgram_ntd_default"]["median_us"],
                   "count_mismatches": t["count_mismatches"]})
+    if rec.get("builds"):
+        b = rec["builds"]
+        s.update(ours_build_median_s=float(np.median(b["ours_s"])), ig_build_median_s=float(np.median(b["infini_gram_s"])),
+                 build_ratio_range=[min(b["ratio"]), max(b["ratio"])])
     return s
 
 
@@ -319,6 +349,12 @@ def _markdown_vs(rec: dict[str, Any]) -> str:
               + (" (best of: prefetch off / default; see below)" if t else "") + " |", "|---|---|---|"]
     row("build (s)", f"{o['build_s']:.2f} (suffix array alone {o['suffix_array_only_s']:.2f})",
         f"{t['build_s']:.2f} (Rust, {rec['env']['cpus']} threads)" if t else "-")
+    if rec.get("builds"):
+        b = rec["builds"]
+        row(f"build (s), {len(b['ours_s'])} more runs alternating",
+            ", ".join(f"{x:.2f}" for x in b["ours_s"]) + f" (median {np.median(b['ours_s']):.2f}; ours / theirs "
+            + ", ".join(f"{x:.2f}" for x in b["ratio"]) + ")",
+            ", ".join(f"{x:.2f}" for x in b["infini_gram_s"]) + f" (median {np.median(b['infini_gram_s']):.2f})")
     row("index size (MiB)", f"{o['index_bytes'] / 2**20:.1f} ({o['bytes_per_token']:.1f} B/token)",
         f"{t['index_bytes'] / 2**20:.1f} ({t['bytes_per_token']:.1f} B/token)" if t else "-")
     row("count, median / p90 (µs)", f"{o['count']['median_us']:.1f} / {o['count']['p90_us']:.1f}",
@@ -344,7 +380,8 @@ def _markdown_vs(rec: dict[str, Any]) -> str:
     lines += ["", "infini-gram's indexer was fed our token stream (documents split at eos, each written as "
               "`\\xff\\xff` + uint16 ids), so its own tokenizer step, which downloads a Hugging Face tokenizer, "
               "was skipped; its build time excludes writing that input "
-              f"({t.get('prepare_input_s', 0):.2f} s).", ""]
+              f"({t.get('prepare_input_s', 0):.2f} s) and includes starting its indexer process; ours is timed "
+              "in process (NgramIndex.from_dataset: suffix array, statistics, checksums, files).", ""]
     return "\n".join(lines)
 
 
