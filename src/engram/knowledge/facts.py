@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from engram.data.names import PERSON_SYLLABLES, NameGenerator
 from engram.errors import EngramError
-from engram.fsutil import PathLike
+from engram.fsutil import PathLike, atomic_write
 from engram.knowledge.templates import RELATIONS
 
 
@@ -94,9 +94,10 @@ def read_facts(path: PathLike) -> tuple[list[Fact], list[MarkedSentence]]:
 
 
 def write_facts(path: PathLike, facts: Sequence[Fact]) -> None:
-    """Facts as the JSON lines :func:`read_facts` reads."""
-    Path(path).write_text("".join(json.dumps({"subject": f.subject, "relation": f.relation, "answer": f.answer})
-                                  + "\n" for f in facts), encoding="utf-8")
+    """Facts as the JSON lines :func:`read_facts` reads (written atomically)."""
+    data = "".join(json.dumps({"subject": f.subject, "relation": f.relation, "answer": f.answer}) + "\n"
+                   for f in facts).encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def invent_facts(n: int, seed: int, forbidden: str = "", relations: Sequence[str] = RELATIONS) -> list[Fact]:
