@@ -269,6 +269,24 @@ def test_native_int32_output_exact(x, p):
 
 
 @needs_native
+@given(ids=st.lists(st.integers(0, 2 ** 62 - 1), min_size=1, max_size=16), hist=st.integers(0, 1),
+       p=st.lists(st.one_of(st.sampled_from([65536 + 3, 646403, 2 ** 31 - 1]), st.integers(2 ** 16, 2 ** 31 - 1)),
+                  min_size=8, max_size=8))
+@settings(max_examples=150, deadline=None)
+def test_native_vector_path_exact(ids, hist, p):
+    # Eight heads of int32 ids with every table >= 2^16 rows take the AVX-512 path where the CPU
+    # has it (hashing._native.AVX512). mix = 4 id ^ h spans all of [0, 2^64): the whole range of
+    # the double-precision quotient must give x mod p exactly, as the scalar path does.
+    xs = np.array(ids, dtype=np.int64)[:, None]
+    prefix = np.full((len(ids), 1), hist, dtype=np.int64)
+    args = (xs, None, 2 ** 62, 0, prefix, np.array([[4, 1]], np.int64), np.array([[p]], np.int64))
+    vec, scalar = (np.full((1, len(ids), 1, 8), -1, dtype=np.int32) for _ in range(2))
+    assert hashing._native.hash_ids(*args, vec) == -1 and hashing._native.hash_ids(*args, scalar, False) == -1
+    want = [[((4 * i) % 2 ** 64 ^ hist) % q for q in p] for i in ids]
+    assert vec[0, :, 0].tolist() == want and scalar[0, :, 0].tolist() == want
+
+
+@needs_native
 def test_native_int32_output_refuses_wide_tables():
     xs = np.zeros((1, 1), dtype=np.int64)
     out = np.empty((1, 1, 1, 1), dtype=np.int32)
