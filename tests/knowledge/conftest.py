@@ -9,9 +9,16 @@ from engram.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny):
+def world_data(tmp_path_factory, tiny):
+    """The tiny dataset the ``world`` model's tokenizer comes from (its text is what the model
+    would have been trained on)."""
+    return tiny.dataset(tmp_path_factory.mktemp("kn") / "data")
+
+
+@pytest.fixture(scope="module")
+def world(world_data, tiny):
     """(model, tokenizer): the tiny model over the tiny dataset's tokenizer, tables ~ N(0, 0.5)."""
-    data = tiny.dataset(tmp_path_factory.mktemp("kn") / "data")
+    data = world_data
     tok = load_tokenizer(data / "tokenizer.json")
     torch.manual_seed(0)
     model = tiny.model(vocab=tok.get_vocab_size())

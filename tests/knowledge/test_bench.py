@@ -53,3 +53,26 @@ def test_the_command_line_offers_the_bench_methods_and_sets():
     from engram.knowledge.bench import METHODS, SETS
 
     assert (BENCH_METHODS, BENCH_SETS) == (METHODS, SETS)  # the CLI keeps torch-free copies for its choices
+
+
+def test_ngram_memory_method_adds_measures_and_removes(world, world_data, one_thread):
+    """The facts' sentences go into an N-gram index over the training text; lambda is chosen on
+    dev questions; the verbatim form, which the index now holds, is answered; removing the delta
+    gives back the mixture as it was, bit for bit."""
+    from engram.knowledge.memory import FactMemoryError, MemoryConfig
+
+    model, tok = world
+    cfg = BenchConfig(methods=("none", "ngram"), sets=("new",), facts=3, neighbours=2,
+                      retrieval=RetrievalConfig(distractors=50), neutral_windows=2, neutral_len=32,
+                      memory=MemoryConfig(data=str(world_data), lambdas=(0.5, 0.9)))
+    bench = Bench(model, tok, 0, cfg, [], NEIGHBOURS)
+    floor = bench.run("new", "none", 0)
+    rec = bench.run("new", "ngram", 0)
+    assert set(rec["lambda_dev_exact"]) == {"0.5", "0.9"} and rec["reverted_bit_for_bit"] is True
+    assert rec["lambda"] in (None, 0.5, 0.9) and rec["bytes_per_fact"] > 0 and rec["extra_prompt_tokens"] == 0
+    assert rec["efficacy"] > floor["efficacy"] and rec["neutral"]["kl"] > 0  # the mixture moves all text a little
+    assert rec["index_tokens"] > 1000 and bench._memory.index.deltas == []
+    bench._memory.close()
+    with pytest.raises(FactMemoryError, match="--ngram-data"):
+        Bench(model, tok, 0, BenchConfig(methods=("ngram",), sets=("new",), facts=3, neighbours=2,
+                                         retrieval=RetrievalConfig(distractors=50)), [], NEIGHBOURS).run("new", "ngram", 0)

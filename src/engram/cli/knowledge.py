@@ -25,7 +25,7 @@ from engram.knowledge.edit_config import FactEditConfig
 
 # torch-free copies for the flags' choices (tests check they match the modules' own)
 PHASES = ("grid", "forms", "keyed", "test", "control", "update", "capacity", "summary")  # engram.science.fact_edit's
-BENCH_METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora")  # engram.knowledge.bench's
+BENCH_METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora", "ngram")  # engram.knowledge.bench's
 BENCH_SETS = ("counterfactual", "new")
 
 
@@ -182,6 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engram.knowledge.bench import Bench, BenchConfig, table
     from engram.knowledge.counterfact import neighbours_path, read_counterfacts
     from engram.knowledge.facts import read_facts
+    from engram.knowledge.memory import MemoryConfig
     from engram.knowledge.retrieval import RetrievalConfig
     from engram.knowledge.rome import RomeConfig
 
@@ -200,6 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       neighbours=args.neighbours, retrieval=RetrievalConfig(k=args.k, distractors=args.distractors),
                       rome=RomeConfig(layer=args.rome_layers[0], steps=args.rome_steps),
                       rome_layers=tuple(args.rome_layers),
+                      memory=MemoryConfig(data=args.ngram_data, lambdas=tuple(args.ngram_lambdas)),
                       edit=config_from_args(args, FactEditConfig), lora_ranks=tuple(args.lora_ranks),
                       lora_lrs=tuple(args.lora_lrs))
     model, tok, pad = _load_model(args)
@@ -354,6 +356,10 @@ def register(sub: Any) -> None:
     b.add_argument("--rome-layers", type=int, nargs="+", default=[4],
                    help="rome: one run per decoder layer; the page chooses one on dev questions")
     b.add_argument("--rome-steps", type=int, default=20)
+    b.add_argument("--ngram-data", help="ngram: the dataset directory of the model's training text (from "
+                   "`engram retrofit data` or `engram data prepare`), indexed once; the facts are a delta")
+    b.add_argument("--ngram-lambdas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                   help="ngram: the fixed mixture weights to choose from on dev questions")
     b.add_argument("--lora-ranks", type=int, nargs="+", default=[8], help="lora: one run per rank (alpha 2 x rank)")
     b.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-3],
                    help="lora: Adam learning rates of the LoRA weights, one run each (the page marks the dev choice)")

@@ -42,6 +42,7 @@ from engram.errors import EngramError
 from engram.fsutil import PathLike, RunFiles
 from engram.knowledge.edit_config import FactEditConfig
 from engram.knowledge.facts import Fact, invent_facts
+from engram.knowledge.memory import FactMemory, MemoryConfig
 from engram.knowledge.retrieval import FactStore, RetrievalConfig, ask, distractor_sentences
 from engram.knowledge.rome import RomeConfig, RomeEditor, down_proj
 from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
@@ -49,7 +50,7 @@ from engram.knowledge.templates import asked, chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
 
-METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora")
+METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora", "ngram")
 SETS = ("counterfactual", "new")
 
 
@@ -73,6 +74,7 @@ class BenchConfig:
     lora_lrs: tuple[float, ...] = (1e-3,)  # the grid the page chooses from on dev questions
     rome_layers: tuple[int, ...] = ()  # one rome run per layer, chosen on dev questions; () = (rome.layer,)
     rome_curve: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # measure after this many edits (and the last)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # the ngram method's index and lambda grid
 
 
 def _exact(model: Any, tok: Any, facts: Sequence[Fact], pad: int, split: str) -> float:
@@ -96,6 +98,7 @@ class Bench:
         self._rome_cov: dict[int, torch.Tensor] = {}  # per layer
         self._neutral: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._patches: dict[tuple[str, ...], tuple[Any, float]] = {}  # one trained patch per fact list
+        self._memory: Optional[FactMemory] = None
 
     def facts(self, fact_set: str, seed: int) -> list[Fact]:
         if fact_set == "counterfactual":
@@ -142,6 +145,8 @@ class Bench:
                        add_seconds=time.time() - t0, reverted_bit_for_bit=True, k=k if method == "retrieval" else None)
         elif method in ("patch", "patch+retrieval", "keyed-patch"):
             rec.update(self._patch_run(facts, with_retrieval=method == "patch+retrieval", keyed=method == "keyed-patch"))
+        elif method == "ngram":
+            rec.update(self._ngram_run(facts, f"{fact_set}-s{seed}"))
         elif method == "lora":
             rec.update(self._lora_run(facts, lora_rank or self.cfg.lora_ranks[0], lora_lr or self.cfg.lora_lrs[0]))
         else:  # rome
@@ -222,6 +227,32 @@ class Bench:
         out["reverted_bit_for_bit"] = bool(torch.equal(logprobs(m, windows[:2]), before[:2]))
         return out
 
+    def _ngram_run(self, facts: Sequence[Fact], name: str) -> dict[str, Any]:
+        """The facts' sentences added to the N-gram memory; lambda chosen on the facts' dev
+        questions; measured mixed; removed, after which the mixture is as before, bit for bit."""
+        if self._memory is None:
+            self._memory = FactMemory(self.model, self.cfg.memory)
+        mem, tok, pad = self._memory, self.tok, self.pad
+        windows, before = self.neutral()
+        probe = mem.mixed(self.cfg.memory.lambdas[0])
+        pre = logprobs(probe, windows[:2])
+        added = mem.add(facts, name)
+        try:
+            lam, dev = mem.choose_lambda(lambda m: _exact(m, tok, facts, pad, "dev"))
+            mixed = mem.mixed(self.cfg.memory.lambdas[0] if lam is None else lam)
+            out: dict[str, Any] = {
+                "efficacy": _exact(mixed, tok, facts, pad, "verbatim"),
+                "generalisation": _exact(mixed, tok, facts, pad, "test"),
+                "specificity": _exact(mixed, tok, self.neighbours, pad, "test"),
+                "neutral": neutral_change(mixed, windows, before), "lambda": lam, "lambda_dev_exact": dev,
+                "add_seconds": added["add_seconds"], "bytes_per_fact": added["bytes"] / max(1, len(facts)),
+                "extra_prompt_tokens": 0.0, "index_build_seconds": mem.build_seconds,
+                "index_tokens": mem.index.num_tokens}
+        finally:
+            mem.remove(name)
+        out["reverted_bit_for_bit"] = bool(torch.equal(logprobs(probe, windows[:2]), pre))
+        return out
+
     def _train_dev(self, facts: Sequence[Fact]) -> tuple[list[Any], list[Any]]:
         chat, kinds = chat_format(self.tok), self.cfg.edit.kinds
         return (fact_cases(self.tok, facts, lambda f: templates(f.relation, "train", kinds), chat, True),
@@ -299,7 +330,7 @@ class Bench:
 _SHARED_SETTINGS = ("facts", "neighbours", "neutral_windows", "neutral_len")
 _METHOD_SETTINGS = {"none": (), "oracle": ("retrieval",), "retrieval": ("retrieval",), "rome": ("rome",),
                     "patch": ("edit",), "patch+retrieval": ("edit", "retrieval"), "keyed-patch": ("edit",),
-                    "lora": ("edit",)}
+                    "lora": ("edit",), "ngram": ("memory",)}
 
 COLUMNS = ("set", "method", "seed", "facts", "efficacy", "generalisation", "specificity", "hit_rate",
            "extra_prompt_tokens", "bytes_per_fact", "add_seconds", "reverted_bit_for_bit")
@@ -340,6 +371,8 @@ def _cell(xs: Sequence[float], pct: bool) -> str:
 def _name(r: dict[str, Any]) -> str:
     if r.get("lora_rank"):
         return f"lora r{r['lora_rank']} lr {r['lora_lr']:g}"
+    if r["method"] == "ngram":
+        return "ngram memory"
     return f"rome L{r['layer']}" if r["method"] == "rome" else r["method"]
 
 
@@ -426,6 +459,15 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
             lines.append("ROME dev questions answered (the layer choice): " + "; ".join(
                 f"{_name(r)} seed {r['seed']}: {100 * r['dev_exact']:.1f}%" for r in rome_dev)
                 + ("." if any(n.startswith("rome") for n in chosen) else "; none answers any, so no layer is chosen."))
+            lines.append("")
+        mem = [r for r in rows if r["method"] == "ngram"]
+        if mem:
+            lines.append("N-gram memory, lambda chosen on dev questions (dev answered per lambda): " + "; ".join(
+                f"seed {r['seed']}: " + ("none chosen, every lambda answers no dev question" if r["lambda"] is None
+                                         else f"lambda {r['lambda']:g}") + " ("
+                + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in r["lambda_dev_exact"].items()) + ")" for r in mem)
+                + f". Index: the model's training text, {mem[0]['index_tokens']:,} tokens, built once in "
+                f"{mem[0]['index_build_seconds']:.1f} s; the facts' sentences are added as a delta.")
             lines.append("")
         lines += _rome_curves(rows)
     first = {r["method"]: r.get("settings", {}) for r in reversed(list(recs))}
