@@ -27,6 +27,7 @@ import torch
 from engram.bench.config import HashBenchConfig
 from engram.config import EngramConfig
 from engram.errors import EngramError
+from engram.hashing import hasher as hasher_mod
 from engram.hashing.hasher import NATIVE_KERNEL_AVAILABLE, NgramHasher
 from engram.model.accel import resolve_device
 
@@ -103,6 +104,18 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
             "fill_output": lambda: torch.empty(out_shape, dtype=hasher.id_dtype).fill_(2),
             "fill_256mib": lambda: fill_big.fill(2),
         }
+        vector = bool(NATIVE_KERNEL_AVAILABLE and getattr(hasher_mod._native, "AVX512", 0))
+        if vector:  # the same kernel kept to its scalar path: what the vector path adds
+            def scalar() -> Any:
+                out = torch.empty(out_shape, dtype=hasher.id_dtype)
+                hasher_mod._native.hash_ids(ids_np, hasher.lookup, hasher.tokenizer_vocab_size,
+                                            hasher.compressed_pad_id, None, hasher._mult_np, hasher._primes_np,
+                                            out.numpy(), False)
+                return out
+            got = scalar()
+            if any(not np.array_equal(got[i].numpy(), ref[k]) for i, k in enumerate(cfg.layer_ids)):
+                raise AssertionError("bench hash: the kernel's scalar path disagrees with the reference")
+            paths["fast_scalar"] = scalar
         if dev.type == "cuda":
             def on_gpu() -> None:
                 hasher.hash(ids_dev, backend="torch")
@@ -128,9 +141,16 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
         gpu = {"cuda_tokens_per_s": tokens / med["cuda"], "cuda_ratio": tokens / med["cuda"] / base,
                "cuda_device": torch.cuda.get_device_name(dev),
                "cuda_spread_tokens_per_s": _spread(t["cuda"], tokens)}
+    scalar = {}
+    if "fast_scalar" in med:
+        scalar = {"scalar_kernel_tokens_per_s": tokens / med["fast_scalar"],
+                  "scalar_kernel_ratio": tokens / med["fast_scalar"] / base,
+                  "vector_over_scalar": fast / (tokens / med["fast_scalar"])}
     return {
         "bench": "hash",
         **gpu,
+        **scalar,
+        "avx512": "fast_scalar" in med,
         "tokens_per_s": fast,
         "baseline_tokens_per_s": base,
         "ratio": fast / base,
@@ -154,7 +174,8 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
         "int64_ids_bytes_written_per_token": out_bytes[torch.int64] / tokens,
         "torch_tokens_per_s": tpath,
         "torch_ratio": tpath / base,
-        "spread_tokens_per_s": {k: _spread(t[k], tokens) for k in ("fast", "fast_int64", "reference", "torch")},
+        "spread_tokens_per_s": {k: _spread(t[k], tokens) for k in ("fast", "fast_int64", "reference", "torch",
+                                                                   "fast_scalar") if k in t},
         "threads": threads,
         "batch_size": batch_size,
         "seq_len": seq_len,
