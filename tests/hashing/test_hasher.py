@@ -440,7 +440,27 @@ def test_bench_hash_smoke():
     assert r["id_dtype"] == "int32" and r["bytes_written_per_token"] == 128
     assert r["int64_ids_bytes_written_per_token"] == 256
     assert r["ns_per_token"] > 0 and 0 < r["bandwidth_fraction"] and r["write_bandwidth_bytes_per_s"] > 0
+    assert r["avx512"] == ("scalar_kernel_tokens_per_s" in r)  # where the vector path runs, the scalar is timed too
     json.dumps(r)
+
+
+def test_bench_hash_page_from_runs(tmp_path):
+    from engram.cli.main import main
+
+    files = []
+    for i in range(2):
+        r = bench_hash(batch_size=1, seq_len=32, repeats=2, warmup=1)
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(r))
+    page = tmp_path / "hash.md"
+    assert main(["bench", "hash", "--from-json", *map(str, files), "--page", str(page), "--page-machine", "M",
+                 "--page-command", "engram bench hash --json"]) == 0
+    text = page.read_text()
+    runs = [json.loads(f.read_text()) for f in files]
+    assert "Machine: M." in text and "`engram bench hash --json`" in text
+    assert f"**{min(r['ratio'] for r in runs):.1f}x to {max(r['ratio'] for r in runs):.1f}x** over 2 runs" in text
+    assert text.count("\n| ") == 1 + 2  # the header, then one row per run
+    assert main(["bench", "hash", "--from-json", str(files[0])]) == 2  # a page needs --page
 
 
 def test_fallback_without_native(monkeypatch, small_hasher):

@@ -193,3 +193,42 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
 if __name__ == "__main__":  # pragma: no cover
 
     print(json.dumps(bench_hash(), indent=2))
+
+
+def hash_page(runs: list[dict[str, Any]], command: str, machine: str, date: str) -> str:
+    """A results page for several ``bench hash`` results (one per run), every number from them."""
+    if not runs:
+        raise EngramError("hash_page needs at least one result")
+    r0 = runs[0]
+    lines = [f"# N-gram hashing throughput, {date}", "",
+             f"Machine: {machine}. One thread; {r0['batch_size']} x {r0['seq_len']} tokens per call, DeepSeek's "
+             f"demo configuration (layers {r0['config']['layer_ids']}, orders 2-{r0['config']['max_ngram_size']}, "
+             f"{r0['config']['n_head_per_ngram']} heads per order, tokenizer vocab {r0['config']['tokenizer_vocab_size']:,}).",
+             "", f"Command: `{command}`", "",
+             f"Every path is checked equal to the numpy reference first; then {r0['warmup']} warm-up and "
+             f"{r0['repeats']} timed repeats of every path run interleaved in one process. The headline is the "
+             "median of the timed repeats (steady state); the warm-up repeats' ratios are shown apart.", "",
+             "| run | kernel tokens/s | reference tokens/s | **ratio** (timed repeats) | warm-up repeats | "
+             "scalar kernel tokens/s | vector / scalar | ns / token | write-bandwidth fraction |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(runs, 1):
+        per = ", ".join(f"{x:.1f}" for x in r["ratio_per_repeat"])
+        warm = ", ".join(f"{x:.1f}x" for x in r["warmup_ratio_per_repeat"]) or "-"
+        scalar = r.get("scalar_kernel_tokens_per_s")
+        lines.append(f"| {i} | {r['tokens_per_s'] / 1e6:.1f}M | {r['baseline_tokens_per_s'] / 1e6:.2f}M | "
+                     f"**{r['ratio']:.1f}x** ({per}) | {warm} | "
+                     + (f"{scalar / 1e6:.1f}M | {r['vector_over_scalar']:.2f}x" if scalar else "- | -")
+                     + f" | {r['ns_per_token']:.1f} | {r['bandwidth_fraction']:.0%} |")
+    ratios = [r["ratio"] for r in runs]
+    lines += ["", f"Steady-state ratio over the reference: **{min(ratios):.1f}x to {max(ratios):.1f}x** over "
+              f"{len(runs)} runs (medians); every timed repeat's ratio is in the table."]
+    if all(r.get("scalar_kernel_tokens_per_s") for r in runs):
+        vs = [r["vector_over_scalar"] for r in runs]
+        sc = [r["scalar_kernel_ratio"] for r in runs]
+        lines.append(f"The kernel's AVX-512 path is {min(vs):.2f}x to {max(vs):.2f}x its scalar path; the scalar "
+                     f"path alone is {min(sc):.1f}x to {max(sc):.1f}x the reference.")
+    fr = [r["bandwidth_fraction"] for r in runs]
+    lines.append(f"The kernel writes {r0['bytes_written_per_token']:.0f} bytes per token, "
+                 f"{min(fr):.0%} to {max(fr):.0%} of what one thread reaches allocating and filling an output of "
+                 "the same size in the same loop.")
+    return "\n".join(lines) + "\n"

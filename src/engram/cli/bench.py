@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,8 +69,15 @@ def _write_text(path: str, text: str, make_parent: bool = False) -> None:
 
 
 def cmd_bench_hash(args) -> int:
-    from engram.bench.hash import bench_hash
+    from engram.bench.hash import bench_hash, hash_page
 
+    if args.from_json:  # a page from results already measured (one JSON per run)
+        if not args.page:
+            raise EngramError("--from-json writes a page: give --page FILE")
+        runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.from_json]
+        _write_text(args.page, hash_page(runs, args.page_command or " ".join(["engram", *sys.argv[1:]]),
+                                         args.page_machine, time.strftime("%Y-%m-%d")))
+        return 0
     result = bench_hash(**_settings(args, HashBenchConfig))
     if args.json:
         print(json.dumps(result))
@@ -377,6 +385,11 @@ def register(sub: Any) -> None:
     bh = bench.add_parser("hash", help="N-gram hashing throughput vs the reference algorithm")
     add_common(bh, "--json")
     add_config_flags(bh, HashBenchConfig)
+    bh.add_argument("--from-json", nargs="+", metavar="JSON", help="do not measure: write --page from these "
+                    "results (each from one `engram bench hash --json` run)")
+    bh.add_argument("--page", help="with --from-json: the results page to write")
+    bh.add_argument("--page-command", help="the command shown on the page")
+    bh.add_argument("--page-machine", default="this machine", help="the machine, as the page states it")
     bh.set_defaults(fn=cmd_bench_hash)
 
     bs = bench.add_parser("step", help="training step time of engram-moe vs moe at the demo's settings, by phase")
