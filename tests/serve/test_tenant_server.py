@@ -297,3 +297,46 @@ def test_overlay_page_writes_every_number_from_the_result(tmp_path):
     assert "(2031-01-02)" in text and "CMD" in text
     assert "| 1 tenant's patch | 1.500 / 2.500 / 3.500 | 0.750 / 0.800 / 0.833 | **0.800** | 11.2 | 21.5 |" in text
     assert "990 bytes for a 1,000-byte patch file (0.99x)" in text and "500 bytes (0.50x)" in text
+
+
+def test_a_keyed_patch_is_served_per_request_and_kept_to_its_tenant(world) -> None:
+    """A keyed patch file (entries matched by N-gram, the fact-edit trainer's --edit-keyed) in the
+    patch directory: the tenant whose key lists it gets what the model gives with the patch
+    installed; another tenant, and the same tenant without it, get the base."""
+    from engram.patches.apply import apply_to_model, revert_from_model
+    from engram.patches.patchfile import make_keyed_patch
+
+    model, prompts, _, pdir, _, keys_file = world
+    e = model.engram_layers[0]
+    mhe = e.multi_head_embedding
+    hid = model.compute_hash_ids(torch.tensor([prompts[0]]))[e.layer_id].reshape(-1, len(mhe.head_sizes))
+    keys, first = torch.unique(mhe.keys(hid).reshape(-1), return_inverse=True)
+    rows = torch.zeros_like(keys)
+    rows[first] = mhe.rows(hid).reshape(-1)
+    base = {x.layer_id: x.table.weight.detach().clone() for x in model.engram_layers}
+    g = torch.Generator().manual_seed(3)
+    patch = make_keyed_patch(base, {LAYER: (keys, rows, base[LAYER][rows] + torch.randn(rows.numel(), base[LAYER].shape[1],
+                                                                                        generator=g))},
+                             hash_fingerprint=model.hasher.fingerprint(), hasher=model.hasher.describe(), name="keyed")
+    save_patch(patch, pdir / "k0.engp")
+    keys_json = json.loads(keys_file.read_text())
+    keys_json["keys"]["key0"].append("k0")
+    keys_file.write_text(json.dumps(keys_json))
+    want_base = _reference(model, [], prompts[0])
+    apply_to_model(model, patch)  # the installed path: an independent way to the same answer
+    try:
+        want = logits_digest(model(torch.tensor([prompts[0]])).logits[0])
+    finally:
+        revert_from_model(model, patch)
+    assert want != want_base and not mhe.installed
+    server, service, port = _start(model, pdir, keys_file, 1 << 24)
+    try:
+        status, body = _post(port, "/v1/logits", {"ids": prompts[0], "patches": ["k0"]}, "key0")
+        assert status == 200 and body["digest"] == want
+        assert _post(port, "/v1/logits", {"ids": prompts[0], "patches": []}, "key0")[1]["digest"] == want_base
+        assert _post(port, "/v1/logits", {"ids": prompts[0], "patches": ["k0"]}, "key1")[0] == 403
+        assert _post(port, "/v1/logits", {"ids": prompts[0], "patches": ["t1"]}, "key1")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not mhe.installed  # serving never installs a patch on the shared model
