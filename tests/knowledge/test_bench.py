@@ -76,3 +76,25 @@ def test_ngram_memory_method_adds_measures_and_removes(world, world_data, one_th
     with pytest.raises(FactMemoryError, match="--ngram-data"):
         Bench(model, tok, 0, BenchConfig(methods=("ngram",), sets=("new",), facts=3, neighbours=2,
                                          retrieval=RetrievalConfig(distractors=50)), [], NEIGHBOURS).run("new", "ngram", 0)
+
+
+@pytest.mark.parametrize("method", ["patch-composed", "keyed-patch-composed"])
+def test_composed_patches_are_read_together_per_call(world, one_thread, method):
+    """Two patches, each trained alone on half of the facts, asked together through the serving
+    path (nothing written to the tables); each half is also asked with its own patch alone."""
+    from engram.knowledge.bench import page_markdown
+
+    model, tok = world
+    edit = FactEditConfig(lr=0.5, steps=20, batch_size=8, eval_every=10, patience=100, neutral_windows=2,
+                          neutral_len=16, kl_weight=0.1, neutral_kl_weight=0.1, kinds=("statement", "cloze"))
+    cfg = BenchConfig(methods=(method,), sets=("new",), facts=4, neighbours=2, retrieval=RetrievalConfig(distractors=50),
+                      edit=edit, neutral_windows=2, neutral_len=32)
+    tables = {e.layer_id: e.table.weight.detach().clone() for e in model.engram_layers}
+    rec = Bench(model, tok, 0, cfg, [], NEIGHBOURS).run("new", method, 0)
+    assert len(rec["generalisation_each_alone"]) == 2 and len(rec["best_steps"]) == 2
+    assert rec["reverted_bit_for_bit"] is True and rec["edit"]["keyed"] is (method == "keyed-patch-composed")
+    assert rec["shared_entries"] >= 0 and rec["bytes_per_fact"] > 0 and 0 <= rec["generalisation"] <= 1
+    for e in model.engram_layers:
+        assert torch.equal(e.table.weight, tables[e.layer_id]) and not e.multi_head_embedding.installed
+    rec.update(set="new", method=method, seed=0)
+    assert f"{method} seed 0: held-out" in page_markdown([rec])

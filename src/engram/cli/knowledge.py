@@ -25,7 +25,8 @@ from engram.knowledge.edit_config import FactEditConfig
 
 # torch-free copies for the flags' choices (tests check they match the modules' own)
 PHASES = ("grid", "forms", "keyed", "test", "control", "update", "capacity", "summary")  # engram.science.fact_edit's
-BENCH_METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora", "ngram")  # engram.knowledge.bench's
+BENCH_METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora", "ngram",
+                 "patch-composed", "keyed-patch-composed")  # engram.knowledge.bench's
 BENCH_SETS = ("counterfactual", "new")
 
 

@@ -50,7 +50,8 @@ from engram.knowledge.templates import asked, chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
 
-METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora", "ngram")
+METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora", "ngram",
+           "patch-composed", "keyed-patch-composed")
 SETS = ("counterfactual", "new")
 
 
@@ -145,6 +146,8 @@ class Bench:
                        add_seconds=time.time() - t0, reverted_bit_for_bit=True, k=k if method == "retrieval" else None)
         elif method in ("patch", "patch+retrieval", "keyed-patch"):
             rec.update(self._patch_run(facts, with_retrieval=method == "patch+retrieval", keyed=method == "keyed-patch"))
+        elif method in ("patch-composed", "keyed-patch-composed"):
+            rec.update(self._composed_run(facts, keyed=method == "keyed-patch-composed"))
         elif method == "ngram":
             rec.update(self._ngram_run(facts, f"{fact_set}-s{seed}"))
         elif method == "lora":
@@ -225,6 +228,46 @@ class Bench:
         finally:
             revert_from_model(m, res.patch)
         out["reverted_bit_for_bit"] = bool(torch.equal(logprobs(m, windows[:2]), before[:2]))
+        return out
+
+    def _composed_run(self, facts: Sequence[Fact], keyed: bool) -> dict[str, Any]:
+        """Two patches made independently, each on half of the facts (as two tenants would), read
+        together: every fact asked with both applied, and each half with its own patch alone
+        (what composing them costs)."""
+        from engram.knowledge.editor import edit_facts
+
+        m, tok, pad = self.model, self.tok, self.pad
+        ecfg = replace(self.cfg.edit, keyed=keyed)
+        halves = [list(facts[0::2]), list(facts[1::2])]
+        if not all(halves):
+            raise BenchError(f"composition needs at least 2 facts, got {len(facts)}")
+        patches, secs, steps = [], 0.0, []
+        for half in halves:
+            train, dev = self._train_dev(half)
+            t0 = time.time()
+            res = edit_facts(m, tok, train, ecfg, dev_cases=dev, pad_id=pad, progress=False)
+            secs += time.time() - t0
+            patches.append(res.patch)
+            steps.append(res.report["best_step"])
+        windows, before = self.neutral()
+        both = _Stacked(m, patches)
+        alone = [_exact(_Stacked(m, [p]), tok, half, pad, "test") for p, half in zip(patches, halves)]
+        shared = 0
+        for lid, lp in patches[0].layers.items():
+            other = patches[1].layers.get(lid)
+            if other is not None:
+                a, b = (lp.keys, other.keys) if keyed else (lp.rows, other.rows)
+                shared += int(torch.isin(a, b).sum())
+        with tempfile.TemporaryDirectory() as d:
+            size = sum(save_patch(p, Path(d) / f"p{i}.engp").stat().st_size for i, p in enumerate(patches))
+        out: dict[str, Any] = {
+            "efficacy": _exact(both, tok, facts, pad, "verbatim"), "generalisation": _exact(both, tok, facts, pad, "test"),
+            "specificity": _exact(both, tok, self.neighbours, pad, "test"), "neutral": neutral_change(both, windows, before),
+            "generalisation_each_alone": alone,
+            "generalisation_alone": sum(a * len(h) for a, h in zip(alone, halves)) / len(facts),
+            "shared_entries": shared, "add_seconds": secs, "bytes_per_fact": size / len(facts),
+            "extra_prompt_tokens": 0.0, "best_steps": steps, "edit": json.loads(json.dumps(asdict(ecfg)))}
+        out["reverted_bit_for_bit"] = bool(torch.equal(logprobs(m, windows[:2]), before[:2]))  # read per call only
         return out
 
     def _ngram_run(self, facts: Sequence[Fact], name: str) -> dict[str, Any]:
@@ -330,10 +373,35 @@ class Bench:
 _SHARED_SETTINGS = ("facts", "neighbours", "neutral_windows", "neutral_len")
 _METHOD_SETTINGS = {"none": (), "oracle": ("retrieval",), "retrieval": ("retrieval",), "rome": ("rome",),
                     "patch": ("edit",), "patch+retrieval": ("edit", "retrieval"), "keyed-patch": ("edit",),
-                    "lora": ("edit",), "ngram": ("memory",)}
+                    "lora": ("edit",), "ngram": ("memory",), "patch-composed": ("edit",),
+                    "keyed-patch-composed": ("edit",)}
 
 COLUMNS = ("set", "method", "seed", "facts", "efficacy", "generalisation", "specificity", "hit_rate",
            "extra_prompt_tokens", "bytes_per_fact", "add_seconds", "reverted_bit_for_bit")
+
+
+class _Stacked:
+    """``model`` reading ``patches`` at every call (the serving path: nothing is written to the
+    tables), scored like a model."""
+
+    def __init__(self, model: Any, patches: Sequence[Any]) -> None:
+        self.model, self.patches = model, list(patches)
+        self.cfg = getattr(model, "cfg", None)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def eval(self) -> "_Stacked":
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "_Stacked":
+        self.model.train(mode)
+        return self
+
+    def __call__(self, ids: torch.Tensor) -> Any:
+        return self.model(ids, patches=self.patches)
 
 
 def format_row(rec: dict[str, Any]) -> str:
@@ -468,6 +536,13 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
                 + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in r["lambda_dev_exact"].items()) + ")" for r in mem)
                 + f". Index: the model's training text, {mem[0]['index_tokens']:,} tokens, built once in "
                 f"{mem[0]['index_build_seconds']:.1f} s; the facts' sentences are added as a delta.")
+            lines.append("")
+        comp = [r for r in rows if r["method"].endswith("-composed")]
+        if comp:
+            lines.append("Composition (two patches, each made alone on half of the facts, read together): " + "; ".join(
+                f"{r['method']} seed {r['seed']}: held-out {100 * r['generalisation']:.1f}% together, "
+                f"{100 * r['generalisation_alone']:.1f}% each with its own patch alone, {r['shared_entries']} "
+                f"entries changed by both" for r in comp) + ".")
             lines.append("")
         lines += _rome_curves(rows)
     first = {r["method"]: r.get("settings", {}) for r in reversed(list(recs))}
