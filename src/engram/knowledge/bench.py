@@ -493,7 +493,8 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
     lines = []
     for fact_set in SETS:
         rows = sorted((r for r in recs if r["set"] == fact_set),
-                      key=lambda r: (METHODS.index(r["method"]), r.get("lora_rank", 0), r.get("lora_lr", 0), r["seed"]))
+                      key=lambda r: (METHODS.index(r["method"]), r.get("lora_rank", 0), r.get("lora_lr", 0),
+                                     r.get("layer", 0), r["seed"]))
         if not rows:
             continue
         chosen = _dev_choices(rows)
