@@ -164,7 +164,7 @@ def bench_accel(data_dir: str, *, preset: str = _A.preset, steps: int = _A.steps
         closing.enter_context(_fresh_compile_cache(tmp / "inductor"))
         result: dict[str, Any] = {
             "bench": "accel", "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "machine": {"cpus": _cpus(), "platform": platform.platform(), "processor": _cpu_name(),
+            "machine": {"cpus": _cpus(), "platform": platform.platform(), "processor": cpu_name(),
                         "python": platform.python_version(), "torch": torch.__version__, "threads": threads},
             "settings": s}
         result["compile"] = [_compile_preset(preset, ds, data_path, s, log)]
@@ -194,7 +194,8 @@ def _cpus() -> int:
     return os.cpu_count() or 0
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else the platform module's guess)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

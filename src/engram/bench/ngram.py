@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from engram.bench.accel import cpu_name
 from engram.bench.config import NgramBenchConfig, NgramMixBenchConfig
 from engram.data.shards import load_dataset
 from engram.errors import EngramError
@@ -54,18 +55,15 @@ from engram.ngram.mixture import (
 
 
 def _machine() -> str:
-    """The CPU model, its cores and the memory, as the pages state them (Linux: /proc; else the
-    platform module's guess)."""
-    cpu, mem = platform.processor() or platform.machine(), ""
+    """The CPU model, its cores and the memory, as the pages state them."""
+    mem = ""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
         kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal"))
         mem = f", {kib / 2**20:.0f} GiB"
     except (OSError, StopIteration, ValueError):
         pass
-    return f"{os.cpu_count()}-core {cpu}{mem}, no GPU used"
+    return f"{os.cpu_count()}-core {cpu_name()}{mem}, no GPU used"
 
 
 def _write_results(out_dir: PathLike, stem: str, record: dict[str, Any], markdown: str) -> None:
