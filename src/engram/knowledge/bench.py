@@ -45,7 +45,7 @@ from engram.knowledge.facts import Fact, invent_facts
 from engram.knowledge.memory import FactMemory, MemoryConfig
 from engram.knowledge.retrieval import FactStore, RetrievalConfig, ask, distractor_sentences
 from engram.knowledge.rome import RomeConfig, RomeEditor, down_proj
-from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
+from engram.knowledge.scoring import ScoredAs, fact_cases, logprobs, neutral_change, neutral_windows, score
 from engram.knowledge.templates import asked, chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
@@ -250,8 +250,8 @@ class Bench:
             patches.append(res.patch)
             steps.append(res.report["best_step"])
         windows, before = self.neutral()
-        both = _Stacked(m, patches)
-        alone = [_exact(_Stacked(m, [p]), tok, half, pad, "test") for p, half in zip(patches, halves)]
+        both = _stacked(m, patches)
+        alone = [_exact(_stacked(m, [p]), tok, half, pad, "test") for p, half in zip(patches, halves)]
         shared = 0
         for lid, lp in patches[0].layers.items():
             other = patches[1].layers.get(lid)
@@ -380,28 +380,11 @@ COLUMNS = ("set", "method", "seed", "facts", "efficacy", "generalisation", "spec
            "extra_prompt_tokens", "bytes_per_fact", "add_seconds", "reverted_bit_for_bit")
 
 
-class _Stacked:
+def _stacked(model: Any, patches: Sequence[Any]) -> ScoredAs:
     """``model`` reading ``patches`` at every call (the serving path: nothing is written to the
     tables), scored like a model."""
-
-    def __init__(self, model: Any, patches: Sequence[Any]) -> None:
-        self.model, self.patches = model, list(patches)
-        self.cfg = getattr(model, "cfg", None)
-
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def eval(self) -> "_Stacked":
-        self.model.eval()
-        return self
-
-    def train(self, mode: bool = True) -> "_Stacked":
-        self.model.train(mode)
-        return self
-
-    def __call__(self, ids: torch.Tensor) -> Any:
-        return self.model(ids, patches=self.patches)
+    patches = list(patches)
+    return ScoredAs(model, lambda ids: model(ids, patches=patches))
 
 
 def format_row(rec: dict[str, Any]) -> str:

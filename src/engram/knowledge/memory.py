@@ -19,11 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
-import torch
-
 from engram.errors import EngramError
 from engram.knowledge.facts import Fact
 from engram.knowledge.retrieval import fact_sentences
+from engram.knowledge.scoring import ScoredAs
 from engram.ngram.index import NgramIndex
 from engram.ngram.mixture import LMAdapter, NgramMixture
 
@@ -36,26 +35,6 @@ class FactMemoryError(EngramError):
 class MemoryConfig:
     data: Optional[str] = None  # a dataset directory (`engram data prepare`) with the model's tokenizer
     lambdas: tuple[float, ...] = field(default=(0.1, 0.3, 0.5, 0.7, 0.9))  # chosen on dev questions
-
-
-class MixedLM:
-    """``model(ids).logits`` are the mixture's log-probabilities [B,T,V]: anything that scores a
-    model by its logits (greedy answers, KL) scores the model with the memory mixed in."""
-
-    training = False
-
-    def __init__(self, model: Any, mixture: NgramMixture) -> None:
-        self.model, self.mixture = model, mixture
-        self.cfg = getattr(model, "cfg", None)
-
-    def eval(self) -> "MixedLM":
-        return self
-
-    def train(self, mode: bool = True) -> "MixedLM":
-        return self
-
-    def __call__(self, ids: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.mixture.log_probs(ids))
 
 
 class FactMemory:
@@ -76,8 +55,11 @@ class FactMemory:
         self.lm = LMAdapter(model, vocab_size=self.index.vocab_size,
                             max_seq_len=getattr(getattr(model, "cfg", None), "max_seq_len", None))
 
-    def mixed(self, lam: float) -> MixedLM:
-        return MixedLM(self.model, NgramMixture(self.lm, self.index, float(lam)))
+    def mixed(self, lam: float) -> ScoredAs:
+        """The model mixed with the memory at ``lam``: ``(...)(ids).logits`` are the mixture's
+        log-probabilities [B,T,V], so anything that scores a model by its logits scores it."""
+        mixture = NgramMixture(self.lm, self.index, float(lam))
+        return ScoredAs(self.model, lambda ids: SimpleNamespace(logits=mixture.log_probs(ids)))
 
     def add(self, facts: Sequence[Fact], name: str) -> dict[str, Any]:
         """Index the facts' sentences as the delta ``name``: its bytes and seconds."""
@@ -89,7 +71,7 @@ class FactMemory:
     def remove(self, name: str) -> None:
         self.index.remove(name)
 
-    def choose_lambda(self, dev_exact: Callable[[MixedLM], float]) -> tuple[Optional[float], dict[str, float]]:
+    def choose_lambda(self, dev_exact: Callable[[ScoredAs], float]) -> tuple[Optional[float], dict[str, float]]:
         """The lambda whose mixture answers most dev questions (ties: the smaller lambda, which
         moves the model least), and every lambda's dev score; None when all answer nothing."""
         scores = {f"{lam:g}": dev_exact(self.mixed(lam)) for lam in self.cfg.lambdas}

@@ -161,6 +161,31 @@ def neutral_windows(tokenizer: Any, part: str, n: int, length: int) -> torch.Ten
     return torch.tensor(toks[:n * length], dtype=torch.long).view(n, length)
 
 
+class ScoredAs:
+    """``call(ids) -> output with .logits`` scored as ``model`` is: the scorers' ``eval()`` /
+    ``train()`` and ``cfg`` go to ``model``; ``call`` takes the place of ``model(ids)`` (e.g. the
+    model reading patches per call, or mixed with the N-gram memory)."""
+
+    def __init__(self, model: Any, call: Callable[[torch.Tensor], Any]) -> None:
+        self.model, self.call = model, call
+        self.cfg = getattr(model, "cfg", None)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def eval(self) -> "ScoredAs":
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "ScoredAs":
+        self.model.train(mode)
+        return self
+
+    def __call__(self, ids: torch.Tensor) -> Any:
+        return self.call(ids)
+
+
 @torch.no_grad()
 def logprobs(model: Any, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """log p [n, length, V] of every next token (float32)."""
