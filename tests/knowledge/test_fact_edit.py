@@ -308,3 +308,49 @@ def test_keyed_edit_skipping_unread_neutral_windows_gives_the_reference_kl_and_g
             grads.append(held[e.layer_id].delta.grad.clone())
         assert torch.allclose(got[0], got[1], rtol=1e-5, atol=1e-7)
         assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_keyed_edit_skipping_unread_windows_top_k_gives_the_reference_patch(world, one_thread):
+    """Skipping the unread neutral windows (their forward and their cached top-k) trains the
+    same entries to the same values as computing every window."""
+    model, tok = world
+    facts = invent_facts(3, seed=2, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "cloze")), chat_format(tok), True)
+    cfg = FactEditConfig(lr=0.1, steps=4, batch_size=4, neutral_windows=8, neutral_len=16, keyed=True)
+    fast = edit_facts(model, tok, train, cfg, progress=False)
+    ref = edit_facts(model, tok, train, cfg, progress=False, skip_unread_neutral=False)
+    assert 0 < fast.report["neutral_windows_reading_edit"] < 8
+    for lid, lp in ref.patch.layers.items():
+        assert torch.equal(lp.keys, fast.patch.layers[lid].keys)
+        assert torch.allclose(lp.new.float(), fast.patch.layers[lid].new.float(), atol=1e-5)
+
+
+def test_bf16_autocast_keeps_the_unedited_kl_at_zero_and_teaches(world, one_thread):
+    """The unedited model's cached distribution is computed at the training precision: bf16
+    rounding alone then gives a KL of 0, where a float32 cache would show a KL floor; a bf16
+    edit still teaches and writes a float32 patch."""
+    from engram.knowledge.editor import _autocast, _kl_topk, windows_topk
+    from engram.knowledge.scoring import neutral_windows
+
+    model, tok = world
+    w = neutral_windows(tok, "train", 4, 16)
+    bf16, fp32 = FactEditConfig(autocast="bf16"), FactEditConfig()
+    V = model(w[:1]).logits.shape[-1]
+    everywhere = torch.ones(w.shape, dtype=torch.bool)
+    kls = {}
+    for cache_cfg in (bf16, fp32):
+        with _autocast(cache_cfg):
+            ids, lps = windows_topk(model, w, V)
+        with torch.no_grad(), _autocast(bf16):
+            kls[cache_cfg.autocast] = float(_kl_topk(model(w).logits, everywhere, ids.flatten(0, 1), lps.flatten(0, 1)))
+    assert kls["bf16"] < 1e-9 < kls["off"]
+    facts = invent_facts(2, seed=4, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat_format(tok), True)
+    cfg = dict(lr=0.3, steps=30, batch_size=4, neutral_windows=2, neutral_len=16)
+    ref = edit_facts(model, tok, train, FactEditConfig(**cfg), progress=False)
+    res = edit_facts(model, tok, train, FactEditConfig(autocast="bf16", **cfg), progress=False)
+    assert res.report["answer_loss_last"] < 0.85 * res.report["answer_loss_first"]
+    assert res.report["answer_loss_last"] == pytest.approx(ref.report["answer_loss_last"], rel=0.02)  # as float32 does
+    assert all(lp.new.dtype == torch.float32 for lp in res.patch.layers.values())
+    with pytest.raises(FactEditError, match="autocast="):
+        FactEditConfig(autocast="fp16")

@@ -257,7 +257,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         adapters[name], tok, pad = _load(path, args.quiet)
     edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
                           kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr,
-                          rows=args.rows, neutral_windows=args.neutral_windows, keyed=args.keyed)
+                          rows=args.rows, neutral_windows=args.neutral_windows, keyed=args.keyed,
+                          autocast=args.autocast)
     cfg = FactEditStudyConfig(form_sets=form_sets, neutral_sets=tuple(args.neutral_sets), facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), keyed_lrs=tuple(args.keyed_lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
                               edit=edit)
@@ -407,6 +408,9 @@ def register(sub: Any) -> None:
     s.add_argument("--keyed", action="store_true",
                    help="train N-gram-keyed entries whatever the keyed phase chose (runs keyed so get a '-keyed' key "
                         "suffix; the summary reports them under their own recipe unless dev chose keyed)")
+    s.add_argument("--autocast", default="off", choices=["off", "bf16"],
+                   help="the edits' training forwards in bfloat16 (runs so get a '-bf16' key suffix; scoring stays "
+                        "float32)")
     s.add_argument("--keyed-lrs", type=float, nargs="*", default=[], metavar="LR",
                    help="keyed phase: learning rates of keyed entries tried beside the chosen one (the grid is extended "
                         "at its edge unless --no-extend)")

@@ -20,6 +20,7 @@ def _f(name: str, default: Any, help: str, **meta: Any) -> Any:
 
 
 ROW_CHOICES = ("all", "subject")
+AUTOCAST_CHOICES = ("off", "bf16")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class FactEditConfig:
                      "(the patch is then served as an overlay or applied to a loaded model, not written into a table file)")
     kl_topk: int = _f("kl-topk", 64, "the unedited model's distribution on the sentences and the neutral text is computed "
                       "once and kept as its top-k tokens plus the rest's mass (0: kept or recomputed in full, slower)")
+    autocast: str = _f("autocast", "off", "compute the training forwards and the unedited model's cached distribution in "
+                       "bfloat16 (about 1.4x faster on a CPU with AVX-512 BF16; dev questions are still scored in "
+                       "float32, and the patch is float32)", choices=AUTOCAST_CHOICES)
     # Positive control only: also train the Engram layers' gates, projections, norms and conv at
     # this lr (0: tables only). Those weights are not in the patch; see EditResult.layer_state.
     layer_lr: float = _f("layer-lr", 0.0, "control only: lr of the Engram layers' own weights (not in the patch)")
@@ -56,6 +60,8 @@ class FactEditConfig:
                 raise FactEditError(f"{name}={getattr(self, name)} must be > 0")
         if self.rows not in ROW_CHOICES:
             raise FactEditError(f"rows={self.rows!r}: choose one of {list(ROW_CHOICES)}")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise FactEditError(f"autocast={self.autocast!r}: choose one of {list(AUTOCAST_CHOICES)}")
         for name in ("kl_weight", "neutral_kl_weight", "layer_lr", "kl_topk"):
             if getattr(self, name) < 0:
                 raise FactEditError(f"{name}={getattr(self, name)} must be >= 0")

@@ -29,6 +29,10 @@ What it does, and why (the recipe that made table edits generalise to new phrasi
    ties broken by the answers' likelihood), and training stops after ``patience`` evaluations
    without a gain, or at ``steps``.
 
+With ``autocast="bf16"`` the training forwards, and the unedited model's cached distributions
+they are compared with, run in bfloat16 (about 1.4x faster on a CPU with AVX-512 BF16); the
+rows, the optimiser and the dev scoring stay float32.
+
 The result is an ordinary ``.engp`` patch over the tables the model had (apply, revert, stack,
 list); the model is left as it was.
 
@@ -41,9 +45,11 @@ Shape legend
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -138,6 +144,9 @@ class _Rows:
         self.weight.grad = None
         if g is None:
             return
+        if not g.is_sparse:  # e.g. under autocast the lookup's gradient comes back dense
+            self.delta.grad = g[self.rows].to(self.base.dtype)
+            return
         g = g.coalesce()
         idx, val = g.indices()[0], g.values()
         pos = torch.searchsorted(self.rows, idx).clamp_max(self.rows.numel() - 1)
@@ -231,6 +240,15 @@ def _windows_reading(model: Any, windows: torch.Tensor, held: dict[int, Any]) ->
     return hit
 
 
+@contextlib.contextmanager
+def _autocast(cfg: FactEditConfig) -> Iterator[None]:
+    """The training forwards' precision: bfloat16 autocast with ``autocast="bf16"``, else a no-op.
+    torch warns once per norm that float32 weights meet bfloat16 inputs: expected here, so muted."""
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+        yield
+
+
 def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted unique values of ``x`` [n] and the index of one occurrence of each."""
     u, inv = torch.unique(x, return_inverse=True)
@@ -304,17 +322,26 @@ def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int,
 
 
 @torch.no_grad()
-def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8,
+                 only: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The unedited model's top-``k`` next tokens and their log-probs at every position of
     ``windows`` [n, L]: ([n, L, k] int64, [n, L, k] float32); a batch at a time, so the full
-    [n, L, V] log-probs are never held."""
-    ids, lps = [], []
-    for s in range(0, len(windows), batch_size):
-        lp = logprobs(model, windows[s:s + batch_size], batch_size)
+    [n, L, V] log-probs are never held. ``only`` [n] bool: compute those windows alone (the
+    others' entries are left 0: the caller never reads them)."""
+    n, L = windows.shape
+    sel = torch.arange(n) if only is None else only.nonzero().flatten()
+    ids = lps = None
+    for s in range(0, len(sel), batch_size):
+        part = sel[s:s + batch_size]
+        lp = logprobs(model, windows[part], batch_size)
         top = lp.topk(min(k, lp.shape[-1]), -1)
-        ids.append(top.indices)
-        lps.append(top.values)
-    return torch.cat(ids), torch.cat(lps)
+        if ids is None:
+            ids = torch.zeros(n, L, top.indices.shape[-1], dtype=torch.long)
+            lps = torch.zeros(n, L, top.indices.shape[-1])
+        ids[part], lps[part] = top.indices, top.values
+    if ids is None:  # no window to compute
+        return torch.zeros(n, L, k, dtype=torch.long), torch.zeros(n, L, k)
+    return ids, lps
 
 
 def rows_to_train(model: Any, cases: Sequence[Case], which: str) -> dict[int, torch.Tensor]:
@@ -409,19 +436,23 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     base_tables = {lid: w.detach().clone() for lid, w in tables.items()}
 
     neutral = neutral_windows(tokenizer, "train", cfg.neutral_windows, cfg.neutral_len)
-    neutral_lp = neutral_top = None
-    if cfg.neutral_kl_weight > 0:
-        if cfg.kl_topk:
-            neutral_top = windows_topk(model, neutral, cfg.kl_topk)
-        else:  # the reference: the full distribution
-            neutral_lp = logprobs(model, neutral)
     # Keyed entries are read only where their own N-gram recurs: a neutral window none of whose
     # positions reads one is computed exactly as by the unedited model, so its KL is 0 and its
-    # forward is skipped (the mean still counts its positions). ``reads`` [n] bool, or None.
+    # forward is skipped (the mean still counts its positions), and so is its cached top-k.
+    # ``reads`` [n] bool, or None.
     reads = (_windows_reading(model, neutral, held) if keyed and cfg.neutral_kl_weight > 0 and skip_unread_neutral
              else None)
-    # The unedited model's answers on the sentences never change: computed once, kept as top-k.
-    cached = base_topk(model, train_cases, pad_id, cfg.kl_topk) if cfg.kl_weight > 0 and cfg.kl_topk else None
+    neutral_lp = neutral_top = None
+    # The unedited model's distributions are computed at the training forwards' precision, so
+    # that rounding alone gives a KL of exactly 0 (dev questions are scored in float32).
+    with _autocast(cfg):
+        if cfg.neutral_kl_weight > 0:
+            if cfg.kl_topk:
+                neutral_top = windows_topk(model, neutral, cfg.kl_topk, only=reads)
+            else:  # the reference: the full distribution
+                neutral_lp = logprobs(model, neutral)
+        # The unedited model's answers on the sentences never change: computed once, kept as top-k.
+        cached = base_topk(model, train_cases, pad_id, cfg.kl_topk) if cfg.kl_weight > 0 and cfg.kl_topk else None
     opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98)) if held else None
     layer = dict(extra) if extra is not None else layer_parameters(model) if cfg.layer_lr > 0 else {}
     layer_before = {n: p.detach().clone() for n, p in layer.items()}
@@ -463,25 +494,28 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             if cfg.kl_weight > 0 and cached is None:  # the reference: the unedited model in full, each step
                 for h in held.values():
                     h.write(edited=False)
-                base_lp = logprobs(model, ids)
+                with _autocast(cfg):
+                    base_lp = logprobs(model, ids)
             if not keyed:
                 for h in held.values():
                     h.write(edited=True)
-            logits = fwd(ids)
-            tgt = torch.roll(ids, -1, dims=1)
-            loss = F.cross_entropy(logits[ans].float(), tgt[ans])
-            total = loss
-            if base_lp is not None:
-                total = total + cfg.kl_weight * _kl(logits, base_lp, other)
-            elif cached is not None:
-                top_ids = torch.cat([cached[i][0] for i in chosen])
-                top_lp = torch.cat([cached[i][1] for i in chosen])
-                total = total + cfg.kl_weight * _kl_topk(logits, other, top_ids, top_lp)
-            if cfg.neutral_kl_weight > 0:
-                k = (2 * step) % len(neutral)
-                kl_n = _neutral_kl(fwd, neutral, torch.arange(k, min(k + 2, len(neutral))), neutral_top, neutral_lp, reads)
-                if kl_n is not None:
-                    total = total + cfg.neutral_kl_weight * kl_n
+            with _autocast(cfg):
+                logits = fwd(ids)
+                tgt = torch.roll(ids, -1, dims=1)
+                loss = F.cross_entropy(logits[ans].float(), tgt[ans])
+                total = loss
+                if base_lp is not None:
+                    total = total + cfg.kl_weight * _kl(logits, base_lp, other)
+                elif cached is not None:
+                    top_ids = torch.cat([cached[i][0] for i in chosen])
+                    top_lp = torch.cat([cached[i][1] for i in chosen])
+                    total = total + cfg.kl_weight * _kl_topk(logits, other, top_ids, top_lp)
+                if cfg.neutral_kl_weight > 0:
+                    k = (2 * step) % len(neutral)
+                    kl_n = _neutral_kl(fwd, neutral, torch.arange(k, min(k + 2, len(neutral))), neutral_top,
+                                       neutral_lp, reads)
+                    if kl_n is not None:
+                        total = total + cfg.neutral_kl_weight * kl_n
             if not torch.isfinite(total):
                 raise FactEditError(f"the edit's loss is {float(total)} at step {step}; lower lr (now {cfg.lr})")
             total.backward()

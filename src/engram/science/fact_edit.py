@@ -157,6 +157,7 @@ def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
     out += f"-rows{edit.rows}" if edit.rows != _KEY_BASE["rows"] else ""
     out += f"-nw{edit.neutral_windows}" if edit.neutral_windows != _KEY_BASE["neutral_windows"] else ""
     out += "-keyed" if edit.keyed else ""
+    out += f"-{edit.autocast}" if edit.autocast != "off" else ""
     if with_kinds and tuple(edit.kinds) != _KEY_BASE["kinds"]:
         out += "-" + "+".join(edit.kinds)
     return out
@@ -175,6 +176,7 @@ def _test_suffix(edit: FactEditConfig) -> str:
     out += f"-rows{edit.rows}" if edit.rows != _TEST_KEY_BASE["rows"] else ""
     out += f"-nw{edit.neutral_windows}" if edit.neutral_windows != _TEST_KEY_BASE["neutral_windows"] else ""
     out += "-keyed" if edit.keyed else ""
+    out += f"-{edit.autocast}" if edit.autocast != "off" else ""
     return out + ("-" + "+".join(edit.kinds) if tuple(edit.kinds) != _TEST_KEY_BASE["kinds"] else "")
 
 
@@ -443,6 +445,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                 # still improving when stopped, so the cap, not the dev questions, ended it
                 "kept_steps": [r["report"].get("best_step") for r in rs], "max_steps": rs[0]["config"]["steps"],
                 "keyed": bool(rs[0]["config"].get("keyed", False)),
+                "autocast": rs[0]["config"].get("autocast", "off"),
                 "p_vs_base": paired_t([r["test_exact"] for r in rs], [r["base_test_exact"] for r in rs])["p"]}
 
     if test:
@@ -471,7 +474,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
         if len(common) >= 2:
             mine = {r["seed"]: r for r in rs}
             theirs = {r["seed"]: r for r in twin[1]}
-            e["vs_hashed"] = {"seeds": common, "p_exact": paired_t([mine[x]["test_exact"] for x in common],
+            e["vs_hashed"] = {"seeds": common, "autocast": twin[0].get("autocast", "off"), "p_exact": paired_t([mine[x]["test_exact"] for x in common],
                                                                    [theirs[x]["test_exact"] for x in common])["p"],
                               "p_kl": paired_t([mine[x]["neutral"]["kl"] for x in common],
                                                [theirs[x]["neutral"]["kl"] for x in common])["p"]}
@@ -510,6 +513,13 @@ def _ms(st: Optional[dict[str, Any]], pct: bool = False, digits: int = 3) -> str
     f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.{digits}f}")
     runs = ", ".join(f(x) for x in st["runs"])
     return f"{f(st['mean'])} ± {f(st['std'])} ({runs})"
+
+
+def _twin_precision(b: dict[str, Any]) -> str:
+    """Names the precisions when a keyed block and its hashed twin trained at different ones."""
+    mine, theirs = b.get("autocast", "off"), b["vs_hashed"].get("autocast", "off")
+    name = {"off": "float32", "bf16": "bfloat16"}
+    return "" if mine == theirs else f" ({name[mine]} vs {name[theirs]} training forwards)"
 
 
 def _kept_row(b: dict[str, Any]) -> str:
@@ -569,12 +579,14 @@ def summary_markdown(s: dict[str, Any]) -> str:
         if "p_vs_tables" in b:
             lines.append(f"| paired p (control vs tables-only, held-out exact) | {format_p(b['p_vs_tables'])} |")
         if "vs_hashed" in b:
-            lines.append(f"| paired p (these keyed entries vs the same recipe with hashed rows, same facts; "
-                         f"held-out exact / KL) | {format_p(b['vs_hashed']['p_exact'])} / {format_p(b['vs_hashed']['p_kl'])} |")
+            lines.append(f"| paired p (these keyed entries vs the same recipe with hashed rows"
+                         f"{_twin_precision(b)}, same facts; held-out exact / KL) | "
+                         f"{format_p(b['vs_hashed']['p_exact'])} / {format_p(b['vs_hashed']['p_kl'])} |")
     for e in s.get("earlier", []):
         rec = e["recipe"]
         lines += ["", f"### Other recipe, same {s['facts']} test facts: at most {rec['steps']} steps, lr {rec['lr']:g}, "
-                  f"rows {rec['rows']}{' (keyed by N-gram)' if e.get('keyed') else ''}, forms {'+'.join(rec['kinds'])}, "
+                  f"rows {rec['rows']}{' (keyed by N-gram)' if e.get('keyed') else ''}"
+                  f"{', training forwards in bfloat16' if e.get('autocast', 'off') == 'bf16' else ''}, forms {'+'.join(rec['kinds'])}, "
                   f"{rec['neutral_windows']} neutral windows "
                   f"(seeds {e['seeds']})", "",
                   "| metric | mean ± std (runs) |", "|---|---|",
@@ -588,8 +600,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
             lines.append(f"| paired p (the recipe above vs this one, held-out exact, same facts) | "
                          f"{format_p(e['p_current_vs_this'])} |")
         if "vs_hashed" in e:
-            lines.append(f"| paired p (these keyed entries vs the same recipe with hashed rows, same facts; "
-                         f"held-out exact / KL) | {format_p(e['vs_hashed']['p_exact'])} / {format_p(e['vs_hashed']['p_kl'])} |")
+            lines.append(f"| paired p (these keyed entries vs the same recipe with hashed rows"
+                         f"{_twin_precision(e)}, same facts; held-out exact / KL) | "
+                         f"{format_p(e['vs_hashed']['p_exact'])} / {format_p(e['vs_hashed']['p_kl'])} |")
     for u in s.get("update") or []:
         lines += ["", f"### Changing an answer{', keyed entries' if u.get('keyed') else ''} (new answers for facts "
                   f"already taught; {' / '.join(str(n) for n in u.get('facts', [])) or '?'} facts, "
