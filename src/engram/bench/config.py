@@ -272,3 +272,16 @@ class TableDtypeBenchConfig:
     cache_fraction: float = setting(0.25, "rows of the cached tiers' pool, as a fraction of the table")
     threads: int = setting(1, "torch intra-op threads")
     seed: int = setting(0)
+
+
+@dataclass
+class QueryBenchConfig:
+    """``engram bench query``: latency per question with knowledge in a patch (read per request)
+    or in a BM25 retriever, beside the model alone."""
+
+    questions: int = setting(60, "held-out questions asked (round robin over the facts)")
+    max_new_tokens: int = setting(8, "greedy tokens generated per question")
+    k: int = setting(3, "retrieval: passages put before the question")
+    distractors: int = setting(10_000, "retrieval: sentences of built-in text in the store beside the facts'")
+    repeats: int = setting(3, "rounds; the methods take turns on every question in a rotating order")
+    threads: Optional[int] = setting(1, "torch intra-op threads (default 1)")

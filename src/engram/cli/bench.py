@@ -41,6 +41,7 @@ from engram.bench.config import (
     NgramMixBenchConfig,
     OffloadBenchConfig,
     OverlayBenchConfig,
+    QueryBenchConfig,
     RetrofitBenchConfig,
     StateCacheBenchConfig,
     StepBenchConfig,
@@ -360,6 +361,29 @@ def cmd_bench_table_dtype(args) -> int:
     return 0
 
 
+def cmd_bench_query(args) -> int:
+    from engram.bench.query import METHODS, bench_query, query_page
+
+    def measure() -> dict[str, Any]:
+        missing = [f for f in ("ckpt", "facts", "patch") if not getattr(args, f)]
+        if missing:
+            raise EngramError(f"bench query needs {', '.join('--' + f for f in missing)} (an adapter or run, a "
+                              "facts file, a patch trained on it) unless --from-json renders a result")
+        return bench_query(args.ckpt, args.facts, args.patch, **_settings(args, QueryBenchConfig),
+                           progress=not args.json)
+
+    r = _result_and_files(args, measure, query_page)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    for m in METHODS:
+        x = r["summary"][m]
+        print(f"{m:>10}: median {', '.join(f'{v:.1f}' for v in x['median_ms_per_round'])} ms per round "
+              f"({', '.join(f'{v:.2f}' for v in x['over_base_per_round'])}x base), exact {100 * x['exact']:.1f}%, "
+              f"{x['extra_prompt_tokens']:+.1f} prompt tokens")
+    return 0
+
+
 def cmd_bench_state_cache(args) -> int:
     from engram.bench.state_cache import bench_state_cache, state_cache_page
 
@@ -489,6 +513,15 @@ def register(sub: Any) -> None:
     add_config_flags(bo, OverlayBenchConfig)
     _add_result_flags(bo)
     bo.set_defaults(fn=cmd_bench_overlay)
+
+    bq = bench.add_parser("query", help="latency per question with facts in a patch (read per request) vs in a "
+                          "BM25 retriever vs the model alone; exact answers, extra prompt tokens")
+    add_common(bq, "--ckpt", help="a retrofit adapter or an Engram run")
+    bq.add_argument("--facts", help="the facts file the patch was trained on (engram patch train --facts)")
+    bq.add_argument("--patch", help="the .engp patch (keyed or hashed), read per request")
+    add_config_flags(bq, QueryBenchConfig)
+    _add_result_flags(bq)
+    bq.set_defaults(fn=cmd_bench_query)
 
     bs = bench.add_parser("state-cache", help="time to first token with and without stored prompt states "
                           "(generate --state-cache) for prompts sharing a long prefix; bytes per cached token")
