@@ -148,3 +148,38 @@ def test_a_cache_longer_than_engrams_state_is_refused(tiny_base, one_thread):
     model2 = _model(tiny_base)
     with pytest.raises(RetrofitError, match="holds 12 positions"):
         _logits(model2, ids[:, :1], cache)
+
+
+def test_fact_edit_starting_above_the_frozen_layers_gives_the_reference_patch(random_retrofit, one_thread):
+    """A step that starts at the first Engram layer from the captured stream (the frozen layers
+    below it skipped) trains the same rows to the same values as computing every layer, for
+    hashed rows and keyed entries; the layers are put back after the edit."""
+    from engram.knowledge.editor import FactEditConfig, edit_facts
+    from engram.knowledge.facts import invent_facts
+    from engram.knowledge.scoring import fact_cases
+    from engram.knowledge.templates import chat_format, templates
+    from engram.retrofit.model import decoder_layers
+
+    model, base = random_retrofit(layers=(2,))
+    tok = base.tokenizer
+    facts = invent_facts(2, seed=3, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "question")),
+                       chat_format(tok), True)
+    assert len({len(c.ids) for c in train}) > 1  # batches pad
+    layers_before = list(decoder_layers(model.base))
+    calls = []
+    hook = layers_before[0].register_forward_hook(lambda *a: calls.append(1))
+    for keyed in (False, True):
+        cfg = FactEditConfig(lr=0.05, steps=3, batch_size=4, neutral_windows=4, neutral_len=16, keyed=keyed)
+        calls.clear()
+        fast = edit_facts(model, tok, train, cfg, pad_id=base.pad_id, progress=False)
+        fast_calls = len(calls)
+        calls.clear()
+        ref = edit_facts(model, tok, train, cfg, pad_id=base.pad_id, progress=False, skip_prefix=False)
+        assert fast_calls < len(calls)  # the fast path ran layer 0 only to capture, never in a step
+        for lid, lp in ref.patch.layers.items():
+            got = fast.patch.layers[lid]
+            assert torch.equal(lp.rows, got.rows) and (lp.keys is None or torch.equal(lp.keys, got.keys))
+            assert torch.allclose(lp.new.float(), got.new.float(), atol=1e-5)
+    hook.remove()
+    assert list(decoder_layers(model.base)) == layers_before

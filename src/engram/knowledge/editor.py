@@ -29,6 +29,10 @@ What it does, and why (the recipe that made table edits generalise to new phrasi
    ties broken by the answers' likelihood), and training stops after ``patience`` evaluations
    without a gain, or at ``steps``.
 
+The decoder layers below the first Engram layer are frozen and read no table, so their output
+is captured once (with the unedited model's distributions) and every step starts above them
+(a retrofitted model; ``skip_prefix=False`` is the reference that computes them every step).
+
 With ``autocast="bf16"`` the training forwards, and the unedited model's cached distributions
 they are compared with, run in bfloat16 (about 1.4x faster on a CPU with AVX-512 BF16); the
 rows, the optimiser and the dev scoring stay float32.
@@ -207,24 +211,25 @@ def keys_to_train(model: Any, cases: Sequence[Case], which: str) -> dict[int, tu
     return out
 
 
-def _neutral_kl(fwd: Callable[[torch.Tensor], torch.Tensor], neutral: torch.Tensor, sel: torch.Tensor,
+def _neutral_kl(fwd: Callable[..., torch.Tensor], neutral: torch.Tensor, sel: torch.Tensor,
                 neutral_top: Optional[tuple[torch.Tensor, torch.Tensor]], neutral_lp: Optional[torch.Tensor],
-                reads: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                reads: Optional[torch.Tensor], states: Optional[dict[int, torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """Mean KL(unedited || edited) over every position of the neutral windows ``sel`` [m] (the
     unedited model as its cached top-k, or in full); with ``reads`` the windows that read no
     trained entry are not computed (their KL is 0, their positions still count). None when
-    every window is skipped."""
+    every window is skipped. ``states``: the windows' captured streams, passed to ``fwd``."""
     m = sel.numel()
     if reads is not None:
         sel = sel[reads[sel]]
     if not sel.numel():
         return None
     nb = neutral[sel]
+    logits = fwd(nb) if states is None else fwd(nb, torch.stack([states[int(w)] for w in sel]))
     everywhere = torch.ones(nb.shape, dtype=torch.bool)
     if neutral_top is not None:
-        kl = _kl_topk(fwd(nb), everywhere, neutral_top[0][sel].flatten(0, 1), neutral_top[1][sel].flatten(0, 1))
+        kl = _kl_topk(logits, everywhere, neutral_top[0][sel].flatten(0, 1), neutral_top[1][sel].flatten(0, 1))
     else:
-        kl = _kl(fwd(nb), neutral_lp[sel], everywhere)
+        kl = _kl(logits, neutral_lp[sel], everywhere)
     return kl * (sel.numel() / m)  # windows are equally long: the mean over all m windows' positions
 
 
@@ -238,6 +243,15 @@ def _windows_reading(model: Any, windows: torch.Tensor, held: dict[int, Any]) ->
             keys = e.multi_head_embedding.keys(hash_ids[e.layer_id])  # [n, L, H]
             hit |= torch.isin(keys, held[e.layer_id].keys).flatten(1).any(1)
     return hit
+
+
+def _prefix_layer(model: Any) -> Optional[int]:
+    """The decoder layer a step can start at (the first Engram layer, when the model can capture
+    and stand in for the frozen layers below it: ``RetrofitLM``), else None."""
+    if not (hasattr(model, "starting_at") and hasattr(model, "first_engram_layer")):
+        return None
+    first = model.first_engram_layer()
+    return first if first and first >= 1 else None
 
 
 @contextlib.contextmanager
@@ -303,37 +317,51 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, gen: np.random.Genera
 
 
 @torch.no_grad()
-def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int,
-              batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size: int = 32,
+              states: Optional[list[Optional[torch.Tensor]]] = None,
+              start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per case, the unedited model's top-``k`` next tokens and their log-probs at the case's
-    other (non-answer) positions: ([m, k] int64, [m, k] float32)."""
+    other (non-answer) positions: ([m, k] int64, [m, k] float32). With ``states`` (a list, filled
+    in case order) and ``start``, also each case's stream entering decoder layer ``start``
+    [len, D], captured on the way (see :func:`_prefix_layer`)."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))] * len(cases)
+    if states is not None:
+        states[:] = [None] * len(cases)
     order = sorted(range(len(cases)), key=lambda i: len(cases[i].ids))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = [cases[i] for i in idx]
         ids, ans = pad_batch(batch, pad_id)
-        lp = logprobs(model, ids, batch_size)
+        with model.capturing_input_of(start) if states is not None else contextlib.nullcontext([]) as got:
+            lp = logprobs(model, ids, batch_size)
         other = _other_mask(batch, ids, ans)
         top = lp.topk(min(k, lp.shape[-1]), -1)
         for j, i in enumerate(idx):
             out[i] = (top.indices[j][other[j]].clone(), top.values[j][other[j]].clone())
+            if states is not None and got and all(g is not None for g in got):
+                states[i] = torch.cat(got)[j, :len(cases[i].ids)].clone()
     return out
 
 
 @torch.no_grad()
 def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8,
-                 only: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 only: Optional[torch.Tensor] = None, states: Optional[dict[int, torch.Tensor]] = None,
+                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The unedited model's top-``k`` next tokens and their log-probs at every position of
     ``windows`` [n, L]: ([n, L, k] int64, [n, L, k] float32); a batch at a time, so the full
     [n, L, V] log-probs are never held. ``only`` [n] bool: compute those windows alone (the
-    others' entries are left 0: the caller never reads them)."""
+    others' entries are left 0: the caller never reads them). With ``states`` (a dict, filled)
+    and ``start``: each computed window's stream entering decoder layer ``start`` [L, D]."""
     n, L = windows.shape
     sel = torch.arange(n) if only is None else only.nonzero().flatten()
     ids = lps = None
     for s in range(0, len(sel), batch_size):
         part = sel[s:s + batch_size]
-        lp = logprobs(model, windows[part], batch_size)
+        with model.capturing_input_of(start) if states is not None else contextlib.nullcontext([]) as got:
+            lp = logprobs(model, windows[part], batch_size)
+        if states is not None and got and all(g is not None for g in got):
+            h = torch.cat(got)
+            states.update({int(w): h[j].clone() for j, w in enumerate(part)})
         top = lp.topk(min(k, lp.shape[-1]), -1)
         if ids is None:
             ids = torch.zeros(n, L, top.indices.shape[-1], dtype=torch.long)
@@ -386,7 +414,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                provenance: Optional[dict[str, Any]] = None, progress: bool = True,
                on_eval: Optional[Callable[[int, dict[str, Any]], None]] = None,
                extra: Optional[dict[str, torch.nn.Parameter]] = None, extra_lr: float = 0.0,
-               train_tables: bool = True, skip_unread_neutral: bool = True) -> EditResult:
+               train_tables: bool = True, skip_unread_neutral: bool = True, skip_prefix: bool = True) -> EditResult:
     """Train the rows ``train_cases`` read (see the module docstring) and return the patch.
 
     ``dev_cases`` (held-out questions) drive the stopping; without them training runs ``steps``.
@@ -398,6 +426,9 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
 
     ``skip_unread_neutral=False`` computes every neutral window of a keyed edit, also those that
     read no trained entry (the slow reference of the skip; the result is the same).
+    ``skip_prefix=False`` computes every decoder layer at every step, also those below the first
+    Engram layer, whose output never changes (the slow reference; the result is the same up to
+    rounding).
     """
     if extra is not None and not (extra and extra_lr > 0 and cfg.kl_topk > 0 and cfg.layer_lr == 0):
         raise FactEditError("extra weights need a non-empty set, extra_lr > 0, kl_topk > 0 (the unedited model "
@@ -427,10 +458,13 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         held = ({lid: _Rows(tables[lid], r) for lid, r in rows_to_train(model, train_cases, cfg.rows).items()}
                 if train_tables else {})
 
-    def fwd(x: torch.Tensor) -> torch.Tensor:  # the edited model's logits (keyed: entries read per call)
-        if keyed:
-            return model(x, patches=[{lid: h.overlay() for lid, h in held.items()}]).logits
-        return model(x).logits
+    def fwd(x: torch.Tensor, states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The edited model's logits (keyed: entries read per call); with ``states`` [B,T,D] the
+        layers below ``start`` are not computed (see :func:`_prefix_layer`)."""
+        with model.starting_at(start, states) if states is not None else contextlib.nullcontext():
+            if keyed:
+                return model(x, patches=[{lid: h.overlay() for lid, h in held.items()}]).logits
+            return model(x).logits
 
     fingerprint = model_fingerprint(model) if train_tables else None
     base_tables = {lid: w.detach().clone() for lid, w in tables.items()}
@@ -443,16 +477,28 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     reads = (_windows_reading(model, neutral, held) if keyed and cfg.neutral_kl_weight > 0 and skip_unread_neutral
              else None)
     neutral_lp = neutral_top = None
+    # The decoder layers below the first Engram layer are frozen and read no table: their output
+    # is captured once, with the unedited model's distributions, and each step starts above them.
+    start = (_prefix_layer(model) if skip_prefix and train_tables and extra is None and cfg.layer_lr == 0
+             and cfg.kl_weight > 0 and cfg.kl_topk else None)
+    sent_states: Optional[list[Optional[torch.Tensor]]] = [] if start else None
+    win_states: Optional[dict[int, torch.Tensor]] = {} if start else None
     # The unedited model's distributions are computed at the training forwards' precision, so
     # that rounding alone gives a KL of exactly 0 (dev questions are scored in float32).
     with _autocast(cfg):
         if cfg.neutral_kl_weight > 0:
             if cfg.kl_topk:
-                neutral_top = windows_topk(model, neutral, cfg.kl_topk, only=reads)
+                neutral_top = windows_topk(model, neutral, cfg.kl_topk, only=reads, states=win_states,
+                                           start=start or 0)
             else:  # the reference: the full distribution
                 neutral_lp = logprobs(model, neutral)
         # The unedited model's answers on the sentences never change: computed once, kept as top-k.
-        cached = base_topk(model, train_cases, pad_id, cfg.kl_topk) if cfg.kl_weight > 0 and cfg.kl_topk else None
+        cached = (base_topk(model, train_cases, pad_id, cfg.kl_topk, states=sent_states, start=start or 0)
+                  if cfg.kl_weight > 0 and cfg.kl_topk else None)
+    if start:
+        need = [] if neutral_top is None else range(len(neutral)) if reads is None else reads.nonzero().flatten().tolist()
+        if any(h is None for h in sent_states) or any(int(w) not in win_states for w in need):
+            start = None  # a layer returned no plain tensor: every step computes every layer
     opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98)) if held else None
     layer = dict(extra) if extra is not None else layer_parameters(model) if cfg.layer_lr > 0 else {}
     layer_before = {n: p.detach().clone() for n, p in layer.items()}
@@ -499,8 +545,13 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             if not keyed:
                 for h in held.values():
                     h.write(edited=True)
+            batch_states = None
+            if start:  # the batch's captured streams, padded like the ids (padding is never scored)
+                batch_states = torch.zeros(*ids.shape, sent_states[chosen[0]].shape[-1])
+                for j, i in enumerate(chosen):
+                    batch_states[j, :len(train_cases[i].ids)] = sent_states[i]
             with _autocast(cfg):
-                logits = fwd(ids)
+                logits = fwd(ids, batch_states)
                 tgt = torch.roll(ids, -1, dims=1)
                 loss = F.cross_entropy(logits[ans].float(), tgt[ans])
                 total = loss
@@ -513,7 +564,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 if cfg.neutral_kl_weight > 0:
                     k = (2 * step) % len(neutral)
                     kl_n = _neutral_kl(fwd, neutral, torch.arange(k, min(k + 2, len(neutral))), neutral_top,
-                                       neutral_lp, reads)
+                                       neutral_lp, reads, win_states if start else None)
                     if kl_n is not None:
                         total = total + cfg.neutral_kl_weight * kl_n
             if not torch.isfinite(total):

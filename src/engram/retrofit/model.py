@@ -212,6 +212,25 @@ def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+class _Given(nn.Module):
+    """Stands in for the first decoder layers: returns the stream they would (see ``starting_at``)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if hidden_states.shape != self.hidden.shape:
+            raise RetrofitError(f"starting_at got states of shape {tuple(self.hidden.shape)} for a call of "
+                                f"{tuple(hidden_states.shape)}; capture them for the same ids")
+        return self.hidden
+
+
+class _Pass(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
 class RetrofitLM(nn.Module):
     """A frozen Hugging Face causal LM (``self.base``) with Engram layers before chosen decoder layers."""
 
@@ -534,6 +553,44 @@ class RetrofitLM(nn.Module):
             cache.key_mask = keys
         positions = (keys.long().cumsum(dim=1) - 1).clamp_min(0)[:, keys.shape[1] - T:]
         return {"attention_mask": keys.long(), "position_ids": positions}
+
+    # ------------------------------------------------------------------ a frozen prefix, computed once
+    def first_engram_layer(self) -> Optional[int]:
+        """The lowest decoder layer Engram reads before (None without Engram layers): the layers
+        below it compute the same states whatever the tables hold."""
+        return min(self.retrofit_config.layers) if self.retrofit_config.layers else None
+
+    @contextlib.contextmanager
+    def capturing_input_of(self, layer: int) -> Iterator[list[Optional[torch.Tensor]]]:
+        """Inside, every forward appends the residual stream entering decoder ``layer`` (before
+        Engram's hook there adds to it) [B,T,D] to the yielded list; None where the layer below
+        returns something else than a tensor (older transformers), so :meth:`starting_at` cannot
+        stand in for it."""
+        if layer < 1:
+            raise RetrofitError(f"layer={layer}: no decoder layer below it to capture")
+        got: list[Optional[torch.Tensor]] = []
+        hook = decoder_layers(self.base)[layer - 1].register_forward_hook(
+            lambda m, a, out: got.append(out.detach() if isinstance(out, torch.Tensor) else None))
+        try:
+            yield got
+        finally:
+            hook.remove()
+
+    @contextlib.contextmanager
+    def starting_at(self, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+        """Inside, a forward skips decoder layers ``0..layer-1``: ``hidden`` [B,T,D], the stream
+        :meth:`capturing_input_of` captured for the same ids, stands in for their output. Only
+        valid while those layers' weights do not change (a table edit: they are frozen)."""
+        layers = decoder_layers(self.base)
+        saved = [layers[i] for i in range(layer)]
+        layers[0] = _Given(hidden)
+        for i in range(1, layer):
+            layers[i] = _Pass()
+        try:
+            yield
+        finally:
+            for i, m in enumerate(saved):
+                layers[i] = m
 
     @contextlib.contextmanager
     def without_engram(self) -> Iterator[None]:
