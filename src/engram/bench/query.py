@@ -145,13 +145,19 @@ def bench_query(ckpt: str, facts_file: str, patch_file: str, questions: int = _Q
                        "questions": len(qs), "facts": len(facts), "max_new_tokens": max_new_tokens, "k": k,
                        "distractors": distractors, "repeats": repeats, "threads": torch.get_num_threads()},
             "machine": {"cpu": cpu_name(), "cores": _cores(), "python": platform.python_version(),
-                        "torch": torch.__version__},
+                        "torch": torch.__version__, "load_average_at_end": _load()},
             "date": time.strftime("%Y-%m-%d"),
             "summary": summary,
             "rounds_ms": [{m: [1e3 * x for x in lat[m]] for m in METHODS} for lat in rounds],
             "add": {"store_build_s": store_s, "store_passages": len(store.passages),
                     "store_fact_bytes": sum(len(p.encode()) for p, o in zip(store.passages, store.owner) if o >= 0),
                     "patch_bytes": Path(patch_file).stat().st_size, "patch_keyed": bool(patch.keyed)}}
+
+
+def _load() -> Optional[list[float]]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _cores() -> int:
@@ -166,7 +172,9 @@ def query_page(r: dict[str, Any], command: str) -> str:
     f = lambda xs, d=1: ", ".join(f"{x:.{d}f}" for x in xs)  # noqa: E731
     lines = [f"# Cost per query: knowledge in a patch vs in a retriever ({r['date']})", "",
              f"Machine: {mach['cpu']}, {mach['cores']} cores; Python {mach['python']}, torch {mach['torch']}, "
-             f"{c['threads']} torch thread(s). Command:", "", "```", command, "```", "",
+             f"{c['threads']} torch thread(s)"
+             + (f"; load average at the end {', '.join(map(str, mach['load_average_at_end']))}"
+                if mach.get("load_average_at_end") else "") + ". Command:", "", "```", command, "```", "",
              f"{c['questions']} held-out questions about {c['facts']} facts (`{c['facts_file']}`), batch 1, "
              f"{c['max_new_tokens']} greedy new tokens each, {c['repeats']} rounds; the methods take turns on every "
              f"question in a rotating order. Model: `{c['ckpt']}`; patch: `{c['patch_file']}` "
