@@ -76,7 +76,7 @@ def page(r: dict, command: str) -> str:
              f"Machine: {m['cpu']}; Python {m['python']}, torch {m['torch']}, {m['threads']} torch thread(s). "
              "Command:", "", "```", command, "```", "",
              f"{c['facts']} invented facts ({c['train_sentences']} training sentences), keyed entries, batches of "
-             f"{c['batch_size']} plus two of {c['neutral_windows']} neutral windows a step, {c['steps']} steps per run, "
+             f"{c['batch_size']} plus two neutral windows a step (cycling over {c['neutral_windows']}), {c['steps']} steps per run, "
              f"{c['rounds']} rounds, the variants in a rotated order each round. Engram before decoder layer "
              f"{c['first_engram_layer']} of {c['decoder_layers']}: the prefix variants skip the layers below it in "
              "every step.", "",
@@ -94,20 +94,27 @@ def page(r: dict, command: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", help="the adapter (required unless --from-json)")
+    p.add_argument("--from-json", help="do not measure: write --page from this earlier --out")
+    p.add_argument("--page-command", help="the command shown on the page (default: this one)")
     p.add_argument("--facts", type=int, default=20)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--neutral-windows", type=int, default=64)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--page")
     a = p.parse_args()
-    r = measure(a.ckpt, a.facts, a.steps, a.rounds, a.threads, a.neutral_windows)
-    data = (json.dumps(r, indent=1) + "\n").encode()
-    atomic_write(a.out, lambda f: f.write(data))
+    if a.from_json:
+        r = json.loads(open(a.from_json, encoding="utf-8").read())
+    elif not (a.ckpt and a.out):
+        p.error("give --ckpt and --out (or --from-json to render a page)")
+    else:
+        r = measure(a.ckpt, a.facts, a.steps, a.rounds, a.threads, a.neutral_windows)
+        data = (json.dumps(r, indent=1) + "\n").encode()
+        atomic_write(a.out, lambda f: f.write(data))
     if a.page:
-        text = page(r, "python benchmarks/fact_edit_speed.py " + " ".join(sys.argv[1:])).encode()
+        text = page(r, a.page_command or "python benchmarks/fact_edit_speed.py " + " ".join(sys.argv[1:])).encode()
         atomic_write(a.page, lambda f: f.write(text))
     return 0
 
