@@ -316,6 +316,17 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, gen: np.random.Genera
     return [batches[i] for i in gen.permutation(len(batches))]
 
 
+def _logprobs_capturing(model: Any, ids: torch.Tensor, batch_size: int,
+                        start: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``logprobs(model, ids)`` and, with ``start``, the stream entering decoder layer ``start``
+    [B,T,D] captured on the way (None without ``start``, or when the model could not capture it)."""
+    if start is None:
+        return logprobs(model, ids, batch_size), None
+    with model.capturing_input_of(start) as got:
+        lp = logprobs(model, ids, batch_size)
+    return lp, (torch.cat(got) if got and all(g is not None for g in got) else None)
+
+
 @torch.no_grad()
 def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size: int = 32,
               states: Optional[list[Optional[torch.Tensor]]] = None,
@@ -332,14 +343,13 @@ def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size
         idx = order[s:s + batch_size]
         batch = [cases[i] for i in idx]
         ids, ans = pad_batch(batch, pad_id)
-        with model.capturing_input_of(start) if states is not None else contextlib.nullcontext([]) as got:
-            lp = logprobs(model, ids, batch_size)
+        lp, h = _logprobs_capturing(model, ids, batch_size, start if states is not None else None)
         other = _other_mask(batch, ids, ans)
         top = lp.topk(min(k, lp.shape[-1]), -1)
         for j, i in enumerate(idx):
             out[i] = (top.indices[j][other[j]].clone(), top.values[j][other[j]].clone())
-            if states is not None and got and all(g is not None for g in got):
-                states[i] = torch.cat(got)[j, :len(cases[i].ids)].clone()
+            if h is not None:
+                states[i] = h[j, :len(cases[i].ids)].clone()
     return out
 
 
@@ -357,10 +367,8 @@ def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8,
     ids = lps = None
     for s in range(0, len(sel), batch_size):
         part = sel[s:s + batch_size]
-        with model.capturing_input_of(start) if states is not None else contextlib.nullcontext([]) as got:
-            lp = logprobs(model, windows[part], batch_size)
-        if states is not None and got and all(g is not None for g in got):
-            h = torch.cat(got)
+        lp, h = _logprobs_capturing(model, windows[part], batch_size, start if states is not None else None)
+        if h is not None:
             states.update({int(w): h[j].clone() for j, w in enumerate(part)})
         top = lp.topk(min(k, lp.shape[-1]), -1)
         if ids is None:
