@@ -354,3 +354,23 @@ def test_bf16_autocast_keeps_the_unedited_kl_at_zero_and_teaches(world, one_thre
     assert all(lp.new.dtype == torch.float32 for lp in res.patch.layers.values())
     with pytest.raises(FactEditError, match="autocast="):
         FactEditConfig(autocast="fp16")
+
+
+def test_a_gradient_left_on_the_model_neither_enters_the_edit_nor_is_lost(world, one_thread):
+    """A dense gradient on a table from earlier use of the model would be added to the edit's
+    first step: the edit holds it aside, trains as without it, and puts it back."""
+    model, tok = world
+    facts = invent_facts(2, seed=6, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat_format(tok), True)
+    cfg = FactEditConfig(lr=0.1, steps=2, batch_size=4, neutral_windows=2, neutral_len=16)
+    clean = edit_facts(model, tok, train, cfg, progress=False)
+    w = model.engram_layers[0].table.weight
+    stale = torch.ones_like(w)
+    w.grad = stale
+    try:
+        dirty = edit_facts(model, tok, train, cfg, progress=False)
+        assert w.grad is stale
+    finally:
+        w.grad = None
+    for lid, lp in clean.patch.layers.items():
+        assert torch.equal(lp.new, dirty.patch.layers[lid].new)

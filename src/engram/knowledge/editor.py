@@ -148,9 +148,6 @@ class _Rows:
         self.weight.grad = None
         if g is None:
             return
-        if not g.is_sparse:  # e.g. under autocast the lookup's gradient comes back dense
-            self.delta.grad = g[self.rows].to(self.base.dtype)
-            return
         g = g.coalesce()
         idx, val = g.indices()[0], g.values()
         pos = torch.searchsorted(self.rows, idx).clamp_max(self.rows.numel() - 1)
@@ -513,7 +510,13 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     layer_opt = torch.optim.Adam(list(layer.values()), lr=extra_lr if extra is not None else cfg.layer_lr) if layer else None
 
     saved = {id(p): p.requires_grad for p in model.parameters()}
+    # A gradient left on a parameter by earlier use of the model would be added to the edit's
+    # first step (and a dense one to the tables' sparse gradient): held aside, put back after.
+    params = {id(p): p for p in [*model.parameters(), *layer.values()]}
+    grads = {k: p.grad for k, p in params.items()}
     sparse = {e.layer_id: e.table.sparse for e in model.engram_layers}
+    for p in params.values():
+        p.grad = None
     for p in model.parameters():
         p.requires_grad_(False)
     for e in model.engram_layers:
@@ -620,6 +623,8 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 p.copy_(layer_before[n])
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])
+        for k, p in params.items():
+            p.grad = grads[k]
         for e in model.engram_layers:
             e.table.sparse = sparse[e.layer_id]
         model.train(was)
