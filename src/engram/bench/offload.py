@@ -203,7 +203,8 @@ def bench_config(vocab_size: int, rows_per_head: int) -> ModelConfig:
     return dataclasses.replace(cfg, engram=eng)
 
 
-def _loadavg() -> list[float]:
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages, rounded ([] where the platform has none)."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:  # pragma: no cover
@@ -441,7 +442,7 @@ def _timed_rounds(models: dict[str, torch.nn.Module], batches: list[Any], s: _Of
     try:
         times: dict[str, list[float]] = {k: [] for k in models}
         cpu: dict[str, list[float]] = {k: [] for k in models}  # the model thread's CPU time
-        load_before = _loadavg()
+        load_before = load_average()
         order = list(models)
         bar = tqdm(total=(s.rounds + 1) * len(models), desc="bench offload", disable=not progress, leave=False)
         for r in range(s.rounds + 1):
@@ -465,7 +466,7 @@ def _timed_rounds(models: dict[str, torch.nn.Module], batches: list[Any], s: _Of
                     cpu[name].append(dc)
                 bar.update(1)
         bar.close()
-        return {"times": times, "cpu": cpu, "pinned": pinned, "load_before": load_before, "load_after": _loadavg()}
+        return {"times": times, "cpu": cpu, "pinned": pinned, "load_before": load_before, "load_after": load_average()}
     finally:
         _unpin_cpus(pinned)
 
@@ -648,7 +649,7 @@ def bench_large_table(data_dir: Optional[str] = None, *, size_gib: float = _L.si
                 "file_to_ram": header.file_bytes / ram, "rows": header.rows, "dim": header.dim,
                 "dtype": header.dtype, "write_s": write_s, "cache_rows_per_layer": cache_rows,
                 "policy": policy, "io_threads": io_threads,
-                "cold_storage": COLD_METHOD if cold else "warm page cache", "loadavg_before": _loadavg(),
+                "cold_storage": COLD_METHOD if cold else "warm page cache", "loadavg_before": load_average(),
             }
 
             def open_storage(lid: int) -> TableStorage:
@@ -658,7 +659,7 @@ def bench_large_table(data_dir: Optional[str] = None, *, size_gib: float = _L.si
                 out["prefetch" if prefetch else "no_prefetch"] = _serve_eval_and_generate(
                     model, header, open_storage, prefetch, ds, eval_batches=eval_batches, batch_size=batch_size,
                     seq_len=seq_len, gen_tokens=gen_tokens, seed=seed)
-            out["loadavg_after"] = _loadavg()
+            out["loadavg_after"] = load_average()
             out["kept"] = str(table_path) if keep else None
             out["torch_threads"] = torch.get_num_threads()
             return out
@@ -791,5 +792,5 @@ def bench_table_optimizer(data_dir: Optional[str] = None, *, steps: int = TableO
             "table_bytes": sum(p.numel() * p.element_size() for p in runs["adam"][0].table_parameters()),
             "final_loss": {k: statistics.mean(v[-steps:]) for k, v in losses.items()},
             "steps_timed": {k: steps * len(v) for k, v in times.items()},
-            "torch_threads": torch.get_num_threads(), "loadavg": _loadavg(),
+            "torch_threads": torch.get_num_threads(), "loadavg": load_average(),
         }

@@ -35,6 +35,7 @@ import torch
 
 from engram.bench.accel import cpu_name
 from engram.bench.config import QueryBenchConfig as _Q
+from engram.bench.offload import load_average
 from engram.config import SamplingConfig
 from engram.errors import EngramError
 
@@ -145,19 +146,13 @@ def bench_query(ckpt: str, facts_file: str, patch_file: str, questions: int = _Q
                        "questions": len(qs), "facts": len(facts), "max_new_tokens": max_new_tokens, "k": k,
                        "distractors": distractors, "repeats": repeats, "threads": torch.get_num_threads()},
             "machine": {"cpu": cpu_name(), "cores": _cores(), "python": platform.python_version(),
-                        "torch": torch.__version__, "load_average_at_end": _load()},
+                        "torch": torch.__version__, "load_average_at_end": load_average()},
             "date": time.strftime("%Y-%m-%d"),
             "summary": summary,
             "rounds_ms": [{m: [1e3 * x for x in lat[m]] for m in METHODS} for lat in rounds],
             "add": {"store_build_s": store_s, "store_passages": len(store.passages),
                     "store_fact_bytes": sum(len(p.encode()) for p, o in zip(store.passages, store.owner) if o >= 0),
                     "patch_bytes": Path(patch_file).stat().st_size, "patch_keyed": bool(patch.keyed)}}
-
-
-def _load() -> Optional[list[float]]:
-    import os
-
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _cores() -> int:

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from engram.bench.config import StepBenchConfig
-from engram.bench.offload import _bench_workspace, _loadavg
+from engram.bench.offload import _bench_workspace, load_average
 from engram.config import TrainConfig, preset
 from engram.data.shards import get_batch
 from engram.errors import EngramError
@@ -101,7 +101,7 @@ def bench_step(data_dir: Optional[str] = None, *, rounds: int = StepBenchConfig.
         cpu_phases: dict[str, dict[str, list[float]]] = {n: {p: [] for p in PHASES} for n in MODELS}
         round_s: dict[str, list[float]] = {n: [] for n in MODELS}
         round_cpu: dict[str, list[float]] = {n: [] for n in MODELS}
-        load_before = _loadavg()
+        load_before = load_average()
         for r in range(rounds + 1):
             acc = {n: 0.0 for n in MODELS}
             acc_cpu = {n: 0.0 for n in MODELS}
@@ -147,6 +147,6 @@ def bench_step(data_dir: Optional[str] = None, *, rounds: int = StepBenchConfig.
             "batch_size": tc.batch_size, "seq_len": tc.seq_len, "rounds": rounds, "steps_per_round": steps,
             "warmup_rounds": 1, "params": {n: runs[n][0].param_counts() for n in MODELS},
             "torch_threads": torch.get_num_threads(), "loadavg_before": load_before,
-            "loadavg_after": _loadavg(),
+            "loadavg_after": load_average(),
             "timing": "wall clock per phase; one step of each model in turn, same batches, alternating order",
         }

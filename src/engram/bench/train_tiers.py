@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 
 from engram.bench.config import TrainTiersBenchConfig
-from engram.bench.offload import _bench_workspace, _loadavg, _preset_config
+from engram.bench.offload import _bench_workspace, _preset_config, load_average
 from engram.config import TrainConfig
 from engram.errors import EngramError
 from engram.model.lm import EngramLM
@@ -142,5 +142,5 @@ def bench_train_tiers(data_dir: Optional[str] = None, *, steps: int = TrainTiers
                 out[name]["resident_rows"] = sum(t.resident_rows for t in tiers)
                 out[name]["hit_rate"] = sum(t.hits for t in tiers) / max(1, sum(t.hits + t.misses for t in tiers))
         out["losses_identical"] = losses["memory"] == losses["mmap"] == losses["cached"]
-        out["torch_threads"], out["loadavg"] = torch.get_num_threads(), _loadavg()
+        out["torch_threads"], out["loadavg"] = torch.get_num_threads(), load_average()
         return out
