@@ -157,14 +157,20 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     s = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("test", "summary"),
                         log=lambda m: None)
     assert len(calls) == n + len(cfg.seeds)  # the new recipe's test runs are new runs
-    # the earlier recipe's capacity run is still shown, marked as another recipe's, beside the new test run
+    # the earlier capacity run differs from the new test runs in its step cap alone: still the current recipe
     assert [(c["facts"], c["max_steps"], c["current_recipe"]) for c in s["capacity"]] == [
-        (1, cfg.edit.steps, False), (2, more.edit.steps, True)]
+        (1, cfg.edit.steps, True), (2, more.edit.steps, True)]
     assert len(list((out / "runs").glob(f"test-2-seed*-steps{more.edit.steps}*"))) == len(cfg.seeds)
     assert len(s["test"]["test_exact"]["runs"]) == len(cfg.seeds)
     assert [e["recipe"]["steps"] for e in s["earlier"]] == [cfg.edit.steps] and "p_current_vs_this" in s["earlier"][0]
     md = (out / "summary.md").read_text()
-    assert "Other recipe" in md and f"| 1 | {cfg.edit.steps} (other recipe) |" in md
+    assert "Other recipe" in md and f"| 1 | {cfg.edit.steps} ({cfg.edit.steps}) | - |" in md
+    # a capacity run of another setting than the step cap (keyed entries) is marked as another recipe's
+    keyed = replace(cfg, edit=replace(cfg.edit, keyed=True))
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, keyed, phases=("capacity",), log=lambda m: None)
+    s2 = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("summary",), log=lambda m: None)
+    assert sorted((c["facts"], c["current_recipe"]) for c in s2["capacity"]) == [(1, False), (1, True), (2, True)]
+    assert f"| 1 | {cfg.edit.steps} ({cfg.edit.steps}) (other recipe) | - |" in (out / "summary.md").read_text()
     assert f"of at most {cfg.edit.steps} | {cfg.edit.steps}, " in md and "(3 of 3 still improving at the cap)" in md
     assert f"of at most {more.edit.steps} | 5, 5, 5 (0 of 3 still improving at the cap)" in md
     reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,

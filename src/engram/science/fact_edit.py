@@ -496,11 +496,25 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
             out["update"].append(g)
     # every capacity run of the first seed (each with its step cap: a capacity run need not share
     # the current recipe's), and the current recipe's own test run at its fact count
+    # A capacity run scales its step cap (and its dev interval) with the facts, so it is of the
+    # current recipe when every other setting matches the test runs'.
+    def same_recipe(r: dict[str, Any]) -> bool:
+        if any(r is t for t in test):
+            return True
+        if not test:
+            return r["key"] == f"capacity-{r['facts']}-seed{r.get('seed')}{suffix}"
+        loose = ("steps", "eval_every", "seed")
+        return ({k: v for k, v in r.get("config", {}).items() if k not in loose}
+                == {k: v for k, v in test[0]["config"].items() if k not in loose})
+
     out["capacity"] = [{"facts": r["facts"], "seed": r["seed"], "test_exact": r["test_exact"],
                         "train_forms_exact": r["train_forms_exact"], "kl": r["neutral"]["kl"],
                         "seconds": r["seconds"], "max_steps": r.get("config", {}).get("steps"),
-                        "current_recipe": r["key"] == f"capacity-{r['facts']}-seed{r.get('seed')}{suffix}"
-                        or any(r is t for t in test)}
+                        "kept_step": r.get("report", {}).get("best_step"),
+                        # training sentences seen per sentence at the step cap
+                        "passes": (r["config"]["steps"] * r["config"]["batch_size"] / r["train_sentences"]
+                                   if r.get("train_sentences") and "batch_size" in r.get("config", {}) else None),
+                        "current_recipe": same_recipe(r)}
                        for r in sorted(rows, key=lambda r: r["facts"])
                        if (r.get("phase") == "capacity" or any(r is t for t in test))
                        and r.get("seed") == (seeds or [None])[0]]
@@ -617,11 +631,15 @@ def summary_markdown(s: dict[str, Any]) -> str:
         lines.append(f"\nRemoval (revert) restores the model bit for bit: {u['reverted_bit_exact']}.")
     if s.get("capacity"):
         lines += ["", "### Capacity (one seed)", "",
-                  "| facts | at most steps | held-out exact | training-template exact | KL | seconds |",
-                  "|---|---|---|---|---|---|"]
+                  "A run of the current recipe scales its step cap with the facts, so that every training sentence "
+                  "is seen about as often; *passes*: sentences seen per training sentence at the cap.", "",
+                  "| facts | at most steps (kept) | passes | held-out exact | training-template exact | KL | seconds |",
+                  "|---|---|---|---|---|---|---|"]
         for r in s["capacity"]:
-            cap = r.get("max_steps")
-            lines.append(f"| {r['facts']} | {'-' if cap is None else cap}{'' if r.get('current_recipe', True) else ' (other recipe)'} | "
+            cap, kept, passes = r.get("max_steps"), r.get("kept_step"), r.get("passes")
+            lines.append(f"| {r['facts']} | {'-' if cap is None else cap}{'' if kept is None else f' ({kept})'}"
+                         f"{'' if r.get('current_recipe', True) else ' (other recipe)'} | "
+                         f"{'-' if passes is None else f'{passes:.1f}'} | "
                          f"{100 * r['test_exact']:.1f}% | {100 * r['train_forms_exact']:.1f}% | "
                          f"{r['kl']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
