@@ -2,6 +2,7 @@
 read, leaves the model as it was, and its patch applies and reverts bit for bit."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -374,3 +375,22 @@ def test_a_gradient_left_on_the_model_neither_enters_the_edit_nor_is_lost(world,
         w.grad = None
     for lid, lp in clean.patch.layers.items():
         assert torch.equal(lp.new, dirty.patch.layers[lid].new)
+
+
+def test_dev_question_sample_is_fixed_and_leaves_training_as_it_was(world, one_thread):
+    """``dev_questions`` scores a fixed sample of the dev questions; the batches, and so the
+    training losses, are those of the edit that scores every dev question."""
+    model, tok = world
+    facts = invent_facts(4, seed=0, relations=("capital",))
+    chat = chat_format(tok)
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "cloze")), chat, True)
+    asked = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "cloze")), chat)
+    cfg = FactEditConfig(lr=0.3, steps=10, batch_size=4, neutral_windows=2, neutral_len=16, eval_every=5, patience=100)
+    every = edit_facts(model, tok, train, cfg, dev_cases=asked, progress=False).report
+    some = edit_facts(model, tok, train, replace(cfg, dev_questions=3), dev_cases=asked, progress=False).report
+    assert (every["dev_questions_given"], every["dev_questions_scored"]) == (len(asked), len(asked)) and len(asked) > 3
+    assert (some["dev_questions_given"], some["dev_questions_scored"]) == (len(asked), 3)
+    assert all(round(h["dev_exact"] * 3, 6) == round(h["dev_exact"] * 3) for h in some["history"])
+    assert [h["answer_loss"] for h in some["history"]] == pytest.approx([h["answer_loss"] for h in every["history"]])
+    with pytest.raises(FactEditError, match="dev_questions=-1"):
+        FactEditConfig(dev_questions=-1)

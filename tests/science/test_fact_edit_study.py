@@ -171,6 +171,12 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     s2 = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("summary",), log=lambda m: None)
     assert sorted((c["facts"], c["current_recipe"]) for c in s2["capacity"]) == [(1, False), (1, True), (2, True)]
     assert f"| 1 | {cfg.edit.steps} ({cfg.edit.steps}) (other recipe) | - |" in (out / "summary.md").read_text()
+    # a large capacity run may score a sample of its dev questions: its own key, still the current recipe
+    sampled = replace(more, capacity=(3,), edit=replace(more.edit, dev_questions=5))
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, sampled, phases=("capacity",), log=lambda m: None)
+    assert len(list((out / "runs").glob("capacity-3-seed0-*-devq5*"))) == 1
+    s3 = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("summary",), log=lambda m: None)
+    assert [c["current_recipe"] for c in s3["capacity"] if c["facts"] == 3] == [True]
     assert f"of at most {cfg.edit.steps} | {cfg.edit.steps}, " in md and "(3 of 3 still improving at the cap)" in md
     assert f"of at most {more.edit.steps} | 5, 5, 5 (0 of 3 still improving at the cap)" in md
     reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,

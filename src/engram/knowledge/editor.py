@@ -446,6 +446,11 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         too_long = n_all - len(train_cases)
     else:
         too_long = 0
+    dev_all = len(dev_cases)
+    if cfg.dev_questions and dev_all > cfg.dev_questions:  # a fixed sample, from its own generator (the
+        # batches' order must not depend on it), kept in the given order
+        pick = np.sort(np.random.default_rng([cfg.seed, 1]).choice(dev_all, cfg.dev_questions, replace=False))
+        dev_cases = [dev_cases[i] for i in pick]
     if not train_cases:
         raise FactEditError("no training sentences: every fact's forms failed to tokenise, none were given, or "
                             f"all are longer than the model's {limit} positions")
@@ -644,6 +649,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     report = {"config": asdict(cfg), "train_sentences": len(train_cases), "too_long_sentences": too_long,
               "trained_rows": {lid: int(h.rows.numel()) for lid, h in held.items()},
               "neutral_windows_reading_edit": None if reads is None else int(reads.sum()),
+              "dev_questions_scored": len(dev_cases), "dev_questions_given": dev_all,
               "steps_run": step, "best_step": best["step"], "best_dev_exact": best["dev_exact"],
               "train_seconds": train_s, "history": history,
               "answer_loss_first": losses[0] if losses else None,

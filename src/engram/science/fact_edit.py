@@ -158,6 +158,7 @@ def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
     out += f"-nw{edit.neutral_windows}" if edit.neutral_windows != _KEY_BASE["neutral_windows"] else ""
     out += "-keyed" if edit.keyed else ""
     out += f"-{edit.autocast}" if edit.autocast != "off" else ""
+    out += f"-devq{edit.dev_questions}" if edit.dev_questions else ""
     if with_kinds and tuple(edit.kinds) != _KEY_BASE["kinds"]:
         out += "-" + "+".join(edit.kinds)
     return out
@@ -177,7 +178,16 @@ def _test_suffix(edit: FactEditConfig) -> str:
     out += f"-nw{edit.neutral_windows}" if edit.neutral_windows != _TEST_KEY_BASE["neutral_windows"] else ""
     out += "-keyed" if edit.keyed else ""
     out += f"-{edit.autocast}" if edit.autocast != "off" else ""
+    out += f"-devq{edit.dev_questions}" if edit.dev_questions else ""
     return out + ("-" + "+".join(edit.kinds) if tuple(edit.kinds) != _TEST_KEY_BASE["kinds"] else "")
+
+
+_EDIT_DEFAULTS = json.loads(json.dumps(asdict(FactEditConfig())))  # as run files hold them (tuples as lists)
+
+
+def _setting(config: dict[str, Any], name: str) -> Any:
+    """A run file's edit setting; a run written before the setting existed ran at its default."""
+    return config.get(name, _EDIT_DEFAULTS.get(name))
 
 
 def _chosen_edit(cfg: FactEditStudyConfig, chosen: dict[str, Any]) -> FactEditConfig:
@@ -291,7 +301,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
         at = replace(_chosen_edit(cfg, {**chosen, "keyed": False}), steps=cfg.edit.steps, eval_every=cfg.edit.eval_every)
         want = json.loads(json.dumps(asdict(at)))  # as the run files hold it (tuples as lists)
         same = [r for r in runs.all() if r.get("phase", "").startswith("dev") and r["adapter"] == chosen["adapter"]
-                and all(r["config"].get(k) == v for k, v in want.items() if k not in ("seed", "keyed"))
+                and all(_setting(r["config"], k) == v for k, v in want.items() if k not in ("seed", "keyed"))
                 and not r["config"].get("keyed", False)]
         if not same:
             raise StudyError(f"no dev run of the chosen recipe at --steps {at.steps} --eval-every {at.eval_every} "
@@ -503,9 +513,10 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
             return True
         if not test:
             return r["key"] == f"capacity-{r['facts']}-seed{r.get('seed')}{suffix}"
-        loose = ("steps", "eval_every", "seed")
-        return ({k: v for k, v in r.get("config", {}).items() if k not in loose}
-                == {k: v for k, v in test[0]["config"].items() if k not in loose})
+        # the step cap, the dev interval and the dev sample may scale with the facts
+        loose = ("steps", "eval_every", "seed", "dev_questions")
+        mine, theirs = r.get("config", {}), test[0]["config"]
+        return all(_setting(mine, k) == _setting(theirs, k) for k in {*mine, *theirs} if k not in loose)
 
     out["capacity"] = [{"facts": r["facts"], "seed": r["seed"], "test_exact": r["test_exact"],
                         "train_forms_exact": r["train_forms_exact"], "kl": r["neutral"]["kl"],
