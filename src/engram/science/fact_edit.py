@@ -643,7 +643,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
     if s.get("capacity"):
         lines += ["", "### Capacity (one seed)", "",
                   "A run of the current recipe scales its step cap with the facts, so that every training sentence "
-                  "is seen about as often; *passes*: sentences seen per training sentence at the cap.", "",
+                  "is seen about as often; *kept*: the step of the best dev questions (at the cap: still improving when "
+                  "stopped); *passes*: sentences seen per training sentence at the cap.", "",
                   "| facts | at most steps (kept) | passes | held-out exact | training-template exact | KL | seconds |",
                   "|---|---|---|---|---|---|---|"]
         for r in s["capacity"]:
