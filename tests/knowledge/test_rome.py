@@ -143,3 +143,21 @@ def test_lora_lr_choice_is_per_rank_and_none_when_all_answer_nothing():
     assert _dev_choices([run(8, 1e-3, 0.5), run(8, 1e-2, 0.7), run(2, 1e-3, 0.2)]) == {"lora r8 lr 0.01",
                                                                                       "lora r2 lr 0.001"}
     assert _dev_choices([run(8, 1e-3, 0.0), run(8, 1e-2, 0.0)]) == set()
+
+
+def test_page_pairs_the_patch_with_the_dev_chosen_lora_and_retrieval_by_seed():
+    from engram.knowledge.bench import page_markdown
+
+    def run(method, seed, held, **kw):
+        return {"set": "new", "method": method, "seed": seed, "facts": 2, "neighbours": 1, "specificity_before": 1.0,
+                "efficacy": 1.0, "generalisation": held, "specificity": 1.0, "neutral": {"kl": 0.01 * (seed + 1)}, **kw}
+
+    lora = dict(lora_rank=8, best_dev_exact=0.9)
+    recs = [run("keyed-patch", s, h) for s, h in ((0, 0.5), (1, 0.6), (2, 0.8))]
+    recs += [run("lora", s, h, lora_lr=1e-3, **lora) for s, h in ((0, 0.9), (1, 0.95), (2, 0.9))]
+    recs += [run("lora", 0, 0.1, lora_lr=1e-2, **{**lora, "best_dev_exact": 0.2})]  # not chosen: never paired
+    recs += [run("retrieval", 0, 0.5)]  # one shared seed: no test
+    page = page_markdown(recs)
+    line = next(x for x in page.splitlines() if x.startswith("- keyed-patch against lora r8 lr 0.001"))
+    assert "seeds 0, 1, 2: held-out 63.3% against 91.7% (p = " in line and "neutral KL 0.0200 against 0.0200" in line
+    assert "against lora r8 lr 0.01" not in page and "against retrieval" not in page

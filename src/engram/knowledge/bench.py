@@ -49,6 +49,7 @@ from engram.knowledge.scoring import ScoredAs, fact_cases, logprobs, neutral_cha
 from engram.knowledge.templates import asked, chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
+from engram.stats import format_p, paired_t
 
 METHODS = ("none", "oracle", "retrieval", "rome", "patch", "patch+retrieval", "keyed-patch", "lora", "ngram",
            "patch-composed", "keyed-patch-composed")
@@ -470,6 +471,31 @@ def _rome_curves(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _paired(rows: Sequence[dict[str, Any]], chosen: set[str]) -> list[str]:
+    """Each Engram patch against the dev-chosen LoRA and against retrieval, paired by seed (the
+    same facts): held-out answers, the neighbourhood and, between weight edits, the neutral KL."""
+    by: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(_name(r), {})[r["seed"]] = r
+    lines = []
+    for a in ("keyed-patch", "patch"):
+        for b in sorted(n for n in chosen if n.startswith("lora")) + ["retrieval"]:
+            seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
+            if len(seeds) < 2:
+                continue
+            keys = [("generalisation", "held-out", True), ("specificity", "neighbourhood", True)]
+            keys += [("kl", "neutral KL", False)] if b.startswith("lora") else []
+            parts = []
+            for key, label, pct in keys:
+                x, y = ([(by[n][s].get("neutral") or {}).get("kl") if key == "kl" else by[n][s][key] for s in seeds]
+                        for n in (a, b))
+                show = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
+                parts.append(f"{label} {show(sum(x) / len(x))} against {show(sum(y) / len(y))} "
+                             f"(p = {format_p(paired_t(x, y)['p'])})")
+            lines.append(f"- {a} against {b}, seeds {', '.join(map(str, seeds))}: " + "; ".join(parts) + ".")
+    return (["Paired by seed (the same facts; paired t-test):", "", *lines, ""]) if lines else []
+
+
 def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
     """The runs as one table per fact set, a row per method (mean ± std over seeds, every run in
     brackets), then each method's settings; every number comes from the run files."""
@@ -500,6 +526,7 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
                             if name in chosen else "")
             lines.append(f"| {label} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {rev} |")
         lines.append("")
+        lines += _paired(rows, chosen)
         if any(r.get("lora_rank") for r in rows):
             lines.append("LoRA dev questions answered (the lr choice): " + "; ".join(
                 f"{_name(r)} seed {r['seed']}: {100 * r['best_dev_exact']:.1f}%" for r in rows if r.get("lora_rank"))
