@@ -280,3 +280,12 @@ def test_keyed_test_runs_are_paired_with_their_hashed_twin():
     assert len(keyed) == 1 and keyed[0]["vs_hashed"]["seeds"] == [0, 1, 2]
     assert keyed[0]["vs_hashed"]["p_exact"] < 0.05 and keyed[0]["vs_hashed"]["p_kl"] < 0.05
     assert "keyed entries vs the same recipe with hashed rows" in study.summary_markdown(s)
+
+
+def test_a_setting_missing_from_an_older_run_file_reads_as_the_trainer_then_ran():
+    """Older run files lack later settings; each stands for what the trainer did before it existed,
+    which for rows and the cached top-k is not today's default."""
+    assert study._setting({}, "rows") == "all" != FactEditConfig().rows
+    assert study._setting({}, "kl_topk") == 0 != FactEditConfig().kl_topk
+    assert (study._setting({}, "keyed"), study._setting({}, "autocast"), study._setting({}, "dev_questions")) == (False, "off", 0)
+    assert study._setting({}, "lr") == FactEditConfig().lr and study._setting({"rows": "subject"}, "rows") == "subject"

@@ -182,12 +182,23 @@ def _test_suffix(edit: FactEditConfig) -> str:
     return out + ("-" + "+".join(edit.kinds) if tuple(edit.kinds) != _TEST_KEY_BASE["kinds"] else "")
 
 
-_EDIT_DEFAULTS = json.loads(json.dumps(asdict(FactEditConfig())))  # as run files hold them (tuples as lists)
+def _as_run_file(edit: FactEditConfig) -> dict[str, Any]:
+    """An edit's settings as run files hold them (tuples as lists)."""
+    return json.loads(json.dumps(asdict(edit)))
+
+
+_EDIT_DEFAULTS = _as_run_file(FactEditConfig())
+# What a setting missing from a run file stood for: the run was written before the setting existed
+# and trained as the trainer then did, which is not always today's default (every row was trained,
+# and the unedited model was recomputed in full rather than kept as its top-k).
+_BEFORE_IT_EXISTED: dict[str, Any] = {"rows": "all", "kl_topk": 0, "keyed": False, "autocast": "off", "dev_questions": 0}
 
 
 def _setting(config: dict[str, Any], name: str) -> Any:
-    """A run file's edit setting; a run written before the setting existed ran at its default."""
-    return config.get(name, _EDIT_DEFAULTS.get(name))
+    """A run file's edit setting, also for runs written before the setting existed."""
+    if name in config:
+        return config[name]
+    return _BEFORE_IT_EXISTED[name] if name in _BEFORE_IT_EXISTED else _EDIT_DEFAULTS.get(name)
 
 
 def _chosen_edit(cfg: FactEditStudyConfig, chosen: dict[str, Any]) -> FactEditConfig:
@@ -262,9 +273,9 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
     if "forms" in phases:  # the choice reads every grid run on disk (grids may run in several processes)
         grid = [r for r in runs.all() if r.get("phase") == "dev"]
         best = _choose(grid, "adapter x rows x lr")
-        rows_choice = best["config"].get("rows", "all")
+        rows_choice = _setting(best["config"], "rows")
         lrs = sorted(r["config"]["lr"] for r in grid
-                     if r["adapter"] == best["adapter"] and r["config"].get("rows", "all") == rows_choice)
+                     if r["adapter"] == best["adapter"] and _setting(r["config"], "rows") == rows_choice)
         if len(lrs) < 3 or best["config"]["lr"] in (lrs[0], lrs[-1]):
             raise StudyError(f"adapter {best['adapter']} (rows {rows_choice})'s best dev lr {best['config']['lr']:g} "
                              f"sits at the edge of its grid {lrs}; run the grid phase with more --lrs before choosing")
@@ -299,10 +310,10 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
             raise StudyError(f"{out}/chosen.json is missing: run the grid and forms phases first")
         chosen = json.loads((out / "chosen.json").read_text())
         at = replace(_chosen_edit(cfg, {**chosen, "keyed": False}), steps=cfg.edit.steps, eval_every=cfg.edit.eval_every)
-        want = json.loads(json.dumps(asdict(at)))  # as the run files hold it (tuples as lists)
+        want = _as_run_file(at)
         same = [r for r in runs.all() if r.get("phase", "").startswith("dev") and r["adapter"] == chosen["adapter"]
                 and all(_setting(r["config"], k) == v for k, v in want.items() if k not in ("seed", "keyed"))
-                and not r["config"].get("keyed", False)]
+                and not _setting(r["config"], "keyed")]
         if not same:
             raise StudyError(f"no dev run of the chosen recipe at --steps {at.steps} --eval-every {at.eval_every} "
                              f"is on disk to compare keyed entries with; pass the flags of the forms phase")
@@ -329,7 +340,7 @@ def run_study(adapters: dict[str, Any], tok: Any, pad_id: int, data_dir: PathLik
                 f"made; run the keyed phase with more --keyed-lrs, or without --no-extend")
         else:
             picked = _choose([same[0], best_keyed], "hashed rows vs keyed entries")
-            keyed = bool(picked["config"].get("keyed", False))
+            keyed = bool(_setting(picked["config"], "keyed"))
             chosen.update(keyed=keyed, keyed_compared=True, keyed_lrs=lrs,
                           **({"lr": picked["config"]["lr"]} if keyed else {}))
             _write_text(out / "chosen.json", json.dumps(chosen, indent=1))
@@ -424,7 +435,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
     out: dict[str, Any] = {"chosen": chosen, "facts": cfg.facts, "seeds": seeds,
                            "dev": [{k: r[k] for k in ("key", "adapter", "dev_exact", "train_forms_exact", "seconds")}
                                    | {"lr": r["config"]["lr"], "kinds": r["config"]["kinds"], "kl": r["neutral"]["kl"],
-                                         "rows": r["config"].get("rows", "all"),
+                                         "rows": _setting(r["config"], "rows"),
                                       "steps_run": r["report"].get("steps_run"), "best_step": r["report"].get("best_step"),
                                       "answer_loss_first": r["report"].get("answer_loss_first"),
                                       "answer_loss_last": r["report"].get("answer_loss_last"),
@@ -454,8 +465,8 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                 # the step each run kept (best dev questions) and its cap: a run kept at its cap was
                 # still improving when stopped, so the cap, not the dev questions, ended it
                 "kept_steps": [r["report"].get("best_step") for r in rs], "max_steps": rs[0]["config"]["steps"],
-                "keyed": bool(rs[0]["config"].get("keyed", False)),
-                "autocast": rs[0]["config"].get("autocast", "off"),
+                "keyed": bool(_setting(rs[0]["config"], "keyed")),
+                "autocast": _setting(rs[0]["config"], "autocast"),
                 "p_vs_base": paired_t([r["test_exact"] for r in rs], [r["base_test_exact"] for r in rs])["p"]}
 
     if test:
@@ -504,16 +515,14 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
             g.update(keyed=keyed, reverted_bit_exact=all(u["reverted_bit_exact"] for u in ups),
                      facts=sorted({u["facts"] for u in ups}), seeds=[u["seed"] for u in ups])
             out["update"].append(g)
-    # every capacity run of the first seed (each with its step cap: a capacity run need not share
-    # the current recipe's), and the current recipe's own test run at its fact count
-    # A capacity run scales its step cap (and its dev interval) with the facts, so it is of the
-    # current recipe when every other setting matches the test runs'.
+    # Every capacity run of the first seed, and the current recipe's own test run at its fact count.
+    # A capacity run scales its step cap, dev interval and dev sample with the facts, so it is of
+    # the current recipe when every other setting matches the test runs'.
     def same_recipe(r: dict[str, Any]) -> bool:
         if any(r is t for t in test):
             return True
         if not test:
             return r["key"] == f"capacity-{r['facts']}-seed{r.get('seed')}{suffix}"
-        # the step cap, the dev interval and the dev sample may scale with the facts
         loose = ("steps", "eval_every", "seed", "dev_questions")
         mine, theirs = r.get("config", {}), test[0]["config"]
         return all(_setting(mine, k) == _setting(theirs, k) for k in {*mine, *theirs} if k not in loose)
