@@ -41,14 +41,14 @@ class _StandIn:
     def train(self, mode=True):
         return self
 
-    def __call__(self, ids):
+    def __call__(self, ids, logits_at=None):
         B, T = ids.shape
         logits = torch.zeros(B, T, self.tok.get_vocab_size())
         for b in range(B):
             right = self.answers(self.tok.decode(ids[b].tolist()))
             nxt = torch.cat([ids[b, 1:], ids[b, -1:]]) if right else torch.zeros(T, dtype=torch.long)
             logits[b, torch.arange(T), nxt] = 1.0
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits if logits_at is None else logits[logits_at])
 
 
 @pytest.fixture

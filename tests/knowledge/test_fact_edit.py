@@ -3,6 +3,7 @@ read, leaves the model as it was, and its patch applies and reverts bit for bit.
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -394,3 +395,52 @@ def test_dev_question_sample_is_fixed_and_leaves_training_as_it_was(world, one_t
     assert [h["answer_loss"] for h in some["history"]] == pytest.approx([h["answer_loss"] for h in every["history"]])
     with pytest.raises(FactEditError, match="dev_questions=-1"):
         FactEditConfig(dev_questions=-1)
+
+
+def test_bf16_weight_copies_give_autocasts_patch_bit_for_bit(world, one_thread):
+    """bfloat16 copies of the frozen weights hold the values autocast's per-call casts give: the
+    edit trains the same entries to the same values, and every weight is float32 again after."""
+    model, tok = world
+    facts = invent_facts(3, seed=5, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "cloze")), chat_format(tok), True)
+    before = {n: (p.dtype, p.detach().clone()) for n, p in model.named_parameters()}
+    for keyed in (True, False):
+        cfg = FactEditConfig(lr=0.1, steps=4, batch_size=4, neutral_windows=4, neutral_len=16, keyed=keyed,
+                             autocast="bf16")
+        fast = edit_facts(model, tok, train, cfg, progress=False)
+        ref = edit_facts(model, tok, train, cfg, progress=False, bf16_copies=False)
+        assert fast.report["answer_loss_first"] == ref.report["answer_loss_first"]
+        assert fast.report["answer_loss_last"] == ref.report["answer_loss_last"]
+        for lid, lp in ref.patch.layers.items():
+            assert torch.equal(lp.new, fast.patch.layers[lid].new)
+    for n, p in model.named_parameters():
+        assert p.dtype == before[n][0] and torch.equal(p.detach(), before[n][1]), n
+    from engram.knowledge.editor import _Bf16Weights
+    copies = _Bf16Weights(model, {id(model.lm_head.weight)})
+    with copies.active():  # the copies stand in for every frozen Linear but those that train
+        assert model.lm_head.weight.dtype == torch.float32 and len(copies.swaps) > 1
+        assert all(m.weight.dtype == torch.bfloat16 for m, *_ in copies.swaps)
+
+
+def test_output_head_from_the_first_read_on_gives_the_reference_patch(world, one_thread):
+    """Running the output head and the KL only from each sentence's and window's first position
+    that reads the edit trains the same entries (keyed) and rows (hashed) to the same values as
+    computing every position: the positions before it compute as unedited."""
+    from engram.knowledge.editor import _first_reads, keys_to_train
+
+    model, tok = world
+    facts = invent_facts(3, seed=8, relations=("capital", "teacher"))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "question", "usage")),
+                       chat_format(tok), True)
+    for keyed in (True, False):
+        cfg = FactEditConfig(lr=0.1, steps=5, batch_size=4, neutral_windows=6, neutral_len=16, keyed=keyed)
+        fast = edit_facts(model, tok, train, cfg, progress=False)
+        ref = edit_facts(model, tok, train, cfg, progress=False, skip_unaffected=False)
+        assert fast.report["answer_loss_first"] == pytest.approx(ref.report["answer_loss_first"], rel=1e-5)
+        for lid, lp in ref.patch.layers.items():
+            assert torch.equal(lp.rows, fast.patch.layers[lid].rows)
+            assert torch.allclose(lp.new.float(), fast.patch.layers[lid].new.float(), atol=1e-5)
+    # the skip is real: some sentences read the edit only after their first positions
+    held = {lid: SimpleNamespace(keys=k) for lid, (k, _) in keys_to_train(model, train, "subject").items()}
+    first = torch.cat([_first_reads(model, torch.tensor([c.ids]), held, True) for c in train])
+    assert bool((first > 0).any()) and bool((first < torch.tensor([len(c.ids) for c in train])).all())

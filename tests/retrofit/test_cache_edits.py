@@ -166,16 +166,25 @@ def test_fact_edit_starting_above_the_frozen_layers_gives_the_reference_patch(ra
     train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement", "question")),
                        chat_format(tok), True)
     assert len({len(c.ids) for c in train}) > 1  # batches pad
+    dev = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("cloze",)), chat_format(tok))
     layers_before = list(decoder_layers(model.base))
     calls = []
     hook = layers_before[0].register_forward_hook(lambda *a: calls.append(1))
     for keyed in (False, True):
-        cfg = FactEditConfig(lr=0.05, steps=3, batch_size=4, neutral_windows=4, neutral_len=16, keyed=keyed)
-        calls.clear()
-        fast = edit_facts(model, tok, train, cfg, pad_id=base.pad_id, progress=False)
+        cfg = FactEditConfig(lr=0.05, steps=3, batch_size=4, neutral_windows=4, neutral_len=16, keyed=keyed,
+                             eval_every=1, patience=10)
+        calls.clear()  # dev questions scored at every step, from their captured streams too
+        fast = edit_facts(model, tok, train, cfg, pad_id=base.pad_id, progress=False, dev_cases=dev)
         fast_calls = len(calls)
         calls.clear()
-        ref = edit_facts(model, tok, train, cfg, pad_id=base.pad_id, progress=False, skip_prefix=False)
+        edit_facts(model, tok, train, cfg, pad_id=base.pad_id, progress=False)
+        assert fast_calls == len(calls) + 1  # dev questions: layer 0 ran once, to capture them in one batch
+        calls.clear()
+        ref = edit_facts(model, tok, train, cfg, pad_id=base.pad_id, progress=False, skip_prefix=False,
+                         skip_unaffected=False, dev_cases=dev)  # the reference: every layer, the head everywhere
+        assert [h["dev_nll"] for h in fast.report["history"]] == pytest.approx(
+            [h["dev_nll"] for h in ref.report["history"]], rel=1e-5)
+        assert len(fast.report["history"]) == 3
         assert fast_calls < len(calls)  # the fast path ran layer 0 only to capture, never in a step
         for lid, lp in ref.patch.layers.items():
             got = fast.patch.layers[lid]

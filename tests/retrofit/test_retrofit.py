@@ -249,3 +249,27 @@ def test_lora_beside_engram_and_alone(tiny_base, tmp_path, one_thread):
     loaded.remove_hooks()
     with pytest.raises(ConfigError, match="nothing to train"):
         RetrofitConfig(layers=(), lora_rank=0)
+
+
+def test_logits_at_are_the_full_logits_at_those_positions(random_retrofit, tiny):
+    """``logits_at`` runs the output head on the chosen positions only and gives the full
+    forward's logits there, for a retrofit (its head run after the base) and a model of our own;
+    the head is put back after, and a mask of another shape is refused."""
+    from engram.errors import EngramError
+    from engram.knowledge.scoring import logits_at
+
+    retro, _ = random_retrofit()
+    own = tiny.model(vocab=tiny.VOCAB)
+    ids = torch.randint(2, tiny.VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(3, 12, generator=torch.Generator().manual_seed(1)) < 0.3
+    for model in (retro.eval(), own.eval()):
+        head = model.base.get_output_embeddings() if model is retro else model.lm_head
+        with torch.no_grad():
+            full = model(ids).logits
+            got = model(ids, logits_at=mask).logits
+        assert got.shape == (int(mask.sum()), full.shape[-1])
+        assert torch.allclose(got, full[mask], atol=1e-5)
+        assert torch.equal(logits_at(model, ids, mask), got)
+        assert (model.base.get_output_embeddings() if model is retro else model.lm_head) is head
+        with pytest.raises(EngramError, match="logits_at must be"):
+            model(ids, logits_at=mask[:, :5])

@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -210,18 +211,30 @@ def keys_to_train(model: Any, cases: Sequence[Case], which: str) -> dict[int, tu
 
 def _neutral_kl(fwd: Callable[..., torch.Tensor], neutral: torch.Tensor, sel: torch.Tensor,
                 neutral_top: Optional[tuple[torch.Tensor, torch.Tensor]], neutral_lp: Optional[torch.Tensor],
-                reads: Optional[torch.Tensor], states: Optional[dict[int, torch.Tensor]] = None) -> Optional[torch.Tensor]:
+                reads: Optional[torch.Tensor], states: Optional[dict[int, torch.Tensor]] = None,
+                first: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Mean KL(unedited || edited) over every position of the neutral windows ``sel`` [m] (the
     unedited model as its cached top-k, or in full); with ``reads`` the windows that read no
     trained entry are not computed (their KL is 0, their positions still count). None when
-    every window is skipped. ``states``: the windows' captured streams, passed to ``fwd``."""
+    every window is skipped. ``states``: the windows' captured streams, passed to ``fwd``.
+    ``first`` [n] (with the cached top-k): each window's first position that reads the edit
+    (:func:`_first_reads`); the output head runs from there on only, as the positions before
+    it compute as unedited (KL 0, no gradient; they still count in the mean)."""
     m = sel.numel()
     if reads is not None:
         sel = sel[reads[sel]]
+    if first is not None:
+        sel = sel[first[sel] < neutral.shape[1]]
     if not sel.numel():
         return None
     nb = neutral[sel]
-    logits = fwd(nb) if states is None else fwd(nb, torch.stack([states[int(w)] for w in sel]))
+    st = None if states is None else torch.stack([states[int(w)] for w in sel])
+    if first is not None and neutral_top is not None:
+        at = torch.arange(nb.shape[1])[None, :] >= first[sel][:, None]  # [m', L]
+        rows = fwd(nb, st, at)  # [M, V]
+        kl = _kl_topk_rows(rows, neutral_top[0][sel][at], neutral_top[1][sel][at]).sum()
+        return kl / (m * nb.shape[1])
+    logits = fwd(nb) if st is None else fwd(nb, st)
     everywhere = torch.ones(nb.shape, dtype=torch.bool)
     if neutral_top is not None:
         kl = _kl_topk(logits, everywhere, neutral_top[0][sel].flatten(0, 1), neutral_top[1][sel].flatten(0, 1))
@@ -242,6 +255,52 @@ def _windows_reading(model: Any, windows: torch.Tensor, held: dict[int, Any]) ->
     return hit
 
 
+@torch.no_grad()
+def _first_reads(model: Any, ids: torch.Tensor, held: dict[int, Any], keyed: bool,
+                 chunk: int = 512) -> torch.Tensor:
+    """[N] the first position of each row of ``ids`` [N,T] that reads, at some head, a trained
+    keyed entry (``keyed``) or a trained row; T where none does. A position sees only itself and
+    earlier ones, so every position before that computes exactly as in the unedited model."""
+    N, T = ids.shape
+    out = torch.full((N,), T, dtype=torch.long)
+    for s in range(0, N, chunk):
+        part = ids[s:s + chunk]
+        hash_ids = model.compute_hash_ids(part)
+        hit = torch.zeros(part.shape, dtype=torch.bool)
+        for e in model.engram_layers:
+            if e.layer_id in held:
+                h, mhe = hash_ids[e.layer_id], e.multi_head_embedding
+                read, trained = (mhe.keys(h), held[e.layer_id].keys) if keyed else (mhe.rows(h), held[e.layer_id].rows)
+                hit |= torch.isin(read, trained).any(-1)
+        out[s:s + chunk] = torch.where(hit.any(1), hit.long().argmax(1), torch.tensor(T))
+    return out
+
+
+@torch.no_grad()
+def _capture(model: Any, cases: Sequence[Case], pad_id: int, layer: int,
+             batch_size: int = 32) -> Optional[list[torch.Tensor]]:
+    """Each case's stream entering decoder ``layer`` [len, D], in float32 as dev questions are
+    scored (the output head runs on no position); None when the model could not capture it."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(cases)
+    order = sorted(range(len(cases)), key=lambda i: len(cases[i].ids))
+    was = model.training
+    model.eval()
+    try:
+        with model.capturing_input_of(layer) as got:
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                ids, _ = pad_batch([cases[i] for i in idx], pad_id)
+                got.clear()
+                model(ids, logits_at=torch.zeros(ids.shape, dtype=torch.bool))
+                if len(got) != 1 or got[0] is None:
+                    return None
+                for j, i in enumerate(idx):
+                    out[i] = got[0][j, :len(cases[i].ids)].clone()
+    finally:
+        model.train(was)
+    return out
+
+
 def _prefix_layer(model: Any) -> Optional[int]:
     """The decoder layer a step can start at (the first Engram layer, when the model can capture
     and stand in for the frozen layers below it: ``RetrofitLM``), else None."""
@@ -251,11 +310,43 @@ def _prefix_layer(model: Any) -> Optional[int]:
     return first if first and first >= 1 else None
 
 
+class _Bf16Weights:
+    """bfloat16 copies of the model's frozen float32 ``nn.Linear`` weights and biases, swapped in
+    inside :meth:`active`. bfloat16 autocast casts a float32 weight again at every call (it keeps
+    the casts only of weights that train), about a tenth of a step here; a copy holds the values
+    that cast gives, so a step's results are the same bit for bit. ``training``: ids of the
+    parameters that train (LoRA's, a control's layer weights), left as they are."""
+
+    def __init__(self, model: Any, training: set[int]) -> None:
+        self.swaps: list[tuple[nn.Module, str, torch.Tensor, nn.Parameter]] = []
+        for m in model.modules():
+            if type(m) is not nn.Linear or m.weight.dtype != torch.float32:
+                continue
+            held = [(n, p) for n, p in (("weight", m.weight), ("bias", m.bias)) if p is not None]
+            if any(id(p) in training for _, p in held):
+                continue
+            for n, p in held:
+                self.swaps.append((m, n, p, nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        for m, n, _, b in self.swaps:
+            setattr(m, n, b)
+        try:
+            yield
+        finally:
+            for m, n, p, _ in self.swaps:
+                setattr(m, n, p)
+
+
 @contextlib.contextmanager
-def _autocast(cfg: FactEditConfig) -> Iterator[None]:
-    """The training forwards' precision: bfloat16 autocast with ``autocast="bf16"``, else a no-op.
-    torch warns once per norm that float32 weights meet bfloat16 inputs: expected here, so muted."""
-    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+def _autocast(cfg: FactEditConfig, weights: Optional[_Bf16Weights] = None) -> Iterator[None]:
+    """The training forwards' precision: bfloat16 autocast with ``autocast="bf16"`` (reading the
+    frozen weights' bfloat16 ``weights`` when given), else a no-op. torch warns once per norm
+    that float32 weights meet bfloat16 inputs: expected here, so muted."""
+    on = cfg.autocast == "bf16"
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=on), \
+            (weights.active() if on and weights is not None else contextlib.nullcontext()):
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
         yield
 
@@ -284,13 +375,25 @@ def _kl_topk(edited_logits: torch.Tensor, mask: torch.Tensor, top_ids: torch.Ten
     when the rest is empty); ``top_ids`` / ``top_logp`` [M, k] for the M masked positions in order."""
     if not bool(mask.any()):
         return edited_logits.sum() * 0
-    lq = F.log_softmax(edited_logits[mask].float(), -1)
+    return _kl_topk_rows(edited_logits[mask], top_ids, top_logp).mean()
+
+
+def _kl_topk_rows(edited_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor) -> torch.Tensor:
+    """:func:`_kl_topk` per position: edited logits [M,V], the base's ``top_ids`` / ``top_logp``
+    [M,k] -> KL [M]."""
+    lq = F.log_softmax(edited_logits.float(), -1)
     q_k = lq.gather(-1, top_ids)
     p_k = top_logp.exp()
     p_rest = (1 - p_k.sum(-1)).clamp_min(1e-12)
     q_rest = (1 - q_k.exp().sum(-1)).clamp_min(1e-12)
-    kl = (p_k * (top_logp - q_k)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
-    return kl.mean()
+    return (p_k * (top_logp - q_k)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+def _other_positions(case: Case) -> torch.Tensor:
+    """The positions of one case that :func:`_other_mask` marks, in order [m]."""
+    a, n = len(case.prompt_ids), len(case.answer_ids)
+    pos = torch.arange(len(case.ids) - 1)
+    return pos[(pos < a - 1) | (pos >= a - 1 + n)]
 
 
 def _other_mask(batch: Sequence[Case], ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
@@ -419,7 +522,8 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                provenance: Optional[dict[str, Any]] = None, progress: bool = True,
                on_eval: Optional[Callable[[int, dict[str, Any]], None]] = None,
                extra: Optional[dict[str, torch.nn.Parameter]] = None, extra_lr: float = 0.0,
-               train_tables: bool = True, skip_unread_neutral: bool = True, skip_prefix: bool = True) -> EditResult:
+               train_tables: bool = True, skip_unread_neutral: bool = True, skip_prefix: bool = True,
+               bf16_copies: bool = True, skip_unaffected: bool = True) -> EditResult:
     """Train the rows ``train_cases`` read (see the module docstring) and return the patch.
 
     ``dev_cases`` (held-out questions) drive the stopping; without them training runs ``steps``.
@@ -434,6 +538,11 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     ``skip_prefix=False`` computes every decoder layer at every step, also those below the first
     Engram layer, whose output never changes (the slow reference; the result is the same up to
     rounding).
+    ``bf16_copies=False`` lets bfloat16 autocast cast the frozen weights at every forward (the
+    slow reference of the copies of :class:`_Bf16Weights`; the result is the same).
+    ``skip_unaffected=False`` runs the output head at every position, also before a row's first
+    position that reads the edit, where the model computes as unedited (the slow reference of
+    that skip, with the cached top-k; the result is the same up to rounding).
     """
     if extra is not None and not (extra and extra_lr > 0 and cfg.kl_topk > 0 and cfg.layer_lr == 0):
         raise FactEditError("extra weights need a non-empty set, extra_lr > 0, kl_topk > 0 (the unedited model "
@@ -468,13 +577,15 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         held = ({lid: _Rows(tables[lid], r) for lid, r in rows_to_train(model, train_cases, cfg.rows).items()}
                 if train_tables else {})
 
-    def fwd(x: torch.Tensor, states: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The edited model's logits (keyed: entries read per call); with ``states`` [B,T,D] the
-        layers below ``start`` are not computed (see :func:`_prefix_layer`)."""
+    def fwd(x: torch.Tensor, states: Optional[torch.Tensor] = None, at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The edited model's logits [B,T,V] (keyed: entries read per call), or [M,V] at the
+        positions of ``at`` [B,T]; with ``states`` [B,T,D] the layers below ``start`` are not
+        computed (see :func:`_prefix_layer`)."""
+        kw = {} if at is None else {"logits_at": at}
         with model.starting_at(start, states) if states is not None else contextlib.nullcontext():
             if keyed:
-                return model(x, patches=[{lid: h.overlay() for lid, h in held.items()}]).logits
-            return model(x).logits
+                return model(x, patches=[{lid: h.overlay() for lid, h in held.items()}], **kw).logits
+            return model(x, **kw).logits
 
     fingerprint = model_fingerprint(model) if train_tables else None
     base_tables = {lid: w.detach().clone() for lid, w in tables.items()}
@@ -493,9 +604,12 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
              and cfg.kl_weight > 0 and cfg.kl_topk else None)
     sent_states: Optional[list[Optional[torch.Tensor]]] = [] if start else None
     win_states: Optional[dict[int, torch.Tensor]] = {} if start else None
+    layer = dict(extra) if extra is not None else layer_parameters(model) if cfg.layer_lr > 0 else {}
+    bf16 = (_Bf16Weights(model, {id(p) for p in layer.values()}) if cfg.autocast == "bf16" and bf16_copies
+            else None)
     # The unedited model's distributions are computed at the training forwards' precision, so
     # that rounding alone gives a KL of exactly 0 (dev questions are scored in float32).
-    with _autocast(cfg):
+    with _autocast(cfg, bf16):
         if cfg.neutral_kl_weight > 0:
             if cfg.kl_topk:
                 neutral_top = windows_topk(model, neutral, cfg.kl_topk, only=reads, states=win_states,
@@ -509,8 +623,30 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         need = [] if neutral_top is None else range(len(neutral)) if reads is None else reads.nonzero().flatten().tolist()
         if any(h is None for h in sent_states) or any(int(w) not in win_states for w in need):
             start = None  # a layer returned no plain tensor: every step computes every layer
+    # Dev questions are scored from the same layer on, from their streams captured once.
+    dev_prefix = None
+    if start and dev_cases:
+        captured = _capture(model, dev_cases, pad_id, start)
+        dev_prefix = (start, captured) if captured is not None else None
+    # Before a sentence's (or window's) first position that reads a trained entry or row, the
+    # model computes as unedited: no KL, no gradient. The output head (and the KL) runs from
+    # there on only, so each case's cached top-k keeps just those positions; its count of other
+    # positions stays the mean's denominator. Only while the tables alone train (extra or
+    # layer weights change every position).
+    first = first_win = None
+    n_other: list[int] = []
+    if skip_unaffected and train_tables and not layer and held:
+        if cached is not None:
+            first = torch.cat([_first_reads(model, pad_batch(train_cases[s:s + 512], pad_id)[0], held, keyed)
+                               for s in range(0, len(train_cases), 512)])
+            for i, c in enumerate(train_cases):
+                pos = _other_positions(c)
+                n_other.append(int(pos.numel()))
+                keep = pos >= first[i]
+                cached[i] = (cached[i][0][keep], cached[i][1][keep])
+        if neutral_top is not None:
+            first_win = _first_reads(model, neutral, held, keyed)
     opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98)) if held else None
-    layer = dict(extra) if extra is not None else layer_parameters(model) if cfg.layer_lr > 0 else {}
     layer_before = {n: p.detach().clone() for n, p in layer.items()}
     layer_opt = torch.optim.Adam(list(layer.values()), lr=extra_lr if extra is not None else cfg.layer_lr) if layer else None
 
@@ -556,7 +692,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             if cfg.kl_weight > 0 and cached is None:  # the reference: the unedited model in full, each step
                 for h in held.values():
                     h.write(edited=False)
-                with _autocast(cfg):
+                with _autocast(cfg, bf16):
                     base_lp = logprobs(model, ids)
             if not keyed:
                 for h in held.values():
@@ -566,21 +702,31 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 batch_states = torch.zeros(*ids.shape, sent_states[chosen[0]].shape[-1])
                 for j, i in enumerate(chosen):
                     batch_states[j, :len(train_cases[i].ids)] = sent_states[i]
-            with _autocast(cfg):
-                logits = fwd(ids, batch_states)
+            with _autocast(cfg, bf16):
                 tgt = torch.roll(ids, -1, dims=1)
-                loss = F.cross_entropy(logits[ans].float(), tgt[ans])
-                total = loss
-                if base_lp is not None:
-                    total = total + cfg.kl_weight * _kl(logits, base_lp, other)
-                elif cached is not None:
+                if first is not None:  # the output head where the edit can act: answers, and others from the first read on
+                    kl_at = other & (torch.arange(ids.shape[1])[None, :] >= first[chosen][:, None])
+                    need = ans | kl_at
+                    rows = fwd(ids, batch_states, need)  # [M,V]
+                    loss = F.cross_entropy(rows[ans[need]].float(), tgt[ans])
                     top_ids = torch.cat([cached[i][0] for i in chosen])
                     top_lp = torch.cat([cached[i][1] for i in chosen])
-                    total = total + cfg.kl_weight * _kl_topk(logits, other, top_ids, top_lp)
+                    kl = _kl_topk_rows(rows[kl_at[need]], top_ids, top_lp).sum() / max(1, sum(n_other[i] for i in chosen))
+                    total = loss + cfg.kl_weight * kl
+                else:
+                    logits = fwd(ids, batch_states)
+                    loss = F.cross_entropy(logits[ans].float(), tgt[ans])
+                    total = loss
+                    if base_lp is not None:
+                        total = total + cfg.kl_weight * _kl(logits, base_lp, other)
+                    elif cached is not None:
+                        top_ids = torch.cat([cached[i][0] for i in chosen])
+                        top_lp = torch.cat([cached[i][1] for i in chosen])
+                        total = total + cfg.kl_weight * _kl_topk(logits, other, top_ids, top_lp)
                 if cfg.neutral_kl_weight > 0:
                     k = (2 * step) % len(neutral)
                     kl_n = _neutral_kl(fwd, neutral, torch.arange(k, min(k + 2, len(neutral))), neutral_top,
-                                       neutral_lp, reads, win_states if start else None)
+                                       neutral_lp, reads, win_states if start else None, first_win)
                     if kl_n is not None:
                         total = total + cfg.neutral_kl_weight * kl_n
             if not torch.isfinite(total):
@@ -599,7 +745,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             if dev_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
                 for h in held.values():
                     h.write(edited=True)
-                dev = score(model, dev_cases, pad_id)
+                dev = score(model, dev_cases, pad_id, prefix=dev_prefix)
                 if keyed:
                     for h in held.values():
                         h.write(edited=False)

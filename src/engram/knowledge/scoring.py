@@ -14,7 +14,10 @@ only ever used to measure.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -104,15 +107,37 @@ def pad_batch(cases: Sequence[Case], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, ans
 
 
+def logits_at(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits [M,V] at the positions of ``mask`` [B,T], row by row: through the
+    model's own ``logits_at`` where it takes one (its output head then runs there alone), else
+    taken from the full logits (e.g. a plain Hugging Face model)."""
+    call = getattr(model, "forward", None) or model.__call__
+    try:
+        takes = "logits_at" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return model(ids, logits_at=mask).logits if takes else model(ids).logits[mask]
+
+
 @torch.no_grad()
-def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32) -> dict[str, Any]:
+def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32,
+          prefix: Optional[tuple[int, Sequence[torch.Tensor]]] = None) -> dict[str, Any]:
     """Exact whole answers, first-token top-1 and rank, the answer tokens' mean negative
     log-likelihood, per case and in the mean (questions longer
-    than the model's positions are left out and counted in ``too_long``)."""
+    than the model's positions are left out and counted in ``too_long``).
+
+    ``prefix`` (layer, streams): each case's stream entering decoder ``layer`` [len, D], captured
+    once (``RetrofitLM.capturing_input_of``) while the layers below it cannot change; the
+    forwards then start there (``RetrofitLM.starting_at``)."""
     limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
     n_asked = len(cases)
+    if prefix is not None and len(prefix[1]) != len(cases):
+        raise EngramError(f"score: {len(prefix[1])} captured streams for {len(cases)} questions")
     if limit:  # questions longer than the model's positions are left out, and counted
-        cases = [c for c in cases if len(c.ids) <= limit]
+        keep = [i for i, c in enumerate(cases) if len(c.ids) <= limit]
+        cases = [cases[i] for i in keep]
+        if prefix is not None:
+            prefix = (prefix[0], [prefix[1][i] for i in keep])
     n_cases = len(cases)
     exact, top1 = [False] * n_cases, [False] * n_cases
     rank, nll = [0] * n_cases, [0.0] * n_cases
@@ -123,12 +148,22 @@ def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32) 
     try:
         for s in range(0, n_cases, batch_size):
             idx = order[s:s + batch_size]
-            ids, _ = pad_batch([cases[i] for i in idx], pad_id)
-            logits = model(ids).logits.float()
-            for row, i in enumerate(idx):
+            ids, ans = pad_batch([cases[i] for i in idx], pad_id)
+            given = contextlib.nullcontext()
+            if prefix is not None:  # the captured streams, padded like the ids (padding is never scored)
+                states = torch.zeros(*ids.shape, prefix[1][idx[0]].shape[-1], dtype=prefix[1][idx[0]].dtype)
+                for j, i in enumerate(idx):
+                    states[j, :len(cases[i].ids)] = prefix[1][i]
+                given = model.starting_at(prefix[0], states)
+            # only the positions that predict an answer token are scored: the output head runs there alone
+            with given:
+                logits = logits_at(model, ids, ans).float()  # [M,V], the rows' answer positions in order
+            at = 0
+            for i in idx:
                 c = cases[i]
-                a, n = len(c.prompt_ids), len(c.answer_ids)
-                lg = logits[row, a - 1:a - 1 + n]
+                n = len(c.answer_ids)
+                lg = logits[at:at + n]
+                at += n
                 gold = torch.tensor(c.answer_ids)
                 exact[i] = bool((lg.argmax(-1) == gold).all())
                 nll[i] = float(F.cross_entropy(lg, gold))
@@ -182,8 +217,9 @@ class ScoredAs:
         self.model.train(mode)
         return self
 
-    def __call__(self, ids: torch.Tensor) -> Any:
-        return self.call(ids)
+    def __call__(self, ids: torch.Tensor, logits_at: Optional[torch.Tensor] = None) -> Any:
+        out = self.call(ids)
+        return out if logits_at is None else SimpleNamespace(logits=out.logits[logits_at])
 
 
 @torch.no_grad()

@@ -375,7 +375,7 @@ class EngramLM(nn.Module):
                 cache: Optional[InferenceCache] = None, output_gates: bool = False,
                 output_gate_inputs: bool = False, ablate_engram: bool = False,
                 attention_mask: Optional[torch.Tensor] = None,
-                patches: Optional[Sequence[Any]] = None) -> ModelOutput:
+                patches: Optional[Sequence[Any]] = None, logits_at: Optional[torch.Tensor] = None) -> ModelOutput:
         """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy if targets are given).
 
         ``output_gates`` / ``output_gate_inputs``: also return every Engram layer's gates /
@@ -387,9 +387,14 @@ class EngramLM(nn.Module):
         ``patches``: a stack of loaded patches (or ``{layer_id: RowOverlay}`` mappings) read for
         this call only, as if applied in order to a copy of the tables; the tables are not
         written (``engram.model.table.stack_overlays``). None or [] reads the tables alone.
+        ``logits_at`` [B,T] bool: the logits [M,V] at those positions only, row by row (the output
+        head runs on them alone; not with ``targets``).
         """
         if input_ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if logits_at is not None and (targets is not None or logits_at.shape != input_ids.shape):
+            raise EngramError(f"logits_at must be a [batch, time] mask of the input's shape {tuple(input_ids.shape)} "
+                              f"(got {tuple(logits_at.shape)}), and cannot be combined with targets")
         B, T = input_ids.shape
         V = self.cfg.vocab_size
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
@@ -433,7 +438,8 @@ class EngramLM(nn.Module):
                 gate_inputs[block.layer_id] = engram_out.gate_inputs
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(h.sum(dim=2)))  # branches are summed back into one stream
+        hidden = self.norm(h.sum(dim=2))  # branches are summed back into one stream
+        logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))

@@ -25,7 +25,7 @@ from engram.model.layer import EngramLayer, GateInputs
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B,T,V]
+    logits: torch.Tensor  # [B,T,V]; [M,V] at the M positions of a forward's ``logits_at`` mask
     loss: Optional[torch.Tensor] = None  # mean cross-entropy, when targets are given
     gates: Optional[dict[int, torch.Tensor]] = None  # output_gates: {layer_id: alpha [B,T,M]}
     gate_inputs: Optional[dict[int, GateInputs]] = None  # output_gate_inputs: {layer_id: (h, e)}
@@ -62,10 +62,11 @@ class LanguageModel(Protocol):
                  hash_ids: Optional[dict[int, torch.Tensor]] = None, cache: Any = None,
                  output_gates: bool = False, output_gate_inputs: bool = False,
                  ablate_engram: bool = False, attention_mask: Optional[torch.Tensor] = None,
-                 patches: Optional[Sequence[Any]] = None) -> ModelOutput:
+                 patches: Optional[Sequence[Any]] = None, logits_at: Optional[torch.Tensor] = None) -> ModelOutput:
         """input_ids [B,T] -> logits [B,T,V]; with ``cache`` T is the new positions of this call;
         ``attention_mask`` [B,T] (1 real, 0 padding) runs left-padded rows as if each were alone;
-        ``patches`` a stack of patches read for this call only (``engram.model.table.stack_overlays``)."""
+        ``patches`` a stack of patches read for this call only (``engram.model.table.stack_overlays``);
+        ``logits_at`` [B,T] bool: logits [M,V] at those positions only (the output head skips the rest)."""
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, rollback: int = 0) -> Any:
         """An empty cache; ``rollback`` > 0 lets ``truncate_cache`` drop that many newest positions."""

@@ -500,9 +500,11 @@ class RetrofitLM(nn.Module):
                 hash_ids: Optional[dict[int, torch.Tensor]] = None, cache: Optional[RetrofitCache] = None,
                 output_gates: bool = False, output_gate_inputs: bool = False,
                 ablate_engram: bool = False, attention_mask: Optional[torch.Tensor] = None,
-                patches: Optional[Sequence[Any]] = None) -> ModelOutput:
+                patches: Optional[Sequence[Any]] = None, logits_at: Optional[torch.Tensor] = None) -> ModelOutput:
         """input_ids [B,T] -> logits [B,T,V] (and mean cross-entropy with targets), as ``EngramLM``.
         ``patches``: read for this call only, as ``EngramLM``'s (the tables are not written).
+        ``logits_at`` [B,T] bool: logits [M,V] at those positions only, row by row, as ``EngramLM``'s
+        (the output head, a large share of a small model's work, runs on those positions alone).
 
         ``attention_mask`` [B,T] (1 real, 0 padding) for this call's tokens, as ``EngramLM``'s:
         the cache remembers earlier calls' padding, and the base gets the whole mask and the
@@ -520,17 +522,37 @@ class RetrofitLM(nn.Module):
                          "overlays": overlays}
         kv = cache.kv if cache is not None else None
         padded = self._padding_kwargs(input_ids, attention_mask, cache)
+        if logits_at is not None and (targets is not None or logits_at.shape != input_ids.shape):
+            raise EngramError(f"logits_at must be a [batch, time] mask of the input's shape {tuple(input_ids.shape)} "
+                              f"(got {tuple(logits_at.shape)}), and cannot be combined with targets")
+        head = self._plain_head() if logits_at is not None else None
         try:
+            if head is not None:  # the base returns its final hidden states; the head runs below
+                self.base.set_output_embeddings(nn.Identity())
             out = self.base(input_ids=input_ids, use_cache=cache is not None, **{self._cache_kwarg: kv}, **padded)
         finally:
             self._pending = None
+            if head is not None:
+                self.base.set_output_embeddings(head)
         call = self._last_call
         logits = out.logits
+        if logits_at is not None:
+            logits = head(logits[logits_at]) if head is not None else logits[logits_at]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1))
         return ModelOutput(logits=logits, loss=loss, gates=call.gates if output_gates else None,
                            gate_inputs=call.gate_inputs if output_gate_inputs else None)
+
+    def _plain_head(self) -> Optional[nn.Module]:
+        """The base's output head when its logits are that head applied to the final hidden states
+        and nothing after (so it can run on chosen positions alone), else None (e.g. softcapped
+        logits): ``logits_at`` then takes the positions from the full logits."""
+        head = self.base.get_output_embeddings()
+        cfg = getattr(self.base, "config", None)
+        if not isinstance(head, nn.Linear) or getattr(cfg, "final_logit_softcapping", None):
+            return None
+        return head
 
     def _padding_kwargs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                         cache: Optional[RetrofitCache]) -> dict[str, torch.Tensor]:
