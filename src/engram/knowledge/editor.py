@@ -63,7 +63,16 @@ from tqdm.auto import tqdm
 
 from engram.config import TableLocation
 from engram.knowledge.edit_config import FactEditConfig, FactEditError
-from engram.knowledge.scoring import Case, fact_cases, logprobs, marked_cases, neutral_windows, pad_batch, score
+from engram.knowledge.scoring import (
+    Case,
+    fact_cases,
+    logits_at,
+    logprobs,
+    marked_cases,
+    neutral_windows,
+    pad_batch,
+    score,
+)
 from engram.knowledge.templates import chat_format, templates
 from engram.model.table import KeyedOverlay
 from engram.patches.apply import apply_to_model, model_fingerprint, revert_from_model
@@ -427,14 +436,31 @@ def _logprobs_capturing(model: Any, ids: torch.Tensor, batch_size: int,
     return lp, (torch.cat(got) if got and all(g is not None for g in got) else None)
 
 
+def _logprobs_at_capturing(model: Any, ids: torch.Tensor, at: torch.Tensor,
+                           start: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log p [M,V] (float32) at the positions of ``at`` [B,T] only, and with ``start`` the
+    stream entering decoder layer ``start`` [B,T,D] (as :func:`_logprobs_capturing`)."""
+    was = model.training
+    model.eval()
+    try:
+        if start is None:
+            return F.log_softmax(logits_at(model, ids, at).float(), -1), None
+        with model.capturing_input_of(start) as got:
+            rows = logits_at(model, ids, at)
+        return F.log_softmax(rows.float(), -1), (torch.cat(got) if got and all(g is not None for g in got) else None)
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
 def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size: int = 32,
               states: Optional[list[Optional[torch.Tensor]]] = None,
-              start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+              start: int = 0, first: Optional[torch.Tensor] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per case, the unedited model's top-``k`` next tokens and their log-probs at the case's
     other (non-answer) positions: ([m, k] int64, [m, k] float32). With ``states`` (a list, filled
     in case order) and ``start``, also each case's stream entering decoder layer ``start``
-    [len, D], captured on the way (see :func:`_prefix_layer`)."""
+    [len, D], captured on the way (see :func:`_prefix_layer`). ``first`` [n]: only the other
+    positions from each case's ``first[i]`` on (the output head runs there alone)."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))] * len(cases)
     if states is not None:
         states[:] = [None] * len(cases)
@@ -443,8 +469,18 @@ def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size
         idx = order[s:s + batch_size]
         batch = [cases[i] for i in idx]
         ids, ans = pad_batch(batch, pad_id)
-        lp, h = _logprobs_capturing(model, ids, batch_size, start if states is not None else None)
         other = _other_mask(batch, ids, ans)
+        if first is not None:
+            at = other & (torch.arange(ids.shape[1])[None, :] >= first[idx][:, None])
+            lp, h = _logprobs_at_capturing(model, ids, at, start if states is not None else None)
+            top = lp.topk(min(k, lp.shape[-1]), -1)
+            parts = zip(top.indices.split(at.sum(1).tolist()), top.values.split(at.sum(1).tolist()))
+            for j, (i, (ti, tv)) in enumerate(zip(idx, parts)):
+                out[i] = (ti.clone(), tv.clone())
+                if h is not None:
+                    states[i] = h[j, :len(cases[i].ids)].clone()
+            continue
+        lp, h = _logprobs_capturing(model, ids, batch_size, start if states is not None else None)
         top = lp.topk(min(k, lp.shape[-1]), -1)
         for j, i in enumerate(idx):
             out[i] = (top.indices[j][other[j]].clone(), top.values[j][other[j]].clone())
@@ -456,25 +492,35 @@ def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size
 @torch.no_grad()
 def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8,
                  only: Optional[torch.Tensor] = None, states: Optional[dict[int, torch.Tensor]] = None,
-                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 start: int = 0, first: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The unedited model's top-``k`` next tokens and their log-probs at every position of
     ``windows`` [n, L]: ([n, L, k] int64, [n, L, k] float32); a batch at a time, so the full
     [n, L, V] log-probs are never held. ``only`` [n] bool: compute those windows alone (the
     others' entries are left 0: the caller never reads them). With ``states`` (a dict, filled)
-    and ``start``: each computed window's stream entering decoder layer ``start`` [L, D]."""
+    and ``start``: each computed window's stream entering decoder layer ``start`` [L, D].
+    ``first`` [n]: only the positions from each window's ``first[w]`` on (the others are left 0)."""
     n, L = windows.shape
     sel = torch.arange(n) if only is None else only.nonzero().flatten()
     ids = lps = None
     for s in range(0, len(sel), batch_size):
         part = sel[s:s + batch_size]
-        lp, h = _logprobs_capturing(model, windows[part], batch_size, start if states is not None else None)
+        at = None if first is None else torch.arange(L)[None, :] >= first[part][:, None]  # [b, L]
+        if at is None:
+            lp, h = _logprobs_capturing(model, windows[part], batch_size, start if states is not None else None)
+        else:
+            lp, h = _logprobs_at_capturing(model, windows[part], at, start if states is not None else None)
         if h is not None:
             states.update({int(w): h[j].clone() for j, w in enumerate(part)})
         top = lp.topk(min(k, lp.shape[-1]), -1)
         if ids is None:
             ids = torch.zeros(n, L, top.indices.shape[-1], dtype=torch.long)
             lps = torch.zeros(n, L, top.indices.shape[-1])
-        ids[part], lps[part] = top.indices, top.values
+        if at is None:
+            ids[part], lps[part] = top.indices, top.values
+        else:
+            got_i, got_v = ids[part], lps[part]
+            got_i[at], got_v[at] = top.indices, top.values
+            ids[part], lps[part] = got_i, got_v
     if ids is None:  # no window to compute
         return torch.zeros(n, L, k, dtype=torch.long), torch.zeros(n, L, k)
     return ids, lps
@@ -607,20 +653,38 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     layer = dict(extra) if extra is not None else layer_parameters(model) if cfg.layer_lr > 0 else {}
     bf16 = (_Bf16Weights(model, {id(p) for p in layer.values()}) if cfg.autocast == "bf16" and bf16_copies
             else None)
+    # Before a sentence's (or window's) first position that reads a trained entry or row, the
+    # model computes as unedited: no KL, no gradient. The output head (and the KL) runs from
+    # there on only, and the unedited model's top-k is cached for those positions alone; a
+    # case's count of other positions stays the mean's denominator. Only while the tables alone
+    # train (extra or layer weights change every position), with the cached top-k.
+    first = first_win = None
+    n_other: list[int] = []
+    if skip_unaffected and train_tables and not layer and held and cfg.kl_topk:
+        if cfg.kl_weight > 0:
+            first = torch.cat([_first_reads(model, pad_batch(train_cases[s:s + 512], pad_id)[0], held, keyed)
+                               for s in range(0, len(train_cases), 512)])
+            n_other = [int(_other_positions(c).numel()) for c in train_cases]
+        if cfg.neutral_kl_weight > 0:
+            first_win = _first_reads(model, neutral, held, keyed)
+    # the neutral windows whose top-k is needed: those that read the edit somewhere (all without a skip)
+    win_only = reads if first_win is None else (first_win < neutral.shape[1]) & (reads if reads is not None else True)
     # The unedited model's distributions are computed at the training forwards' precision, so
     # that rounding alone gives a KL of exactly 0 (dev questions are scored in float32).
     with _autocast(cfg, bf16):
         if cfg.neutral_kl_weight > 0:
             if cfg.kl_topk:
-                neutral_top = windows_topk(model, neutral, cfg.kl_topk, only=reads, states=win_states,
-                                           start=start or 0)
+                neutral_top = windows_topk(model, neutral, cfg.kl_topk, only=win_only, states=win_states,
+                                           start=start or 0, first=first_win)
             else:  # the reference: the full distribution
                 neutral_lp = logprobs(model, neutral)
         # The unedited model's answers on the sentences never change: computed once, kept as top-k.
-        cached = (base_topk(model, train_cases, pad_id, cfg.kl_topk, states=sent_states, start=start or 0)
+        cached = (base_topk(model, train_cases, pad_id, cfg.kl_topk, states=sent_states, start=start or 0,
+                            first=first)
                   if cfg.kl_weight > 0 and cfg.kl_topk else None)
     if start:
-        need = [] if neutral_top is None else range(len(neutral)) if reads is None else reads.nonzero().flatten().tolist()
+        need = ([] if neutral_top is None else range(len(neutral)) if win_only is None
+                else win_only.nonzero().flatten().tolist())
         if any(h is None for h in sent_states) or any(int(w) not in win_states for w in need):
             start = None  # a layer returned no plain tensor: every step computes every layer
     # Dev questions are scored from the same layer on, from their streams captured once.
@@ -628,24 +692,6 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     if start and dev_cases:
         captured = _capture(model, dev_cases, pad_id, start)
         dev_prefix = (start, captured) if captured is not None else None
-    # Before a sentence's (or window's) first position that reads a trained entry or row, the
-    # model computes as unedited: no KL, no gradient. The output head (and the KL) runs from
-    # there on only, so each case's cached top-k keeps just those positions; its count of other
-    # positions stays the mean's denominator. Only while the tables alone train (extra or
-    # layer weights change every position).
-    first = first_win = None
-    n_other: list[int] = []
-    if skip_unaffected and train_tables and not layer and held:
-        if cached is not None:
-            first = torch.cat([_first_reads(model, pad_batch(train_cases[s:s + 512], pad_id)[0], held, keyed)
-                               for s in range(0, len(train_cases), 512)])
-            for i, c in enumerate(train_cases):
-                pos = _other_positions(c)
-                n_other.append(int(pos.numel()))
-                keep = pos >= first[i]
-                cached[i] = (cached[i][0][keep], cached[i][1][keep])
-        if neutral_top is not None:
-            first_win = _first_reads(model, neutral, held, keyed)
     opt = torch.optim.Adam([h.delta for h in held.values()], lr=cfg.lr, betas=(0.9, 0.98)) if held else None
     layer_before = {n: p.detach().clone() for n, p in layer.items()}
     layer_opt = torch.optim.Adam(list(layer.values()), lr=extra_lr if extra is not None else cfg.layer_lr) if layer else None
