@@ -161,3 +161,24 @@ def test_page_pairs_the_patch_with_the_dev_chosen_lora_and_retrieval_by_seed():
     line = next(x for x in page.splitlines() if x.startswith("- keyed-patch against lora r8 lr 0.001"))
     assert "seeds 0, 1, 2: held-out 63.3% against 91.7% (p = " in line and "neutral KL 0.0200 against 0.0200" in line
     assert "against lora r8 lr 0.01" not in page and "against retrieval" not in page
+
+
+def test_dev_choice_compares_the_grid_seeds_and_pairs_the_chosen_rome():
+    """A candidate later run on more seeds is compared on the seeds every candidate ran (here its
+    seed-1 dev answers would pull its mean below the others'); equal fractions tie exactly, the
+    lower KL breaks the tie, and the chosen ROME layer is paired with the patch by seed."""
+    from engram.knowledge.bench import _dev_choices, page_markdown
+
+    def run(method, seed, dev, kl, held=0.0, **kw):
+        return {"set": "new", "method": method, "seed": seed, "facts": 2, "neighbours": 1, "specificity_before": 1.0,
+                "efficacy": 1.0, "generalisation": held, "specificity": 1.0, "dev_exact": dev, "neutral": {"kl": kl},
+                **kw}
+
+    rs = {"settings": {"rome": {"steps": 20}}}
+    rome = [run("rome", 0, 1 / 44, 0.013, layer=1, **rs), run("rome", 0, 1 / 44, 0.010, layer=2, **rs),
+            run("rome", 1, 0.0, 0.012, layer=2, **rs), run("rome", 2, 0.0, 0.015, layer=2, **rs)]
+    assert _dev_choices(rome) == {"rome L2"}  # on seed 0: a tie at 1 of 44, L2's KL is lower
+    patch = [run("keyed-patch", s, 0.0, 0.004, held=h) for s, h in ((0, 0.7), (1, 0.8), (2, 0.75))]
+    page = page_markdown(rome + patch)
+    assert "| rome L2 (layer chosen on dev) |" in page
+    assert "- keyed-patch against rome L2, seeds 0, 1, 2: held-out 75.0% against 0.0% (p = " in page

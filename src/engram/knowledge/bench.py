@@ -429,10 +429,15 @@ def _name(r: dict[str, Any]) -> str:
 
 
 def _best_on_dev(groups: dict[str, list[dict[str, Any]]], dev_key: str) -> Optional[str]:
-    """The group whose runs answer most dev questions (mean over seeds; ties: lower neutral KL).
-    None when every group answers none: a tie-break among zeros is not a choice."""
-    def mean(n: str, f: Any) -> float:
-        return sum(f(r) for r in groups[n]) / len(groups[n])
+    """The group whose runs answer most dev questions (mean over the seeds every group ran, the
+    grid's, so that a candidate later run on more seeds is compared like with like; ties: lower
+    neutral KL). None when every group answers none: a tie-break among zeros is not a choice."""
+    common = set.intersection(*({r["seed"] for r in rs} for rs in groups.values())) if groups else set()
+    if common:
+        groups = {n: [r for r in rs if r["seed"] in common] for n, rs in groups.items()}
+
+    def mean(n: str, f: Any) -> float:  # rounded: equal fractions of questions must tie exactly
+        return round(sum(f(r) for r in groups[n]) / len(groups[n]), 9)
 
     if not groups or all(mean(n, lambda r: r[dev_key]) == 0 for n in groups):
         return None
@@ -472,19 +477,19 @@ def _rome_curves(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _paired(rows: Sequence[dict[str, Any]], chosen: set[str]) -> list[str]:
-    """Each Engram patch against the dev-chosen LoRA and against retrieval, paired by seed (the
-    same facts): held-out answers, the neighbourhood and, between weight edits, the neutral KL."""
+    """Each Engram patch against the dev-chosen LoRA and ROME and against retrieval, paired by seed
+    (the same facts): held-out answers, the neighbourhood and, between weight edits, the neutral KL."""
     by: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(_name(r), {})[r["seed"]] = r
     lines = []
     for a in ("keyed-patch", "patch"):
-        for b in sorted(n for n in chosen if n.startswith("lora")) + ["retrieval"]:
+        for b in sorted(n for n in chosen if n.startswith(("lora", "rome"))) + ["retrieval"]:
             seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
             if len(seeds) < 2:
                 continue
             keys = [("generalisation", "held-out", True), ("specificity", "neighbourhood", True)]
-            keys += [("kl", "neutral KL", False)] if b.startswith("lora") else []
+            keys += [("kl", "neutral KL", False)] if b.startswith(("lora", "rome")) else []
             parts = []
             for key, label, pct in keys:
                 x, y = ([(by[n][s].get("neutral") or {}).get("kl") if key == "kl" else by[n][s][key] for s in seeds]
