@@ -252,16 +252,9 @@ def _neutral_kl(fwd: Callable[..., torch.Tensor], neutral: torch.Tensor, sel: to
     return kl * (sel.numel() / m)  # windows are equally long: the mean over all m windows' positions
 
 
-@torch.no_grad()
 def _windows_reading(model: Any, windows: torch.Tensor, held: dict[int, Any]) -> torch.Tensor:
     """[n] bool: which of ``windows`` [n, L] read, at some position and head, a trained keyed entry."""
-    hash_ids = model.compute_hash_ids(windows)
-    hit = torch.zeros(windows.shape[0], dtype=torch.bool)
-    for e in model.engram_layers:
-        if e.layer_id in held:
-            keys = e.multi_head_embedding.keys(hash_ids[e.layer_id])  # [n, L, H]
-            hit |= torch.isin(keys, held[e.layer_id].keys).flatten(1).any(1)
-    return hit
+    return _first_reads(model, windows, held, keyed=True) < windows.shape[1]
 
 
 @torch.no_grad()
@@ -398,13 +391,6 @@ def _kl_topk_rows(edited_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: 
     return (p_k * (top_logp - q_k)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
 
 
-def _other_positions(case: Case) -> torch.Tensor:
-    """The positions of one case that :func:`_other_mask` marks, in order [m]."""
-    a, n = len(case.prompt_ids), len(case.answer_ids)
-    pos = torch.arange(len(case.ids) - 1)
-    return pos[(pos < a - 1) | (pos >= a - 1 + n)]
-
-
 def _other_mask(batch: Sequence[Case], ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
     """[B,T] positions that have a next token of the sentence and do not predict the answer."""
     lengths = torch.tensor([len(c.ids) for c in batch])
@@ -425,31 +411,27 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, gen: np.random.Genera
     return [batches[i] for i in gen.permutation(len(batches))]
 
 
-def _logprobs_capturing(model: Any, ids: torch.Tensor, batch_size: int,
-                        start: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``logprobs(model, ids)`` and, with ``start``, the stream entering decoder layer ``start``
-    [B,T,D] captured on the way (None without ``start``, or when the model could not capture it)."""
+def _logprobs_capturing(model: Any, ids: torch.Tensor, batch_size: int, start: Optional[int],
+                        at: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``logprobs(model, ids)`` [B,T,V], or with ``at`` [B,T] the float32 log-probs [M,V] at those
+    positions only (the output head runs there alone); with ``start`` also the stream entering
+    decoder layer ``start`` [B,T,D] captured on the way (None without ``start``, or when the
+    model could not capture it)."""
+    def run() -> torch.Tensor:
+        if at is None:
+            return logprobs(model, ids, batch_size)
+        was = model.training
+        model.eval()
+        try:
+            return F.log_softmax(logits_at(model, ids, at).float(), -1)
+        finally:
+            model.train(was)
+
     if start is None:
-        return logprobs(model, ids, batch_size), None
+        return run(), None
     with model.capturing_input_of(start) as got:
-        lp = logprobs(model, ids, batch_size)
+        lp = run()
     return lp, (torch.cat(got) if got and all(g is not None for g in got) else None)
-
-
-def _logprobs_at_capturing(model: Any, ids: torch.Tensor, at: torch.Tensor,
-                           start: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """log p [M,V] (float32) at the positions of ``at`` [B,T] only, and with ``start`` the
-    stream entering decoder layer ``start`` [B,T,D] (as :func:`_logprobs_capturing`)."""
-    was = model.training
-    model.eval()
-    try:
-        if start is None:
-            return F.log_softmax(logits_at(model, ids, at).float(), -1), None
-        with model.capturing_input_of(start) as got:
-            rows = logits_at(model, ids, at)
-        return F.log_softmax(rows.float(), -1), (torch.cat(got) if got and all(g is not None for g in got) else None)
-    finally:
-        model.train(was)
 
 
 @torch.no_grad()
@@ -472,7 +454,7 @@ def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size
         other = _other_mask(batch, ids, ans)
         if first is not None:
             at = other & (torch.arange(ids.shape[1])[None, :] >= first[idx][:, None])
-            lp, h = _logprobs_at_capturing(model, ids, at, start if states is not None else None)
+            lp, h = _logprobs_capturing(model, ids, batch_size, start if states is not None else None, at)
             top = lp.topk(min(k, lp.shape[-1]), -1)
             parts = zip(top.indices.split(at.sum(1).tolist()), top.values.split(at.sum(1).tolist()))
             for j, (i, (ti, tv)) in enumerate(zip(idx, parts)):
@@ -505,10 +487,7 @@ def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8,
     for s in range(0, len(sel), batch_size):
         part = sel[s:s + batch_size]
         at = None if first is None else torch.arange(L)[None, :] >= first[part][:, None]  # [b, L]
-        if at is None:
-            lp, h = _logprobs_capturing(model, windows[part], batch_size, start if states is not None else None)
-        else:
-            lp, h = _logprobs_at_capturing(model, windows[part], at, start if states is not None else None)
+        lp, h = _logprobs_capturing(model, windows[part], batch_size, start if states is not None else None, at)
         if h is not None:
             states.update({int(w): h[j].clone() for j, w in enumerate(part)})
         top = lp.topk(min(k, lp.shape[-1]), -1)
@@ -655,20 +634,17 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             else None)
     # Before a sentence's (or window's) first position that reads a trained entry or row, the
     # model computes as unedited: no KL, no gradient. The output head (and the KL) runs from
-    # there on only, and the unedited model's top-k is cached for those positions alone; a
-    # case's count of other positions stays the mean's denominator. Only while the tables alone
+    # there on only, and the unedited model's top-k is cached for those positions alone; the
+    # batch's count of other positions stays the mean's denominator. Only while the tables alone
     # train (extra or layer weights change every position), with the cached top-k.
     first = first_win = None
-    n_other: list[int] = []
     if skip_unaffected and train_tables and not layer and held and cfg.kl_topk:
         if cfg.kl_weight > 0:
-            first = torch.cat([_first_reads(model, pad_batch(train_cases[s:s + 512], pad_id)[0], held, keyed)
-                               for s in range(0, len(train_cases), 512)])
-            n_other = [int(_other_positions(c).numel()) for c in train_cases]
+            first = _first_reads(model, pad_batch(train_cases, pad_id)[0], held, keyed)
         if cfg.neutral_kl_weight > 0:
             first_win = _first_reads(model, neutral, held, keyed)
     # the neutral windows whose top-k is needed: those that read the edit somewhere (all without a skip)
-    win_only = reads if first_win is None else (first_win < neutral.shape[1]) & (reads if reads is not None else True)
+    win_only = reads if first_win is None else first_win < neutral.shape[1]
     # The unedited model's distributions are computed at the training forwards' precision, so
     # that rounding alone gives a KL of exactly 0 (dev questions are scored in float32).
     with _autocast(cfg, bf16):
@@ -757,7 +733,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                     loss = F.cross_entropy(rows[ans[need]].float(), tgt[ans])
                     top_ids = torch.cat([cached[i][0] for i in chosen])
                     top_lp = torch.cat([cached[i][1] for i in chosen])
-                    kl = _kl_topk_rows(rows[kl_at[need]], top_ids, top_lp).sum() / max(1, sum(n_other[i] for i in chosen))
+                    kl = _kl_topk_rows(rows[kl_at[need]], top_ids, top_lp).sum() / max(1, int(other.sum()))
                     total = loss + cfg.kl_weight * kl
                 else:
                     logits = fwd(ids, batch_states)
