@@ -397,6 +397,24 @@ def test_dev_question_sample_is_fixed_and_leaves_training_as_it_was(world, one_t
         FactEditConfig(dev_questions=-1)
 
 
+def test_time_budget_stops_after_one_more_dev_evaluation_and_keeps_the_best_step(world, one_thread):
+    """``max_seconds`` ends training at the first step past the budget, scores the dev questions
+    there (off the ``eval_every`` grid) and reports why it stopped; without it the cap ends it."""
+    model, tok = world
+    facts = invent_facts(4, seed=0, relations=("capital",))
+    chat = chat_format(tok)
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat, True)
+    asked = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat)
+    cfg = FactEditConfig(lr=0.3, steps=6, batch_size=4, neutral_windows=2, neutral_len=16, eval_every=5, patience=100)
+    capped = edit_facts(model, tok, train, cfg, dev_cases=asked, progress=False).report
+    assert (capped["stopped"], capped["steps_run"], [h["step"] for h in capped["history"]]) == ("steps", 6, [5, 6])
+    timed = edit_facts(model, tok, train, replace(cfg, max_seconds=1e-9), dev_cases=asked, progress=False).report
+    assert (timed["stopped"], timed["steps_run"], [h["step"] for h in timed["history"]]) == ("time", 1, [1])
+    assert timed["best_step"] == 1 and timed["best_dev_exact"] == timed["history"][0]["dev_exact"]
+    with pytest.raises(FactEditError, match="max_seconds=-1"):
+        FactEditConfig(max_seconds=-1)
+
+
 def test_bf16_weight_copies_give_autocasts_patch_bit_for_bit(world, one_thread):
     """bfloat16 copies of the frozen weights hold the values autocast's per-call casts give: the
     edit trains the same entries to the same values, and every weight is float32 again after."""

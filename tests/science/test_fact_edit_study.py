@@ -25,6 +25,7 @@ def _fake(score_of_lr):
                "coverage": {"questions_all": 1.0, "questions_any": 1.0, "rows": 1.0},
                "reverted_bit_exact": True, "seconds": 1.0, "patch_bytes": 100, "bytes_per_fact": 10.0,
                "report": {"steps_run": 10, "answer_loss_first": 5.0, "answer_loss_last": 1.0,
+                          "stopped": "time" if cfg.max_seconds else "steps",
                           # runs at the default cap keep their last step (still improving at the cap),
                           # runs given more steps stop early
                           "best_step": cfg.steps if cfg.steps <= FactEditConfig().steps else 5}}
@@ -177,6 +178,14 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     assert len(list((out / "runs").glob("capacity-3-seed0-*-devq5*"))) == 1
     s3 = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("summary",), log=lambda m: None)
     assert [c["current_recipe"] for c in s3["capacity"] if c["facts"] == 3] == [True]
+    # a time budget: its own key, still the current recipe, and the page says where it stopped the run
+    timed = replace(more, capacity=(4,), edit=replace(more.edit, max_seconds=60))
+    study.run_study({"a": object()}, tok(patched), 0, patched, out, timed, phases=("capacity",), log=lambda m: None)
+    assert len(list((out / "runs").glob("capacity-4-seed0-*-maxs60*"))) == 1
+    s4 = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("summary",), log=lambda m: None)
+    assert [(c["current_recipe"], c["stopped"], c["steps_run"]) for c in s4["capacity"] if c["facts"] == 4] == [
+        (True, "time", 10)]
+    assert f"| 4 | {more.edit.steps}, time at 10 (5) |" in (out / "summary.md").read_text()
     assert f"of at most {cfg.edit.steps} | {cfg.edit.steps}, " in md and "(3 of 3 still improving at the cap)" in md
     assert f"of at most {more.edit.steps} | 5, 5, 5 (0 of 3 still improving at the cap)" in md
     reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,

@@ -258,7 +258,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     edit = FactEditConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
                           kl_weight=args.kl_weight, neutral_kl_weight=args.neutral_kl_weight, layer_lr=args.layer_lr,
                           rows=args.rows, neutral_windows=args.neutral_windows, keyed=args.keyed,
-                          autocast=args.autocast, dev_questions=args.dev_questions)
+                          autocast=args.autocast, dev_questions=args.dev_questions, max_seconds=args.max_seconds)
     cfg = FactEditStudyConfig(form_sets=form_sets, neutral_sets=tuple(args.neutral_sets), facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), keyed_lrs=tuple(args.keyed_lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
                               edit=edit)
@@ -401,6 +401,9 @@ def register(sub: Any) -> None:
     s.add_argument("--dev-questions", type=int, default=0,
                    help="score at most this many dev questions per evaluation, a fixed sample (0: all; for large "
                         "capacity runs; such runs get a '-devqN' key suffix)")
+    s.add_argument("--max-seconds", type=float, default=0.0,
+                   help="stop each edit's training after this budget (0: none; such runs get a '-maxsN' key suffix, "
+                        "and the page marks where the budget stopped them)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--kl-weight", type=float, default=1.0, help="grid only: a diagnostic without the KL terms")
     s.add_argument("--neutral-kl-weight", type=float, default=1.0)

@@ -54,7 +54,7 @@ def cmd_train_facts(args: argparse.Namespace) -> int:
             f"{r['train_sentences']} training sentences, {r['patch_rows']:,} {'keyed entries' if res.patch.keyed else 'rows'}, "
             f"{r['patch_bytes']:,} bytes; "
             f"answer loss {r['answer_loss_first']:.3f} -> {r['answer_loss_last']:.3f} in {r['steps_run']} steps "
-            f"({r['train_seconds']:.0f} s)")
+            f"({r['train_seconds']:.0f} s{', stopped by the time budget' if r.get('stopped') == 'time' else ''})")
     if r.get("best_dev_exact") is not None:
         text += f"; kept step {r['best_step']}: dev questions {100 * r['best_dev_exact']:.1f}% exact"
     if "test_exact" in r:

@@ -38,6 +38,9 @@ class FactEditConfig:
     neutral_len: int = _f("neutral-len", 64, "tokens per neutral window")
     eval_every: int = _f("eval-every", 25, "steps between dev evaluations")
     patience: int = _f("patience", 3, "dev evaluations without a gain before stopping")
+    max_seconds: float = _f("max-seconds", 0.0, "stop training after this wall-clock budget (seconds of training "
+                            "steps and dev evaluations; 0: no budget), scoring the dev questions once more at the "
+                            "step it stops and keeping the best step as usual")
     dev_questions: int = _f("dev-questions", 0, "score at most this many dev questions at each evaluation, a fixed "
                             "sample drawn with the seed (0: every one; a large edit's dev questions can cost more "
                             "than its training steps)")
@@ -65,7 +68,7 @@ class FactEditConfig:
             raise FactEditError(f"rows={self.rows!r}: choose one of {list(ROW_CHOICES)}")
         if self.autocast not in AUTOCAST_CHOICES:
             raise FactEditError(f"autocast={self.autocast!r}: choose one of {list(AUTOCAST_CHOICES)}")
-        for name in ("kl_weight", "neutral_kl_weight", "layer_lr", "kl_topk", "dev_questions"):
+        for name in ("kl_weight", "neutral_kl_weight", "layer_lr", "kl_topk", "dev_questions", "max_seconds"):
             if getattr(self, name) < 0:
                 raise FactEditError(f"{name}={getattr(self, name)} must be >= 0")
         bad = [k for k in self.kinds if k not in KINDS]

@@ -27,7 +27,7 @@ What it does, and why (the recipe that made table edits generalise to new phrasi
 4. **Stopping on dev accuracy**: every ``eval_every`` steps the dev questions (held-out
    templates, never trained on) are scored; the best rows so far are kept (most exact answers,
    ties broken by the answers' likelihood), and training stops after ``patience`` evaluations
-   without a gain, or at ``steps``.
+   without a gain, at ``steps``, or once ``max_seconds`` have passed (after one more evaluation).
 
 The decoder layers below the first Engram layer are frozen and read no table, so their output
 is captured once (with the unedited model's distributions) and every step starts above them
@@ -700,6 +700,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     batches: list[list[int]] = []
     lengths = [len(c.ids) for c in train_cases]
     bad_evals = 0
+    stopped = "steps"  # why training ended: steps, patience, all dev questions exact, or time
     t0 = time.perf_counter()
     try:
         bar = tqdm(range(1, cfg.steps + 1), desc="fact edit", disable=not progress, dynamic_ncols=True)
@@ -764,7 +765,10 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 layer_opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             bar.set_postfix(answer_loss=f"{losses[-1]:.3f}")
-            if dev_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+            out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
+            if out_of_time:
+                stopped = "time"
+            if dev_cases and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
                 for h in held.values():
                     h.write(edited=True)
                 dev = score(model, dev_cases, pad_id, prefix=dev_prefix)
@@ -783,8 +787,14 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                     bad_evals = 0
                 else:
                     bad_evals += 1
-                if dev["exact"] >= 1.0 or bad_evals >= cfg.patience:
+                if dev["exact"] >= 1.0:
+                    stopped = "all dev questions exact"
+                elif bad_evals >= cfg.patience:
+                    stopped = "patience"
+                if stopped != "steps":
                     break
+            if out_of_time:
+                break
         if not dev_cases:
             best = snapshot(None)
     finally:
@@ -818,7 +828,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
               "trained_rows": {lid: int(h.rows.numel()) for lid, h in held.items()},
               "neutral_windows_reading_edit": None if reads is None else int(reads.sum()),
               "dev_questions_scored": len(dev_cases), "dev_questions_given": dev_all,
-              "steps_run": step, "best_step": best["step"], "best_dev_exact": best["dev_exact"],
+              "steps_run": step, "stopped": stopped, "best_step": best["step"], "best_dev_exact": best["dev_exact"],
               "train_seconds": train_s, "history": history,
               "answer_loss_first": losses[0] if losses else None,
               "answer_loss_last": float(np.mean(losses[-10:])) if losses else None,

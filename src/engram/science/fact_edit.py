@@ -159,6 +159,7 @@ def _variant(edit: FactEditConfig, with_kinds: bool = True) -> str:
     out += "-keyed" if edit.keyed else ""
     out += f"-{edit.autocast}" if edit.autocast != "off" else ""
     out += f"-devq{edit.dev_questions}" if edit.dev_questions else ""
+    out += f"-maxs{edit.max_seconds:g}" if edit.max_seconds else ""
     if with_kinds and tuple(edit.kinds) != _KEY_BASE["kinds"]:
         out += "-" + "+".join(edit.kinds)
     return out
@@ -179,6 +180,7 @@ def _test_suffix(edit: FactEditConfig) -> str:
     out += "-keyed" if edit.keyed else ""
     out += f"-{edit.autocast}" if edit.autocast != "off" else ""
     out += f"-devq{edit.dev_questions}" if edit.dev_questions else ""
+    out += f"-maxs{edit.max_seconds:g}" if edit.max_seconds else ""
     return out + ("-" + "+".join(edit.kinds) if tuple(edit.kinds) != _TEST_KEY_BASE["kinds"] else "")
 
 
@@ -191,7 +193,8 @@ _EDIT_DEFAULTS = _as_run_file(FactEditConfig())
 # What a setting missing from a run file stood for: the run was written before the setting existed
 # and trained as the trainer then did, which is not always today's default (every row was trained,
 # and the unedited model was recomputed in full rather than kept as its top-k).
-_BEFORE_IT_EXISTED: dict[str, Any] = {"rows": "all", "kl_topk": 0, "keyed": False, "autocast": "off", "dev_questions": 0}
+_BEFORE_IT_EXISTED: dict[str, Any] = {"rows": "all", "kl_topk": 0, "keyed": False, "autocast": "off", "dev_questions": 0,
+                                       "max_seconds": 0.0}
 
 
 def _setting(config: dict[str, Any], name: str) -> Any:
@@ -523,7 +526,7 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
             return True
         if not test:
             return r["key"] == f"capacity-{r['facts']}-seed{r.get('seed')}{suffix}"
-        loose = ("steps", "eval_every", "seed", "dev_questions")
+        loose = ("steps", "eval_every", "seed", "dev_questions", "max_seconds")
         mine, theirs = r.get("config", {}), test[0]["config"]
         return all(_setting(mine, k) == _setting(theirs, k) for k in {*mine, *theirs} if k not in loose)
 
@@ -531,8 +534,10 @@ def summarize(rows: list[dict[str, Any]], chosen: dict[str, Any], cfg: FactEditS
                         "train_forms_exact": r["train_forms_exact"], "kl": r["neutral"]["kl"],
                         "seconds": r["seconds"], "max_steps": r.get("config", {}).get("steps"),
                         "kept_step": r.get("report", {}).get("best_step"),
-                        # training sentences seen per sentence at the step cap
-                        "passes": (r["config"]["steps"] * r["config"]["batch_size"] / r["train_sentences"]
+                        "stopped": r.get("report", {}).get("stopped"), "steps_run": r.get("report", {}).get("steps_run"),
+                        # training sentences seen per sentence at the step cap (or where the time budget stopped it)
+                        "passes": ((r["report"]["steps_run"] if r.get("report", {}).get("stopped") == "time"
+                                    else r["config"]["steps"]) * r["config"]["batch_size"] / r["train_sentences"]
                                    if r.get("train_sentences") and "batch_size" in r.get("config", {}) else None),
                         "current_recipe": same_recipe(r)}
                        for r in sorted(rows, key=lambda r: r["facts"])
@@ -653,11 +658,14 @@ def summary_markdown(s: dict[str, Any]) -> str:
         lines += ["", "### Capacity (one seed)", "",
                   "A run of the current recipe scales its step cap with the facts, so that every training sentence "
                   "is seen about as often; *kept*: the step of the best dev questions (at the cap: still improving when "
-                  "stopped); *passes*: sentences seen per training sentence at the cap.", "",
+                  "stopped); *passes*: sentences seen per training sentence at the cap, or where a time budget "
+                  "stopped the run (marked *time*).", "",
                   "| facts | at most steps (kept) | passes | held-out exact | training-template exact | KL | seconds |",
                   "|---|---|---|---|---|---|---|"]
         for r in s["capacity"]:
             cap, kept, passes = r.get("max_steps"), r.get("kept_step"), r.get("passes")
+            if r.get("stopped") == "time":
+                cap = f"{cap}, time at {r['steps_run']}"
             lines.append(f"| {r['facts']} | {'-' if cap is None else cap}{'' if kept is None else f' ({kept})'}"
                          f"{'' if r.get('current_recipe', True) else ' (other recipe)'} | "
                          f"{'-' if passes is None else f'{passes:.1f}'} | "
