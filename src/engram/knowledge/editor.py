@@ -71,6 +71,7 @@ from engram.knowledge.scoring import (
     marked_cases,
     neutral_windows,
     pad_batch,
+    pad_states,
     score,
 )
 from engram.knowledge.templates import chat_format, templates
@@ -721,10 +722,8 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                 for h in held.values():
                     h.write(edited=True)
             batch_states = None
-            if start:  # the batch's captured streams, padded like the ids (padding is never scored)
-                batch_states = torch.zeros(*ids.shape, sent_states[chosen[0]].shape[-1])
-                for j, i in enumerate(chosen):
-                    batch_states[j, :len(train_cases[i].ids)] = sent_states[i]
+            if start:  # the batch's captured streams, padded like the ids
+                batch_states = pad_states(sent_states, chosen, ids, torch.float32)
             with _autocast(cfg, bf16):
                 tgt = torch.roll(ids, -1, dims=1)
                 if first is not None:  # the output head where the edit can act: answers, and others from the first read on

@@ -107,6 +107,16 @@ def pad_batch(cases: Sequence[Case], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, ans
 
 
+def pad_states(states: Sequence[torch.Tensor], idx: Sequence[int], ids: torch.Tensor,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The captured streams [len,D] of cases ``idx``, right-padded like their ``ids`` [B,T] into
+    [B,T,D] (zeros at the padding, which is never scored); in ``dtype``, else the streams' own."""
+    out = torch.zeros(*ids.shape, states[idx[0]].shape[-1], dtype=dtype or states[idx[0]].dtype)
+    for j, i in enumerate(idx):
+        out[j, :states[i].shape[0]] = states[i]
+    return out
+
+
 def logits_at(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``model``'s logits [M,V] at the positions of ``mask`` [B,T], row by row: through the
     model's own ``logits_at`` where it takes one (its output head then runs there alone), else
@@ -151,10 +161,7 @@ def score(model: Any, cases: Sequence[Case], pad_id: int, batch_size: int = 32,
             ids, ans = pad_batch([cases[i] for i in idx], pad_id)
             given = contextlib.nullcontext()
             if prefix is not None:  # the captured streams, padded like the ids (padding is never scored)
-                states = torch.zeros(*ids.shape, prefix[1][idx[0]].shape[-1], dtype=prefix[1][idx[0]].dtype)
-                for j, i in enumerate(idx):
-                    states[j, :len(cases[i].ids)] = prefix[1][i]
-                given = model.starting_at(prefix[0], states)
+                given = model.starting_at(prefix[0], pad_states(prefix[1], idx, ids))
             # only the positions that predict an answer token are scored: the output head runs there alone
             with given:
                 logits = logits_at(model, ids, ans).float()  # [M,V], the rows' answer positions in order
