@@ -501,6 +501,20 @@ def _paired(rows: Sequence[dict[str, Any]], chosen: set[str]) -> list[str]:
     return (["Paired by seed (the same facts; paired t-test):", "", *lines, ""]) if lines else []
 
 
+def _wall_time(recs: Sequence[dict[str, Any]]) -> list[str]:
+    """What the page cost to make: the runs' own wall seconds summed, per fact set and in all
+    (each run from its start to its record, scoring included; runs that overlapped count each)."""
+    timed = [r for r in recs if r.get("wall_seconds") is not None]
+    if not timed:
+        return []
+    per = {fs: sum(r["wall_seconds"] for r in timed if r["set"] == fs) for fs in SETS}
+    untimed = len(recs) - len(timed)
+    return [f"Wall time of the runs on this page: {sum(per.values()) / 3600:.2f} hours in all, the sum of each of "
+            f"{len(timed)} runs' own seconds (" + ", ".join(f"{fs} facts {v / 3600:.2f} h" for fs, v in per.items() if v)
+            + "; runs that shared the machine count in full, so this is the time on one machine run one after "
+            "another at the load each saw)" + (f"; {untimed} runs recorded no wall time" if untimed else "") + ".", ""]
+
+
 def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
     """The runs as one table per fact set, a row per method (mean ± std over seeds, every run in
     brackets), then each method's settings; every number comes from the run files."""
@@ -561,6 +575,7 @@ def page_markdown(recs: Sequence[dict[str, Any]]) -> str:
                 f"entries changed by both" for r in comp) + ".")
             lines.append("")
         lines += _rome_curves(rows)
+    lines += _wall_time(recs)
     first = {r["method"]: r.get("settings", {}) for r in reversed(list(recs))}
     said = []
     for method in ("patch", "lora"):
