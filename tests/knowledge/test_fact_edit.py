@@ -462,3 +462,23 @@ def test_output_head_from_the_first_read_on_gives_the_reference_patch(world, one
     held = {lid: SimpleNamespace(keys=k) for lid, (k, _) in keys_to_train(model, train, "subject").items()}
     first = torch.cat([_first_reads(model, torch.tensor([c.ids]), held, True) for c in train])
     assert bool((first > 0).any()) and bool((first < torch.tensor([len(c.ids) for c in train])).all())
+
+
+def test_measure_edit_can_score_a_fixed_sample_of_the_training_forms(world, one_thread):
+    """The study's measure of a large edit may score a sample of the training-form questions; the
+    edit and every other measure are those of the full scoring."""
+    from engram.knowledge.scoring import logprobs, neutral_windows
+    from engram.science.fact_edit import measure_edit
+
+    model, tok = world
+    facts = invent_facts(2, seed=0, relations=("capital",))
+    neutral = neutral_windows(tok, "eval", 2, 16)
+    before = logprobs(model, neutral)
+    cfg = FactEditConfig(lr=0.3, steps=4, batch_size=4, neutral_windows=2, neutral_len=16, eval_every=2,
+                         kinds=("statement", "cloze"))
+    full = measure_edit(model, tok, facts, cfg, neutral, before, 0)
+    some = measure_edit(model, tok, facts, cfg, neutral, before, 0, train_forms_questions=3)
+    assert full["train_forms_questions"] == full["train_forms_given"] == some["train_forms_given"] > 3
+    assert some["train_forms_questions"] == 3 and round(some["train_forms_exact"] * 3, 6) == round(some["train_forms_exact"] * 3)
+    assert (some["test_exact"], some["neutral"]) == (full["test_exact"], full["neutral"])
+    assert some["reverted_bit_exact"] and full["reverted_bit_exact"]

@@ -16,7 +16,7 @@ def _fake(score_of_lr):
     calls = []
 
     def measure_edit(model, tok, facts, cfg, neutral, neutral_before, pad_id, *, progress=False, old_answers=None,
-                     on_eval=None):
+                     on_eval=None, train_forms_questions=0):
         calls.append(cfg.lr)
         acc = score_of_lr(cfg.lr)
         rec = {"test_exact": acc, "test_top1": acc, "test_median_first_rank": 1.0, "train_forms_exact": 1.0,
@@ -31,6 +31,7 @@ def _fake(score_of_lr):
                           "best_step": cfg.steps if cfg.steps <= FactEditConfig().steps else 5}}
         if old_answers is not None:
             rec["old_answer_test_exact"] = 0.0
+        rec.update(train_forms_questions=train_forms_questions or 10, train_forms_given=10)
         return rec
 
     return measure_edit, calls
@@ -179,13 +180,15 @@ def test_a_new_test_recipe_keeps_the_earlier_runs_and_reports_both(patched, tmp_
     s3 = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("summary",), log=lambda m: None)
     assert [c["current_recipe"] for c in s3["capacity"] if c["facts"] == 3] == [True]
     # a time budget: its own key, still the current recipe, and the page says where it stopped the run
-    timed = replace(more, capacity=(4,), edit=replace(more.edit, max_seconds=60))
+    timed = replace(more, capacity=(4,), train_forms_questions=5, edit=replace(more.edit, max_seconds=60))
     study.run_study({"a": object()}, tok(patched), 0, patched, out, timed, phases=("capacity",), log=lambda m: None)
     assert len(list((out / "runs").glob("capacity-4-seed0-*-maxs60*"))) == 1
     s4 = study.run_study({"a": object()}, tok(patched), 0, patched, out, more, phases=("summary",), log=lambda m: None)
     assert [(c["current_recipe"], c["stopped"], c["steps_run"]) for c in s4["capacity"] if c["facts"] == 4] == [
         (True, "time", 10)]
-    assert f"| 4 | {more.edit.steps}, time at 10 (5) |" in (out / "summary.md").read_text()
+    md4 = (out / "summary.md").read_text()
+    assert f"| 4 | {more.edit.steps}, time at 10 (5) |" in md4 and "| 100.0% (a sample of 5) |" in md4
+    assert "| 100.0% | 0.0100 |" in md4  # runs that scored every training form say nothing more
     assert f"of at most {cfg.edit.steps} | {cfg.edit.steps}, " in md and "(3 of 3 still improving at the cap)" in md
     assert f"of at most {more.edit.steps} | 5, 5, 5 (0 of 3 still improving at the cap)" in md
     reach = [{"facts": 2, "trained_rows": 10, "table_rows": 1000, "trained_share": 0.01, "neutral_tokens": 50,

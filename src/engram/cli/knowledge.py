@@ -261,7 +261,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                           autocast=args.autocast, dev_questions=args.dev_questions, max_seconds=args.max_seconds)
     cfg = FactEditStudyConfig(form_sets=form_sets, neutral_sets=tuple(args.neutral_sets), facts=args.facts, dev_facts=args.dev_facts, seeds=tuple(args.seeds),
                               lrs=tuple(args.lrs), keyed_lrs=tuple(args.keyed_lrs), capacity=tuple(args.capacity), update_facts=args.update_facts,
-                              edit=edit)
+                              train_forms_questions=args.train_forms_questions, edit=edit)
     summary = run_study(adapters, tok, pad, args.data, args.out, cfg, phases=args.phases, extend=not args.no_extend,
                         compare_forms=not args.all_forms)
     if "summary" in args.phases:
@@ -401,6 +401,9 @@ def register(sub: Any) -> None:
     s.add_argument("--dev-questions", type=int, default=0,
                    help="score at most this many dev questions per evaluation, a fixed sample (0: all; for large "
                         "capacity runs; such runs get a '-devqN' key suffix)")
+    s.add_argument("--train-forms-questions", type=int, default=0, metavar="N",
+                   help="score at most N training-form questions per edit, a fixed sample (0: all; at 1,000 facts "
+                        "all 34,000 take longer to score, before and after, than hundreds of training steps)")
     s.add_argument("--max-seconds", type=float, default=0.0,
                    help="stop each edit's training after this budget (0: none; such runs get a '-maxsN' key suffix, "
                         "and the page marks where the budget stopped them)")
