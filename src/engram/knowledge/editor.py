@@ -438,7 +438,8 @@ def _logprobs_capturing(model: Any, ids: torch.Tensor, batch_size: int, start: O
 @torch.no_grad()
 def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size: int = 32,
               states: Optional[list[Optional[torch.Tensor]]] = None,
-              start: int = 0, first: Optional[torch.Tensor] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+              start: int = 0, first: Optional[torch.Tensor] = None,
+              progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per case, the unedited model's top-``k`` next tokens and their log-probs at the case's
     other (non-answer) positions: ([m, k] int64, [m, k] float32). With ``states`` (a list, filled
     in case order) and ``start``, also each case's stream entering decoder layer ``start``
@@ -448,7 +449,8 @@ def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size
     if states is not None:
         states[:] = [None] * len(cases)
     order = sorted(range(len(cases)), key=lambda i: len(cases[i].ids))
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc="unedited model on the sentences", unit="batch",
+                  disable=not progress, leave=False, dynamic_ncols=True):
         idx = order[s:s + batch_size]
         batch = [cases[i] for i in idx]
         ids, ans = pad_batch(batch, pad_id)
@@ -475,7 +477,8 @@ def base_topk(model: Any, cases: Sequence[Case], pad_id: int, k: int, batch_size
 @torch.no_grad()
 def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8,
                  only: Optional[torch.Tensor] = None, states: Optional[dict[int, torch.Tensor]] = None,
-                 start: int = 0, first: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 start: int = 0, first: Optional[torch.Tensor] = None,
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The unedited model's top-``k`` next tokens and their log-probs at every position of
     ``windows`` [n, L]: ([n, L, k] int64, [n, L, k] float32); a batch at a time, so the full
     [n, L, V] log-probs are never held. ``only`` [n] bool: compute those windows alone (the
@@ -485,7 +488,8 @@ def windows_topk(model: Any, windows: torch.Tensor, k: int, batch_size: int = 8,
     n, L = windows.shape
     sel = torch.arange(n) if only is None else only.nonzero().flatten()
     ids = lps = None
-    for s in range(0, len(sel), batch_size):
+    for s in tqdm(range(0, len(sel), batch_size), desc="unedited model on neutral text", unit="batch",
+                  disable=not progress, leave=False, dynamic_ncols=True):
         part = sel[s:s + batch_size]
         at = None if first is None else torch.arange(L)[None, :] >= first[part][:, None]  # [b, L]
         lp, h = _logprobs_capturing(model, windows[part], batch_size, start if states is not None else None, at)
@@ -652,12 +656,12 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
         if cfg.neutral_kl_weight > 0:
             if cfg.kl_topk:
                 neutral_top = windows_topk(model, neutral, cfg.kl_topk, only=win_only, states=win_states,
-                                           start=start or 0, first=first_win)
+                                           start=start or 0, first=first_win, progress=progress)
             else:  # the reference: the full distribution
                 neutral_lp = logprobs(model, neutral)
         # The unedited model's answers on the sentences never change: computed once, kept as top-k.
         cached = (base_topk(model, train_cases, pad_id, cfg.kl_topk, states=sent_states, start=start or 0,
-                            first=first)
+                            first=first, progress=progress)
                   if cfg.kl_weight > 0 and cfg.kl_topk else None)
     if start:
         need = ([] if neutral_top is None else range(len(neutral)) if win_only is None
