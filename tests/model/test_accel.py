@@ -117,6 +117,23 @@ def test_bf16_autocast_computes_in_bf16_with_float32_weights(tiny) -> None:
         assert model(x).logits.dtype == torch.float32
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_warns_once_with_the_fix(monkeypatch, fast) -> None:
+    import warnings
+
+    monkeypatch.setattr(accel, "cpu_has_fast_bf16", lambda: fast)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with accel.autocast("bf16", "cpu"):
+            pass
+        with accel.autocast("fp32", "cpu"):
+            pass
+    said = [str(w.message) for w in got if issubclass(w.category, RuntimeWarning)]
+    assert said == ([] if fast else [said[0]])
+    assert fast or ("--dtype bf16: this CPU" in said[0] and "leave --dtype bf16 out" in said[0])
+    assert isinstance(accel.cpu_has_fast_bf16(), bool)
+
+
 def test_bf16_trains(dataset_vocab, dataset, tmp_path, one_thread) -> None:
     run = tmp_path / "bf16"
     summary = train(preset("tiny", dataset_vocab), _cfg(dtype="bf16"), dataset, run, progress=False)

@@ -75,6 +75,7 @@ from engram.knowledge.scoring import (
     score,
 )
 from engram.knowledge.templates import chat_format, templates
+from engram.model.accel import warn_if_cpu_bf16_is_slow
 from engram.model.table import KeyedOverlay
 from engram.patches.apply import apply_to_model, model_fingerprint, revert_from_model
 from engram.patches.patchfile import TablePatch, make_keyed_patch, make_patch
@@ -635,6 +636,8 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     sent_states: Optional[list[Optional[torch.Tensor]]] = [] if start else None
     win_states: Optional[dict[int, torch.Tensor]] = {} if start else None
     layer = dict(extra) if extra is not None else layer_parameters(model) if cfg.layer_lr > 0 else {}
+    if cfg.autocast == "bf16":
+        warn_if_cpu_bf16_is_slow("--edit-autocast bf16")
     bf16 = (_Bf16Weights(model, {id(p) for p in layer.values()}) if cfg.autocast == "bf16" and bf16_copies
             else None)
     # Before a sentence's (or window's) first position that reads a trained entry or row, the

@@ -61,7 +61,29 @@ def autocast(precision: Union[str, Precision], device: Union[str, torch.device])
     precision = Precision.parse(precision, "dtype", error=DeviceError)
     if precision == Precision.FP32:
         return contextlib.nullcontext()
+    if torch.device(device).type == "cpu":
+        warn_if_cpu_bf16_is_slow("--dtype bf16")
     return _bf16(torch.device(device).type)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls in hardware (on x86: AVX-512 or AMX, what oneDNN's
+    bfloat16 kernels need). Without it torch emulates them, several times slower than float32."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        if check is not None:
+            return bool(check())
+    except RuntimeError:
+        pass
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def warn_if_cpu_bf16_is_slow(flag: str) -> None:
+    """One warning (per call site) that ``flag`` asks for bfloat16 on a CPU that emulates it."""
+    if not cpu_has_fast_bf16():
+        warnings.warn(f"{flag}: this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX-512 or AMX) emulates "
+                      f"bfloat16, several times slower than float32; leave {flag} out on this machine",
+                      RuntimeWarning, stacklevel=3)
 
 
 @contextlib.contextmanager
