@@ -275,15 +275,19 @@ def test_native_int32_output_exact(x, p):
 @settings(max_examples=150, deadline=None)
 def test_native_vector_path_exact(ids, hist, p):
     # Eight heads of int32 ids with every table >= 2^16 rows take the AVX-512 path where the CPU
-    # has it (hashing._native.AVX512). mix = 4 id ^ h spans all of [0, 2^64): the whole range of
-    # the double-precision quotient must give x mod p exactly, as the scalar path does.
+    # has it (hashing._native.AVX512), else the AVX2 one (simd=2 asks for AVX2 on any CPU with it).
+    # mix = 4 id ^ h spans all of [0, 2^64): the whole range of the double-precision quotient must
+    # give x mod p exactly, as the scalar path does.
     xs = np.array(ids, dtype=np.int64)[:, None]
     prefix = np.full((len(ids), 1), hist, dtype=np.int64)
     args = (xs, None, 2 ** 62, 0, prefix, np.array([[4, 1]], np.int64), np.array([[p]], np.int64))
-    vec, scalar = (np.full((1, len(ids), 1, 8), -1, dtype=np.int32) for _ in range(2))
-    assert hashing._native.hash_ids(*args, vec) == -1 and hashing._native.hash_ids(*args, scalar, False) == -1
     want = [[((4 * i) % 2 ** 64 ^ hist) % q for q in p] for i in ids]
-    assert vec[0, :, 0].tolist() == want and scalar[0, :, 0].tolist() == want
+    for simd in (1, 2, 0):
+        out = np.full((1, len(ids), 1, 8), -1, dtype=np.int32)
+        assert hashing._native.hash_ids(*args, out, simd) == -1
+        assert out[0, :, 0].tolist() == want, simd
+    with pytest.raises(ValueError, match="simd=3"):
+        hashing._native.hash_ids(*args, np.empty((1, len(ids), 1, 8), dtype=np.int32), 3)
 
 
 @needs_native
@@ -440,7 +444,9 @@ def test_bench_hash_smoke():
     assert r["id_dtype"] == "int32" and r["bytes_written_per_token"] == 128
     assert r["int64_ids_bytes_written_per_token"] == 256
     assert r["ns_per_token"] > 0 and 0 < r["bandwidth_fraction"] and r["write_bandwidth_bytes_per_s"] > 0
-    assert r["avx512"] == ("scalar_kernel_tokens_per_s" in r)  # where the vector path runs, the scalar is timed too
+    # where a vector path runs, the scalar one is timed too
+    assert (r["vector_path"] is not None) == ("scalar_kernel_tokens_per_s" in r)
+    assert r["avx512"] == (r["vector_path"] == "AVX-512") and r["vector_path"] in (None, "AVX-512", "AVX2")
     json.dumps(r)
 
 

@@ -7,7 +7,8 @@
  * never more than one below floor(x/p) for any x < 2^64, so one conditional subtraction gives
  * the exact remainder. Arithmetic is done in uint64 so wrap-around is defined behaviour. On CPUs
  * with AVX-512 (checked at run time), int32 ids with 8 heads per order take a vector path that
- * reduces one mix modulo all 8 primes at once (run32_avx512_k8).
+ * reduces one mix modulo all 8 primes at once (run32_avx512_k8); on CPUs with AVX2 only, the
+ * same in two 4-lane halves (run32_avx2_k8).
  *
  * Shapes (C-contiguous): ids [B,T]; lookup [V] or None; prefix [B,N-1] or None (compressed
  * history, oldest first); multipliers [L,N]; primes [L,N-1,K]; out [L,B,T,(N-1)*K]. All are
@@ -186,18 +187,95 @@ static int avx512_usable(void) {
     }
     return cached;
 }
+
+/* AVX2 path, the same shape and the same reduction, for CPUs without AVX-512: 4 heads per
+ * vector, two vectors per order. AVX2 has neither a double -> int64 conversion nor a 64-bit
+ * multiply, so: q = trunc(x / p) < 2^48 (p >= 2^16) is read out of the double q + 2^52, whose
+ * low mantissa bits are q; and q p mod 2^64 is built from 32-bit products (p < 2^31, so
+ * q p = lo32(q) p + (hi32(q) p << 32)). The same r in [-p, 2p), the same two corrections. */
+__attribute__((target("avx2")))
+static ENGRAM_INLINE __m128i mod4_avx2(__m256i x, __m256d xd, __m256i p, __m256i pm1, __m256d inv) {
+    const __m256d two52 = _mm256_set1_pd(4503599627370496.0);
+    const __m256d q = _mm256_round_pd(_mm256_mul_pd(xd, inv), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256i qi = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(q, two52)), _mm256_castpd_si256(two52));
+    const __m256i qp = _mm256_add_epi64(_mm256_mul_epu32(qi, p),
+                                        _mm256_slli_epi64(_mm256_mul_epu32(_mm256_srli_epi64(qi, 32), p), 32));
+    __m256i r = _mm256_sub_epi64(x, qp);
+    r = _mm256_add_epi64(r, _mm256_and_si256(_mm256_cmpgt_epi64(_mm256_setzero_si256(), r), p));
+    r = _mm256_sub_epi64(r, _mm256_and_si256(_mm256_cmpgt_epi64(r, pm1), p));
+    /* the four 64-bit remainders (each < 2^31) as four int32: their low halves, in order */
+    return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(r, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)));
+}
+
+__attribute__((target("avx2")))
+static long long run32_avx2_k8(const struct job *J, const Py_ssize_t N) {
+    const Py_ssize_t B = J->B, T = J->T, L = J->L, O = N - 1, H = O * 8;
+    const Py_ssize_t layer_stride = B * T * H;
+    int32_t *const out = (int32_t *)J->out;
+    __m256i pv[ENGRAM_MAX_NGRAM * 4][2], pm1[ENGRAM_MAX_NGRAM * 4][2];
+    __m256d iv[ENGRAM_MAX_NGRAM * 4][2];
+    if (L * O > ENGRAM_MAX_NGRAM * 4) return -2; /* caller falls back to the scalar path */
+    for (Py_ssize_t g = 0; g < L * O; g++) {
+        for (int v = 0; v < 2; v++) {
+            const uint64_t *pp = J->p + g * 8 + v * 4;
+            pv[g][v] = _mm256_loadu_si256((const __m256i *)pp);
+            pm1[g][v] = _mm256_sub_epi64(pv[g][v], _mm256_set1_epi64x(1));
+            iv[g][v] = _mm256_setr_pd(1.0 / (double)pp[0], 1.0 / (double)pp[1], 1.0 / (double)pp[2],
+                                      1.0 / (double)pp[3]);
+        }
+    }
+    uint64_t h[ENGRAM_MAX_NGRAM];
+    for (Py_ssize_t b = 0; b < B; b++) {
+        for (Py_ssize_t k = 0; k < N - 1; k++)
+            h[k] = J->pf ? (uint64_t)J->pf[b * (N - 1) + (N - 2 - k)] : (uint64_t)J->pad;
+        for (Py_ssize_t t = 0; t < T; t++) {
+            const Py_ssize_t i = b * T + t;
+            const int64_t v = J->x[i];
+            if (v < 0 || v >= J->vocab) return (long long)i;
+            for (Py_ssize_t k = N - 1; k > 0; k--) h[k] = h[k - 1];
+            h[0] = J->lk ? (uint64_t)J->lk[v] : (uint64_t)v;
+            for (Py_ssize_t l = 0; l < L; l++) {
+                const uint64_t *ml = J->m + l * N;
+                int32_t *row = out + l * layer_stride + i * H;
+                uint64_t mix = h[0] * ml[0];
+                for (Py_ssize_t o = 0; o < O; o++) {
+                    mix ^= h[o + 1] * ml[o + 1];
+                    const Py_ssize_t g = l * O + o;
+                    const __m256i x = _mm256_set1_epi64x((long long)mix);
+                    const __m256d xd = _mm256_set1_pd((double)mix);
+                    const __m128i lo = mod4_avx2(x, xd, pv[g][0], pm1[g][0], iv[g][0]);
+                    const __m128i hi = mod4_avx2(x, xd, pv[g][1], pm1[g][1], iv[g][1]);
+                    _mm256_storeu_si256((__m256i *)(row + o * 8), _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+                }
+            }
+        }
+    }
+    return -1;
+}
+
+static int avx2_usable(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") != 0;
+    }
+    return cached;
+}
 #else
 #define ENGRAM_HAVE_AVX512 0
 static int avx512_usable(void) { return 0; }
+static int avx2_usable(void) { return 0; }
 #endif
 
 static long long run(const struct job *J, const Py_ssize_t N, const Py_ssize_t K, int simd) {
 #if ENGRAM_HAVE_AVX512
-    if (simd && J->out32 && K == 8 && avx512_usable()) {
+    /* simd: 0 the scalar path, 1 the widest vector path this CPU has, 2 the AVX2 one (tests) */
+    const int wide = simd == 1 && avx512_usable();
+    if (simd && J->out32 && K == 8 && (wide || avx2_usable())) {
         int big = 1; /* the vector reduction is exact only for primes >= 2^16 (see above) */
         for (Py_ssize_t g = 0; g < J->L * (N - 1) * 8; g++) big &= J->p[g] >= ENGRAM_AVX512_MIN_PRIME;
         if (big) {
-            const long long r = run32_avx512_k8(J, N);
+            const long long r = wide ? run32_avx512_k8(J, N) : run32_avx2_k8(J, N);
             if (r != -2) return r;
         }
     }
@@ -220,9 +298,13 @@ static PyObject *hash_ids(PyObject *self, PyObject *args) {
     long long vocab, pad;
     int simd = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOLLOOOO|p", &o_ids, &o_lookup, &vocab, &pad, &o_prefix, &o_mult,
+    if (!PyArg_ParseTuple(args, "OOLLOOOO|i", &o_ids, &o_lookup, &vocab, &pad, &o_prefix, &o_mult,
                           &o_primes, &o_out, &simd))
         return NULL;
+    if (simd < 0 || simd > 2) {
+        PyErr_Format(PyExc_ValueError, "hash_ids: simd=%d; use 0 (scalar), 1 (widest vector path) or 2 (AVX2)", simd);
+        return NULL;
+    }
 
     Py_buffer ids = {0}, lookup = {0}, prefix = {0}, mult = {0}, primes = {0}, out = {0};
     int have_lookup = o_lookup != Py_None, have_prefix = o_prefix != Py_None;
@@ -298,7 +380,8 @@ static PyMethodDef methods[] = {
      "hash_ids(ids, lookup, vocab_size, pad_id, prefix, multipliers, primes, out, simd=True) -> int\n\n"
      "Fill out[L,B,T,H] (int64, or int32 for tables below 2^31 rows) with the hash ids of every "
      "layer; return -1, or the flat index of the "
-     "first id outside [0, vocab_size). simd=False keeps to the scalar path (for tests)."},
+     "first id outside [0, vocab_size). simd=0 keeps to the scalar path, 2 to the AVX2 one where the "
+     "CPU has it (for tests and benchmarks); 1, the default, takes the widest vector path."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -313,7 +396,8 @@ PyMODINIT_FUNC PyInit__hashkernel(void) {
     if (!mod) return NULL;
     if (PyModule_AddIntConstant(mod, "MAX_NGRAM", ENGRAM_MAX_NGRAM) ||
         PyModule_AddIntConstant(mod, "BARRETT", ENGRAM_HAVE_BARRETT) ||
-        PyModule_AddIntConstant(mod, "AVX512", avx512_usable())) {
+        PyModule_AddIntConstant(mod, "AVX512", avx512_usable()) ||
+        PyModule_AddIntConstant(mod, "AVX2", avx2_usable())) {
         Py_DECREF(mod);
         return NULL;
     }
