@@ -275,7 +275,7 @@ def test_native_int32_output_exact(x, p):
 @settings(max_examples=150, deadline=None)
 def test_native_vector_path_exact(ids, hist, p):
     # Eight heads of int32 ids with every table >= 2^16 rows take the AVX-512 path where the CPU
-    # has it (hashing._native.AVX512), else the AVX2 one (simd=2 asks for AVX2 on any CPU with it).
+    # has it (hashing._native.AVX512); simd=2 takes the AVX2 one on any CPU with it (hashing._native.AVX2).
     # mix = 4 id ^ h spans all of [0, 2^64): the whole range of the double-precision quotient must
     # give x mod p exactly, as the scalar path does.
     xs = np.array(ids, dtype=np.int64)[:, None]
@@ -446,7 +446,8 @@ def test_bench_hash_smoke():
     assert r["ns_per_token"] > 0 and 0 < r["bandwidth_fraction"] and r["write_bandwidth_bytes_per_s"] > 0
     # where a vector path runs, the scalar one is timed too
     assert (r["vector_path"] is not None) == ("scalar_kernel_tokens_per_s" in r)
-    assert r["avx512"] == (r["vector_path"] == "AVX-512") and r["vector_path"] in (None, "AVX-512", "AVX2")
+    assert r["avx512"] == (r["vector_path"] == "AVX-512") and r["vector_path"] in (None, "AVX-512")
+    assert ("avx2_over_default" in r) == bool(hashing._native and hashing._native.AVX2)
     json.dumps(r)
 
 

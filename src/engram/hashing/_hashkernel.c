@@ -7,8 +7,8 @@
  * never more than one below floor(x/p) for any x < 2^64, so one conditional subtraction gives
  * the exact remainder. Arithmetic is done in uint64 so wrap-around is defined behaviour. On CPUs
  * with AVX-512 (checked at run time), int32 ids with 8 heads per order take a vector path that
- * reduces one mix modulo all 8 primes at once (run32_avx512_k8); on CPUs with AVX2 only, the
- * same in two 4-lane halves (run32_avx2_k8).
+ * reduces one mix modulo all 8 primes at once (run32_avx512_k8). The same in two 4-lane AVX2
+ * halves (run32_avx2_k8) is there on request only (simd=2): it measured slower than the scalar path.
  *
  * Shapes (C-contiguous): ids [B,T]; lookup [V] or None; prefix [B,N-1] or None (compressed
  * history, oldest first); multipliers [L,N]; primes [L,N-1,K]; out [L,B,T,(N-1)*K]. All are
@@ -269,9 +269,11 @@ static int avx2_usable(void) { return 0; }
 
 static long long run(const struct job *J, const Py_ssize_t N, const Py_ssize_t K, int simd) {
 #if ENGRAM_HAVE_AVX512
-    /* simd: 0 the scalar path, 1 the widest vector path this CPU has, 2 the AVX2 one (tests) */
+    /* simd: 0 the scalar path, 1 (the default) the AVX-512 one where the CPU has it, 2 the AVX2
+     * one (tests and `engram bench hash`: it measured slower than the scalar path on an AVX2-only
+     * AMD EPYC, so it is not a default) */
     const int wide = simd == 1 && avx512_usable();
-    if (simd && J->out32 && K == 8 && (wide || avx2_usable())) {
+    if (J->out32 && K == 8 && (wide || (simd == 2 && avx2_usable()))) {
         int big = 1; /* the vector reduction is exact only for primes >= 2^16 (see above) */
         for (Py_ssize_t g = 0; g < J->L * (N - 1) * 8; g++) big &= J->p[g] >= ENGRAM_AVX512_MIN_PRIME;
         if (big) {
@@ -380,8 +382,8 @@ static PyMethodDef methods[] = {
      "hash_ids(ids, lookup, vocab_size, pad_id, prefix, multipliers, primes, out, simd=True) -> int\n\n"
      "Fill out[L,B,T,H] (int64, or int32 for tables below 2^31 rows) with the hash ids of every "
      "layer; return -1, or the flat index of the "
-     "first id outside [0, vocab_size). simd=0 keeps to the scalar path, 2 to the AVX2 one where the "
-     "CPU has it (for tests and benchmarks); 1, the default, takes the widest vector path."},
+     "first id outside [0, vocab_size). simd=0 keeps to the scalar path, 2 takes the AVX2 one where the "
+     "CPU has it (for tests and benchmarks); 1, the default, takes the AVX-512 path where the CPU has it."},
     {NULL, NULL, 0, NULL},
 };
 
