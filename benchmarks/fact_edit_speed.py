@@ -1,7 +1,8 @@
 """Seconds per fact-edit step, side by side in one process, in one of two comparisons:
 
 ``--compare precision`` (the default): float32 vs bfloat16 forwards, every decoder layer vs
-starting at the first Engram layer.
+starting at the first Engram layer. ``--compare precision-now``: float32 vs bfloat16 with every
+later cut on, as ``engram patch train`` runs (for CPUs that emulate bfloat16).
 ``--compare step``: bfloat16 from the first Engram layer as it was (autocast casting the frozen
 weights at every call, the output head at every position), then with bfloat16 copies of the
 frozen weights, then also with the output head only from each sentence's first position that
@@ -45,11 +46,15 @@ COMPARISONS = {
                   ("float32, from the first Engram layer", "off", _OLD),
                   ("bfloat16, every layer", "bf16", {**_OLD, "skip_prefix": False}),
                   ("bfloat16, from the first Engram layer", "bf16", _OLD)),
+    # float32 against bfloat16 as `engram patch train` runs them now (every cut on): on a CPU
+    # without AVX-512 or AMX, where torch emulates bfloat16
+    "precision-now": (("float32", "off", {}), ("bfloat16", "bf16", {})),
     "step": (("bfloat16 from the first Engram layer (autocast casts, head everywhere)", "bf16", _OLD),
              ("+ bfloat16 copies of the frozen weights", "bf16", {"skip_unaffected": False}),
              ("+ output head from the first read on", "bf16", {})),
 }
 TITLES = {"precision": "precision and the frozen layers below Engram",
+          "precision-now": "float32 against bfloat16, every cut on",
           "step": "bfloat16 weight copies, the output head where the edit acts, dev scoring"}
 
 
@@ -107,7 +112,8 @@ def measure(ckpt: str, n_facts: int, steps: int, rounds: int, threads: int, neut
                     / next(x for x in runs if x["round"] == r and x["variant"] == name)["seconds_per_step"]
                     for r in range(rounds)] for name, _, _ in VARIANTS}
     scoring = dev_scoring(model, tok, pad, facts, train, rounds) if compare == "step" else None
-    return {"compare": compare, "dev_scoring": scoring, "date": time.strftime("%Y-%m-%d"), "machine": {"cpu": cpu_name(), "python": platform.python_version(),
+    return {"compare": compare, "dev_scoring": scoring, "date": time.strftime("%Y-%m-%d"), "machine": {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+                        "python": platform.python_version(),
                                                            "torch": torch.__version__, "threads": threads},
             "config": {"ckpt": ckpt, "facts": n_facts, "train_sentences": len(train), "steps": steps, "rounds": rounds,
                        "neutral_windows": neutral_windows, "batch_size": cfg.batch_size, "keyed": True,
@@ -121,7 +127,7 @@ def page(r: dict, command: str) -> str:
     compare = r.get("compare", "precision")
     VARIANTS = COMPARISONS[compare]
     lines = [f"# Fact-edit step time: {TITLES[compare]} ({r['date']})", "",
-             f"Machine: {m['cpu']}; Python {m['python']}, torch {m['torch']}, {m['threads']} torch thread(s). "
+             f"Machine: {m['cpu']}{' (' + m['capability'] + ')' if m.get('capability') else ''}; Python {m['python']}, torch {m['torch']}, {m['threads']} torch thread(s). "
              "Command:", "", "```", command, "```", "",
              f"{c['facts']} invented facts ({c['train_sentences']} training sentences), keyed entries, batches of "
              f"{c['batch_size']} plus two neutral windows a step (cycling over {c['neutral_windows']}), {c['steps']} steps per run, "

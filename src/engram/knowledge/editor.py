@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from engram.config import TableLocation
@@ -731,7 +732,8 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             batch_states = None
             if start:  # the batch's captured streams, padded like the ids
                 batch_states = pad_states(sent_states, chosen, ids, torch.float32)
-            with _autocast(cfg, bf16):
+            # The phases are labelled for torch.profiler (benchmarks/fact_edit_speed.py --compare profile).
+            with _autocast(cfg, bf16), record_function("fact_edit.forward"):
                 tgt = torch.roll(ids, -1, dims=1)
                 if first is not None:  # the output head where the edit can act: answers, and others from the first read on
                     kl_at = other & (torch.arange(ids.shape[1])[None, :] >= first[chosen][:, None])
@@ -754,21 +756,24 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
                         total = total + cfg.kl_weight * _kl_topk(logits, other, top_ids, top_lp)
                 if cfg.neutral_kl_weight > 0:
                     k = (2 * step) % len(neutral)
-                    kl_n = _neutral_kl(fwd, neutral, torch.arange(k, min(k + 2, len(neutral))), neutral_top,
-                                       neutral_lp, reads, win_states if start else None, first_win)
+                    with record_function("fact_edit.neutral_forward"):
+                        kl_n = _neutral_kl(fwd, neutral, torch.arange(k, min(k + 2, len(neutral))), neutral_top,
+                                           neutral_lp, reads, win_states if start else None, first_win)
                     if kl_n is not None:
                         total = total + cfg.neutral_kl_weight * kl_n
             if not torch.isfinite(total):
                 raise FactEditError(f"the edit's loss is {float(total)} at step {step}; lower lr (now {cfg.lr})")
-            total.backward()
-            for h in held.values():
-                h.take_grad()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if layer_opt is not None:
-                layer_opt.step()
-                layer_opt.zero_grad(set_to_none=True)
+            with record_function("fact_edit.backward"):
+                total.backward()
+            with record_function("fact_edit.update"):
+                for h in held.values():
+                    h.take_grad()
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if layer_opt is not None:
+                    layer_opt.step()
+                    layer_opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             bar.set_postfix(answer_loss=f"{losses[-1]:.3f}")
             out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
@@ -777,7 +782,8 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             if dev_cases and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
                 for h in held.values():
                     h.write(edited=True)
-                dev = score(model, dev_cases, pad_id, prefix=dev_prefix)
+                with record_function("fact_edit.dev_eval"):
+                    dev = score(model, dev_cases, pad_id, prefix=dev_prefix)
                 if keyed:
                     for h in held.values():
                         h.write(edited=False)

@@ -1,0 +1,39 @@
+"""benchmarks/fact_edit_profile.py on the tiny model: every op's own time lands in exactly one
+trainer phase, the set-up in none, and the page reports every round."""
+
+import importlib.util
+from pathlib import Path
+
+from engram.knowledge.edit_config import FactEditConfig
+from engram.knowledge.facts import invent_facts
+from engram.knowledge.scoring import fact_cases
+from engram.knowledge.templates import chat_format, templates
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fact_edit_profile.py"
+    spec = importlib.util.spec_from_file_location("fact_edit_profile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_attributes_each_op_to_one_phase_and_renders(world, one_thread):
+    bench = _bench()
+    model, tok = world
+    facts = invent_facts(2, seed=0, relations=("capital",))
+    train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat_format(tok), True)
+    cfg = FactEditConfig(lr=0.3, steps=3, batch_size=4, neutral_windows=2, neutral_len=16, keyed=True)
+    r = bench.one_round(model, tok, 0, train, cfg)
+    phases = r["phase_seconds_per_step"]
+    assert {"forward", "neutral_forward", "backward", "update"} <= set(phases) and "dev_eval" not in phases
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) > 0
+    # the top ops are inside the phases: their times never exceed their phase's
+    for o in r["top_ops"]:
+        assert o["phase"] in phases and 0 <= o["seconds_per_step"] <= phases[o["phase"]] + 1e-9
+    result = {"date": "2026-12-07", "machine": {"cpu": "cpu", "python": "3.11", "torch": "2", "threads": 1},
+              "config": {"facts": 2, "train_sentences": len(train), "steps": 3, "rounds": 2, "neutral_windows": 2,
+                         "batch_size": 4, "autocast": "off", "keyed": True, "first_engram_layer": None},
+              "runs": [r, r]}
+    page = bench.page(result, "python benchmarks/fact_edit_profile.py ...")
+    assert "| forward |" in page and "| backward |" in page and page.count("%") >= 2 * len(phases)
