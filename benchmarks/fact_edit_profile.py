@@ -103,7 +103,7 @@ def page(r: dict, command: str) -> str:
              f"{c['neutral_windows']}), {c['steps']} steps per round, {c['rounds']} rounds, each under "
              f"torch.profiler; Engram before decoder layer {c['first_engram_layer']}. Each op's own CPU time "
              "goes to the innermost trainer phase it ran in; the set-up is left out. Seconds per training step "
-             "as profiled (the profiler adds its own cost; unprofiled, per round: "
+             "as profiled (the profiler adds its own cost; the trainer's own clock, under the profiler, per round: "
              + ", ".join(f"{x['train_seconds_per_step']:.2f}" for x in runs) + " s/step).", "",
              "| phase | seconds per step, per round | share of the step, per round |", "|---|---|---|"]
     phases = sorted({p for x in runs for p in x["phase_seconds_per_step"]},
