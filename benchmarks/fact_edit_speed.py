@@ -20,8 +20,6 @@ taken within a round, against the first variant; every round is reported.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,8 +30,8 @@ import torch
 
 from engram.auto.loader import load
 from engram.bench.accel import cpu_name
+from engram.bench.script import run_script, script_parser
 from engram.data.tokenizer import tokenizer_info
-from engram.fsutil import atomic_write
 from engram.knowledge.edit_config import FactEditConfig
 from engram.knowledge.editor import edit_facts
 from engram.knowledge.facts import invent_facts
@@ -164,31 +162,15 @@ def page(r: dict, command: str) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", help="the adapter (required unless --from-json)")
-    p.add_argument("--from-json", help="do not measure: write --page from this earlier --out")
-    p.add_argument("--page-command", help="the command shown on the page (default: this one)")
+    p = script_parser(__doc__)
     p.add_argument("--facts", type=int, default=20)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--neutral-windows", type=int, default=64)
     p.add_argument("--compare", choices=sorted(COMPARISONS), default="precision")
-    p.add_argument("--out")
-    p.add_argument("--page")
-    a = p.parse_args()
-    if a.from_json:
-        r = json.loads(open(a.from_json, encoding="utf-8").read())
-    elif not (a.ckpt and a.out):
-        p.error("give --ckpt and --out (or --from-json to render a page)")
-    else:
-        r = measure(a.ckpt, a.facts, a.steps, a.rounds, a.threads, a.neutral_windows, a.compare)
-        data = (json.dumps(r, indent=1) + "\n").encode()
-        atomic_write(a.out, lambda f: f.write(data))
-    if a.page:
-        text = page(r, a.page_command or "python benchmarks/fact_edit_speed.py " + " ".join(sys.argv[1:])).encode()
-        atomic_write(a.page, lambda f: f.write(text))
-    return 0
+    run = lambda a: measure(a.ckpt, a.facts, a.steps, a.rounds, a.threads, a.neutral_windows, a.compare)  # noqa: E731
+    return run_script(p, run, page, "benchmarks/fact_edit_speed.py")
 
 
 if __name__ == "__main__":

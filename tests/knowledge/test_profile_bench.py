@@ -37,3 +37,31 @@ def test_profile_attributes_each_op_to_one_phase_and_renders(world, one_thread):
               "runs": [r, r]}
     page = bench.page(result, "python benchmarks/fact_edit_profile.py ...")
     assert "| forward |" in page and "| backward |" in page and page.count("%") >= 2 * len(phases)
+
+
+def test_script_frame_measures_or_renders_and_refuses_half_flags(tmp_path, monkeypatch, capsys):
+    import json
+
+    import pytest
+
+    from engram.bench.script import run_script, script_parser
+
+    def measure(a):
+        return {"x": 3}
+
+    def page(r, command):
+        return f"x = {r['x']}; {command}\n"
+
+    monkeypatch.setattr("sys.argv", ["s.py", "--ckpt", "m", "--out", str(tmp_path / "r.json"),
+                                     "--page", str(tmp_path / "p.md")])
+    assert run_script(script_parser("doc"), measure, page, "s.py") == 0
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": 3}
+    assert (tmp_path / "p.md").read_text().startswith("x = 3; python s.py --ckpt m")
+    monkeypatch.setattr("sys.argv", ["s.py", "--from-json", str(tmp_path / "r.json"), "--page", str(tmp_path / "q.md"),
+                                     "--page-command", "C"])
+    assert run_script(script_parser("doc"), lambda a: pytest.fail("measured"), page, "s.py") == 0
+    assert (tmp_path / "q.md").read_text() == "x = 3; C\n"
+    monkeypatch.setattr("sys.argv", ["s.py", "--ckpt", "m"])
+    with pytest.raises(SystemExit):
+        run_script(script_parser("doc"), measure, page, "s.py")
+    assert "give --ckpt and --out" in capsys.readouterr().err

@@ -88,13 +88,10 @@ struct job {
     Py_ssize_t B, T, L;
 };
 
-/* The whole hash for every layer, ids written as OUT_T; returns -1 or the flat index of the
- * first bad id. Defined once per output type so that the store is a plain typed write. */
-#define ENGRAM_DEFINE_RUN(NAME, OUT_T)                                                          \
-static ENGRAM_INLINE long long NAME(const struct job *J, const Py_ssize_t N, const Py_ssize_t K) { \
-    const Py_ssize_t B = J->B, T = J->T, L = J->L, O = N - 1, H = O * K;                       \
-    const Py_ssize_t layer_stride = B * T * H;                                                  \
-    OUT_T *const out = (OUT_T *)J->out;                                                         \
+/* The token loop every path shares: for every token, layer and order, STORE writes the K ids of
+ * `mix` (the mix of order o + 2 of layer l) to row + o * K, row being the token's OUT_T ids of
+ * that layer. The enclosing function defines B, T, L, O, H, layer_stride, out, J and N. */
+#define ENGRAM_MIX_LOOP(OUT_T, STORE)                                                           \
     uint64_t h[ENGRAM_MAX_NGRAM]; /* h[k] = compressed id k positions back */                   \
     for (Py_ssize_t b = 0; b < B; b++) {                                                        \
         /* Seed the history so that, after the first shift, h[k] holds position -k. */          \
@@ -108,18 +105,30 @@ static ENGRAM_INLINE long long NAME(const struct job *J, const Py_ssize_t N, con
             h[0] = J->lk ? (uint64_t)J->lk[v] : (uint64_t)v;                                    \
             for (Py_ssize_t l = 0; l < L; l++) {                                                \
                 const uint64_t *ml = J->m + l * N;                                              \
-                const uint64_t *pl = J->p + l * H, *il = J->inv + l * H;                        \
                 OUT_T *row = out + l * layer_stride + i * H;                                    \
                 uint64_t mix = h[0] * ml[0];                                                    \
                 for (Py_ssize_t o = 0; o < O; o++) {                                            \
                     mix ^= h[o + 1] * ml[o + 1]; /* mix of order n = o + 2 */                   \
-                    for (Py_ssize_t j = 0; j < K; j++)                                          \
-                        row[o * K + j] = (OUT_T)mod_p(mix, pl[o * K + j], il[o * K + j]);       \
+                    STORE                                                                       \
                 }                                                                               \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
-    return -1;                                                                                  \
+    return -1;
+
+/* The whole hash for every layer, ids written as OUT_T; returns -1 or the flat index of the
+ * first bad id. Defined once per output type so that the store is a plain typed write. */
+#define ENGRAM_DEFINE_RUN(NAME, OUT_T)                                                          \
+static ENGRAM_INLINE long long NAME(const struct job *J, const Py_ssize_t N, const Py_ssize_t K) { \
+    const Py_ssize_t B = J->B, T = J->T, L = J->L, O = N - 1, H = O * K;                       \
+    const Py_ssize_t layer_stride = B * T * H;                                                  \
+    OUT_T *const out = (OUT_T *)J->out;                                                         \
+    ENGRAM_MIX_LOOP(OUT_T, {                                                                    \
+        const uint64_t *pl = J->p + l * H + o * K;                                              \
+        const uint64_t *il = J->inv + l * H + o * K;                                            \
+        for (Py_ssize_t j = 0; j < K; j++)                                                      \
+            row[o * K + j] = (OUT_T)mod_p(mix, pl[j], il[j]);                                   \
+    })                                                                                          \
 }
 
 ENGRAM_DEFINE_RUN(run64, int64_t)
@@ -149,34 +158,15 @@ static long long run32_avx512_k8(const struct job *J, const Py_ssize_t N) {
         iv[g] = _mm512_div_pd(_mm512_set1_pd(1.0), _mm512_cvtepu64_pd(pv[g]));
     }
     const __m512i zero = _mm512_setzero_si512();
-    uint64_t h[ENGRAM_MAX_NGRAM];
-    for (Py_ssize_t b = 0; b < B; b++) {
-        for (Py_ssize_t k = 0; k < N - 1; k++)
-            h[k] = J->pf ? (uint64_t)J->pf[b * (N - 1) + (N - 2 - k)] : (uint64_t)J->pad;
-        for (Py_ssize_t t = 0; t < T; t++) {
-            const Py_ssize_t i = b * T + t;
-            const int64_t v = J->x[i];
-            if (v < 0 || v >= J->vocab) return (long long)i;
-            for (Py_ssize_t k = N - 1; k > 0; k--) h[k] = h[k - 1];
-            h[0] = J->lk ? (uint64_t)J->lk[v] : (uint64_t)v;
-            for (Py_ssize_t l = 0; l < L; l++) {
-                const uint64_t *ml = J->m + l * N;
-                int32_t *row = out + l * layer_stride + i * H;
-                uint64_t mix = h[0] * ml[0];
-                for (Py_ssize_t o = 0; o < O; o++) {
-                    mix ^= h[o + 1] * ml[o + 1];
-                    const Py_ssize_t g = l * O + o;
-                    const __m512i x = _mm512_set1_epi64((long long)mix);
-                    const __m512d q = _mm512_mul_pd(_mm512_set1_pd((double)mix), iv[g]);
-                    __m512i r = _mm512_sub_epi64(x, _mm512_mullo_epi64(_mm512_cvttpd_epu64(q), pv[g]));
-                    r = _mm512_mask_add_epi64(r, _mm512_cmplt_epi64_mask(r, zero), r, pv[g]);
-                    r = _mm512_mask_sub_epi64(r, _mm512_cmpge_epi64_mask(r, pv[g]), r, pv[g]);
-                    _mm256_storeu_si256((__m256i *)(row + o * 8), _mm512_cvtepi64_epi32(r));
-                }
-            }
-        }
-    }
-    return -1;
+    ENGRAM_MIX_LOOP(int32_t, {
+        const Py_ssize_t g = l * O + o;
+        const __m512i x = _mm512_set1_epi64((long long)mix);
+        const __m512d q = _mm512_mul_pd(_mm512_set1_pd((double)mix), iv[g]);
+        __m512i r = _mm512_sub_epi64(x, _mm512_mullo_epi64(_mm512_cvttpd_epu64(q), pv[g]));
+        r = _mm512_mask_add_epi64(r, _mm512_cmplt_epi64_mask(r, zero), r, pv[g]);
+        r = _mm512_mask_sub_epi64(r, _mm512_cmpge_epi64_mask(r, pv[g]), r, pv[g]);
+        _mm256_storeu_si256((__m256i *)(row + o * 8), _mm512_cvtepi64_epi32(r));
+    })
 }
 
 static int avx512_usable(void) {
@@ -224,33 +214,14 @@ static long long run32_avx2_k8(const struct job *J, const Py_ssize_t N) {
                                       1.0 / (double)pp[3]);
         }
     }
-    uint64_t h[ENGRAM_MAX_NGRAM];
-    for (Py_ssize_t b = 0; b < B; b++) {
-        for (Py_ssize_t k = 0; k < N - 1; k++)
-            h[k] = J->pf ? (uint64_t)J->pf[b * (N - 1) + (N - 2 - k)] : (uint64_t)J->pad;
-        for (Py_ssize_t t = 0; t < T; t++) {
-            const Py_ssize_t i = b * T + t;
-            const int64_t v = J->x[i];
-            if (v < 0 || v >= J->vocab) return (long long)i;
-            for (Py_ssize_t k = N - 1; k > 0; k--) h[k] = h[k - 1];
-            h[0] = J->lk ? (uint64_t)J->lk[v] : (uint64_t)v;
-            for (Py_ssize_t l = 0; l < L; l++) {
-                const uint64_t *ml = J->m + l * N;
-                int32_t *row = out + l * layer_stride + i * H;
-                uint64_t mix = h[0] * ml[0];
-                for (Py_ssize_t o = 0; o < O; o++) {
-                    mix ^= h[o + 1] * ml[o + 1];
-                    const Py_ssize_t g = l * O + o;
-                    const __m256i x = _mm256_set1_epi64x((long long)mix);
-                    const __m256d xd = _mm256_set1_pd((double)mix);
-                    const __m128i lo = mod4_avx2(x, xd, pv[g][0], pm1[g][0], iv[g][0]);
-                    const __m128i hi = mod4_avx2(x, xd, pv[g][1], pm1[g][1], iv[g][1]);
-                    _mm256_storeu_si256((__m256i *)(row + o * 8), _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
-                }
-            }
-        }
-    }
-    return -1;
+    ENGRAM_MIX_LOOP(int32_t, {
+        const Py_ssize_t g = l * O + o;
+        const __m256i x = _mm256_set1_epi64x((long long)mix);
+        const __m256d xd = _mm256_set1_pd((double)mix);
+        const __m128i lo = mod4_avx2(x, xd, pv[g][0], pm1[g][0], iv[g][0]);
+        const __m128i hi = mod4_avx2(x, xd, pv[g][1], pm1[g][1], iv[g][1]);
+        _mm256_storeu_si256((__m256i *)(row + o * 8), _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+    })
 }
 
 static int avx2_usable(void) {
