@@ -732,7 +732,7 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             batch_states = None
             if start:  # the batch's captured streams, padded like the ids
                 batch_states = pad_states(sent_states, chosen, ids, torch.float32)
-            # The phases are labelled for torch.profiler (benchmarks/fact_edit_speed.py --compare profile).
+            # The phases are labelled for torch.profiler (benchmarks/fact_edit_profile.py).
             with _autocast(cfg, bf16), record_function("fact_edit.forward"):
                 tgt = torch.roll(ids, -1, dims=1)
                 if first is not None:  # the output head where the edit can act: answers, and others from the first read on
