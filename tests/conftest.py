@@ -40,6 +40,21 @@ def conformance_dir() -> Path:
     return CONFORMANCE
 
 
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script(name)``: the module of ``benchmarks/NAME.py`` (scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from a second intra-op thread, and on a busy machine two

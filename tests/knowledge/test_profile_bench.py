@@ -1,25 +1,14 @@
 """benchmarks/fact_edit_profile.py on the tiny model: every op's own time lands in exactly one
 trainer phase, the set-up in none, and the page reports every round."""
 
-import importlib.util
-from pathlib import Path
-
 from engram.knowledge.edit_config import FactEditConfig
 from engram.knowledge.facts import invent_facts
 from engram.knowledge.scoring import fact_cases
 from engram.knowledge.templates import chat_format, templates
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fact_edit_profile.py"
-    spec = importlib.util.spec_from_file_location("fact_edit_profile", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_profile_attributes_each_op_to_one_phase_and_renders(world, one_thread):
-    bench = _bench()
+def test_profile_attributes_each_op_to_one_phase_and_renders(world, one_thread, benchmark_script):
+    bench = benchmark_script("fact_edit_profile")
     model, tok = world
     facts = invent_facts(2, seed=0, relations=("capital",))
     train = fact_cases(tok, facts, lambda f: templates(f.relation, "train", ("statement",)), chat_format(tok), True)

@@ -88,19 +88,8 @@ def test_routing_statistics_on_the_test_windows(tiny, tmp_path):
     assert r["overall"]["pick_rate"] == 0.0 and "expected_activated_per_token" not in r
 
 
-def _page_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "historian_page.py"
-    spec = importlib.util.spec_from_file_location("historian_page", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_results_page_is_rendered_from_the_summary(tmp_path):
-    page = _page_module()
+def test_results_page_is_rendered_from_the_summary(tmp_path, benchmark_script):
+    page = benchmark_script("historian_page")
     acc = {"total": 1000, "activated_per_token": 500, "table_params": 0}
     stats = lambda rate, n: {"tokens": n, "pick_rate": rate, "ratio": rate / 0.25, "weight": 0.4}
     routing = {"uniform": 0.25, "top_k": 2, "n_routed_experts": 8, "expected_activated_per_token": 480.0,

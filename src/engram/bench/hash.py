@@ -107,22 +107,22 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
         native = hasher_mod._native if NATIVE_KERNEL_AVAILABLE else None
         vector = "AVX-512" if getattr(native, "AVX512", 0) else None  # the default path's vector unit
 
-        def kernel(simd: int) -> Any:
-            out = torch.empty(out_shape, dtype=hasher.id_dtype)
-            native.hash_ids(ids_np, hasher.lookup, hasher.tokenizer_vocab_size, hasher.compressed_pad_id, None,
-                            hasher._mult_np, hasher._primes_np, out.numpy(), simd)
-            return out
+        def kernel(simd: int, name: str) -> Callable[[], Any]:
+            """The kernel kept to one path (``simd``), checked against the reference before it is timed."""
+            def run() -> Any:
+                out = torch.empty(out_shape, dtype=hasher.id_dtype)
+                native.hash_ids(ids_np, hasher.lookup, hasher.tokenizer_vocab_size, hasher.compressed_pad_id, None,
+                                hasher._mult_np, hasher._primes_np, out.numpy(), simd)
+                return out
+            got = run()
+            if any(not np.array_equal(got[i].numpy(), ref[k]) for i, k in enumerate(cfg.layer_ids)):
+                raise AssertionError(f"bench hash: the kernel's {name} path disagrees with the reference")
+            return run
 
         if getattr(native, "AVX2", 0):  # the AVX2 path, on request only: is it worth a default here?
-            got = kernel(2)
-            if any(not np.array_equal(got[i].numpy(), ref[k]) for i, k in enumerate(cfg.layer_ids)):
-                raise AssertionError("bench hash: the kernel's AVX2 path disagrees with the reference")
-            paths["fast_avx2"] = lambda: kernel(2)
+            paths["fast_avx2"] = kernel(2, "AVX2")
         if vector:  # the same kernel kept to its scalar path: what the vector path adds
-            got = kernel(0)
-            if any(not np.array_equal(got[i].numpy(), ref[k]) for i, k in enumerate(cfg.layer_ids)):
-                raise AssertionError("bench hash: the kernel's scalar path disagrees with the reference")
-            paths["fast_scalar"] = lambda: kernel(0)
+            paths["fast_scalar"] = kernel(0, "scalar")
         if dev.type == "cuda":
             def on_gpu() -> None:
                 hasher.hash(ids_dev, backend="torch")

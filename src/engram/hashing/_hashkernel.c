@@ -275,7 +275,7 @@ static PyObject *hash_ids(PyObject *self, PyObject *args) {
                           &o_primes, &o_out, &simd))
         return NULL;
     if (simd < 0 || simd > 2) {
-        PyErr_Format(PyExc_ValueError, "hash_ids: simd=%d; use 0 (scalar), 1 (widest vector path) or 2 (AVX2)", simd);
+        PyErr_Format(PyExc_ValueError, "hash_ids: simd=%d; use 0 (scalar), 1 (the default: AVX-512 where the CPU has it) or 2 (AVX2)", simd);
         return NULL;
     }
 
@@ -350,7 +350,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"hash_ids", hash_ids, METH_VARARGS,
-     "hash_ids(ids, lookup, vocab_size, pad_id, prefix, multipliers, primes, out, simd=True) -> int\n\n"
+     "hash_ids(ids, lookup, vocab_size, pad_id, prefix, multipliers, primes, out, simd=1) -> int\n\n"
      "Fill out[L,B,T,H] (int64, or int32 for tables below 2^31 rows) with the hash ids of every "
      "layer; return -1, or the flat index of the "
      "first id outside [0, vocab_size). simd=0 keeps to the scalar path, 2 takes the AVX2 one where the "

@@ -67,6 +67,7 @@ from engram.knowledge.edit_config import FactEditConfig, FactEditError
 from engram.knowledge.scoring import (
     Case,
     fact_cases,
+    fixed_sample,
     logits_at,
     logprobs,
     marked_cases,
@@ -588,10 +589,8 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     else:
         too_long = 0
     dev_all = len(dev_cases)
-    if cfg.dev_questions and dev_all > cfg.dev_questions:  # a fixed sample, from its own generator (the
-        # batches' order must not depend on it), kept in the given order
-        pick = np.sort(np.random.default_rng([cfg.seed, 1]).choice(dev_all, cfg.dev_questions, replace=False))
-        dev_cases = [dev_cases[i] for i in pick]
+    # a fixed sample, from its own generator (the batches' order must not depend on it)
+    dev_cases = fixed_sample(dev_cases, cfg.dev_questions, cfg.seed, stream=1)
     if not train_cases:
         raise FactEditError("no training sentences: every fact's forms failed to tokenise, none were given, or "
                             f"all are longer than the model's {limit} positions")
@@ -623,12 +622,6 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
     base_tables = {lid: w.detach().clone() for lid, w in tables.items()}
 
     neutral = neutral_windows(tokenizer, "train", cfg.neutral_windows, cfg.neutral_len)
-    # Keyed entries are read only where their own N-gram recurs: a neutral window none of whose
-    # positions reads one is computed exactly as by the unedited model, so its KL is 0 and its
-    # forward is skipped (the mean still counts its positions), and so is its cached top-k.
-    # ``reads`` [n] bool, or None.
-    reads = (_windows_reading(model, neutral, held) if keyed and cfg.neutral_kl_weight > 0 and skip_unread_neutral
-             else None)
     neutral_lp = neutral_top = None
     # The decoder layers below the first Engram layer are frozen and read no table: their output
     # is captured once, with the unedited model's distributions, and each step starts above them.
@@ -652,6 +645,13 @@ def edit_facts(model: Any, tokenizer: Any, train_cases: Sequence[Case], cfg: Fac
             first = _first_reads(model, pad_batch(train_cases, pad_id)[0], held, keyed)
         if cfg.neutral_kl_weight > 0:
             first_win = _first_reads(model, neutral, held, keyed)
+    # Keyed entries are read only where their own N-gram recurs: a neutral window none of whose
+    # positions reads one is computed exactly as by the unedited model, so its KL is 0 and its
+    # forward is skipped (the mean still counts its positions), and so is its cached top-k.
+    # ``reads`` [n] bool, or None (from the first reads when they are known).
+    reads = None
+    if keyed and cfg.neutral_kl_weight > 0 and skip_unread_neutral:
+        reads = _windows_reading(model, neutral, held) if first_win is None else first_win < neutral.shape[1]
     # the neutral windows whose top-k is needed: those that read the edit somewhere (all without a skip)
     win_only = reads if first_win is None else first_win < neutral.shape[1]
     # The unedited model's distributions are computed at the training forwards' precision, so

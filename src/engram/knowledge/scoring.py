@@ -107,6 +107,16 @@ def pad_batch(cases: Sequence[Case], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, ans
 
 
+def fixed_sample(cases: Sequence[Case], k: int, seed: int, stream: int) -> list[Case]:
+    """At most ``k`` of ``cases`` (all of them when ``k`` is 0 or not below their count): a fixed
+    sample from its own generator (``seed``, ``stream``), so drawing it moves no other random
+    state, kept in the given order."""
+    if not 0 < k < len(cases):
+        return list(cases)
+    pick = np.sort(np.random.default_rng([seed, stream]).choice(len(cases), k, replace=False))
+    return [cases[i] for i in pick]
+
+
 def pad_states(states: Sequence[torch.Tensor], idx: Sequence[int], ids: torch.Tensor,
                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The captured streams [len,D] of cases ``idx``, right-padded like their ``ids`` [B,T] into

@@ -38,7 +38,7 @@ from engram.fsutil import PathLike, RunFiles, atomic_write
 from engram.knowledge.collisions import reach_table
 from engram.knowledge.editor import EditResult, FactEditConfig, coverage, edit_facts, layer_parameters, trained_rows
 from engram.knowledge.facts import Fact, invent_facts
-from engram.knowledge.scoring import fact_cases, logprobs, neutral_change, neutral_windows, score
+from engram.knowledge.scoring import fact_cases, fixed_sample, logprobs, neutral_change, neutral_windows, score
 from engram.knowledge.templates import KINDS, chat_format, templates
 from engram.patches.apply import apply_to_model, revert_from_model
 from engram.patches.patchfile import save_patch
@@ -93,9 +93,7 @@ def measure_edit(model: Any, tok: Any, facts: Sequence[Fact], cfg: FactEditConfi
     test = _cases(tok, facts, "test", cfg.kinds)
     asked_train = _cases(tok, facts, "train", cfg.kinds)
     train_forms_given = len(asked_train)
-    if 0 < train_forms_questions < len(asked_train):  # its own generator: the edit's batches are unchanged
-        pick = np.random.default_rng([cfg.seed, 2]).choice(len(asked_train), train_forms_questions, replace=False)
-        asked_train = [asked_train[i] for i in np.sort(pick)]
+    asked_train = fixed_sample(asked_train, train_forms_questions, cfg.seed, stream=2)
     before = {"test": score(model, test, pad_id)["exact"], "train_forms": score(model, asked_train, pad_id)["exact"]}
     t0 = time.perf_counter()
     res: EditResult = edit_facts(model, tok, train, cfg, dev_cases=dev, pad_id=pad_id, progress=progress,
