@@ -7,8 +7,8 @@
  * never more than one below floor(x/p) for any x < 2^64, so one conditional subtraction gives
  * the exact remainder. Arithmetic is done in uint64 so wrap-around is defined behaviour. On CPUs
  * with AVX-512 (checked at run time), int32 ids with 8 heads per order take a vector path that
- * reduces one mix modulo all 8 primes at once (run32_avx512_k8). The same in two 4-lane AVX2
- * halves (run32_avx2_k8) is there on request only (simd=2): it measured slower than the scalar path.
+ * reduces one mix modulo all 8 primes at once (run32_avx512_k8); on CPUs with AVX2 only, the same
+ * shape takes run32_avx2_k8, which reduces in 32-bit lanes (tables below 2^30 rows per head).
  *
  * Shapes (C-contiguous): ids [B,T]; lookup [V] or None; prefix [B,N-1] or None (compressed
  * history, oldest first); multipliers [L,N]; primes [L,N-1,K]; out [L,B,T,(N-1)*K]. All are
@@ -178,50 +178,59 @@ static int avx512_usable(void) {
     return cached;
 }
 
-/* AVX2 path, the same shape and the same reduction, for CPUs without AVX-512: 4 heads per
- * vector, two vectors per order. AVX2 has neither a double -> int64 conversion nor a 64-bit
- * multiply, so: q = trunc(x / p) < 2^48 (p >= 2^16) is read out of the double q + 2^52, whose
- * low mantissa bits are q; and q p mod 2^64 is built from 32-bit products (p < 2^31, so
- * q p = lo32(q) p + (hi32(q) p << 32)). The same r in [-p, 2p), the same two corrections. */
-__attribute__((target("avx2")))
-static ENGRAM_INLINE __m128i mod4_avx2(__m256i x, __m256d xd, __m256i p, __m256i pm1, __m256d inv) {
-    const __m256d two52 = _mm256_set1_pd(4503599627370496.0);
-    const __m256d q = _mm256_round_pd(_mm256_mul_pd(xd, inv), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __m256i qi = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(q, two52)), _mm256_castpd_si256(two52));
-    const __m256i qp = _mm256_add_epi64(_mm256_mul_epu32(qi, p),
-                                        _mm256_slli_epi64(_mm256_mul_epu32(_mm256_srli_epi64(qi, 32), p), 32));
-    __m256i r = _mm256_sub_epi64(x, qp);
-    r = _mm256_add_epi64(r, _mm256_and_si256(_mm256_cmpgt_epi64(_mm256_setzero_si256(), r), p));
-    r = _mm256_sub_epi64(r, _mm256_and_si256(_mm256_cmpgt_epi64(r, pm1), p));
-    /* the four 64-bit remainders (each < 2^31) as four int32: their low halves, in order */
-    return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(r, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)));
-}
+/* AVX2 path, the same shape, for CPUs without AVX-512: all 8 heads of an order in one vector of
+ * 32-bit lanes. The quotient comes from doubles, 4 lanes at a time: double(x) * double(1/p) is
+ * within 3 * 2^12 / p < 0.19 of x / p under any rounding mode (three roundings of relative error
+ * <= 2^-52 each, x < 2^64, p >= 2^16), and adding 2^52 rounds it
+ * to an integer q in [floor(x/p) - 1, floor(x/p) + 2] (again under any rounding mode; no separate
+ * round instruction, which costs more than the rest of the step) whose low 32 bits are the
+ * double's low mantissa bits. Only low 32 bits are needed after that: r = x - q p lies in
+ * [-2p, 2p), so s = r + 2p lies in [0, 4p), which fits a uint32 when p < 2^30, and s is then
+ * (x + 2p - q p) mod 2^32, from 32-bit products alone. s = min(s, s - 2p), then
+ * s = min(s, s - p) (unsigned: the difference wraps above s when it would be negative), leave
+ * s mod p. */
+#define ENGRAM_AVX2_MAX_PRIME 1073741823 /* 2^30 - 1 */
 
 __attribute__((target("avx2")))
-static long long run32_avx2_k8(const struct job *J, const Py_ssize_t N) {
+static ENGRAM_INLINE long long run32_avx2_k8_n(const struct job *J, const Py_ssize_t N) {
     const Py_ssize_t B = J->B, T = J->T, L = J->L, O = N - 1, H = O * 8;
     const Py_ssize_t layer_stride = B * T * H;
     int32_t *const out = (int32_t *)J->out;
-    __m256i pv[ENGRAM_MAX_NGRAM * 4][2], pm1[ENGRAM_MAX_NGRAM * 4][2];
+    /* the doubles' two halves hold heads (0,1,4,5) and (2,3,6,7): one in-lane shuffle of their
+     * low words then gives heads 0..7 in order */
+    static const int half[2][4] = {{0, 1, 4, 5}, {2, 3, 6, 7}};
+    __m256i pv[ENGRAM_MAX_NGRAM * 4], p2v[ENGRAM_MAX_NGRAM * 4];
     __m256d iv[ENGRAM_MAX_NGRAM * 4][2];
     if (L * O > ENGRAM_MAX_NGRAM * 4) return -2; /* caller falls back to the scalar path */
     for (Py_ssize_t g = 0; g < L * O; g++) {
-        for (int v = 0; v < 2; v++) {
-            const uint64_t *pp = J->p + g * 8 + v * 4;
-            pv[g][v] = _mm256_loadu_si256((const __m256i *)pp);
-            pm1[g][v] = _mm256_sub_epi64(pv[g][v], _mm256_set1_epi64x(1));
-            iv[g][v] = _mm256_setr_pd(1.0 / (double)pp[0], 1.0 / (double)pp[1], 1.0 / (double)pp[2],
-                                      1.0 / (double)pp[3]);
-        }
+        const uint64_t *pp = J->p + g * 8;
+        pv[g] = _mm256_setr_epi32((int)pp[0], (int)pp[1], (int)pp[2], (int)pp[3], (int)pp[4], (int)pp[5],
+                                  (int)pp[6], (int)pp[7]);
+        p2v[g] = _mm256_add_epi32(pv[g], pv[g]);
+        for (int v = 0; v < 2; v++)
+            iv[g][v] = _mm256_setr_pd(1.0 / (double)pp[half[v][0]], 1.0 / (double)pp[half[v][1]],
+                                      1.0 / (double)pp[half[v][2]], 1.0 / (double)pp[half[v][3]]);
     }
+    const __m256d two52 = _mm256_set1_pd(4503599627370496.0);
     ENGRAM_MIX_LOOP(int32_t, {
         const Py_ssize_t g = l * O + o;
-        const __m256i x = _mm256_set1_epi64x((long long)mix);
         const __m256d xd = _mm256_set1_pd((double)mix);
-        const __m128i lo = mod4_avx2(x, xd, pv[g][0], pm1[g][0], iv[g][0]);
-        const __m128i hi = mod4_avx2(x, xd, pv[g][1], pm1[g][1], iv[g][1]);
-        _mm256_storeu_si256((__m256i *)(row + o * 8), _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+        const __m256d qa = _mm256_add_pd(_mm256_mul_pd(xd, iv[g][0]), two52);
+        const __m256d qb = _mm256_add_pd(_mm256_mul_pd(xd, iv[g][1]), two52);
+        const __m256i q = _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castpd_ps(qa), _mm256_castpd_ps(qb),
+                                                                _MM_SHUFFLE(2, 0, 2, 0)));
+        __m256i s = _mm256_sub_epi32(_mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)mix), p2v[g]),
+                                     _mm256_mullo_epi32(q, pv[g]));
+        s = _mm256_min_epu32(s, _mm256_sub_epi32(s, p2v[g]));
+        s = _mm256_min_epu32(s, _mm256_sub_epi32(s, pv[g]));
+        _mm256_storeu_si256((__m256i *)(row + o * 8), s);
     })
+}
+
+/* N = 3 (orders 2 and 3, the reference's) as a constant: the compiler unrolls the history and orders */
+__attribute__((target("avx2")))
+static long long run32_avx2_k8(const struct job *J, const Py_ssize_t N) {
+    return N == 3 ? run32_avx2_k8_n(J, 3) : run32_avx2_k8_n(J, N);
 }
 
 static int avx2_usable(void) {
@@ -240,14 +249,18 @@ static int avx2_usable(void) { return 0; }
 
 static long long run(const struct job *J, const Py_ssize_t N, const Py_ssize_t K, int simd) {
 #if ENGRAM_HAVE_AVX512
-    /* simd: 0 the scalar path, 1 (the default) the AVX-512 one where the CPU has it, 2 the AVX2
-     * one (tests and `engram bench hash`: it measured slower than the scalar path on an AVX2-only
-     * AMD EPYC, so it is not a default) */
+    /* simd: 0 the scalar path; 1 (the default) the widest vector path the CPU has, AVX-512 or
+     * else AVX2; 2 the AVX2 one even where AVX-512 is there (tests and `engram bench hash`) */
     const int wide = simd == 1 && avx512_usable();
-    if (J->out32 && K == 8 && (wide || (simd == 2 && avx2_usable()))) {
-        int big = 1; /* the vector reduction is exact only for primes >= 2^16 (see above) */
-        for (Py_ssize_t g = 0; g < J->L * (N - 1) * 8; g++) big &= J->p[g] >= ENGRAM_AVX512_MIN_PRIME;
-        if (big) {
+    const int avx2 = !wide && simd != 0 && avx2_usable();
+    if (J->out32 && K == 8 && (wide || avx2)) {
+        /* the vector reductions are exact only for primes >= 2^16, the AVX2 one only below 2^30
+         * (see above); other tables take the scalar path */
+        const uint64_t top = wide ? (uint64_t)INT32_MAX : (uint64_t)ENGRAM_AVX2_MAX_PRIME;
+        int fits = 1;
+        for (Py_ssize_t g = 0; g < J->L * (N - 1) * 8; g++)
+            fits &= J->p[g] >= ENGRAM_AVX512_MIN_PRIME && J->p[g] <= top;
+        if (fits) {
             const long long r = wide ? run32_avx512_k8(J, N) : run32_avx2_k8(J, N);
             if (r != -2) return r;
         }
@@ -275,7 +288,7 @@ static PyObject *hash_ids(PyObject *self, PyObject *args) {
                           &o_primes, &o_out, &simd))
         return NULL;
     if (simd < 0 || simd > 2) {
-        PyErr_Format(PyExc_ValueError, "hash_ids: simd=%d; use 0 (scalar), 1 (the default: AVX-512 where the CPU has it) or 2 (AVX2)", simd);
+        PyErr_Format(PyExc_ValueError, "hash_ids: simd=%d; use 0 (scalar), 1 (the default: the widest vector path the CPU has) or 2 (AVX2)", simd);
         return NULL;
     }
 
@@ -353,8 +366,8 @@ static PyMethodDef methods[] = {
      "hash_ids(ids, lookup, vocab_size, pad_id, prefix, multipliers, primes, out, simd=1) -> int\n\n"
      "Fill out[L,B,T,H] (int64, or int32 for tables below 2^31 rows) with the hash ids of every "
      "layer; return -1, or the flat index of the "
-     "first id outside [0, vocab_size). simd=0 keeps to the scalar path, 2 takes the AVX2 one where the "
-     "CPU has it (for tests and benchmarks); 1, the default, takes the AVX-512 path where the CPU has it."},
+     "first id outside [0, vocab_size). simd=0 keeps to the scalar path; 1, the default, takes the widest "
+     "vector path the CPU has (AVX-512, else AVX2); 2 takes the AVX2 one even where AVX-512 is there."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,9 +27,10 @@ gives the wide form. ``hash_reference`` keeps int64, as in the reference.
 Three paths produce identical ids: ``hash_reference`` (plain numpy, mirrors the reference;
 for tests and the benchmark baseline), the vectorised torch path (any device), and an optional
 native CPU kernel (``_hashkernel.c``, Barrett reduction instead of 64-bit division; on CPUs
-with AVX-512 and eight heads per order, the eight remainders of one mix at once, through a
-double-precision quotient corrected to the exact remainder) that ``hash`` picks automatically
-for CPU input when it was built. ``_hashkernel.AVX512`` says whether the vector path is used.
+with AVX-512, or else AVX2, and eight heads per order, the eight remainders of one mix at once,
+through a double-precision quotient corrected to the exact remainder) that ``hash`` picks
+automatically for CPU input when it was built. ``_hashkernel.AVX512`` and ``_hashkernel.AVX2``
+say which vector path the CPU has (AVX2's takes tables below 2^30 rows per head).
 
 Shape legend:
     B batch    T positions    L Engram layers    N max_ngram_size    O = N - 1 orders (n = 2..N)
