@@ -42,6 +42,22 @@ def test_patch_method_teaches_measures_and_reverts(world, one_thread):
     assert 0 <= both["hit_rate"] <= 1 and both["reverted_bit_for_bit"] is True
 
 
+def test_counterfactual_seeds_are_new_answers_for_the_same_subjects(world, tmp_path):
+    from engram.knowledge.counterfact import Counterfact
+
+    model, tok = world
+    cfs = [Counterfact("France", "Paris", "Rome"), Counterfact("Spain", "Madrid", "Oslo")]
+    cfg = BenchConfig(methods=("none",), sets=("counterfactual",), seeds=(0, 1), facts=2, neighbours=2,
+                      neutral_windows=2, neutral_len=32)
+    bench = Bench(model, tok, 0, cfg, cfs, NEIGHBOURS)
+    assert bench.facts("counterfactual", 0) == [c.edit for c in cfs]  # seed 0: the file's edits
+    one = bench.facts("counterfactual", 1)
+    assert [f.subject for f in one] == ["France", "Spain"] and one != bench.facts("counterfactual", 0)
+    assert one == bench.facts("counterfactual", 1)
+    recs = bench.run_all(tmp_path)  # every seed runs, on both fact sets alike
+    assert [(r["set"], r["seed"]) for r in recs] == [("counterfactual", 0), ("counterfactual", 1)]
+
+
 def test_unknown_method_is_refused(world):
     model, tok = world
     with pytest.raises(BenchError, match="unknown"):

@@ -15,6 +15,7 @@ from engram.knowledge.counterfact import (
     make_counterfacts,
     neighbours_path,
     read_counterfacts,
+    redraw_answers,
     write_counterfacts,
 )
 from engram.knowledge.facts import Fact, FactsFileError, read_facts
@@ -46,6 +47,20 @@ def test_counterfacts_are_seeded_other_capitals_with_a_disjoint_neighbourhood():
     assert len(rest) == 30 and rest[:20] == neigh
     with pytest.raises(CounterfactError, match="n=40 edits of 40 known facts"):
         make_counterfacts(known, 40, seed=0, n_neighbours=5)
+
+
+def test_later_seeds_redraw_the_answers_of_the_same_subjects():
+    known = capital_facts()[:40]
+    edits, _ = make_counterfacts(known, 10, seed=3)
+    assert redraw_answers(edits, 0) == edits  # seed 0: the file's edits as they are
+    one, two = redraw_answers(edits, 1), redraw_answers(edits, 2)
+    assert one == redraw_answers(edits, 1) and one != two and one != edits
+    real = {f.answer for f in capital_facts()}
+    for a, b in zip(edits, one):
+        assert (b.subject, b.old_answer) == (a.subject, a.old_answer)
+        assert b.new_answer in real and b.new_answer != b.old_answer
+    with pytest.raises(CounterfactError, match="no other capital to give"):
+        redraw_answers(edits, 1, answers=[edits[0].old_answer])
 
 
 def test_files_read_as_facts_and_as_counterfacts(tmp_path):

@@ -350,7 +350,8 @@ def register(sub: Any) -> None:
     b.add_argument("--methods", nargs="+", default=["none", "oracle", "retrieval", "rome"],
                    choices=BENCH_METHODS)
     b.add_argument("--sets", nargs="+", default=list(BENCH_SETS), choices=BENCH_SETS)
-    b.add_argument("--seeds", type=int, nargs="+", default=[0], help="new facts: one set per seed")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0], help="one fact set per seed: new facts drawn "
+                   "again; counterfactual: seed 0 the file's edits, later seeds new answers for its subjects")
     b.add_argument("--facts", type=int, default=100, help="facts per run")
     b.add_argument("--neighbours", type=int, default=100)
     b.add_argument("--k", type=int, default=3, help="retrieval: passages before each question")

@@ -2,7 +2,9 @@
 with the same scorer, one resumable JSON file per run.
 
 Fact sets
-    - ``counterfactual``: edits of capitals the model knows (:mod:`engram.knowledge.counterfact`);
+    - ``counterfactual``: edits of capitals the model knows (:mod:`engram.knowledge.counterfact`):
+      seed 0 is the file's edits, each later seed the same subjects with new answers drawn again
+      (:func:`engram.knowledge.counterfact.redraw_answers`);
     - ``new``: invented facts (:func:`engram.knowledge.facts.invent_facts`, one set per seed).
     Both are checked against the same *neighbourhood*: known capitals that no edit touches.
 
@@ -40,6 +42,7 @@ import torch
 
 from engram.errors import EngramError
 from engram.fsutil import PathLike, RunFiles
+from engram.knowledge.counterfact import redraw_answers
 from engram.knowledge.edit_config import FactEditConfig
 from engram.knowledge.facts import Fact, invent_facts
 from engram.knowledge.memory import FactMemory, MemoryConfig
@@ -104,7 +107,7 @@ class Bench:
 
     def facts(self, fact_set: str, seed: int) -> list[Fact]:
         if fact_set == "counterfactual":
-            return [c.edit for c in self.counterfacts]
+            return [c.edit for c in redraw_answers(self.counterfacts, seed)]
         return invent_facts(self.cfg.facts, seed, forbidden=" ".join(self.distractors()))
 
     def distractors(self) -> list[str]:
@@ -350,7 +353,7 @@ class Bench:
                                      if m == "lora" else [(0, 0.0, la) for la in rome_layers] if m == "rome"
                                      else [(0, 0.0, None)])]
         for fact_set in self.cfg.sets:
-            for seed in (self.cfg.seeds if fact_set == "new" else self.cfg.seeds[:1]):
+            for seed in self.cfg.seeds:
                 for method, rank, lr, layer in grid:
                     key = (f"{fact_set}-{method}" + (f"{rank}-lr{lr:g}" if rank else "")
                            + (f"-L{layer}" if layer is not None else "") + f"-s{seed}")

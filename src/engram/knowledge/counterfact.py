@@ -128,6 +128,24 @@ def make_counterfacts(known: Sequence[Fact], n: int, seed: int, n_neighbours: Op
     return edits, order[n:] if n_neighbours is None else order[n:n + n_neighbours]
 
 
+def redraw_answers(edits: Sequence[Counterfact], seed: int,
+                   answers: Optional[Sequence[str]] = None) -> list[Counterfact]:
+    """The same edits' subjects with new answers drawn again from ``random.Random(seed)``, each
+    another real capital than the one the model knew (another counterfactual set over the same
+    subjects, so that its runs pair with the first set's by subject). Seed 0 keeps ``edits``."""
+    if seed == 0:
+        return list(edits)
+    pool = sorted(set(answers if answers is not None else (f.answer for f in capital_facts())))
+    rng = random.Random(seed)
+    out = []
+    for e in edits:
+        choices = [a for a in pool if a != e.old_answer]
+        if not choices:
+            raise CounterfactError(f"no other capital to give {e.subject}; pass more answers")
+        out.append(Counterfact(e.subject, e.old_answer, rng.choice(choices)))
+    return out
+
+
 def neighbours_path(path: PathLike) -> Path:
     """Where the neighbourhood of a counterfactual file lives: ``facts.jsonl`` -> ``facts.neighbours.jsonl``."""
     p = Path(path)
