@@ -28,6 +28,7 @@ import torch
 
 from engram.bench.config import RetrofitBenchConfig as _R
 from engram.config import RetrofitConfig, TrainConfig
+from engram.errors import EngramError
 from engram.hashing.compression import build_compression
 from engram.retrofit.base import BaseModel, load_base
 from engram.retrofit.model import RetrofitLM
@@ -163,3 +164,49 @@ def bench_retrofit(base: str = _R.base, layers: tuple[int, ...] = _R.layers, bat
         "train_step_s": _spread(train_s) if train_s else None,
         "param_counts": counts,
     }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def retrofit_page(runs: list[dict[str, Any]], command: str, machine: str, date: str) -> str:
+    """A results page for several ``bench retrofit`` results (one per run), every number from
+    them: per run, the one base timing and every variant's tokens/s and overhead against it."""
+    if not runs:
+        raise EngramError("retrofit_page needs at least one result")
+    r0 = runs[0]
+    lora = all("lora_tokens_per_s" in r for r in runs)
+    lines = [f"# A retrofitted model against its base, {date}", "",
+             f"Machine: {machine}. {r0['base']}, Engram before layers {r0['layers']}, batch {r0['batch_size']} x "
+             f"{r0['seq_len']}, {r0['threads']} threads, {r0['repeats']} timed rounds per run.", "",
+             f"Command: `{command}`", "",
+             f"Timing: {r0['timing']}. Each overhead is the median, over the rounds, of the variant's time over the "
+             "same round's base time (range in brackets); every variant's tokens/s is a median of its rounds.", "",
+             "| run | base tokens/s | Engram tokens/s (overhead) | "
+             + (f"LoRA r{r0['lora_rank']} tokens/s (overhead) | LoRA + Engram tokens/s (overhead) | " if lora else "")
+             + "Engram alone ms (share of a base forward) | training tokens/s: Engram"
+             + (" / LoRA / both |" if lora else " |"),
+             "|---|---:|---:|" + ("---:|---:|" if lora else "") + "---:|---:|"]
+
+    def cell(r: dict[str, Any], tps: str, over: str) -> str:
+        sp = r[over + "_spread"]
+        return f"{r[tps]:,.0f} ({_pct(r[over])}; {_pct(sp['min'])} to {_pct(sp['max'])})"
+
+    for i, r in enumerate(runs, 1):
+        row = f"| {i} | {r['base_tokens_per_s']:,.0f} | {cell(r, 'retrofit_tokens_per_s', 'overhead')} | "
+        if lora:
+            row += f"{cell(r, 'lora_tokens_per_s', 'lora_overhead')} | {cell(r, 'both_tokens_per_s', 'both_overhead')} | "
+        row += f"{r['engram_ms']['median']:.1f} ({r['engram_share_of_base_forward']:.1%}) | "
+        train = [r["train_tokens_per_s"]] + ([r["lora_train_tokens_per_s"], r["both_train_tokens_per_s"]] if lora else [])
+        row += " / ".join("-" if t is None else f"{t:,.0f}" for t in train) + " |"
+        lines.append(row)
+    lines.append("")
+    names = [("overhead", "Engram")] + ([("lora_overhead", f"LoRA r{r0['lora_rank']}"),
+                                        ("both_overhead", "LoRA + Engram")] if lora else [])
+    for key, name in names:
+        xs = [r[key] for r in runs]
+        lines.append(f"- {name}: overhead medians {', '.join(_pct(x) for x in xs)} over {len(runs)} runs "
+                     f"(every round from {_pct(min(r[key + '_spread']['min'] for r in runs))} to "
+                     f"{_pct(max(r[key + '_spread']['max'] for r in runs))}).")
+    return "\n".join(lines) + "\n"

@@ -233,8 +233,15 @@ def cmd_bench_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_retrofit(args: argparse.Namespace) -> int:
-    from engram.bench.retrofit import bench_retrofit
+    from engram.bench.retrofit import bench_retrofit, retrofit_page
 
+    if args.from_json:  # a page from results already measured (one JSON per run)
+        if not args.page:
+            raise EngramError("--from-json writes a page: give --page FILE")
+        runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.from_json]
+        _write_text(args.page, retrofit_page(runs, args.page_command or " ".join(["engram", *sys.argv[1:]]),
+                                             args.page_machine, time.strftime("%Y-%m-%d")))
+        return 0
     res = bench_retrofit(**_settings(args, RetrofitBenchConfig), progress=not args.json)
     if args.json:
         print(json.dumps(res))
@@ -404,16 +411,21 @@ def cmd_bench_state_cache(args) -> int:
 
 
 # ----------------------------------------------------------------------------- registration
+def _add_from_json_page_flags(p: argparse.ArgumentParser, name: str) -> None:
+    """``--from-json`` results rendered as ``--page``, for benchmarks whose runs are repeated."""
+    p.add_argument("--from-json", nargs="+", metavar="JSON", help="do not measure: write --page from these "
+                   f"results (each from one `engram {name} --json` run)")
+    p.add_argument("--page", help="with --from-json: the results page to write")
+    p.add_argument("--page-command", help="the command shown on the page")
+    p.add_argument("--page-machine", default="this machine", help="the machine, as the page states it")
+
+
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
     bh = bench.add_parser("hash", help="N-gram hashing throughput vs the reference algorithm")
     add_common(bh, "--json")
     add_config_flags(bh, HashBenchConfig)
-    bh.add_argument("--from-json", nargs="+", metavar="JSON", help="do not measure: write --page from these "
-                    "results (each from one `engram bench hash --json` run)")
-    bh.add_argument("--page", help="with --from-json: the results page to write")
-    bh.add_argument("--page-command", help="the command shown on the page")
-    bh.add_argument("--page-machine", default="this machine", help="the machine, as the page states it")
+    _add_from_json_page_flags(bh, "bench hash")
     bh.set_defaults(fn=cmd_bench_hash)
 
     bs = bench.add_parser("step", help="training step time of engram-moe vs moe at the demo's settings, by phase")
@@ -491,6 +503,7 @@ def register(sub: Any) -> None:
     br = bench.add_parser("retrofit", help="inference and training tokens/s of a retrofitted model vs its base")
     add_config_flags(br, RetrofitBenchConfig)
     add_common(br, "--json")
+    _add_from_json_page_flags(br, "bench retrofit")
     br.set_defaults(fn=cmd_bench_retrofit)
 
     bdi = bench.add_parser("distributed", help="table bytes per step and step time of sharded training, "
