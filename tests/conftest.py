@@ -56,6 +56,27 @@ def benchmark_script():
 
 
 @pytest.fixture
+def page_from_runs(tmp_path):
+    """render(bench, runs, command) -> the text `engram bench BENCH --from-json ... --page` writes
+    for these results (each written as one run's JSON file first), on machine "M"."""
+    import json
+
+    from engram.cli.main import main
+
+    def render(bench: str, runs: list, command: str) -> str:
+        files = []
+        for i, r in enumerate(runs):
+            files.append(tmp_path / f"{bench}-run{i}.json")
+            files[-1].write_text(json.dumps(r))
+        page = tmp_path / f"{bench}.md"
+        assert main(["bench", bench, "--from-json", *map(str, files), "--page", str(page), "--page-machine", "M",
+                     "--page-command", command]) == 0
+        assert main(["bench", bench, "--from-json", str(files[0])]) == 2  # a page needs --page
+        return page.read_text()
+    return render
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models gain nothing from a second intra-op thread, and on a busy machine two
     OpenMP threads per op can be many times slower; restored afterwards."""

@@ -483,23 +483,12 @@ def test_bench_hash_smoke():
     json.dumps(r)
 
 
-def test_bench_hash_page_from_runs(tmp_path):
-    from engram.cli.main import main
-
-    files = []
-    for i in range(2):
-        r = bench_hash(batch_size=1, seq_len=32, repeats=2, warmup=1)
-        files.append(tmp_path / f"run{i}.json")
-        files[-1].write_text(json.dumps(r))
-    page = tmp_path / "hash.md"
-    assert main(["bench", "hash", "--from-json", *map(str, files), "--page", str(page), "--page-machine", "M",
-                 "--page-command", "engram bench hash --json"]) == 0
-    text = page.read_text()
-    runs = [json.loads(f.read_text()) for f in files]
+def test_bench_hash_page_from_runs(page_from_runs):
+    runs = [bench_hash(batch_size=1, seq_len=32, repeats=2, warmup=1) for _ in range(2)]
+    text = page_from_runs("hash", runs, "engram bench hash --json")
     assert "Machine: M." in text and "`engram bench hash --json`" in text
     assert f"**{min(r['ratio'] for r in runs):.1f}x to {max(r['ratio'] for r in runs):.1f}x** over 2 runs" in text
     assert text.count("\n| ") == 1 + 2  # the header, then one row per run
-    assert main(["bench", "hash", "--from-json", str(files[0])]) == 2  # a page needs --page
 
 
 def test_fallback_without_native(monkeypatch, small_hasher):

@@ -101,7 +101,7 @@ def test_patch_train_apply_revert_on_an_adapter(adapter, tmp_path, capsys, one_t
     assert hashlib.sha256(table.read_bytes()).hexdigest() == before
 
 
-def test_bench_retrofit_json(tiny_base, capsys, one_thread, tmp_path):
+def test_bench_retrofit_json(tiny_base, capsys, one_thread, page_from_runs):
     assert main(["bench", "retrofit", "--base", str(tiny_base["base"]), "--batch-size", "1", "--seq-len", "16",
                  "--repeats", "2", "--train-steps", "1", "--rows-per-head", "997", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -119,19 +119,11 @@ def test_bench_retrofit_json(tiny_base, capsys, one_thread, tmp_path):
     assert res["timing"].startswith("one loop, rounds rotating over base, engram, lora, both")
     # runs already measured, rendered as a page: one row per run, every overhead against its base
     runs = [res, {**res, "overhead": 0.5, "overhead_spread": {"median": 0.5, "min": 0.25, "max": 0.75}}]
-    files = []
-    for i, r in enumerate(runs):
-        files.append(tmp_path / f"run{i}.json")
-        files[-1].write_text(json.dumps(r))
-    page = tmp_path / "retrofit.md"
-    assert main(["bench", "retrofit", "--from-json", *map(str, files), "--page", str(page), "--page-machine", "M",
-                 "--page-command", "engram bench retrofit --lora-rank 2 --json"]) == 0
-    text = page.read_text()
+    text = page_from_runs("retrofit", runs, "engram bench retrofit --lora-rank 2 --json")
     assert "Machine: M." in text and "`engram bench retrofit --lora-rank 2 --json`" in text
     assert text.count("\n| ") == 1 + 2 and f"| 2 | {res['base_tokens_per_s']:,.0f} |" in text
     assert f"Engram: overhead medians {100 * res['overhead']:+.1f}%, +50.0% over 2 runs" in text
     assert "(+50.0%; +25.0% to +75.0%)" in text and "LoRA r2: overhead medians" in text and "LoRA + Engram" in text
-    assert main(["bench", "retrofit", "--from-json", str(files[0])]) == 2  # a page needs --page
 
 
 def test_bench_retrofit_times_every_mode_in_one_rotating_loop():

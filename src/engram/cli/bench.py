@@ -69,16 +69,21 @@ def _write_text(path: str, text: str, make_parent: bool = False) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def _page_from_json(args: argparse.Namespace, render: Callable[..., str]) -> int:
+    """``--page`` rendered from results already measured (``--from-json``, one JSON per run)."""
+    if not args.page:
+        raise EngramError("--from-json writes a page: give --page FILE")
+    runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.from_json]
+    _write_text(args.page, render(runs, args.page_command or " ".join(["engram", *sys.argv[1:]]),
+                                  args.page_machine, time.strftime("%Y-%m-%d")))
+    return 0
+
+
 def cmd_bench_hash(args) -> int:
     from engram.bench.hash import bench_hash, hash_page
 
-    if args.from_json:  # a page from results already measured (one JSON per run)
-        if not args.page:
-            raise EngramError("--from-json writes a page: give --page FILE")
-        runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.from_json]
-        _write_text(args.page, hash_page(runs, args.page_command or " ".join(["engram", *sys.argv[1:]]),
-                                         args.page_machine, time.strftime("%Y-%m-%d")))
-        return 0
+    if args.from_json:
+        return _page_from_json(args, hash_page)
     result = bench_hash(**_settings(args, HashBenchConfig))
     if args.json:
         print(json.dumps(result))
@@ -235,13 +240,8 @@ def cmd_bench_patch(args: argparse.Namespace) -> int:
 def cmd_bench_retrofit(args: argparse.Namespace) -> int:
     from engram.bench.retrofit import bench_retrofit, retrofit_page
 
-    if args.from_json:  # a page from results already measured (one JSON per run)
-        if not args.page:
-            raise EngramError("--from-json writes a page: give --page FILE")
-        runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.from_json]
-        _write_text(args.page, retrofit_page(runs, args.page_command or " ".join(["engram", *sys.argv[1:]]),
-                                             args.page_machine, time.strftime("%Y-%m-%d")))
-        return 0
+    if args.from_json:
+        return _page_from_json(args, retrofit_page)
     res = bench_retrofit(**_settings(args, RetrofitBenchConfig), progress=not args.json)
     if args.json:
         print(json.dumps(res))
