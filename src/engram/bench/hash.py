@@ -105,8 +105,7 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
             "fill_256mib": lambda: fill_big.fill(2),
         }
         native = hasher_mod._native if NATIVE_KERNEL_AVAILABLE else None
-        # the default path's vector unit: the widest the CPU has
-        vector = "AVX-512" if getattr(native, "AVX512", 0) else "AVX2" if getattr(native, "AVX2", 0) else None
+        vector = getattr(native, "VECTOR", "") or None  # the default path's vector unit, as the kernel picks it
 
         def kernel(simd: int, name: str) -> Callable[[], Any]:
             """The kernel kept to one path (``simd``), checked against the reference before it is timed."""

@@ -49,7 +49,7 @@ from engram.bench.config import (
     TableOptimizerBenchConfig,
     TrainTiersBenchConfig,
 )
-from engram.cli.flags import add_common, add_config_flags, config_from_args
+from engram.cli.flags import add_common, add_config_flags, add_page_flags, config_from_args
 from engram.config import PatchBenchConfig
 from engram.errors import EngramError
 from engram.fsutil import atomic_write
@@ -415,9 +415,7 @@ def _add_from_json_page_flags(p: argparse.ArgumentParser, name: str) -> None:
     """``--from-json`` results rendered as ``--page``, for benchmarks whose runs are repeated."""
     p.add_argument("--from-json", nargs="+", metavar="JSON", help="do not measure: write --page from these "
                    f"results (each from one `engram {name} --json` run)")
-    p.add_argument("--page", help="with --from-json: the results page to write")
-    p.add_argument("--page-command", help="the command shown on the page")
-    p.add_argument("--page-machine", default="this machine", help="the machine, as the page states it")
+    add_page_flags(p, "with --from-json: the results page to write", machine="this machine")
 
 
 def register(sub: Any) -> None:

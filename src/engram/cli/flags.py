@@ -133,6 +133,14 @@ def add_json_file(parser: Any, help: str = "also write the result as JSON to thi
     add_common(parser, "--json", action="store", help=help)
 
 
+def add_page_flags(parser: Any, page_help: str, machine: str) -> None:
+    """``--page FILE`` and what the page shows beside the numbers: the commands and the machine
+    (``machine`` is the default of ``--page-machine``)."""
+    parser.add_argument("--page", help=page_help)
+    parser.add_argument("--page-command", help="the commands that made the runs, shown on the page")
+    parser.add_argument("--page-machine", default=machine, help="the machine, shown on the page")
+
+
 def add_device_args(parser: Any, dtype: bool = True) -> None:
     """``--device cpu|cuda|cuda:N`` (and ``--dtype fp32|bf16``): where and in what precision a
     command runs its model (``engram.model.accel``)."""

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engram.cli.flags import add_common, add_config_flags, config_from_args
+from engram.cli.flags import add_common, add_config_flags, add_page_flags, config_from_args
 from engram.errors import EngramError
 from engram.knowledge.edit_config import FactEditConfig
 
@@ -292,13 +292,6 @@ def _add_model_flags(parser: Any) -> None:
     parser.add_argument("--base", help="a pretrained base alone, e.g. smollm2-135m (or give --ckpt)")
 
 
-def _add_page_flags(parser: Any, page_help: str) -> None:
-    """``--page FILE`` and what the page shows beside the numbers: the commands and the machine."""
-    parser.add_argument("--page", help=page_help)
-    parser.add_argument("--page-command", help="the commands that made the runs, shown on the page")
-    parser.add_argument("--page-machine", default="2-core CPU", help="the machine, shown on the page")
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser("knowledge", help="facts in the Engram tables: ask them, measure the edits"
                        ).add_subparsers(dest="sub", required=True)
@@ -366,7 +359,7 @@ def register(sub: Any) -> None:
     b.add_argument("--lora-ranks", type=int, nargs="+", default=[8], help="lora: one run per rank (alpha 2 x rank)")
     b.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-3],
                    help="lora: Adam learning rates of the LoRA weights, one run each (the page marks the dev choice)")
-    _add_page_flags(b, "also write a results page here, from every run in --out")
+    add_page_flags(b, "also write a results page here, from every run in --out", machine="2-core CPU")
     b.add_argument("--page-only", action="store_true", help="only write --page from the run files in --out")
     add_config_flags(b, FactEditConfig)  # the patch methods' trainer: --edit-lr, --edit-steps, ...
     add_common(b, "--quiet")
@@ -424,7 +417,7 @@ def register(sub: Any) -> None:
     s.add_argument("--keyed-lrs", type=float, nargs="*", default=[], metavar="LR",
                    help="keyed phase: learning rates of keyed entries tried beside the chosen one (the grid is extended "
                         "at its edge unless --no-extend)")
-    _add_page_flags(s, "with the summary phase: also write a results page here")
+    add_page_flags(s, "with the summary phase: also write a results page here", machine="2-core CPU")
     s.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                    help="what to run (each is resumable; grids of several adapters may run in separate processes)")
     s.add_argument("--form-sets", nargs="+", metavar="KIND+KIND",

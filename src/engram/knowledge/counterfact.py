@@ -115,17 +115,25 @@ def make_counterfacts(known: Sequence[Fact], n: int, seed: int, n_neighbours: Op
                                f"some known facts are left for the neighbourhood")
     if n_neighbours is not None and n_neighbours < 1:
         raise CounterfactError(f"n_neighbours={n_neighbours}; ask for at least 1")
-    pool = sorted(set(answers if answers is not None else (f.answer for f in capital_facts())))
+    pool = _answer_pool(answers)
     rng = random.Random(seed)
     order = sorted(known, key=lambda f: (f.subject, f.answer))
     rng.shuffle(order)
-    edits = []
-    for f in order[:n]:
-        choices = [a for a in pool if a != f.answer]
-        if not choices:
-            raise CounterfactError(f"no other capital to give {f.subject}; pass more answers")
-        edits.append(Counterfact(f.subject, f.answer, rng.choice(choices)))
+    edits = [_draw_edit(f.subject, f.answer, pool, rng) for f in order[:n]]
     return edits, order[n:] if n_neighbours is None else order[n:n + n_neighbours]
+
+
+def _answer_pool(answers: Optional[Sequence[str]]) -> list[str]:
+    """The new answers to draw from (default: every usable capital), in a fixed order."""
+    return sorted(set(answers if answers is not None else (f.answer for f in capital_facts())))
+
+
+def _draw_edit(subject: str, old_answer: str, pool: Sequence[str], rng: random.Random) -> Counterfact:
+    """``subject``'s edit to an answer of ``pool`` other than ``old_answer``, drawn by ``rng``."""
+    choices = [a for a in pool if a != old_answer]
+    if not choices:
+        raise CounterfactError(f"no other capital to give {subject}; pass more answers")
+    return Counterfact(subject, old_answer, rng.choice(choices))
 
 
 def redraw_answers(edits: Sequence[Counterfact], seed: int,
@@ -135,15 +143,8 @@ def redraw_answers(edits: Sequence[Counterfact], seed: int,
     subjects, so that its runs pair with the first set's by subject). Seed 0 keeps ``edits``."""
     if seed == 0:
         return list(edits)
-    pool = sorted(set(answers if answers is not None else (f.answer for f in capital_facts())))
-    rng = random.Random(seed)
-    out = []
-    for e in edits:
-        choices = [a for a in pool if a != e.old_answer]
-        if not choices:
-            raise CounterfactError(f"no other capital to give {e.subject}; pass more answers")
-        out.append(Counterfact(e.subject, e.old_answer, rng.choice(choices)))
-    return out
+    pool, rng = _answer_pool(answers), random.Random(seed)
+    return [_draw_edit(e.subject, e.old_answer, pool, rng) for e in edits]
 
 
 def neighbours_path(path: PathLike) -> Path:
