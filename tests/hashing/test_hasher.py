@@ -195,6 +195,12 @@ def test_paths_agree(case):
                 assert t.dtype == (dtype or torch.int32) and t.shape == (*ids.shape, hasher.num_heads)
                 assert (t >= 0).all() and (t < torch.tensor(hasher.head_sizes(layer_id))).all()
             assert as_lists(got) == want, (backend, dtype)
+            # into a caller's buffer (filled with junk first): the same ids, as views of that buffer
+            out = hasher.empty_output(*ids.shape, dtype=dtype).fill_(-7)
+            into = hasher.hash(torch.from_numpy(ids), backend=backend, out=out)
+            assert as_lists(into) == want, (backend, dtype, "out=")
+            for i, layer_id in enumerate(hasher.cfg.layer_ids):
+                assert into[layer_id].data_ptr() == out[i].data_ptr()
 
 
 @given(hasher_and_ids())
@@ -396,6 +402,33 @@ def test_bad_inputs(small_hasher):
         small_hasher.hash_step(small_hasher.init_state(2), torch.zeros(3, dtype=torch.int64))
 
 
+def test_out_buffer_is_reused_and_checked(small_hasher):
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    out = small_hasher.empty_output(2, 6)
+    assert out.shape == (1, 2, 6, 4) and out.dtype == torch.int32
+    for backend in BACKENDS:
+        for batch in (ids, ids.flip(1)):  # a second call overwrites the first one's ids
+            got = small_hasher.hash(batch, backend=backend, out=out)
+            assert torch.equal(got[0], small_hasher.hash(batch)[0]) and torch.equal(out[0], got[0])
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    mask[0, :2] = 0
+    assert torch.equal(small_hasher.hash(ids, attention_mask=mask, out=out)[0],
+                       small_hasher.hash(ids, attention_mask=mask)[0])
+    wide = small_hasher.hash(ids, out=small_hasher.empty_output(2, 6, dtype=torch.int64))
+    assert wide[0].dtype == torch.int64 and torch.equal(wide[0], small_hasher.hash(ids)[0].long())
+    bad = [(torch.empty(1, 2, 5, 4, dtype=torch.int32), r"shape \(1, 2, 5, 4\) .*empty_output\(2, 6\)"),
+           (torch.empty(1, 2, 6, 4), "dtype torch.float32"),
+           (torch.empty(1, 2, 6, 8, dtype=torch.int32)[..., ::2], "not contiguous"),
+           (out.numpy(), "not a torch.Tensor")]
+    for buf, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            small_hasher.hash(ids, out=buf)
+    with pytest.raises(ValueError, match="dtype=torch.int64 was asked for"):
+        small_hasher.hash(ids, dtype=torch.int64, out=out)
+    with pytest.raises(ValueError, match="batch_size=-1"):
+        small_hasher.empty_output(-1, 6)
+
+
 def test_empty_input(small_hasher):
     for backend in BACKENDS:
         for shape in ((0, 4), (2, 0)):
@@ -473,6 +506,9 @@ def test_bench_hash_smoke():
     assert r["id_dtype"] == "int32" and r["bytes_written_per_token"] == 128
     assert r["int64_ids_bytes_written_per_token"] == 256
     assert r["ns_per_token"] > 0 and 0 < r["bandwidth_fraction"] and r["write_bandwidth_bytes_per_s"] > 0
+    # the reused-buffer path is timed against its own like-for-like fill
+    assert r["reused_tokens_per_s"] > 0 and r["reused_bandwidth_fraction"] > 0 and len(r["reused_ratio_per_repeat"]) == 2
+    assert r["reused_over_fresh"] == pytest.approx(r["reused_tokens_per_s"] / r["tokens_per_s"])
     # where a vector path runs, the scalar one is timed too
     assert (r["vector_path"] is not None) == ("scalar_kernel_tokens_per_s" in r)
     native = hashing._native
@@ -489,6 +525,11 @@ def test_bench_hash_page_from_runs(page_from_runs):
     assert "Machine: M." in text and "`engram bench hash --json`" in text
     assert f"**{min(r['ratio'] for r in runs):.1f}x to {max(r['ratio'] for r in runs):.1f}x** over 2 runs" in text
     assert text.count("\n| ") == 1 + 2  # the header, then one row per run
+    lo, hi = (f"{f(r['reused_bandwidth_fraction'] for r in runs):.0%}" for f in (min, max))
+    assert f"write {lo} to {hi} of what one thread reaches filling a reused tensor" in text
+    # pages from runs written before the reused-buffer path still render, with dashes there
+    old = [{k: v for k, v in r.items() if not k.startswith("reused")} for r in runs]
+    assert "- | - | - |" in page_from_runs("hash", old, "c") and "reused tensor" not in page_from_runs("hash", old, "c")
 
 
 def test_fallback_without_native(monkeypatch, small_hasher):

@@ -12,6 +12,10 @@ bandwidth is measured in the same loop, one thread, by doing only what the kerne
 with its output: allocate a fresh tensor of one call's output size and fill it
 (``write_bandwidth_bytes_per_s``; ``bandwidth_fraction`` = the kernel's bytes/s over it).
 Filling a 256 MiB buffer gives main memory's figure alongside.
+
+A caller that hashes batch after batch can pass one buffer (``hash(..., out=)``) instead of
+allocating a fresh output per call; that path is timed too, against its own like-for-like
+bandwidth: filling one reused output-sized tensor (``reused_bandwidth_fraction``).
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
                  for d in (hasher.id_dtype, torch.int64)}
     out_shape = (len(cfg.layer_ids), batch_size, seq_len, hasher.num_heads)
     fill_big = np.empty(_BIG_FILL_BYTES // 8, dtype=np.int64)
+    out_reused = hasher.empty_output(batch_size, seq_len)
+    fill_reused = torch.empty(out_shape, dtype=hasher.id_dtype)
 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -95,13 +101,19 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
             got = hasher.hash(ids_dev, backend="torch")
             if any(not np.array_equal(got[k].cpu().numpy(), want) for k, want in ref.items()):
                 raise AssertionError(f"bench hash: the torch path on {dev} disagrees with the reference")
+        got = hasher.hash(ids, backend=backend, out=out_reused)
+        if any(not np.array_equal(got[k].numpy(), want) for k, want in ref.items()):
+            raise AssertionError("bench hash: the fast path into a reused buffer disagrees with the reference")
         fill_big.fill(1)  # first touch: page faults are not bandwidth
+        fill_reused.fill_(1)
         paths: dict[str, Callable[[], Any]] = {
             "reference": lambda: hasher.hash_reference(ids_np),
             "fast": lambda: hasher.hash(ids, backend=backend),
             "fast_int64": lambda: hasher.hash(ids, backend=backend, dtype=torch.int64),
             "torch": lambda: hasher.hash(ids, backend="torch"),
+            "fast_reused": lambda: hasher.hash(ids, backend=backend, out=out_reused),
             "fill_output": lambda: torch.empty(out_shape, dtype=hasher.id_dtype).fill_(2),
+            "fill_reused": lambda: fill_reused.fill_(2),
             "fill_256mib": lambda: fill_big.fill(2),
         }
         native = hasher_mod._native if NATIVE_KERNEL_AVAILABLE else None
@@ -140,6 +152,8 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
     fast, base, tpath, wide = (tokens / med[k] for k in ("fast", "reference", "torch", "fast_int64"))
     bw_small = out_bytes[hasher.id_dtype] / med["fill_output"]
     bw_big = fill_big.nbytes / med["fill_256mib"]
+    bw_reused = out_bytes[hasher.id_dtype] / med["fill_reused"]
+    reused = tokens / med["fast_reused"]
     bytes_per_token = out_bytes[hasher.id_dtype] / tokens
     written = fast * bytes_per_token  # bytes/s the fast path writes
     per_repeat_ratio = [r / f for r, f in zip(t["reference"], t["fast"])]
@@ -176,6 +190,12 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
         "write_bytes_per_s": written,
         "write_bandwidth_bytes_per_s": bw_small,
         "bandwidth_fraction": written / bw_small,
+        "reused_tokens_per_s": reused,
+        "reused_ratio": reused / base,
+        "reused_over_fresh": reused / fast,
+        "reused_ratio_per_repeat": [r / f for r, f in zip(t["reference"], t["fast_reused"])],
+        "write_bandwidth_reused_bytes_per_s": bw_reused,
+        "reused_bandwidth_fraction": reused * bytes_per_token / bw_reused,
         "write_bandwidth_256mib_bytes_per_s": bw_big,
         "bandwidth_fraction_256mib": written / bw_big,
         "int64_ids_tokens_per_s": wide,
@@ -184,15 +204,15 @@ def bench_hash(batch_size: int = HashBenchConfig.batch_size, seq_len: int = Hash
         "int64_ids_bytes_written_per_token": out_bytes[torch.int64] / tokens,
         "torch_tokens_per_s": tpath,
         "torch_ratio": tpath / base,
-        "spread_tokens_per_s": {k: _spread(t[k], tokens) for k in ("fast", "fast_int64", "reference", "torch",
-                                                                   "fast_scalar") if k in t},
+        "spread_tokens_per_s": {k: _spread(t[k], tokens) for k in ("fast", "fast_reused", "fast_int64", "reference",
+                                                                   "torch", "fast_scalar") if k in t},
         "threads": threads,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "repeats": repeats,
         "timing": "median of interleaved repeats after the warm-up repeats (steady state), all layers per call; "
                   "bandwidth: allocate + fill a fresh output-sized tensor (and numpy fill of 256 MiB), one thread, "
-                  "same loop",
+                  "same loop; the reused-buffer path against filling one reused output-sized tensor",
         "config": {"layer_ids": list(cfg.layer_ids), "max_ngram_size": cfg.max_ngram_size,
                    "n_head_per_ngram": cfg.n_head_per_ngram,
                    "rows_per_head": list(cfg.rows_per_head),
@@ -219,8 +239,9 @@ def hash_page(runs: list[dict[str, Any]], command: str, machine: str, date: str)
              f"{r0['repeats']} timed repeats of every path run interleaved in one process. The headline is the "
              "median of the timed repeats (steady state); the warm-up repeats' ratios are shown apart.", "",
              "| run | kernel tokens/s | reference tokens/s | **ratio** (timed repeats) | warm-up repeats | "
-             "scalar kernel tokens/s | vector / scalar | ns / token | write-bandwidth fraction |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "scalar kernel tokens/s | vector / scalar | ns / token | write-bandwidth fraction | "
+             "into a reused buffer: tokens/s | its ratio | its write-bandwidth fraction |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(runs, 1):
         per = ", ".join(f"{x:.1f}" for x in r["ratio_per_repeat"])
         warm = ", ".join(f"{x:.1f}x" for x in r["warmup_ratio_per_repeat"]) or "-"
@@ -228,7 +249,9 @@ def hash_page(runs: list[dict[str, Any]], command: str, machine: str, date: str)
         lines.append(f"| {i} | {r['tokens_per_s'] / 1e6:.1f}M | {r['baseline_tokens_per_s'] / 1e6:.2f}M | "
                      f"**{r['ratio']:.1f}x** ({per}) | {warm} | "
                      + (f"{scalar / 1e6:.1f}M | {r['vector_over_scalar']:.2f}x" if scalar else "- | -")
-                     + f" | {r['ns_per_token']:.1f} | {r['bandwidth_fraction']:.0%} |")
+                     + f" | {r['ns_per_token']:.1f} | {r['bandwidth_fraction']:.0%} | "
+                     + (f"{r['reused_tokens_per_s'] / 1e6:.1f}M | {r['reused_ratio']:.1f}x | "
+                        f"{r['reused_bandwidth_fraction']:.0%} |" if "reused_tokens_per_s" in r else "- | - | - |"))
     ratios = [r["ratio"] for r in runs]
     lines += ["", f"Steady-state ratio over the reference: **{min(ratios):.1f}x to {max(ratios):.1f}x** over "
               f"{len(runs)} runs (medians); every timed repeat's ratio is in the table."]
@@ -246,4 +269,10 @@ def hash_page(runs: list[dict[str, Any]], command: str, machine: str, date: str)
     lines.append(f"The kernel writes {r0['bytes_written_per_token']:.0f} bytes per token, "
                  f"{min(fr):.0%} to {max(fr):.0%} of what one thread reaches allocating and filling an output of "
                  "the same size in the same loop.")
+    if all("reused_tokens_per_s" in r for r in runs):
+        rf = [r["reused_bandwidth_fraction"] for r in runs]
+        ro = [r["reused_over_fresh"] for r in runs]
+        lines.append(f"Into one reused buffer (`hash(..., out=)`), the same calls run at {min(ro):.2f}x to "
+                     f"{max(ro):.2f}x the speed with a fresh output each, and write {min(rf):.0%} to {max(rf):.0%} of "
+                     "what one thread reaches filling a reused tensor of the same size in the same loop.")
     return "\n".join(lines) + "\n"

@@ -94,7 +94,9 @@ def cmd_bench_hash(args) -> int:
               f"{result['baseline_tokens_per_s']:,.0f} tokens/s -> ratio {result['ratio']:.2f}x "
               f"({result['repeats']} repeats: {lo:.2f}x .. {hi:.2f}x; warm-up repeats apart: {warm}); "
               f"{result['ns_per_token']:.1f} ns and {result['bytes_written_per_token']:.0f} bytes written "
-              f"per token, {result['bandwidth_fraction']:.0%} of one thread's write bandwidth")
+              f"per token, {result['bandwidth_fraction']:.0%} of one thread's write bandwidth; into a reused "
+              f"buffer (out=) {result['reused_tokens_per_s']:,.0f} tokens/s, "
+              f"{result['reused_bandwidth_fraction']:.0%} of filling a reused buffer")
     return 0
 
 

@@ -218,9 +218,16 @@ class NgramHasher:
     # ------------------------------------------------------------------ batch hashing
     def hash(self, input_ids: ArrayLike, backend: str = "auto",
              check_range: bool = True, dtype: Optional[torch.dtype] = None,
-             attention_mask: Optional[ArrayLike] = None) -> dict[int, torch.Tensor]:
+             attention_mask: Optional[ArrayLike] = None,
+             out: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
         """input_ids [B,T] (torch, any device, or numpy) -> {layer_id: [B,T,H]} of ``id_dtype``
         (or of ``dtype``: int32 or int64; int32 only when every table has fewer than 2^31 rows).
+
+        ``out`` [L,B,T,H] (from ``empty_output``; contiguous, on the ids' device): the ids are
+        written there and the returned tensors are its views ``out[i]``, one per layer in
+        ``cfg.layer_ids`` order, so a caller that hashes batch after batch reuses one buffer
+        instead of allocating (and page-faulting) a fresh one per call. The next call into the
+        same buffer overwrites what an earlier one returned. Its dtype is the ids' dtype.
 
         ``attention_mask`` [B,T] (1 real, 0 padding; None: all real): padded positions read as
         the pad id (module docstring), so a left-padded row hashes as its unpadded prompt.
@@ -233,21 +240,55 @@ class NgramHasher:
         """
         if backend not in BACKENDS:
             raise EngramError(f"backend={backend!r}; choose one of {BACKENDS}")
-        out_dtype = self._out_dtype(dtype)
         ids = _as_int64_tensor(input_ids, "input_ids")
         if ids.dim() != 2:
             raise EngramError(f"input_ids must be [batch, time], got shape {tuple(ids.shape)}; "
                              f"add a batch dimension with ids[None]")
+        out_dtype = self._out_dtype(dtype) if out is None else self._check_out(out, ids, dtype)
         ids = self.mask_ids(ids, attention_mask)
         if self._use_native(ids, backend):
-            return self._hash_native(ids, None, out_dtype=out_dtype)
+            return self._hash_native(ids, None, out_dtype=out_dtype, out=out)
         if check_range:
             self._check_range(ids)
         lookup, _ = self._tensors(ids.device)
         c = lookup[ids] if lookup is not None else ids
         prefix = torch.full((ids.shape[0], self.max_ngram_size - 1), self.compressed_pad_id,
                             dtype=torch.int64, device=ids.device)
-        return self._hash_torch(c, prefix, out_dtype)
+        got = self._hash_torch(c, prefix, out_dtype)
+        if out is None:
+            return got
+        for i, layer_id in enumerate(self.cfg.layer_ids):
+            out[i].copy_(got[layer_id])
+        return {layer_id: out[i] for i, layer_id in enumerate(self.cfg.layer_ids)}
+
+    def empty_output(self, batch_size: int, seq_len: int, dtype: Optional[torch.dtype] = None,
+                     device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+        """An uninitialised [L,B,T,H] buffer of ``dtype`` (default ``id_dtype``) for ``hash(..., out=)``."""
+        if batch_size < 0 or seq_len < 0:
+            raise EngramError(f"batch_size={batch_size}, seq_len={seq_len}; both must be >= 0")
+        return torch.empty((len(self.cfg.layer_ids), batch_size, seq_len, self.num_heads),
+                           dtype=self._out_dtype(dtype), device=device)
+
+    def _check_out(self, out: Any, ids: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+        """The ids' dtype for a caller's ``out`` buffer, after checking it fits ``ids`` [B,T]."""
+        want = (len(self.cfg.layer_ids), *ids.shape, self.num_heads)
+        fix = f"allocate it with hasher.empty_output({ids.shape[0]}, {ids.shape[1]})"
+        if not isinstance(out, torch.Tensor):
+            raise EngramError(f"out is a {type(out).__name__}, not a torch.Tensor; {fix}")
+        if tuple(out.shape) != want:
+            raise EngramError(f"out has shape {tuple(out.shape)} but these ids need {want} "
+                              f"[layers, batch, time, heads]; {fix}")
+        if out.dtype not in ID_DTYPES:
+            raise EngramError(f"out has dtype {out.dtype}; hash ids are torch.int32 or torch.int64: {fix}")
+        if dtype is not None and dtype != out.dtype:
+            raise EngramError(f"out has dtype {out.dtype} but dtype={dtype} was asked for; "
+                              f"pass one of them only, or make them agree")
+        out_dtype = self._out_dtype(out.dtype)  # refuses int32 for tables of 2^31 rows or more
+        if out.device != ids.device:
+            raise EngramError(f"out is on {out.device} but input_ids on {ids.device}; put both on one device")
+        if not out.is_contiguous():
+            raise EngramError(f"out is not contiguous (strides {out.stride()}); {fix}")
+        return out_dtype
 
     def _out_dtype(self, dtype: Optional[torch.dtype]) -> torch.dtype:
         if dtype is None:
@@ -271,11 +312,14 @@ class NgramHasher:
         return backend != "torch" and usable
 
     def _hash_native(self, ids: torch.Tensor, prefix: Optional[torch.Tensor],
-                     what: str = "input_ids", out_dtype: Optional[torch.dtype] = None) -> dict[int, torch.Tensor]:
-        """ids [B,T] CPU int64, prefix [B,O] compressed history or None (pad) -> {layer: [B,T,H]}."""
+                     what: str = "input_ids", out_dtype: Optional[torch.dtype] = None,
+                     out: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
+        """ids [B,T] CPU int64, prefix [B,O] compressed history or None (pad) -> {layer: [B,T,H]},
+        views of ``out`` [L,B,T,H] (checked by the caller) or of a fresh buffer."""
         ids = ids.contiguous()
         B, T = ids.shape
-        out = torch.empty((len(self.cfg.layer_ids), B, T, self.num_heads), dtype=out_dtype or self.id_dtype)
+        if out is None:
+            out = torch.empty((len(self.cfg.layer_ids), B, T, self.num_heads), dtype=out_dtype or self.id_dtype)
         bad = _native.hash_ids(ids.numpy(), self.lookup, self.tokenizer_vocab_size,
                                self.compressed_pad_id,
                                None if prefix is None else prefix.contiguous().numpy(),
