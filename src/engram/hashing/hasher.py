@@ -30,7 +30,9 @@ native CPU kernel (``_hashkernel.c``, Barrett reduction instead of 64-bit divisi
 with AVX-512, or else AVX2, and eight heads per order, the eight remainders of one mix at once,
 through a double-precision quotient corrected to the exact remainder) that ``hash`` picks
 automatically for CPU input when it was built. ``_hashkernel.VECTOR`` names the vector path it
-takes ("AVX-512", "AVX2" or ""; AVX2's takes tables below 2^30 rows per head).
+takes ("AVX-512", "AVX2" or ""; AVX2's takes tables below 2^30 rows per head). A caller that
+hashes batch after batch can give ``hash`` one buffer from ``empty_output`` (``out=``) instead
+of a fresh output per call.
 
 Shape legend:
     B batch    T positions    L Engram layers    N max_ngram_size    O = N - 1 orders (n = 2..N)
