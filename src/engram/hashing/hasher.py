@@ -229,7 +229,8 @@ class NgramHasher:
         written there and the returned tensors are its views ``out[i]``, one per layer in
         ``cfg.layer_ids`` order, so a caller that hashes batch after batch reuses one buffer
         instead of allocating (and page-faulting) a fresh one per call. The next call into the
-        same buffer overwrites what an earlier one returned. Its dtype is the ids' dtype.
+        same buffer overwrites what an earlier one returned, and one refused for a bad id leaves it
+        partly written. Its dtype is the ids' dtype.
 
         ``attention_mask`` [B,T] (1 real, 0 padding; None: all real): padded positions read as
         the pad id (module docstring), so a left-padded row hashes as its unpadded prompt.
