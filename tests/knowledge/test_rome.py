@@ -157,14 +157,20 @@ def test_page_pairs_the_patch_with_the_dev_chosen_lora_and_retrieval_by_seed():
     recs += [run("lora", s, h, lora_lr=1e-3, **lora) for s, h in ((0, 0.9), (1, 0.95), (2, 0.9))]
     recs += [run("lora", 0, 0.1, lora_lr=1e-2, **{**lora, "best_dev_exact": 0.2})]  # not chosen: never paired
     recs += [run("retrieval", 0, 0.5)]  # one shared seed: no test
-    for i, r in enumerate(recs[:-1]):  # the last records no wall time
+    recs += [run("patch", s, h) for s, h in ((0, 0.3), (1, 0.4), (2, 0.5))]  # the hashed patch: keyed against it
+    for i, r in enumerate(recs[:7]):  # the retrieval run (index 7) records no wall time
         r["wall_seconds"] = 600.0 * (i + 1)
+    for r in recs[8:]:
+        r["wall_seconds"] = 0.0
     page = page_markdown(recs)
-    assert "Wall time of the runs on this page: 4.67 hours in all, the sum of each of 7 runs' own seconds (new facts " \
+    assert "Wall time of the runs on this page: 4.67 hours in all, the sum of each of 10 runs' own seconds (new facts " \
            "4.67 h;" in page and "; 1 runs recorded no wall time." in page
     line = next(x for x in page.splitlines() if x.startswith("- keyed-patch against lora r8 lr 0.001"))
     assert "seeds 0, 1, 2: held-out 63.3% against 91.7% (p = " in line and "neutral KL 0.0200 against 0.0200" in line
     assert "against lora r8 lr 0.01" not in page and "against retrieval" not in page
+    line = next(x for x in page.splitlines() if x.startswith("- keyed-patch against patch,"))
+    assert "held-out 63.3% against 40.0% (p = " in line and "neutral KL" in line
+    assert "- patch against lora r8 lr 0.001" in page and "against patch+retrieval" not in page
 
 
 def test_dev_choice_compares_the_grid_seeds_and_pairs_the_chosen_rome():

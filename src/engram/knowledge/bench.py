@@ -480,19 +480,21 @@ def _rome_curves(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _paired(rows: Sequence[dict[str, Any]], chosen: set[str]) -> list[str]:
-    """Each Engram patch against the dev-chosen LoRA and ROME and against retrieval, paired by seed
-    (the same facts): held-out answers, the neighbourhood and, between weight edits, the neutral KL."""
+    """Each Engram patch against the dev-chosen LoRA and ROME and against retrieval, and the keyed
+    patch against the hashed one alone and with retrieval, paired by seed (the same facts): held-out
+    answers, the neighbourhood and, between weight or table edits, the neutral KL."""
     by: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(_name(r), {})[r["seed"]] = r
     lines = []
-    for a in ("keyed-patch", "patch"):
-        for b in sorted(n for n in chosen if n.startswith(("lora", "rome"))) + ["retrieval"]:
+    baselines = sorted(n for n in chosen if n.startswith(("lora", "rome"))) + ["retrieval"]
+    for a, others in (("keyed-patch", baselines + ["patch", "patch+retrieval"]), ("patch", baselines)):
+        for b in others:
             seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
             if len(seeds) < 2:
                 continue
             keys = [("generalisation", "held-out", True), ("specificity", "neighbourhood", True)]
-            keys += [("kl", "neutral KL", False)] if b.startswith(("lora", "rome")) else []
+            keys += [("kl", "neutral KL", False)] if b.startswith(("lora", "rome")) or b == "patch" else []
             parts = []
             for key, label, pct in keys:
                 x, y = ([(by[n][s].get("neutral") or {}).get("kl") if key == "kl" else by[n][s][key] for s in seeds]
