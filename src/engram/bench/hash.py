@@ -266,13 +266,16 @@ def hash_page(runs: list[dict[str, Any]], command: str, machine: str, date: str)
         lines.append(f"The kernel's AVX2 path (`simd=2`) runs at {min(a2):.2f}x to {max(a2):.2f}x "
                      "the speed of the default path above.")
     fr = [r["bandwidth_fraction"] for r in runs]
+    bw = [r["write_bandwidth_bytes_per_s"] / 1e9 for r in runs]
     lines.append(f"The kernel writes {r0['bytes_written_per_token']:.0f} bytes per token, "
                  f"{min(fr):.0%} to {max(fr):.0%} of what one thread reaches allocating and filling an output of "
-                 "the same size in the same loop.")
+                 f"the same size in the same loop ({min(bw):.1f} to {max(bw):.1f} GB/s).")
     if all("reused_tokens_per_s" in r for r in runs):
         rf = [r["reused_bandwidth_fraction"] for r in runs]
         ro = [r["reused_over_fresh"] for r in runs]
+        bw2 = [r["write_bandwidth_reused_bytes_per_s"] / 1e9 for r in runs]
         lines.append(f"Into one reused buffer (`hash(..., out=)`), the same calls run at {min(ro):.2f}x to "
                      f"{max(ro):.2f}x the speed with a fresh output each, and write {min(rf):.0%} to {max(rf):.0%} of "
-                     "what one thread reaches filling a reused tensor of the same size in the same loop.")
+                     "what one thread reaches filling a reused tensor of the same size in the same loop "
+                     f"({min(bw2):.1f} to {max(bw2):.1f} GB/s).")
     return "\n".join(lines) + "\n"
