@@ -45,6 +45,11 @@ def test_prompt_lookup_and_ngram_drafts_beside_plain_decoding(setup, one_thread)
         assert 0 <= rec["methods"][m]["acceptance"] <= 1 and rec["methods"][m]["tokens_per_forward"] >= 1
     page = draft_page([rec], "engram bench draft ...")
     assert "`prompt-lookup:3`" in page and f"{rec['methods']['ngram:2']['speedup']['median']:.2f}x" in page
+    # the page says how busy the machine was, from the load averages the record took
+    quiet = {**rec, "env": {**rec["env"], "load_average": [1.1, 1.0, 0.9]}}
+    busy = {**rec, "env": {**rec["env"], "load_average": [9.7, 9.0, 8.8]}}
+    assert "alone on a" in draft_page([quiet], "c") and "shared" not in draft_page([quiet], "c")
+    assert "on a shared" in draft_page([quiet, busy], "c")
 
 
 def test_prompts_copied_from_the_index_are_refused(setup, one_thread):

@@ -299,14 +299,24 @@ def _model_eos(model: Any) -> int:
     return int(eos)
 
 
+def _machine_state(records: list[dict], cpus: int, threads: int) -> str:
+    """How busy the machine was, from the 1-minute load average each record took at its end: at
+    most the benchmark's own threads (+ 0.5 of slack for short system tasks) reads as alone."""
+    loads = [(r["env"].get("load_average") or [float("inf")])[0] for r in records]
+    if max(loads) <= threads + 0.5:
+        return f"alone on a {cpus}-CPU machine (nothing else running; load averages below)"
+    return f"on a shared {cpus}-CPU machine (other jobs running; load averages below)"
+
+
 def draft_page(records: list[dict], command: str) -> str:
     """A results page (markdown) of one or more bench records (e.g. one per prompt set), every
     number read from them."""
     lines = ["# Drafting from memory vs transformers' prompt lookup", ""]
     envs = {(r["env"]["date"], r["env"]["cpus"], r["env"]["threads"], r["env"]["torch"]) for r in records}
     for date, cpus, threads, torch_v in sorted(envs):
-        lines.append(f"Measured {date} on a shared {cpus}-CPU machine (other jobs running; load averages "
-                     f"below), {threads} torch thread, torch {torch_v}. This page: `{command}`.")
+        mine = [r for r in records if r["env"]["date"] == date and r["env"]["threads"] == threads]
+        lines.append(f"Measured {date} {_machine_state(mine, cpus, threads)}, {threads} torch thread, "
+                     f"torch {torch_v}. This page: `{command}`.")
     lines += ["",
               "Every method runs every prompt back to back, in a rotating order, each round; the speedup "
               "is the ratio of tokens/s to `plain` (the library's one-token-per-forward loop) within a "
