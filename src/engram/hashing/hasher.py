@@ -257,24 +257,22 @@ class NgramHasher:
         c = lookup[ids] if lookup is not None else ids
         prefix = torch.full((ids.shape[0], self.max_ngram_size - 1), self.compressed_pad_id,
                             dtype=torch.int64, device=ids.device)
-        got = self._hash_torch(c, prefix, out_dtype)
-        if out is None:
-            return got
-        for i, layer_id in enumerate(self.cfg.layer_ids):
-            out[i].copy_(got[layer_id])
-        return {layer_id: out[i] for i, layer_id in enumerate(self.cfg.layer_ids)}
+        return self._hash_torch(c, prefix, out_dtype, out)
 
     def empty_output(self, batch_size: int, seq_len: int, dtype: Optional[torch.dtype] = None,
                      device: Union[str, torch.device] = "cpu") -> torch.Tensor:
         """An uninitialised [L,B,T,H] buffer of ``dtype`` (default ``id_dtype``) for ``hash(..., out=)``."""
         if batch_size < 0 or seq_len < 0:
             raise EngramError(f"batch_size={batch_size}, seq_len={seq_len}; both must be >= 0")
-        return torch.empty((len(self.cfg.layer_ids), batch_size, seq_len, self.num_heads),
-                           dtype=self._out_dtype(dtype), device=device)
+        return torch.empty(self._output_shape(batch_size, seq_len), dtype=self._out_dtype(dtype), device=device)
+
+    def _output_shape(self, batch_size: int, seq_len: int) -> tuple[int, int, int, int]:
+        """[L,B,T,H]: every layer's ids in one buffer, layer-major (``hash`` returns its views)."""
+        return (len(self.cfg.layer_ids), batch_size, seq_len, self.num_heads)
 
     def _check_out(self, out: Any, ids: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
         """The ids' dtype for a caller's ``out`` buffer, after checking it fits ``ids`` [B,T]."""
-        want = (len(self.cfg.layer_ids), *ids.shape, self.num_heads)
+        want = self._output_shape(*ids.shape)
         fix = f"allocate it with hasher.empty_output({ids.shape[0]}, {ids.shape[1]})"
         if not isinstance(out, torch.Tensor):
             raise EngramError(f"out is a {type(out).__name__}, not a torch.Tensor; {fix}")
@@ -322,7 +320,7 @@ class NgramHasher:
         ids = ids.contiguous()
         B, T = ids.shape
         if out is None:
-            out = torch.empty((len(self.cfg.layer_ids), B, T, self.num_heads), dtype=out_dtype or self.id_dtype)
+            out = torch.empty(self._output_shape(B, T), dtype=out_dtype or self.id_dtype)
         bad = _native.hash_ids(ids.numpy(), self.lookup, self.tokenizer_vocab_size,
                                self.compressed_pad_id,
                                None if prefix is None else prefix.contiguous().numpy(),
@@ -332,9 +330,10 @@ class NgramHasher:
             self._raise_bad_id(ids.reshape(B, T) if what == "input_ids" else ids.reshape(-1), pos, what)
         return {layer_id: out[i] for i, layer_id in enumerate(self.cfg.layer_ids)}
 
-    def _hash_torch(self, c: torch.Tensor, prefix: torch.Tensor,
-                    out_dtype: Optional[torch.dtype] = None) -> dict[int, torch.Tensor]:
-        """Compressed ids c [B,T] after compressed history prefix [B,O] -> {layer: [B,T,H]}."""
+    def _hash_torch(self, c: torch.Tensor, prefix: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
+                    buf: Optional[torch.Tensor] = None) -> dict[int, torch.Tensor]:
+        """Compressed ids c [B,T] after compressed history prefix [B,O] -> {layer: [B,T,H]}, written
+        into ``buf`` [L,B,T,H] (checked by the caller) and returned as its views when given."""
         B, T = c.shape
         P = self.max_ngram_size - 1
         x = torch.cat([prefix, c], dim=1)  # [B, P+T]; x[:, P+t] is position t
@@ -350,7 +349,8 @@ class NgramHasher:
                 mixes.append(mix)
             # One broadcast remainder for all heads of all orders: [B,T,O,1] % [O,K] -> [B,T,O,K].
             ids = torch.remainder(torch.stack(mixes, dim=-1).unsqueeze(-1), primes[i])
-            out[layer_id] = ids.reshape(B, T, self.num_heads).to(out_dtype or self.id_dtype)
+            ids = ids.reshape(B, T, self.num_heads)
+            out[layer_id] = ids.to(out_dtype or self.id_dtype) if buf is None else buf[i].copy_(ids)
         return out
 
     # ------------------------------------------------------------------ reference
